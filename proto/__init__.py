@@ -1,0 +1,1 @@
+"""Protocol buffers for gamguard.v1.Guard and the Open Inference Protocol v2 (generated stubs)."""

@@ -1,0 +1,1 @@
+"""gamguard runtime: decoding, engines, guard, gRPC serving and CLI. Never imports torch."""

@@ -1,0 +1,181 @@
+"""The model bundle: a directory with ``model.onnx``, ``reference.npz``, optional ``model.plan``
+and ``bundle.json`` (the manifest).
+
+The manifest records the SHA-256 of every other file in the directory. The runtime refuses a bundle
+whose files do not match their hashes, or that has no calibration: the guard's references and
+thresholds are part of the model version, so serving a model without them (or with someone else's)
+would silently disable the guard.
+
+``bundle.json`` layout (format version 1)::
+
+    {
+      "format_version": 1,
+      "model": {"name": str, "version": str},
+      "class_names": [str, ...],            # K names, the garbage class included
+      "garbage_class": int,                 # index into class_names
+      "input": {"channels": 1, "height": H, "width": W,
+                "mean": [..], "std": [..],  # per channel, applied to pixels scaled to [0, 1]
+                "resize": "stretch",        # how a decoded image is brought to H x W
+                "photometric": "MONOCHROME2"},   # what the model expects (bone bright)
+      "layers": {"target": str, "early": str},
+      "outputs": {"cam": [H, W], "early": [C_e, h_e, w_e]},
+      "export": {...},                      # exporter facts (opset, head kind, versions)
+      "files": {"model.onnx": sha256, ...}, # every file but bundle.json
+      "calibration": null | {...},          # written by `gamguard calibrate`
+      "guard": {"policy": "calibrated", "enforced_checks": [...]}
+    }
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+MODEL_FILE = "model.onnx"
+REFERENCE_FILE = "reference.npz"
+PLAN_FILE = "model.plan"
+
+
+class BundleError(Exception):
+    """The bundle is missing, malformed, tampered with or not calibrated."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects; shared by calibration and serving so both see identical numbers."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "stretch"
+    photometric: str = "MONOCHROME2"
+
+    @classmethod
+    def from_manifest(cls, spec: dict) -> "InputSpec":
+        try:
+            return cls(
+                channels=int(spec["channels"]),
+                height=int(spec["height"]),
+                width=int(spec["width"]),
+                mean=tuple(float(v) for v in spec["mean"]),
+                std=tuple(float(v) for v in spec["std"]),
+                resize=str(spec.get("resize", "stretch")),
+                photometric=str(spec.get("photometric", "MONOCHROME2")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"bundle.json: bad 'input' section: {exc}") from exc
+
+    def to_manifest(self) -> dict:
+        return {
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+            "photometric": self.photometric,
+        }
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_files(bundle_dir: str | Path) -> list[Path]:
+    """Every regular file of the bundle except the manifest itself, sorted."""
+    d = Path(bundle_dir)
+    return sorted(p for p in d.iterdir() if p.is_file() and p.name != MANIFEST)
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir}: not a gamguard bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: invalid JSON: {exc}") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: unsupported format_version {manifest.get('format_version')!r} "
+            f"(this gamguard reads {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def write_manifest(bundle_dir: str | Path, manifest: dict) -> dict:
+    """Recompute the hash of every file in the bundle and write ``bundle.json``; returns the manifest."""
+    d = Path(bundle_dir)
+    manifest = dict(manifest)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["files"] = {p.name: sha256_file(p) for p in bundle_files(d)}
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.replace(d / MANIFEST)
+    return manifest
+
+
+def verify_hashes(bundle_dir: str | Path, manifest: dict) -> None:
+    """Raise :class:`BundleError` unless every file listed matches its hash and none is unlisted."""
+    d = Path(bundle_dir)
+    listed = manifest.get("files") or {}
+    if MODEL_FILE not in listed:
+        raise BundleError(f"{d}: {MANIFEST} lists no {MODEL_FILE}")
+    for name, expected in listed.items():
+        path = d / name
+        if not path.is_file():
+            raise BundleError(f"{d}: {name} is listed in {MANIFEST} but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"{d}: {name} does not match its SHA-256 in {MANIFEST} "
+                f"(expected {expected[:12]}…, found {actual[:12]}…): the bundle was modified; "
+                "re-export or re-calibrate it"
+            )
+    unlisted = [p.name for p in bundle_files(d) if p.name not in listed]
+    if unlisted:
+        raise BundleError(f"{d}: files not covered by {MANIFEST} hashes: {', '.join(unlisted)}")
+
+
+def bundle_hash(manifest: dict) -> str:
+    """One short identity for a bundle version: the SHA-256 over its sorted file hashes."""
+    files = manifest.get("files") or {}
+    joined = "\n".join(f"{k}:{files[k]}" for k in sorted(files))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def load_manifest(bundle_dir: str | Path, *, require_calibration: bool = True) -> dict:
+    """Read and check a bundle: hashes always; calibration unless ``require_calibration`` is False."""
+    d = Path(bundle_dir)
+    if not d.is_dir():
+        raise BundleError(f"{d}: bundle directory does not exist")
+    manifest = read_manifest(d)
+    verify_hashes(d, manifest)
+    if require_calibration:
+        if not manifest.get("calibration"):
+            raise BundleError(
+                f"{d}: the bundle has no calibration; run `gamguard calibrate --bundle {d} --data ...` "
+                "first (the guard is part of the model version and cannot run without it)"
+            )
+        if REFERENCE_FILE not in manifest.get("files", {}):
+            raise BundleError(f"{d}: calibrated bundle lacks {REFERENCE_FILE}")
+    return manifest
+
+
+def default_bundle_dir() -> Path:
+    """The embedded demo bundle shipped inside the package."""
+    return Path(__file__).resolve().parent / "demo_bundle"
+
+
+def resolve_bundle(arg: str | Path | None) -> Path:
+    """``--bundle DIR`` or, when omitted, the embedded demo bundle."""
+    return Path(arg) if arg else default_bundle_dir()

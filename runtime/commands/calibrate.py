@@ -1,0 +1,12 @@
+"""`gamguard calibrate` (not implemented yet)."""
+HELP = "(not implemented yet)"
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args):
+    from gamguard.runtime.cli import CommandError
+
+    raise CommandError("'calibrate' is not implemented yet")

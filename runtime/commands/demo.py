@@ -1,0 +1,12 @@
+"""`gamguard demo` (not implemented yet)."""
+HELP = "(not implemented yet)"
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args):
+    from gamguard.runtime.cli import CommandError
+
+    raise CommandError("'demo' is not implemented yet")
