@@ -1,0 +1,98 @@
+"""A tiny gRPC health probe: ``python -m gamguard.runtime.healthcheck``.
+
+Asks a gamguard server's ``grpc.health.v1.Health/Check`` and exits 0 only when the answer is SERVING
+(the server reports NOT_SERVING until the bundle is loaded and verified). Used by container
+HEALTHCHECKs and the systemd watchdog script, where the Go ``grpc_health_probe`` binary is not
+available; Kubernetes uses its native ``grpc:`` probes instead.
+
+Exit status: 0 SERVING; 1 NOT_SERVING / UNKNOWN / SERVICE_UNKNOWN; 2 unreachable, timeout or a TLS
+error; 64 bad arguments. One line on stderr says why, for ``docker inspect`` and the journal.
+
+examples::
+
+    python -m gamguard.runtime.healthcheck --port 8001 --insecure
+    python -m gamguard.runtime.healthcheck --port 8001 --tls-ca /certs/ca.crt --tls-server-name gamguard
+    python -m gamguard.runtime.healthcheck --port 8001 --tls-ca ca.crt --tls-cert probe.crt --tls-key probe.key
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_SERVING, EXIT_NOT_SERVING, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, 64
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gamguard.runtime.healthcheck",
+                                description="Exit 0 when a gamguard server's gRPC health service says SERVING.")
+    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--service", default="",
+                   help="health service name to ask about (default '': the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds before giving up (default 3)")
+    tls = p.add_argument_group("transport (pick --insecure or TLS)")
+    tls.add_argument("--insecure", action="store_true", help="plaintext (a server started with --insecure)")
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA certificate that signed the server's certificate")
+    tls.add_argument("--tls-cert", metavar="FILE", help="client certificate (servers with --tls-client-ca)")
+    tls.add_argument("--tls-key", metavar="FILE", help="client private key")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="name to verify the server certificate against (default: --host)")
+    return p
+
+
+def _channel(args):
+    import grpc
+
+    target = f"{args.host}:{args.port}"
+    if args.insecure:
+        return grpc.insecure_channel(target)
+    read = lambda f: Path(f).read_bytes() if f else None  # noqa: E731
+    creds = grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
+                                         certificate_chain=read(args.tls_cert))
+    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def check(args) -> tuple[int, str]:
+    """(exit status, one-line reason)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        channel = _channel(args)
+    except OSError as exc:
+        return EXIT_UNREACHABLE, f"cannot read TLS file: {exc}"
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout,
+                               wait_for_ready=False)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                return EXIT_NOT_SERVING, f"service {args.service!r} unknown to the server"
+            return EXIT_UNREACHABLE, f"{args.host}:{args.port}: {code.name}: {exc.details()}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return (EXIT_SERVING if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SERVING), status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors; keep 2 for "unreachable"
+        return EXIT_USAGE if exc.code else 0
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("healthcheck: --tls-cert and --tls-key go together", file=sys.stderr)
+        return EXIT_USAGE
+    if args.insecure and (args.tls_ca or args.tls_cert):
+        print("healthcheck: --insecure cannot be combined with TLS files", file=sys.stderr)
+        return EXIT_USAGE
+    code, reason = check(args)
+    print(f"healthcheck: {reason}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

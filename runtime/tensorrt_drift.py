@@ -1,0 +1,144 @@
+"""How far a (FP16) TensorRT engine drifts from ONNX Runtime FP32 on the calibration images, and
+whether the calibrated false-rejection rate still holds on it.
+
+The guard's references and thresholds are numbers of the engine that calibrated them. Serving a plan
+built later, or in FP16, changes those numbers a little; this check says how much, per output
+(``logits``, ``cam``, ``early``), and — when a guard decision function is given — re-measures the
+in-distribution false-rejection rate (FRR) on the engine that will serve.
+
+"Still holds" is decided with a one-sided binomial tolerance: the FRR measured on ``n`` images holds
+when it is at most ``alpha + 1.645 * sqrt(alpha * (1 - alpha) / n)`` (the 95 % upper bound of an
+FRR of exactly ``alpha`` seen on ``n`` images), so a small calibration set does not fail on noise.
+
+Plain numpy; engines are anything with ``run(batch) -> (logits, cam, early)`` fields.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from .tensorrt_plan import OUTPUT_NAMES
+
+Z_95_ONE_SIDED = 1.645
+
+
+def _per_image_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    cos = np.einsum("ij,ij->i", a, b) / np.maximum(na * nb, 1e-30)
+    return np.where(both_zero, 1.0, np.where((na == 0) | (nb == 0), 0.0, cos))
+
+
+class DriftAccumulator:
+    """Collects per-output differences between a reference engine and a candidate, batch by batch."""
+
+    def __init__(self):
+        self.n = 0
+        self._max_abs = dict.fromkeys(OUTPUT_NAMES, 0.0)
+        self._sum_abs = dict.fromkeys(OUTPUT_NAMES, 0.0)
+        self._count = dict.fromkeys(OUTPUT_NAMES, 0)
+        self._ref_scale = dict.fromkeys(OUTPUT_NAMES, 0.0)
+        self._cosines = {n: [] for n in OUTPUT_NAMES}
+        self._top1_agree = 0
+
+    def add(self, reference, candidate) -> None:
+        for name in OUTPUT_NAMES:
+            r = np.asarray(getattr(reference, name), np.float64)
+            c = np.asarray(getattr(candidate, name), np.float64)
+            if r.shape != c.shape:
+                raise ValueError(f"{name}: reference shape {r.shape} != candidate shape {c.shape}")
+            d = np.abs(r - c)
+            self._max_abs[name] = max(self._max_abs[name], float(d.max(initial=0.0)))
+            self._sum_abs[name] += float(d.sum())
+            self._count[name] += d.size
+            self._ref_scale[name] = max(self._ref_scale[name], float(np.abs(r).max(initial=0.0)))
+            self._cosines[name].append(_per_image_cosine(r, c))
+        self._top1_agree += int((np.argmax(reference.logits, 1) == np.argmax(candidate.logits, 1)).sum())
+        self.n += int(np.asarray(reference.logits).shape[0])
+
+    def report(self) -> dict:
+        out = {"n": self.n, "top1_agreement": (self._top1_agree / self.n) if self.n else None}
+        for name in OUTPUT_NAMES:
+            cos = np.concatenate(self._cosines[name]) if self._cosines[name] else np.zeros(0)
+            out[name] = {
+                "max_abs": self._max_abs[name],
+                "mean_abs": self._sum_abs[name] / max(self._count[name], 1),
+                # max |diff| relative to the largest reference magnitude: comparable across outputs
+                "max_rel": self._max_abs[name] / self._ref_scale[name] if self._ref_scale[name] else 0.0,
+                "min_cosine": float(cos.min()) if cos.size else None,
+                "mean_cosine": float(cos.mean()) if cos.size else None,
+            }
+        return out
+
+
+def frr_tolerance(alpha: float, n: int) -> float:
+    """Largest FRR on ``n`` in-distribution images still consistent with a true FRR of ``alpha``."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    return alpha + Z_95_ONE_SIDED * math.sqrt(alpha * (1.0 - alpha) / n)
+
+
+def frr_check(accepted: np.ndarray, alpha: float) -> dict:
+    """Measured FRR of a boolean acceptance vector over in-distribution images vs ``alpha``."""
+    accepted = np.asarray(accepted, bool)
+    n = int(accepted.size)
+    frr = float(1.0 - accepted.mean()) if n else float("nan")
+    bound = frr_tolerance(alpha, n)
+    return {"n": n, "frr": frr, "alpha": alpha, "bound": bound, "holds": bool(frr <= bound)}
+
+
+def drift_report(reference_engine, candidate_engine, batches: Iterable[np.ndarray], *,
+                 decide: Callable[[np.ndarray, object], np.ndarray] | None = None,
+                 alpha: float | None = None, calibrated_frr: float | None = None) -> dict:
+    """Run both engines over ``batches`` (preprocessed ``[N,C,H,W]`` float32 calibration images).
+
+    ``decide(batch, engine_output) -> bool[N]`` is the guard's accept decision on one engine's
+    outputs; with it and ``alpha`` the report gains ``frr`` for the candidate (and the reference, for
+    comparison) and the rate at which the two engines' decisions agree.
+    """
+    acc = DriftAccumulator()
+    accepted_ref, accepted_cand = [], []
+    for batch in batches:
+        ref = reference_engine.run(batch)
+        cand = candidate_engine.run(batch)
+        acc.add(ref, cand)
+        if decide is not None:
+            accepted_ref.append(np.asarray(decide(batch, ref), bool))
+            accepted_cand.append(np.asarray(decide(batch, cand), bool))
+    report = {"drift": acc.report()}
+    if decide is not None and alpha is not None and acc.n:
+        a_ref, a_cand = np.concatenate(accepted_ref), np.concatenate(accepted_cand)
+        report["frr"] = {
+            "candidate": frr_check(a_cand, alpha),
+            "reference": frr_check(a_ref, alpha),
+            "calibrated": calibrated_frr,
+            "decision_agreement": float((a_ref == a_cand).mean()),
+        }
+    else:
+        report["frr"] = None
+    return report
+
+
+class OrtCpuReference:
+    """ONNX Runtime FP32 on the CPU over a bundle's ``model.onnx``: the parity reference."""
+
+    name = "onnxruntime-cpu"
+
+    def __init__(self, onnx_path, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        from .engine import EngineOutput
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self._session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self._EngineOutput = EngineOutput
+
+    def run(self, batch: np.ndarray):
+        logits, cam, early = self._session.run(list(OUTPUT_NAMES), {"image": batch})
+        return self._EngineOutput(logits=logits, cam=cam, early=early)
