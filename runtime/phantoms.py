@@ -667,13 +667,23 @@ def _child_rngs(seed: int, n: int, salt: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in ss.spawn(n)]
 
 
+def iter_phantoms(n_per_class: int, seed: int, size: int = 256, *, acquisition: bool = True):
+    """Yield the :class:`Phantom` objects of :func:`phantom_set` (same order, same pixels) with masks/params."""
+    n_per_class = int(n_per_class)
+    if n_per_class < 0:
+        raise ValueError(f"n_per_class must be >= 0, got {n_per_class}")
+    n = len(CLASS_NAMES) * n_per_class
+    for i, rng in enumerate(_child_rngs(seed, n, 0)):
+        yield hand_phantom(i // n_per_class, rng, size, acquisition=acquisition)
+
+
 def phantom_set(n_per_class: int, seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """``n_per_class`` phantoms of every stage, class-major: images ``[N, H, W]`` float32, labels ``[N]`` int64."""
     n = len(CLASS_NAMES) * int(n_per_class)
     images = np.empty((n, size, size), np.float32)
     labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int64), int(n_per_class))
-    for i, (rng, y) in enumerate(zip(_child_rngs(seed, n, 0), labels)):
-        images[i] = hand_phantom(int(y), rng, size).image
+    for i, ph in enumerate(iter_phantoms(n_per_class, seed, size)):
+        images[i] = ph.image
     return images, labels
 
 
@@ -702,12 +712,19 @@ def ood_set(kinds, n_per_kind: int, seed: int, size: int = 256) -> tuple[np.ndar
     kinds = resolve_kinds(kinds)
     images = np.empty((len(kinds) * int(n_per_kind), size, size), np.float32)
     names: list[str] = []
-    i = 0
-    for kind in kinds:
-        # salt by kind name so adding a kind to the list does not change the others' images
-        salt = 1 + OOD_KINDS.index(kind)
-        for rng in _child_rngs(seed, int(n_per_kind), salt):
-            images[i] = ood_image(kind, rng, size)
-            names.append(kind)
-            i += 1
+    for i, (kind, image) in enumerate(iter_ood(kinds, n_per_kind, seed, size)):
+        images[i] = image
+        names.append(kind)
     return images, names
+
+
+def iter_ood(kinds, n_per_kind: int, seed: int, size: int = 256):
+    """Yield ``(kind, image)`` pairs of :func:`ood_set` (same order, same pixels)."""
+    n_per_kind = int(n_per_kind)
+    if n_per_kind < 0:
+        raise ValueError(f"n_per_kind must be >= 0, got {n_per_kind}")
+    for kind in resolve_kinds(kinds):
+        # salt by the kind's fixed index so adding a kind to the list does not change the others' images
+        salt = 1 + OOD_KINDS.index(kind)
+        for rng in _child_rngs(seed, n_per_kind, salt):
+            yield kind, ood_image(kind, rng, size)
