@@ -1,12 +1,129 @@
-"""`gamguard verify` (not implemented yet)."""
-HELP = "(not implemented yet)"
+"""`gamguard verify`: run the guarded model over image files, offline."""
+from __future__ import annotations
+
+HELP = "verify image files offline: guarded prediction or rejection with reasons, per file"
+DESCRIPTION = """\
+Decodes each file (PNG, JPEG, 16-bit PNG, DICOM; directories are searched for images), runs the
+bundle's engine and guard, and prints one verdict per input.
+
+With --json: one JSON object per input per line on stdout, with file, accepted, label (null when
+rejected), reasons, failed_measures, scores, thresholds, predicted (argmax class name, also when
+rejected — never a served label) and detail. Without --json: a readable table.
+
+Undecodable files give an INVALID_INPUT verdict, not a crash. Exit status: 0 when every input got a
+verdict (accepted or rejected); 1 with --fail-on-reject when any input was rejected; 2 for usage or
+bundle errors (uncalibrated or modified bundle).
+
+--overlays DIR writes <file stem>.overlay.png per input: the X-ray with its Grad-CAM blended in
+colour, and the predicted class's reference map beside it.
+
+examples:
+  gamguard verify hand.png
+  gamguard verify --bundle out/bundle --json --overlays ov/ scans/
+  gamguard verify --checks garbage,feature --policy strict study.dcm
+"""
+
+BATCH = 32
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("paths", nargs="+", metavar="FILE|DIR", help="image files or directories")
+    parser.add_argument("--bundle", metavar="DIR", help="bundle directory (default: the embedded demo bundle)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input per line on stdout")
+    parser.add_argument("--overlays", metavar="DIR", help="write heatmap overlays (PNG) into DIR")
+    parser.add_argument("--policy", choices=("calibrated", "strict"), help="override the bundle's guard policy")
+    parser.add_argument("--checks", metavar="LIST",
+                        help="enforced checks, comma-separated subset of garbage,attention,feature (or 'all')")
+    parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu (default: TensorRT→CUDA→CPU)")
+    parser.add_argument("--threads", type=int, help="engine intra-op threads")
+    parser.add_argument("--engine", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
+                        help="engine choice (default auto: native TensorRT plan when usable)")
+    parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when any input is rejected")
+
+
+def expand_paths(paths) -> list:
+    """Files as given; directories searched recursively for image files (sorted)."""
+    from pathlib import Path
+
+    from gamguard.runtime.datasets import iter_image_files
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(iter_image_files([p])))
+        else:
+            out.append(p)  # missing/undecodable files become INVALID_INPUT verdicts
+    return out
+
+
+def _row(name, v, class_names) -> str:
+    if v.accepted:
+        conf = max(v.probabilities.values()) if v.probabilities else float("nan")
+        return f"{name:<40} ACCEPT  {v.label:<12} p={conf:.3f}"
+    why = ",".join(v.reasons)
+    if v.failed_measures:
+        why += f" [{','.join(v.failed_measures)}]"
+    extra = f"  ({v.detail})" if v.reasons and v.reasons[0] in ("INVALID_INPUT", "GUARD_ERROR") else ""
+    return f"{name:<40} REJECT  {'-':<12} {why}{extra}"
 
 
 def run(args):
-    from gamguard.runtime.cli import CommandError
+    import json
+    import sys
+    from pathlib import Path
 
-    raise CommandError("'verify' is not implemented yet")
+    from gamguard.runtime.bundle import BundleError
+    from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.decode import decode_file
+    from gamguard.runtime.guard import Guard, Verdict
+
+    try:
+        guard = Guard.from_bundle(args.bundle, providers=args.providers, threads=args.threads,
+                                  policy=args.policy, enforced_checks=args.checks, prefer=args.engine)
+    except (BundleError, ValueError, RuntimeError) as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        files = expand_paths(args.paths)
+    except ValueError as exc:  # DatasetError: a folder without images
+        raise CommandError(str(exc)) from exc
+    if not files:
+        raise CommandError("no image files found in the given paths")
+    overlay_dir = Path(args.overlays) if args.overlays else None
+    rejected = 0
+    if not args.json:
+        print(f"bundle {guard.bundle_dir} ({guard.bundle_hash[:12]}), policy {guard.policy}, "
+              f"checks {guard.enforced_checks}, alpha {guard.alpha}")
+    used_stems: dict[str, int] = {}
+    for start in range(0, len(files), BATCH):
+        chunk = files[start:start + BATCH]
+        decoded, verdicts = [], [None] * len(chunk)
+        for k, f in enumerate(chunk):
+            try:
+                decoded.append((k, decode_file(f)))
+            except Exception as exc:  # DecodeError and anything else: that file only
+                verdicts[k] = Verdict.rejected("INVALID_INPUT", str(exc))
+        for (k, img), v in zip(decoded, guard.verify_images([d.pixels for _, d in decoded])):
+            verdicts[k] = v
+        for k, (f, v) in enumerate(zip(chunk, verdicts)):
+            rejected += not v.accepted
+            name = str(f)
+            if overlay_dir is not None and v.cam is not None:
+                from gamguard.runtime.overlays import write_overlay
+
+                pixels = next(d.pixels for kk, d in decoded if kk == k)
+                stem = Path(f).stem
+                used_stems[stem] = used_stems.get(stem, 0) + 1
+                suffix = "" if used_stems[stem] == 1 else f"-{used_stems[stem]}"
+                write_overlay(overlay_dir / f"{stem}{suffix}.overlay.png", pixels, v, guard.class_names,
+                              title=Path(f).name)
+            if args.json:
+                d = v.to_dict()
+                d.pop("predicted_index")
+                d["predicted"] = (guard.class_names[v.predicted_index] if v.predicted_index is not None else None)
+                print(json.dumps({"file": name, **d}), flush=True)
+            else:
+                print(_row(name, v, guard.class_names), flush=True)
+    if not args.json:
+        print(f"{len(files)} input(s): {len(files) - rejected} accepted, {rejected} rejected", file=sys.stderr)
+    return 1 if (args.fail_on_reject and rejected) else 0

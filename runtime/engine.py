@@ -1,0 +1,172 @@
+"""Inference engines over the fused model (``model.onnx``: logits + Grad-CAM + early features in one call).
+
+An engine takes a preprocessed batch ``[N, C, H, W]`` float32 and returns an :class:`EngineOutput`
+with the three graph outputs. Calibration and serving both go through :func:`create_engine`, so the
+references and thresholds are computed with the very engine that serves.
+
+* :class:`OnnxEngine` — ONNX Runtime with the provider chain TensorRT → CUDA → CPU, filtered by what
+  the installed onnxruntime offers (``onnxruntime.get_available_providers()``); the chain actually
+  used is logged when the session starts.
+* A native TensorRT engine (``model.plan``) plugs in behind the same :class:`Engine` protocol;
+  :func:`create_engine` is the single place that picks one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from .bundle import MODEL_FILE, PLAN_FILE, BundleError
+
+log = logging.getLogger(__name__)
+
+#: Preference order of ONNX Runtime execution providers; only the available ones are used.
+PROVIDER_CHAIN = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+#: Short names accepted wherever providers are configured (CLI flags, Guard.from_bundle).
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "cam", "early")
+
+
+class EngineError(RuntimeError):
+    """The engine could not be created or could not run a batch."""
+
+
+@dataclass
+class EngineOutput:
+    """The fused model's outputs for one batch."""
+
+    logits: np.ndarray  # [N, K] float32, raw class scores (garbage class included)
+    cam: np.ndarray  # [N, H, W] float32 in [0, 1], Grad-CAM of the argmax class
+    early: np.ndarray  # [N, C_e, h_e, w_e] float32, early-layer activations
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    providers: list[str]
+
+    def run(self, batch: np.ndarray) -> EngineOutput: ...
+
+    def describe(self) -> dict: ...
+
+
+def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]:
+    """The provider chain to use: ``requested`` (names or aliases, comma-separated string or list)
+    or the default chain, filtered by what onnxruntime offers. CPU is always the last resort."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    if requested is None or requested == "" or requested == "auto":
+        wanted = list(PROVIDER_CHAIN)
+    else:
+        if isinstance(requested, str):
+            requested = [p for p in requested.split(",") if p.strip()]
+        wanted = [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in requested]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise EngineError(
+                f"execution provider(s) not available in this onnxruntime: {', '.join(missing)} "
+                f"(available: {', '.join(sorted(available))})"
+            )
+    chain = [p for p in wanted if p in available]
+    if "CPUExecutionProvider" not in chain:
+        chain.append("CPUExecutionProvider")
+    return chain
+
+
+class OnnxEngine:
+    """ONNX Runtime session over ``model.onnx``.
+
+    ``providers``: None for the default chain TensorRT → CUDA → CPU (whichever are available), or an
+    explicit list/comma-separated string of provider names or aliases (``tensorrt``, ``cuda``, ``cpu``).
+    ``threads``: intra-op threads (None: onnxruntime's default, all cores; env ``GAMGUARD_THREADS``
+    overrides the default).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, *, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise EngineError(f"{self.model_path}: model file not found")
+        if threads is None and os.environ.get("GAMGUARD_THREADS"):
+            threads = int(os.environ["GAMGUARD_THREADS"])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # warnings about unused TensorRT/CUDA paths are noise here
+        chain = resolve_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=chain)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"{self.model_path}: cannot create an ONNX Runtime session: {exc}") from exc
+        self.providers = list(self.session.get_providers())
+        self.threads = threads
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if INPUT_NAME not in inputs or any(n not in outputs for n in OUTPUT_NAMES):
+            raise EngineError(
+                f"{self.model_path}: not a fused gamguard model (inputs {inputs}, outputs {outputs}; "
+                f"expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)})"
+            )
+        log.info("engine: onnxruntime %s, providers %s (requested chain %s), threads %s",
+                 ort.__version__, self.providers, chain, threads or "default")
+
+    def run(self, batch: np.ndarray) -> EngineOutput:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 4:
+            raise EngineError(f"engine input must be [N, C, H, W], got shape {batch.shape}")
+        logits, cam, early = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        return EngineOutput(logits=np.asarray(logits, np.float32), cam=np.asarray(cam, np.float32),
+                            early=np.asarray(early, np.float32))
+
+    def run_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits only (for benchmarks: the unguarded baseline on the same session)."""
+        return self.session.run(["logits"], {INPUT_NAME: np.ascontiguousarray(batch, np.float32)})[0]
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"engine": self.name, "version": ort.__version__, "providers": list(self.providers),
+                "threads": self.threads, "model": self.model_path.name}
+
+
+def create_engine(bundle_dir: str | Path, manifest: dict | None = None, *, prefer: str = "auto",
+                  providers: Sequence[str] | str | None = None, threads: int | None = None) -> Engine:
+    """The single factory for engines.
+
+    ``prefer``: ``"auto"`` (the native TensorRT plan when the bundle carries one that matches this
+    device, otherwise ONNX Runtime with its TensorRT → CUDA → CPU chain), ``"onnxruntime"`` (alias
+    ``"onnx"``) or ``"tensorrt"`` (fail unless the native plan can be used). The plan selection rule
+    lives in :mod:`gamguard.runtime.trt_engine`.
+    """
+    bundle_dir = Path(bundle_dir)
+    prefer = {"onnx": "onnxruntime", "ort": "onnxruntime", None: "auto"}.get(prefer, prefer)
+    if prefer not in ("auto", "onnxruntime", "tensorrt"):
+        raise EngineError(f"unknown engine preference {prefer!r} (auto, onnxruntime, tensorrt)")
+    if prefer != "onnxruntime" and (prefer == "tensorrt" or (bundle_dir / PLAN_FILE).is_file()):
+        from .bundle import read_manifest
+        from .trt_engine import select_engine
+
+        engine = select_engine(bundle_dir, manifest if manifest is not None else read_manifest(bundle_dir),
+                               prefer)
+        if engine is not None:
+            return engine
+    model = bundle_dir / MODEL_FILE
+    if not model.is_file():
+        raise BundleError(f"{bundle_dir}: no {MODEL_FILE}")
+    return OnnxEngine(model, providers=providers, threads=threads)

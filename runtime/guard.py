@@ -1,0 +1,323 @@
+"""The guard decision: per input, a verdict that either carries a label or says why it does not.
+
+Checks (each can be enforced or not; ``bundle.json`` ``guard.enforced_checks``, overridable at load):
+
+* ``garbage`` — the argmax of the logits is the garbage class → ``GARBAGE_CLASS``, always a rejection
+  when the check is enforced (when it is not, the label is the argmax over the real classes);
+* ``attention`` — the Grad-CAM map is compared with the reference map of the predicted real class by
+  all seven measures of :mod:`gamguard.runtime.similarity`; each score becomes a one-sided p-value
+  against the held-out in-distribution scores (:mod:`gamguard.runtime.calibration`) →
+  ``ATTENTION_MISMATCH`` with the measures that failed;
+* ``feature`` — the early-feature dissimilarity (:mod:`gamguard.runtime.features`) and its p-value →
+  ``FEATURE_MISMATCH``.
+
+Policies:
+
+* ``calibrated`` (default): ``combined_p`` = the minimum p-value of the enforced checks; the input is
+  rejected when its split-conformal p-value ``conformal_p`` against the calibration's conformal part is
+  ``<= alpha``, which bounds the in-distribution false-rejection rate (garbage-class rejections
+  included) at ``alpha``. Equivalently every check fails whose p-value is below the calibrated level
+  ``t*`` (``thresholds["combined_p"]``); those are the reasons, and for the attention check the
+  measures below ``t*`` are ``failed_measures``.
+* ``strict``: a check fails as soon as its own p-value is ``<= alpha`` (any attention measure counts);
+  more rejections than ``alpha`` on in-distribution data, by design.
+
+Fail closed: :meth:`Guard.verify_tensor` and :meth:`Guard.verify_images` never raise. An input that
+cannot become a model input (wrong shape, NaN/Inf, undecodable) is rejected with ``INVALID_INPUT``
+(that item only); any exception in the engine or the guard rejects every item of the batch with
+``GUARD_ERROR``. No code path returns a label without all enforced checks having passed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import bundle as bundle_mod
+from .bundle import BundleError, InputSpec
+from .calibration import CHECKS, CalibrationData, checks_key, decide, softmax
+from .similarity import MEASURES
+
+log = logging.getLogger(__name__)
+
+REASONS = ("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH", "INVALID_INPUT", "GUARD_ERROR")
+POLICIES = ("calibrated", "strict")
+
+
+def _json_float(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class Verdict:
+    accepted: bool
+    label: str | None  # only when accepted
+    label_index: int | None  # only when accepted
+    probabilities: dict[str, float] | None  # softmax over real classes, only when accepted
+    reasons: list[str]  # subset of REASONS, empty when accepted
+    failed_measures: list[str]  # e.g. ["ssim", "wasserstein"] for ATTENTION_MISMATCH
+    scores: dict[str, float]  # every check's score
+    thresholds: dict[str, float]  # threshold per score where one applies
+    cam: np.ndarray | None = None  # [H, W] float32 in [0,1] (model input size), also when rejected
+    reference_cam: np.ndarray | None = None  # reference map of the predicted real class
+    predicted_index: int | None = None  # argmax class even when rejected (never served as a label)
+    detail: str = ""  # human-readable message (errors, INVALID_INPUT cause)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # wall time of the batch per stage
+
+    @classmethod
+    def rejected(cls, reason: str, detail: str, **kw) -> "Verdict":
+        return cls(accepted=False, label=None, label_index=None, probabilities=None, reasons=[reason],
+                   failed_measures=[], scores={}, thresholds={}, detail=detail, **kw)
+
+    def to_dict(self, *, include_maps: bool = False) -> dict:
+        d = {
+            "accepted": bool(self.accepted),
+            "label": self.label,
+            "label_index": self.label_index,
+            "probabilities": None if self.probabilities is None else
+            {k: float(v) for k, v in self.probabilities.items()},
+            "reasons": list(self.reasons),
+            "failed_measures": list(self.failed_measures),
+            "scores": {k: _json_float(v) for k, v in self.scores.items()},
+            "thresholds": {k: _json_float(v) for k, v in self.thresholds.items()},
+            "predicted_index": self.predicted_index,
+            "detail": self.detail,
+            "timings_ms": {k: float(v) for k, v in self.timings_ms.items()},
+        }
+        if include_maps:
+            d["cam"] = None if self.cam is None else np.asarray(self.cam).tolist()
+            d["reference_cam"] = None if self.reference_cam is None else np.asarray(self.reference_cam).tolist()
+        return d
+
+
+def parse_checks(checks) -> str:
+    """``"garbage,attention"`` / ``["feature"]`` / ``"all"`` → canonical key (see calibration.checks_key)."""
+    if isinstance(checks, str):
+        checks = list(CHECKS) if checks.strip() == "all" else [c.strip() for c in checks.split(",") if c.strip()]
+    return checks_key(checks)
+
+
+class Guard:
+    """A calibrated bundle loaded for serving: engine + references + decision rule."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict, engine, calibration: CalibrationData, *,
+                 policy: str, enforced_checks: str):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.spec = InputSpec.from_manifest(manifest["input"])
+        self.class_names = list(manifest["class_names"])
+        self.garbage_index = int(manifest["garbage_class"])
+        self.bundle_hash = bundle_mod.bundle_hash(manifest)
+        self.engine = engine
+        self.calibration = calibration
+        if policy not in POLICIES:
+            raise BundleError(f"unknown guard policy {policy!r} (expected one of {', '.join(POLICIES)})")
+        self.policy = policy
+        self.enforced_checks = enforced_checks
+        self.alpha = calibration.alpha
+        self.cut = calibration.cuts[enforced_checks]
+        self.level = self.cut.threshold if policy == "calibrated" else self.alpha
+        self._raw_thresholds = {int(c): calibration.raw_thresholds(int(c), self.level) for c in calibration.real}
+
+    @classmethod
+    def from_bundle(cls, bundle_dir=None, *, providers=None, threads=None, policy=None,
+                    enforced_checks=None, prefer: str = "auto") -> "Guard":
+        """Load and check a bundle (hashes, calibration) and start its engine.
+
+        Raises :class:`gamguard.runtime.bundle.BundleError` for an uncalibrated or tampered bundle.
+        ``policy`` / ``enforced_checks`` override ``bundle.json``'s ``guard`` section.
+        """
+        from .engine import create_engine
+
+        bundle_dir = bundle_mod.resolve_bundle(bundle_dir)
+        manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=True)
+        calibration = CalibrationData.load(bundle_dir, manifest)
+        section = manifest.get("guard") or {}
+        policy = policy or section.get("policy") or "calibrated"
+        try:
+            key = parse_checks(enforced_checks if enforced_checks is not None
+                               else section.get("enforced_checks") or list(CHECKS))
+        except ValueError as exc:
+            raise BundleError(f"enforced checks: {exc}") from exc
+        engine = create_engine(bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads)
+        guard = cls(bundle_dir, manifest, engine, calibration, policy=policy, enforced_checks=key)
+        log.info("guard: bundle %s (%s), policy %s, checks %s, alpha %s, engine %s %s", bundle_dir,
+                 guard.bundle_hash[:12], policy, key, guard.alpha, engine.name, engine.providers)
+        return guard
+
+    # ------------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        cal = self.manifest.get("calibration") or {}
+        model = self.manifest.get("model") or {}
+        return {
+            "model": {"name": model.get("name"), "version": model.get("version")},
+            "class_names": self.class_names,
+            "garbage_class": self.garbage_index,
+            "labels": [c for i, c in enumerate(self.class_names) if i != self.garbage_index],
+            "input": self.spec.to_manifest(),
+            "bundle_dir": str(self.bundle_dir),
+            "bundle_hash": self.bundle_hash,
+            "files": dict(self.manifest.get("files") or {}),
+            "calibration": {
+                "dataset": cal.get("dataset"),
+                "n": cal.get("n"),
+                "split": cal.get("split"),
+                "alpha": self.alpha,
+                "measured_false_rejection_rate": cal.get("measured_false_rejection_rate"),
+                "measured_per_check": cal.get("measured_per_check"),
+                "created": cal.get("created"),
+            },
+            "alpha": self.alpha,
+            "policy": self.policy,
+            "enforced_checks": self.enforced_checks.split("+"),
+            "level": self.level,
+            "measures": list(MEASURES),
+            "engine": self.engine.describe(),
+            "providers": list(self.engine.providers),
+        }
+
+    # ------------------------------------------------------------------------------------------
+    def verify_images(self, images: Sequence) -> list[Verdict]:
+        """Decoded images (HxW float32 in [0, 1], or DecodedImage) → one verdict each. Never raises."""
+        from .preprocess import preprocess
+
+        t0 = time.perf_counter()
+        verdicts: list[Verdict | None] = [None] * len(images)
+        tensors, where = [], []
+        for i, im in enumerate(images):
+            try:
+                pixels = getattr(im, "pixels", im)
+                tensors.append(preprocess(pixels, self.spec))
+                where.append(i)
+            except Exception as exc:  # InvalidInput and anything odd about the object itself
+                verdicts[i] = Verdict.rejected("INVALID_INPUT", str(exc) or type(exc).__name__)
+        t_pre = (time.perf_counter() - t0) * 1e3
+        if tensors:
+            try:
+                batch = np.stack(tensors)
+            except Exception as exc:  # pragma: no cover - preprocess output is uniform
+                batch = None
+                for i in where:
+                    verdicts[i] = Verdict.rejected("GUARD_ERROR", f"guard error: {exc}")
+            if batch is not None:
+                for i, v in zip(where, self.verify_tensor(batch)):
+                    v.timings_ms["preprocess"] = t_pre
+                    verdicts[i] = v
+        return [v for v in verdicts]  # type: ignore[misc]
+
+    def verify_tensor(self, batch: np.ndarray) -> list[Verdict]:
+        """Preprocessed ``[N, C, H, W]`` float32 → one verdict each. Never raises (fail closed)."""
+        try:
+            batch = np.asarray(batch)
+            expect = (self.spec.channels, self.spec.height, self.spec.width)
+            if batch.ndim != 4 or tuple(batch.shape[1:]) != expect:
+                n = batch.shape[0] if batch.ndim >= 1 else 1
+                msg = f"expected a tensor [N, {expect[0]}, {expect[1]}, {expect[2]}], got {list(batch.shape)}"
+                return [Verdict.rejected("INVALID_INPUT", msg) for _ in range(max(n, 1))]
+            if not np.issubdtype(batch.dtype, np.number) or np.issubdtype(batch.dtype, np.complexfloating):
+                return [Verdict.rejected("INVALID_INPUT", f"tensor dtype {batch.dtype} is not real-valued")
+                        for _ in range(batch.shape[0])]
+            batch = batch.astype(np.float32, copy=False)
+        except Exception as exc:
+            return [Verdict.rejected("INVALID_INPUT", f"unusable tensor: {exc}")]
+        n = batch.shape[0]
+        if n == 0:
+            return []
+        finite = np.isfinite(batch.reshape(n, -1)).all(axis=1)
+        verdicts: list[Verdict | None] = [
+            None if ok else Verdict.rejected("INVALID_INPUT", "input tensor contains NaN or Inf") for ok in finite
+        ]
+        idx = np.flatnonzero(finite)
+        if idx.size:
+            try:
+                for i, v in zip(idx, self._decide(batch[idx])):
+                    verdicts[i] = v
+            except Exception as exc:  # fail closed: no label leaves without every check having run
+                log.exception("guard error")
+                for i in idx:
+                    verdicts[i] = Verdict.rejected("GUARD_ERROR", f"guard error: {type(exc).__name__}: {exc}")
+        return verdicts  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------
+    def _decide(self, batch: np.ndarray) -> list[Verdict]:
+        t0 = time.perf_counter()
+        out = self.engine.run(batch)
+        t1 = time.perf_counter()
+        n = batch.shape[0]
+        if out.logits.shape != (n, len(self.class_names)) or out.cam.shape[0] != n or out.early.shape[0] != n:
+            raise RuntimeError(f"engine output shapes {out.logits.shape}, {out.cam.shape}, {out.early.shape} "
+                               f"do not fit a batch of {n} and {len(self.class_names)} classes")
+        cal = self.calibration
+        s = cal.score(out.logits, out.cam, out.early)
+        pm, pf = cal.null.pvalues(s)
+        d = decide(pm, pf, s.garbage_pred, checks=self.enforced_checks, policy=self.policy, alpha=self.alpha,
+                   cut=self.cut)
+        checks = self.enforced_checks.split("+")
+        parts = []
+        if "attention" in checks:
+            parts.append(pm.min(axis=1))
+        if "feature" in checks:
+            parts.append(pf)
+        combined = np.minimum.reduce(parts) if parts else np.ones(n)
+        conformal_stat = np.where(s.garbage_pred & ("garbage" in checks), 0.0, combined)
+        conformal_p = self.cut.p_value(conformal_stat)
+        real = cal.real
+        real_probs = softmax(np.asarray(out.logits, np.float64)[:, real])
+        t2 = time.perf_counter()
+        timings = {"engine": (t1 - t0) * 1e3, "guard": (t2 - t1) * 1e3}
+
+        verdicts = []
+        for i in range(n):
+            cls_idx = int(s.pred_real[i])
+            scores = {"garbage_prob": float(s.garbage_prob[i])}
+            thresholds = {}
+            raw = self._raw_thresholds[cls_idx]
+            for j, m in enumerate(MEASURES):
+                scores[f"attention.{m}"] = float(s.sims[i, j])
+                scores[f"attention.{m}.p"] = float(pm[i, j])
+                thresholds[f"attention.{m}"] = raw[f"attention.{m}"]
+                thresholds[f"attention.{m}.p"] = self.level
+            scores["attention.p"] = float(pm[i].min())
+            thresholds["attention.p"] = self.level
+            scores["feature"] = float(s.feature[i])
+            scores["feature.p"] = float(pf[i])
+            thresholds["feature"] = raw["feature"]
+            thresholds["feature.p"] = self.level
+            scores["combined_p"] = float(combined[i])
+            if self.policy == "calibrated":
+                thresholds["combined_p"] = self.level
+                scores["conformal_p"] = float(conformal_p[i])
+                thresholds["conformal_p"] = self.alpha
+            reasons = []
+            if d.garbage[i]:
+                reasons.append("GARBAGE_CLASS")
+            if d.attention[i]:
+                reasons.append("ATTENTION_MISMATCH")
+            if d.feature[i]:
+                reasons.append("FEATURE_MISMATCH")
+            failed = [m for j, m in enumerate(MEASURES) if d.failed_measures[i, j]]
+            accepted = not d.reject[i]
+            verdicts.append(Verdict(
+                accepted=accepted,
+                label=self.class_names[cls_idx] if accepted else None,
+                label_index=cls_idx if accepted else None,
+                probabilities={self.class_names[c]: float(real_probs[i, k]) for k, c in enumerate(real)}
+                if accepted else None,
+                reasons=reasons,
+                failed_measures=failed,
+                scores=scores,
+                thresholds=thresholds,
+                cam=np.asarray(out.cam[i], np.float32),
+                reference_cam=cal.ref_cam_for(cls_idx),
+                predicted_index=int(s.pred[i]),
+                detail="" if accepted else "rejected: " + ", ".join(reasons) +
+                (f" ({', '.join(failed)})" if failed else ""),
+                timings_ms=dict(timings),
+            ))
+        return verdicts

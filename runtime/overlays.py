@@ -1,0 +1,65 @@
+"""Heatmap overlays: the X-ray with its Grad-CAM blended in colour, the class reference beside it.
+
+Used by ``gamguard verify --overlays DIR`` and by the suitability report. OpenCV only (a runtime
+dependency already), so overlays work without matplotlib.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+PANEL = 256  # side of each of the two panels, pixels
+BLEND = 0.45  # weight of the colour map over the grey X-ray
+
+
+def _gray_u8(image: np.ndarray, side: int) -> np.ndarray:
+    img = np.nan_to_num(np.asarray(image, np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    img = cv2.resize(np.clip(img, 0, 1), (side, side), interpolation=cv2.INTER_AREA)
+    return (img * 255 + 0.5).astype(np.uint8)
+
+
+def _heat(cam: np.ndarray, side: int) -> np.ndarray:
+    c = np.nan_to_num(np.asarray(cam, np.float32))
+    lo, hi = float(c.min()), float(c.max())
+    c = (c - lo) / (hi - lo) if hi - lo > 1e-7 else np.zeros_like(c)
+    c = cv2.resize(c, (side, side), interpolation=cv2.INTER_LINEAR)
+    return cv2.applyColorMap((c * 255 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
+
+
+def blend(image: np.ndarray, cam: np.ndarray | None, side: int = PANEL) -> np.ndarray:
+    """Grey X-ray with the map in colour on top, BGR uint8 ``side x side``."""
+    grey = cv2.cvtColor(_gray_u8(image, side), cv2.COLOR_GRAY2BGR)
+    if cam is None:
+        return grey
+    return cv2.addWeighted(grey, 1.0 - BLEND, _heat(cam, side), BLEND, 0.0)
+
+
+def _caption(panel: np.ndarray, lines: list[str], colour=(255, 255, 255)) -> np.ndarray:
+    bar = np.zeros((18 * len(lines) + 6, panel.shape[1], 3), np.uint8)
+    for k, text in enumerate(lines):
+        cv2.putText(bar, text[:48], (4, 16 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.42, colour, 1, cv2.LINE_AA)
+    return np.vstack([bar, panel])
+
+
+def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: str = "") -> np.ndarray:
+    """Two panels side by side: input + its CAM, and the predicted class's reference map (on the
+    same X-ray, so the expected attention can be compared in place). BGR uint8."""
+    pred = verdict.predicted_index
+    pred_name = class_names[pred] if pred is not None and 0 <= pred < len(class_names) else "?"
+    status = f"ACCEPTED {verdict.label}" if verdict.accepted else "REJECTED " + ",".join(verdict.reasons)
+    left = _caption(blend(image, verdict.cam), [title or "input + Grad-CAM", status],
+                    (120, 255, 120) if verdict.accepted else (90, 90, 255))
+    ref_label = "reference" if verdict.reference_cam is not None else "no reference"
+    failed = ("failed: " + ",".join(verdict.failed_measures)) if verdict.failed_measures else f"argmax: {pred_name}"
+    right = _caption(blend(image, verdict.reference_cam), [f"{ref_label} map", failed])
+    return np.hstack([left, np.full((left.shape[0], 4, 3), 40, np.uint8), right])
+
+
+def write_overlay(path: str | Path, image: np.ndarray, verdict, class_names: list[str], *, title: str = "") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), overlay_image(image, verdict, class_names, title=title)):
+        raise OSError(f"{path}: could not write the overlay PNG")
+    return path
