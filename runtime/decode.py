@@ -1,0 +1,518 @@
+"""Input decoding: encoded bytes (PNG, JPEG, 16-bit PNG, DICOM) or numeric tensors → one grayscale image.
+
+Shared by the server and the offline commands, so every path hands :func:`gamguard.runtime.preprocess.preprocess`
+exactly the same thing: a 2-D float32 array in [0, 1], MONOCHROME2 (high = bright = bone).
+
+Safety rules, all enforced before any pixel is decoded:
+
+* the format is chosen by magic bytes, never by file name; anything else is refused with a message
+  naming what was seen (TIFF, gzip, text, ...);
+* the image dimensions are read from the header (PNG IHDR, JPEG SOF marker, DICOM Rows/Columns) and
+  images above ``max_pixels`` per frame are refused, so a forged header cannot make us allocate
+  gigabytes (a "decompression bomb");
+* truncated or corrupt data is an error, not a partially grey image (libjpeg happily fills a truncated
+  JPEG with grey, so the JPEG must end with an EOI marker after its scan data; a PNG must reach IEND).
+
+DICOM follows the grayscale display pipeline of PS3.3 C.11 via pydicom's ``pydicom.pixels`` API:
+stored values → modality LUT / rescale → VOI LUT or window → scaled to [0, 1] from the VOI output range
+→ MONOCHROME1 inverted last. RGB, YBR and palette-colour data are converted to grayscale explicitly
+(ITU-R BT.601 luma weights, the same as OpenCV's). Compressed transfer syntaxes use the installed
+pydicom decoder plugins (pylibjpeg + libjpeg/openjpeg here); a missing decoder is an error that names the
+transfer syntax and what to install.
+
+Patient-identifying DICOM attributes are never read: ``meta`` is built from a whitelist of technical
+attributes, and error messages only mention pixel-module facts.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .preprocess import InvalidInput
+
+DEFAULT_MAX_PIXELS = 64_000_000
+"""Largest accepted image, in pixels per frame (64 MP ≈ 8000 x 8000, above any radiograph detector)."""
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SOI = b"\xff\xd8\xff"
+DICOM_MAGIC_OFFSET = 128
+
+# BT.601 luma, in RGB order (OpenCV's RGB2GRAY uses the same weights).
+_LUMA_RGB = np.array([0.299, 0.587, 0.114])
+
+# Non-PHI DICOM attributes copied into ``meta`` (keyword → meta key). Everything here describes the
+# acquisition or the pixel encoding; nothing identifies a patient, a person or an institution.
+_DICOM_META_KEYWORDS = {
+    "Modality": "modality",
+    "BodyPartExamined": "body_part",
+    "ViewPosition": "view_position",
+    "PatientOrientation": "patient_orientation",
+    "SamplesPerPixel": "samples_per_pixel",
+    "BitsAllocated": "bits_allocated",
+    "BitsStored": "bits_stored",
+    "PixelRepresentation": "pixel_representation",
+    "PixelSpacing": "pixel_spacing",
+    "ImagerPixelSpacing": "imager_pixel_spacing",
+    "SOPClassUID": "sop_class_uid",
+}
+
+# Known signatures, only used to say what an unsupported input looks like.
+_OTHER_FORMATS = (
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000 (JP2)"),
+    (b"\xffO\xffQ", "JPEG 2000 codestream"),
+    (b"\x1f\x8b", "gzip"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"%PDF", "PDF"),
+    (b"\x93NUMPY", "NumPy .npy"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+)
+
+
+class DecodeError(InvalidInput):
+    """The input cannot be decoded into an image; the message says what is wrong (never PHI)."""
+
+
+@dataclass
+class DecodedImage:
+    """One decoded grayscale image and non-identifying facts about where it came from."""
+
+    pixels: np.ndarray  # float32 H x W in [0, 1], MONOCHROME2 (high = bright = bone)
+    format: str  # "png" | "jpeg" | "dicom" | "tensor"
+    bit_depth: int  # bits per sample of the source (8, 12, 16, ...; 32 for float tensors)
+    sop_instance_uid: str | None = None  # DICOM only; an instance UID, safe to log and audit
+    meta: dict = field(default_factory=dict)  # NON-PHI facts only
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+# --------------------------------------------------------------------------------------------- API
+
+
+def decode_bytes(
+    data: bytes, *, frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
+    """Decode an encoded image (PNG, JPEG, DICOM), chosen by its magic bytes.
+
+    ``frame`` selects the frame of a multi-frame DICOM (0-based) and is required for one; a
+    single-frame input accepts ``None`` or ``0``. Raises :class:`DecodeError` for anything that is not a
+    complete, supported image of at most ``max_pixels`` pixels per frame.
+    """
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise DecodeError(f"expected encoded image bytes, got {type(data).__name__}")
+    if not data:
+        raise DecodeError("empty input (0 bytes)")
+    if frame is not None and (not isinstance(frame, (int, np.integer)) or isinstance(frame, bool)):
+        raise DecodeError(f"frame must be an integer, got {frame!r}")
+
+    if data.startswith(PNG_SIGNATURE):
+        _require_single_frame(frame, "PNG")
+        return _decode_png(data, max_pixels)
+    if data.startswith(JPEG_SOI):
+        _require_single_frame(frame, "JPEG")
+        return _decode_jpeg(data, max_pixels)
+    if _looks_like_dicom(data):
+        return _decode_dicom(data, frame, max_pixels)
+    raise DecodeError(f"unsupported image format: {_describe(data)}; expected PNG, JPEG or DICOM")
+
+
+def decode_file(path, **kw) -> DecodedImage:
+    """Read ``path`` and :func:`decode_bytes` it (keyword arguments are passed on)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise DecodeError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise DecodeError(f"{p}: is a directory, not an image file") from None
+    except OSError as exc:
+        raise DecodeError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return decode_bytes(data, **kw)
+    except DecodeError as exc:
+        raise DecodeError(f"{p.name}: {exc}") from None
+
+
+def decode_tensor(array: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """A numeric image (e.g. an Open Inference Protocol tensor) → :class:`DecodedImage`.
+
+    Accepted: ``uint8`` (divided by 255), ``uint16`` (divided by 65535) and ``float32`` already within
+    [0, 1]; shapes ``H x W``, ``1 x H x W`` or ``H x W x 1``. Pixels are taken as MONOCHROME2.
+    """
+    arr = np.asarray(array)
+    if arr.dtype.byteorder not in ("=", "|"):  # e.g. big-endian wire data: same values, native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    scales = {np.dtype(np.uint8): (255.0, 8), np.dtype(np.uint16): (65535.0, 16), np.dtype(np.float32): (1.0, 32)}
+    if arr.dtype not in scales:
+        raise DecodeError(
+            f"unsupported tensor dtype {arr.dtype}; expected UINT8, UINT16 or FP32 (in [0, 1])"
+        )
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    elif arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != 2:
+        raise DecodeError(
+            f"unsupported tensor shape {tuple(np.shape(array))}; expected H x W, 1 x H x W or H x W x 1 "
+            "(one grayscale image)"
+        )
+    h, w = arr.shape
+    if h == 0 or w == 0:
+        raise DecodeError(f"empty tensor (shape {tuple(np.shape(array))})")
+    _check_size(w, h, max_pixels, "tensor")
+    scale, bits = scales[arr.dtype]
+    if arr.dtype == np.float32:
+        if not np.isfinite(arr).all():
+            raise DecodeError("tensor contains NaN or Inf")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise DecodeError(f"FP32 tensor values must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
+        pixels = np.ascontiguousarray(arr, dtype=np.float32).copy()
+    else:
+        pixels = (arr.astype(np.float32) / np.float32(scale))
+    return DecodedImage(pixels=pixels, format="tensor", bit_depth=bits, meta={"rows": h, "columns": w, "dtype": str(arr.dtype)})
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _require_single_frame(frame, fmt: str) -> None:
+    if frame not in (None, 0):
+        raise DecodeError(f"frame {frame} requested but a {fmt} image has a single frame (0)")
+
+
+def _check_size(width: int, height: int, max_pixels: int, what: str) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"{what} header declares an empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"{what} image too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (refused before decoding)"
+        )
+
+
+def _describe(data: bytes) -> str:
+    """A short, PHI-free description of unrecognised bytes for error messages."""
+    for magic, name in _OTHER_FORMATS:
+        if data.startswith(magic):
+            return f"{name} data"
+    if data[:12].startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP data"
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"text ({len(data)} bytes), not an image"
+    return f"unrecognised binary data ({len(data)} bytes, starting {data[:8].hex(' ')})"
+
+
+def _to_gray(img: np.ndarray, order: str) -> np.ndarray:
+    """Colour → float32 luma, explicit about channel order; alpha (a 4th channel) is ignored."""
+    if img.ndim == 2:
+        return img
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise DecodeError(f"unsupported channel layout {img.shape}")
+    weights = _LUMA_RGB if order == "RGB" else _LUMA_RGB[::-1]  # BGR: blue first
+    color = img[:, :, :3].astype(np.float32)
+    return color[:, :, 0] * np.float32(weights[0]) + color[:, :, 1] * np.float32(weights[1]) + color[:, :, 2] * np.float32(weights[2])
+
+
+def _finish(gray: np.ndarray, max_value: float) -> np.ndarray:
+    """Scale to [0, 1] float32 (values above ``max_value``, e.g. from overstated bits, are clipped)."""
+    pixels = np.asarray(gray, dtype=np.float32) * np.float32(1.0 / float(max_value))
+    return np.clip(pixels, 0.0, 1.0, out=pixels)
+
+
+# ---------------------------------------------------------------------------------------- PNG/JPEG
+
+
+def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
+    # Walk the chunk structure first: IHDR gives the size; reaching IEND proves the file is complete
+    # (libpng may otherwise return an image whose tail is missing).
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise DecodeError("truncated or corrupt PNG: no IHDR chunk")
+    width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+    if zlib.crc32(data[12:29]) != struct.unpack(">I", data[29:33])[0]:
+        raise DecodeError("corrupt PNG: IHDR checksum mismatch")
+    _check_size(width, height, max_pixels, "PNG")
+    pos, seen_iend, seen_idat = 8, False, False
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        ctype = data[pos + 4 : pos + 8]
+        if pos + 12 + length > len(data):
+            break
+        seen_idat |= ctype == b"IDAT"
+        if ctype == b"IEND":
+            seen_iend = True
+            break
+        pos += 12 + length
+    if not (seen_idat and seen_iend):
+        raise DecodeError("truncated or corrupt PNG: image data ends before the IEND chunk")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DecodeError("corrupt PNG: OpenCV could not decode the image data")
+    max_value = 65535.0 if img.dtype == np.uint16 else 255.0
+    if img.dtype not in (np.uint8, np.uint16):
+        raise DecodeError(f"unsupported PNG sample type {img.dtype}")
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    pixels = _finish(_to_gray(img, "BGR"), max_value)  # OpenCV returns colour as BGR(A)
+    meta = {"rows": height, "columns": width, "channels": channels, "png_color_type": color_type}
+    return DecodedImage(pixels=pixels, format="png", bit_depth=bit_depth, meta=meta)
+
+
+# SOF markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not SOFs.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int, int]:
+    """Walk the JPEG markers up to the first scan: (width, height, precision, components, sos_offset)."""
+    pos, sof = 2, None
+    while True:
+        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            raise DecodeError("truncated or corrupt JPEG: marker structure broken before the image data")
+        marker = data[pos + 1]
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2  # standalone markers
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2 or pos + 2 + length > len(data):
+            raise DecodeError("truncated or corrupt JPEG: segment runs past the end of the data")
+        if marker in _JPEG_SOF and sof is None:
+            if length < 8:
+                raise DecodeError("corrupt JPEG: short frame header")
+            precision, height, width, ncomp = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
+            sof = (width, height, precision, ncomp)
+        if marker == 0xDA:  # start of scan
+            if sof is None:
+                raise DecodeError("corrupt JPEG: scan data before any frame header")
+            return (*sof, pos)
+        if marker == 0xD9:
+            raise DecodeError("corrupt JPEG: end of image before any scan data")
+        pos += 2 + length
+
+
+def _decode_jpeg(data: bytes, max_pixels: int) -> DecodedImage:
+    width, height, precision, ncomp, sos = _jpeg_header(data)
+    if height == 0:
+        raise DecodeError("unsupported JPEG: height defined later by a DNL marker")
+    _check_size(width, height, max_pixels, "JPEG")
+    # Entropy-coded data escapes 0xFF as FF 00, so an EOI after the first scan marks a complete file;
+    # without it libjpeg would return a grey-filled partial image with only a warning.
+    if data.rfind(b"\xff\xd9") <= sos:
+        raise DecodeError("truncated JPEG: no end-of-image marker after the image data")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DecodeError(f"corrupt or unsupported JPEG ({precision}-bit, {ncomp} components): OpenCV could not decode it")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise DecodeError(f"unsupported JPEG sample type {img.dtype}")
+    max_value = float(2**precision - 1) if img.dtype == np.uint16 else 255.0
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    pixels = _finish(_to_gray(img, "BGR"), max_value)
+    meta = {"rows": height, "columns": width, "channels": channels, "jpeg_precision": precision}
+    return DecodedImage(pixels=pixels, format="jpeg", bit_depth=precision, meta=meta)
+
+
+# ------------------------------------------------------------------------------------------- DICOM
+
+
+def _looks_like_dicom(data: bytes) -> bool:
+    if data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return True
+    # No preamble ("raw" DICOM, e.g. from some PACS exports): only try when the first element is a
+    # group 0002/0008 tag, so random bytes are never handed to a forced parse.
+    return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+def _read_dicom(data: bytes):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    has_preamble = data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except InvalidDicomError as exc:
+        raise DecodeError(f"invalid DICOM: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is bad input
+        raise DecodeError(f"corrupt or truncated DICOM ({type(exc).__name__})") from None
+    missing = [k for k in ("Rows", "Columns", "PixelData") if k not in ds]
+    if missing:
+        what = "DICOM" if has_preamble else "data (not a DICOM image)"
+        raise DecodeError(f"unsupported {what}: no {', '.join(missing)} — not an image object")
+    if not has_preamble and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # pydicom guessed the encoding while forcing; record it so the pixel decoder knows it.
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
+        implicit, little = ds.is_implicit_VR, ds.is_little_endian
+        if not little:
+            raise DecodeError("unsupported DICOM: big-endian data without a file meta header")
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
+def _int_attr(ds, keyword: str, default=None) -> int:
+    value = ds.get(keyword, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"DICOM attribute {keyword} has an invalid value") from None
+
+
+def _check_decoder(ds):
+    """The transfer syntax, after making sure an installed plugin can decode it."""
+    from pydicom.pixels import get_decoder
+
+    tsuid = ds.file_meta.TransferSyntaxUID
+    label = f"{tsuid.name} ({tsuid})" if tsuid.name != str(tsuid) else str(tsuid)
+    try:
+        decoder = get_decoder(tsuid)
+    except NotImplementedError:
+        raise DecodeError(
+            f"DICOM transfer syntax {label} is not supported: pydicom has no pixel data decoder for it "
+            "(transcode the file, e.g. to JPEG 2000 or uncompressed)"
+        ) from None
+    if not decoder.is_available:
+        options = "; ".join(decoder.missing_dependencies) or "a pydicom decoder plugin"
+        raise DecodeError(
+            f"DICOM transfer syntax {label} needs a decoder that is not installed; install one of: "
+            f"{options} (e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle)"
+        )
+    return tsuid, label
+
+
+def _voi_output(values: np.ndarray, ds) -> tuple[np.ndarray, float, float, dict]:
+    """Apply the VOI LUT or window (PS3.3 C.11.2); return the output, its full range and a summary."""
+    from pydicom.pixels import apply_voi, apply_windowing
+
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        if np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values)):
+            values = values.astype(np.int64)  # a LUT is indexed by integers
+        out = apply_voi(values, ds, 0)
+        # Scale from the LUT's own output range: its data often uses fewer bits than the descriptor says.
+        n_entries, first_mapped = int(seq[0].LUTDescriptor[0]) or 65536, int(seq[0].LUTDescriptor[1])
+        lut = apply_voi(np.arange(first_mapped, first_mapped + n_entries), ds, 0)
+        lo, hi = float(lut.min()), float(lut.max())
+        return out, lo, hi, {"voi": "lut"}
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        out = apply_windowing(values, ds, 0)
+        # Probe far below/above the window: pydicom maps them to the ends of its output range.
+        center = float(np.atleast_1d(ds.WindowCenter)[0])
+        width = float(np.atleast_1d(ds.WindowWidth)[0])
+        span = abs(width) * 1e6 + 1e6
+        with np.errstate(over="ignore"):
+            ends = apply_windowing(np.array([center - span, center + span]), ds, 0)
+        return out, float(ends.min()), float(ends.max()), {"voi": "window", "window_center": center, "window_width": width}
+    # Neither present: the full range of the modality output values of this frame (what viewers show
+    # without a VOI). The theoretical range of BitsStored would flatten e.g. signed 16-bit CT to grey.
+    return values, float(np.min(values)), float(np.max(values)), {"voi": "none (modality output min..max)"}
+
+
+def _decode_dicom(data: bytes, frame: int | None, max_pixels: int) -> DecodedImage:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+    ds = _read_dicom(data)
+    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
+    n_frames = _int_attr(ds, "NumberOfFrames", 1) if ds.get("NumberOfFrames") not in (None, "") else 1
+    if n_frames < 1:
+        raise DecodeError(f"DICOM NumberOfFrames is {n_frames}")
+    # Only the chosen frame is ever decoded, so the limit is per frame.
+    _check_size(cols, rows, max_pixels, "DICOM")
+    if n_frames > 1 and frame is None:
+        raise DecodeError(
+            f"multi-frame DICOM ({n_frames} frames): choose a frame explicitly (frame=0..{n_frames - 1})"
+        )
+    if frame is not None and not 0 <= int(frame) < n_frames:
+        raise DecodeError(f"frame {frame} out of range: the DICOM has {n_frames} frame(s) (0..{n_frames - 1})")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if not photometric:
+        raise DecodeError("DICOM has no PhotometricInterpretation")
+    tsuid, label = _check_decoder(ds)
+
+    try:
+        arr = pixel_array(ds, index=int(frame) if n_frames > 1 else None)
+    except Exception as exc:  # noqa: BLE001 - a corrupt codestream can fail in many ways
+        raise DecodeError(f"could not decode DICOM pixel data ({label}): {type(exc).__name__}: {exc}") from None
+    if n_frames == 1 and arr.ndim >= 3 and arr.shape[0] == 1 and arr.shape[1:3] == (rows, cols):
+        arr = arr[0]
+
+    bits_stored = _int_attr(ds, "BitsStored", _int_attr(ds, "BitsAllocated", 8))
+    meta: dict = {
+        "photometric": photometric,
+        "rows": rows,
+        "columns": cols,
+        "frames": n_frames,
+        "frame": int(frame) if frame is not None else 0,
+        "transfer_syntax": str(tsuid),
+        "transfer_syntax_name": tsuid.name,
+    }
+    for keyword, key in _DICOM_META_KEYWORDS.items():
+        value = ds.get(keyword)
+        if value is not None and value != "":
+            meta[key] = [float(v) for v in value] if keyword.endswith("Spacing") else (
+                list(value) if keyword == "PatientOrientation" else (value if isinstance(value, int) else str(value))
+            )
+
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if arr.ndim != 2:
+            raise DecodeError(f"{photometric} DICOM frame has unexpected shape {arr.shape}")
+        values = apply_modality_lut(arr, ds)
+        meta["rescale_slope"] = float(ds.get("RescaleSlope", 1) or 1)
+        meta["rescale_intercept"] = float(ds.get("RescaleIntercept", 0) or 0)
+        try:
+            out, lo, hi, voi = _voi_output(values, ds)
+        except (ValueError, NotImplementedError, IndexError, TypeError) as exc:
+            raise DecodeError(f"invalid VOI LUT / window in DICOM: {exc}") from None
+        meta.update(voi)
+        # A uniform frame (hi == lo) has no contrast to scale; it decodes to black.
+        pixels = (np.asarray(out, np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(out.shape)
+        pixels = np.clip(pixels, 0.0, 1.0)
+        if photometric == "MONOCHROME1":  # low values bright: invert last, after the VOI (PS3.3 C.7.6.3.1.2)
+            pixels = 1.0 - pixels
+        pixels = pixels.astype(np.float32)
+    elif photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        max_value = 65535.0 if rgb.dtype == np.uint16 else 255.0
+        pixels = _finish(_to_gray(rgb, "RGB"), max_value)
+        meta["color_to_gray"] = "palette → BT.601 luma"
+    elif photometric == "RGB" or photometric.startswith("YBR"):
+        # pydicom returns YBR data converted to RGB (as_rgb=True is its default).
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise DecodeError(f"{photometric} DICOM frame has unexpected shape {arr.shape}")
+        pixels = _finish(_to_gray(arr, "RGB"), 2**bits_stored - 1)
+        meta["color_to_gray"] = "BT.601 luma"
+    else:
+        raise DecodeError(f"unsupported DICOM PhotometricInterpretation {photometric!r}")
+
+    if not np.isfinite(pixels).all():
+        raise DecodeError("DICOM pixel pipeline produced NaN or Inf")
+    uid = ds.get("SOPInstanceUID")
+    return DecodedImage(
+        pixels=np.ascontiguousarray(pixels),
+        format="dicom",
+        bit_depth=bits_stored,
+        sop_instance_uid=str(uid) if uid else None,
+        meta=meta,
+    )

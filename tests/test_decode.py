@@ -1,0 +1,545 @@
+"""Input decoding (PNG/JPEG/16-bit PNG/DICOM/tensors) and the image-folder loaders.
+
+Inputs are made in the test with OpenCV and pydicom; pydicom's bundled test files and the real pelvis
+DICOMs (JPEG 2000, RGB) are used when present (never downloaded).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, MPEG2MPML, generate_uid
+
+from gamguard.runtime.datasets import DatasetError, ImageFolder, is_image_file, iter_image_files
+from gamguard.runtime.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    DecodeError,
+    decode_bytes,
+    decode_file,
+    decode_tensor,
+)
+from gamguard.runtime.preprocess import InvalidInput
+
+RNG = np.random.default_rng(1234)
+PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-778899", "PatientBirthDate": "19800101",
+       "InstitutionName": "St Elsewhere Hospital", "ReferringPhysicianName": "House^Gregory",
+       "AccessionNumber": "ACC-55443"}
+
+
+def png(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", img)
+    assert ok
+    return buf.tobytes()
+
+
+def jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+def gradient(h=48, w=64, dtype=np.uint8) -> np.ndarray:
+    top = np.iinfo(dtype).max
+    return np.round(np.linspace(0, top, h * w).reshape(h, w)).astype(dtype)
+
+
+def dicom(
+    frames: np.ndarray,
+    *,
+    photometric="MONOCHROME2",
+    bits_stored=None,
+    signed=False,
+    preamble=True,
+    transfer_syntax=ExplicitVRLittleEndian,
+    pixel_bytes=None,
+    **attrs,
+) -> bytes:
+    """A DICOM file (bytes) holding ``frames`` ([F,] H, W[, 3]) written by pydicom."""
+    arr = np.asarray(frames)
+    color = photometric in ("RGB",) or photometric.startswith("YBR")
+    n_frames = arr.shape[0] if arr.ndim == (4 if color else 3) else 1
+    rows, cols = arr.shape[-3:-1] if color else arr.shape[-2:]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = int(rows), int(cols)
+    ds.BitsAllocated = arr.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(signed)
+    ds.SamplesPerPixel = 3 if color else 1
+    if color:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    if n_frames > 1:
+        ds.NumberOfFrames = n_frames
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixel_bytes if pixel_bytes is not None else arr.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=preamble)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ PNG / JPEG
+
+
+def test_png_8bit_exact():
+    img = gradient()
+    out = decode_bytes(png(img))
+    assert isinstance(out, DecodedImage) and out.format == "png" and out.bit_depth == 8
+    assert out.pixels.dtype == np.float32 and out.pixels.shape == img.shape
+    np.testing.assert_allclose(out.pixels, img / 255.0, atol=1e-6)
+    assert out.sop_instance_uid is None
+
+
+def test_png_16bit_scaled_by_65535():
+    img = gradient(dtype=np.uint16)
+    out = decode_bytes(png(img))
+    assert out.bit_depth == 16
+    np.testing.assert_allclose(out.pixels, img / 65535.0, atol=1e-6)
+    # 16-bit detail survives: neighbouring values differ by far less than one 8-bit step
+    assert len(np.unique(out.pixels)) > 256
+
+
+def test_jpeg_grayscale_close():
+    img = cv2.GaussianBlur(gradient(64, 64), (5, 5), 0)
+    out = decode_bytes(jpeg(img))
+    assert out.format == "jpeg" and out.bit_depth == 8 and out.pixels.shape == (64, 64)
+    assert np.abs(out.pixels - img / 255.0).mean() < 0.02
+
+
+@pytest.mark.parametrize("encode", [png, jpeg], ids=["png", "jpeg"])
+def test_colour_is_converted_with_bgr_order(encode):
+    h, w = 32, 48
+    bgr = np.zeros((h, w, 3), np.uint8)
+    bgr[:, : w // 2, 2] = 255  # left half pure red (OpenCV order B, G, R)
+    bgr[:, w // 2 :, 0] = 255  # right half pure blue
+    out = decode_bytes(encode(bgr)).pixels
+    tol = 0.002 if encode is png else 0.03
+    assert abs(out[h // 2, 4] - 0.299) < tol  # red luma
+    assert abs(out[h // 2, w - 4] - 0.114) < tol  # blue luma
+
+
+def test_rgba_16bit_png_drops_alpha():
+    bgra = np.zeros((16, 16, 4), np.uint16)
+    bgra[..., 1] = 65535  # green
+    bgra[..., 3] = 1000  # nearly transparent: alpha is not used
+    out = decode_bytes(png(bgra))
+    assert out.bit_depth == 16 and out.meta["channels"] == 4
+    np.testing.assert_allclose(out.pixels, 0.587, atol=1e-4)
+
+
+def test_decode_file_png_and_error_names_file(tmp_path):
+    p = tmp_path / "x.png"
+    p.write_bytes(png(gradient()))
+    assert decode_file(p).pixels.shape == (48, 64)
+    with pytest.raises(DecodeError, match="missing.png: no such file"):
+        decode_file(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("hello, not an image\n")
+    with pytest.raises(DecodeError, match=r"notes\.png: unsupported image format: text"):
+        decode_file(tmp_path / "notes.png")
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def forged_png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def forged_jpeg(width: int, height: int) -> bytes:
+    real = jpeg(gradient(16, 16))
+    pos = next(i for i in range(2, len(real)) if real[i] == 0xFF and real[i + 1] == 0xC0)
+    return real[: pos + 5] + struct.pack(">HH", height, width) + real[pos + 9 :]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty input"),
+        (b"just some words in a text file\nsecond line\n", "text"),
+        (b"%PDF-1.7\n...", "PDF"),
+        (b"II*\x00" + bytes(100), "TIFF"),
+        (b"\x89PNG\r\n\x1a\n", "truncated or corrupt PNG"),
+    ],
+)
+def test_bad_inputs_are_refused_with_a_reason(data, message):
+    with pytest.raises(DecodeError, match=message):
+        decode_bytes(data)
+
+
+def test_random_bytes_are_not_an_image():
+    for _ in range(20):
+        data = RNG.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        with pytest.raises(DecodeError):
+            decode_bytes(data)
+    # Bytes that happen to start like a preamble-less DICOM group are still refused.
+    with pytest.raises(DecodeError):
+        decode_bytes(b"\x08\x00" + RNG.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("encode", [png, jpeg], ids=["png", "jpeg"])
+def test_truncated_images_are_refused(encode):
+    data = encode(RNG.integers(0, 256, (64, 64), dtype=np.uint8))
+    for cut in (len(data) // 2, len(data) - 20):
+        with pytest.raises(DecodeError, match="truncated|corrupt"):
+            decode_bytes(data[:cut])
+
+
+def test_decompression_bombs_refused_before_allocating():
+    tracemalloc.start()
+    try:
+        for data, fmt in ((forged_png(100_000, 100_000), "PNG"), (forged_jpeg(60_000, 60_000), "JPEG")):
+            with pytest.raises(DecodeError, match=f"{fmt} image too large: .*refused before decoding"):
+                decode_bytes(data)
+        big = dicom(np.zeros((4, 4), np.uint16), pixel_bytes=b"\0" * 32)
+        ds = pydicom.dcmread(io.BytesIO(big))
+        ds.Rows = ds.Columns = 50_000
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        with pytest.raises(DecodeError, match="DICOM image too large"):
+            decode_bytes(buf.getvalue())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000  # nothing near the declared 10^10 / 3.6*10^9 / 2.5*10^9 pixels
+    # the limit is the caller's to choose
+    with pytest.raises(DecodeError, match="too large"):
+        decode_bytes(png(gradient(100, 100)), max_pixels=9_999)
+    assert decode_bytes(png(gradient(100, 100)), max_pixels=10_000).pixels.shape == (100, 100)
+    assert DEFAULT_MAX_PIXELS == 64_000_000
+
+
+def test_decode_error_is_invalid_input():
+    assert issubclass(DecodeError, InvalidInput)
+
+
+# --------------------------------------------------------------------------------------------- tensors
+
+
+@pytest.mark.parametrize(
+    "arr, expected",
+    [
+        (np.array([[0, 255], [51, 102]], np.uint8), [[0, 1], [0.2, 0.4]]),
+        (np.array([[0, 65535], [13107, 26214]], np.uint16), [[0, 1], [0.2, 0.4]]),
+        (np.array([[0, 1], [0.2, 0.4]], np.float32), [[0, 1], [0.2, 0.4]]),
+        (np.array([[[0, 255], [51, 102]]], np.uint8), [[0, 1], [0.2, 0.4]]),  # 1 x H x W
+        (np.array([[[0], [255]], [[51], [102]]], np.uint8), [[0, 1], [0.2, 0.4]]),  # H x W x 1
+    ],
+)
+def test_tensor_accepted(arr, expected):
+    out = decode_tensor(arr)
+    assert out.format == "tensor" and out.pixels.dtype == np.float32
+    np.testing.assert_allclose(out.pixels, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "arr, message",
+    [
+        (np.array([[0.1, np.nan]], np.float32), "NaN or Inf"),
+        (np.array([[0.1, np.inf]], np.float32), "NaN or Inf"),
+        (np.array([[0.1, 1.5]], np.float32), r"within|in \[0, 1\]"),
+        (np.array([[-0.1, 0.5]], np.float32), r"in \[0, 1\]"),
+        (np.zeros((4, 4), np.float64), "dtype float64"),
+        (np.zeros((4, 4), np.int32), "dtype int32"),
+        (np.zeros((4, 4), bool), "dtype bool"),
+        (np.zeros((4,), np.uint8), "shape"),
+        (np.zeros((1, 1, 4, 4), np.uint8), "shape"),
+        (np.zeros((4, 4, 3), np.uint8), "shape"),
+        (np.zeros((0, 4), np.uint8), "empty"),
+    ],
+)
+def test_tensor_refused(arr, message):
+    with pytest.raises(DecodeError, match=message):
+        decode_tensor(arr)
+
+
+def test_big_endian_tensor_same_values():
+    arr = np.array([[0, 65535], [13107, 26214]], ">u2")
+    np.testing.assert_allclose(decode_tensor(arr).pixels, [[0, 1], [0.2, 0.4]], atol=1e-6)
+
+
+def test_tensor_size_limit_checked_without_touching_pixels():
+    huge = np.broadcast_to(np.zeros(1, np.uint8), (20_000, 20_000))  # a view, no memory behind it
+    with pytest.raises(DecodeError, match="too large"):
+        decode_tensor(huge, max_pixels=100_000_000 - 1)
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+
+
+def test_monochrome1_and_monochrome2_of_the_same_image_decode_equal():
+    arr = RNG.integers(100, 4000, (32, 40), dtype=np.uint16)
+    mono2 = decode_bytes(dicom(arr, bits_stored=12))
+    mono1 = decode_bytes(dicom((4095 - arr).astype(np.uint16), bits_stored=12, photometric="MONOCHROME1"))
+    assert mono2.format == mono1.format == "dicom" and mono2.bit_depth == 12
+    np.testing.assert_allclose(mono1.pixels, mono2.pixels, atol=1e-6)
+    # without a VOI the full range of the modality output is used
+    expected = (arr - arr.min()) / (arr.max() - arr.min())
+    np.testing.assert_allclose(mono2.pixels, expected, atol=1e-6)
+    # the same stored values read as MONOCHROME1 are the negative
+    neg = decode_bytes(dicom(arr, bits_stored=12, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(neg.pixels, 1.0 - mono2.pixels, atol=1e-6)
+
+
+def test_monochrome1_inversion_comes_after_the_window():
+    arr = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
+    attrs = dict(WindowCenter=1000, WindowWidth=1000, VOILUTFunction="LINEAR_EXACT", bits_stored=12)
+    mono2 = decode_bytes(dicom(arr, **attrs)).pixels
+    mono1 = decode_bytes(dicom(arr, photometric="MONOCHROME1", **attrs)).pixels
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+    assert mono1[arr >= 1500].max() == 0.0  # above the window: white before inversion, black after
+
+
+def test_rescale_then_window():
+    arr = np.arange(0, 4096, 4, dtype=np.uint16).reshape(32, 32)
+    slope, intercept, center, width = 2.0, -1000.0, 2000.0, 3000.0
+    out = decode_bytes(
+        dicom(arr, bits_stored=12, RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="US",
+              WindowCenter=center, WindowWidth=width)
+    )
+    # PS3.3 C.11.2.1.2.1 (LINEAR), on the rescaled values
+    values = arr * slope + intercept
+    c, w = center - 0.5, width - 1
+    expected = np.clip((values - c) / w + 0.5, 0, 1)
+    expected[values <= c - w / 2] = 0
+    expected[values > c + w / 2] = 1
+    np.testing.assert_allclose(out.pixels, expected, atol=1e-5)
+    assert out.meta["voi"] == "window" and out.meta["rescale_slope"] == 2.0
+    assert 0 < (out.pixels == 0).mean() < 1 and 0 < (out.pixels == 1).mean() < 1  # both clip ends used
+
+
+def test_voi_lut_sequence_scaled_from_the_lut_output_range():
+    arr = np.arange(0, 4096, 4, dtype=np.uint16).reshape(32, 32)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", (np.arange(4096) // 4).tolist())  # LUT Data: 10 of the 16 bits used
+    data = dicom(arr, bits_stored=12, VOILUTSequence=[item])
+    out = decode_bytes(data)
+    assert out.meta["voi"] == "lut"
+    np.testing.assert_allclose(out.pixels, (arr // 4) / 1023.0, atol=1e-6)
+
+
+def test_signed_pixels_with_rescale_and_no_window():
+    arr = RNG.integers(-1024, 3000, (16, 16)).astype(np.int16)
+    out = decode_bytes(dicom(arr, signed=True, RescaleSlope=1, RescaleIntercept=-1024))
+    expected = (arr.astype(float) - arr.min()) / (arr.max() - arr.min())
+    np.testing.assert_allclose(out.pixels, expected, atol=1e-6)
+
+
+def test_rgb_dicom_converted_to_gray():
+    rgb = np.zeros((8, 10, 3), np.uint8)
+    rgb[:, :5] = (255, 0, 0)
+    rgb[:, 5:] = (0, 0, 255)
+    out = decode_bytes(dicom(rgb, photometric="RGB"))
+    assert out.pixels.shape == (8, 10)
+    np.testing.assert_allclose(out.pixels[:, :5], 0.299, atol=1e-3)  # RGB order, not BGR
+    np.testing.assert_allclose(out.pixels[:, 5:], 0.114, atol=1e-3)
+
+
+def test_multiframe_needs_an_explicit_frame():
+    frames = np.stack([np.full((8, 8), v, np.uint16) for v in (0, 1000, 2000)])
+    frames[:, 0, 0] = 4095  # each frame spans 0..4095 so frames differ only in the background
+    data = dicom(frames, bits_stored=12, WindowCenter=2048, WindowWidth=4096, VOILUTFunction="LINEAR_EXACT")
+    with pytest.raises(DecodeError, match=r"multi-frame DICOM \(3 frames\): choose a frame"):
+        decode_bytes(data)
+    for i, value in enumerate((0, 1000, 2000)):
+        out = decode_bytes(data, frame=i)
+        assert out.meta["frames"] == 3 and out.meta["frame"] == i
+        assert abs(out.pixels[4, 4] - value / 4096 - 0.0) < 1e-3
+    for bad in (3, -1):
+        with pytest.raises(DecodeError, match="out of range"):
+            decode_bytes(data, frame=bad)
+    with pytest.raises(DecodeError, match="single frame"):
+        decode_bytes(png(gradient()), frame=1)
+
+
+def test_dicom_without_preamble():
+    arr = gradient(16, 16, np.uint16)
+    out = decode_bytes(dicom(arr, preamble=False))
+    assert out.format == "dicom"
+    np.testing.assert_allclose(out.pixels, arr / 65535.0, atol=1e-6)
+
+
+def test_raw_dicom_without_preamble_or_file_meta():
+    reference = decode_file(pydicom_file("MR_small.dcm"))
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    del ds.file_meta
+    ds.preamble = None
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert buf.getvalue()[:2] == b"\x08\x00"  # starts straight with group 0008
+    out = decode_bytes(buf.getvalue())
+    assert out.meta["transfer_syntax"] == "1.2.840.10008.1.2"
+    np.testing.assert_allclose(out.pixels, reference.pixels, atol=1e-6)
+
+
+def test_dicom_without_pixel_data_or_with_truncated_pixels():
+    no_pixels = dicom(np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(io.BytesIO(no_pixels))
+    del ds.PixelData
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(DecodeError, match="no PixelData"):
+        decode_bytes(buf.getvalue())
+    short = dicom(np.zeros((64, 64), np.uint16), pixel_bytes=b"\0" * 100)
+    with pytest.raises(DecodeError, match="could not decode DICOM pixel data"):
+        decode_bytes(short)
+    full = dicom(gradient(64, 64, np.uint16))
+    with pytest.raises(DecodeError):
+        decode_bytes(full[:300])
+
+
+def test_compressed_syntax_without_decoder_names_it():
+    data = dicom(np.zeros((8, 8), np.uint8), transfer_syntax=MPEG2MPML, pixel_bytes=encapsulate([b"\0" * 64]))
+    with pytest.raises(DecodeError, match=r"MPEG2 Main Profile.*1\.2\.840\.10008\.1\.2\.4\.100.*not supported"):
+        decode_bytes(data)
+
+
+def test_no_phi_in_meta_messages_or_logs(caplog):
+    arr = gradient(16, 16, np.uint16)
+    single = dicom(arr, **PHI, BodyPartExamined="CHEST", ViewPosition="PA")
+    multi = dicom(np.stack([arr, arr]), **PHI)
+    caplog.set_level(logging.DEBUG)
+    out = decode_bytes(single)
+    assert out.meta["body_part"] == "CHEST" and out.meta["modality"] == "DX" and out.meta["rows"] == 16
+    assert out.sop_instance_uid == pydicom.dcmread(io.BytesIO(single)).SOPInstanceUID
+    with pytest.raises(DecodeError) as err:
+        decode_bytes(multi)
+    texts = [json.dumps(out.meta), str(err.value), caplog.text]
+    for value in PHI.values():
+        for text in texts:
+            assert value not in text
+            assert value.split("^")[0] not in text
+
+
+# -------------------------------------------------------------------------- pydicom's own test files
+
+
+def pydicom_file(name: str) -> str:
+    path = pydicom.data.get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not installed")
+    return path
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "examples_palette.dcm", "MR_small_bigendian.dcm"])
+def test_pydicom_test_files_decode_to_unit_range(name):
+    out = decode_file(pydicom_file(name))
+    p = out.pixels
+    assert p.ndim == 2 and p.dtype == np.float32 and np.isfinite(p).all()
+    assert p.min() >= 0 and p.max() <= 1 and p.std() > 0.01
+    assert out.meta["rows"] == p.shape[0] and out.meta["columns"] == p.shape[1]
+
+
+@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"])
+def test_lossless_compressed_files_match_the_uncompressed_original(name):
+    reference = decode_file(pydicom_file("MR_small.dcm"))
+    out = decode_file(pydicom_file(name))
+    assert out.meta["transfer_syntax"] != reference.meta["transfer_syntax"]
+    np.testing.assert_allclose(out.pixels, reference.pixels, atol=1e-6)
+
+
+def test_pydicom_non_image_object_refused():
+    with pytest.raises(DecodeError, match="not an image object"):
+        decode_file(pydicom_file("rtplan.dcm"))
+
+
+# ---------------------------------------------------------------------- real pelvis radiographs
+
+
+def test_real_pelvis_dicoms_jpeg2000_rgb(datasets_root):
+    files = sorted((datasets_root / "ood" / "pelvis_xray").glob("*.dcm"))
+    assert len(files) == 10
+    for f in files:
+        out = decode_file(f)
+        assert out.format == "dicom" and out.meta["transfer_syntax_name"] == "JPEG 2000 Image Compression"
+        assert out.meta["photometric"] == "RGB" and out.pixels.shape == (331, 331)
+        assert np.isfinite(out.pixels).all() and 0 <= out.pixels.min() and out.pixels.max() <= 1
+        assert out.pixels.std() > 0.05  # a real radiograph, not a blank frame
+
+
+# --------------------------------------------------------------------------------------- datasets
+
+
+def make_tree(root: Path) -> None:
+    for cls, n in (("b_late", 2), ("a_early", 3)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            (root / cls / f"{i:03d}.png").write_bytes(png(gradient(12, 12)))
+            (root / cls / f"{i:03d}.mask.png").write_bytes(png(np.zeros((12, 12), np.uint8)))
+        (root / cls / ".hidden.png").write_bytes(b"junk")
+        (root / cls / "notes.txt").write_text("not an image")
+    (root / "a_early" / "sub").mkdir()
+    (root / "a_early" / "sub" / "x.dcm").write_bytes(dicom(gradient(12, 12, np.uint16)))
+    (root / "manifest.json").write_text("{}")
+
+
+def test_image_folder(tmp_path):
+    make_tree(tmp_path)
+    ds = ImageFolder(tmp_path)
+    assert ds.classes == ["a_early", "b_late"] and len(ds) == 6
+    names = [p.relative_to(tmp_path).as_posix() for p, _ in ds.samples]
+    assert names == ["a_early/000.png", "a_early/001.png", "a_early/002.png", "a_early/sub/x.dcm",
+                     "b_late/000.png", "b_late/001.png"]
+    assert ds.targets == [0, 0, 0, 0, 1, 1]
+    image, label = ds.load(3)
+    assert image.format == "dicom" and label == 0 and image.pixels.shape == (12, 12)
+    assert ImageFolder(tmp_path).samples == ds.samples  # deterministic
+    # pinning the class order to a model's class names (a garbage class without a folder)
+    pinned = ImageFolder(tmp_path, class_names=["b_late", "a_early", "garbage"])
+    assert pinned.targets == [1, 1, 1, 1, 0, 0]
+    with pytest.raises(DatasetError, match="a_early.*not among"):
+        ImageFolder(tmp_path, class_names=["b_late"])
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        ImageFolder(tmp_path / "nope")
+    with pytest.raises(DatasetError, match="no class folders"):
+        ImageFolder(tmp_path)
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(DatasetError, match="without images: cls"):
+        ImageFolder(tmp_path)
+
+
+def test_iter_image_files(tmp_path):
+    make_tree(tmp_path)
+    extra = tmp_path / "IMG0001"  # a DICOM from an archive, no extension: kept when named explicitly
+    extra.write_bytes(dicom(gradient(8, 8, np.uint16)))
+    files = iter_image_files([extra, tmp_path / "b_late", tmp_path, tmp_path / "b_late" / "000.png"])
+    rel = [p.relative_to(tmp_path).as_posix() for p in files]
+    assert rel == ["IMG0001", "b_late/000.png", "b_late/001.png", "a_early/000.png", "a_early/001.png",
+                   "a_early/002.png", "a_early/sub/x.dcm"]
+    assert all(decode_file(p).pixels.ndim == 2 for p in files)
+    assert iter_image_files(str(extra)) == [extra]
+    with pytest.raises(DatasetError, match="no such file"):
+        iter_image_files([tmp_path / "missing.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no image files"):
+        iter_image_files([tmp_path / "empty"])
+    assert is_image_file("a/B.JPEG") and not is_image_file("a/b.mask.png") and not is_image_file("m.json")
