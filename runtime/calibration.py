@@ -414,6 +414,60 @@ def crossfit_rates(held: ScoreSet, n_classes: int, alpha: float, seed: int) -> d
     return out
 
 
+def _record_thresholds(manifest: dict, arrays) -> None:
+    """Rebuild the tables exactly as serving will and record the thresholds they give (for humans)."""
+    cal = manifest["calibration"]
+    class_names = manifest["class_names"]
+    data = CalibrationData(arrays, manifest)
+    default_key = checks_key(manifest["guard"]["enforced_checks"])
+    cal["thresholds"] = {
+        "conformal_t": {key: cut.threshold for key, cut in data.cuts.items()},
+        "conformal_n": int(data.conformal_scores.feature.size),
+        "null_per_class": {class_names[c]: int(c in data.null.per_class) for c in data.real},
+        "raw_at_default_t": {class_names[c]: {k: (v if math.isfinite(v) else None) for k, v in
+                                              data.raw_thresholds(c, data.cuts[default_key].threshold).items()}
+                             for c in data.real},
+    }
+
+
+def _set_measured(cal: dict, rates: dict, key: str, policy: str) -> None:
+    cal["measured_false_rejection_rate"] = rates[key][policy]["false_rejection_rate"]
+    cal["measured_per_check"] = rates[key][policy]["per_check"]
+    cal["measured_method"] = f"{CROSSFIT_FOLDS}-fold cross-fitted on the held-out part (null + conformal)"
+    cal["measured_by_checks"] = rates
+
+
+def recalibrate_alpha(bundle_dir: str | Path, alpha: float,
+                      progress: Callable[[str], None] | None = _progress) -> dict:
+    """Re-derive the cut and the measured rates for a new ``alpha`` from the raw scores stored in
+    ``reference.npz`` — no images, no engine (the references and null part do not depend on alpha).
+    Returns the new manifest."""
+    if not 0 < alpha < 0.5:
+        raise CalibrationError(f"alpha must be in (0, 0.5), got {alpha}")
+    bundle_dir = Path(bundle_dir)
+    manifest = dict(bundle_mod.load_manifest(bundle_dir, require_calibration=True))
+    with np.load(bundle_dir / REFERENCE_FILE, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    cal = dict(manifest["calibration"])
+    n_conf = int(np.asarray(arrays["conformal_feature"]).size)
+    if n_conf < math.ceil(2.0 / alpha):
+        raise CalibrationError(f"the conformal part has {n_conf} images; alpha={alpha} needs at least "
+                               f"{math.ceil(2.0 / alpha)}: recalibrate with more images")
+    held = ScoreSet.concat([ScoreSet.from_arrays(arrays, "null_"), ScoreSet.from_arrays(arrays, "conformal_")])
+    rates = crossfit_rates(held, len(manifest["class_names"]), alpha, int(cal.get("seed", 0)))
+    cal["alpha"] = float(alpha)
+    cal["realpha_from"] = cal.get("realpha_from") or cal.get("created")
+    cal["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    guard_section = manifest.get("guard") or {"policy": "calibrated", "enforced_checks": list(CHECKS)}
+    _set_measured(cal, rates, checks_key(guard_section["enforced_checks"]), guard_section["policy"])
+    manifest["calibration"] = cal
+    _record_thresholds(manifest, arrays)
+    manifest = bundle_mod.write_manifest(bundle_dir, manifest)
+    if progress:
+        progress(f"alpha {alpha}: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f}")
+    return manifest
+
+
 def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarray], labels: Sequence[int],
                      dataset: dict, alpha: float = DEFAULT_ALPHA, seed: int = 0,
                      providers=None, threads: int | None = None,
@@ -547,27 +601,15 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
         "heldout_garbage_rate": float(np.mean(held.garbage_pred)),
         "policy": guard_section["policy"],
         "enforced_checks": guard_section["enforced_checks"],
-        "measured_false_rejection_rate": rates[default_key][guard_section["policy"]]["false_rejection_rate"],
-        "measured_per_check": rates[default_key][guard_section["policy"]]["per_check"],
-        "measured_method": f"{CROSSFIT_FOLDS}-fold cross-fitted on the held-out part (null + conformal)",
-        "measured_by_checks": rates,
         "engine": engine.describe(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    _set_measured(cal, rates, default_key, guard_section["policy"])
     np.savez_compressed(bundle_dir / REFERENCE_FILE, **arrays)
-    # Rebuild the tables exactly as serving will and record the thresholds they give.
     manifest = dict(manifest)
     manifest["calibration"] = cal
     manifest["guard"] = guard_section
-    data = CalibrationData(arrays, manifest)
-    cal["thresholds"] = {
-        "conformal_t": {key: cut.threshold for key, cut in data.cuts.items()},
-        "conformal_n": int(len(conf_idx)),
-        "null_per_class": {class_names[c]: int(c in data.null.per_class) for c in real},
-        "raw_at_default_t": {class_names[c]: {k: (v if math.isfinite(v) else None) for k, v in
-                                              data.raw_thresholds(c, data.cuts[default_key].threshold).items()}
-                             for c in real},
-    }
+    _record_thresholds(manifest, arrays)
     manifest = bundle_mod.write_manifest(bundle_dir, manifest)
     if progress:
         progress(f"done: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "

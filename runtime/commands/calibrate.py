@@ -19,6 +19,7 @@ PHANTOM_SEED_BASE + --seed, never used by training or the tests).
 examples:
   gamguard calibrate --bundle out/bundle --phantoms 250
   gamguard calibrate --bundle out/bundle --data calib/ --alpha 0.10 --json
+  gamguard calibrate --bundle out/bundle --from-stored-scores --alpha 0.10
 """
 
 PHANTOM_SEED_BASE = 900_000  # calibration phantoms; training uses derive_seed(seed, ...) streams, tests other bases
@@ -27,9 +28,12 @@ PHANTOM_SIZE = 256
 
 def add_arguments(parser):
     parser.add_argument("--bundle", metavar="DIR", help="bundle directory (default: the embedded demo bundle)")
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="DIR", help="in-distribution images, DIR/<class>/*.png|jpg|dcm")
     src.add_argument("--phantoms", metavar="N", type=int, help="generate N hand phantoms per class instead")
+    src.add_argument("--from-stored-scores", action="store_true",
+                     help="only re-derive the thresholds for a new --alpha from the held-out scores stored in "
+                          "reference.npz (no images, no engine; the references do not depend on alpha)")
     parser.add_argument("--alpha", type=float, default=0.05,
                         help="bound on the in-distribution false-rejection rate (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="split (and phantom) seed (default 0)")
@@ -63,11 +67,16 @@ def run(args):
 
     from gamguard.runtime import bundle as bundle_mod
     from gamguard.runtime.bundle import BundleError, InputSpec
-    from gamguard.runtime.calibration import calibrate_bundle
+    from gamguard.runtime.calibration import calibrate_bundle, recalibrate_alpha
     from gamguard.runtime.cli import CommandError
 
     bundle_dir = bundle_mod.resolve_bundle(args.bundle)
+    if args.data is None and args.phantoms is None and not args.from_stored_scores:
+        raise CommandError("give the calibration data: --data DIR or --phantoms N (or --from-stored-scores)")
     try:
+        if args.from_stored_scores:
+            manifest = recalibrate_alpha(bundle_dir, args.alpha)
+            return _print(args, bundle_dir, manifest)
         manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=False)
         spec = InputSpec.from_manifest(manifest["input"])
         names = list(manifest["class_names"])
@@ -109,6 +118,14 @@ def run(args):
                                     seed=args.seed, providers=args.providers, threads=args.threads)
     except BundleError as exc:
         raise CommandError(str(exc)) from exc
+    return _print(args, bundle_dir, manifest)
+
+
+def _print(args, bundle_dir, manifest) -> int:
+    import json
+
+    from gamguard.runtime import bundle as bundle_mod
+
     cal = manifest["calibration"]
     if args.json:
         print(json.dumps({"bundle": str(bundle_dir), "bundle_hash": bundle_mod.bundle_hash(manifest),
