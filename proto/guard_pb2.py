@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agamguard/proto/guard.proto\x12\x0bgamguard.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xaf\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.gamguard.v1.TensorH\x00\x12\x12\n\x05\x66rame\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0bheatmap_png\x18\x05 \x01(\x08\x12\x16\n\x0eheatmap_values\x18\x06 \x01(\x08\x42\x07\n\x05inputB\x08\n\x06_frame\"\xa3\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x41\n\rprobabilities\x18\x03 \x03(\x0b\x32*.gamguard.v1.Prediction.ProbabilitiesEntry\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"E\n\x07Heatmap\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03png\x18\x04 \x01(\x0c\">\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x62undle_hash\x18\x03 \x01(\t\"\xdf\x01\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x11\n\tengine_ms\x18\x03 \x01(\x01\x12\x10\n\x08guard_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x34\n\tstages_ms\x18\x06 \x03(\x0b\x32!.gamguard.v1.Timing.StagesMsEntry\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x1a/\n\rStagesMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x04\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x15.gamguard.v1.Decision\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12\x17\n\x0f\x66\x61iled_measures\x18\x05 \x03(\t\x12\x30\n\x06scores\x18\x06 \x03(\x0b\x32 .gamguard.v1.Verdict.ScoresEntry\x12\x38\n\nthresholds\x18\x07 \x03(\x0b\x32$.gamguard.v1.Verdict.ThresholdsEntry\x12+\n\nprediction\x18\x08 \x01(\x0b\x32\x17.gamguard.v1.Prediction\x12%\n\x07heatmap\x18\t \x01(\x0b\x32\x14.gamguard.v1.Heatmap\x12$\n\x05model\x18\n \x01(\x0b\x32\x15.gamguard.v1.ModelRef\x12#\n\x06timing\x18\x0b \x01(\x0b\x32\x13.gamguard.v1.Timing\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\x12\x14\n\x0cinput_format\x18\r \x01(\t\x12\x11\n\tbit_depth\x18\x0e \x01(\x05\x12\x18\n\x10sop_instance_uid\x18\x0f \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10ModelInfoRequest\"|\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\x0e\n\x06resize\x18\x06 \x01(\t\x12\x13\n\x0bphotometric\x18\x07 \x01(\t\"s\n\x0b\x43\x61libration\x12\r\n\x05\x61lpha\x18\x01 \x01(\x01\x12\t\n\x01n\x18\x02 \x01(\x03\x12%\n\x1dmeasured_false_rejection_rate\x18\x03 \x01(\x01\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x12\n\nfacts_json\x18\x05 \x01(\t\"\x82\x03\n\tModelInfo\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.gamguard.v1.ModelRef\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x15\n\rgarbage_class\x18\x03 \x01(\x05\x12%\n\x05input\x18\x04 \x01(\x0b\x32\x16.gamguard.v1.InputSpec\x12;\n\x0b\x66ile_hashes\x18\x05 \x03(\x0b\x32&.gamguard.v1.ModelInfo.FileHashesEntry\x12-\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x18.gamguard.v1.Calibration\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x17\n\x0f\x65nforced_checks\x18\x08 \x03(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x11\n\tproviders\x18\n \x03(\t\x12\x11\n\tinfo_json\x18\x0b \x01(\t\x1a\x31\n\x0f\x46ileHashesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*@\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\x0c\n\x08REJECTED\x10\x02\x32\xd6\x01\n\x05Guard\x12<\n\x06Verify\x12\x1a.gamguard.v1.VerifyRequest\x1a\x14.gamguard.v1.Verdict\"\x00\x12\x46\n\x0cVerifyStream\x12\x1a.gamguard.v1.VerifyRequest\x1a\x14.gamguard.v1.Verdict\"\x00(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1d.gamguard.v1.ModelInfoRequest\x1a\x16.gamguard.v1.ModelInfo\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agamguard/proto/guard.proto\x12\x0bgamguard.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xaf\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.gamguard.v1.TensorH\x00\x12\x12\n\x05\x66rame\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0bheatmap_png\x18\x05 \x01(\x08\x12\x16\n\x0eheatmap_values\x18\x06 \x01(\x08\x42\x07\n\x05inputB\x08\n\x06_frame\"\xa3\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x41\n\rprobabilities\x18\x03 \x03(\x0b\x32*.gamguard.v1.Prediction.ProbabilitiesEntry\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"_\n\x07Heatmap\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x12\x18\n\x10reference_values\x18\x05 \x03(\x02\">\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x62undle_hash\x18\x03 \x01(\t\"\xdf\x01\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x11\n\tengine_ms\x18\x03 \x01(\x01\x12\x10\n\x08guard_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x34\n\tstages_ms\x18\x06 \x03(\x0b\x32!.gamguard.v1.Timing.StagesMsEntry\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x1a/\n\rStagesMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x04\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x15.gamguard.v1.Decision\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12\x17\n\x0f\x66\x61iled_measures\x18\x05 \x03(\t\x12\x30\n\x06scores\x18\x06 \x03(\x0b\x32 .gamguard.v1.Verdict.ScoresEntry\x12\x38\n\nthresholds\x18\x07 \x03(\x0b\x32$.gamguard.v1.Verdict.ThresholdsEntry\x12+\n\nprediction\x18\x08 \x01(\x0b\x32\x17.gamguard.v1.Prediction\x12%\n\x07heatmap\x18\t \x01(\x0b\x32\x14.gamguard.v1.Heatmap\x12$\n\x05model\x18\n \x01(\x0b\x32\x15.gamguard.v1.ModelRef\x12#\n\x06timing\x18\x0b \x01(\x0b\x32\x13.gamguard.v1.Timing\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\x12\x14\n\x0cinput_format\x18\r \x01(\t\x12\x11\n\tbit_depth\x18\x0e \x01(\x05\x12\x18\n\x10sop_instance_uid\x18\x0f \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10ModelInfoRequest\"|\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\x0e\n\x06resize\x18\x06 \x01(\t\x12\x13\n\x0bphotometric\x18\x07 \x01(\t\"s\n\x0b\x43\x61libration\x12\r\n\x05\x61lpha\x18\x01 \x01(\x01\x12\t\n\x01n\x18\x02 \x01(\x03\x12%\n\x1dmeasured_false_rejection_rate\x18\x03 \x01(\x01\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x12\n\nfacts_json\x18\x05 \x01(\t\"\x82\x03\n\tModelInfo\x12$\n\x05model\x18\x01 \x01(\x0b\x32\x15.gamguard.v1.ModelRef\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x15\n\rgarbage_class\x18\x03 \x01(\x05\x12%\n\x05input\x18\x04 \x01(\x0b\x32\x16.gamguard.v1.InputSpec\x12;\n\x0b\x66ile_hashes\x18\x05 \x03(\x0b\x32&.gamguard.v1.ModelInfo.FileHashesEntry\x12-\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x18.gamguard.v1.Calibration\x12\x0e\n\x06policy\x18\x07 \x01(\t\x12\x17\n\x0f\x65nforced_checks\x18\x08 \x03(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x11\n\tproviders\x18\n \x03(\t\x12\x11\n\tinfo_json\x18\x0b \x01(\t\x1a\x31\n\x0f\x46ileHashesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*@\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\x0c\n\x08REJECTED\x10\x02\x32\xd6\x01\n\x05Guard\x12<\n\x06Verify\x12\x1a.gamguard.v1.VerifyRequest\x1a\x14.gamguard.v1.Verdict\"\x00\x12\x46\n\x0cVerifyStream\x12\x1a.gamguard.v1.VerifyRequest\x1a\x14.gamguard.v1.Verdict\"\x00(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1d.gamguard.v1.ModelInfoRequest\x1a\x16.gamguard.v1.ModelInfo\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,8 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERDICT_THRESHOLDSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_FILEHASHESENTRY']._loaded_options = None
   _globals['_MODELINFO_FILEHASHESENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=2035
-  _globals['_DECISION']._serialized_end=2099
+  _globals['_DECISION']._serialized_start=2061
+  _globals['_DECISION']._serialized_end=2125
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=95
   _globals['_VERIFYREQUEST']._serialized_start=98
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTION_PROBABILITIESENTRY']._serialized_start=387
   _globals['_PREDICTION_PROBABILITIESENTRY']._serialized_end=439
   _globals['_HEATMAP']._serialized_start=441
-  _globals['_HEATMAP']._serialized_end=510
-  _globals['_MODELREF']._serialized_start=512
-  _globals['_MODELREF']._serialized_end=574
-  _globals['_TIMING']._serialized_start=577
-  _globals['_TIMING']._serialized_end=800
-  _globals['_TIMING_STAGESMSENTRY']._serialized_start=753
-  _globals['_TIMING_STAGESMSENTRY']._serialized_end=800
-  _globals['_VERDICT']._serialized_start=803
-  _globals['_VERDICT']._serialized_end=1381
-  _globals['_VERDICT_SCORESENTRY']._serialized_start=1285
-  _globals['_VERDICT_SCORESENTRY']._serialized_end=1330
-  _globals['_VERDICT_THRESHOLDSENTRY']._serialized_start=1332
-  _globals['_VERDICT_THRESHOLDSENTRY']._serialized_end=1381
-  _globals['_MODELINFOREQUEST']._serialized_start=1383
-  _globals['_MODELINFOREQUEST']._serialized_end=1401
-  _globals['_INPUTSPEC']._serialized_start=1403
-  _globals['_INPUTSPEC']._serialized_end=1527
-  _globals['_CALIBRATION']._serialized_start=1529
-  _globals['_CALIBRATION']._serialized_end=1644
-  _globals['_MODELINFO']._serialized_start=1647
-  _globals['_MODELINFO']._serialized_end=2033
-  _globals['_MODELINFO_FILEHASHESENTRY']._serialized_start=1984
-  _globals['_MODELINFO_FILEHASHESENTRY']._serialized_end=2033
-  _globals['_GUARD']._serialized_start=2102
-  _globals['_GUARD']._serialized_end=2316
+  _globals['_HEATMAP']._serialized_end=536
+  _globals['_MODELREF']._serialized_start=538
+  _globals['_MODELREF']._serialized_end=600
+  _globals['_TIMING']._serialized_start=603
+  _globals['_TIMING']._serialized_end=826
+  _globals['_TIMING_STAGESMSENTRY']._serialized_start=779
+  _globals['_TIMING_STAGESMSENTRY']._serialized_end=826
+  _globals['_VERDICT']._serialized_start=829
+  _globals['_VERDICT']._serialized_end=1407
+  _globals['_VERDICT_SCORESENTRY']._serialized_start=1311
+  _globals['_VERDICT_SCORESENTRY']._serialized_end=1356
+  _globals['_VERDICT_THRESHOLDSENTRY']._serialized_start=1358
+  _globals['_VERDICT_THRESHOLDSENTRY']._serialized_end=1407
+  _globals['_MODELINFOREQUEST']._serialized_start=1409
+  _globals['_MODELINFOREQUEST']._serialized_end=1427
+  _globals['_INPUTSPEC']._serialized_start=1429
+  _globals['_INPUTSPEC']._serialized_end=1553
+  _globals['_CALIBRATION']._serialized_start=1555
+  _globals['_CALIBRATION']._serialized_end=1670
+  _globals['_MODELINFO']._serialized_start=1673
+  _globals['_MODELINFO']._serialized_end=2059
+  _globals['_MODELINFO_FILEHASHESENTRY']._serialized_start=2010
+  _globals['_MODELINFO_FILEHASHESENTRY']._serialized_end=2059
+  _globals['_GUARD']._serialized_start=2128
+  _globals['_GUARD']._serialized_end=2342
 # @@protoc_insertion_point(module_scope)

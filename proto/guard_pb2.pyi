@@ -60,16 +60,18 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[str] = ..., index: _Optional[int] = ..., probabilities: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("height", "width", "values", "png")
+    __slots__ = ("height", "width", "values", "png", "reference_values")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_VALUES_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     values: _containers.RepeatedScalarFieldContainer[float]
     png: bytes
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., png: _Optional[bytes] = ...) -> None: ...
+    reference_values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., png: _Optional[bytes] = ..., reference_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version", "bundle_hash")

@@ -1,12 +1,187 @@
-"""`gamguard demo` (not implemented yet)."""
-HELP = "(not implemented yet)"
+"""`gamguard demo`: the main job, end to end on this machine, no data or network needed."""
+HELP = "serve the embedded demo bundle and send it X-ray phantoms and off-distribution images over gRPC"
+
+DESCRIPTION = """\
+The whole runtime in one command:
+
+  1. start `gamguard serve` in-process on a free loopback port with the embedded demo bundle
+     (or --bundle DIR) and wait for its health check to turn SERVING;
+  2. generate inputs: in-distribution hand/wrist phantoms (16-bit PNG, JPEG and a MONOCHROME1 DICOM)
+     and off-distribution images the model never saw in training (the phantom generator's held-out
+     kinds, pydicom's CT test file) plus a malformed (truncated) PNG;
+  3. send them through a real gRPC client (gamguard.v1.Guard: a VerifyStream for the study, unary
+     Verify for the rest) and print the verdict table;
+  4. write heatmap overlays (input + Grad-CAM, beside the class's reference map) to --out;
+  5. drain and shut the server down.
+
+Examples:
+  gamguard demo
+  gamguard demo --out /tmp/demo --json
+"""
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--bundle", metavar="DIR", help="bundle to serve (default: the embedded demo bundle)")
+    parser.add_argument("--out", metavar="DIR", default="gamguard-demo",
+                        help="where inputs and heatmap overlays go (default ./gamguard-demo)")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the generated inputs (default 7)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+
+
+def _inputs(out_dir, seed: int):
+    """(name, group, bytes) of every demo input; files are also written under out_dir/inputs."""
+    import cv2
+    import numpy as np
+
+    from gamguard.runtime import phantoms
+    from gamguard.runtime.synth import write_dicom, write_png16
+
+    inputs_dir = out_dir / "inputs"
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    items = []
+    for stage, cls in enumerate(phantoms.CLASS_NAMES):
+        img = phantoms.hand_phantom(stage, rng).image
+        path = write_png16(inputs_dir / f"phantom_{cls}.png", img)
+        items.append((path.name, "in-distribution", path.read_bytes()))
+    img = phantoms.hand_phantom(1, rng).image
+    path = inputs_dir / "phantom_child.jpg"
+    cv2.imwrite(str(path), np.rint(img * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    items.append((path.name, "in-distribution", path.read_bytes()))
+    img = phantoms.hand_phantom(2, rng).image
+    path = write_dicom(inputs_dir / "phantom_adolescent_mono1.dcm", img, photometric="MONOCHROME1")
+    items.append((path.name, "in-distribution", path.read_bytes()))
+    for kind in phantoms.HELD_OUT_KINDS:
+        path = write_png16(inputs_dir / f"ood_{kind}.png", phantoms.ood_image(kind, rng))
+        items.append((path.name, "off-distribution", path.read_bytes()))
+    try:
+        from pydicom.data import get_testdata_file
+
+        ct = get_testdata_file("CT_small.dcm")
+    except Exception:  # noqa: BLE001 - pydicom's test files are optional data
+        ct = None
+    if ct:
+        data = open(ct, "rb").read()
+        (inputs_dir / "pydicom_CT_small.dcm").write_bytes(data)
+        items.append(("pydicom_CT_small.dcm", "off-distribution", data))
+    good = (inputs_dir / "phantom_infant.png").read_bytes()
+    (inputs_dir / "malformed_truncated.png").write_bytes(good[: len(good) // 3])
+    items.append(("malformed_truncated.png", "malformed", good[: len(good) // 3]))
+    return items
 
 
 def run(args):
-    from gamguard.runtime.cli import CommandError
+    import asyncio
+    import json
+    import sys
+    import time
+    from pathlib import Path
 
-    raise CommandError("'demo' is not implemented yet")
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gamguard.runtime.bundle import BundleError, load_manifest, resolve_bundle
+    from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.server.app import GuardServer
+    from gamguard.runtime.server.client import (GuardClient, format_table, verdict_record,
+                                                write_verdict_overlay)
+    from gamguard.runtime.server.config import ServeConfig
+
+    import logging
+
+    t_start = time.perf_counter()
+    if not getattr(args, "verbose", False):  # the table is the output; server logs only with -v
+        logging.getLogger("gamguard").setLevel(logging.WARNING)
+    bundle_dir = resolve_bundle(args.bundle)
+    try:
+        load_manifest(bundle_dir)
+    except BundleError as exc:
+        raise CommandError(f"cannot serve the demo bundle: {exc}") from None
+    out_dir = Path(args.out)
+    overlay_dir = out_dir / "overlays"
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+
+    items = _inputs(out_dir, args.seed)
+    config = ServeConfig(bundle=str(bundle_dir), host="127.0.0.1", port=0, insecure=True,
+                         audit_log=str(out_dir / "audit.jsonl"), shutdown_grace_s=10.0)
+
+    def client_session(target: str) -> dict:
+        """Everything a remote client does, over a real gRPC channel."""
+        channel = grpc.insecure_channel(target)
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        say(f"health: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+        channel.close()
+        records, groups = [], []
+        with GuardClient(target, timeout=60) as client:
+            info = client.model_info()
+            say(f"model: {info.model.name} {info.model.version}  bundle {info.model.bundle_hash[:12]}  "
+                f"classes {', '.join(info.class_names)}  alpha {info.calibration.alpha:g}")
+            class_names = list(info.class_names)
+            # The in-distribution study goes through one VerifyStream, like a console sending a series.
+            study = [it for it in items if it[1] == "in-distribution"]
+            stream = client.verify_stream(client.request(data, request_id=name, heatmap_values=True)
+                                          for name, _, data in study)
+            answered = {v.request_id: v for v in stream}
+            for name, group, data in items:
+                if name in answered:
+                    verdict = answered[name]
+                else:
+                    try:
+                        verdict = client.verify(data, request_id=name, heatmap_values=True)
+                    except grpc.RpcError as exc:
+                        records.append(verdict_record(name, error=exc.details(), code=exc.code().name))
+                        groups.append(group)
+                        continue
+                rec = verdict_record(name, verdict)
+                out = write_verdict_overlay(overlay_dir / f"{Path(name).stem}.png", data, verdict, class_names,
+                                            title=name)
+                rec["overlay"] = str(out) if out else None
+                records.append(rec)
+                groups.append(group)
+        return {"records": records, "groups": groups, "model": {"name": info.model.name,
+                "version": info.model.version, "bundle_hash": info.model.bundle_hash}}
+
+    async def main() -> dict:
+        server = GuardServer(config)
+        await server.start()
+        try:
+            await server.wait_ready(timeout=120)
+        except RuntimeError as exc:
+            await server.stop(grace=0)
+            raise CommandError(f"the server could not load the bundle: {exc}") from None
+        say(f"server: gamguard.v1.Guard + inference.GRPCInferenceService on {server.target} "
+            f"(ready in {time.perf_counter() - t_start:.1f} s)")
+        try:
+            result = await asyncio.to_thread(client_session, server.target)
+        finally:
+            await server.stop(grace=5)
+        say("server: drained and stopped")
+        return result
+
+    result = asyncio.run(main())
+    records, groups = result["records"], result["groups"]
+    summary = {}
+    for group in ("in-distribution", "off-distribution", "malformed"):
+        rows = [r for r, g in zip(records, groups) if g == group]
+        summary[group] = {
+            "n": len(rows),
+            "accepted": sum(1 for r in rows if r.get("accepted")),
+            "rejected": sum(1 for r in rows if r.get("request_id") and not r.get("accepted")),
+            "refused": sum(1 for r in rows if not r.get("request_id")),
+        }
+    elapsed = time.perf_counter() - t_start
+    if args.json:
+        print(json.dumps({"model": result["model"], "results": [dict(r, group=g) for r, g in zip(records, groups)],
+                          "summary": summary, "overlays": str(overlay_dir), "seconds": round(elapsed, 1)}))
+        return 0
+    print()
+    print(format_table(records, extra={"group": groups}))
+    print()
+    ind, ood, bad = summary["in-distribution"], summary["off-distribution"], summary["malformed"]
+    print(f"in-distribution phantoms accepted: {ind['accepted']}/{ind['n']}   "
+          f"off-distribution images rejected: {ood['rejected']}/{ood['n']}   "
+          f"malformed inputs refused (INVALID_ARGUMENT): {bad['refused']}/{bad['n']}")
+    print(f"heatmap overlays: {overlay_dir}/   audit log: {out_dir / 'audit.jsonl'}   ({elapsed:.1f} s)")
+    return 0

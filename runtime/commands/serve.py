@@ -1,12 +1,73 @@
-"""`gamguard serve` (not implemented yet)."""
-HELP = "(not implemented yet)"
+"""`gamguard serve`: the guarded gRPC server (gamguard.v1.Guard + Open Inference Protocol v2)."""
+HELP = "serve a bundle over gRPC (gamguard.v1.Guard, Open Inference Protocol v2, health, reflection)"
+
+DESCRIPTION = """\
+Serve a calibrated bundle over gRPC. Every answer is a guarded verdict: a label leaves the server only
+when the input passed the garbage-class, Grad-CAM attention and early-feature checks.
+
+Services on one port:
+  gamguard.v1.Guard                    Verify, VerifyStream, GetModelInfo (full verdicts)
+  inference.GRPCInferenceService       Open Inference Protocol v2 (tritonclient.grpc, KServe clients)
+  grpc.health.v1.Health                NOT_SERVING until the bundle is loaded, its hashes verified and
+                                       a self-test inference passed; NOT_SERVING again while draining
+  grpc.reflection.v1alpha.ServerReflection
+
+Transport: TLS by default (--tls-cert/--tls-key; add --tls-client-ca for mutual TLS). Plaintext only
+with --insecure, and then bound to 127.0.0.1 unless --host says otherwise. SIGTERM/SIGINT drain:
+health turns NOT_SERVING, new calls are refused, in-flight calls finish (--shutdown-grace-s).
+
+Examples:
+  gamguard serve --insecure --port 8001                     # embedded demo bundle, loopback only
+  gamguard serve --bundle /opt/bundle --port 8001 --tls-cert server.crt --tls-key server.key \\
+                 --tls-client-ca clients-ca.crt --metrics-port 9090 --audit-log audit.jsonl
+  gamguard serve --config /etc/gamguard/serve.yaml          # same options as YAML/JSON keys
+"""
 
 
 def add_arguments(parser):
-    pass
+    from gamguard.runtime.server.config import add_serve_arguments
+
+    add_serve_arguments(parser)
 
 
 def run(args):
-    from gamguard.runtime.cli import CommandError
+    import asyncio
+    import logging
+    import signal
 
-    raise CommandError("'serve' is not implemented yet")
+    from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.server.config import ConfigError, config_from_args
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    from gamguard.runtime.server.app import GuardServer
+
+    log = logging.getLogger("gamguard.serve")
+
+    async def main() -> int:
+        server = GuardServer(config)
+        try:
+            await server.start()
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CommandError(f"cannot start the server: {exc}") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+                pass
+        await server.ready.wait()
+        if server.state.load_error:
+            await server.stop(grace=0)
+            raise CommandError(f"cannot serve the bundle: {server.state.load_error}")
+        print(f"gamguard: serving on {config.bind_host}:{server.port}"
+              + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+        await stop.wait()
+        log.info("signal received: draining (grace %.0f s)", config.shutdown_grace_s)
+        await server.stop()
+        return 0
+
+    return asyncio.run(main())

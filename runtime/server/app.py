@@ -1,0 +1,302 @@
+"""Server assembly: a ``grpc.aio`` server with the Guard and Open Inference Protocol services,
+health, reflection, TLS / mutual TLS, an optional bearer token, metrics, audit log and a graceful drain.
+
+Lifecycle (what ``grpc.health.v1.Health`` reports, for the overall server ``""`` and each service):
+
+1. ``start()`` binds the port and answers at once, NOT_SERVING: orchestrators can tell "up but
+   loading" from "down";
+2. the bundle is loaded in a thread (hashes verified and calibration required by
+   ``Guard.from_bundle``), the data plane starts and a self-test inference runs through it;
+3. only then SERVING;
+4. ``stop()`` (SIGTERM in ``gamguard serve``) switches to NOT_SERVING, optionally waits
+   ``drain_delay_s`` so load balancers notice, refuses new calls and lets in-flight ones finish
+   within ``shutdown_grace_s``, then drains the batcher.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gamguard.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, guard_pb2, guard_pb2_grpc
+
+from .config import ServeConfig
+from .dataplane import DataPlane, DataPlaneConfig
+from .grpc_guard import GuardServicer
+from .grpc_inference import InferenceServicer
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+GUARD_SERVICE = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name  # gamguard.v1.Guard
+INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health.SERVICE_NAME  # grpc.health.v1.Health
+SERVED = (GUARD_SERVICE, INFERENCE_SERVICE)
+
+
+@dataclass
+class ServerState:
+    """What the servicers read: the data plane once ready, and whether we are draining."""
+
+    plane: DataPlane | None = None
+    draining: bool = False
+    load_error: str | None = None
+    expected_model_name: str | None = None
+
+
+def reflection_pool():
+    """A descriptor pool holding every service we expose, for server reflection.
+
+    The OIP messages live in a private pool (see ``scripts/gen_protos.py``), so reflection gets its
+    own pool with all the files rather than protobuf's default one.
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(fd) -> None:
+        if fd.name in added:
+            return
+        for dep in fd.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(fd.name)
+
+    for fd in (guard_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(fd)
+    return pool
+
+
+class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call except health checks."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if method.startswith(f"/{HEALTH_SERVICE}/"):
+            return await continuation(handler_call_details)
+        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        got_bytes = got.encode() if isinstance(got, str) else bytes(got)
+        if hmac.compare_digest(got_bytes, self._expected):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return _deny(handler)
+
+
+def _deny(handler):
+    async def deny_unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    async def deny_stream(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler is None:
+        return None
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny_unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(deny_unary, **kw)
+
+
+class _MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every unary RPC by final status code (streams are counted when they start)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            if handler is not None:
+                service, _, method = (handler_call_details.method or "/?/?").strip("/").partition("/")
+                self.metrics.observe_rpc(service, method, "STREAM")
+            return handler
+        service, _, method = (handler_call_details.method or "/?/?").strip("/").partition("/")
+        inner = handler.unary_unary
+        metrics = self.metrics
+
+        async def counted(request, context):
+            try:
+                response = await inner(request, context)
+            except BaseException:
+                code = context.code() if hasattr(context, "code") else None
+                metrics.observe_rpc(service, method, _code_name(code) or "ERROR")
+                raise
+            metrics.observe_rpc(service, method, "OK")
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(counted, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+def _code_name(code) -> str | None:
+    if code is None:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def default_guard_factory(config: ServeConfig) -> Callable[[], object]:
+    def load():
+        from gamguard.runtime.bundle import resolve_bundle
+        from gamguard.runtime.guard import Guard
+
+        kwargs = {}
+        if config.policy:
+            kwargs["policy"] = config.policy
+        return Guard.from_bundle(resolve_bundle(config.bundle), providers=config.providers,
+                                 threads=config.threads, **kwargs)
+
+    return load
+
+
+class GuardServer:
+    """One gamguard server. ``guard_factory`` returns a loaded Guard (default: from ``config.bundle``)."""
+
+    def __init__(self, config: ServeConfig, *, guard_factory: Callable[[], object] | None = None,
+                 audit=None):
+        self.config = config
+        self.guard_factory = guard_factory or default_guard_factory(config)
+        self.metrics = Metrics()
+        self.audit = audit
+        if self.audit is None and config.audit_log:
+            from .audit import AuditLog
+
+            self.audit = AuditLog(config.audit_log)
+        self.state = ServerState()
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.ready = asyncio.Event()
+        self._load_task: asyncio.Task | None = None
+        self._stopped = False
+
+    @property
+    def target(self) -> str:
+        host = self.config.bind_host
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and start answering (NOT_SERVING), then load the bundle in the background."""
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        interceptors = [_MetricsInterceptor(self.metrics)]
+        if cfg.auth_token_file:
+            token = Path(cfg.auth_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"{cfg.auth_token_file}: empty token file")
+            interceptors.insert(0, _BearerTokenInterceptor(token))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.state), self.server)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for name in ("",) + SERVED:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(SERVED + (HEALTH_SERVICE, reflection.SERVICE_NAME), self.server,
+                                            pool=reflection_pool())
+        address = f"{cfg.bind_host}:{cfg.port}"
+        if cfg.insecure:
+            port = self.server.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(_read(cfg.tls_key), _read(cfg.tls_cert))],
+                root_certificates=_read(cfg.tls_client_ca),
+                require_client_auth=bool(cfg.tls_client_ca),
+            )
+            port = self.server.add_secure_port(address, creds)
+        if not port:
+            raise OSError(f"cannot bind {address}")
+        self.port = int(port)
+        await self.server.start()
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host or cfg.bind_host)
+        log.info("gRPC listening on %s (%s)%s", address.rsplit(":", 1)[0] + f":{self.port}",
+                 "plaintext" if cfg.insecure else ("mutual TLS" if cfg.tls_client_ca else "TLS"),
+                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
+        self._load_task = asyncio.get_running_loop().create_task(self._load(), name="gamguard-load")
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            guard = await asyncio.get_running_loop().run_in_executor(None, self.guard_factory)
+            self.state.expected_model_name = str(guard.manifest.get("model", {}).get("name", ""))
+            cfg = self.config
+            plane = DataPlane(guard, DataPlaneConfig(
+                max_batch_size=cfg.max_batch_size, max_queue_delay_ms=cfg.max_queue_delay_ms,
+                max_queue_size=cfg.max_queue_size, max_pixels=cfg.max_pixels, decode_workers=cfg.decode_workers,
+            ), metrics=self.metrics, audit=self.audit)
+            await plane.start()
+            try:
+                await plane.self_test()
+            except Exception:
+                await plane.stop()
+                raise
+        except Exception as exc:  # noqa: BLE001 - reported through health and wait_ready()
+            self.state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("cannot serve: %s", self.state.load_error)
+            self.ready.set()
+            return
+        self.state.plane = plane
+        self.metrics.ready.set(1)
+        for name in ("",) + SERVED:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving model %s version %s (bundle %s…)", plane.model_name, plane.model_version,
+                 plane.bundle_hash[:12])
+        self.ready.set()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the bundle is loaded and self-tested; raise RuntimeError if loading failed."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        if self.state.load_error:
+            raise RuntimeError(self.state.load_error)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new calls, finish in-flight ones, drain the batcher."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        self.state.draining = True
+        self.metrics.ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self.config.drain_delay_s > 0:
+            await asyncio.sleep(self.config.drain_delay_s)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.state.plane is not None:
+            await self.state.plane.stop()
+        self.metrics.close()
+        if self.audit is not None:
+            self.audit.close()
+        log.info("server stopped")

@@ -1,0 +1,89 @@
+"""The audit log: one JSON object per line for every verdict the server gives.
+
+Each line: ``time`` (UTC, ISO 8601), ``request_id``, ``protocol``, ``model``, ``version``,
+``bundle_hash``, ``decision`` (accepted / rejected / invalid), ``reasons``, ``failed_measures``,
+``scores``, ``label`` (accepted only), ``input_format``, ``sop_instance_uid`` (DICOM only) and
+``detail`` for invalid inputs.
+
+Never patient data: records are built field by field from the verdict and the decoder's whitelisted
+facts — the DICOM dataset itself never reaches this module, so patient name, ID, birth date or
+any other PHI cannot end up here. The SOP Instance UID identifies an image instance (needed to trace
+a verdict back to the PACS) and is the only DICOM identifier written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class AuditLog:
+    """Append-only JSON-lines writer, safe to call from several threads; ``path='-'`` is stderr."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._lock = threading.Lock()
+        if self.path == "-":
+            self._fh: IO[str] = sys.stderr
+            self._owned = False
+        else:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+            self._owned = True
+
+    def _write(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=False, separators=(",", ":"))
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    @staticmethod
+    def _now() -> str:
+        return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+    def record_verdict(self, result, *, protocol: str, model: str, version: str, bundle_hash: str) -> None:
+        v = result.verdict
+        self._write({
+            "time": self._now(),
+            "request_id": result.request_id,
+            "protocol": protocol,
+            "model": model,
+            "version": version,
+            "bundle_hash": bundle_hash,
+            "decision": "accepted" if v.accepted else "rejected",
+            "reasons": list(v.reasons or []),
+            "failed_measures": list(v.failed_measures or []),
+            "scores": {str(k): _finite(s) for k, s in (v.scores or {}).items()},
+            "label": v.label if v.accepted else None,
+            "input_format": result.input_format,
+            "sop_instance_uid": result.sop_instance_uid,
+            "total_ms": round(float(result.total_ms), 3),
+        })
+
+    def record_invalid(self, request_id: str, *, protocol: str, model: str, version: str, bundle_hash: str,
+                       detail: str) -> None:
+        self._write({
+            "time": self._now(),
+            "request_id": request_id,
+            "protocol": protocol,
+            "model": model,
+            "version": version,
+            "bundle_hash": bundle_hash,
+            "decision": "invalid",
+            "reasons": ["INVALID_INPUT"],
+            "detail": detail[:500],
+        })
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owned and not self._fh.closed:
+                self._fh.close()

@@ -1,0 +1,191 @@
+"""Server configuration: command-line flags, an optional YAML/JSON config file, and defaults.
+
+Precedence: a flag given on the command line > the config file (``--config FILE``) > the default.
+Config file keys are the long flag names, with dashes or underscores::
+
+    # gamguard-serve.yaml
+    bundle: /opt/gamguard/bundle
+    port: 8001
+    host: 0.0.0.0
+    tls-cert: /etc/gamguard/server.crt
+    tls-key: /etc/gamguard/server.key
+    tls-client-ca: /etc/gamguard/clients-ca.crt   # mutual TLS
+    metrics-port: 9090
+    max-batch-size: 8
+    max-queue-delay-ms: 5
+    audit-log: /var/log/gamguard/audit.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad flag combination or config file; the message says what to change."""
+
+
+@dataclass
+class ServeConfig:
+    bundle: str | None = None
+    host: str | None = None  # None: 127.0.0.1 with --insecure, 0.0.0.0 with TLS
+    port: int = 8001
+    insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str | None = None  # None: same as host
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 64
+    max_message_mb: int = 64
+    max_pixels: int = 64_000_000
+    decode_workers: int = 2
+    providers: str | None = None
+    threads: int | None = None
+    policy: str | None = None
+    audit_log: str | None = None
+    shutdown_grace_s: float = 30.0
+    drain_delay_s: float = 0.0
+
+    @property
+    def bind_host(self) -> str:
+        if self.host:
+            return self.host
+        return "127.0.0.1" if self.insecure else "0.0.0.0"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb) * 1024 * 1024
+
+    def validate(self) -> "ServeConfig":
+        if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
+            raise ConfigError("--insecure cannot be combined with --tls-cert/--tls-key/--tls-client-ca")
+        if not self.insecure:
+            if not (self.tls_cert and self.tls_key):
+                raise ConfigError(
+                    "TLS needs --tls-cert FILE and --tls-key FILE; for plaintext on loopback pass --insecure"
+                )
+            for name in ("tls_cert", "tls_key", "tls_client_ca"):
+                value = getattr(self, name)
+                if value and not Path(value).is_file():
+                    raise ConfigError(f"--{name.replace('_', '-')}: {value}: no such file")
+        if self.auth_token_file and not Path(self.auth_token_file).is_file():
+            raise ConfigError(f"--auth-token-file: {self.auth_token_file}: no such file")
+        if not (0 <= int(self.port) <= 65535):
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.max_batch_size < 1 or self.max_queue_size < 1:
+            raise ConfigError("--max-batch-size and --max-queue-size must be >= 1")
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError("--max-queue-delay-ms must be >= 0")
+        if self.max_message_mb < 1:
+            raise ConfigError("--max-message-mb must be >= 1")
+        if self.max_pixels < 64:
+            raise ConfigError("--max-pixels is too small")
+        return self
+
+
+# flag name, type, help. Defaults come from ServeConfig; argparse defaults stay None so we can tell
+# which flags the user actually gave (those override the config file).
+_FLAGS = (
+    ("--bundle", str, "bundle directory (default: the embedded demo bundle)"),
+    ("--host", str, "address to bind (default 127.0.0.1 with --insecure, 0.0.0.0 with TLS)"),
+    ("--port", int, "gRPC port (default 8001; 0 picks a free port)"),
+    ("--tls-cert", str, "server certificate chain (PEM)"),
+    ("--tls-key", str, "server private key (PEM)"),
+    ("--tls-client-ca", str, "CA bundle (PEM) for mutual TLS: clients must present a certificate it signed"),
+    ("--auth-token-file", str, "file holding a bearer token; clients must send 'authorization: Bearer TOKEN' "
+                               "(health checks are exempt)"),
+    ("--metrics-port", int, "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"),
+    ("--metrics-host", str, "address for the metrics endpoint (default: same as --host)"),
+    ("--max-batch-size", int, "most requests sharing one engine call (default 8)"),
+    ("--max-queue-delay-ms", float, "longest a request waits for others to fill a batch (default 5)"),
+    ("--max-queue-size", int, "requests waiting beyond this are refused with RESOURCE_EXHAUSTED (default 64)"),
+    ("--max-message-mb", int, "largest gRPC message in MiB, both directions (default 64)"),
+    ("--max-pixels", int, "largest accepted image in pixels, checked before decoding (default 64000000)"),
+    ("--decode-workers", int, "threads decoding images (default 2)"),
+    ("--providers", str, "ONNX Runtime providers, e.g. 'cuda,cpu' (default: TensorRT → CUDA → CPU, as available)"),
+    ("--threads", int, "engine intra-op threads (default: onnxruntime's choice)"),
+    ("--policy", str, "guard decision policy override (default: the bundle's calibrated policy)"),
+    ("--audit-log", str, "append a JSON line per verdict to this file ('-' for stderr); never contains PHI"),
+    ("--shutdown-grace-s", float, "on SIGTERM, how long in-flight requests may take to finish (default 30)"),
+    ("--drain-delay-s", float, "on SIGTERM, report NOT_SERVING this long before refusing new calls (default 0)"),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of these options "
+                        "(keys are flag names; flags given on the command line win)")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="plaintext gRPC (no TLS); binds 127.0.0.1 unless --host is given")
+    metavars = {"--bundle": "DIR", "--host": "HOST", "--metrics-host": "HOST", "--providers": "LIST",
+                "--policy": "NAME", "--audit-log": "FILE"}
+    for flag, typ, help_text in _FLAGS:
+        metavar = metavars.get(flag) or ("FILE" if typ is str else flag.lstrip("-").split("-")[-1].upper())
+        parser.add_argument(flag, type=typ, default=None, help=help_text, metavar=metavar)
+
+
+def _field_names() -> set[str]:
+    return {f.name for f in fields(ServeConfig)}
+
+
+def load_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: {p}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - YAML/JSON parser errors
+        raise ConfigError(f"--config: {p}: cannot parse: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {p}: expected a mapping of option names to values")
+    out = {}
+    known = _field_names()
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config: {p}: unknown option {key!r} (known: "
+                              f"{', '.join(sorted(k.replace('_', '-') for k in known))})")
+        out[name] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Merge defaults, the config file and the flags given, then validate."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    for name in _field_names():
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+    try:
+        cfg = ServeConfig(**values)
+        for f in fields(ServeConfig):  # coerce config-file values to the declared types
+            v = getattr(cfg, f.name)
+            if v is None:
+                continue
+            if f.name in ("port", "metrics_port", "max_batch_size", "max_queue_size", "max_message_mb",
+                          "max_pixels", "decode_workers", "threads"):
+                setattr(cfg, f.name, int(v))
+            elif f.name in ("max_queue_delay_ms", "shutdown_grace_s", "drain_delay_s"):
+                setattr(cfg, f.name, float(v))
+            elif f.name == "insecure":
+                setattr(cfg, f.name, bool(v))
+            else:
+                setattr(cfg, f.name, str(v))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad configuration value: {exc}") from None
+    return cfg.validate()

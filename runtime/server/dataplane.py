@@ -1,0 +1,460 @@
+"""The transport-agnostic data plane: decode → preprocess → micro-batch → guard → verdict.
+
+The gRPC servicers (``grpc_guard``, ``grpc_inference``) are thin adapters over :class:`DataPlane`;
+nothing here knows about gRPC, so the same path serves any transport (and the tests can drive it
+directly). Errors are typed (:class:`InvalidRequest`, :class:`Overloaded`, :class:`DeadlineExpired`,
+:class:`NotReady`) and each adapter maps them to its protocol's status codes.
+
+Dynamic micro-batching (:class:`MicroBatcher`): requests wait at most ``max_queue_delay`` after the
+first one of a batch arrived, or until ``max_batch_size`` are waiting, and then share one engine call
+(``Guard.verify_tensor``) run in a worker thread, so concurrent requests amortise the engine's fixed
+cost. The queue is bounded: when ``max_queue_size`` requests are already waiting a new one fails at
+once with :class:`Overloaded` instead of growing memory and latency without limit. Requests whose
+deadline passed while queued are dropped before the engine call.
+
+Fail closed: whatever goes wrong after decoding (an exception escaping the guard, a wrong number of
+verdicts) turns into rejections with reason ``GUARD_ERROR`` — never into a label.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class DataPlaneError(Exception):
+    """Base of the data plane's request errors (each maps to one protocol status code)."""
+
+
+class InvalidRequest(DataPlaneError):
+    """The input cannot be decoded or is not a valid image (→ INVALID_ARGUMENT)."""
+
+
+class Overloaded(DataPlaneError):
+    """The batching queue is full (→ RESOURCE_EXHAUSTED); the client should back off and retry."""
+
+
+class DeadlineExpired(DataPlaneError):
+    """The request's deadline passed before the engine got to it (→ DEADLINE_EXCEEDED)."""
+
+
+class NotReady(DataPlaneError):
+    """The bundle is not loaded yet, or the server is draining (→ UNAVAILABLE)."""
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Result:
+    """One verdict plus what the transport needs around it (identity, input facts, timings)."""
+
+    verdict: Any  # gamguard.runtime.guard.Verdict
+    request_id: str
+    input_format: str
+    bit_depth: int
+    sop_instance_uid: str | None
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0
+    total_ms: float = 0.0
+    batch_size: int = 1
+
+    @property
+    def stages_ms(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in (self.verdict.timings_ms or {}).items()}
+        out["decode"] = self.decode_ms
+        out["queue"] = self.queue_ms
+        return out
+
+
+@dataclass
+class DataPlaneConfig:
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 64
+    max_pixels: int = 64_000_000
+    decode_workers: int = 2
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def guard_error_verdicts(n: int, detail: str) -> list:
+    """``n`` fail-closed rejections (no label, no probabilities) with reason GUARD_ERROR."""
+    from gamguard.runtime.guard import Verdict
+
+    return [
+        Verdict(accepted=False, label=None, label_index=None, probabilities=None, reasons=["GUARD_ERROR"],
+                failed_measures=[], scores={}, thresholds={}, detail=detail)
+        for _ in range(n)
+    ]
+
+
+def _is_sane_verdict(v) -> bool:
+    """A verdict we may serve: accepted ones must carry a label; rejected ones must not."""
+    if getattr(v, "accepted", None) is True:
+        return v.label is not None and not v.reasons
+    if getattr(v, "accepted", None) is False:
+        return bool(v.reasons)
+    return False
+
+
+def run_guard_batch(guard, batch: np.ndarray) -> list:
+    """``guard.verify_tensor`` with the data plane's own fail-closed net around it.
+
+    ``Guard.verify_tensor`` promises never to raise; this still turns any exception, a wrong verdict
+    count or an inconsistent verdict into GUARD_ERROR rejections, so no code path of the server can
+    hand out a label the guard did not approve.
+    """
+    n = int(batch.shape[0])
+    try:
+        verdicts = list(guard.verify_tensor(batch))
+    except Exception as exc:  # noqa: BLE001 - fail closed on anything
+        log.exception("guard.verify_tensor raised; rejecting the batch of %d", n)
+        return guard_error_verdicts(n, f"guard failed: {type(exc).__name__}: {exc}")
+    if len(verdicts) != n:
+        log.error("guard returned %d verdicts for %d inputs; rejecting the batch", len(verdicts), n)
+        return guard_error_verdicts(n, f"guard returned {len(verdicts)} verdicts for {n} inputs")
+    return [v if _is_sane_verdict(v) else guard_error_verdicts(1, "inconsistent verdict from the guard")[0]
+            for v in verdicts]
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None  # loop.time() based
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    sizes: collections.Counter = field(default_factory=collections.Counter)
+
+
+class MicroBatcher:
+    """Groups concurrent submissions into batches for ``run_batch`` (a blocking function of ``[N, ...]``
+    returning N results), called in ``executor`` one batch at a time.
+
+    ``on_batch(size)`` and ``on_depth(waiting)`` are optional hooks (metrics).
+    """
+
+    def __init__(self, run_batch: Callable[[np.ndarray], Sequence], *, max_batch_size: int = 8,
+                 max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
+                 executor: concurrent.futures.Executor | None = None,
+                 on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_queue_size < 1:
+            raise ValueError("max_queue_size must be >= 1")
+        self.run_batch = run_batch
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue_delay_s = max(0.0, float(max_queue_delay_s))
+        self.max_queue_size = int(max_queue_size)
+        self._own_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gamguard-engine")
+        self._on_batch = on_batch
+        self._on_depth = on_depth
+        self._items: collections.deque[_Item] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.stats = BatchStats()
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="gamguard-batcher")
+
+    async def stop(self) -> None:
+        """Finish every queued item, then stop (a graceful drain)."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    async def submit(self, x: np.ndarray, *, deadline: float | None = None) -> tuple[Any, int, float]:
+        """Queue one input; returns ``(result, batch_size, seconds_queued)``."""
+        if self._task is None or self._closing:
+            raise NotReady("the server is not accepting requests (starting or draining)")
+        if len(self._items) >= self.max_queue_size:
+            raise Overloaded(
+                f"request queue full ({self.max_queue_size} waiting); retry later or raise --max-queue-size"
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(x=x, future=loop.create_future(), enqueued=loop.time(), deadline=deadline)
+        self._items.append(item)
+        self._report_depth()
+        self._wakeup.set()
+        return await item.future
+
+    def _report_depth(self) -> None:
+        if self._on_depth is not None:
+            self._on_depth(len(self._items))
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._items:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Wait for company: until the batch is full or the first item has waited long enough.
+            wait_until = self._items[0].enqueued + self.max_queue_delay_s
+            while len(self._items) < self.max_batch_size and not self._closing:
+                remaining = wait_until - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch: list[_Item] = []
+            now = loop.time()
+            while self._items and len(batch) < self.max_batch_size:
+                item = self._items.popleft()
+                if item.future.done():  # cancelled by the client while queued
+                    continue
+                if item.deadline is not None and now >= item.deadline:
+                    item.future.set_exception(DeadlineExpired("deadline passed while the request was queued"))
+                    continue
+                batch.append(item)
+            self._report_depth()
+            if not batch:
+                continue
+            await self._dispatch(loop, batch)
+
+    async def _dispatch(self, loop, batch: list[_Item]) -> None:
+        started = loop.time()
+        xs = np.stack([it.x for it in batch])
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_batch, xs)
+            results = list(results)
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} inputs")
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.sizes[len(batch)] += 1
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        for it, res in zip(batch, results):
+            if not it.future.done():
+                it.future.set_result((res, len(batch), started - it.enqueued))
+
+
+# ------------------------------------------------------------------------------------- data plane
+
+
+class DataPlane:
+    """One loaded guard behind a micro-batcher, with decoding, metrics and audit around it.
+
+    ``guard``: a :class:`gamguard.runtime.guard.Guard` (or anything with ``spec`` and
+    ``verify_tensor``). ``metrics``: :class:`gamguard.runtime.server.metrics.Metrics` or None.
+    ``audit``: :class:`gamguard.runtime.server.audit.AuditLog` or None.
+    """
+
+    def __init__(self, guard, config: DataPlaneConfig | None = None, *, metrics=None, audit=None):
+        self.guard = guard
+        self.config = config or DataPlaneConfig()
+        self.metrics = metrics
+        self.audit = audit
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max(1, int(self.config.decode_workers)), thread_name_prefix="gamguard-decode")
+        self.batcher = MicroBatcher(
+            lambda xs: run_guard_batch(self.guard, xs),
+            max_batch_size=self.config.max_batch_size,
+            max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
+            max_queue_size=self.config.max_queue_size,
+            on_batch=metrics.observe_batch if metrics else None,
+            on_depth=metrics.set_queue_depth if metrics else None,
+        )
+
+    # -- identity --------------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return str(self.guard.manifest.get("model", {}).get("name", "gamguard"))
+
+    @property
+    def model_version(self) -> str:
+        return str(self.guard.manifest.get("model", {}).get("version", "1"))
+
+    @property
+    def bundle_hash(self) -> str:
+        return str(self.guard.bundle_hash)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.guard.class_names)
+
+    @property
+    def real_class_names(self) -> list[str]:
+        """Class names without the garbage class (the labels a caller can receive)."""
+        garbage = int(self.guard.manifest.get("garbage_class", -1))
+        return [n for i, n in enumerate(self.guard.class_names) if i != garbage]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self._decode_pool.shutdown(wait=True)
+
+    async def self_test(self) -> None:
+        """One real inference through the whole path (preprocess → engine → guard) before serving.
+
+        The input is a smooth synthetic gradient; whether the guard accepts it does not matter, but it
+        must produce a well-formed verdict with a Grad-CAM map and no GUARD_ERROR.
+        """
+        from gamguard.runtime.preprocess import preprocess
+
+        spec = self.guard.spec
+        yy, xx = np.mgrid[0:spec.height, 0:spec.width].astype(np.float32)
+        image = (0.25 + 0.5 * (xx + yy) / float(spec.height + spec.width)).astype(np.float32)
+        x = preprocess(image, spec)[None]
+        loop = asyncio.get_running_loop()
+        verdicts = await loop.run_in_executor(None, run_guard_batch, self.guard, x)
+        v = verdicts[0]
+        if "GUARD_ERROR" in v.reasons:
+            raise RuntimeError(f"self-test inference failed: {v.detail or 'GUARD_ERROR'}")
+        if v.cam is None or tuple(np.shape(v.cam)) != (spec.height, spec.width):
+            raise RuntimeError(f"self-test: Grad-CAM map has shape {np.shape(v.cam)}, expected "
+                               f"{(spec.height, spec.width)}")
+        log.info("self-test passed (%s, %.1f ms)", "accepted" if v.accepted else "rejected: " + ",".join(v.reasons),
+                 sum((v.timings_ms or {}).values()))
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _decode(self, data: bytes | None, array: np.ndarray | None, frame: int | None):
+        """Decode + preprocess, in a decode worker thread. Returns (decoded, model_input, ms)."""
+        from gamguard.runtime.decode import decode_bytes, decode_tensor
+        from gamguard.runtime.preprocess import InvalidInput, preprocess
+
+        t0 = time.perf_counter()
+        try:
+            if data is not None:
+                if len(data) == 0:
+                    raise InvalidRequest("empty input: no image bytes")
+                decoded = decode_bytes(data, frame=frame, max_pixels=self.config.max_pixels)
+            else:
+                decoded = decode_tensor(array, max_pixels=self.config.max_pixels)
+            x = preprocess(decoded.pixels, self.guard.spec)
+        except InvalidRequest:
+            raise
+        except InvalidInput as exc:
+            raise InvalidRequest(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a decoder crash on hostile bytes is the caller's bad input
+            log.warning("decoder raised %s on a request; answering INVALID_ARGUMENT", type(exc).__name__)
+            raise InvalidRequest(f"cannot decode the input: {type(exc).__name__}: {exc}") from None
+        return decoded, x, (time.perf_counter() - t0) * 1000.0
+
+    async def verify(self, *, data: bytes | None = None, array: np.ndarray | None = None,
+                     frame: int | None = None, request_id: str | None = None,
+                     timeout_s: float | None = None, protocol: str = "guard") -> Result:
+        """Verify one input (encoded ``data`` or a numeric ``array``). Raises a :class:`DataPlaneError`."""
+        if (data is None) == (array is None):
+            raise InvalidRequest("exactly one of an encoded image or a tensor is required")
+        request_id = request_id or new_request_id()
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        deadline = loop.time() + timeout_s if timeout_s is not None else None
+        try:
+            decoded, x, decode_ms = await loop.run_in_executor(self._decode_pool, self._decode, data, array, frame)
+            verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
+        except InvalidRequest as exc:
+            self._record_invalid(request_id, protocol, str(exc))
+            raise
+        result = Result(verdict=verdict, request_id=request_id, input_format=decoded.format,
+                        bit_depth=int(decoded.bit_depth), sop_instance_uid=decoded.sop_instance_uid,
+                        decode_ms=decode_ms, queue_ms=queued_s * 1000.0,
+                        total_ms=(time.perf_counter() - t0) * 1000.0, batch_size=batch_size)
+        self._record(result, protocol)
+        return result
+
+    async def verify_many(self, inputs: Sequence[dict], *, timeout_s: float | None = None,
+                          protocol: str = "inference", request_id: str | None = None) -> list[Result]:
+        """Several inputs of one request (e.g. an OIP batch), verified concurrently so they batch.
+
+        Any invalid input fails the whole request (:class:`InvalidRequest` naming the item).
+        """
+        base = request_id or new_request_id()
+
+        async def one(i: int, inp: dict) -> Result:
+            rid = base if len(inputs) == 1 else f"{base}/{i}"
+            try:
+                return await self.verify(**inp, timeout_s=timeout_s, protocol=protocol, request_id=rid)
+            except InvalidRequest as exc:
+                if len(inputs) == 1:
+                    raise
+                raise InvalidRequest(f"input {i}: {exc}") from None
+
+        tasks = [asyncio.ensure_future(one(i, inp)) for i, inp in enumerate(inputs)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    def _record(self, result: Result, protocol: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_result(result)
+        if self.audit is not None:
+            self.audit.record_verdict(result, protocol=protocol, model=self.model_name,
+                                      version=self.model_version, bundle_hash=self.bundle_hash)
+
+    def _record_invalid(self, request_id: str, protocol: str, message: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_invalid()
+        if self.audit is not None:
+            self.audit.record_invalid(request_id, protocol=protocol, model=self.model_name,
+                                      version=self.model_version, bundle_hash=self.bundle_hash, detail=message)
+
+
+def heatmap_png(cam: np.ndarray) -> bytes:
+    """A Grad-CAM map in [0, 1] as a colour (JET) PNG at the map's own size."""
+    import cv2
+
+    u8 = np.clip(np.nan_to_num(np.asarray(cam, np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", cv2.applyColorMap(u8, cv2.COLORMAP_JET))
+    if not ok:  # pragma: no cover - OpenCV cannot fail on a uint8 image
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()

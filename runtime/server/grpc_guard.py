@@ -1,0 +1,233 @@
+"""``gamguard.v1.Guard``: a thin gRPC adapter over :class:`~gamguard.runtime.server.dataplane.DataPlane`.
+
+Status codes: bad input → INVALID_ARGUMENT; queue full → RESOURCE_EXHAUSTED; not loaded yet or
+draining → UNAVAILABLE; deadline passed while queued → DEADLINE_EXCEEDED. In ``VerifyStream`` a bad
+image does not end the stream: its verdict is a rejection with reason INVALID_INPUT.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+import numpy as np
+
+from gamguard.proto import guard_pb2, guard_pb2_grpc
+
+from .dataplane import (DataPlaneError, DeadlineExpired, InvalidRequest, NotReady, Overloaded, Result,
+                        heatmap_png, new_request_id)
+
+log = logging.getLogger(__name__)
+
+STATUS_OF = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+_TENSOR_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
+
+
+def status_for(exc: DataPlaneError) -> grpc.StatusCode:
+    return STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
+
+
+def tensor_to_array(t: guard_pb2.Tensor) -> np.ndarray:
+    """A ``gamguard.v1.Tensor`` → numpy array, with every size checked before reshaping."""
+    dtype = _TENSOR_DTYPES.get(t.dtype.lower())
+    if dtype is None:
+        raise InvalidRequest(f"unsupported tensor dtype {t.dtype!r}; expected uint8, uint16 or float32")
+    shape = tuple(int(s) for s in t.shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise InvalidRequest(f"bad tensor shape {list(shape)}; expected [height, width]")
+    itemsize = np.dtype(dtype).itemsize
+    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if expected != len(t.data):
+        raise InvalidRequest(f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {t.dtype} "
+                             f"needs {expected}")
+    return np.frombuffer(t.data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
+
+
+def request_input(req: guard_pb2.VerifyRequest) -> dict:
+    which = req.WhichOneof("input")
+    frame = int(req.frame) if req.HasField("frame") else None
+    if which == "image":
+        return {"data": bytes(req.image), "frame": frame}
+    if which == "tensor":
+        return {"array": tensor_to_array(req.tensor)}
+    raise InvalidRequest("the request carries no input: set 'image' (encoded bytes) or 'tensor'")
+
+
+def verdict_message(res: Result, plane, *, heatmap_png_wanted: bool = False,
+                    heatmap_values_wanted: bool = False) -> guard_pb2.Verdict:
+    v = res.verdict
+    msg = guard_pb2.Verdict(
+        request_id=res.request_id,
+        decision=guard_pb2.ACCEPTED if v.accepted else guard_pb2.REJECTED,
+        accepted=bool(v.accepted),
+        reasons=list(v.reasons or []),
+        failed_measures=list(v.failed_measures or []),
+        detail=v.detail or "",
+        input_format=res.input_format or "",
+        bit_depth=int(res.bit_depth or 0),
+        sop_instance_uid=res.sop_instance_uid or "",
+        model=guard_pb2.ModelRef(name=plane.model_name, version=plane.model_version,
+                                 bundle_hash=plane.bundle_hash),
+    )
+    for k, s in (v.scores or {}).items():
+        msg.scores[str(k)] = float(s)
+    for k, s in (v.thresholds or {}).items():
+        msg.thresholds[str(k)] = float(s)
+    # The label leaves the server only for accepted inputs (fail closed on anything else).
+    if v.accepted and v.label is not None:
+        msg.prediction.label = str(v.label)
+        msg.prediction.index = int(v.label_index if v.label_index is not None else -1)
+        for k, p in (v.probabilities or {}).items():
+            msg.prediction.probabilities[str(k)] = float(p)
+    if v.cam is not None and (heatmap_png_wanted or heatmap_values_wanted):
+        cam = np.asarray(v.cam, np.float32)
+        msg.heatmap.height, msg.heatmap.width = int(cam.shape[0]), int(cam.shape[1])
+        if heatmap_values_wanted:
+            msg.heatmap.values.extend(cam.ravel().tolist())
+            ref = getattr(v, "reference_cam", None)
+            if ref is not None:
+                msg.heatmap.reference_values.extend(np.asarray(ref, np.float32).ravel().tolist())
+        if heatmap_png_wanted:
+            msg.heatmap.png = heatmap_png(cam)
+    stages = res.stages_ms
+    msg.timing.decode_ms = res.decode_ms
+    msg.timing.queue_ms = res.queue_ms
+    msg.timing.engine_ms = float(stages.get("engine", 0.0))
+    msg.timing.guard_ms = float(stages.get("guard", 0.0))
+    msg.timing.total_ms = res.total_ms
+    msg.timing.batch_size = int(res.batch_size)
+    for k, ms in stages.items():
+        msg.timing.stages_ms[k] = float(ms)
+    return msg
+
+
+def invalid_verdict(request_id: str, plane, message: str) -> guard_pb2.Verdict:
+    """The in-stream answer to a bad image: a rejection with reason INVALID_INPUT, no scores."""
+    return guard_pb2.Verdict(
+        request_id=request_id, decision=guard_pb2.REJECTED, accepted=False, reasons=["INVALID_INPUT"],
+        detail=message,
+        model=guard_pb2.ModelRef(name=plane.model_name, version=plane.model_version, bundle_hash=plane.bundle_hash),
+    )
+
+
+def model_info_message(plane) -> guard_pb2.ModelInfo:
+    guard = plane.guard
+    info = guard.info() if hasattr(guard, "info") else {}
+    manifest = guard.manifest
+    spec = guard.spec
+    cal = manifest.get("calibration") or {}
+    msg = guard_pb2.ModelInfo(
+        model=guard_pb2.ModelRef(name=plane.model_name, version=plane.model_version, bundle_hash=plane.bundle_hash),
+        class_names=list(guard.class_names),
+        garbage_class=int(manifest.get("garbage_class", -1)),
+        input=guard_pb2.InputSpec(channels=spec.channels, height=spec.height, width=spec.width,
+                                  mean=list(spec.mean), std=list(spec.std), resize=spec.resize,
+                                  photometric=spec.photometric),
+        policy=str(info.get("policy") or (manifest.get("guard") or {}).get("policy") or ""),
+        enforced_checks=[str(c) for c in (info.get("enforced_checks")
+                                          or (manifest.get("guard") or {}).get("enforced_checks") or [])],
+        info_json=json.dumps(info, default=str, sort_keys=True),
+    )
+    for name, digest in (manifest.get("files") or {}).items():
+        msg.file_hashes[name] = str(digest)
+    engine = info.get("engine")
+    if isinstance(engine, dict):
+        msg.engine = str(engine.get("engine") or engine.get("name") or "")
+        msg.providers.extend(str(p) for p in engine.get("providers") or [])
+    elif engine:
+        msg.engine = str(engine)
+        msg.providers.extend(str(p) for p in info.get("providers") or [])
+    msg.calibration.facts_json = json.dumps(cal, default=str, sort_keys=True)
+    for key, field_name, cast in (("alpha", "alpha", float), ("n", "n", int),
+                                  ("measured_false_rejection_rate", "measured_false_rejection_rate", float),
+                                  ("dataset", "dataset", str)):
+        value = cal.get(key, info.get(key))
+        if value is not None and not isinstance(value, (dict, list)):
+            try:
+                setattr(msg.calibration, field_name, cast(value))
+            except (TypeError, ValueError):
+                pass
+    return msg
+
+
+class GuardServicer(guard_pb2_grpc.GuardServicer):
+    """``state.plane`` is the :class:`DataPlane` once the bundle is loaded, else None."""
+
+    def __init__(self, state):
+        self.state = state
+
+    async def _plane(self, context):
+        plane = self.state.plane
+        if plane is None or self.state.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "not serving: the bundle is still loading or the server is shutting down")
+        return plane
+
+    @staticmethod
+    def _timeout(context) -> float | None:
+        remaining = context.time_remaining()
+        return remaining if remaining is not None and remaining < 1e8 else None
+
+    async def Verify(self, request, context):
+        plane = await self._plane(context)
+        rid = request.request_id or new_request_id()
+        try:
+            res = await plane.verify(**request_input(request), request_id=rid,
+                                     timeout_s=self._timeout(context), protocol="guard")
+        except DataPlaneError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return verdict_message(res, plane, heatmap_png_wanted=request.heatmap_png,
+                               heatmap_values_wanted=request.heatmap_values)
+
+    async def VerifyStream(self, request_iterator, context):
+        plane = await self._plane(context)
+        # Pipelined: requests are read and verified concurrently (so a study's images can share
+        # engine batches) while answers go out in request order. The bound keeps a fast sender
+        # from queueing unbounded work.
+        pending: asyncio.Queue = asyncio.Queue(maxsize=max(2, 2 * plane.config.max_batch_size))
+
+        async def one(req):
+            rid = req.request_id or new_request_id()
+            try:
+                res = await plane.verify(**request_input(req), request_id=rid,
+                                         timeout_s=self._timeout(context), protocol="guard-stream")
+            except InvalidRequest as exc:
+                return invalid_verdict(rid, plane, str(exc))
+            return verdict_message(res, plane, heatmap_png_wanted=req.heatmap_png,
+                                   heatmap_values_wanted=req.heatmap_values)
+
+        async def reader():
+            try:
+                async for req in request_iterator:
+                    await pending.put(asyncio.ensure_future(one(req)))
+            finally:
+                await pending.put(None)
+
+        reader_task = asyncio.ensure_future(reader())
+        try:
+            while True:
+                task = await pending.get()
+                if task is None:
+                    break
+                try:
+                    yield await task
+                except DataPlaneError as exc:
+                    await context.abort(status_for(exc), str(exc))
+            await reader_task
+        finally:
+            reader_task.cancel()
+            while not pending.empty():
+                t = pending.get_nowait()
+                if t is not None:
+                    t.cancel()
+
+    async def GetModelInfo(self, request, context):
+        plane = await self._plane(context)
+        return model_info_message(plane)

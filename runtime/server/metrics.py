@@ -1,0 +1,82 @@
+"""Prometheus metrics of the server, on their own registry and HTTP port.
+
+Exposed (all prefixed ``gamguard_``):
+
+* ``requests_total{service,method,code}`` – RPCs by gRPC status code;
+* ``verdicts_total{decision}`` – accepted / rejected / invalid;
+* ``rejections_total{reason}`` – rejected verdicts by reason (one verdict can have several);
+* ``stage_seconds{stage}`` – latency histograms per stage: decode, queue, preprocess/engine/guard
+  (as the guard reports them) and total;
+* ``batch_size`` – histogram of how many requests shared one engine call;
+* ``queue_depth`` – requests waiting for the engine now;
+* ``ready`` – 1 once the bundle is loaded, verified and self-tested.
+
+Each server owns a fresh ``CollectorRegistry`` so several servers (tests, blue/green in one process)
+never collide on metric names.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("gamguard_requests", "RPCs handled, by service, method and gRPC status code",
+                                ["service", "method", "code"], registry=r)
+        self.verdicts = Counter("gamguard_verdicts", "Verdicts by decision (accepted, rejected, invalid)",
+                                ["decision"], registry=r)
+        self.rejections = Counter("gamguard_rejections", "Rejected verdicts by reason", ["reason"], registry=r)
+        self.stage_seconds = Histogram("gamguard_stage_seconds", "Latency per stage", ["stage"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("gamguard_batch_size", "Requests per engine call", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_depth = Gauge("gamguard_queue_depth", "Requests waiting for the engine", registry=r)
+        self.ready = Gauge("gamguard_ready", "1 when the bundle is loaded, verified and self-tested", registry=r)
+        self._http = None
+
+    # hooks used by the data plane and the servicers
+    def observe_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def set_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def observe_result(self, result) -> None:
+        v = result.verdict
+        self.verdicts.labels("accepted" if v.accepted else "rejected").inc()
+        for reason in v.reasons or ():
+            self.rejections.labels(reason).inc()
+        for stage, ms in result.stages_ms.items():
+            self.stage_seconds.labels(stage).observe(max(0.0, float(ms)) / 1000.0)
+        self.stage_seconds.labels("total").observe(result.total_ms / 1000.0)
+
+    def observe_invalid(self) -> None:
+        self.verdicts.labels("invalid").inc()
+        self.rejections.labels("INVALID_INPUT").inc()
+
+    def observe_rpc(self, service: str, method: str, code: str) -> None:
+        self.requests.labels(service, method, code).inc()
+
+    def exposition(self) -> bytes:
+        """The text exposition format (what the HTTP endpoint serves)."""
+        return generate_latest(self.registry)
+
+    # HTTP endpoint
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` on ``host:port`` (port 0 picks a free one); returns the bound port."""
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
