@@ -130,7 +130,14 @@ def decode_bytes(
         _require_single_frame(frame, "JPEG")
         return _decode_jpeg(data, max_pixels)
     if _looks_like_dicom(data):
-        return _decode_dicom(data, frame, max_pixels)
+        try:
+            return _decode_dicom(data, frame, max_pixels)
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hostile bytes can break pydicom in many ways
+            # A malformed element (e.g. an unparsable Rescale Slope, an unknown VR). pydicom's message
+            # can quote the element's value, so only the exception type is reported.
+            raise DecodeError(f"corrupt DICOM: malformed element ({type(exc).__name__})") from None
     raise DecodeError(f"unsupported image format: {_describe(data)}; expected PNG, JPEG or DICOM")
 
 
@@ -430,6 +437,25 @@ def _voi_output(values: np.ndarray, ds) -> tuple[np.ndarray, float, float, dict]
     return values, float(np.min(values)), float(np.max(values)), {"voi": "none (modality output min..max)"}
 
 
+def _technical_meta(ds) -> dict:
+    """The whitelisted, non-identifying attributes; one that does not parse is left out (meta is informative)."""
+    meta = {}
+    for keyword, key in _DICOM_META_KEYWORDS.items():
+        try:
+            value = ds.get(keyword)
+            if value is None or value == "":
+                continue
+            if keyword.endswith("Spacing"):
+                meta[key] = [float(v) for v in value]
+            elif keyword == "PatientOrientation":
+                meta[key] = [str(v) for v in value]
+            else:
+                meta[key] = value if isinstance(value, int) else str(value)
+        except (ValueError, TypeError):
+            continue
+    return meta
+
+
 def _decode_dicom(data: bytes, frame: int | None, max_pixels: int) -> DecodedImage:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
@@ -468,12 +494,7 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int) -> DecodedIma
         "transfer_syntax": str(tsuid),
         "transfer_syntax_name": tsuid.name,
     }
-    for keyword, key in _DICOM_META_KEYWORDS.items():
-        value = ds.get(keyword)
-        if value is not None and value != "":
-            meta[key] = [float(v) for v in value] if keyword.endswith("Spacing") else (
-                list(value) if keyword == "PatientOrientation" else (value if isinstance(value, int) else str(value))
-            )
+    meta.update(_technical_meta(ds))
 
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim != 2:

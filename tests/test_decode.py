@@ -10,6 +10,7 @@ import json
 import logging
 import struct
 import tracemalloc
+import warnings
 import zlib
 from pathlib import Path
 
@@ -543,3 +544,45 @@ def test_iter_image_files(tmp_path):
     with pytest.raises(DatasetError, match="no image files"):
         iter_image_files([tmp_path / "empty"])
     assert is_image_file("a/B.JPEG") and not is_image_file("a/b.mask.png") and not is_image_file("m.json")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damaged elements
+def test_mutated_inputs_give_decode_error_or_a_valid_image():
+    """Fail closed on hostile bytes: any other exception type would escape as a crash."""
+    rng = np.random.default_rng(7)
+    seeds = [png(gradient()), jpeg(gradient()), Path(pydicom_file("MR_small_RLE.dcm")).read_bytes(),
+             Path(pydicom_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes()]
+    outcomes = {"ok": 0, "refused": 0}
+    for seed in seeds:
+        for i in range(60):
+            data = bytearray(seed)
+            for _ in range(int(rng.integers(1, 6))):
+                data[int(rng.integers(0, min(len(data), 1500)))] = int(rng.integers(0, 256))
+            if i % 4 == 0:
+                data = data[: int(rng.integers(1, len(data)))]
+            try:
+                out = decode_bytes(bytes(data))
+            except DecodeError:
+                outcomes["refused"] += 1
+                continue
+            outcomes["ok"] += 1
+            assert out.pixels.dtype == np.float32 and out.pixels.ndim == 2
+            assert np.isfinite(out.pixels).all() and 0 <= out.pixels.min() and out.pixels.max() <= 1
+    assert outcomes["refused"] > 0 and outcomes["ok"] > 0
+
+
+def test_patient_elements_are_never_parsed():
+    """pydicom warns with the offending value when it parses an invalid element; decoding must not
+    touch patient elements at all, so even malformed ones produce no warning or log line."""
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    with pydicom.config.disable_value_validation():
+        ds.PatientID = "SECRET-ID-" * 8  # too long for LO: parsing it would warn
+        ds.PatientName = "Secret^Name" * 8
+        buf = io.BytesIO()
+        ds.save_as(buf)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = decode_bytes(buf.getvalue())
+    assert out.pixels.shape == (64, 64)
+    assert not [w for w in caught if "SECRET" in str(w.message) or "VR LO" in str(w.message)]
+    assert "SECRET" not in json.dumps(out.meta)
