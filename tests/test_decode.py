@@ -419,6 +419,16 @@ def test_compressed_syntax_without_decoder_names_it():
         decode_bytes(data)
 
 
+def test_uninstalled_decoder_names_syntax_and_install(monkeypatch):
+    from pydicom.pixels import get_decoder
+
+    path = pydicom_file("MR_small_jp2klossless.dcm")
+    # Simulate a machine without the JPEG 2000 plugins: pydicom reports the decoder as unavailable.
+    monkeypatch.setattr(type(get_decoder(pydicom.uid.JPEG2000Lossless)), "is_available", property(lambda self: False))
+    with pytest.raises(DecodeError, match=r"JPEG 2000 Image Compression \(Lossless Only\).*not installed.*pip install"):
+        decode_file(path)
+
+
 def test_no_phi_in_meta_messages_or_logs(caplog):
     arr = gradient(16, 16, np.uint16)
     single = dicom(arr, **PHI, BodyPartExamined="CHEST", ViewPosition="PA")
