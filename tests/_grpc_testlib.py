@@ -1,0 +1,135 @@
+"""Helpers for the server tests: a real GuardServer on a loopback port in a background event loop,
+the real demo bundle, and encoded test images (no mocks: every request goes over gRPC)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import subprocess
+import threading
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from gamguard.runtime.bundle import default_bundle_dir
+
+
+def demo_bundle() -> Path:
+    """The embedded demo bundle (``GAMGUARD_TEST_BUNDLE`` may point elsewhere while developing)."""
+    d = Path(os.environ.get("GAMGUARD_TEST_BUNDLE") or default_bundle_dir())
+    if not (d / "bundle.json").is_file():
+        pytest.skip(f"no calibrated bundle at {d} (the demo bundle is built by the lead's build script)")
+    return d
+
+
+class ThreadedServer:
+    """A :class:`GuardServer` running in its own event loop thread, driven from synchronous tests."""
+
+    def __init__(self, config, guard_factory=None):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server-loop")
+        self.thread.start()
+
+        async def make():
+            from gamguard.runtime.server.app import GuardServer
+
+            return GuardServer(config, guard_factory=guard_factory)
+
+        self.server = self.call(make())
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, wait: bool = True) -> "ThreadedServer":
+        self.call(self.server.start())
+        if wait:
+            self.call(self.server.wait_ready(120))
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self, grace: float = 5.0) -> None:
+        try:
+            self.call(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+# ------------------------------------------------------------------------------------ test images
+
+
+def png16(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", np.rint(np.clip(image, 0, 1) * 65535).astype(np.uint16))
+    assert ok
+    return buf.tobytes()
+
+
+def phantom(stage: int, seed: int) -> np.ndarray:
+    from gamguard.runtime.phantoms import hand_phantom
+
+    return hand_phantom(stage, np.random.default_rng(seed)).image
+
+
+def ood(kind: str, seed: int = 0) -> np.ndarray:
+    from gamguard.runtime.phantoms import ood_image
+
+    return ood_image(kind, np.random.default_rng(seed))
+
+
+def dicom_bytes(tmp_path: Path, image: np.ndarray, name: str, **kw) -> bytes:
+    from gamguard.runtime.synth import write_dicom
+
+    return write_dicom(tmp_path / name, image, **kw).read_bytes()
+
+
+def multiframe_dicom(tmp_path: Path, image: np.ndarray) -> bytes:
+    """A two-frame DICOM of ``image`` (the decoder must demand an explicit frame)."""
+    import pydicom
+
+    from gamguard.runtime.synth import write_dicom
+
+    path = write_dicom(tmp_path / "single.dcm", image)
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData + ds.PixelData
+    out = tmp_path / "multi.dcm"
+    ds.save_as(out)
+    return out.read_bytes()
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims an absurd size (a decompression bomb's signature)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# ------------------------------------------------------------------------------------ certificates
+
+
+def make_ca(tmp: Path, name: str) -> tuple[Path, Path]:
+    key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(crt), "-days", "2", "-subj", f"/CN={name}"], check=True, capture_output=True)
+    return crt, key
+
+
+def make_cert(tmp: Path, name: str, ca: tuple[Path, Path], *, server: bool) -> tuple[Path, Path]:
+    key, csr, crt, ext = tmp / f"{name}.key", tmp / f"{name}.csr", tmp / f"{name}.crt", tmp / f"{name}.ext"
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", f"/CN={name}"], check=True, capture_output=True)
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n" if server
+                   else "extendedKeyUsage=clientAuth\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+                    "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext)],
+                   check=True, capture_output=True)
+    return crt, key
