@@ -48,7 +48,7 @@ import numpy as np
 from . import bundle as bundle_mod
 from .bundle import REFERENCE_FILE, BundleError, InputSpec
 from .features import FeatureReference
-from .similarity import HIGHER_IS_SIMILAR, MEASURES, batch_scores
+from .similarity import HIGHER_IS_SIMILAR, MEASURES, batch_scores, prepare
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,13 @@ class TailPValue:
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         v = np.asarray(values, np.float64)
-        inside = np.interp(v, self.knots, self.pvals)
-        with np.errstate(over="ignore", invalid="ignore"):
-            tail = self.pvals[-1] * np.exp(-(v - self.knots[-1]) / self.scale)
-        p = np.where(v <= self.knots[-1], inside, tail)
-        return np.where(np.isfinite(v), p, 0.0)
+        p = np.interp(v, self.knots, self.pvals)  # NaN stays NaN
+        beyond = v > self.knots[-1]
+        if beyond.any():
+            with np.errstate(over="ignore", invalid="ignore"):
+                p[beyond] = self.pvals[-1] * np.exp(-(v[beyond] - self.knots[-1]) / self.scale)
+        p[~np.isfinite(v)] = 0.0  # fail closed: a score that cannot be judged is maximally suspicious
+        return p
 
     def inverse(self, level: float) -> float:
         """The dissimilarity at which the p-value equals ``level`` (for human-readable thresholds)."""
@@ -184,7 +186,9 @@ def real_class_indices(n_classes: int, garbage: int) -> np.ndarray:
 def score_outputs(logits, cam, early, *, garbage: int, ref_cams: np.ndarray, feature_ref: FeatureReference,
                   grid: int = 32) -> ScoreSet:
     """Raw scores of a batch of engine outputs. ``ref_cams`` is indexed by *real* class position
-    (class index with the garbage class removed)."""
+    (class index with the garbage class removed); passing them already through
+    :func:`gamguard.runtime.similarity.prepare` (as :class:`CalibrationData` does) gives identical
+    scores — preparing is idempotent — and saves the per-request resampling of the references."""
     logits = np.asarray(logits, np.float64)
     if not (np.isfinite(logits).all() and np.isfinite(cam).all()):
         raise ValueError("engine returned non-finite logits or CAM")
@@ -320,6 +324,7 @@ class CalibrationData:
                               "re-calibrate the bundle")
         self.ref_cams = np.asarray(arrays["ref_cam"], np.float32)  # [K_real, H, W]
         self.ref_cam_sd = np.asarray(arrays["ref_cam_sd"], np.float32)
+        self.ref_prepared = prepare(self.ref_cams, self.grid)  # [K_real, grid, grid], hot-path form
         self.feature_ref = FeatureReference.from_arrays(arrays)
         self.null_scores = ScoreSet.from_arrays(arrays, "null_")
         self.conformal_scores = ScoreSet.from_arrays(arrays, "conformal_")
@@ -345,7 +350,7 @@ class CalibrationData:
         return self.ref_cams[int(np.searchsorted(self.real, cls_index))]
 
     def score(self, logits, cam, early) -> ScoreSet:
-        return score_outputs(logits, cam, early, garbage=self.garbage, ref_cams=self.ref_cams,
+        return score_outputs(logits, cam, early, garbage=self.garbage, ref_cams=self.ref_prepared,
                              feature_ref=self.feature_ref, grid=self.grid)
 
     def raw_thresholds(self, cls_index: int, level: float) -> dict[str, float]:
@@ -556,9 +561,10 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
 
     # Pass 2: held-out scores.
     held_parts: list[ScoreSet] = []
+    ref_prepared = prepare(ref_cam, grid)
 
     def on_held(idx, out):
-        s = score_outputs(out.logits, out.cam, out.early, garbage=garbage, ref_cams=ref_cam,
+        s = score_outputs(out.logits, out.cam, out.early, garbage=garbage, ref_cams=ref_prepared,
                           feature_ref=feature_ref, grid=grid)
         s.label = labels[idx]
         held_parts.append(s)

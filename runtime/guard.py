@@ -99,7 +99,8 @@ class Verdict:
 def parse_checks(checks) -> str:
     """``"garbage,attention"`` / ``["feature"]`` / ``"all"`` → canonical key (see calibration.checks_key)."""
     if isinstance(checks, str):
-        checks = list(CHECKS) if checks.strip() == "all" else [c.strip() for c in checks.split(",") if c.strip()]
+        checks = list(CHECKS) if checks.strip() == "all" else \
+            [c.strip() for c in checks.replace("+", ",").split(",") if c.strip()]
     return checks_key(checks)
 
 
@@ -245,6 +246,28 @@ class Guard:
         return verdicts  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------
+    def rejections_by_checks(self, images: Sequence[np.ndarray], check_sets: Sequence[str] | None = None, *,
+                             policy: str | None = None, batch: int = 64) -> dict[str, np.ndarray]:
+        """Evaluation helper (ablations, tests): for decoded images, the rejection flags ``[N]`` under
+        each set of enforced checks (keys as :func:`parse_checks` gives them; default every subset),
+        from one engine pass. Raises on invalid input (unlike the serving path)."""
+        from .calibration import all_check_sets
+        from .preprocess import preprocess_batch
+
+        policy = policy or self.policy
+        keys = [parse_checks(k) for k in (check_sets or all_check_sets())]
+        cal = self.calibration
+        out = {k: [] for k in keys}
+        for start in range(0, len(images), batch):
+            x = preprocess_batch(list(images[start:start + batch]), self.spec)
+            o = self.engine.run(x)
+            s = cal.score(o.logits, o.cam, o.early)
+            pm, pf = cal.null.pvalues(s)
+            for k in keys:
+                d = decide(pm, pf, s.garbage_pred, checks=k, policy=policy, alpha=self.alpha, cut=cal.cuts[k])
+                out[k].append(d.reject)
+        return {k: np.concatenate(v) if v else np.zeros(0, bool) for k, v in out.items()}
+
     def _decide(self, batch: np.ndarray) -> list[Verdict]:
         t0 = time.perf_counter()
         out = self.engine.run(batch)
