@@ -123,6 +123,28 @@ def drift_report(reference_engine, candidate_engine, batches: Iterable[np.ndarra
     return report
 
 
+def guard_decider(bundle_dir, manifest):
+    """``(decide, alpha)``: the serving guard's accept decision on one engine's outputs, from the
+    bundle's calibration — the same tables, conformal cut, policy and enforced checks as
+    :class:`gamguard.runtime.guard.Guard` uses when serving."""
+    from . import calibration as cal_mod
+    from .guard import parse_checks
+
+    data = cal_mod.CalibrationData.load(bundle_dir, manifest)
+    section = manifest.get("guard") or {}
+    key = parse_checks(section.get("enforced_checks") or "all")
+    policy = section.get("policy") or "calibrated"
+
+    def decide(batch, out):
+        scores = data.score(out.logits, out.cam, out.early)
+        pm, pf = data.null.pvalues(scores)
+        d = cal_mod.decide(pm, pf, scores.garbage_pred, checks=key, policy=policy, alpha=data.alpha,
+                           cut=data.cuts[key])
+        return ~d.reject
+
+    return decide, data.alpha
+
+
 class OrtCpuReference:
     """ONNX Runtime FP32 on the CPU over a bundle's ``model.onnx``: the parity reference."""
 

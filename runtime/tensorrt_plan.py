@@ -245,8 +245,13 @@ def current_device_tag(device: int = 0) -> DeviceTag:
 
 def build_plan_bytes(onnx_path: str | Path, spec: InputSpec, *, precision: str = "fp16",
                      batch: tuple[int, int, int] = DEFAULT_BATCH, spatial: tuple[int, int] | None = None,
-                     workspace_mb: int = 1024) -> tuple[bytes, ShapeProfile]:
-    """Parse the fused ONNX with TensorRT's ONNX parser and build a serialized engine."""
+                     workspace_mb: int = 1024, outputs: tuple[str, ...] = OUTPUT_NAMES) -> tuple[bytes, ShapeProfile]:
+    """Parse the fused ONNX with TensorRT's ONNX parser and build a serialized engine.
+
+    ``outputs`` keeps only these graph outputs (TensorRT then prunes every layer they do not need):
+    ``("logits",)`` gives the unguarded baseline plan that benchmarks compare against. Served plans
+    always keep all three.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt = require_tensorrt()
@@ -262,6 +267,13 @@ def build_plan_bytes(onnx_path: str | Path, spec: InputSpec, *, precision: str =
     if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= outputs:
         raise BundleError(f"{onnx_path}: expected input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
                           f"found inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+    unknown = [n for n in outputs if n not in OUTPUT_NAMES]
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_NAMES}, got {outputs}")
+    for i in reversed(range(network.num_outputs)):
+        tensor = network.get_output(i)
+        if tensor.name not in outputs:
+            network.unmark_output(tensor)
     profile = make_profile(spec, batch, spatial=spatial,
                            network_input_shape=tuple(inputs[INPUT_NAME].shape))
 

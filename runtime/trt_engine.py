@@ -1,10 +1,8 @@
 """Native TensorRT engine: serves a bundle's ``model.plan`` through the runtime's Engine interface.
 
 Memory goes through cuda-python's CUDA runtime bindings, which exist on x86-64 and on Jetson (unlike
-pycuda wheels). Buffers are sized once for the profile's largest batch: pinned host buffers (so the
-copies are truly asynchronous) and device buffers, one per I/O tensor. One execution context serves
-one call at a time (a lock), which is what the gRPC server's micro-batching needs; larger batches than
-the profile allows are split into chunks.
+pycuda wheels); see :class:`PlanRunner`. One execution context serves one call at a time (a lock),
+which is what the gRPC server's micro-batching needs.
 
 ``tensorrt`` and ``cuda-python`` are imported inside :class:`TensorRTEngine` only, so importing this
 module costs nothing on a CPU box; :func:`plan_status` tells without a GPU whether a bundle has a plan
@@ -90,69 +88,49 @@ def select_engine(bundle_dir: str | Path, manifest: dict, prefer: str = "auto", 
     return engine
 
 
-class TensorRTEngine:
-    """Engine protocol over a TensorRT plan: ``run(batch [N,C,H,W] float32) -> EngineOutput``."""
+class PlanRunner:
+    """Runs a deserialized TensorRT plan: numpy in, numpy out, buffers sized once for the profile.
 
-    name = "tensorrt"
+    Memory goes through cuda-python's CUDA runtime bindings: pinned host buffers (so the copies are
+    truly asynchronous) and device buffers, one per I/O tensor, for the profile's largest batch.
+    One execution context serves one call at a time (a lock); batches larger than the profile's
+    maximum are split into chunks. Outputs are whatever the plan has (a subset of
+    ``logits``/``cam``/``early``); :class:`TensorRTEngine` requires all three.
+    """
 
-    def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *, device: int = 0):
-        """``bundle_dir``: the bundle (or its ``model.plan``); ``manifest``: its checked manifest
-        (read and hash-checked here when omitted)."""
-        from .bundle import load_manifest
-        from .engine import EngineOutput  # the runtime's output record (owned by the engine module)
-
-        bundle_dir = Path(bundle_dir)
-        if bundle_dir.name == PLAN_FILE:
-            bundle_dir = bundle_dir.parent
-        if manifest is None:
-            manifest = load_manifest(bundle_dir, require_calibration=False)
-
-        self._EngineOutput = EngineOutput
+    def __init__(self, plan: bytes, *, device: int = 0):
         self._lock = threading.Lock()
         self._device_ptrs: dict[str, int] = {}
         self._host_ptrs: dict[str, int] = {}
         self._stream = None
         trt = require_tensorrt()
         self._cudart = cudart = require_cudart()
-        self.bundle_dir = Path(bundle_dir)
-        self.section = dict(manifest.get(SECTION) or {})
-        self.device_tag = current_device_tag(device)
-        check_plan_compatibility(self.section, self.device_tag, (manifest.get("files") or {}).get(MODEL_FILE))
-
         cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        plan = (self.bundle_dir / PLAN_FILE).read_bytes()
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            raise PlanMismatch(f"{self.bundle_dir / PLAN_FILE}: TensorRT could not deserialize the plan")
+            raise PlanMismatch("TensorRT could not deserialize the plan (built by another TensorRT version "
+                               "or for another GPU?)")
         self._context = self._engine.create_execution_context()
-
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        missing = [n for n in (INPUT_NAME, *OUTPUT_NAMES) if n not in names]
-        if missing:
-            raise BundleError(f"model.plan lacks tensors {missing} (has {names})")
+        if INPUT_NAME not in names:
+            raise BundleError(f"the plan has no input {INPUT_NAME!r} (tensors {names})")
+        self.output_names = tuple(n for n in OUTPUT_NAMES if n in names)
         lo, opt, hi = (tuple(int(v) for v in s) for s in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
         self.profile = ShapeProfile(lo, opt, hi)
         self.max_batch = hi[0]
         self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
-
-        # Size every buffer for the largest admitted input, once.
         self._context.set_input_shape(INPUT_NAME, hi)
         self._stream = cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        for n in names:
+        for n in (INPUT_NAME, *self.output_names):
             shape = tuple(self._context.get_tensor_shape(n))
             nbytes = int(np.prod(shape)) * self._dtypes[n].itemsize
             self._device_ptrs[n] = int(cuda_check(cudart.cudaMalloc(nbytes), "cudaMalloc"))
             self._host_ptrs[n] = int(cuda_check(cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
             self._context.set_tensor_address(n, self._device_ptrs[n])
-        self.providers = ["TensorRT (native plan)"]
-        log.info("TensorRT engine ready: %s on %s, profile %s..%s", self.section.get("precision"),
-                 self.device_tag.gpu, lo, hi)
 
-    # -- Engine protocol -----------------------------------------------------------------------
-
-    def run(self, batch: np.ndarray):
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         x = np.asarray(batch)
         if x.dtype != np.float32 or x.ndim != 4:
             raise ValueError(f"expected a float32 [N,C,H,W] batch, got {x.dtype} {x.shape}")
@@ -162,8 +140,9 @@ class TensorRTEngine:
             raise ValueError(f"input shape {x.shape} is outside the plan's profile "
                              f"{self.profile.min}..{self.profile.max}")
         parts = [self._run_chunk(x[i:i + self.max_batch]) for i in range(0, x.shape[0], self.max_batch)]
-        out = {n: np.concatenate([p[n] for p in parts]) if len(parts) > 1 else parts[0][n] for n in OUTPUT_NAMES}
-        return self._EngineOutput(logits=out["logits"], cam=out["cam"], early=out["early"])
+        if len(parts) == 1:
+            return parts[0]
+        return {n: np.concatenate([p[n] for p in parts]) for n in self.output_names}
 
     def _host_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         dtype = self._dtypes[name]
@@ -183,30 +162,19 @@ class TensorRTEngine:
                                               host_in.nbytes, h2d, self._stream), "cudaMemcpyAsync H2D")
             if not self._context.execute_async_v3(self._stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
-            shapes = {n: tuple(self._context.get_tensor_shape(n)) for n in OUTPUT_NAMES}
-            for n in OUTPUT_NAMES:
+            shapes = {n: tuple(self._context.get_tensor_shape(n)) for n in self.output_names}
+            for n in self.output_names:
                 nbytes = int(np.prod(shapes[n])) * self._dtypes[n].itemsize
                 cuda_check(cudart.cudaMemcpyAsync(self._host_ptrs[n], self._device_ptrs[n], nbytes, d2h,
                                                   self._stream), "cudaMemcpyAsync D2H")
             cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             # Copy out of the pinned buffers before the lock is released: the next call reuses them.
-            return {n: self._host_view(n, shapes[n]).astype(np.float32, copy=True) for n in OUTPUT_NAMES}
-
-    def describe(self) -> dict:
-        return {
-            "engine": self.name,
-            "providers": list(self.providers),
-            "plan": PLAN_FILE,
-            "precision": self.section.get("precision"),
-            "tensorrt_version": self.device_tag.tensorrt_version,
-            "gpu": self.device_tag.gpu,
-            "compute_capability": self.device_tag.compute_capability,
-            "profile": self.profile.to_manifest(),
-            "built_at": self.section.get("built_at"),
-        }
+            return {n: self._host_view(n, shapes[n]).astype(np.float32, copy=True) for n in self.output_names}
 
     def close(self) -> None:
-        cudart = self._cudart
+        cudart = getattr(self, "_cudart", None)
+        if cudart is None:
+            return
         for ptr in self._device_ptrs.values():
             cudart.cudaFree(ptr)
         for ptr in self._host_ptrs.values():
@@ -222,3 +190,58 @@ class TensorRTEngine:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+class TensorRTEngine:
+    """Engine protocol over a bundle's ``model.plan``: ``run(batch [N,C,H,W] float32) -> EngineOutput``.
+
+    Refuses (:class:`PlanMismatch`) a plan whose tag names another TensorRT version, another GPU
+    architecture or another ``model.onnx`` than this machine and bundle have.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *, device: int = 0):
+        """``bundle_dir``: the bundle (or its ``model.plan``); ``manifest``: its checked manifest
+        (read and hash-checked here when omitted)."""
+        from .bundle import load_manifest
+        from .engine import EngineOutput  # the runtime's output record (owned by the engine module)
+
+        bundle_dir = Path(bundle_dir)
+        if bundle_dir.name == PLAN_FILE:
+            bundle_dir = bundle_dir.parent
+        if manifest is None:
+            manifest = load_manifest(bundle_dir, require_calibration=False)
+        self._EngineOutput = EngineOutput
+        self.bundle_dir = bundle_dir
+        self.section = dict(manifest.get(SECTION) or {})
+        self.device_tag = current_device_tag(device)
+        check_plan_compatibility(self.section, self.device_tag, (manifest.get("files") or {}).get(MODEL_FILE))
+        self._runner = PlanRunner((bundle_dir / PLAN_FILE).read_bytes(), device=device)
+        if self._runner.output_names != OUTPUT_NAMES:
+            raise BundleError(f"model.plan has outputs {self._runner.output_names}, expected {OUTPUT_NAMES}")
+        self.profile = self._runner.profile
+        self.max_batch = self._runner.max_batch
+        self.providers = ["TensorRT (native plan)"]
+        log.info("TensorRT engine ready: %s on %s, profile %s..%s", self.section.get("precision"),
+                 self.device_tag.gpu, self.profile.min, self.profile.max)
+
+    def run(self, batch: np.ndarray):
+        out = self._runner.run(batch)
+        return self._EngineOutput(logits=out["logits"], cam=out["cam"], early=out["early"])
+
+    def describe(self) -> dict:
+        return {
+            "engine": self.name,
+            "providers": list(self.providers),
+            "plan": PLAN_FILE,
+            "precision": self.section.get("precision"),
+            "tensorrt_version": self.device_tag.tensorrt_version,
+            "gpu": self.device_tag.gpu,
+            "compute_capability": self.device_tag.compute_capability,
+            "profile": self.profile.to_manifest(),
+            "built_at": self.section.get("built_at"),
+        }
+
+    def close(self) -> None:
+        self._runner.close()

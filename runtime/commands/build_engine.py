@@ -91,26 +91,6 @@ def _batches(paths, spec, batch_size: int):
         yield np.stack([preprocess(decode_file(p).pixels, spec) for p in paths[i:i + batch_size]])
 
 
-def guard_decider(bundle_dir, manifest):
-    """The serving guard's accept decision on one engine's outputs, from the bundle's calibration
-    (same tables and conformal cut as serving: :mod:`gamguard.runtime.calibration`)."""
-    from gamguard.runtime import calibration as cal_mod
-
-    data = cal_mod.CalibrationData.load(bundle_dir, manifest)
-    guard = manifest.get("guard") or {}
-    key = cal_mod.checks_key(guard.get("enforced_checks") or cal_mod.CHECKS)
-    policy = guard.get("policy", "calibrated")
-
-    def decide(batch, out):
-        scores = data.score(out.logits, out.cam, out.early)
-        pm, pf = data.null.pvalues(scores)
-        d = cal_mod.decide(pm, pf, scores.garbage_pred, checks=key, policy=policy, alpha=data.alpha,
-                           cut=data.cuts[key])
-        return ~d.reject
-
-    return decide, data.alpha
-
-
 def run(args):
     import json
     import logging
@@ -136,7 +116,7 @@ def run(args):
             log.info("wrote %s/model.plan (%s, TensorRT %s, %s sm %s)", bundle_dir, section["precision"],
                      section["tensorrt_version"], section["gpu"], section["compute_capability"])
         if args.check_drift:
-            from gamguard.runtime.tensorrt_drift import OrtCpuReference, drift_report
+            from gamguard.runtime.tensorrt_drift import OrtCpuReference, drift_report, guard_decider
             from gamguard.runtime.trt_engine import TensorRTEngine
 
             manifest = load_manifest(bundle_dir, require_calibration=False)
