@@ -393,3 +393,79 @@ def test_audit_log_has_verdicts_and_no_phi(env, accepted_phantom, tmp_path):
     assert {"time", "model", "version", "reasons"} <= set(rec)
     invalid = [r for r in lines if r["request_id"] == "audit-invalid"]
     assert invalid and invalid[0]["decision"] == "invalid"
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_predict_cli_table_json_and_overlays(env, accepted_phantom, tmp_path):
+    import subprocess
+    import sys
+
+    img, ref = accepted_phantom
+    good = tmp_path / "good.png"
+    good.write_bytes(png16(img))
+    noise = tmp_path / "noise.png"
+    noise.write_bytes(png16(ood("noise", NOISE_SEED)))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png16(img)[:100])
+    cmd = [sys.executable, "-m", "gamguard.runtime.cli", "predict", "--server", env["server"].target]
+    out = subprocess.run(cmd + ["--json", "--overlays", str(tmp_path / "ov"), str(good), str(noise), str(broken)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr  # one file refused
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["file"] for r in rows] == [str(good), str(noise), str(broken)]
+    assert rows[0]["accepted"] and rows[0]["label"] == ref.label
+    assert not rows[1]["accepted"] and rows[1]["label"] is None and rows[1]["reasons"]
+    assert rows[2]["status"] == "INVALID_ARGUMENT" and rows[2]["label"] is None
+    import cv2
+
+    for r in rows[:2]:
+        overlay = cv2.imread(r["overlay"])
+        assert overlay is not None and overlay.shape[0] > 100
+    out = subprocess.run(cmd + [str(good), str(noise)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["file", "decision", "label"]
+    assert "ACCEPTED" in lines[2] and ref.label in lines[2] and "REJECTED" in lines[3]
+
+
+def test_full_queue_answers_resource_exhausted_and_recovers(env):
+    """A slowed-down (wrapped real) engine and a queue of 2: the surplus is refused at once with
+    RESOURCE_EXHAUSTED, the rest is served, and the server recovers."""
+    import time
+
+    plane = env["server"].server.state.plane
+    guard, batcher = plane.guard, plane.batcher
+    real_engine, real_limits = guard.engine, (batcher.max_queue_size, batcher.max_batch_size)
+
+    class Slow:
+        name, providers = real_engine.name, real_engine.providers
+
+        def describe(self):
+            return real_engine.describe()
+
+        def run(self, batch):
+            time.sleep(0.3)
+            return real_engine.run(batch)
+
+    data = png16(ood("noise", NOISE_SEED))
+
+    def call(_):
+        try:
+            return verify(env, data).reasons[0]
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    try:
+        guard.engine = Slow()
+        batcher.max_queue_size, batcher.max_batch_size = 2, 1
+        with ThreadPoolExecutor(10) as pool:
+            outcomes = list(pool.map(call, range(10)))
+    finally:
+        guard.engine = real_engine
+        batcher.max_queue_size, batcher.max_batch_size = real_limits
+    refused = [o for o in outcomes if o == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    served = [o for o in outcomes if isinstance(o, str)]
+    assert refused and served and len(refused) + len(served) == 10, outcomes
+    assert not verify(env, data).accepted  # back to normal
