@@ -2,11 +2,9 @@
 the real demo bundle, and encoded test images (no mocks: every request goes over gRPC)."""
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 import subprocess
-import threading
 import zlib
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 
 from gamguard.runtime.bundle import default_bundle_dir
+from gamguard.runtime.server.background import BackgroundServer as ThreadedServer  # noqa: F401 (re-export)
 
 
 def demo_bundle() -> Path:
@@ -23,42 +22,6 @@ def demo_bundle() -> Path:
     if not (d / "bundle.json").is_file():
         pytest.skip(f"no calibrated bundle at {d} (the demo bundle is built by the lead's build script)")
     return d
-
-
-class ThreadedServer:
-    """A :class:`GuardServer` running in its own event loop thread, driven from synchronous tests."""
-
-    def __init__(self, config, guard_factory=None):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server-loop")
-        self.thread.start()
-
-        async def make():
-            from gamguard.runtime.server.app import GuardServer
-
-            return GuardServer(config, guard_factory=guard_factory)
-
-        self.server = self.call(make())
-
-    def call(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self, wait: bool = True) -> "ThreadedServer":
-        self.call(self.server.start())
-        if wait:
-            self.call(self.server.wait_ready(120))
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    def stop(self, grace: float = 5.0) -> None:
-        try:
-            self.call(self.server.stop(grace))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
 
 
 # ------------------------------------------------------------------------------------ test images
