@@ -253,3 +253,20 @@ def test_config_requires_tls_or_insecure(tmp_path):
         _parse(["--insecure", "--tls-cert", str(tmp_path / "c.pem")])
     with pytest.raises(ConfigError):
         ServeConfig(insecure=True, max_batch_size=0).validate()
+
+
+def test_batcher_waits_for_company_only_when_some_is_arriving():
+    import time
+
+    async def lone(arriving):
+        b = dp.MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=0.5,
+                            arriving=arriving)
+        await b.start()
+        t0 = time.perf_counter()
+        await b.submit(np.array([1.0]))
+        dt = time.perf_counter() - t0
+        await b.stop()
+        return dt
+
+    assert _run(lone(lambda: 0)) < 0.25  # nobody else coming: straight to the engine
+    assert _run(lone(lambda: 1)) >= 0.45  # someone is being decoded: wait (up to the delay)

@@ -8,7 +8,8 @@ directly). Errors are typed (:class:`InvalidRequest`, :class:`Overloaded`, :clas
 Dynamic micro-batching (:class:`MicroBatcher`): requests wait at most ``max_queue_delay`` after the
 first one of a batch arrived, or until ``max_batch_size`` are waiting, and then share one engine call
 (``Guard.verify_tensor``) run in a worker thread, so concurrent requests amortise the engine's fixed
-cost. The queue is bounded: when ``max_queue_size`` requests are already waiting a new one fails at
+cost. The data plane only waits while more requests are on their way (being decoded): a lone
+request goes to the engine at once instead of paying the delay for company that is not coming. The queue is bounded: when ``max_queue_size`` requests are already waiting a new one fails at
 once with :class:`Overloaded` instead of growing memory and latency without limit. Requests whose
 deadline passed while queued are dropped before the engine call.
 
@@ -154,13 +155,16 @@ class MicroBatcher:
     """Groups concurrent submissions into batches for ``run_batch`` (a blocking function of ``[N, ...]``
     returning N results), called in ``executor`` one batch at a time.
 
-    ``on_batch(size)`` and ``on_depth(waiting)`` are optional hooks (metrics).
+    ``on_batch(size)`` and ``on_depth(waiting)`` are optional hooks (metrics). ``arriving()``, when
+    given, says how many requests are about to be submitted; the batcher waits for company only while
+    it is positive (without it, it always waits up to ``max_queue_delay_s``, like Triton).
     """
 
     def __init__(self, run_batch: Callable[[np.ndarray], Sequence], *, max_batch_size: int = 8,
                  max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
                  executor: concurrent.futures.Executor | None = None,
-                 on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None,
+                 arriving: Callable[[], int] | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_queue_size < 1:
@@ -173,6 +177,7 @@ class MicroBatcher:
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gamguard-engine")
         self._on_batch = on_batch
         self._on_depth = on_depth
+        self._arriving = arriving
         self._items: collections.deque[_Item] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -230,6 +235,8 @@ class MicroBatcher:
             # Wait for company: until the batch is full or the first item has waited long enough.
             wait_until = self._items[0].enqueued + self.max_queue_delay_s
             while len(self._items) < self.max_batch_size and not self._closing:
+                if self._arriving is not None and self._arriving() <= 0:
+                    break
                 remaining = wait_until - loop.time()
                 if remaining <= 0:
                     break
@@ -301,7 +308,9 @@ class DataPlane:
             max_queue_size=self.config.max_queue_size,
             on_batch=metrics.observe_batch if metrics else None,
             on_depth=metrics.set_queue_depth if metrics else None,
+            arriving=lambda: self._decoding,
         )
+        self._decoding = 0  # requests between arrival and the batcher (being decoded)
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -395,7 +404,11 @@ class DataPlane:
         t0 = time.perf_counter()
         deadline = loop.time() + timeout_s if timeout_s is not None else None
         try:
-            decoded, x, decode_ms = await loop.run_in_executor(self._decode_pool, self._decode, data, array, frame)
+            self._decoding += 1
+            try:
+                decoded, x, decode_ms = await loop.run_in_executor(self._decode_pool, self._decode, data, array, frame)
+            finally:
+                self._decoding -= 1
             verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
         except InvalidRequest as exc:
             self._record_invalid(request_id, protocol, str(exc))
