@@ -1,0 +1,379 @@
+"""TensorRT support: what runs without a GPU (profiles, plan tags and the refusal rules, engine
+selection, the build-engine command's validation and its clear error without TensorRT, the drift and
+false-rejection-rate arithmetic on real ONNX Runtime outputs), and — only where TensorRT and a CUDA
+GPU are present — a real plan build with parity against ONNX Runtime on the CPU."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from gamguard.runtime import bundle as bundle_mod
+from gamguard.runtime.bundle import InputSpec
+from gamguard.runtime.cli import CommandError
+from gamguard.runtime.commands import build_engine as build_engine_cmd
+from gamguard.runtime.tensorrt_drift import DriftAccumulator, OrtCpuReference, drift_report, frr_check, frr_tolerance
+from gamguard.runtime.tensorrt_plan import (
+    DeviceTag,
+    PlanMismatch,
+    ShapeProfile,
+    TensorRTUnavailable,
+    check_plan_compatibility,
+    make_profile,
+    parse_batch_range,
+    parse_spatial_range,
+)
+from gamguard.runtime.trt_engine import TensorRTEngine, plan_status, select_engine
+
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+SPEC = InputSpec(channels=1, height=64, width=48, mean=(0.5,), std=(0.25,))
+
+
+# ----------------------------------------------------------------------------------- profiles
+
+
+def test_parse_batch_range_accepts_triples_and_a_single_max():
+    assert parse_batch_range("1:8:32") == (1, 8, 32)
+    assert parse_batch_range("16") == (1, 16, 16)
+    assert parse_batch_range(" 2 : 4 : 4 ") == (2, 4, 4)
+
+
+@pytest.mark.parametrize("bad", ["0:1:2", "8:4:16", "1:8:4", "a:b:c", "1:2", "1:2:3:4", "1:8:100000"])
+def test_parse_batch_range_rejects_nonsense(bad):
+    with pytest.raises(ValueError, match="batch range"):
+        parse_batch_range(bad)
+
+
+def test_parse_spatial_range():
+    assert parse_spatial_range("128:512") == (128, 512)
+    for bad in ("512:128", "4:64", "x:1", "64"):
+        with pytest.raises(ValueError, match="spatial range"):
+            parse_spatial_range(bad)
+
+
+def test_profile_pins_spatial_axes_for_a_fixed_size_model():
+    p = make_profile(SPEC, (1, 8, 32), network_input_shape=(-1, 1, 64, 48))
+    assert p == ShapeProfile((1, 1, 64, 48), (8, 1, 64, 48), (32, 1, 64, 48))
+    assert p.admits((5, 1, 64, 48)) and not p.admits((33, 1, 64, 48)) and not p.admits((5, 1, 64, 64))
+    with pytest.raises(ValueError, match="dynamic height and width"):
+        make_profile(SPEC, (1, 8, 32), spatial=(32, 128), network_input_shape=(-1, 1, 64, 48))
+
+
+def test_profile_gives_a_spatial_range_only_when_the_graph_allows_it():
+    p = make_profile(SPEC, (1, 4, 16), spatial=(32, 128), network_input_shape=(-1, 1, -1, -1))
+    assert p.min == (1, 1, 32, 32) and p.opt == (4, 1, 64, 48) and p.max == (16, 1, 128, 128)
+    with pytest.raises(ValueError, match="must contain"):
+        make_profile(SPEC, (1, 4, 16), spatial=(96, 128), network_input_shape=(-1, 1, -1, -1))
+
+
+def test_profile_refuses_a_graph_that_disagrees_with_the_manifest():
+    with pytest.raises(bundle_mod.BundleError, match="3 channels"):
+        make_profile(SPEC, network_input_shape=(-1, 3, 64, 48))
+    with pytest.raises(bundle_mod.BundleError, match="axis 2 is 128"):
+        make_profile(SPEC, network_input_shape=(-1, 1, 128, 48))
+
+
+# ----------------------------------------------------------------------------------- plan tags
+
+ORIN = DeviceTag("10.3.0", "Orin", "8.7")
+
+
+def tag_section(device=ORIN, onnx="abc"):
+    return {**device.to_manifest(), "precision": "fp16", "onnx_sha256": onnx,
+            "profile": ShapeProfile((1, 1, 64, 48), (8, 1, 64, 48), (32, 1, 64, 48)).to_manifest()}
+
+
+def test_plan_built_here_is_accepted():
+    check_plan_compatibility(tag_section(), ORIN, "abc")  # no exception
+
+
+def test_plan_for_another_tensorrt_version_is_refused_with_both_versions_named():
+    with pytest.raises(PlanMismatch, match=r"TensorRT 10\.3\.0 but this machine has TensorRT 10\.7\.0"):
+        check_plan_compatibility(tag_section(), DeviceTag("10.7.0", "Orin", "8.7"), "abc")
+
+
+def test_plan_for_another_gpu_architecture_is_refused():
+    with pytest.raises(PlanMismatch, match=r"built for GPU Orin \(compute capability 8\.7\).*NVIDIA H100"):
+        check_plan_compatibility(tag_section(), DeviceTag("10.3.0", "NVIDIA H100 80GB HBM3", "9.0"), "abc")
+
+
+def test_stale_plan_and_untagged_plan_are_refused():
+    with pytest.raises(PlanMismatch, match="different model.onnx"):
+        check_plan_compatibility(tag_section(onnx="old"), ORIN, "new")
+    with pytest.raises(PlanMismatch, match="untagged"):
+        check_plan_compatibility(None, ORIN, "abc")
+
+
+def test_same_architecture_other_board_is_allowed_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        check_plan_compatibility(tag_section(DeviceTag("10.3.0", "NVIDIA A10", "8.6")),
+                                 DeviceTag("10.3.0", "NVIDIA RTX A6000", "8.6"), "abc")
+    assert "tuned for the other board" in caplog.text
+
+
+# ----------------------------------------------------------------------------------- engine selection
+
+
+def make_bundle(tmp_path, *, plan: bool, tag: bool, onnx_bytes=b"onnx-model"):
+    d = tmp_path / "bundle"
+    d.mkdir()
+    (d / "model.onnx").write_bytes(onnx_bytes)
+    if plan:
+        (d / "model.plan").write_bytes(b"serialized-engine")
+    manifest = {"model": {"name": "t", "version": "1"}, "input": SPEC.to_manifest()}
+    manifest = bundle_mod.write_manifest(d, manifest)
+    if tag:
+        manifest["tensorrt"] = tag_section(onnx=manifest["files"]["model.onnx"])
+        manifest = bundle_mod.write_manifest(d, manifest)
+    return d, bundle_mod.load_manifest(d, require_calibration=False)
+
+
+class Opened:
+    """Stands in for the GPU engine in selection tests: records that selection chose to open it."""
+
+    def __init__(self, bundle_dir, manifest):
+        self.bundle_dir = bundle_dir
+
+
+def refuse_with(exc):
+    def opener(bundle_dir, manifest):
+        raise exc
+    return opener
+
+
+def test_plan_status_explains_why_a_plan_is_not_usable(tmp_path):
+    d, m = make_bundle(tmp_path, plan=False, tag=False)
+    assert plan_status(d, m) == (False, "the bundle has no model.plan")
+    (tmp_path / "b").mkdir()
+    d2, m2 = make_bundle(tmp_path / "b", plan=True, tag=False)
+    ok, why = plan_status(d2, m2)
+    assert not ok and "no 'tensorrt' tag" in why
+    m2 = dict(m2, tensorrt=tag_section(onnx="stale"))
+    assert plan_status(d2, m2) == (False, "model.plan was built from another model.onnx (stale)")
+
+
+def test_selection_prefers_a_tagged_plan_and_falls_back_to_onnxruntime(tmp_path):
+    d, m = make_bundle(tmp_path, plan=True, tag=True)
+    assert plan_status(d, m)[0]
+    assert isinstance(select_engine(d, m, "auto", open_tensorrt=Opened), Opened)
+    assert select_engine(d, m, "onnx", open_tensorrt=refuse_with(AssertionError("must not open"))) is None
+    # TensorRT missing on this box: auto falls back, an explicit request fails with the reason.
+    missing = refuse_with(TensorRTUnavailable("TensorRT is not installed"))
+    assert select_engine(d, m, "auto", open_tensorrt=missing) is None
+    with pytest.raises(TensorRTUnavailable, match="not installed"):
+        select_engine(d, m, "tensorrt", open_tensorrt=missing)
+    # A plan for another GPU is a deployment mistake: never silently served through ONNX Runtime.
+    with pytest.raises(PlanMismatch):
+        select_engine(d, m, "auto", open_tensorrt=refuse_with(PlanMismatch("built for GPU X")))
+    with pytest.raises(ValueError, match="prefer"):
+        select_engine(d, m, "fastest")
+
+
+def test_selection_without_a_plan(tmp_path, caplog):
+    d, m = make_bundle(tmp_path, plan=False, tag=False)
+    with caplog.at_level(logging.INFO, logger="gamguard.runtime.trt_engine"):
+        assert select_engine(d, m, "auto", open_tensorrt=refuse_with(AssertionError("no plan"))) is None
+    assert "no native TensorRT plan" in caplog.text
+    with pytest.raises(PlanMismatch, match="gamguard build-engine"):
+        select_engine(d, m, "tensorrt")
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here")
+def test_native_engine_without_tensorrt_fails_with_install_hint(tmp_path):
+    d, m = make_bundle(tmp_path, plan=True, tag=True)
+    with pytest.raises(TensorRTUnavailable, match=r"TensorRT is not installed.*gamguard\[gpu\]"):
+        TensorRTEngine(d, m)
+
+
+# ----------------------------------------------------------------------------------- build-engine CLI
+
+
+def cli(argv):
+    """Parse and run ``gamguard build-engine`` exactly as the dispatcher does."""
+    parser = argparse.ArgumentParser(prog="gamguard build-engine")
+    build_engine_cmd.add_arguments(parser)
+    return build_engine_cmd.run(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "8:4:2"], "batch range"),
+    (["--spatial", "64"], "spatial range"),
+    (["--workspace-mb", "1"], "workspace"),
+    (["--no-build"], "--check-drift"),
+    (["--no-build", "--check-drift", ".", "--out", "x"], "cannot be combined"),
+])
+def test_build_engine_validates_flags_before_touching_the_gpu(argv, message):
+    with pytest.raises(CommandError, match=message):
+        cli(argv)
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here")
+def test_build_engine_without_tensorrt_is_a_clear_user_error(tmp_path):
+    d, _ = make_bundle(tmp_path, plan=False, tag=False)
+    before = (d / "bundle.json").read_text()
+    with pytest.raises(CommandError, match=r"TensorRT is not installed.*pip install 'gamguard\[gpu\]'"):
+        cli(["--bundle", str(d), "--fp16"])
+    assert (d / "bundle.json").read_text() == before and not (d / "model.plan").exists()
+
+
+def test_build_engine_refuses_a_tampered_bundle_first(tmp_path):
+    d, _ = make_bundle(tmp_path, plan=False, tag=False)
+    (d / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(CommandError, match="does not match its SHA-256"):
+        cli(["--bundle", str(d)])
+
+
+# ----------------------------------------------------------------------------------- drift arithmetic
+
+
+def tiny_fused_onnx(path, *, classes=3, size=16):
+    """A real (tiny) fused-model-shaped ONNX graph: image → logits, cam, early."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(1, classes)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Sigmoid", ["image"], ["sig"]),
+        helper.make_node("Squeeze", ["sig", "axes"], ["cam"]),
+        helper.make_node("AveragePool", ["image"], ["early"], kernel_shape=[4, 4], strides=[4, 4]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+         helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", size, size]),
+         helper.make_tensor_value_info("early", TensorProto.FLOAT, ["N", 1, size // 4, size // 4])],
+        initializer=[w, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+class Perturbed:
+    """An engine whose outputs differ from ONNX Runtime's by a known amount (as FP16 would)."""
+
+    def __init__(self, inner, delta):
+        self.inner, self.delta = inner, delta
+
+    def run(self, batch):
+        from gamguard.runtime.engine import EngineOutput
+
+        o = self.inner.run(batch)
+        return EngineOutput(logits=o.logits + self.delta, cam=o.cam - self.delta, early=o.early)
+
+
+def test_drift_report_measures_real_onnxruntime_outputs(tmp_path):
+    from gamguard.runtime.engine import OnnxEngine
+
+    model = tiny_fused_onnx(tmp_path / "model.onnx")
+    reference = OrtCpuReference(model, threads=1)
+    candidate = OnnxEngine(model, providers="cpu", threads=1)
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(size=(5, 1, 16, 16)).astype(np.float32) for _ in range(3)]
+    same = drift_report(reference, candidate, batches)["drift"]
+    assert same["n"] == 15 and same["top1_agreement"] == 1.0
+    assert same["cam"]["max_abs"] < 1e-6 and same["cam"]["min_cosine"] > 0.999999
+
+    shifted = drift_report(reference, Perturbed(candidate, 0.01), batches)["drift"]
+    assert shifted["logits"]["max_abs"] == pytest.approx(0.01, rel=1e-3)
+    assert shifted["cam"]["mean_abs"] == pytest.approx(0.01, rel=1e-3)
+    assert shifted["early"]["max_abs"] < 1e-6
+
+    # With a guard decision, the report re-measures the FRR on the candidate engine.
+    decide = lambda batch, out: out.logits.max(axis=1) > 0.0  # noqa: E731 - accept confident inputs
+    with_frr = drift_report(reference, candidate, batches, decide=decide, alpha=0.05)
+    ref_rate = 1.0 - np.mean(np.concatenate([decide(b, reference.run(b)) for b in batches]))
+    assert with_frr["frr"]["candidate"]["frr"] == pytest.approx(ref_rate)
+    assert with_frr["frr"]["decision_agreement"] == 1.0
+
+
+def test_frr_tolerance_is_the_binomial_upper_bound():
+    assert frr_tolerance(0.05, 400) == pytest.approx(0.05 + 1.645 * math.sqrt(0.05 * 0.95 / 400))
+    ok = frr_check(np.array([True] * 95 + [False] * 5), 0.05)
+    assert ok["frr"] == pytest.approx(0.05) and ok["holds"]
+    bad = frr_check(np.array([True] * 85 + [False] * 15), 0.05)
+    assert bad["frr"] == pytest.approx(0.15) and not bad["holds"]
+
+
+def test_drift_accumulator_rejects_mismatched_shapes():
+    from gamguard.runtime.engine import EngineOutput
+
+    a = EngineOutput(logits=np.zeros((2, 3), np.float32), cam=np.zeros((2, 4, 4), np.float32),
+                     early=np.zeros((2, 1, 2, 2), np.float32))
+    b = EngineOutput(logits=np.zeros((2, 3), np.float32), cam=np.zeros((2, 8, 8), np.float32),
+                     early=np.zeros((2, 1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="cam"):
+        DriftAccumulator().add(a, b)
+
+
+# ----------------------------------------------------------------------------------- on a GPU only
+
+
+def _gpu_available() -> bool:
+    if not HAVE_TENSORRT:
+        return False
+    try:
+        from gamguard.runtime.tensorrt_plan import current_device_tag
+
+        current_device_tag()
+        return True
+    except Exception:  # noqa: BLE001 - any reason means: no usable GPU here
+        return False
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="needs TensorRT 10, cuda-python and a CUDA GPU")
+def test_plan_build_and_parity_on_gpu(tmp_path):
+    from _grpc_testlib import demo_bundle
+
+    src = demo_bundle()
+    out = tmp_path / "bundle"
+    assert cli(["--bundle", str(src), "--out", str(out), "--batch", "1:4:8"]) == 0
+    manifest = bundle_mod.load_manifest(out, require_calibration=False)
+    section = manifest["tensorrt"]
+    assert section["precision"] == "fp32" and manifest["files"]["model.plan"]
+    engine = TensorRTEngine(out, manifest)
+    spec = InputSpec.from_manifest(manifest["input"])
+    x = np.random.default_rng(0).normal(size=(11, spec.channels, spec.height, spec.width)).astype(np.float32)
+    report = drift_report(OrtCpuReference(out / "model.onnx"), engine, [x])["drift"]  # 11 > max batch 8
+    assert report["n"] == 11
+    assert report["logits"]["max_rel"] < 1e-2 and report["cam"]["max_abs"] < 2e-2
+    assert json.dumps(engine.describe())
+
+
+def test_drift_check_uses_the_serving_guards_decisions():
+    """The FRR the drift check measures comes from the same decision the server makes."""
+    from _grpc_testlib import demo_bundle
+
+    from gamguard.runtime.engine import OnnxEngine
+    from gamguard.runtime.guard import Guard
+    from gamguard.runtime.preprocess import preprocess
+    from gamguard.runtime.tensorrt_drift import guard_decider
+
+    src = demo_bundle()
+    manifest = bundle_mod.load_manifest(src)
+    spec = InputSpec.from_manifest(manifest["input"])
+    rng = np.random.default_rng(3)
+    # Mixed inputs (smooth gradients and noise) so that both decisions occur.
+    images = [np.clip(np.linspace(0, 1, spec.width)[None, :] * rng.uniform(0.5, 1.0)
+                      + rng.normal(0, s, (spec.height, spec.width)), 0, 1).astype(np.float32)
+              for s in (0.0, 0.05, 0.3, 0.6) for _ in range(3)]
+    x = np.stack([preprocess(im, spec) for im in images])
+    guard = Guard.from_bundle(src, prefer="onnx", threads=1)
+    served = np.array([v.accepted for v in guard.verify_tensor(x)])
+    decide, alpha = guard_decider(src, manifest)
+    engine = OnnxEngine(src / "model.onnx", providers="cpu", threads=1)
+    assert np.array_equal(decide(x, engine.run(x)), served)
+    assert alpha == guard.alpha
+    report = drift_report(OrtCpuReference(src / "model.onnx", threads=1), engine, [x], decide=decide, alpha=alpha)
+    assert report["frr"]["candidate"]["frr"] == pytest.approx(1 - served.mean())
+    assert report["frr"]["decision_agreement"] == 1.0
