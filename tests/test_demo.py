@@ -31,5 +31,9 @@ def test_demo_runs_end_to_end(tmp_path):
             if not r["accepted"]:
                 assert r["label"] is None and r["reasons"]
     assert "drained and stopped" in out.stderr
-    audit = (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()
-    assert len(audit) == len(report["results"])
+    audit = [json.loads(line) for line in (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()]
+    audited = {a["request_id"] for a in audit}
+    assert all(r["request_id"] in audited for r in report["results"] if r.get("request_id"))
+    assert len(audit) == len(report["results"]) + 2  # + the two Open Inference Protocol calls
+    oip = report["open_inference"]
+    assert oip["model_ready"] and oip["rejected_accepted"] is False and oip["rejected_outputs"] == "none"

@@ -70,6 +70,37 @@ def _inputs(out_dir, seed: int):
     return items
 
 
+def _open_inference_check(target: str, model: str, items, accepted_name, rejected_name) -> dict:
+    """The same server through the Open Inference Protocol v2 (what tritonclient.grpc sends)."""
+    import grpc
+    import numpy as np
+
+    from gamguard.proto import grpc_predict_v2_pb2 as pb
+    from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+    from gamguard.runtime.server.grpc_inference import deserialize_bytes, serialize_bytes
+
+    def infer(stub, data: bytes):
+        req = pb.ModelInferRequest(model_name=model)
+        req.inputs.add(name="image", datatype="BYTES", shape=[1])
+        req.raw_input_contents.append(serialize_bytes([data]))
+        resp = stub.ModelInfer(req, timeout=60)
+        out = {o.name: raw for o, raw in zip(resp.outputs, resp.raw_output_contents)}
+        accepted = bool(np.frombuffer(out["accepted"], np.bool_)[0])
+        label = deserialize_bytes(out["label"])[0].decode() if "label" in out else None
+        return accepted, label, resp.parameters["reasons"].string_param, sorted(set(out) & {"label", "probabilities"})
+
+    by_name = {name: (group, data) for name, group, data in items}
+    first_in = accepted_name or next(n for n, (g, _) in by_name.items() if g == "in-distribution")
+    first_out = rejected_name or next(n for n, (g, _) in by_name.items() if g == "off-distribution")
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        ready = stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=10).ready
+        accepted, label, reasons, _ = infer(stub, by_name[first_in][1])
+        r_accepted, _, _, r_outputs = infer(stub, by_name[first_out][1])
+    return {"model_ready": ready, "file": first_in, "accepted": accepted, "label": label, "reasons": reasons,
+            "rejected_file": first_out, "rejected_accepted": r_accepted, "rejected_outputs": r_outputs or "none"}
+
+
 def run(args):
     import asyncio
     import json
@@ -103,6 +134,7 @@ def run(args):
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
 
     items = _inputs(out_dir, args.seed)
+    (out_dir / "audit.jsonl").unlink(missing_ok=True)  # this run's verdicts only
     config = ServeConfig(bundle=str(bundle_dir), host="127.0.0.1", port=0, insecure=True,
                          audit_log=str(out_dir / "audit.jsonl"), shutdown_grace_s=10.0)
 
@@ -140,8 +172,17 @@ def run(args):
                 rec["overlay"] = str(out) if out else None
                 records.append(rec)
                 groups.append(group)
-        return {"records": records, "groups": groups, "model": {"name": info.model.name,
-                "version": info.model.version, "bundle_hash": info.model.bundle_hash}}
+        # for the OIP call, an input the Guard service accepted and one it rejected (if any)
+        accepted = next((r["file"] for r in records if r.get("accepted")), None)
+        rejected = next((r["file"] for r, g in zip(records, groups) if g == "off-distribution"
+                         and r.get("request_id") and not r.get("accepted")), None)
+        oip = _open_inference_check(target, info.model.name, items, accepted, rejected)
+        say(f"open inference protocol: ModelInfer({oip['file']}) -> accepted={oip['accepted']} "
+            f"label={oip['label']} reasons={oip['reasons'] or '-'}; ModelInfer({oip['rejected_file']}) -> "
+            f"accepted={oip['rejected_accepted']}, class outputs {oip['rejected_outputs']}")
+        return {"records": records, "groups": groups, "open_inference": oip,
+                "model": {"name": info.model.name, "version": info.model.version,
+                          "bundle_hash": info.model.bundle_hash}}
 
     async def main() -> dict:
         server = GuardServer(config)
@@ -174,6 +215,7 @@ def run(args):
     elapsed = time.perf_counter() - t_start
     if args.json:
         print(json.dumps({"model": result["model"], "results": [dict(r, group=g) for r, g in zip(records, groups)],
+                          "open_inference": result["open_inference"],
                           "summary": summary, "overlays": str(overlay_dir), "seconds": round(elapsed, 1)}))
         return 0
     print()
