@@ -160,7 +160,7 @@ class PlanRunner:
             host_in[...] = x.astype(self._dtypes[INPUT_NAME], copy=False)
             cuda_check(cudart.cudaMemcpyAsync(self._device_ptrs[INPUT_NAME], self._host_ptrs[INPUT_NAME],
                                               host_in.nbytes, h2d, self._stream), "cudaMemcpyAsync H2D")
-            if not self._context.execute_async_v3(self._stream):
+            if not self._context.execute_async_v3(int(self._stream)):  # the raw cudaStream_t handle
                 raise RuntimeError("TensorRT execute_async_v3 failed")
             shapes = {n: tuple(self._context.get_tensor_shape(n)) for n in self.output_names}
             for n in self.output_names:
