@@ -23,6 +23,7 @@ COMMANDS = (
     "data",
     "train",
     "export",
+    "build-engine",
     "calibrate",
     "verify",
     "suitability",
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        module = importlib.import_module(f"gamguard.runtime.commands.{name}")
+        module = importlib.import_module(f"gamguard.runtime.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
