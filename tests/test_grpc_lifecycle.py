@@ -134,14 +134,20 @@ def test_mutual_tls_and_bearer_token(certs):
         server.stop()
 
 
-def test_tls_without_client_auth(certs):
+def test_tls_without_client_auth_and_plaintext_health_port(certs):
     bundle = demo_bundle()
     cfg = ServeConfig(bundle=str(bundle), host="127.0.0.1", port=0, tls_cert=str(certs["server"][0]),
-                      tls_key=str(certs["server"][1])).validate()
+                      tls_key=str(certs["server"][1]), health_port=0).validate()
     server = ThreadedServer(cfg).start()
     from gamguard.runtime.server.client import GuardClient
 
     try:
+        # the extra health port speaks plaintext (kubelet probes) and serves nothing but health
+        with grpc.insecure_channel(f"127.0.0.1:{server.server.health_port}") as ch:
+            assert _health(ch) == SERVING and _health(ch, "gamguard.v1.Guard") == SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                guard_pb2_grpc.GuardStub(ch).GetModelInfo(guard_pb2.ModelInfoRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         with GuardClient(server.target, ca_cert=certs["ca"][0], server_name="localhost", timeout=30) as c:
             assert c.model_info().class_names
         _other_ca = certs["dir"] / "other-ca.crt"

@@ -189,7 +189,9 @@ class GuardServer:
         self.state = ServerState()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self._load_task: asyncio.Task | None = None
@@ -237,11 +239,23 @@ class GuardServer:
             raise OSError(f"cannot bind {address}")
         self.port = int(port)
         await self.server.start()
+        if cfg.health_port is not None:
+            # Health alone, plaintext: same servicer (same states) as on the main port. It carries no
+            # images or verdicts, only SERVING / NOT_SERVING, so TLS-less probes can reach it.
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            address = f"{cfg.health_host or cfg.bind_host}:{cfg.health_port}"
+            hport = self.health_server.add_insecure_port(address)
+            if not hport:
+                raise OSError(f"cannot bind the health port {address}")
+            self.health_port = int(hport)
+            await self.health_server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host or cfg.bind_host)
-        log.info("gRPC listening on %s (%s)%s", address.rsplit(":", 1)[0] + f":{self.port}",
+        log.info("gRPC listening on %s:%s (%s)%s%s", cfg.bind_host, self.port,
                  "plaintext" if cfg.insecure else ("mutual TLS" if cfg.tls_client_ca else "TLS"),
-                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "")
+                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
+                 f", plaintext health on :{self.health_port}" if self.health_port else "")
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="gamguard-load")
         return self.port
 
@@ -292,6 +306,8 @@ class GuardServer:
             await asyncio.sleep(self.config.drain_delay_s)
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:  # kept answering NOT_SERVING until the main port closed
+            await self.health_server.stop(0)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.state.plane is not None:

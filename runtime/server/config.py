@@ -39,6 +39,8 @@ class ServeConfig:
     auth_token_file: str | None = None
     metrics_port: int | None = None
     metrics_host: str | None = None  # None: same as host
+    health_port: int | None = None  # extra plaintext port with grpc.health.v1.Health only
+    health_host: str | None = None  # None: same as host
     max_batch_size: int = 8
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 64
@@ -76,8 +78,12 @@ class ServeConfig:
                     raise ConfigError(f"--{name.replace('_', '-')}: {value}: no such file")
         if self.auth_token_file and not Path(self.auth_token_file).is_file():
             raise ConfigError(f"--auth-token-file: {self.auth_token_file}: no such file")
-        if not (0 <= int(self.port) <= 65535):
-            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        for name in ("port", "metrics_port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= int(value) <= 65535):
+                raise ConfigError(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
+        if self.health_port is not None and self.health_port != 0 and self.health_port in (self.port, self.metrics_port):
+            raise ConfigError("--health-port must differ from --port and --metrics-port")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ConfigError("--max-batch-size and --max-queue-size must be >= 1")
         if self.max_queue_delay_ms < 0:
@@ -102,6 +108,9 @@ _FLAGS = (
                                "(health checks are exempt)"),
     ("--metrics-port", int, "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"),
     ("--metrics-host", str, "address for the metrics endpoint (default: same as --host)"),
+    ("--health-port", int, "also serve grpc.health.v1.Health alone, in plaintext, on this port (for probes that "
+                           "cannot speak TLS, e.g. kubelet's gRPC probes; default: off)"),
+    ("--health-host", str, "address for --health-port (default: same as --host)"),
     ("--max-batch-size", int, "most requests sharing one engine call (default 8)"),
     ("--max-queue-delay-ms", float, "longest a request waits for others to fill a batch (default 5)"),
     ("--max-queue-size", int, "requests waiting beyond this are refused with RESOURCE_EXHAUSTED (default 64)"),
@@ -122,7 +131,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "(keys are flag names; flags given on the command line win)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="plaintext gRPC (no TLS); binds 127.0.0.1 unless --host is given")
-    metavars = {"--bundle": "DIR", "--host": "HOST", "--metrics-host": "HOST", "--providers": "LIST",
+    metavars = {"--bundle": "DIR", "--host": "HOST", "--metrics-host": "HOST", "--health-host": "HOST", "--providers": "LIST",
                 "--policy": "NAME", "--audit-log": "FILE"}
     for flag, typ, help_text in _FLAGS:
         metavar = metavars.get(flag) or ("FILE" if typ is str else flag.lstrip("-").split("-")[-1].upper())
@@ -177,7 +186,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             v = getattr(cfg, f.name)
             if v is None:
                 continue
-            if f.name in ("port", "metrics_port", "max_batch_size", "max_queue_size", "max_message_mb",
+            if f.name in ("port", "metrics_port", "health_port", "max_batch_size", "max_queue_size", "max_message_mb",
                           "max_pixels", "decode_workers", "threads"):
                 setattr(cfg, f.name, int(v))
             elif f.name in ("max_queue_delay_ms", "shutdown_grace_s", "drain_delay_s"):
