@@ -170,7 +170,9 @@ def test_serve_cli_drains_in_flight_stream_on_sigterm(tmp_path):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         line = proc.stdout.readline()
-        assert "serving on" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        if "serving on" not in line:
+            proc.kill()
+            pytest.fail(f"`gamguard serve` did not start: {line!r}\n{proc.communicate(timeout=30)[1][-3000:]}")
         target = line.split("serving on ")[1].split(",")[0].strip()
         channel = grpc.insecure_channel(target)
         stub = guard_pb2_grpc.GuardStub(channel)
