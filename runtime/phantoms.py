@@ -193,8 +193,10 @@ def _draw_bone(cv: _Canvas, prox, dist, width, *, epi_end, epi_ratio, gap, angle
                 a = start
             else:
                 b = start
-    # shaft with slightly flared ends (metaphyses / heads)
-    cv.capsule(a, b, width * 0.82, ("outer",))
+    # shaft with slightly flared ends (metaphyses / heads). A thick cv2.line has round caps of
+    # radius thickness/2 beyond its end points: pull the ends in so the caps do not fill the physis.
+    cap = min(width * 0.41, length * 0.3)
+    cv.capsule(a + u * cap, b - u * cap, width * 0.82, ("outer",))
     cv.ellipse(a + u * width * 0.35, width * 0.5, width * 0.35, angle_deg + 90, ("outer",))
     cv.ellipse(b - u * width * 0.35, width * 0.5, width * 0.35, angle_deg + 90, ("outer",))
     inset = min(width * 0.7, length * 0.25)
@@ -245,15 +247,16 @@ def hand_phantom(stage: int, rng: np.random.Generator, size: int = 256, *, acqui
     if acquisition:
         rot = _uniform(rng, -15, 15)
         scale = _uniform(rng, 0.9, 1.08)
-        tx, ty = _uniform(rng, -0.06, 0.06), _uniform(rng, -0.05, 0.05)
+        tx, ty = _uniform(rng, -0.05, 0.05), _uniform(rng, -0.04, 0.04)
     else:
         rot, scale, tx, ty = 0.0, 1.0, 0.0, 0.0
-    k = hand_size * scale * 1.2  # 1.2: the hand fills the frame as in bone-age radiographs
+    k = hand_size * scale * 1.12  # the hand fills the frame, distal forearm included, as in bone-age films
     c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
-    # rotate/scale about the frame centre (0.5, 0.58), then translate
-    cx, cy = 0.5, 0.56
+    # rotate/scale about the canonical hand centre (0.53, 0.56), which lands at the image centre
+    # (0.5, 0.5) + translation: fingertips near the top, the distal forearm near the bottom
+    pivot = np.array([0.53, 0.56])
     lin = np.array([[c, -s], [s, c]]) * k
-    off = np.array([cx + tx, cy + ty]) - lin @ np.array([cx, cy])
+    off = np.array([0.5 + tx, 0.5 + ty]) - lin @ pivot
     matrix = np.hstack([lin, off[:, None]]) * size
     cv = _Canvas(size, matrix)
     params.update(rotation_deg=round(rot, 3), scale=round(scale, 4), shift=[round(tx, 4), round(ty, 4)])
@@ -558,12 +561,15 @@ def _ood_chest(rng, size):
 
 
 def _ood_cropped_hand(rng, size):
-    h = hand_phantom(int(rng.integers(len(CLASS_NAMES))), rng, size).image
-    frac = _uniform(rng, 0.3, 0.5)
-    c = int(size * frac)
-    y0 = 0 if rng.random() < 0.5 else size - c
-    x0 = 0 if rng.random() < 0.5 else size - c
-    return cv2.resize(h[y0 : y0 + c, x0 : x0 + c], (size, size), interpolation=cv2.INTER_LINEAR)
+    """A zoomed-in part of a hand (a few fingers, the wrist, an edge), as from a badly set crop."""
+    ph = hand_phantom(int(rng.integers(len(CLASS_NAMES))), rng, size)
+    c = int(size * _uniform(rng, 0.3, 0.5))
+    ys, xs = np.nonzero(ph.masks["hand"])
+    j = int(rng.integers(len(ys))) if len(ys) else 0
+    cy, cx = (int(ys[j]), int(xs[j])) if len(ys) else (size // 2, size // 2)
+    y0 = int(np.clip(cy - c // 2, 0, size - c))
+    x0 = int(np.clip(cx - c // 2, 0, size - c))
+    return cv2.resize(ph.image[y0 : y0 + c, x0 : x0 + c], (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def _ood_rotated_hand(rng, size):
