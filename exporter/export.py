@@ -1,0 +1,388 @@
+"""Export a classifier as a gamguard bundle: the fused Grad-CAM ONNX model plus ``bundle.json``.
+
+:func:`export_bundle` wraps the model in :class:`~gamguard.exporter.gradcam.FusedGradCAM`, exports
+it to ONNX (opset 18 with the ``torch.export``-based "dynamo" exporter by default; opset 17 with the
+legacy TorchScript exporter for TensorRT 8.x), checks the file with ``onnx.checker``, refuses any
+non-standard domain or gradient/training op, runs it with ONNX Runtime (CPU) at the example batch and
+at other batch sizes and compares every output with the torch wrapper — a mismatch is an
+:class:`ExportError`, never a silently wrong bundle. The manifest is written with
+:func:`gamguard.runtime.bundle.write_manifest`; calibration is left empty (``gamguard calibrate``
+fills it), so the runtime refuses to serve the bundle until it is calibrated.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gamguard.runtime import bundle as bundle_mod
+from gamguard.runtime.bundle import InputSpec
+
+from .gradcam import FusedGradCAM
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "cam", "early")
+#: Files a previous export or calibration may have left; they belong to the old model.
+_DERIVED_FILES = (bundle_mod.PLAN_FILE, bundle_mod.REFERENCE_FILE)
+_OWN_FILES = (bundle_mod.MANIFEST, bundle_mod.MODEL_FILE, bundle_mod.MANIFEST + ".tmp") + _DERIVED_FILES
+
+#: Parity between ONNX Runtime and the torch wrapper checked at export time.
+LOGITS_RTOL = 1e-4  # max |diff| relative to max |logit|
+CAM_ATOL = 1e-3
+EARLY_RTOL = 1e-4  # max |diff| relative to max |feature|
+
+
+class ExportError(RuntimeError):
+    """The export produced a model that is invalid or does not reproduce the torch outputs."""
+
+
+def _as_mean_std(normalization, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``{"mean": .., "std": ..}`` or ``(mean, std)``; scalars broadcast to every channel."""
+    if isinstance(normalization, dict):
+        mean, std = normalization.get("mean"), normalization.get("std")
+    else:
+        mean, std = normalization
+    mean = np.atleast_1d(np.asarray(mean, np.float64)).tolist()
+    std = np.atleast_1d(np.asarray(std, np.float64)).tolist()
+    if len(mean) == 1:
+        mean = mean * channels
+    if len(std) == 1:
+        std = std * channels
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ValueError(f"normalization needs {channels} means and {channels} positive stds, "
+                         f"got mean={mean} std={std}")
+    return tuple(mean), tuple(std)
+
+
+def _chw(input_shape) -> tuple[int, int, int]:
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def onnx_op_types(model_path: str | Path) -> list[str]:
+    """Sorted ``domain::OpType`` names (plain ``OpType`` for the default domain) used in the graph."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    types = set()
+
+    def visit(graph):
+        for node in graph.node:
+            types.add(f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx")
+                      else node.op_type)
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(proto.graph)
+    for fn in proto.functions:
+        for node in fn.node:
+            types.add(node.op_type)
+    return sorted(types)
+
+
+def check_onnx_graph(model_path: str | Path) -> list[str]:
+    """``onnx.checker`` plus gamguard's rules: standard domain only, no gradient/training ops.
+
+    Returns the op types. Raises :class:`ExportError` when a rule is broken.
+    """
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"{model_path}: onnx.checker rejected the model: {exc}") from exc
+    proto = onnx.load(str(model_path), load_external_data=False)
+    domains = {o.domain for o in proto.opset_import} - {"", "ai.onnx"}
+    if domains:
+        raise ExportError(f"{model_path}: non-standard operator domains {sorted(domains)} "
+                          "(only the default ONNX domain is allowed)")
+    ops = onnx_op_types(model_path)
+    bad = [op for op in ops if "::" in op or op in ("Gradient", "Momentum", "Adagrad", "Adam")
+           or op.endswith("Grad")]
+    if bad:
+        raise ExportError(f"{model_path}: training/gradient or custom ops in the graph: {bad}")
+    return ops
+
+
+def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, *, output_names,
+                opset: int = 18, dynamic_spatial: bool = False) -> str:
+    """Export ``module(example)`` to ``path`` with a dynamic batch axis; returns the exporter used.
+
+    Opset ≥ 18 uses the ``torch.export``-based exporter (``dynamo=True``); lower opsets use the
+    legacy TorchScript exporter (``dynamo=False``), which still emits opset 17 for TensorRT 8.x.
+    """
+    if example.shape[0] < 2:
+        raise ValueError("export with an example batch of at least 2 so the batch axis stays dynamic")
+    common = dict(input_names=[INPUT_NAME], output_names=list(output_names), opset_version=opset)
+    # The exporters print progress on stdout; keep stdout clean for --json output.
+    with contextlib.redirect_stdout(sys.stderr):
+        if opset >= 18:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            dims = {0: batch}
+            if dynamic_spatial:
+                dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+            torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes={INPUT_NAME: dims}, verbose=False, **common)
+            return "dynamo"
+        axes = {INPUT_NAME: {0: "batch", **({2: "height", 3: "width"} if dynamic_spatial else {})}}
+        for name in output_names:
+            axes[name] = {0: "batch"}
+        torch.onnx.export(module, (example,), str(path), dynamo=False, dynamic_axes=axes,
+                          do_constant_folding=True, **common)
+        return "torchscript"
+
+
+def _ort_session(path: str | Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12)) if b.size else 0.0
+
+
+def compare_fused(session, wrapper: nn.Module, x: torch.Tensor) -> dict:
+    """Run ONNX Runtime and the torch wrapper on ``x``; return the worst differences per output.
+
+    CAM rows whose predicted class differs between the two (an exact logit tie, possible only
+    when the logits agree within tolerance anyway) are left out of the CAM comparison and counted.
+    """
+    with torch.no_grad():
+        ref = [t.numpy() for t in wrapper(x)]
+    got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+    same_class = got[0].argmax(1) == ref[0].argmax(1)
+    cam_diff = float(np.max(np.abs(got[1][same_class] - ref[1][same_class]))) if same_class.any() else 0.0
+    return {
+        "batch": int(x.shape[0]),
+        "logits_max_rel": _max_rel(got[0], ref[0]),
+        "cam_max_abs": cam_diff,
+        "cam_range": [float(got[1].min()), float(got[1].max())],
+        "early_max_rel": _max_rel(got[2], ref[2]),
+        "argmax_ties": int((~same_class).sum()),
+        "shapes": [list(a.shape) for a in got],
+    }
+
+
+def _check_parity(result: dict) -> None:
+    problems = []
+    if result["logits_max_rel"] > LOGITS_RTOL:
+        problems.append(f"logits differ by {result['logits_max_rel']:.2e} (relative)")
+    if result["cam_max_abs"] > CAM_ATOL:
+        problems.append(f"cam differs by {result['cam_max_abs']:.2e}")
+    if result["early_max_rel"] > EARLY_RTOL:
+        problems.append(f"early features differ by {result['early_max_rel']:.2e} (relative)")
+    lo, hi = result["cam_range"]
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        problems.append(f"cam outside [0, 1]: [{lo}, {hi}]")
+    if problems:
+        raise ExportError(f"ONNX Runtime does not reproduce the torch outputs at batch "
+                          f"{result['batch']}: " + "; ".join(problems))
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory")
+    foreign = [p.name for p in out_dir.iterdir() if p.name not in _OWN_FILES] if out_dir.is_dir() else []
+    if foreign:
+        # write_manifest hashes every file in the directory into the bundle; refuse to adopt them.
+        raise ValueError(f"{out_dir} contains files that are not part of a gamguard bundle "
+                         f"({', '.join(sorted(foreign))}); export into an empty directory")
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    _check_out_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in _DERIVED_FILES:
+        stale = out_dir / name
+        if stale.exists():
+            log.warning("removing %s: it was built for the previous model", stale)
+            stale.unlink()
+
+
+def export_bundle(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    class_names,
+    garbage_class,
+    target_layer: str,
+    early_layer: str,
+    input_shape,
+    normalization,
+    model_name: str = "model",
+    model_version: str = "1",
+    early_pool: tuple[int, int] | None = (8, 8),
+    opset: int = 18,
+    dynamic_spatial: bool = False,
+    resize: str = "stretch",
+    photometric: str = "MONOCHROME2",
+    sample=None,
+) -> dict:
+    """Write ``out_dir/model.onnx`` (fused logits + Grad-CAM + early features) and ``bundle.json``.
+
+    Args:
+        model: the trained classifier (``torch.nn.Module``, K outputs incl. the garbage class).
+            Exported in eval mode; its training flag is restored afterwards.
+        class_names: K names; ``garbage_class``: index (or name) of the garbage class.
+        target_layer / early_layer: module names (``dict(model.named_modules())`` keys).
+        input_shape: ``(C, H, W)`` of the preprocessed input (a leading batch entry is ignored).
+        normalization: ``{"mean": [...], "std": [...]}`` or ``(mean, std)``, per channel, applied to
+            pixels in [0, 1] (recorded in the manifest's input spec; the graph takes normalised input).
+        early_pool: pool the early activations to this grid in-graph; ``None`` keeps full size.
+        opset: 18 (torch.export exporter) or 17 (legacy TorchScript exporter, for TensorRT 8.x).
+        dynamic_spatial: also make H and W dynamic (the manifest still records ``input_shape``).
+        sample: optional batch ``[N, C, H, W]`` (N ≥ 2) of real preprocessed inputs used for the
+            export trace and the ONNX Runtime parity check; random inputs otherwise.
+
+    Returns the manifest written to ``bundle.json``. Raises ``ValueError`` for bad arguments,
+    :class:`~gamguard.exporter.gradcam.UnsupportedHeadError` for a head without an exportable
+    backward and :class:`ExportError` when the exported graph is invalid or disagrees with torch.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    c, h, w = _chw(input_shape)
+    mean, std = _as_mean_std(normalization, c)
+    spec = InputSpec(channels=c, height=h, width=w, mean=mean, std=std, resize=resize,
+                     photometric=photometric)
+    class_names = [str(n) for n in class_names]
+    if isinstance(garbage_class, str):
+        if garbage_class not in class_names:
+            raise ValueError(f"garbage class {garbage_class!r} is not one of {class_names}")
+        garbage_class = class_names.index(garbage_class)
+    garbage_class = int(garbage_class)
+    if not 0 <= garbage_class < len(class_names):
+        raise ValueError(f"garbage_class {garbage_class} is out of range for {len(class_names)} classes")
+    _check_out_dir(out_dir)
+    if int(opset) < 13:
+        raise ValueError(f"unsupported opset {opset}: use 18 (default) or 17 (TensorRT 8.x)")
+    opset = int(opset)
+
+    if sample is not None:
+        example = torch.as_tensor(np.asarray(sample, np.float32))
+        if example.dim() != 4 or tuple(example.shape[1:]) != (c, h, w) or example.shape[0] < 2:
+            raise ValueError(f"sample must be [N>=2, {c}, {h}, {w}], got {tuple(example.shape)}")
+    else:
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn(2, c, h, w, generator=gen)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            wrapper = FusedGradCAM(model, target_layer, early_layer, example, early_pool).eval()
+            logits, cam, early = wrapper(example)
+        if logits.shape[1] != len(class_names):
+            raise ValueError(f"the model has {logits.shape[1]} outputs but {len(class_names)} "
+                             f"class names were given: {class_names}")
+        log.info("head after %r: %s (%s)", target_layer, wrapper.head_kind,
+                 " → ".join(s.origin for s in wrapper.steps))
+
+        with tempfile.TemporaryDirectory(prefix="gamguard-export-") as tmp:
+            tmp_model = Path(tmp) / bundle_mod.MODEL_FILE
+            log.info("exporting ONNX opset %d ...", opset)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                exporter = export_onnx(wrapper, tmp_model, example, output_names=OUTPUT_NAMES,
+                                       opset=opset, dynamic_spatial=dynamic_spatial)
+            export_seconds = time.perf_counter() - t0
+            op_types = check_onnx_graph(tmp_model)
+            session = _ort_session(tmp_model)
+            parity = []
+            gen = torch.Generator().manual_seed(1)
+            checks = [example, torch.randn(3, c, h, w, generator=gen),
+                      torch.randn(1, c, h, w, generator=gen)]
+            if dynamic_spatial:
+                checks.append(torch.randn(2, c, h + 16, w + 32, generator=gen))
+            for x in checks:
+                result = compare_fused(session, wrapper, x)
+                _check_parity(result)
+                parity.append(result)
+            del session
+            _prepare_out_dir(out_dir)
+            shutil.copyfile(tmp_model, out_dir / bundle_mod.MODEL_FILE)
+    finally:
+        model.train(was_training)
+
+    manifest = {
+        "model": {"name": str(model_name), "version": str(model_version)},
+        "class_names": class_names,
+        "garbage_class": garbage_class,
+        "input": spec.to_manifest(),
+        "layers": {"target": target_layer, "early": early_layer},
+        "outputs": {"cam": [h, w], "early": list(early.shape[1:])},
+        "export": {
+            "opset": int(opset),
+            "exporter": exporter,
+            "head_kind": wrapper.head_kind,
+            "head": [s.origin for s in wrapper.steps],
+            "early_pool": list(wrapper.early_pool) if wrapper.early_pool else None,
+            "dynamic_batch": True,
+            "dynamic_spatial": bool(dynamic_spatial),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "seconds": round(export_seconds, 3),
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "op_types": op_types,
+            "parity": {
+                "logits_max_rel": max(p["logits_max_rel"] for p in parity),
+                "cam_max_abs": max(p["cam_max_abs"] for p in parity),
+                "early_max_rel": max(p["early_max_rel"] for p in parity),
+                "batches": [p["batch"] for p in parity],
+            },
+        },
+        "calibration": None,
+        "guard": {"policy": "calibrated", "enforced_checks": ["garbage", "attention", "feature"]},
+    }
+    return bundle_mod.write_manifest(out_dir, manifest)
+
+
+class _LogitsOnly(nn.Module):
+    """The model's plain forward, for a logits-only baseline export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model(image)
+
+
+def export_logits_only(model: nn.Module, path: str | Path, *, input_shape, opset: int = 18,
+                       dynamic_spatial: bool = False) -> str:
+    """Export the model's plain forward (``image -> logits``) — the baseline for guard overhead."""
+    c, h, w = _chw(input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            exporter = export_onnx(_LogitsOnly(model).eval(), path, example, output_names=("logits",),
+                                   opset=opset, dynamic_spatial=dynamic_spatial)
+    finally:
+        model.train(was_training)
+    check_onnx_graph(path)
+    return exporter

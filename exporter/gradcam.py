@@ -1,0 +1,490 @@
+"""The fused Grad-CAM wrapper: one forward pass returns logits, the Grad-CAM map and early features.
+
+Autograd cannot be exported to ONNX, so the gradient of the predicted class score with respect to
+the ``target_layer`` activations is written out with forward ops only:
+
+* **closed form** (``head_kind="gap_linear"``): when the model's head after ``target_layer`` is
+  global-average-pool → (flatten) → Linear, d(score_c)/dA[k, i, j] = W[c, k] / (h·w) everywhere,
+  so the Grad-CAM channel weights are ``fc.weight[c] / (h·w)`` — one Gather, no backward at all;
+* **hand-written backward** (``head_kind="generic"``): the head is replayed op by op (keeping what
+  each backward step needs) and its gradient is propagated back with the transposed ops. Only a
+  whitelist of ops with simple, exact backwards is accepted (see :data:`SUPPORTED_HEAD_OPS`);
+  anything else raises :class:`UnsupportedHeadError` naming the module or function.
+
+"Head" means whatever the model's own ``forward`` does after ``target_layer``. It is found by
+tracing the model with ``torch.fx`` (``target_layer`` and ``early_layer`` are kept as opaque leaf
+calls), so both an ``nn.Sequential`` head and a torchvision-ResNet-style forward
+(``avgpool → torch.flatten → fc``) work. The part of the graph before ``target_layer`` becomes the
+"body", which returns the ``target_layer`` and ``early_layer`` activations in one pass.
+
+The map follows pytorch-grad-cam's ``GradCAM`` exactly (``BaseCAM.forward`` with ``targets=None``
+and one target layer): target class = argmax of the logits (first index on ties); channel weights =
+spatial mean of the gradient; cam = ReLU(Σ_k w_k A_k); then ``scale_cam_image`` = per-image
+min-max normalisation ``(x - min) / (1e-7 + max)`` **before** the bilinear resize to the input size
+(``cv2.resize``, half-pixel centres = ``F.interpolate(..., align_corners=False)``); then
+``aggregate_multi_layers`` applies ReLU and ``scale_cam_image`` once more (normalise, no resize).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+#: Same epsilon as pytorch-grad-cam's ``scale_cam_image``.
+CAM_EPS = 1e-7
+
+#: What a head may contain (documentation and error messages; the checks are in ``_classify``).
+SUPPORTED_HEAD_OPS = (
+    "nn.Linear",
+    "nn.ReLU / F.relu / torch.relu / Tensor.relu",
+    "global average pooling: nn.AdaptiveAvgPool2d(1) / F.adaptive_avg_pool2d(x, 1) / x.mean((2, 3))",
+    "nn.Flatten / torch.flatten / Tensor.flatten / Tensor.view|reshape(N, -1) / squeeze",
+    "nn.Dropout* / F.dropout in eval mode, nn.Identity",
+    "nn.BatchNorm1d/2d in eval mode with running statistics",
+    "nn.Conv2d with a 1x1 kernel, stride 1, no padding, groups 1",
+)
+
+
+class UnsupportedHeadError(ValueError):
+    """The model's head after ``target_layer`` contains an op without an exportable backward."""
+
+
+@dataclass
+class HeadStep:
+    """One op of the head: how to run it forward and which backward rule applies."""
+
+    kind: str  # linear | relu | gap | reshape | identity | batchnorm | conv1x1
+    origin: str  # human-readable, for messages: "module 'fc' (Linear)", "torch.flatten", ...
+    node_name: str
+    module: nn.Module | None = None
+    # For function/method steps: how to replay the traced call on the running value.
+    call: object = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+def _unsupported(origin: str, why: str = "") -> UnsupportedHeadError:
+    detail = f" ({why})" if why else ""
+    return UnsupportedHeadError(
+        f"cannot export Grad-CAM: the head after the target layer uses {origin}{detail}, which has "
+        "no exportable backward. Supported head ops: " + "; ".join(SUPPORTED_HEAD_OPS) + ". "
+        "Choose a later target_layer or restructure the head."
+    )
+
+
+class _LayerTracer(fx.Tracer):
+    """fx tracer that keeps ``target_layer``/``early_layer`` as opaque calls.
+
+    Their ancestors are traced through (so the layers appear as nodes); everything else follows
+    fx's default (torch.nn built-ins are leaves, custom modules are traced through, so a custom
+    head module is inspected op by op instead of being accepted blindly).
+    """
+
+    def __init__(self, keep: set[str]):
+        super().__init__()
+        self.keep = keep
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.keep:
+            return True
+        if any(k.startswith(qualname + ".") for k in self.keep):
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def _meta_shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _is_gap_output(size) -> bool:
+    if isinstance(size, int):
+        return size == 1
+    return isinstance(size, (tuple, list)) and len(size) == 2 and all(s == 1 for s in size)
+
+
+def _is_spatial_dims(dims, rank: int) -> bool:
+    if isinstance(dims, int) or dims is None:
+        return False
+    norm = sorted(d % rank for d in dims)
+    return rank == 4 and norm == [2, 3]
+
+
+def _origin_of(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        mod = getattr(node.target, "__module__", None) or ""
+        name = getattr(node.target, "__name__", str(node.target))
+        if mod.startswith(("torch.nn.functional", "torch._C._nn")):
+            return f"function F.{name}"
+        if mod.startswith("_operator") or node.target in vars(operator).values():
+            return f"operator '{name}'"
+        return f"function torch.{name}" if "torch" in mod or mod == "" else f"function {mod}.{name}"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    return f"{node.op} {node.target}"
+
+
+def _classify(node: fx.Node, gm: fx.GraphModule, x_shape) -> HeadStep:
+    """Map one traced head node to a :class:`HeadStep` or raise :class:`UnsupportedHeadError`."""
+    origin = _origin_of(node, gm)
+    out_shape = _meta_shape(node)
+    rest_args = node.args[1:]
+    kwargs = dict(node.kwargs)
+
+    def step(kind, **kw):
+        return HeadStep(kind=kind, origin=origin, node_name=node.name, **kw)
+
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Linear):
+            return step("linear", module=m)
+        if isinstance(m, nn.ReLU):
+            return step("relu")
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                          nn.Identity)):
+            return step("identity")
+        if isinstance(m, nn.Flatten):
+            return step("reshape", call=m)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            if not _is_gap_output(m.output_size):
+                raise _unsupported(origin, f"output_size={m.output_size}; only 1 (global pooling)")
+            return step("gap", call=m)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if m.running_mean is None or m.running_var is None:
+                raise _unsupported(origin, "BatchNorm without running statistics is batch-dependent")
+            return step("batchnorm", module=m)
+        if isinstance(m, nn.Conv2d):
+            no_padding = (m.padding in ("valid", "same") if isinstance(m.padding, str)
+                          else all(p == 0 for p in m.padding))
+            if (tuple(m.kernel_size) != (1, 1) or tuple(m.stride) != (1, 1) or m.groups != 1
+                    or not no_padding):
+                raise _unsupported(
+                    origin,
+                    f"kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)}, padding {m.padding}, "
+                    f"groups {m.groups}; only 1x1 convolutions with stride 1, no padding, groups 1",
+                )
+            return step("conv1x1", module=m)
+        raise _unsupported(origin)
+
+    target = node.target
+    if node.op == "call_function":
+        if target in (F.relu, torch.relu, torch.relu_, F.relu_):
+            return step("relu")
+        if target is F.adaptive_avg_pool2d:
+            size = rest_args[0] if rest_args else kwargs.get("output_size")
+            if not _is_gap_output(size):
+                raise _unsupported(origin, f"output_size={size}; only 1 (global pooling)")
+            return step("gap", call=target, args=tuple(rest_args), kwargs=kwargs)
+        if target is torch.flatten or target is torch.squeeze:
+            return step("reshape", call=target, args=tuple(rest_args), kwargs=kwargs)
+        if target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+            if kwargs.get("training", len(rest_args) > 1 and rest_args[1]):
+                raise _unsupported(origin, "dropout with training=True; export a model in eval mode")
+            return step("identity")
+        if target is torch.mean:
+            dims = rest_args[0] if rest_args else kwargs.get("dim")
+            if x_shape is None or not _is_spatial_dims(dims, len(x_shape)):
+                raise _unsupported(origin, f"dim={dims}; only the mean over the two spatial axes")
+            return step("gap", call=target, args=tuple(rest_args), kwargs=kwargs)
+        raise _unsupported(origin)
+
+    if node.op == "call_method":
+        if target in ("relu", "relu_"):
+            return step("relu")
+        if target in ("flatten", "squeeze", "contiguous"):
+            kind = "identity" if target == "contiguous" else "reshape"
+            return step(kind, call=target, args=tuple(rest_args), kwargs=kwargs)
+        if target in ("view", "reshape"):
+            # Accepted only as a flatten to [N, features] (the classic x.view(x.size(0), -1)).
+            if (x_shape is None or out_shape is None or len(out_shape) != 2
+                    or out_shape[0] != x_shape[0]):
+                raise _unsupported(origin, f"reshape {x_shape} -> {out_shape}; only flatten to [N, -1]")
+            return step("reshape", call="flatten", args=(1,))
+        if target == "mean":
+            dims = rest_args[0] if rest_args else kwargs.get("dim")
+            if x_shape is None or not _is_spatial_dims(dims, len(x_shape)):
+                raise _unsupported(origin, f"dim={dims}; only the mean over the two spatial axes")
+            return step("gap", call=target, args=tuple(rest_args), kwargs=kwargs)
+        raise _unsupported(origin)
+
+    raise _unsupported(origin)
+
+
+@dataclass
+class HeadPlan:
+    """Result of tracing: the body (input → (target, early) activations) and the head's steps."""
+
+    body: fx.GraphModule
+    steps: list[HeadStep]
+    kind: str  # "gap_linear" (closed form) or "generic" (hand-written backward)
+    target_shape: tuple[int, ...]
+    early_shape: tuple[int, ...]
+    logits_shape: tuple[int, ...]
+
+
+def _node_for_module(graph: fx.Graph, name: str, role: str) -> fx.Node:
+    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if not nodes:
+        raise ValueError(f"{role} {name!r} is never called by the model's forward")
+    if len(nodes) > 1:
+        raise ValueError(f"{role} {name!r} is called {len(nodes)} times in forward; pick a layer "
+                         "used once")
+    return nodes[0]
+
+
+def plan_head(model: nn.Module, target_layer: str, early_layer: str,
+              example: torch.Tensor) -> HeadPlan:
+    """Trace ``model`` and split it at ``target_layer`` into a body and a whitelisted head.
+
+    ``example`` (a batch of valid inputs) is only used to propagate shapes through the trace.
+    Raises :class:`UnsupportedHeadError` for a head op outside the whitelist and ``ValueError`` for
+    bad layer names or a forward that cannot be split.
+    """
+    modules = dict(model.named_modules())
+    for role, name in (("target_layer", target_layer), ("early_layer", early_layer)):
+        if not name or name not in modules:
+            near = ", ".join(k for k in modules if k)[:400]
+            raise ValueError(f"{role} {name!r} is not a module of the model (modules: {near})")
+    try:
+        graph = _LayerTracer({target_layer, early_layer}).trace(model)
+    except Exception as exc:  # fx raises many types on data-dependent control flow
+        raise ValueError(
+            f"cannot trace the model's forward with torch.fx to find the head after "
+            f"{target_layer!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    gm = fx.GraphModule(model, graph)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"the model's forward must take one input tensor, it takes {len(placeholders)}")
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    logits_node = out_node.args[0]
+    if not isinstance(logits_node, fx.Node) or _meta_shape(logits_node) is None:
+        raise ValueError("the model's forward must return a single logits tensor [N, K]")
+    target_node = _node_for_module(graph, target_layer, "target_layer")
+    early_node = _node_for_module(graph, early_layer, "early_layer")
+
+    # Head = the nodes between target_layer and the logits (descendants of target that the
+    # logits depend on).
+    descendants: set[fx.Node] = set()
+    for n in graph.nodes:  # graph order is topological
+        if n is not target_node and any(a is target_node or a in descendants
+                                        for a in n.all_input_nodes):
+            descendants.add(n)
+    if logits_node is not target_node and logits_node not in descendants:
+        raise ValueError(f"the logits do not depend on target_layer {target_layer!r}")
+    if early_node in descendants:
+        raise ValueError(f"early_layer {early_layer!r} comes after target_layer {target_layer!r}")
+    needed: set[fx.Node] = set()
+    stack = [logits_node]
+    while stack:
+        n = stack.pop()
+        if n in needed or n is target_node:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    head_nodes = [n for n in graph.nodes if n in needed and n in descendants]
+    outside = [n for n in needed if n not in descendants and n.op not in ("get_attr",)
+               and n is not target_node]
+    if outside:
+        names = ", ".join(sorted(_origin_of(n, gm) if n.op != "placeholder" else "the input"
+                                 for n in outside))
+        raise UnsupportedHeadError(
+            f"cannot export Grad-CAM: the logits also depend on values computed before or beside "
+            f"target_layer {target_layer!r} ({names}) — a skip connection around the target "
+            "layer; choose a later target_layer"
+        )
+
+    # The head must be a chain: each tensor op consumes the previous tensor value. Tensor.size
+    # calls (for x.view(x.size(0), -1)) are auxiliary integer nodes.
+    steps: list[HeadStep] = []
+    prev = target_node
+    for n in head_nodes:
+        if n.op == "call_method" and n.target == "size":
+            continue
+        tensor_inputs = [a for a in n.all_input_nodes if _meta_shape(a) is not None]
+        if tensor_inputs != [prev]:
+            raise _unsupported(_origin_of(n, gm),
+                               "it combines several tensors; only a chain of single-input ops")
+        steps.append(_classify(n, gm, _meta_shape(prev)))
+        prev = n
+    if prev is not logits_node:
+        raise ValueError("internal error: the head chain does not end at the logits")
+
+    target_shape = _meta_shape(target_node)
+    logits_shape = _meta_shape(logits_node)
+    if target_shape is None or len(target_shape) != 4:
+        raise ValueError(f"target_layer {target_layer!r} must output [N, C, h, w], got {target_shape}")
+    if logits_shape is None or len(logits_shape) != 2:
+        raise ValueError(f"the model must return logits [N, K], got {logits_shape}")
+    early_shape = _meta_shape(early_node)
+    if early_shape is None or len(early_shape) != 4:
+        raise ValueError(f"early_layer {early_layer!r} must output [N, C, h, w], got {early_shape}")
+
+    # Body: input → (target activations, early activations); nothing of the head is computed.
+    body_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    keep: set[fx.Node] = set()
+    stack = [target_node, early_node]
+    while stack:
+        n = stack.pop()
+        if n not in keep:
+            keep.add(n)
+            stack.extend(n.all_input_nodes)
+    for n in graph.nodes:
+        if n in keep:
+            env[n] = body_graph.node_copy(n, lambda a: env[a])
+    body_graph.output((env[target_node], env[early_node]))
+    body = fx.GraphModule(gm, body_graph)
+
+    core = [s.kind for s in steps if s.kind not in ("identity", "reshape")]
+    kind = "gap_linear" if core == ["gap", "linear"] else "generic"
+    return HeadPlan(body=body, steps=steps, kind=kind, target_shape=target_shape,
+                    early_shape=early_shape, logits_shape=logits_shape)
+
+
+def _run_step(step: HeadStep, x: torch.Tensor) -> torch.Tensor:
+    """Forward of one head step (ReLU never in place: the inputs are kept for the backward)."""
+    if step.kind == "identity":
+        return x
+    if step.kind == "relu":
+        return torch.relu(x)
+    if step.kind in ("linear", "batchnorm", "conv1x1"):
+        return step.module(x)
+    if isinstance(step.call, str):
+        return getattr(x, step.call)(*step.args, **step.kwargs)
+    return step.call(x, *step.args, **step.kwargs)
+
+
+def _backward_step(step: HeadStep, g: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d(score)/d(input of step) from d(score)/d(output), with forward ops only."""
+    if step.kind == "identity":
+        return g
+    if step.kind == "relu":
+        # Same as autograd's threshold_backward: gradient passes where the output is positive.
+        return torch.where(y > 0, g, torch.zeros_like(g))
+    if step.kind == "reshape":
+        return g.reshape(x.shape)
+    if step.kind == "linear":
+        return torch.matmul(g, step.module.weight)
+    if step.kind == "gap":
+        # Every input position contributes 1/(h·w) to its channel's mean.
+        n, c = x.shape[0], x.shape[1]
+        area = x.shape[-2] * x.shape[-1]
+        return (g.reshape(n, c, 1, 1) / area).expand_as(x)
+    if step.kind == "batchnorm":
+        bn = step.module
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        return g * scale.reshape([1, -1] + [1] * (g.dim() - 2))
+    if step.kind == "conv1x1":
+        # The transpose of a 1x1 convolution is a 1x1 convolution with the transposed weight.
+        return F.conv2d(g, step.module.weight.transpose(0, 1))
+    raise AssertionError(step.kind)
+
+
+def _minmax(cam: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's per-image ``(x - min) / (1e-7 + max)`` on [N, h, w]."""
+    cam = cam - torch.amin(cam, dim=(1, 2), keepdim=True)
+    return cam / (CAM_EPS + torch.amax(cam, dim=(1, 2), keepdim=True))
+
+
+def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw) -> torch.Tensor:
+    """Grad-CAM map [N, H, W] in [0, 1] from activations [N, C, h, w] and channel weights [N, C]."""
+    cam = torch.relu((weights[:, :, None, None] * acts).sum(dim=1))
+    cam = _minmax(cam)
+    cam = F.interpolate(cam.unsqueeze(1), size=out_hw, mode="bilinear", align_corners=False)
+    # [:, 0] rather than squeeze(1): the legacy exporter turns squeeze into an ONNX If.
+    cam = torch.relu(cam[:, 0])  # aggregate_multi_layers: ReLU, mean over one layer, rescale
+    return _minmax(cam)
+
+
+def _bin_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
+    """[bins, size] averaging matrix of adaptive average pooling along one axis.
+
+    Bin i covers [floor(i·size/bins), ceil((i+1)·size/bins)) — torch's adaptive pooling bins.
+    """
+    i = torch.arange(bins, device=like.device)
+    start = torch.div(i * size, bins, rounding_mode="floor")
+    end = torch.div((i + 1) * size + bins - 1, bins, rounding_mode="floor")
+    j = torch.arange(size, device=like.device)
+    inside = (j.unsqueeze(0) >= start.unsqueeze(1)) & (j.unsqueeze(0) < end.unsqueeze(1))
+    return inside.to(like.dtype) / (end - start).to(like.dtype).unsqueeze(1)
+
+
+def adaptive_avg_pool2d_exportable(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` as two MatMuls with averaging matrices built from the input size.
+
+    Both ONNX exporters lower ``adaptive_avg_pool2d`` to an AveragePool whose kernel is fixed at
+    export time (or refuse when the size is not a multiple of the output); this form stays correct
+    when H and W are dynamic and for any size.
+    """
+    rows = _bin_matrix(x.shape[-2], out_hw[0], x)  # [oh, H]
+    cols = _bin_matrix(x.shape[-1], out_hw[1], x)  # [ow, W]
+    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
+class FusedGradCAM(nn.Module):
+    """``image [N,C,H,W] -> (logits [N,K], cam [N,H,W], early [N,C_e,h_e,w_e])`` in one pass.
+
+    Args:
+        model: the classifier (put in eval mode by the caller; BatchNorm/Dropout must be in eval).
+        target_layer: module name of the Grad-CAM layer (output [N, C, h, w]).
+        early_layer: module name of the early-feature layer (before ``target_layer``).
+        example: a batch of valid inputs, used to trace shapes.
+        early_pool: adaptive-average-pool the early activations to this (h, w); ``None`` keeps them.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: str, early_layer: str,
+                 example: torch.Tensor, early_pool: tuple[int, int] | None = (8, 8)):
+        super().__init__()
+        if model.training:
+            raise ValueError("put the model in eval mode (model.eval()) before wrapping it")
+        self.plan = plan_head(model, target_layer, early_layer, example)
+        self.body = self.plan.body
+        # Register the head modules so they move with .to() and appear in the state dict.
+        self.head = nn.ModuleList([s.module for s in self.plan.steps if s.module is not None])
+        self.steps = self.plan.steps
+        self.head_kind = self.plan.kind
+        self.early_pool = tuple(int(v) for v in early_pool) if early_pool is not None else None
+        if self.head_kind == "gap_linear":
+            self.fc_weight_owner = next(s.module for s in self.steps if s.kind == "linear")
+
+    def channel_weights(self, acts: torch.Tensor, logits: torch.Tensor, saved) -> torch.Tensor:
+        """Grad-CAM channel weights [N, C] for the argmax class of each row."""
+        cls = torch.argmax(logits, dim=1)
+        if self.head_kind == "gap_linear":
+            # d(logit_c)/dA = W[c] / (h·w) at every position; its spatial mean is the same.
+            w = torch.index_select(self.fc_weight_owner.weight, 0, cls)
+            return w / (acts.shape[-2] * acts.shape[-1])
+        k = logits.shape[1]
+        # One-hot without F.one_hot (not exportable everywhere): compare with arange.
+        g = (torch.arange(k, device=logits.device).unsqueeze(0) == cls.unsqueeze(1)).to(logits.dtype)
+        for step, (x, y) in zip(reversed(self.steps), reversed(saved)):
+            g = _backward_step(step, g, x, y)
+        return g.mean(dim=(2, 3))
+
+    def forward(self, image: torch.Tensor):
+        acts, early = self.body(image)
+        saved = []
+        x = acts
+        for step in self.steps:
+            y = _run_step(step, x)
+            saved.append((x, y))
+            x = y
+        logits = x
+        weights = self.channel_weights(acts, logits, saved)
+        cam = gradcam_map(acts, weights, (image.shape[-2], image.shape[-1]))
+        if self.early_pool is not None:
+            early = adaptive_avg_pool2d_exportable(early, self.early_pool)
+        return logits, cam, early

@@ -1,0 +1,459 @@
+"""The fused Grad-CAM ONNX export against an autograd Grad-CAM with pytorch-grad-cam semantics.
+
+pytorch-grad-cam itself needs torchvision, so the reference below re-implements its ``GradCAM``
+path (``BaseCAM.forward`` with ``targets=None`` and one target layer) with autograd hooks and
+``cv2.resize``, step for step. The test models are trained for a few seconds on an easy task
+(a bright blob on the left vs. on the right) so the maps are not blank.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+cv2 = pytest.importorskip("cv2")
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from gamguard.exporter.export import ExportError, check_onnx_graph, export_bundle  # noqa: E402
+from gamguard.exporter.gradcam import FusedGradCAM, UnsupportedHeadError, plan_head  # noqa: E402
+from gamguard.runtime import bundle as bundle_mod  # noqa: E402
+
+TRAIN_SIZE = 32
+SIZES = [(32, 32), (48, 40)]  # (H, W): the training size and a non-square, non-multiple size
+NORM = {"mean": [0.5], "std": [0.25]}
+CLASSES = ["left", "right", "garbage"]
+
+
+# ---------------------------------------------------------------------------------------------
+# small test models: the three head forms
+# ---------------------------------------------------------------------------------------------
+def _conv_bn(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+class GapLinearNet(nn.Module):
+    """features → GAP → Flatten → Linear: the closed-form head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(1, 8, 2)
+        self.features = nn.Sequential(_conv_bn(8, 16, 2), _conv_bn(16, 16, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.features(self.stem(x)))))
+
+
+class SequentialHeadNet(nn.Module):
+    """A multi-module nn.Sequential head: 1x1 conv, BatchNorm, ReLU, GAP, MLP with dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(1, 8, 2)
+        self.features = nn.Sequential(_conv_bn(8, 16, 2), _conv_bn(16, 16, 1))
+        self.head = nn.Sequential(
+            nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
+            nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 3),
+        )
+
+    def forward(self, x):
+        return self.head(self.features(self.stem(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+class ResNetStyle(nn.Module):
+    """torchvision-ResNet-style forward: avgpool → torch.flatten → fc, functional ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = Block(8, 8, 1)
+        self.layer2 = Block(8, 16, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+MODELS = {
+    # name: (class, target_layer, early_layer, expected head kind)
+    "gap_linear": (GapLinearNet, "features", "stem", "gap_linear"),
+    "sequential_head": (SequentialHeadNet, "features", "stem", "generic"),
+    "resnet_style": (ResNetStyle, "layer2", "layer1", "gap_linear"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# data and training: class 0 a bright round blob, 1 a bright horizontal bar, 2 (garbage) noise;
+# objects at random positions
+# ---------------------------------------------------------------------------------------------
+def blobs(n, h, w, seed):
+    """Returns (x [n,1,h,w] normalised, y [n], centres [n,2] as (row, col) in pixels)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    imgs = rng.normal(0.3, 0.05, (n, h, w)).astype(np.float32)
+    centres = np.zeros((n, 2), np.float32)
+    for i in range(n):
+        if y[i] == 2:
+            imgs[i] = rng.uniform(0, 1, (h, w))
+            continue
+        cy, cx = rng.uniform(0.25, 0.75) * h, rng.uniform(0.25, 0.75) * w
+        centres[i] = cy, cx
+        r = rng.uniform(0.08, 0.12) * min(h, w)
+        sx = 3 * r if y[i] == 1 else r  # the bar is three times longer than high
+        imgs[i] += 0.6 * np.exp(-((xx - cx) ** 2 / (2 * sx * sx) + (yy - cy) ** 2 / (2 * r * r)))
+    x = (np.clip(imgs, 0, 1) - 0.5) / 0.25
+    return torch.from_numpy(x[:, None].astype(np.float32)), torch.from_numpy(y), centres
+
+
+def train_model(cls, seed=0, steps=80):
+    torch.manual_seed(seed)
+    model = cls()
+    x, y, _ = blobs(768, TRAIN_SIZE, TRAIN_SIZE, seed=seed + 100)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    xt, yt, _ = blobs(96, TRAIN_SIZE, TRAIN_SIZE, seed=seed + 200)
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    return model, acc
+
+
+# ---------------------------------------------------------------------------------------------
+# reference: pytorch-grad-cam's GradCAM, re-implemented with autograd (torchvision not needed)
+# ---------------------------------------------------------------------------------------------
+def _scale_cam_image(cam, target_size=None):
+    out = []
+    for img in cam:
+        img = img - np.min(img)
+        img = img / (1e-7 + np.max(img))
+        if target_size is not None:
+            img = cv2.resize(img, target_size)  # target_size = (width, height), INTER_LINEAR
+        out.append(img)
+    return np.float32(out)
+
+
+def reference_gradcam(model, layer_name, x):
+    layer = dict(model.named_modules())[layer_name]
+    store = {}
+
+    def hook(_module, _inp, output):
+        store["act"] = output.detach().clone()
+        output.register_hook(lambda grad: store.__setitem__("grad", grad.detach().clone()))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        x = x.clone().requires_grad_(True)
+        outputs = model(x)
+        cats = np.argmax(outputs.detach().numpy(), axis=-1)
+        model.zero_grad()
+        loss = sum(outputs[i, c] for i, c in enumerate(cats))
+        loss.backward()
+    finally:
+        handle.remove()
+    acts, grads = store["act"].numpy(), store["grad"].numpy()
+    weights = np.mean(grads, axis=(2, 3))  # GradCAM.get_cam_weights
+    cam = (weights[:, :, None, None] * acts).sum(axis=1)  # BaseCAM.get_cam_image
+    cam = np.maximum(cam, 0)
+    scaled = _scale_cam_image(cam, (x.shape[-1], x.shape[-2]))  # compute_cam_per_layer
+    per_layer = np.maximum(scaled[:, None], 0)  # aggregate_multi_layers
+    return _scale_cam_image(np.mean(per_layer, axis=1)), outputs.detach().numpy()
+
+
+def early_reference(model, layer_name, x, pool=(8, 8)):
+    layer = dict(model.named_modules())[layer_name]
+    store = {}
+    handle = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o.detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return F.adaptive_avg_pool2d(store["a"], pool).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: train each model once, export it once (dynamic H/W, opset 18)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained():
+    # One thread: on a shared, loaded CI machine more threads make these tiny models slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for i, (name, (cls, *_)) in enumerate(MODELS.items()):
+        model, acc = train_model(cls, seed=i)
+        assert acc > 0.8, f"{name} did not learn the blob task (accuracy {acc:.2f})"
+        out[name] = model
+    yield out
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = {}
+    for name, (_, target, early, _) in MODELS.items():
+        d = tmp_path_factory.mktemp(name)
+        manifest = export_bundle(
+            trained[name], d, class_names=CLASSES, garbage_class="garbage", target_layer=target,
+            early_layer=early, input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM,
+            model_name=name, dynamic_spatial=True,
+        )
+        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        out[name] = (d, manifest, sess)
+    return out
+
+
+def _run(sess, x):
+    return sess.run(["logits", "cam", "early"], {"image": x.numpy()})
+
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cam_parity_with_autograd_gradcam(name, trained, exported):
+    model = trained[name]
+    _, target, early, kind = MODELS[name]
+    _, manifest, sess = exported[name]
+    assert manifest["export"]["head_kind"] == kind
+    worst = {"cam": 0.0, "logits": 0.0, "early": 0.0}
+    for (h, w) in SIZES:
+        for batch in (1, 3):
+            x, _, _ = blobs(batch, h, w, seed=1000 + h + batch)
+            logits, cam, feats = _run(sess, x)
+            cam_ref, logits_ref = reference_gradcam(model, target, x)
+            assert cam.shape == (batch, h, w) and cam.dtype == np.float32
+            # Trained weights: maps have structure, not a blank or constant image.
+            assert np.all(cam_ref.max(axis=(1, 2)) - cam_ref.min(axis=(1, 2)) > 0.5)
+            assert 0.0 <= cam.min() and cam.max() <= 1.0 + 1e-6
+            worst["cam"] = max(worst["cam"], float(np.abs(cam - cam_ref).max()))
+            worst["logits"] = max(worst["logits"], float(np.abs(logits - logits_ref).max()
+                                                        / np.abs(logits_ref).max()))
+            feats_ref = early_reference(model, early, x)
+            assert feats.shape == feats_ref.shape == (batch, 8, 8, 8)
+            worst["early"] = max(worst["early"], float(np.abs(feats - feats_ref).max()))
+    print(f"\n{name}: max |cam - ref| {worst['cam']:.2e}, logits rel {worst['logits']:.2e}, "
+          f"early abs {worst['early']:.2e}")
+    assert worst["cam"] <= 1e-3
+    assert worst["logits"] <= 1e-4
+    assert worst["early"] <= 1e-5
+
+
+def test_bundle_manifest_and_hashes(exported):
+    d, manifest, _ = exported["resnet_style"]
+    on_disk = bundle_mod.read_manifest(d)
+    assert on_disk == json.loads(json.dumps(manifest))
+    bundle_mod.verify_hashes(d, on_disk)  # model.onnx listed with its SHA-256
+    assert on_disk["class_names"] == CLASSES and on_disk["garbage_class"] == 2
+    assert on_disk["input"]["channels"] == 1 and on_disk["input"]["height"] == TRAIN_SIZE
+    assert on_disk["input"]["mean"] == [0.5] and on_disk["input"]["std"] == [0.25]
+    assert on_disk["layers"] == {"target": "layer2", "early": "layer1"}
+    assert on_disk["outputs"] == {"cam": [TRAIN_SIZE, TRAIN_SIZE], "early": [8, 8, 8]}
+    assert on_disk["calibration"] is None
+    assert on_disk["guard"]["enforced_checks"] == ["garbage", "attention", "feature"]
+    facts = on_disk["export"]
+    assert facts["opset"] == 18 and facts["exporter"] == "dynamo" and facts["seconds"] > 0
+    with pytest.raises(bundle_mod.BundleError, match="no calibration"):
+        bundle_mod.load_manifest(d)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_graph_is_standard_onnx_with_dynamic_batch(name, exported):
+    d, _, sess = exported[name]
+    proto = onnx.load(str(d / "model.onnx"))
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    ops = {n.op_type for n in proto.graph.node}
+    assert not any("Grad" in op or op in ("Gradient", "Momentum", "Adam") for op in ops), ops
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value
+    for n in (1, 3, 5):
+        x, _, _ = blobs(n, TRAIN_SIZE, TRAIN_SIZE, seed=n)
+        logits, cam, early = _run(sess, x)
+        assert logits.shape == (n, 3) and cam.shape == (n, TRAIN_SIZE, TRAIN_SIZE)
+        assert early.shape == (n, 8, 8, 8)
+        # Each row is computed independently of the rest of the batch.
+        single = _run(sess, x[-1:])
+        np.testing.assert_allclose(single[1][0], cam[-1], atol=1e-5)
+
+
+def test_opset17_legacy_exporter_matches(trained, exported, tmp_path):
+    name = "sequential_head"
+    model = trained[name]
+    _, target, early, _ = MODELS[name]
+    manifest = export_bundle(model, tmp_path, class_names=CLASSES, garbage_class=2,
+                             target_layer=target, early_layer=early,
+                             input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM, opset=17)
+    assert manifest["export"]["exporter"] == "torchscript"
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert "If" not in {n.op_type for n in proto.graph.node}
+    sess17 = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, _, _ = blobs(3, TRAIN_SIZE, TRAIN_SIZE, seed=3)
+    out17, out18 = _run(sess17, x), _run(exported[name][2], x)
+    cam_ref, _ = reference_gradcam(model, target, x)
+    assert np.abs(out17[1] - cam_ref).max() <= 1e-3
+    for a, b in zip(out17, out18):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# --- unsupported heads: a clear error naming the module or function -------------------------
+class SigmoidHead(GapLinearNet):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class Conv3x3Head(SequentialHeadNet):
+    def __init__(self):
+        super().__init__()
+        self.head[0] = nn.Conv2d(16, 16, 3, padding=1)
+
+
+class GeluHead(ResNetStyle):
+    def forward(self, x):
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(F.gelu(torch.flatten(self.avgpool(x), 1)))
+
+
+class SkipAroundTarget(GapLinearNet):
+    def forward(self, x):
+        s = self.stem(x)
+        f = self.features(s) + F.avg_pool2d(s, 2).repeat(1, 2, 1, 1)
+        return self.fc(self.flatten(self.pool(f)))
+
+
+@pytest.mark.parametrize("cls, target, pattern", [
+    (SigmoidHead, "features", r"module 'act' \(Sigmoid\)"),
+    (Conv3x3Head, "features", r"module 'head\.0' \(Conv2d\).*kernel \(3, 3\)"),
+    (GeluHead, "layer2", r"F\.gelu"),
+    (SkipAroundTarget, "features", r"F\.avg_pool2d.*skip connection"),
+])
+def test_unsupported_head_is_a_clear_error(cls, target, pattern, tmp_path):
+    model = cls().eval()
+    example = torch.randn(2, 1, TRAIN_SIZE, TRAIN_SIZE)
+    with pytest.raises(UnsupportedHeadError, match=pattern):
+        plan_head(model, target, "stem" if hasattr(model, "stem") else "layer1", example)
+    early = "stem" if hasattr(model, "stem") else "layer1"
+    with pytest.raises(UnsupportedHeadError, match="no exportable backward|skip connection"):
+        export_bundle(model, tmp_path / "b", class_names=CLASSES, garbage_class=2,
+                      target_layer=target, early_layer=early,
+                      input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM)
+    assert not (tmp_path / "b" / "model.onnx").exists()
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    model = GapLinearNet().eval()
+    kw = dict(class_names=CLASSES, garbage_class=2, target_layer="features", early_layer="stem",
+              input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM)
+    with pytest.raises(ValueError, match="not a module"):
+        export_bundle(model, tmp_path / "a", **{**kw, "target_layer": "nope"})
+    with pytest.raises(ValueError, match="comes after"):
+        export_bundle(model, tmp_path / "a", **{**kw, "target_layer": "stem", "early_layer": "features"})
+    with pytest.raises(ValueError, match="3 outputs but 2 class names"):
+        export_bundle(model, tmp_path / "a", **{**kw, "class_names": ["a", "garbage"], "garbage_class": 1})
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="notes.txt"):
+        export_bundle(model, tmp_path / "c", **kw)
+    assert not (tmp_path / "c" / "model.onnx").exists()
+
+
+def test_wrapper_matches_model_in_torch():
+    """Before any export: the wrapper's logits are the model's, its CAM the autograd reference."""
+    torch.manual_seed(0)
+    model = SequentialHeadNet().eval()
+    x = torch.randn(3, 1, TRAIN_SIZE, TRAIN_SIZE)
+    wrapper = FusedGradCAM(model, "features", "stem", x)
+    with torch.no_grad():
+        logits, cam, _ = wrapper(x)
+        np.testing.assert_allclose(logits.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    cam_ref, _ = reference_gradcam(model, "features", x)
+    assert np.abs(cam.numpy() - cam_ref).max() <= 1e-3
+
+
+def test_check_rejects_nonstandard_domain(tmp_path):
+    from onnx import helper, TensorProto
+
+    node = helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ExportError, match="com.microsoft"):
+        check_onnx_graph(path)
+
+
+def test_cli_export_from_checkpoint(tmp_path, capsys):
+    train = pytest.importorskip("gamguard.exporter.train")
+    from gamguard.runtime import cli
+
+    torch.manual_seed(0)
+    config = {"num_classes": 3, "widths": [8, 8, 8]}
+    from gamguard.exporter.model import build_model
+
+    model = build_model(config)
+    ckpt = {
+        "format": train.CHECKPOINT_FORMAT, "arch": "guardnet", "config": config,
+        "state_dict": model.state_dict(), "class_names": CLASSES, "garbage_class": 2,
+        "input": {"channels": 1, "height": 32, "width": 32, "mean": [0.5], "std": [0.25],
+                  "resize": "stretch", "photometric": "MONOCHROME2"},
+        "target_layer": "layer3", "early_layer": "layer1", "train_report": {},
+    }
+    train.save_checkpoint(ckpt, tmp_path / "model.pt")
+    rc = cli.main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--out",
+                   str(tmp_path / "bundle"), "--opset", "17", "--name", "demo", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    manifest = json.loads(out.out)  # stdout is only the JSON manifest
+    assert manifest["model"] == {"name": "demo", "version": "1"}
+    assert manifest["export"]["opset"] == 17 and manifest["export"]["head_kind"] == "gap_linear"
+    assert "ONNX op types" in out.err and "Conv" in out.err
+    bundle_mod.verify_hashes(tmp_path / "bundle", bundle_mod.read_manifest(tmp_path / "bundle"))
+    rc = cli.main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
