@@ -104,7 +104,10 @@ def prepare(maps, grid: int = DEFAULT_GRID) -> np.ndarray:
         batch = batch.astype(np.float64)
     lo = batch.min(axis=(1, 2), keepdims=True)
     hi = batch.max(axis=(1, 2), keepdims=True)
-    rng = hi - lo
+    with np.errstate(over="ignore"):
+        rng = hi - lo
+    if not np.isfinite(rng).all():       # e.g. values near ±1e308: the range itself overflows
+        raise ValueError("map values span more than the float64 range")
     constant = rng <= _CONSTANT_RTOL * np.maximum(np.abs(lo), np.abs(hi))
     out = np.where(constant, 0.0, (batch - lo) / np.where(constant, 1.0, rng))
     return out[0] if single else out
@@ -408,7 +411,10 @@ def _bench(repeats: int, size: int, grid: int) -> dict:
     import time
 
     rng = np.random.default_rng(0)
-    result = {"grid": grid, "map_size": size, "repeats": repeats, "per_image_us": {}}
+    import os
+
+    result = {"grid": grid, "map_size": size, "repeats": repeats, "cpus": os.cpu_count(),
+              "load_avg_1min": round(os.getloadavg()[0], 2), "per_image_us": {}}
     for n in (1, 8):
         a = rng.random((n, size, size)).astype(np.float32)
         b = rng.random((grid, grid))      # references are stored on the comparison grid

@@ -72,10 +72,14 @@ def test_prepare_batch_equals_single_and_handles_constant_maps():
     assert not out[1].any() and not out[2].any()               # constant -> all zeros
     up = sim.prepare(rng.random((8, 8)))                        # small maps are upsampled
     assert up.shape == (G, G) and up.max() == 1.0
+    ints = (rng.random((64, 64)) * 4000).astype(np.uint16)     # types OpenCV's resize lacks: cast
+    np.testing.assert_allclose(sim.prepare(ints), sim.prepare(ints.astype(np.float64)), atol=1e-12)
+    assert sim.prepare(ints.astype(np.int64)).max() == 1.0
 
 
 @pytest.mark.parametrize("bad", [np.zeros(5), np.zeros((1, 2, 3, 4)), np.zeros((0, 4)),
-                                 np.array([[0.0, np.nan], [1.0, 0.0]]), np.array([[np.inf, 0.0]])])
+                                 np.array([[0.0, np.nan], [1.0, 0.0]]), np.array([[np.inf, 0.0]]),
+                                 np.array([[1e308, -1e308], [0.0, 0.0]])])
 def test_prepare_rejects_bad_maps(bad):
     with pytest.raises(ValueError):
         sim.prepare(bad)
@@ -157,6 +161,18 @@ def test_degenerate_pairs_have_documented_finite_values(case):
             assert want[0] <= value <= want[1], (case, name, value)
         else:
             assert value == pytest.approx(want, abs=1e-9), (case, name, value)
+
+
+def test_ranges_on_random_pairs():
+    rng = np.random.default_rng(10)
+    a = np.stack([smooth_map(rng, 40, s) for s in rng.uniform(0.5, 6.0, 16)])
+    b = np.stack([smooth_map(rng, 32, s) for s in rng.uniform(0.5, 6.0, 16)])
+    got = sim.batch_scores(a, b)
+    for name, (lo, hi) in {"iou": (0, 1), "dice": (0, 1), "cosine": (0, 1), "ssim": (-1, 1),
+                           "pearson": (-1, 1), "kl_divergence": (0, 30), "wasserstein": (0, 2**0.5)}.items():
+        assert np.all((got[name] >= lo) & (got[name] <= hi)), name
+        assert np.ptp(got[name]) > 0, name                     # the scores do discriminate
+    np.testing.assert_allclose(got["dice"], 2 * got["iou"] / (1 + got["iou"]), atol=1e-12)
 
 
 def test_symmetry_and_kl_asymmetry():
