@@ -208,7 +208,15 @@ def score_outputs(logits, cam, early, *, garbage: int, ref_cams: np.ndarray, fea
 
 
 class NullModel:
-    """Per-check p-value tables built from the null part's scores."""
+    """Per-check p-value tables built from the null part's scores.
+
+    Attention: one table per measure (per predicted class where the class has enough null images,
+    pooled otherwise) gives ``p_m``; the check's own p-value ``attention.p`` is the smallest ``p_m``
+    calibrated once more against the null part's smallest ``p_m`` (a TailPValue on ``-log min_m p_m``).
+    Without that second step the minimum of seven correlated p-values would be far from uniform and
+    the attention check would take most of the combined cut's false-rejection budget from the feature
+    check; with it both checks' p-values are on the same scale.
+    """
 
     def __init__(self, null: ScoreSet, n_classes: int):
         keep = ~null.garbage_pred
@@ -223,42 +231,65 @@ class NullModel:
             if sel.sum() >= MIN_NULL_PER_CLASS:
                 self.per_class[c] = [TailPValue(dissimilarity(m, s.sims[sel, j])) for j, m in enumerate(MEASURES)]
         self.feature = TailPValue(s.feature)
+        self.attention = TailPValue(_neglog(self._measure_pvalues(s).min(axis=1)))
         self.n = int(s.feature.size)
 
     def tables_for(self, cls: int) -> list[TailPValue]:
         return self.per_class.get(int(cls), self.pooled)
 
-    def pvalues(self, scores: ScoreSet) -> tuple[np.ndarray, np.ndarray]:
-        """(p per measure ``[N, M]``, p of the feature score ``[N]``)."""
+    def _measure_pvalues(self, scores: ScoreSet) -> np.ndarray:
         n = scores.feature.shape[0]
         pm = np.empty((n, len(MEASURES)))
         for c in np.unique(scores.pred_real):
             sel = scores.pred_real == c
             for j, (m, table) in enumerate(zip(MEASURES, self.tables_for(c))):
                 pm[sel, j] = table(dissimilarity(m, scores.sims[sel, j]))
-        return pm, self.feature(scores.feature)
+        return pm
+
+    def pvalues(self, scores: ScoreSet) -> tuple[np.ndarray, np.ndarray]:
+        """(p per measure ``[N, M]``, p of the feature score ``[N]``)."""
+        return self._measure_pvalues(scores), self.feature(scores.feature)
+
+    def attention_p(self, pm: np.ndarray) -> np.ndarray:
+        """The attention check's p-value ``[N]`` from the per-measure p-values ``[N, M]``."""
+        return self.attention(_neglog(np.asarray(pm).min(axis=1)))
+
+    def measure_level(self, level: float) -> float:
+        """The per-measure p-value below which ``attention_p`` falls below ``level``."""
+        d = self.attention.inverse(level)
+        return float(math.exp(-d)) if math.isfinite(d) else 0.0
 
 
-def combined_statistic(pm: np.ndarray, pf: np.ndarray, garbage_pred: np.ndarray, checks: str) -> np.ndarray:
-    """``s = min`` of the enforced checks' p-values (1 when only the garbage check is enforced);
-    0 for inputs predicted as garbage when the garbage check is enforced."""
+def _neglog(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return -np.log(np.asarray(p, np.float64))
+
+
+def combined_statistic(pa: np.ndarray, pf: np.ndarray, garbage_pred: np.ndarray, checks: str) -> np.ndarray:
+    """``s = min`` of the enforced checks' p-values (``pa`` attention, ``pf`` feature; 1 when only
+    the garbage check is enforced); 0 for inputs predicted as garbage when that check is enforced."""
+    enforced = checks.split("+")
     parts = []
-    if "attention" in checks:
-        parts.append(pm.min(axis=1))
-    if "feature" in checks:
-        parts.append(pf)
-    s = np.minimum.reduce(parts) if parts else np.ones(pf.shape[0])
-    if "garbage" in checks.split("+"):
+    if "attention" in enforced:
+        parts.append(np.asarray(pa, np.float64))
+    if "feature" in enforced:
+        parts.append(np.asarray(pf, np.float64))
+    s = np.minimum.reduce(parts) if parts else np.ones(np.asarray(pf).shape[0])
+    if "garbage" in enforced:
         s = np.where(garbage_pred, 0.0, s)
     return s
 
 
 class ConformalCut:
-    """Split-conformal rejection rule on the combined statistic (see module docstring)."""
+    """Split-conformal rejection rule on the combined statistic (see module docstring).
 
-    def __init__(self, stats: np.ndarray, alpha: float):
+    ``null``: the :class:`NullModel` the statistics were computed with (so :func:`decide` can turn
+    per-measure p-values into the attention p-value the cut was calibrated on)."""
+
+    def __init__(self, stats: np.ndarray, alpha: float, null: "NullModel | None" = None):
         self.stats = np.sort(np.asarray(stats, np.float64))
         self.alpha = float(alpha)
+        self.null = null
         n = self.stats.size
         k = int(math.floor(alpha * (n + 1) + 1e-9)) - 1  # number of calibration stats a rejected s may be >=
         self.threshold = float(self.stats[k]) if 0 <= k < n else 0.0  # reject iff s < threshold
@@ -278,34 +309,49 @@ class Decisions:
     feature: np.ndarray  # [N] bool, FEATURE_MISMATCH fired
     failed_measures: np.ndarray  # [N, M] bool
     level: float  # the p-value level a check is compared with (t* or alpha)
+    attention_p: np.ndarray  # [N] the attention check's p-value
+    measure_level: float  # the per-measure p-value level equivalent to ``level``
 
 
 def decide(pm, pf, garbage_pred, *, checks: str, policy: str, alpha: float,
-           cut: ConformalCut | None) -> Decisions:
-    """Vectorised decision for a batch. ``calibrated``: a check fails when its p < t* (so the
-    combined rule rejects exactly when some enforced check fails); ``strict``: a check fails when its
-    own p <= alpha (no multiplicity correction: higher false-rejection rate, documented)."""
+           cut: ConformalCut | None, null: NullModel | None = None) -> Decisions:
+    """Vectorised decision for a batch (``null`` defaults to ``cut.null``).
+
+    ``calibrated``: a check fails when its p-value is below the conformal level t* (so the combined
+    rule rejects exactly when some enforced check fails); ``strict``: a check fails when its own
+    p-value is <= alpha (no sharing of the budget between checks: more false rejections, by design).
+    The failed measures of an attention failure are those whose own p-value is below the
+    per-measure level equivalent to the check's level (at least the smallest one)."""
+    null = null if null is not None else getattr(cut, "null", None)
+    if null is None:
+        raise ValueError("decide needs the null model (pass null= or a cut built with one)")
     enforced = set(checks.split("+"))
     garbage = np.asarray(garbage_pred, bool) & ("garbage" in enforced)
+    pm = np.asarray(pm, np.float64)
+    pa = null.attention_p(pm)
     if policy == "calibrated":
         if cut is None:
             raise ValueError("calibrated policy needs a conformal cut")
         level = cut.threshold
-        failed = pm < level
-        feat = pf < level
+        att, feat = pa < level, np.asarray(pf) < level
     elif policy == "strict":
         level = alpha
-        failed = pm <= level
-        feat = pf <= level
+        att, feat = pa <= level, np.asarray(pf) <= level
     else:
         raise ValueError(f"unknown policy {policy!r} (calibrated, strict)")
+    mlevel = null.measure_level(level)
     if "attention" not in enforced:
-        failed = np.zeros_like(failed)
-    att = failed.any(axis=1)
+        att = np.zeros_like(att)
     if "feature" not in enforced:
         feat = np.zeros_like(feat)
+    failed = (pm < mlevel) & att[:, None]
+    if pm.shape[0]:
+        # the p-value table can be flat at the boundary: always name at least the weakest measure
+        weakest = np.zeros_like(failed)
+        weakest[np.arange(pm.shape[0]), pm.argmin(axis=1)] = True
+        failed |= weakest & att[:, None] & ~failed.any(axis=1, keepdims=True)
     return Decisions(reject=garbage | att | feat, garbage=garbage, attention=att, feature=feat,
-                     failed_measures=failed, level=float(level))
+                     failed_measures=failed, level=float(level), attention_p=pa, measure_level=mlevel)
 
 
 class CalibrationData:
@@ -330,8 +376,9 @@ class CalibrationData:
         self.conformal_scores = ScoreSet.from_arrays(arrays, "conformal_")
         self.null = NullModel(self.null_scores, len(self.class_names))
         pm, pf = self.null.pvalues(self.conformal_scores)
-        self.cuts = {key: ConformalCut(combined_statistic(pm, pf, self.conformal_scores.garbage_pred, key),
-                                       self.alpha) for key in all_check_sets()}
+        pa = self.null.attention_p(pm)
+        self.cuts = {key: ConformalCut(combined_statistic(pa, pf, self.conformal_scores.garbage_pred, key),
+                                       self.alpha, self.null) for key in all_check_sets()}
 
     @classmethod
     def load(cls, bundle_dir: str | Path, manifest: dict) -> "CalibrationData":
@@ -356,8 +403,9 @@ class CalibrationData:
     def raw_thresholds(self, cls_index: int, level: float) -> dict[str, float]:
         """Score values at which each check's p-value equals ``level`` for predictions of ``cls_index``."""
         out = {}
+        mlevel = self.null.measure_level(level)
         for m, table in zip(MEASURES, self.null.tables_for(cls_index)):
-            d = table.inverse(level)
+            d = table.inverse(mlevel) if mlevel > 0 else math.inf
             out[f"attention.{m}"] = -d if HIGHER_IS_SIMILAR[m] else d
         out["feature"] = self.null.feature.inverse(level)
         return out
@@ -404,10 +452,11 @@ def crossfit_rates(held: ScoreSet, n_classes: int, alpha: float, seed: int) -> d
         a, b = rest[: rest.size // 2], rest[rest.size // 2:]
         null = NullModel(held.take(a), n_classes)
         pm_b, pf_b = null.pvalues(held.take(b))
+        pa_b = null.attention_p(pm_b)
         ev = held.take(fold)
         pm, pf = null.pvalues(ev)
         for key in all_check_sets():
-            cut = ConformalCut(combined_statistic(pm_b, pf_b, held.garbage_pred[b], key), alpha)
+            cut = ConformalCut(combined_statistic(pa_b, pf_b, held.garbage_pred[b], key), alpha, null)
             for policy in ("calibrated", "strict"):
                 d = decide(pm, pf, ev.garbage_pred, checks=key, policy=policy, alpha=alpha, cut=cut)
                 counts[key][policy] += [d.reject.sum(), d.garbage.sum(), d.attention.sum(), d.feature.sum()]

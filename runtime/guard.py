@@ -6,8 +6,9 @@ Checks (each can be enforced or not; ``bundle.json`` ``guard.enforced_checks``, 
   when the check is enforced (when it is not, the label is the argmax over the real classes);
 * ``attention`` — the Grad-CAM map is compared with the reference map of the predicted real class by
   all seven measures of :mod:`gamguard.runtime.similarity`; each score becomes a one-sided p-value
-  against the held-out in-distribution scores (:mod:`gamguard.runtime.calibration`) →
-  ``ATTENTION_MISMATCH`` with the measures that failed;
+  ``attention.<measure>.p`` against the held-out in-distribution scores, and the smallest of them,
+  calibrated once more against the null part, is the check's p-value ``attention.p``
+  (:mod:`gamguard.runtime.calibration`) → ``ATTENTION_MISMATCH`` with the measures that failed;
 * ``feature`` — the early-feature dissimilarity (:mod:`gamguard.runtime.features`) and its p-value →
   ``FEATURE_MISMATCH``.
 
@@ -18,7 +19,8 @@ Policies:
   ``<= alpha``, which bounds the in-distribution false-rejection rate (garbage-class rejections
   included) at ``alpha``. Equivalently every check fails whose p-value is below the calibrated level
   ``t*`` (``thresholds["combined_p"]``); those are the reasons, and for the attention check the
-  measures below ``t*`` are ``failed_measures``.
+  measures whose own p-value is below the equivalent per-measure level
+  (``thresholds["attention.<measure>.p"]``) are ``failed_measures``.
 * ``strict``: a check fails as soon as its own p-value is ``<= alpha`` (any attention measure counts);
   more rejections than ``alpha`` on in-distribution data, by design.
 
@@ -40,7 +42,7 @@ import numpy as np
 
 from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
-from .calibration import CHECKS, CalibrationData, checks_key, decide, softmax
+from .calibration import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
 from .similarity import MEASURES
 
 log = logging.getLogger(__name__)
@@ -282,12 +284,7 @@ class Guard:
         d = decide(pm, pf, s.garbage_pred, checks=self.enforced_checks, policy=self.policy, alpha=self.alpha,
                    cut=self.cut)
         checks = self.enforced_checks.split("+")
-        parts = []
-        if "attention" in checks:
-            parts.append(pm.min(axis=1))
-        if "feature" in checks:
-            parts.append(pf)
-        combined = np.minimum.reduce(parts) if parts else np.ones(n)
+        combined = combined_statistic(d.attention_p, pf, np.zeros(n, bool), self.enforced_checks)
         conformal_stat = np.where(s.garbage_pred & ("garbage" in checks), 0.0, combined)
         conformal_p = self.cut.p_value(conformal_stat)
         real = cal.real
@@ -305,8 +302,8 @@ class Guard:
                 scores[f"attention.{m}"] = float(s.sims[i, j])
                 scores[f"attention.{m}.p"] = float(pm[i, j])
                 thresholds[f"attention.{m}"] = raw[f"attention.{m}"]
-                thresholds[f"attention.{m}.p"] = self.level
-            scores["attention.p"] = float(pm[i].min())
+                thresholds[f"attention.{m}.p"] = d.measure_level
+            scores["attention.p"] = float(d.attention_p[i])
             thresholds["attention.p"] = self.level
             scores["feature"] = float(s.feature[i])
             scores["feature.p"] = float(pf[i])

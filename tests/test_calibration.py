@@ -1,0 +1,223 @@
+"""Calibration statistics (p-values, conformal cut, decision rule, early-feature reference) and the
+`gamguard calibrate` command on a copy of the demo bundle."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gamguard.runtime.calibration import (
+    ConformalCut,
+    TailPValue,
+    all_check_sets,
+    checks_key,
+    combined_statistic,
+    decide,
+)
+from gamguard.runtime.features import FeatureReference
+
+from guard_fixtures import copy_bundle, demo_bundle  # noqa: F401  (fixtures)
+
+
+# ---------------------------------------------------------------------------------------------- p-values
+def test_tail_pvalue_is_a_monotone_valid_pvalue():
+    rng = np.random.default_rng(0)
+    null = rng.normal(size=400)
+    p = TailPValue(null)
+    xs = np.linspace(-5, 8, 500)
+    ps = p(xs)
+    assert np.all(np.diff(ps) <= 1e-12), "p must not increase with dissimilarity"
+    assert ps[0] == 1.0 and 0 < ps[-1] < 1e-3, "far beyond the null the p-value keeps decaying (no tie floor)"
+    # Validity: on fresh draws from the null, P(p <= a) ~ a.
+    fresh = p(rng.normal(size=20000))
+    for a in (0.01, 0.05, 0.1, 0.3):
+        assert abs(np.mean(fresh <= a) - a) < 0.02
+    assert p(np.array([np.nan, np.inf]))[0] == 0.0 and p(np.array([np.inf]))[0] == 0.0
+
+
+def test_tail_pvalue_inverse_round_trips():
+    p = TailPValue(np.random.default_rng(1).gamma(2.0, size=300))
+    for level in (0.5, 0.1, 0.01, 1e-4):
+        x = p.inverse(level)
+        assert math.isclose(float(p(np.array([x]))[0]), level, rel_tol=1e-6)
+
+
+def test_tail_pvalue_needs_a_null():
+    from gamguard.runtime.calibration import CalibrationError
+
+    with pytest.raises(CalibrationError, match="at least 2"):
+        TailPValue(np.array([1.0, np.nan]))
+
+
+# ---------------------------------------------------------------------------------------------- conformal
+@pytest.mark.parametrize("alpha", [0.05, 0.10])
+def test_conformal_cut_bounds_false_rejection(alpha):
+    rng = np.random.default_rng(2)
+    # 400 repetitions of: calibrate on 250 exchangeable draws, test on 200 more.
+    rates = []
+    for _ in range(400):
+        cal = rng.uniform(size=250) ** 3  # any continuous statistic
+        cut = ConformalCut(cal, alpha)
+        test = rng.uniform(size=200) ** 3
+        rates.append(cut.rejects(test).mean())
+        # the two forms of the rule agree: conformal p <= alpha  <=>  s < t*
+        assert np.array_equal(cut.p_value(test) <= alpha, cut.rejects(test))
+    assert np.mean(rates) <= alpha + 0.005
+    assert np.mean(rates) >= alpha - 0.02  # and it is not vacuous
+
+
+def test_conformal_cut_counts_garbage_rejections():
+    # 3 % of the conformal part is predicted garbage (statistic 0): the cut tightens so that the total
+    # in-distribution rejection stays at alpha.
+    rng = np.random.default_rng(3)
+    s = rng.uniform(size=1000)
+    s[:30] = 0.0
+    cut = ConformalCut(s, 0.05)
+    fresh = rng.uniform(size=100000)
+    fresh[:3000] = 0.0
+    assert abs(cut.rejects(fresh).mean() - 0.05) < 0.006
+
+
+def test_checks_key_and_sets():
+    assert checks_key(["feature", "garbage"]) == "garbage+feature"
+    assert len(all_check_sets()) == 7
+    with pytest.raises(ValueError):
+        checks_key(["colour"])
+    with pytest.raises(ValueError):
+        checks_key([])
+
+
+def _null_model():
+    from gamguard.runtime.calibration import NullModel, ScoreSet
+    from gamguard.runtime.similarity import HIGHER_IS_SIMILAR, MEASURES
+
+    rng = np.random.default_rng(5)
+    n = 300
+    sims = np.stack([rng.uniform(0.5, 1.0, n) if HIGHER_IS_SIMILAR[m] else rng.uniform(0, 0.5, n)
+                     for m in MEASURES], axis=1)
+    s = ScoreSet(sims=sims, feature=rng.gamma(4.0, size=n), pred=np.zeros(n, int), pred_real=np.zeros(n, int),
+                 garbage_prob=np.zeros(n), garbage_pred=np.zeros(n, bool))
+    return NullModel(s, n_classes=2), s
+
+
+def test_null_model_attention_pvalue_is_calibrated():
+    null, s = _null_model()
+    pm, pf = null.pvalues(s)
+    pa = null.attention_p(pm)
+    # the minimum of seven p-values is far from uniform; the calibrated attention p is not
+    assert np.mean(pm.min(axis=1) <= 0.05) > 0.15
+    assert abs(np.mean(pa <= 0.05) - 0.05) < 0.03 and abs(np.mean(pf <= 0.05) - 0.05) < 0.03
+    for level in (0.05, 0.01):
+        ml = null.measure_level(level)
+        assert np.array_equal(pa < level, pm.min(axis=1) < ml)
+
+
+def test_decide_reasons_follow_the_failing_pvalues():
+    null, _ = _null_model()
+    ml = null.measure_level(0.01)
+    pm = np.full((4, 7), 0.5)
+    pm[1, [1, 5]] = ml / 10  # two measures far below the level → attention fails, naming both
+    pf = np.array([0.5, 0.5, 0.0001, 0.5])
+    garbage = np.array([False, False, False, True])
+    cut = ConformalCut(np.linspace(0.01, 1, 200), 0.05, null)
+    assert cut.threshold == pytest.approx(0.01 + 9 * (0.99 / 199))
+    d = decide(pm, pf, garbage, checks="garbage+attention+feature", policy="calibrated", alpha=0.05, cut=cut)
+    assert d.reject.tolist() == [False, True, True, True]
+    assert d.attention.tolist() == [False, True, False, False]
+    assert d.failed_measures[1].nonzero()[0].tolist() == [1, 5] and not d.failed_measures[[0, 2, 3]].any()
+    assert d.feature.tolist() == [False, False, True, False]
+    assert d.garbage.tolist() == [False, False, False, True]
+    # not enforced → never a reason
+    d = decide(pm, pf, garbage, checks="attention", policy="calibrated", alpha=0.05, cut=cut)
+    assert d.reject.tolist() == [False, True, False, False] and not d.failed_measures[2].any()
+    # strict compares each check's own p with alpha
+    d = decide(pm, pf * 0 + 0.04, garbage * False, checks="feature", policy="strict", alpha=0.05, cut=None,
+               null=null)
+    assert d.reject.all() and d.level == 0.05
+    # calibrated: rejection <=> combined statistic below the cut
+    s = combined_statistic(d.attention_p, pf, garbage, "garbage+attention+feature")
+    d = decide(pm, pf, garbage, checks="garbage+attention+feature", policy="calibrated", alpha=0.05, cut=cut)
+    assert np.array_equal(d.reject, s < cut.threshold)
+    with pytest.raises(ValueError, match="null model"):
+        decide(pm, pf, garbage, checks="attention", policy="calibrated", alpha=0.05, cut=ConformalCut(pf, 0.05))
+
+
+# ---------------------------------------------------------------------------------------------- features
+def test_feature_reference_scores_structure_changes():
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(8, 6, 6)).astype(np.float32)
+    train = base + 0.3 * rng.normal(size=(300, 8, 6, 6)).astype(np.float32)
+    ref = FeatureReference.fit(train)
+    same = ref.score(base + 0.3 * rng.normal(size=(50, 8, 6, 6)).astype(np.float32))
+    rotated = ref.score(np.rot90(base, axes=(1, 2))[None] + 0.3 * rng.normal(size=(50, 8, 6, 6)).astype(np.float32))
+    inverted = ref.score(-base[None] + 0.3 * rng.normal(size=(50, 8, 6, 6)).astype(np.float32))
+    assert 1.0 < np.median(same) < 3.0  # two terms, each ~1 on in-distribution data by construction
+    assert rotated.min() > same.max() and inverted.min() > same.max()
+    bad = base[None].copy()
+    bad[0, 0, 0, 0] = np.nan
+    assert ref.score(bad)[0] == np.inf
+    arrays = ref.to_arrays()
+    back = FeatureReference.from_arrays(arrays)
+    assert np.array_equal(back.score(train[:5]), ref.score(train[:5]))
+
+
+# ---------------------------------------------------------------------------------------------- command
+def _cli(*args, timeout=600):
+    # the installed entry point's way in (``python -m gamguard.runtime.cli`` would load cli twice)
+    return subprocess.run([sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())",
+                           *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_calibrate_command_writes_references_hashes_and_is_seeded(copy_bundle):
+    from gamguard.runtime import bundle as bundle_mod
+    from gamguard.runtime.calibration import calibrate_bundle
+    from gamguard.runtime.commands.calibrate import load_phantoms
+
+    b1 = copy_bundle("cal1")
+    b2 = copy_bundle("cal2")
+    out = _cli("calibrate", "--bundle", str(b1), "--phantoms", "40", "--seed", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "reference part" in out.stderr and "held-out part" in out.stderr  # progress on stderr
+    rep = json.loads(out.stdout)
+    cal = rep["calibration"]
+    assert cal["n"] == 160 and cal["alpha"] == 0.05 and cal["seed"] == 3
+    assert cal["split"]["reference"] + cal["split"]["null"] + cal["split"]["conformal"] == 160
+    assert cal["dataset"]["kind"] == "phantoms"
+    assert 0.0 <= cal["measured_false_rejection_rate"] <= 1.0
+    assert set(cal["measured_per_check"]) == {"garbage", "attention", "feature"}
+    assert set(cal["thresholds"]["conformal_t"]) == set(all_check_sets())
+    manifest = bundle_mod.load_manifest(b1)  # hashes match, calibration present
+    assert manifest["files"]["reference.npz"] == bundle_mod.sha256_file(b1 / "reference.npz")
+    assert rep["bundle_hash"] == bundle_mod.bundle_hash(manifest)
+    # same seed, same data → identical references and scores (the API the command uses, in-process)
+    m2 = bundle_mod.read_manifest(b2)
+    spec = bundle_mod.InputSpec.from_manifest(m2["input"])
+    images, labels = load_phantoms(40, 3, spec, m2["class_names"], m2["garbage_class"])
+    calibrate_bundle(b2, images=images.__getitem__, labels=labels, dataset={"kind": "phantoms"}, seed=3,
+                     progress=None)
+    with np.load(b1 / "reference.npz") as z1, np.load(b2 / "reference.npz") as z2:
+        for k in ("ref_cam", "feature_mean", "null_sims", "conformal_feature"):
+            assert np.allclose(z1[k], z2[k], rtol=1e-5, atol=1e-6), f"{k} differs between runs with the same seed"
+    # a new alpha from the stored scores: no images needed, the cut moves, hashes are rewritten
+    t05 = cal["thresholds"]["conformal_t"]["garbage+attention+feature"]
+    out = _cli("calibrate", "--bundle", str(b1), "--from-stored-scores", "--alpha", "0.1", "--json")
+    assert out.returncode == 0, out.stderr
+    cal10 = json.loads(out.stdout)["calibration"]
+    assert cal10["alpha"] == 0.1 and cal10["thresholds"]["conformal_t"]["garbage+attention+feature"] >= t05
+    bundle_mod.load_manifest(b1)
+
+
+def test_calibrate_refuses_bad_input(copy_bundle, tmp_path):
+    b = copy_bundle("calbad")
+    out = _cli("calibrate", "--bundle", str(b), "--phantoms", "5")
+    assert out.returncode == 2 and "needs at least" in out.stderr
+    out = _cli("calibrate", "--bundle", str(b))
+    assert out.returncode == 2 and "--data" in out.stderr
+    wrong = tmp_path / "wrong"
+    (wrong / "cat").mkdir(parents=True)
+    out = _cli("calibrate", "--bundle", str(b), "--data", str(wrong))
+    assert out.returncode == 2 and "cat" in out.stderr
