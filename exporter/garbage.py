@@ -1,0 +1,236 @@
+"""Give an existing N-class classifier a garbage class (check 1 of the guard).
+
+Two steps, usable on any ``torch.nn.Module`` whose last layer is an ``nn.Linear``:
+
+* :func:`add_garbage_class` widens that Linear by one output. The N existing rows of weight and bias
+  are copied bit for bit, so the first N logits of the extended model equal the original logits; the
+  new row (the garbage class, index N) starts from ``init``.
+* :func:`finetune_with_garbage` trains the model so off-distribution ("garbage") images go to the new
+  class while in-distribution accuracy is kept. By default only the classifier layer is trained: the
+  backbone, and with it the Grad-CAM target and the early features, stays exactly as it was.
+
+Typical use::
+
+    model = add_garbage_class(model)                      # N → N+1 outputs, logits 0..N-1 unchanged
+    finetune_with_garbage(model, id_x, id_y, garbage_x, epochs=30)
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INITS = ("mean", "zeros", "random")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def find_classifier(model: nn.Module, classifier: str | None = None) -> tuple[str, nn.Linear]:
+    """Return ``(name, module)`` of the classifier layer.
+
+    ``classifier`` names it (a ``dict(model.named_modules())`` key); when omitted the last
+    ``nn.Linear`` in module registration order is taken, which is the final layer of the usual
+    ``... → pool → flatten → fc`` classifiers (torchvision ResNets, :class:`GuardNet`).
+    """
+    modules = dict(model.named_modules())
+    if classifier is None:
+        names = _linear_names(model)
+        if not names:
+            raise ValueError(
+                "add_garbage_class: the model has no nn.Linear layer; the garbage class is added by "
+                "widening the final nn.Linear classifier (name it with classifier=...)"
+            )
+        classifier = names[-1]
+    if classifier not in modules:
+        raise ValueError(
+            f"add_garbage_class: the model has no module named {classifier!r}; "
+            f"its nn.Linear layers are: {', '.join(_linear_names(model)) or '(none)'}"
+        )
+    layer = modules[classifier]
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"add_garbage_class: module {classifier!r} is a {type(layer).__name__}, not an nn.Linear; "
+            "only a final nn.Linear classifier can be widened by one output "
+            f"(nn.Linear layers in this model: {', '.join(_linear_names(model)) or '(none)'})"
+        )
+    return classifier, layer
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def add_garbage_class(model: nn.Module, *, classifier: str | None = None, init: str = "mean") -> nn.Module:
+    """Widen the classifier ``nn.Linear`` of ``model`` by one output (the garbage class, index N).
+
+    Args:
+        model: an N-class classifier; modified in place and returned.
+        classifier: module name of its final ``nn.Linear``; default: the last ``nn.Linear``.
+        init: how the new row starts. ``"mean"``: the mean of the N existing weight rows and biases
+            (the garbage logit starts at the average class score, below the winning class, so
+            predictions are unchanged until fine-tuning); ``"zeros"``: weight and bias 0;
+            ``"random"``: ``nn.Linear``'s default initialisation.
+
+    The first N rows of weight and bias are copied exactly, so the first N logits are unchanged.
+    An integer ``num_classes`` attribute on the model, if present, is incremented.
+    """
+    if init not in INITS:
+        raise ValueError(f"add_garbage_class: unknown init {init!r} (expected one of {', '.join(INITS)})")
+    name, old = find_classifier(model, classifier)
+    n = old.out_features
+    new = nn.Linear(old.in_features, n + 1, bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight[:n].copy_(old.weight)
+        if old.bias is not None:
+            new.bias[:n].copy_(old.bias)
+        if init == "mean":
+            new.weight[n].copy_(old.weight.mean(dim=0))
+            if old.bias is not None:
+                new.bias[n].copy_(old.bias.mean())
+        elif init == "zeros":
+            new.weight[n].zero_()
+            if old.bias is not None:
+                new.bias[n].zero_()
+        # "random": keep nn.Linear's own initialisation of row n.
+    new.train(old.training)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    if old.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    _set_module(model, name, new)
+    if isinstance(getattr(model, "num_classes", None), int):
+        model.num_classes = n + 1
+    log.info("add_garbage_class: %s widened from %d to %d outputs (garbage class = %d, init=%s)",
+             name, n, n + 1, n, init)
+    return model
+
+
+def _as_tensor(x, dtype) -> torch.Tensor:
+    return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+@torch.no_grad()
+def _head_inputs(model: nn.Module, layer: nn.Linear, x: torch.Tensor, batch_size: int):
+    """Run the (frozen, eval-mode) model once over ``x``; return the classifier's inputs, or None
+    when training the classifier on them would not be the same as training through the model."""
+    feats, captured = [], []
+    handle = layer.register_forward_hook(lambda m, inp, out: captured.append((inp[0].detach(), out.detach())))
+    try:
+        for i in range(0, len(x), batch_size):
+            captured.clear()
+            out = model(x[i : i + batch_size])
+            if len(captured) != 1:
+                return None  # the classifier runs more (or less) than once per forward: no shortcut
+            feats.append(captured[0][0])
+            # The shortcut (training the Linear on cached inputs) is exact only if the Linear's
+            # output is the model's output.
+            if not (isinstance(out, torch.Tensor) and out.shape == captured[0][1].shape
+                    and torch.equal(out, captured[0][1])):
+                return None
+    finally:
+        handle.remove()
+    return torch.cat(feats)
+
+
+def finetune_with_garbage(
+    model: nn.Module,
+    id_images,
+    id_labels,
+    garbage_images,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-2,
+    freeze_backbone: bool = True,
+    classifier: str | None = None,
+    garbage_class: int | None = None,
+    batch_size: int = 64,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> nn.Module:
+    """Fine-tune ``model`` so ``garbage_images`` are classified as ``garbage_class``.
+
+    Args:
+        model: a classifier that already has the garbage output (see :func:`add_garbage_class`).
+        id_images: in-distribution inputs, preprocessed, ``[N, C, H, W]`` (tensor or array).
+        id_labels: their labels ``[N]`` in ``0..K-1`` (not the garbage class).
+        garbage_images: off-distribution inputs, preprocessed, ``[M, C, H, W]``.
+        epochs, lr, batch_size, weight_decay: AdamW training on cross-entropy; each class (ID classes
+            and garbage) gets equal total weight, so a few garbage images are not drowned out.
+        freeze_backbone: train only the classifier layer (default). The backbone stays in eval mode
+            (batch-norm statistics untouched), so its features, Grad-CAM target and early layer are
+            unchanged; the classifier is then trained on cached features, which is fast.
+        classifier: module name of the final ``nn.Linear`` (default: the last one).
+        garbage_class: index of the garbage output (default: the last output).
+        seed: seeds the batch order.
+
+    Returns the model, in eval mode.
+    """
+    name, layer = find_classifier(model, classifier)
+    k = layer.out_features
+    garbage_class = k - 1 if garbage_class is None else int(garbage_class)
+    if not 0 <= garbage_class < k:
+        raise ValueError(f"garbage_class {garbage_class} is outside the {k} outputs of {name!r}")
+    dtype = layer.weight.dtype
+    device = layer.weight.device
+    x_id = _as_tensor(id_images, dtype).to(device)
+    y_id = _as_tensor(id_labels, torch.long).to(device)
+    x_g = _as_tensor(garbage_images, dtype).to(device)
+    if len(x_id) != len(y_id):
+        raise ValueError(f"{len(x_id)} in-distribution images but {len(y_id)} labels")
+    if len(x_g) == 0:
+        raise ValueError("finetune_with_garbage needs at least one garbage image")
+    if len(y_id) and (y_id.min() < 0 or y_id.max() >= k or (y_id == garbage_class).any()):
+        raise ValueError(f"id_labels must lie in 0..{k - 1} and exclude the garbage class {garbage_class}")
+    x = torch.cat([x_id, x_g])
+    y = torch.cat([y_id, torch.full((len(x_g),), garbage_class, dtype=torch.long, device=device)])
+
+    # Equal total weight per class present (inverse frequency).
+    counts = torch.bincount(y, minlength=k).to(dtype)
+    class_weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()),
+                               torch.zeros_like(counts))
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+    gen = torch.Generator().manual_seed(seed)
+
+    if freeze_backbone:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in layer.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        feats = _head_inputs(model, layer, x, batch_size)
+        params = list(layer.parameters())
+        forward = (lambda idx: layer(feats[idx])) if feats is not None else (lambda idx: model(x[idx]))
+        if feats is None:
+            log.info("finetune_with_garbage: %s is not the model's output; training through the frozen model", name)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        forward = lambda idx: model(x[idx])  # noqa: E731
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=gen).to(device)
+        total = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            if not freeze_backbone and len(idx) < 2:
+                continue  # batch norm cannot train on a batch of one
+            loss = loss_fn(forward(idx), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        log.debug("finetune_with_garbage epoch %d/%d: loss %.4f", epoch + 1, epochs, total / len(x))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval()
