@@ -71,6 +71,7 @@ class Verdict:
     predicted_index: int | None = None  # argmax class even when rejected (never served as a label)
     detail: str = ""  # human-readable message (errors, INVALID_INPUT cause)
     timings_ms: dict[str, float] = field(default_factory=dict)  # wall time of the batch per stage
+    reference_index: int | None = None  # the real class whose reference the CAM was compared with
 
     @classmethod
     def rejected(cls, reason: str, detail: str, **kw) -> "Verdict":
@@ -89,6 +90,7 @@ class Verdict:
             "scores": {k: _json_float(v) for k, v in self.scores.items()},
             "thresholds": {k: _json_float(v) for k, v in self.thresholds.items()},
             "predicted_index": self.predicted_index,
+            "reference_index": self.reference_index,
             "detail": self.detail,
             "timings_ms": {k: float(v) for k, v in self.timings_ms.items()},
         }
@@ -336,6 +338,7 @@ class Guard:
                 cam=np.asarray(out.cam[i], np.float32),
                 reference_cam=cal.ref_cam_for(cls_idx),
                 predicted_index=int(s.pred[i]),
+                reference_index=cls_idx,
                 detail="" if accepted else "rejected: " + ", ".join(reasons) +
                 (f" ({', '.join(failed)})" if failed else ""),
                 timings_ms=dict(timings),

@@ -39,7 +39,7 @@ def blend(image: np.ndarray, cam: np.ndarray | None, side: int = PANEL) -> np.nd
 def _caption(panel: np.ndarray, lines: list[str], colour=(255, 255, 255)) -> np.ndarray:
     bar = np.zeros((18 * len(lines) + 6, panel.shape[1], 3), np.uint8)
     for k, text in enumerate(lines):
-        cv2.putText(bar, text[:48], (4, 16 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.42, colour, 1, cv2.LINE_AA)
+        cv2.putText(bar, text[:64], (4, 16 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.36, colour, 1, cv2.LINE_AA)
     return np.vstack([bar, panel])
 
 
@@ -48,12 +48,20 @@ def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: 
     same X-ray, so the expected attention can be compared in place). BGR uint8."""
     pred = verdict.predicted_index
     pred_name = class_names[pred] if pred is not None and 0 <= pred < len(class_names) else "?"
-    status = f"ACCEPTED {verdict.label}" if verdict.accepted else "REJECTED " + ",".join(verdict.reasons)
-    left = _caption(blend(image, verdict.cam), [title or "input + Grad-CAM", status],
+    if verdict.accepted:
+        status = [f"ACCEPTED: {verdict.label}", ""]
+    else:
+        short = [r.replace("_MISMATCH", "").replace("_CLASS", "") for r in verdict.reasons]
+        status = ["REJECTED: " + ", ".join(short), ""]
+        if verdict.failed_measures:
+            status[1] = "measures: " + ", ".join(verdict.failed_measures)
+    left = _caption(blend(image, verdict.cam), [title or "input + Grad-CAM", *status],
                     (120, 255, 120) if verdict.accepted else (90, 90, 255))
     ref_label = "reference" if verdict.reference_cam is not None else "no reference"
-    failed = ("failed: " + ",".join(verdict.failed_measures)) if verdict.failed_measures else f"argmax: {pred_name}"
-    right = _caption(blend(image, verdict.reference_cam), [f"{ref_label} map", failed])
+    ref = verdict.reference_index
+    ref_name = class_names[ref] if ref is not None and 0 <= ref < len(class_names) else "?"
+    right = _caption(blend(image, verdict.reference_cam), [f"{ref_label} map: {ref_name}",
+                                                           f"model argmax: {pred_name}", ""])
     return np.hstack([left, np.full((left.shape[0], 4, 3), 40, np.uint8), right])
 
 

@@ -120,6 +120,7 @@ def run(args):
             if args.json:
                 d = v.to_dict()
                 d.pop("predicted_index")
+                d.pop("reference_index")
                 d["predicted"] = (guard.class_names[v.predicted_index] if v.predicted_index is not None else None)
                 print(json.dumps({"file": name, **d}), flush=True)
             else:
