@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,26 @@ def check_onnx_graph(model_path: str | Path) -> list[str]:
     return ops
 
 
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """The exporters log every optimisation pass at INFO and warn about torchvision being absent;
+    keep that out of the user's stderr unless debug logging is on."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    names = ("onnxscript", "onnx_ir", "torch.onnx._internal.exporter._registration")
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
 def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, *, output_names,
                 opset: int = 18, dynamic_spatial: bool = False) -> str:
     """Export ``module(example)`` to ``path`` with a dynamic batch axis; returns the exporter used.
@@ -132,7 +153,7 @@ def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, *, o
         raise ValueError("export with an example batch of at least 2 so the batch axis stays dynamic")
     common = dict(input_names=[INPUT_NAME], output_names=list(output_names), opset_version=opset)
     # The exporters print progress on stdout; keep stdout clean for --json output.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _quiet_exporter_logs():
         if opset >= 18:
             batch = torch.export.Dim("batch", min=1, max=65536)
             dims = {0: batch}
@@ -144,8 +165,11 @@ def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, *, o
         axes = {INPUT_NAME: {0: "batch", **({2: "height", 3: "width"} if dynamic_spatial else {})}}
         for name in output_names:
             axes[name] = {0: "batch"}
-        torch.onnx.export(module, (example,), str(path), dynamo=False, dynamic_axes=axes,
-                          do_constant_folding=True, **common)
+        with warnings.catch_warnings():
+            # Choosing the legacy exporter for opset 17 is deliberate (TensorRT 8.x).
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(module, (example,), str(path), dynamo=False, dynamic_axes=axes,
+                              do_constant_folding=True, **common)
         return "torchscript"
 
 
@@ -292,7 +316,8 @@ def export_bundle(
     model.eval()
     try:
         with torch.no_grad():
-            wrapper = FusedGradCAM(model, target_layer, early_layer, example, early_pool).eval()
+            wrapper = FusedGradCAM(model, target_layer, early_layer, example, early_pool,
+                                   dynamic_spatial=dynamic_spatial).eval()
             logits, cam, early = wrapper(example)
         if logits.shape[1] != len(class_names):
             raise ValueError(f"the model has {logits.shape[1]} outputs but {len(class_names)} "

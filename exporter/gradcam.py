@@ -443,10 +443,13 @@ class FusedGradCAM(nn.Module):
         early_layer: module name of the early-feature layer (before ``target_layer``).
         example: a batch of valid inputs, used to trace shapes.
         early_pool: adaptive-average-pool the early activations to this (h, w); ``None`` keeps them.
+        dynamic_spatial: the input size may vary. When it does not, the pooling matrices are
+            constants of the graph (no Range/Mod shape arithmetic for TensorRT to handle).
     """
 
     def __init__(self, model: nn.Module, target_layer: str, early_layer: str,
-                 example: torch.Tensor, early_pool: tuple[int, int] | None = (8, 8)):
+                 example: torch.Tensor, early_pool: tuple[int, int] | None = (8, 8),
+                 dynamic_spatial: bool = False):
         super().__init__()
         if model.training:
             raise ValueError("put the model in eval mode (model.eval()) before wrapping it")
@@ -457,6 +460,15 @@ class FusedGradCAM(nn.Module):
         self.steps = self.plan.steps
         self.head_kind = self.plan.kind
         self.early_pool = tuple(int(v) for v in early_pool) if early_pool is not None else None
+        self.dynamic_spatial = bool(dynamic_spatial)
+        rows = cols = None
+        if self.early_pool is not None and not self.dynamic_spatial:
+            h_e, w_e = self.plan.early_shape[-2:]
+            rows = _bin_matrix(h_e, self.early_pool[0], example)  # [oh, h_e]
+            cols = _bin_matrix(w_e, self.early_pool[1], example).transpose(0, 1).contiguous()
+        self.register_buffer("_class_ids", torch.arange(self.plan.logits_shape[1]), persistent=False)
+        self.register_buffer("_pool_rows", rows, persistent=False)
+        self.register_buffer("_pool_cols", cols, persistent=False)
         if self.head_kind == "gap_linear":
             self.fc_weight_owner = next(s.module for s in self.steps if s.kind == "linear")
 
@@ -467,9 +479,9 @@ class FusedGradCAM(nn.Module):
             # d(logit_c)/dA = W[c] / (h·w) at every position; its spatial mean is the same.
             w = torch.index_select(self.fc_weight_owner.weight, 0, cls)
             return w / (acts.shape[-2] * acts.shape[-1])
-        k = logits.shape[1]
-        # One-hot without F.one_hot (not exportable everywhere): compare with arange.
-        g = (torch.arange(k, device=logits.device).unsqueeze(0) == cls.unsqueeze(1)).to(logits.dtype)
+        # One-hot without F.one_hot (not exportable everywhere): compare with the class ids,
+        # a constant of the graph (torch.arange(K) would become a Range on a traced shape).
+        g = (self._class_ids.unsqueeze(0) == cls.unsqueeze(1)).to(logits.dtype)
         for step, (x, y) in zip(reversed(self.steps), reversed(saved)):
             g = _backward_step(step, g, x, y)
         return g.mean(dim=(2, 3))
@@ -486,5 +498,9 @@ class FusedGradCAM(nn.Module):
         weights = self.channel_weights(acts, logits, saved)
         cam = gradcam_map(acts, weights, (image.shape[-2], image.shape[-1]))
         if self.early_pool is not None:
-            early = adaptive_avg_pool2d_exportable(early, self.early_pool)
+            if self._pool_rows is not None:
+                # Static size: constant matrices (a different input size fails in the MatMul).
+                early = torch.matmul(torch.matmul(self._pool_rows, early), self._pool_cols)
+            else:
+                early = adaptive_avg_pool2d_exportable(early, self.early_pool)
         return logits, cam, early
