@@ -463,3 +463,41 @@ def test_cli_export_from_checkpoint(tmp_path, capsys):
     bundle_mod.verify_hashes(tmp_path / "bundle", bundle_mod.read_manifest(tmp_path / "bundle"))
     rc = cli.main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+class FunctionalForms(ResNetStyle):
+    """The head written with functional/method forms: x.mean((2, 3)), view(size(0), -1), F.relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        x = F.relu(x)
+        x = F.adaptive_avg_pool2d(x, 1)
+        x = x.view(x.size(0), -1)
+        x = F.dropout(F.relu(self.fc1(x)), 0.5, self.training)
+        return self.fc(x)
+
+
+class MeanHead(ResNetStyle):
+    def forward(self, x):
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls, kind", [(FunctionalForms, "generic"), (MeanHead, "gap_linear")])
+def test_functional_head_forms_in_torch(cls, kind):
+    """Functional and method spellings of the whitelisted ops give the autograd Grad-CAM."""
+    torch.manual_seed(1)
+    model = cls().eval()
+    x, _, _ = blobs(3, 40, 48, seed=5)
+    wrapper = FusedGradCAM(model, "layer2", "layer1", x)
+    assert wrapper.head_kind == kind
+    with torch.no_grad():
+        logits, cam, early = wrapper(x)
+    cam_ref, logits_ref = reference_gradcam(model, "layer2", x)
+    np.testing.assert_allclose(logits.numpy(), logits_ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(cam.numpy() - cam_ref).max() <= 1e-3
+    np.testing.assert_allclose(early.numpy(), early_reference(model, "layer1", x), atol=1e-5)
