@@ -270,3 +270,17 @@ def test_batcher_waits_for_company_only_when_some_is_arriving():
 
     assert _run(lone(lambda: 0)) < 0.25  # nobody else coming: straight to the engine
     assert _run(lone(lambda: 1)) >= 0.45  # someone is being decoded: wait (up to the delay)
+
+
+def test_audit_log_reopen_after_rotation(tmp_path):
+    from gamguard.runtime.server.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.record_invalid("r1", protocol="guard", model="m", version="1", bundle_hash="h", detail="bad")
+    path.rename(tmp_path / "audit.jsonl.1")  # what logrotate does
+    log.reopen()
+    log.record_invalid("r2", protocol="guard", model="m", version="1", bundle_hash="h", detail="bad")
+    log.close()
+    assert json.loads((tmp_path / "audit.jsonl.1").read_text())["request_id"] == "r1"
+    assert json.loads(path.read_text())["request_id"] == "r2"

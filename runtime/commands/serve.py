@@ -12,6 +12,9 @@ Services on one port:
                                        a self-test inference passed; NOT_SERVING again while draining
   grpc.reflection.v1alpha.ServerReflection
 
+Audit: --audit-log FILE appends one JSON line per verdict (never patient data); SIGHUP reopens the
+file after logrotate has moved it.
+
 Transport: TLS by default (--tls-cert/--tls-key; add --tls-client-ca for mutual TLS). Plaintext only
 with --insecure, and then bound to 127.0.0.1 unless --host says otherwise. SIGTERM/SIGINT drain:
 health turns NOT_SERVING, new calls are refused, in-flight calls finish (--shutdown-grace-s).
@@ -59,6 +62,8 @@ def run(args):
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
                 pass
+        if server.audit is not None and hasattr(signal, "SIGHUP"):  # logrotate: reopen the audit log
+            loop.add_signal_handler(signal.SIGHUP, server.audit.reopen)
         await server.ready.wait()
         if server.state.load_error:
             await server.stop(grace=0)

@@ -83,6 +83,14 @@ class AuditLog:
             "detail": detail[:500],
         })
 
+    def reopen(self) -> None:
+        """Close and reopen the file (after logrotate moved it; ``gamguard serve`` does this on SIGHUP)."""
+        if not self._owned:
+            return
+        with self._lock:
+            self._fh.close()
+            self._fh = open(self.path, "a", encoding="utf-8")
+
     def close(self) -> None:
         with self._lock:
             if self._owned and not self._fh.closed:
