@@ -12,6 +12,7 @@ fills it), so the runtime refuses to serve the bundle until it is calibrated.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import shutil
 import sys
@@ -312,6 +313,9 @@ def export_bundle(
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(2, c, h, w, generator=gen)
 
+    if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
+        # Export and the ONNX Runtime check run on CPU; leave the caller's model where it is.
+        model = copy.deepcopy(model).cpu()
     was_training = model.training
     model.eval()
     try:
