@@ -79,7 +79,7 @@ MASK_NAMES: tuple[str, ...] = ("bone", "growth_plate", "epiphysis", "carpal", "h
 _STAGES = (
     dict(carpals=(1, 2), epi=(0.30, 0.45), gap=(0.021, 0.017), carpal_r=(0.011, 0.014)),
     dict(carpals=(3, 5), epi=(0.55, 0.75), gap=(0.014, 0.011), carpal_r=(0.015, 0.018)),
-    dict(carpals=(6, 7), epi=(0.90, 1.10), gap=(0.008, 0.006), carpal_r=(0.019, 0.022)),
+    dict(carpals=(6, 7), epi=(0.90, 1.10), gap=(0.010, 0.0075), carpal_r=(0.019, 0.022)),
     dict(carpals=(8, 8), epi=(1.00, 1.00), gap=None, carpal_r=(0.022, 0.025)),
 )
 
