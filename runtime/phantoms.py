@@ -19,7 +19,7 @@ stage          ossified carpals   epiphysis width/metaphysis  growth plate (phys
 =============  =================  =========================  ==============================
 infant         1-2                0.30-0.45 (small nuclei)    wide gap (~1.9 % of the image)
 child          3-5                0.55-0.75                   gap ~1.2 %
-adolescent     6-7                0.90-1.10 (capping)         narrow gap ~0.7 %
+adolescent     6-7                0.90-1.10 (capping)         narrow gap ~0.9 %
 adult          8                  fused                       closed: a 1-pixel physeal scar
 =============  =================  =========================  ==============================
 
