@@ -4,7 +4,7 @@
 #   scripts/build_demo_bundle.sh [OUT_DIR]        (default: runtime/demo_bundle, the embedded default)
 #
 # Environment: SEED (training seed, default 0), THREADS (torch/ONNX Runtime threads, default 2),
-# CAL_PHANTOMS (calibration phantoms per class, default 300), ALPHA (default 0.05),
+# CAL_PHANTOMS (calibration phantoms per class, default 500), ALPHA (default 0.05),
 # CKPT (checkpoint path, default out/demo.ckpt; reused when it exists and REUSE_CKPT=1).
 # Deterministic for a given seed and thread count. Needs the [export] extra (torch) for the first two steps.
 set -euo pipefail
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runtime/demo_bundle}
 SEED=${SEED:-0}
 THREADS=${THREADS:-2}
-CAL_PHANTOMS=${CAL_PHANTOMS:-300}
+CAL_PHANTOMS=${CAL_PHANTOMS:-500}
 ALPHA=${ALPHA:-0.05}
 CKPT=${CKPT:-out/demo.ckpt}
 GG=${GAMGUARD:-.venv/bin/gamguard}

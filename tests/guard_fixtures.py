@@ -19,6 +19,7 @@ TEST_ID_SEED = 7_100_001
 TEST_OOD_SEED = 7_100_002
 TEST_SUIT_SEED = 7_100_003
 TEST_SHIFT_SEED = 7_100_004
+N_ID_PER_CLASS = 150  # 600 fresh in-distribution phantoms for the false-rejection evidence
 
 
 def bundle_path() -> Path:
@@ -51,7 +52,7 @@ def copy_bundle(demo_bundle, tmp_path):
 
 
 @functools.lru_cache(maxsize=None)
-def id_phantoms(n_per_class: int, seed: int = TEST_ID_SEED):
+def id_phantoms(n_per_class: int = N_ID_PER_CLASS, seed: int = TEST_ID_SEED):
     from gamguard.runtime import phantoms
 
     images, labels = phantoms.phantom_set(n_per_class, seed, 256)

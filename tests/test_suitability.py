@@ -41,7 +41,7 @@ def test_clopper_pearson_matches_known_values():
 def test_fresh_in_distribution_phantoms_are_suitable(demo_bundle, tmp_path):
     from gamguard.runtime.phantoms import CLASS_NAMES
 
-    images, labels = id_phantoms(100)
+    images, labels = id_phantoms()
     data = tmp_path / "site_a"
     for name in CLASS_NAMES:  # labelled layout: accuracy of accepted inputs is reported too
         sel = np.flatnonzero(labels == CLASS_NAMES.index(name))[:25]
@@ -91,7 +91,7 @@ def test_other_anatomy_is_unsuitable_and_tiny_sets_are_inconclusive(demo_bundle,
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["verdict"] == "unsuitable" and r["rejection"]["rate"] >= 0.9
-    few = _write(tmp_path / "few", id_phantoms(100)[0][:5])
+    few = _write(tmp_path / "few", id_phantoms()[0][:5])
     (few / "broken.png").write_bytes(b"not a png")
     out = _cli("suitability", "--bundle", str(demo_bundle), "--data", str(few), "--json")
     r = json.loads(out.stdout)
