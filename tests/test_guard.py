@@ -180,18 +180,28 @@ def test_verify_command_json_overlays_and_bad_files(demo_bundle, tmp_path):
     cv2.imwrite(str(tmp_path / "hand16.png"), (ids[1] * 65535).astype(np.uint16))
     cv2.imwrite(str(tmp_path / "chest.jpg"), (ood[list(kinds).index("chest")] * 255).astype(np.uint8))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    from gamguard.runtime.synth import write_dicom
+
+    write_dicom(tmp_path / "hand_m1.dcm", ids[2], photometric="MONOCHROME1")  # inverted storage, decoded back
     ov = tmp_path / "ov"
     out = _cli("verify", "--bundle", str(demo_bundle), "--json", "--overlays", str(ov), str(tmp_path))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     by = {r["file"].rsplit("/", 1)[-1]: r for r in lines}
-    assert set(by) == {"hand.png", "hand16.png", "chest.jpg", "broken.png"}
+    assert set(by) == {"hand.png", "hand16.png", "chest.jpg", "broken.png", "hand_m1.dcm"}
     for r in lines:
         assert {"file", "accepted", "label", "reasons", "scores", "thresholds", "failed_measures"} <= set(r)
         assert (r["label"] is None) == (not r["accepted"])
     assert by["broken.png"]["reasons"] == ["INVALID_INPUT"] and by["broken.png"]["label"] is None
     assert not by["chest.jpg"]["accepted"]
-    assert sorted(p.name for p in ov.iterdir()) == ["chest.overlay.png", "hand.overlay.png", "hand16.overlay.png"]
+    assert sorted(p.name for p in ov.iterdir()) == ["chest.overlay.png", "hand.overlay.png", "hand16.overlay.png",
+                                                    "hand_m1.overlay.png"]
+    # the 12-bit MONOCHROME1 DICOM is judged like the image itself (decoder inversion and bit depth handled)
+    direct = load_guard(str(demo_bundle)).verify_images([ids[2]])[0]
+    dcm = by["hand_m1.dcm"]
+    assert dcm["accepted"] == direct.accepted
+    assert abs(dcm["scores"]["feature"] - direct.scores["feature"]) < 0.1 * direct.scores["feature"]
+    assert abs(dcm["scores"]["attention.pearson"] - direct.scores["attention.pearson"]) < 0.05
     assert cv2.imread(str(ov / "hand.overlay.png")).shape[1] > 2 * 200
     # readable table, checks override, and --fail-on-reject
     out = _cli("verify", "--bundle", str(demo_bundle), "--checks", "garbage", "--fail-on-reject",
