@@ -28,6 +28,12 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
 
 
+def _class_names():
+    from gamguard.runtime.phantoms import CLASS_NAMES
+
+    return CLASS_NAMES
+
+
 def _inputs(out_dir, seed: int):
     """(name, group, bytes) of every demo input; files are also written under out_dir/inputs."""
     import cv2
@@ -219,7 +225,14 @@ def run(args):
                           "summary": summary, "overlays": str(overlay_dir), "seconds": round(elapsed, 1)}))
         return 0
     print()
-    print(format_table(records, extra={"group": groups}))
+    # what a reader should expect per row: the phantom's true maturity class, or a refusal
+    expected = []
+    for r, g in zip(records, groups):
+        if g == "in-distribution":
+            expected.append(next((c for c in _class_names() if f"_{c}" in r["file"]), "?"))
+        else:
+            expected.append("reject" if g == "off-distribution" else "refuse")
+    print(format_table(records, extra={"group": groups, "truth": expected}))
     print()
     ind, ood, bad = summary["in-distribution"], summary["off-distribution"], summary["malformed"]
     print(f"in-distribution phantoms accepted: {ind['accepted']}/{ind['n']}   "

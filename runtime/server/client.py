@@ -197,8 +197,10 @@ def write_verdict_overlay(path, image_bytes: bytes, verdict: guard_pb2.Verdict, 
     cam = np.asarray(verdict.heatmap.values, np.float32).reshape(h, w) if len(verdict.heatmap.values) else None
     ref = (np.asarray(verdict.heatmap.reference_values, np.float32).reshape(h, w)
            if len(verdict.heatmap.reference_values) else None)
+    # Class indices only for accepted inputs: the server never names a class for a rejected one.
+    index = verdict.prediction.index if verdict.accepted else None
     shown = SimpleNamespace(
         accepted=verdict.accepted, label=verdict.prediction.label if verdict.accepted else None,
         reasons=list(verdict.reasons), failed_measures=list(verdict.failed_measures), cam=cam,
-        reference_cam=ref, predicted_index=verdict.prediction.index if verdict.accepted else None)
+        reference_cam=ref, predicted_index=index, reference_index=index)
     return write_overlay(path, image, shown, class_names, title=title)
