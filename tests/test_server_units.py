@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import struct
 import threading
 from types import SimpleNamespace
 
