@@ -64,7 +64,13 @@ def run(args):
                 pass
         if server.audit is not None and hasattr(signal, "SIGHUP"):  # logrotate: reopen the audit log
             loop.add_signal_handler(signal.SIGHUP, server.audit.reopen)
-        await server.ready.wait()
+        # a SIGTERM while the bundle is still loading stops at once
+        ready, stopping = asyncio.ensure_future(server.ready.wait()), asyncio.ensure_future(stop.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel(), stopping.cancel()
+        if stop.is_set() and not server.ready.is_set():
+            await server.stop(grace=0)
+            return 0
         if server.state.load_error:
             await server.stop(grace=0)
             raise CommandError(f"cannot serve the bundle: {server.state.load_error}")
