@@ -89,4 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run the installed module's main so CommandError is the class the commands raise
+    # (as __main__, this file's classes are distinct objects from gamguard.runtime.cli's).
+    from gamguard.runtime.cli import main as _main
+
+    sys.exit(_main())
