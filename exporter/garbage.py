@@ -198,6 +198,7 @@ def finetune_with_garbage(
                                torch.zeros_like(counts))
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     gen = torch.Generator().manual_seed(seed)
+    requires_grad_before = {id(p): p.requires_grad for p in model.parameters()}
 
     if freeze_backbone:
         for p in model.parameters():
@@ -231,6 +232,6 @@ def finetune_with_garbage(
             opt.step()
             total += loss.item() * len(idx)
         log.debug("finetune_with_garbage epoch %d/%d: loss %.4f", epoch + 1, epochs, total / len(x))
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for p in model.parameters():  # leave the caller's freezing as it was
+        p.requires_grad_(requires_grad_before[id(p)])
     return model.eval()

@@ -62,15 +62,16 @@ _TRAIN_ID, _TRAIN_GARBAGE, _TEST_ID, _TEST_GARBAGE, _TEST_HELD_OUT, _ORDER = ran
 class TrainConfig:
     """Everything that determines a training run (recorded in the checkpoint)."""
 
-    epochs: int = 12
-    per_class: int = 160          # phantoms per maturity class per epoch
-    garbage_per_kind: int = 40    # images per garbage-training kind per epoch
+    epochs: int = 20
+    per_class: int = 200          # phantoms per maturity class per epoch
+    garbage_per_kind: int = 50    # images per garbage-training kind per epoch
     seed: int = 0
-    threads: int | None = None    # torch CPU threads; None keeps torch's default
+    threads: int | None = 1       # torch CPU threads (None: torch default); + data_workers processes
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
     widths: tuple[int, int, int] = (16, 32, 64)
+    input_norm: bool = True       # per-image standardisation inside the model (see GuardNet)
     generator_size: int = 256     # generator output side; preprocess resizes to DEMO_INPUT
     fresh_data: bool = True       # new images every epoch (augmentation) vs one fixed set
     data_workers: int = 1         # processes generating the next epoch's data (0: in-process)
@@ -80,7 +81,7 @@ class TrainConfig:
 
     def model_config(self) -> dict:
         return {"num_classes": len(class_names()), "widths": list(self.widths), "in_channels": 1,
-                "blocks": 1, "dropout": 0.0}
+                "blocks": 1, "dropout": 0.0, "input_norm": self.input_norm}
 
 
 @contextmanager

@@ -21,13 +21,13 @@ from gamguard.runtime.bundle import InputSpec  # noqa: E402
 GAMGUARD = [sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())"]
 TINY = dict(epochs=2, per_class=6, garbage_per_kind=2, batch_size=8, widths=(4, 8, 8),
             test_per_class=3, test_garbage_per_kind=2, test_held_out_per_kind=0, threads=1,
-            generator_size=128)
+            generator_size=128, data_workers=0)
 
 
 # --- model --------------------------------------------------------------------------------------
 
 def test_guardnet_layers_shapes_and_any_input_size():
-    model = build_model({"num_classes": 5, "widths": [16, 32, 64]}).eval()
+    model = build_model({"num_classes": 5, "widths": [16, 32, 64], "input_norm": True}).eval()
     modules = dict(model.named_modules())
     for name in ("stem", "layer1", "layer2", "layer3", "pool", "fc"):
         assert name in modules, name
@@ -40,6 +40,9 @@ def test_guardnet_layers_shapes_and_any_input_size():
         assert model(torch.zeros(2, 1, 128, 128)).shape == (2, 5)
         assert shapes == {"layer1": (2, 16, 64, 64), "layer3": (2, 64, 16, 16)}
         assert model(torch.zeros(1, 1, 97, 160)).shape == (1, 5)  # GAP: any size, batch of one
+        # input_norm standardises each image: exposure/gain changes do not change the output
+        x = torch.rand(2, 1, 64, 64)
+        torch.testing.assert_close(model(x), model(3 * x + 1), rtol=1e-4, atol=1e-4)
     for h in hooks:
         h.remove()
     with pytest.raises(ValueError, match="unknown architecture"):
@@ -153,6 +156,17 @@ def test_make_dataset_goes_through_runtime_preprocess():
     assert sorted(set(y.tolist())) == list(range(n_stages + 1))
     images, _ = phantoms.phantom_set(2, training.derive_seed(5, 0), 96)
     assert np.array_equal(x[0], preprocess(images[0], training.DEMO_INPUT))
+
+
+def test_prefetched_epoch_data_equals_in_process_data():
+    from gamguard.exporter.data import EpochDataPrefetcher
+
+    seeds = [11, 12]
+    with EpochDataPrefetcher(2, 1, seeds, size=64, workers=1) as data:
+        for i, seed in enumerate(seeds):
+            x, y = data.get(i)
+            x_ref, y_ref = training.make_dataset(2, 1, seed, size=64)
+            assert np.array_equal(x, x_ref) and np.array_equal(y, y_ref)
 
 
 def test_training_is_deterministic_for_a_seed():

@@ -25,14 +25,14 @@ examples:
 
 def add_arguments(parser):
     parser.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20)")
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
-                        help="phantoms per maturity class per epoch (default 160)")
+                        help="phantoms per maturity class per epoch (default 200)")
     parser.add_argument("--garbage-per-kind", type=int, default=None, metavar="N",
-                        help="images per garbage-training kind per epoch (default 40)")
+                        help="images per garbage-training kind per epoch (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); part of what makes a run reproducible")
+                        help="torch CPU threads (default 1; one more process generates data); part of what makes a run reproducible")
     parser.add_argument("--test-per-class", type=int, default=None, metavar="N",
                         help="held-out phantoms per class for the final report (default 100)")
     parser.add_argument("--test-garbage-per-kind", type=int, default=None, metavar="N",
