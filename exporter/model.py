@@ -9,6 +9,7 @@ and plain module names, so a user or a test can pick layers by ``dict(model.name
     layer2  residual stage, stride 2                (1/4)
     layer3  residual stage, stride 2                (1/8)   ← suggested Grad-CAM target
     pool    AdaptiveAvgPool2d(1)
+    flatten, dropout (p=0 by default)
     fc      Linear(widths[-1], num_classes)
 
 At the demo input of 1×128×128 ``layer1`` is 16×64×64 and ``layer3`` is 64×16×16. The head is
@@ -100,7 +101,9 @@ class GuardNet(nn.Module):
         self.layer3 = _stage(widths[1], widths[2], blocks, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Always an nn.Dropout (p=0 by default) so the head is exactly pool → Flatten → Dropout → Linear,
+        # all on the fused export's whitelist.
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(widths[2], num_classes)
         self._init_weights()
 
