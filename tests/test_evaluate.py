@@ -1,0 +1,48 @@
+"""`gamguard evaluate` end to end on the real datasets (short training; skips without the data)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def results(datasets_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("eval")
+    out = subprocess.run(
+        [sys.executable, "-m", "gamguard.runtime.cli", "evaluate", "--preset", "pneumoniamnist",
+         "--data-root", str(datasets_root), "--workdir", str(work), "--epochs", "4", "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout), work
+
+
+def test_contract_fields_and_artifacts(results):
+    r, work = results
+    for key in ("id_false_rejection_rate", "alpha", "accepted_accuracy", "ood", "baselines"):
+        assert key in r
+    assert set(r["ood"]) >= {"hannover_cxr", "hand_xray", "pelvis_xray", "other_modality", "generated_non_xray"}
+    assert set(r["baselines"]) == {"msp", "energy", "max_logit", "mahalanobis_early", "mahalanobis_penultimate"}
+    for name, v in r["ood"].items():
+        assert 0 <= v["rejection_rate"] <= 1 and 0 <= v["auroc"] <= 1 and 0 <= v["fpr95"] <= 1
+        for b in r["baselines"].values():
+            assert 0 <= b[name]["auroc"] <= 1
+    assert (work / "bundle" / "bundle.json").is_file() and (work / "bundle" / "reference.npz").is_file()
+    for f in ("index.html", "histograms.png", "roc.png", "overlays.png", "results.json"):
+        assert (work / "report" / f).is_file(), f
+    # the garbage class is trained on generated images only: no evaluated set is among them
+    assert all(s.startswith("generated:") for s in r["garbage_training_sets"])
+
+
+def test_guard_keeps_in_distribution_and_rejects_far_ood(results):
+    r, _ = results
+    # even a 4-epoch model: most test images pass, accepted predictions are mostly right,
+    # other anatomy / other modality / non-X-ray images are nearly all refused
+    assert r["id_false_rejection_rate"] < 0.25
+    assert r["accepted_accuracy"] > 0.75
+    for name in ("pelvis_xray", "other_modality", "generated_non_xray"):
+        assert r["ood"][name]["rejection_rate"] >= 0.9, (name, r["ood"][name])
+        assert r["ood"][name]["auroc"] > 0.9
