@@ -155,9 +155,17 @@ def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
     accuracy = None
     if labelled:
         acc_items = [it for it in labelled if it.verdict.accepted]
+        names = guard.class_names
+
+        def argmax_name(it):
+            ref = it.verdict.reference_index
+            return names[ref] if ref is not None else None
+
         accuracy = {"n_labelled": len(labelled), "n_accepted": len(acc_items),
                     "accepted_accuracy": (sum(it.verdict.label == it.label for it in acc_items) / len(acc_items))
-                    if acc_items else None}
+                    if acc_items else None,
+                    # what the model alone would have scored (argmax over the real classes, nothing refused)
+                    "unguarded_accuracy": sum(argmax_name(it) == it.label for it in labelled) / len(labelled)}
 
     reasons = []
     if n < MIN_IMAGES:
@@ -295,6 +303,13 @@ def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *,
         f"{'accepted ' + esc(it.verdict.label) if it.verdict.accepted else 'rejected ' + esc(', '.join(it.verdict.reasons))}"
         f"</figcaption></figure>" for name, it in examples)
     rj = result["rejection"]
+    acc = result.get("accuracy")
+    acc_html = ""
+    if acc:
+        aa = "n/a" if acc["accepted_accuracy"] is None else f"{acc['accepted_accuracy']:.1%}"
+        acc_html = (f"<p>Labelled inputs: {acc['n_labelled']}; accuracy of the accepted ones {aa} "
+                    f"({acc['n_accepted']} accepted); the model alone, refusing nothing: "
+                    f"{acc['unguarded_accuracy']:.1%}.</p>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gamguard suitability report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} figure{{display:inline-block;margin:6px}}
@@ -306,6 +321,7 @@ figure img{{width:420px}} .verdict{{font-size:26px;font-weight:bold;color:{colou
 <p>Dataset: {esc(result['dataset'])} — {result['n']} inputs ({result['n_invalid']} not verifiable).
 Bundle: {esc(result['bundle']['dir'])} ({esc(result['bundle']['hash'][:12])}), policy {esc(result['policy'])},
 checks {esc(', '.join(result['enforced_checks']))}, alpha {result['alpha']:g}.</p>
+{acc_html}
 <h2>Rejections</h2>
 <p>Overall: {rj['count']} / {result['n_scored']} = {(rj['rate'] or 0):.1%}
 ({result['confidence']:.0%} Clopper–Pearson CI {rj['ci'][0]:.1%}–{rj['ci'][1]:.1%});

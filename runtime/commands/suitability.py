@@ -84,7 +84,8 @@ def run(args):
     if result.get("accuracy"):
         a = result["accuracy"]
         acc = "n/a" if a["accepted_accuracy"] is None else f"{a['accepted_accuracy']:.1%}"
-        print(f"labelled: {a['n_labelled']}, accepted {a['n_accepted']}, accuracy of accepted {acc}")
+        print(f"labelled: {a['n_labelled']}, accepted {a['n_accepted']}, accuracy of accepted {acc} "
+              f"(model without the guard: {a['unguarded_accuracy']:.1%})")
     if result.get("report"):
         print(f"report: {result['report']}")
     return 0
