@@ -258,3 +258,18 @@ def test_held_out_off_distribution_kinds_are_rejected(guard):
         print(f"  {kind:<14} " + " / ".join(f"{r[k]:.2f}" for k in ("garbage", "attention", "feature", COMBINED)))
     for kind, r in rows:
         assert r[COMBINED] >= 0.95, f"{kind}: only {r[COMBINED]:.1%} rejected by the default policy"
+
+
+def test_real_radiographs_are_refused_by_the_phantom_model(guard, datasets_root):
+    """Real hand and pelvis radiographs (PNG, JPEG 2000 DICOM) are not what the phantom-trained demo
+    model was made for: the guard must refuse them all (skips without ../shared/datasets)."""
+    from gamguard.runtime.datasets import iter_image_files
+    from gamguard.runtime.decode import decode_file
+
+    files = iter_image_files([datasets_root / "ood" / "hand_xray", datasets_root / "ood" / "pelvis_xray"])
+    assert len(files) >= 10
+    verdicts = guard.verify_images([decode_file(f).pixels for f in files])
+    refused = [not v.accepted for v in verdicts]
+    assert all(refused), [str(f) for f, v in zip(files, verdicts) if v.accepted]
+    assert all(v.label is None and set(v.reasons) <= {"GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH"}
+               for v in verdicts)
