@@ -1,12 +1,92 @@
-"""`gamguard bench` (not implemented yet)."""
-HELP = "(not implemented yet)"
+"""`gamguard bench`: what the guard costs, as ratios measured in one run (see gamguard.runtime.bench)."""
+HELP = "measure the guard's cost: overhead vs logits-only, vs PyTorch Grad-CAM, gRPC efficiency"
+DESCRIPTION = """\
+Measure what the guard costs on this machine, as ratios of variants timed in the same run
+(interleaved, medians), with absolute times only as context:
+
+  guard_overhead              full guarded call (fused engine + every check + decision, what the
+                              server runs per batch) / a logits-only ONNX Runtime session of the same
+                              model (cut out of model.onnx), batch 1 and 8, at 224² and 512²
+                              (goal <= 1.10; a bundle without dynamic H/W: its own size only)
+  measures_cost               7 similarity measures + early-feature check per image / engine time
+  speedup_vs_pytorch_gradcam  PyTorch eager forward+backward Grad-CAM (pytorch-grad-cam semantics, CAM
+                              only) / gamguard's guarded call, smallest over the cases (goal >= 4);
+                              null without torch or without the bundle's torch --checkpoint
+  grpc_efficiency             gRPC server throughput / in-process throughput at 1, 4, 16 concurrent
+                              clients, same batching; p50/p99 latency (goal >= 0.85 at 16)
+
+Progress goes to stderr; --json prints one JSON object on stdout. Benchmarks are not tests: the
+numbers depend on the machine and its load (recorded in "machine").
+
+examples:
+  gamguard bench                                   # tables, embedded demo bundle, 1 thread
+  gamguard bench --quick --json                    # < 1 min, machine-readable
+  gamguard bench --bundle out/bench --checkpoint out/demo.ckpt --threads 2 --json > bench.json
+  gamguard bench --providers cuda --json           # ONNX Runtime CUDA provider (GPU machines)
+  gamguard bench --providers tensorrt,cuda --skip grpc
+"""
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--bundle", metavar="DIR", help="calibrated bundle (default: the embedded demo bundle)")
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="torch checkpoint of the bundle's model, for the PyTorch Grad-CAM comparison "
+                             "(default: exporter/demo.ckpt for the demo bundle)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads for ONNX Runtime and torch alike (default 1)")
+    parser.add_argument("--providers", default="cpu",
+                        help="ONNX Runtime providers for the guard and the logits-only baseline, e.g. cpu, "
+                             "cuda, tensorrt,cuda (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="few repeats (well under a minute); for smoke tests")
+    parser.add_argument("--repeats", type=int, help="timed rounds per case (default 5 with --quick, else 30)")
+    parser.add_argument("--sizes", default="224,512", help="input sizes for dynamic-H/W bundles (default 224,512)")
+    parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent gRPC clients (default 1,4,16)")
+    parser.add_argument("--skip", action="append", choices=("pytorch", "grpc"), default=[],
+                        help="skip a section (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def run(args):
+def _ints(text: str, flag: str) -> tuple[int, ...]:
     from gamguard.runtime.cli import CommandError
 
-    raise CommandError("'bench' is not implemented yet")
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CommandError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise CommandError(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from gamguard.runtime.bench import BenchConfig, format_tables, run_bench
+    from gamguard.runtime.bundle import BundleError
+    from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.engine import EngineError
+
+    if args.threads < 1:
+        raise CommandError("--threads must be >= 1")
+    if args.repeats is not None and args.repeats < 1:
+        raise CommandError("--repeats must be >= 1")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise CommandError(f"--checkpoint {args.checkpoint}: file not found")
+    cfg = BenchConfig(
+        bundle=Path(args.bundle) if args.bundle else None,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+        threads=args.threads, providers=args.providers, quick=args.quick, repeats=args.repeats,
+        sizes=_ints(args.sizes, "--sizes"), batches=_ints(args.batches, "--batches"),
+        clients=_ints(args.clients, "--clients"), skip=tuple(args.skip),
+    )
+    try:
+        result = run_bench(cfg)
+    except (BundleError, EngineError) as exc:
+        raise CommandError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(result, allow_nan=False))
+    else:
+        print(format_tables(result))
+    return 0

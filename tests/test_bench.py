@@ -1,0 +1,125 @@
+"""`gamguard bench`: the quick run works end to end and its JSON has the documented shape and sane values.
+
+Benchmarks are not tests: nothing here asserts a speed goal, only that every figure was measured
+(positive, finite, consistent with its parts) and that the shape matches DESIGN.md's contract.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gamguard.runtime import bench
+from gamguard.runtime.bundle import MODEL_FILE, default_bundle_dir
+
+
+def _finite_positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+@pytest.fixture(scope="module")
+def quick_result():
+    cmd = [sys.executable, "-m", "gamguard.runtime.cli", "bench", "--quick", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one JSON object on stdout, got {len(lines)} lines"
+    assert "bench:" in out.stderr  # progress goes to stderr, not stdout
+    return json.loads(lines[0])  # allow_nan=False on the writer side: NaN/Inf would not even parse back
+
+
+def _expected_sizes(result) -> list[int]:
+    import onnxruntime as ort
+
+    shape = ort.InferenceSession(str(default_bundle_dir() / MODEL_FILE),
+                                 providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    dynamic = not isinstance(shape[2], int) and not isinstance(shape[3], int)
+    return [224, 512] if dynamic else [int(shape[2])]
+
+
+def test_guard_overhead_rows(quick_result):
+    r = quick_result
+    sizes = _expected_sizes(r)
+    assert r["sizes"] == sizes
+    if sizes != [224, 512]:  # the documented fallback for a bundle with a static input size
+        assert "static" in r["sizes_note"] and str(sizes[0]) in r["sizes_note"]
+    rows = r["guard_overhead"]
+    assert sorted((row["size"], row["batch"]) for row in rows) == sorted((s, b) for s in sizes for b in (1, 8))
+    for row in rows:
+        for key in ("ratio", "guarded_ms", "logits_only_ms", "fused_engine_ms", "fused_engine_ratio"):
+            assert _finite_positive(row[key]), (key, row)
+        assert row["ratio"] == pytest.approx(row["guarded_ms"] / row["logits_only_ms"], rel=0.01)
+        # the guarded call runs the whole logits graph and more: far below 1 would be a measuring bug
+        assert row["ratio"] > 0.5, row
+    for row in r["measures_cost"]:
+        assert _finite_positive(row["measures_ms_per_image"]) and _finite_positive(row["engine_ms_per_image"])
+        assert row["fraction_of_engine"] == pytest.approx(
+            (row["measures_ms_per_image"] + row["feature_ms_per_image"]) / row["engine_ms_per_image"], rel=0.02)
+
+
+def test_pytorch_comparison_is_null_or_measured(quick_result):
+    r = quick_result
+    pt = r["pytorch_gradcam"]
+    if pt["status"] == "measured":
+        assert r["speedup_vs_pytorch_gradcam"] == min(c["speedup"] for c in pt["cases"])
+        assert all(_finite_positive(c["speedup"]) and _finite_positive(c["pytorch_ms"]) for c in pt["cases"])
+        assert pt["implementation"]
+    else:
+        assert r["speedup_vs_pytorch_gradcam"] is None
+        assert pt["reason"]
+
+
+def test_grpc_efficiency_rows(quick_result):
+    rows = quick_result["grpc_efficiency"]
+    assert [row["clients"] for row in rows] == [1, 4, 16]
+    for row in rows:
+        for key in ("ratio", "p50_ms", "p99_ms", "grpc_rps", "inprocess_rps"):
+            assert _finite_positive(row[key]), (key, row)
+        assert row["p50_ms"] <= row["p99_ms"]
+        assert row["ratio"] == pytest.approx(row["grpc_rps"] / row["inprocess_rps"], rel=0.01)
+        assert 1.0 <= row["grpc_mean_batch"] <= 8 and 1.0 <= row["inprocess_mean_batch"] <= 8
+
+
+def test_machine_facts_recorded(quick_result):
+    m = quick_result["machine"]
+    assert m["threads"] == 1 and m["cpu_count"] >= 1 and m["onnxruntime"]
+    assert m["providers_used"] == ["CPUExecutionProvider"] == m["logits_only_providers"]
+    assert len(m["load_avg_start"]) == 3 and len(m["load_avg_end"]) == 3
+
+
+def test_logits_only_model_is_the_fused_classifier(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+    import onnxruntime as ort
+
+    fused = default_bundle_dir() / MODEL_FILE
+    path = bench.logits_only_model(fused, tmp_path)
+    cut = onnx.load(str(path))
+    assert [o.name for o in cut.graph.output] == ["logits"]
+    assert len(cut.graph.node) < len(onnx.load(str(fused)).graph.node)
+    full = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
+    dims = [d if isinstance(d, int) else 128 for d in full.get_inputs()[0].shape[1:]]  # C, H, W
+    x = np.random.default_rng(0).normal(size=(2, *dims)).astype(np.float32)
+    a = bench.ort_session(path, ["CPUExecutionProvider"], 1).run(["logits"], {"image": x})[0]
+    b = full.run(["logits"], {"image": x})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_alternates_order():
+    calls = []
+    times = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_bad_flags_are_user_errors(capsys, tmp_path):
+    from gamguard.runtime.cli import main
+
+    assert main(["bench", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["bench", "--sizes", "224,x"]) == 2
+    assert "--sizes" in capsys.readouterr().err
