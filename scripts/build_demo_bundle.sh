@@ -5,7 +5,8 @@
 #
 # Environment: SEED (training seed, default 0), THREADS (torch/ONNX Runtime threads, default 2),
 # CAL_PHANTOMS (calibration phantoms per class, default 500), ALPHA (default 0.05),
-# CKPT (checkpoint path, default out/demo.ckpt; reused when it exists and REUSE_CKPT=1).
+# CKPT (checkpoint path, default exporter/demo.ckpt — the committed demo weights; reused when it exists
+# and REUSE_CKPT=1, which skips training).
 # Deterministic for a given seed and thread count. Needs the [export] extra (torch) for the first two steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ SEED=${SEED:-0}
 THREADS=${THREADS:-2}
 CAL_PHANTOMS=${CAL_PHANTOMS:-500}
 ALPHA=${ALPHA:-0.05}
-CKPT=${CKPT:-out/demo.ckpt}
+CKPT=${CKPT:-exporter/demo.ckpt}
 GG=${GAMGUARD:-.venv/bin/gamguard}
 
 mkdir -p "$(dirname "$CKPT")"
@@ -29,7 +30,8 @@ fi
 TMP="$(dirname "$OUT")/.$(basename "$OUT").building"
 rm -rf "$TMP"
 echo "build_demo_bundle: exporting → $OUT" >&2
-"$GG" export --checkpoint "$CKPT" --out "$TMP" --name gamguard-demo-hand
+# --dynamic-spatial: the same fused graph also runs at other sizes (gamguard bench uses 224² and 512²).
+"$GG" export --checkpoint "$CKPT" --out "$TMP" --name gamguard-demo-hand --dynamic-spatial
 echo "build_demo_bundle: calibrating on $CAL_PHANTOMS phantoms per class (alpha $ALPHA)" >&2
 "$GG" calibrate --bundle "$TMP" --phantoms "$CAL_PHANTOMS" --alpha "$ALPHA" --threads "$THREADS"
 rm -rf "$OUT"
