@@ -12,8 +12,9 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
   speedup_vs_pytorch_gradcam  PyTorch eager forward+backward Grad-CAM (pytorch-grad-cam semantics, CAM
                               only) / gamguard's guarded call, smallest over the cases (goal >= 4);
                               null without torch or without the bundle's torch --checkpoint
-  grpc_efficiency             gRPC server throughput / in-process throughput at 1, 4, 16 concurrent
-                              clients, same batching; p50/p99 latency (goal >= 0.85 at 16)
+  grpc_efficiency             gRPC server throughput (1, 4, 16 concurrent clients in another process)
+                              / in-process guarded calls on the very batches the server formed;
+                              also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
 
 Progress goes to stderr; --json prints one JSON object on stdout. Benchmarks are not tests: the
 numbers depend on the machine and its load (recorded in "machine").
