@@ -6,7 +6,9 @@ Preset ``pneumoniamnist`` (the only one so far) builds everything from ``../shar
    training split (paediatric chest X-rays, normal vs pneumonia; 28×28 upsampled to the model input by
    the runtime's own :func:`~gamguard.runtime.preprocess.preprocess`) plus generated garbage images of
    the kinds in :data:`GARBAGE_KINDS` — no real data of any kind is shown to the garbage class.
-2. **Export** the fused ONNX bundle, **calibrate** it on the validation split (the deployed engine).
+2. **Export** the fused ONNX bundle and **calibrate** it with the deployed engine: references (mean
+   CAMs, early-feature statistics) from the training split, p-value tables and the conformal cut from
+   the validation split, which the model never trained on (all 270 images held out, not half of them).
 3. **Evaluate** on the test split (in-distribution) and on off-distribution sets the garbage class
    never saw: ``hannover_cxr`` (adult chest X-rays of another hospital: near-OOD / domain shift),
    ``hand_xray`` and ``pelvis_xray`` (other anatomy), ``other_modality`` (pydicom's CT/MR/NM/US test
@@ -233,10 +235,12 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
                   normalization={"mean": SPEC.mean, "std": SPEC.std}, model_name="pneumoniamnist-guardnet",
                   model_version="1")
     x_val, y_val = data["val"]
-    progress(f"calibrating on the validation split ({len(x_val)} images, alpha {cfg.alpha})")
+    progress(f"calibrating: references from the training split ({len(x_id)} images), p-values and the "
+             f"conformal cut from the validation split ({len(x_val)} images), alpha {cfg.alpha}")
     calibrate_bundle(bundle_dir, images=lambda i: x_val[i], labels=y_val, alpha=cfg.alpha, seed=cfg.seed,
                      dataset={"kind": "pneumoniamnist-val", "description": "PneumoniaMNIST balanced subset, "
                               "validation split (MedMNIST v2, CC BY 4.0)", "n": int(len(x_val))},
+                     reference=(lambda i: x_id[i], y_id, {"kind": "pneumoniamnist-train", "n": int(len(x_id))}),
                      progress=progress)
     return model, {"train_seconds": round(train_seconds, 1), "history": history}
 

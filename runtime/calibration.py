@@ -525,11 +525,18 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float,
 def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarray], labels: Sequence[int],
                      dataset: dict, alpha: float = DEFAULT_ALPHA, seed: int = 0,
                      providers=None, threads: int | None = None,
+                     reference: tuple[Callable[[int], np.ndarray], Sequence[int], dict] | None = None,
                      progress: Callable[[str], None] | None = _progress) -> dict:
     """Calibrate ``bundle_dir`` in place on in-distribution images.
 
     ``images(i)`` returns decoded image ``i`` (HxW float32 in [0, 1]); ``labels[i]`` is its class index
     *in the bundle's class list* (never the garbage class). Returns the new manifest.
+
+    ``reference=(images, labels, description)`` builds the references (mean CAMs, early-feature
+    statistics) from a separate in-distribution set — e.g. the model's training images, which are
+    plentiful where held-out images are scarce — and then *all* calibration images are held out,
+    split 50/50 into the null and conformal parts. The p-values and the false-rejection bound still
+    come only from images the references never saw.
     """
     from .engine import create_engine
 
@@ -545,18 +552,29 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
     n = labels.size
     if np.any(labels == garbage) or np.any(labels < 0) or np.any(labels >= len(class_names)):
         raise CalibrationError("calibration labels must be real (non-garbage) classes of the bundle")
-    n_conformal = int(round(n * SPLIT["conformal"]))
+    conformal_fraction = SPLIT["conformal"] if reference is None else 0.5
+    n_conformal = n - int(round(n * (1 - conformal_fraction)))
     min_conformal = int(math.ceil(2.0 / alpha))
     if n_conformal < min_conformal:
         raise CalibrationError(
             f"{n} calibration images give a conformal part of {n_conformal}; alpha={alpha} needs at least "
-            f"{min_conformal} (i.e. >= {int(math.ceil(min_conformal / SPLIT['conformal']))} images)")
+            f"{min_conformal} (i.e. >= {int(math.ceil(min_conformal / conformal_fraction))} images)")
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
-    n_ref = int(round(n * SPLIT["reference"]))
-    n_null = int(round(n * SPLIT["null"]))
-    ref_idx, null_idx, conf_idx = perm[:n_ref], perm[n_ref:n_ref + n_null], perm[n_ref + n_null:]
+    if reference is None:
+        ref_images, ref_labels = images, labels
+        n_ref = int(round(n * SPLIT["reference"]))
+        n_null = int(round(n * SPLIT["null"]))
+        ref_idx, null_idx, conf_idx = perm[:n_ref], perm[n_ref:n_ref + n_null], perm[n_ref + n_null:]
+    else:
+        ref_images, ref_labels, ref_description = reference
+        ref_labels = np.asarray(ref_labels, np.int64)
+        if np.any(ref_labels == garbage) or np.any(ref_labels < 0) or np.any(ref_labels >= len(class_names)):
+            raise CalibrationError("reference labels must be real (non-garbage) classes of the bundle")
+        ref_idx = np.arange(ref_labels.size)
+        n_null = n - n_conformal
+        null_idx, conf_idx = perm[:n_null], perm[n_null:]
 
     engine = create_engine(bundle_dir, manifest, providers=providers, threads=threads)
     if progress:
@@ -576,7 +594,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
     def on_ref(idx, out):
         if out.cam.shape[1:] != (h, w):
             raise CalibrationError(f"engine CAM shape {out.cam.shape[1:]} differs from the input size {(h, w)}")
-        lab = labels[idx]
+        lab = ref_labels[idx]
         pred = out.logits.argmax(axis=1)
         pos = np.searchsorted(real, lab)
         for j in range(len(idx)):
@@ -590,7 +608,7 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
         ref_correct[0] += int((pred == lab).sum())
         early_parts.append(out.early)
 
-    run_engine(engine, images, ref_idx, spec, on_ref, progress=progress, label="reference part")
+    run_engine(engine, ref_images, ref_idx, spec, on_ref, progress=progress, label="reference part")
     fallback = []
     for pos, c in enumerate(real):
         if cam_n[pos] < MIN_REFERENCE_PER_CLASS:
@@ -647,7 +665,9 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
         "alpha": float(alpha),
         "grid": grid,
         "split": {"reference": int(len(ref_idx)), "null": int(len(null_idx)), "conformal": int(len(conf_idx)),
-                  "fractions": SPLIT, "method": "numpy.random.default_rng(seed).permutation"},
+                  "fractions": SPLIT if reference is None else {"null": 0.5, "conformal": 0.5},
+                  "method": "numpy.random.default_rng(seed).permutation",
+                  "reference_set": None if reference is None else ref_description},
         "n": int(n),
         "reference_counts": {class_names[c]: int(counts[p]) for p, c in enumerate(real)},
         "reference_fallback_all_images": fallback,

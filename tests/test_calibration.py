@@ -221,3 +221,31 @@ def test_calibrate_refuses_bad_input(copy_bundle, tmp_path):
     (wrong / "cat").mkdir(parents=True)
     out = _cli("calibrate", "--bundle", str(b), "--data", str(wrong))
     assert out.returncode == 2 and "cat" in out.stderr
+
+
+def test_separate_reference_set_holds_out_every_calibration_image(copy_bundle):
+    """With ``reference=``, references come from another set and all calibration images are split
+    between the null and conformal parts (none is spent on references)."""
+    from gamguard.runtime import bundle as bundle_mod
+    from gamguard.runtime.calibration import CalibrationError, calibrate_bundle
+    from gamguard.runtime.commands.calibrate import load_phantoms
+
+    b = copy_bundle("calref")
+    m = bundle_mod.read_manifest(b)
+    spec = bundle_mod.InputSpec.from_manifest(m["input"])
+    cal_images, cal_labels = load_phantoms(20, 5, spec, m["class_names"], m["garbage_class"])
+    ref_images, ref_labels = load_phantoms(15, 6, spec, m["class_names"], m["garbage_class"])
+    manifest = calibrate_bundle(b, images=cal_images.__getitem__, labels=cal_labels, dataset={"kind": "phantoms"},
+                                reference=(ref_images.__getitem__, ref_labels, {"kind": "phantoms", "seed": 6}),
+                                progress=None)
+    split = manifest["calibration"]["split"]
+    assert split["reference"] == len(ref_labels) == 60
+    assert split["null"] + split["conformal"] == len(cal_labels) == 80
+    assert split["reference_set"] == {"kind": "phantoms", "seed": 6}
+    with np.load(b / "reference.npz") as z:
+        assert z["null_feature"].size + z["conformal_feature"].size == 80
+    bundle_mod.load_manifest(b)  # calibrated, hashes consistent
+    with pytest.raises(CalibrationError, match="reference labels"):
+        calibrate_bundle(b, images=cal_images.__getitem__, labels=cal_labels, dataset={},
+                         reference=(ref_images.__getitem__, [m["garbage_class"]] * len(ref_labels), {}),
+                         progress=None)
