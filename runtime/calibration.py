@@ -48,7 +48,7 @@ import numpy as np
 from . import bundle as bundle_mod
 from .bundle import REFERENCE_FILE, BundleError, InputSpec
 from .features import FeatureReference
-from .similarity import HIGHER_IS_SIMILAR, MEASURES, batch_scores, prepare
+from .similarity import HIGHER_IS_SIMILAR, MEASURES, all_finite, batch_scores, prepare
 
 log = logging.getLogger(__name__)
 
@@ -184,19 +184,21 @@ def real_class_indices(n_classes: int, garbage: int) -> np.ndarray:
 
 
 def score_outputs(logits, cam, early, *, garbage: int, ref_cams: np.ndarray, feature_ref: FeatureReference,
-                  grid: int = 32) -> ScoreSet:
+                  grid: int = 32, refs_prepared: bool = False) -> ScoreSet:
     """Raw scores of a batch of engine outputs. ``ref_cams`` is indexed by *real* class position
     (class index with the garbage class removed); passing them already through
     :func:`gamguard.runtime.similarity.prepare` (as :class:`CalibrationData` does) gives identical
-    scores — preparing is idempotent — and saves the per-request resampling of the references."""
+    scores — preparing is idempotent — and saves the per-request resampling of the references;
+    ``refs_prepared=True`` says they were and skips preparing them again."""
     logits = np.asarray(logits, np.float64)
-    if not (np.isfinite(logits).all() and np.isfinite(cam).all()):
+    # all_finite: one read-only pass over the full-size CAM instead of a boolean temporary
+    if not (np.isfinite(logits).all() and all_finite(cam)):
         raise ValueError("engine returned non-finite logits or CAM")
     real = real_class_indices(logits.shape[1], garbage)
     pred = logits.argmax(axis=1)
     pred_real_pos = logits[:, real].argmax(axis=1)  # position among real classes
     probs = softmax(logits)
-    sims = batch_scores(cam, ref_cams[pred_real_pos], grid=grid)
+    sims = batch_scores(cam, ref_cams[pred_real_pos], grid=grid, b_prepared=refs_prepared)
     return ScoreSet(
         sims=np.stack([np.asarray(sims[m], np.float64) for m in MEASURES], axis=1),
         feature=feature_ref.score(early),
@@ -398,7 +400,7 @@ class CalibrationData:
 
     def score(self, logits, cam, early) -> ScoreSet:
         return score_outputs(logits, cam, early, garbage=self.garbage, ref_cams=self.ref_prepared,
-                             feature_ref=self.feature_ref, grid=self.grid)
+                             feature_ref=self.feature_ref, grid=self.grid, refs_prepared=True)
 
     def raw_thresholds(self, cls_index: int, level: float) -> dict[str, float]:
         """Score values at which each check's p-value equals ``level`` for predictions of ``cls_index``."""

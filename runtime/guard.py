@@ -43,7 +43,7 @@ import numpy as np
 from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
 from .calibration import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
-from .similarity import MEASURES
+from .similarity import MEASURES, all_finite
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,22 @@ class Guard:
         self.cut = calibration.cuts[enforced_checks]
         self.level = self.cut.threshold if policy == "calibrated" else self.alpha
         self._raw_thresholds = {int(c): calibration.raw_thresholds(int(c), self.level) for c in calibration.real}
+        # Everything a verdict carries that does not depend on the input, built once (hot path):
+        # the score names in verdict order and, per predicted real class, the full thresholds dict.
+        self._measure_level = calibration.null.measure_level(self.level)
+        self._score_keys = (["garbage_prob"] + [k for m in MEASURES for k in (f"attention.{m}", f"attention.{m}.p")]
+                            + ["attention.p", "feature", "feature.p", "combined_p"]
+                            + (["conformal_p"] if policy == "calibrated" else []))
+        self._thresholds = {}
+        for c, raw in self._raw_thresholds.items():
+            t = {}
+            for m in MEASURES:
+                t[f"attention.{m}"] = raw[f"attention.{m}"]
+                t[f"attention.{m}.p"] = self._measure_level
+            t.update({"attention.p": self.level, "feature": raw["feature"], "feature.p": self.level})
+            if policy == "calibrated":
+                t.update({"combined_p": self.level, "conformal_p": self.alpha})
+            self._thresholds[c] = t
 
     @classmethod
     def from_bundle(cls, bundle_dir=None, *, providers=None, threads=None, policy=None,
@@ -234,14 +250,19 @@ class Guard:
         n = batch.shape[0]
         if n == 0:
             return []
-        finite = np.isfinite(batch.reshape(n, -1)).all(axis=1)
+        # Fast path: one read-only pass proves the whole batch finite (see similarity.all_finite);
+        # only a batch that fails it pays for the per-item test and the copy of its finite items.
+        if all_finite(batch):
+            finite = np.ones(n, bool)
+        else:
+            finite = np.isfinite(batch.reshape(n, -1)).all(axis=1)
         verdicts: list[Verdict | None] = [
             None if ok else Verdict.rejected("INVALID_INPUT", "input tensor contains NaN or Inf") for ok in finite
         ]
         idx = np.flatnonzero(finite)
         if idx.size:
             try:
-                for i, v in zip(idx, self._decide(batch[idx])):
+                for i, v in zip(idx, self._decide(batch if idx.size == n else batch[idx])):
                     verdicts[i] = v
             except Exception as exc:  # fail closed: no label leaves without every check having run
                 log.exception("guard error")
@@ -291,53 +312,41 @@ class Guard:
         conformal_p = self.cut.p_value(conformal_stat)
         real = cal.real
         real_probs = softmax(np.asarray(out.logits, np.float64)[:, real])
+        # One [N, n_scores] matrix in self._score_keys order, converted to Python floats in one call.
+        m = len(MEASURES)
+        cols = [s.garbage_prob[:, None], np.stack((s.sims, pm), axis=2).reshape(n, 2 * m),
+                d.attention_p[:, None], s.feature[:, None], pf[:, None], combined[:, None]]
+        if self.policy == "calibrated":
+            cols.append(conformal_p[:, None])
+        score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
+        prob_rows = real_probs.tolist()
+        real_names = [self.class_names[c] for c in real]
+        pred_real = s.pred_real.tolist()
+        pred = s.pred.tolist()
+        reject = d.reject.tolist()
+        flags = np.stack((d.garbage, d.attention, d.feature), axis=1).tolist()
+        failed_rows = d.failed_measures.tolist()
         t2 = time.perf_counter()
         timings = {"engine": (t1 - t0) * 1e3, "guard": (t2 - t1) * 1e3}
 
         verdicts = []
         for i in range(n):
-            cls_idx = int(s.pred_real[i])
-            scores = {"garbage_prob": float(s.garbage_prob[i])}
-            thresholds = {}
-            raw = self._raw_thresholds[cls_idx]
-            for j, m in enumerate(MEASURES):
-                scores[f"attention.{m}"] = float(s.sims[i, j])
-                scores[f"attention.{m}.p"] = float(pm[i, j])
-                thresholds[f"attention.{m}"] = raw[f"attention.{m}"]
-                thresholds[f"attention.{m}.p"] = d.measure_level
-            scores["attention.p"] = float(d.attention_p[i])
-            thresholds["attention.p"] = self.level
-            scores["feature"] = float(s.feature[i])
-            scores["feature.p"] = float(pf[i])
-            thresholds["feature"] = raw["feature"]
-            thresholds["feature.p"] = self.level
-            scores["combined_p"] = float(combined[i])
-            if self.policy == "calibrated":
-                thresholds["combined_p"] = self.level
-                scores["conformal_p"] = float(conformal_p[i])
-                thresholds["conformal_p"] = self.alpha
-            reasons = []
-            if d.garbage[i]:
-                reasons.append("GARBAGE_CLASS")
-            if d.attention[i]:
-                reasons.append("ATTENTION_MISMATCH")
-            if d.feature[i]:
-                reasons.append("FEATURE_MISMATCH")
-            failed = [m for j, m in enumerate(MEASURES) if d.failed_measures[i, j]]
-            accepted = not d.reject[i]
+            cls_idx = pred_real[i]
+            reasons = [r for r, f in zip(("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH"), flags[i]) if f]
+            failed = [name for name, f in zip(MEASURES, failed_rows[i]) if f]
+            accepted = not reject[i]
             verdicts.append(Verdict(
                 accepted=accepted,
                 label=self.class_names[cls_idx] if accepted else None,
                 label_index=cls_idx if accepted else None,
-                probabilities={self.class_names[c]: float(real_probs[i, k]) for k, c in enumerate(real)}
-                if accepted else None,
+                probabilities=dict(zip(real_names, prob_rows[i])) if accepted else None,
                 reasons=reasons,
                 failed_measures=failed,
-                scores=scores,
-                thresholds=thresholds,
+                scores=dict(zip(self._score_keys, score_rows[i])),
+                thresholds=dict(self._thresholds[cls_idx]),
                 cam=np.asarray(out.cam[i], np.float32),
                 reference_cam=cal.ref_cam_for(cls_idx),
-                predicted_index=int(s.pred[i]),
+                predicted_index=pred[i],
                 reference_index=cls_idx,
                 detail="" if accepted else "rejected: " + ", ".join(reasons) +
                 (f" ({', '.join(failed)})" if failed else ""),
