@@ -96,40 +96,58 @@ class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _deny(handler)
 
 
+async def _deny_unary(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+
+async def _deny_stream(request_or_iterator, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+    yield  # pragma: no cover - makes this an async generator
+
+
 def _deny(handler):
-    async def deny_unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-    async def deny_stream(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        yield  # pragma: no cover - makes this an async generator
-
+    # module-level deny functions: the handler's behaviour is the same object for every call, so the
+    # metrics interceptor's per-method cache stays bounded however many calls are refused
     if handler is None:
         return None
     kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+        return grpc.stream_stream_rpc_method_handler(_deny_stream, **kw)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny_unary, **kw)
+        return grpc.stream_unary_rpc_method_handler(_deny_unary, **kw)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
-    return grpc.unary_unary_rpc_method_handler(deny_unary, **kw)
+        return grpc.unary_stream_rpc_method_handler(_deny_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(_deny_unary, **kw)
 
 
 class _MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every unary RPC by final status code (streams are counted when they start)."""
+    """Counts every unary RPC by final status code (streams are counted when they start).
+
+    The counting wrapper of a method is built once and reused: grpc asks the interceptor for the
+    handler on every call, and building a new handler per call costs the event loop for nothing.
+    """
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
+        self._wrapped: dict[tuple[str, object], object] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
-            if handler is not None:
-                service, _, method = (handler_call_details.method or "/?/?").strip("/").partition("/")
-                self.metrics.observe_rpc(service, method, "STREAM")
+        if handler is None:
+            return None
+        method_path = handler_call_details.method or "/?/?"
+        if handler.request_streaming or handler.response_streaming:
+            service, _, method = method_path.strip("/").partition("/")
+            self.metrics.observe_rpc(service, method, "STREAM")
             return handler
-        service, _, method = (handler_call_details.method or "/?/?").strip("/").partition("/")
+        key = (method_path, handler.unary_unary)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            service, _, method = method_path.strip("/").partition("/")
+            wrapped = self._wrapped[key] = self._counting(handler, service, method)
+        return wrapped
+
+    def _counting(self, handler, service: str, method: str):
         inner = handler.unary_unary
         metrics = self.metrics
 

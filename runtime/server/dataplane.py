@@ -87,6 +87,27 @@ class DataPlaneConfig:
     max_queue_size: int = 64
     max_pixels: int = 64_000_000
     decode_workers: int = 2
+    # Small images are decoded on the event loop itself: for them the two thread hops (to a decode
+    # worker and back) cost about as much as the decode and add wake-up latency. Only inputs whose
+    # size is known before decoding qualify (PNG by its IHDR, tensors by their shape); anything
+    # larger, and every JPEG/DICOM, goes to the decode pool so a big file never stalls the loop.
+    inline_decode_max_pixels: int = 512 * 512
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def small_enough_to_decode_inline(data: bytes | None, array: np.ndarray | None, max_pixels: int) -> bool:
+    """Whether an input is known, *before* decoding, to have at most ``max_pixels`` pixels: a PNG by
+    the size in its IHDR chunk, a tensor by its shape. Everything else: False (decode in the pool)."""
+    if max_pixels <= 0:
+        return False
+    if array is not None:
+        return int(np.size(array)) <= max_pixels
+    if data is None or len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return False
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return width * height <= max_pixels
 
 
 def new_request_id() -> str:
@@ -404,11 +425,15 @@ class DataPlane:
         t0 = time.perf_counter()
         deadline = loop.time() + timeout_s if timeout_s is not None else None
         try:
-            self._decoding += 1
-            try:
-                decoded, x, decode_ms = await loop.run_in_executor(self._decode_pool, self._decode, data, array, frame)
-            finally:
-                self._decoding -= 1
+            if small_enough_to_decode_inline(data, array, self.config.inline_decode_max_pixels):
+                decoded, x, decode_ms = self._decode(data, array, frame)
+            else:
+                self._decoding += 1
+                try:
+                    decoded, x, decode_ms = await loop.run_in_executor(self._decode_pool, self._decode, data,
+                                                                       array, frame)
+                finally:
+                    self._decoding -= 1
             verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
         except InvalidRequest as exc:
             self._record_invalid(request_id, protocol, str(exc))

@@ -60,9 +60,24 @@ def request_input(req: guard_pb2.VerifyRequest) -> dict:
     raise InvalidRequest("the request carries no input: set 'image' (encoded bytes) or 'tensor'")
 
 
+def _model_ref(plane) -> guard_pb2.ModelRef:
+    """The plane's ``ModelRef``, built once per plane (it is the same for every verdict it serves)."""
+    ref = getattr(plane, "_grpc_model_ref", None)
+    if ref is None:
+        ref = guard_pb2.ModelRef(name=plane.model_name, version=plane.model_version, bundle_hash=plane.bundle_hash)
+        try:
+            plane._grpc_model_ref = ref
+        except AttributeError:  # a plane-like object without a __dict__: build it every time
+            pass
+    return ref
+
+
 def verdict_message(res: Result, plane, *, heatmap_png_wanted: bool = False,
                     heatmap_values_wanted: bool = False) -> guard_pb2.Verdict:
+    # Built in one constructor call (maps from dicts, sub-messages from kwargs): field-by-field
+    # assignment costs a Python -> upb round trip per field, on the event loop, for every request.
     v = res.verdict
+    stages = res.stages_ms
     msg = guard_pb2.Verdict(
         request_id=res.request_id,
         decision=guard_pb2.ACCEPTED if v.accepted else guard_pb2.REJECTED,
@@ -73,19 +88,21 @@ def verdict_message(res: Result, plane, *, heatmap_png_wanted: bool = False,
         input_format=res.input_format or "",
         bit_depth=int(res.bit_depth or 0),
         sop_instance_uid=res.sop_instance_uid or "",
-        model=guard_pb2.ModelRef(name=plane.model_name, version=plane.model_version,
-                                 bundle_hash=plane.bundle_hash),
+        model=_model_ref(plane),
+        scores={str(k): float(s) for k, s in (v.scores or {}).items()},
+        thresholds={str(k): float(s) for k, s in (v.thresholds or {}).items()},
+        timing=guard_pb2.Timing(
+            decode_ms=res.decode_ms, queue_ms=res.queue_ms, engine_ms=float(stages.get("engine", 0.0)),
+            guard_ms=float(stages.get("guard", 0.0)), total_ms=res.total_ms, batch_size=int(res.batch_size),
+            stages_ms={k: float(ms) for k, ms in stages.items()}),
     )
-    for k, s in (v.scores or {}).items():
-        msg.scores[str(k)] = float(s)
-    for k, s in (v.thresholds or {}).items():
-        msg.thresholds[str(k)] = float(s)
     # The label leaves the server only for accepted inputs (fail closed on anything else).
     if v.accepted and v.label is not None:
         msg.prediction.label = str(v.label)
         msg.prediction.index = int(v.label_index if v.label_index is not None else -1)
         for k, p in (v.probabilities or {}).items():
             msg.prediction.probabilities[str(k)] = float(p)
+    # Heatmaps only when asked for: they are the largest part of a verdict by far.
     if v.cam is not None and (heatmap_png_wanted or heatmap_values_wanted):
         cam = np.asarray(v.cam, np.float32)
         msg.heatmap.height, msg.heatmap.width = int(cam.shape[0]), int(cam.shape[1])
@@ -96,15 +113,6 @@ def verdict_message(res: Result, plane, *, heatmap_png_wanted: bool = False,
                 msg.heatmap.reference_values.extend(np.asarray(ref, np.float32).ravel().tolist())
         if heatmap_png_wanted:
             msg.heatmap.png = heatmap_png(cam)
-    stages = res.stages_ms
-    msg.timing.decode_ms = res.decode_ms
-    msg.timing.queue_ms = res.queue_ms
-    msg.timing.engine_ms = float(stages.get("engine", 0.0))
-    msg.timing.guard_ms = float(stages.get("guard", 0.0))
-    msg.timing.total_ms = res.total_ms
-    msg.timing.batch_size = int(res.batch_size)
-    for k, ms in stages.items():
-        msg.timing.stages_ms[k] = float(ms)
     return msg
 
 

@@ -38,6 +38,17 @@ class Metrics:
         self.queue_depth = Gauge("gamguard_queue_depth", "Requests waiting for the engine", registry=r)
         self.ready = Gauge("gamguard_ready", "1 when the bundle is loaded, verified and self-tested", registry=r)
         self._http = None
+        # ``labels(...)`` builds a key, takes the metric's lock and looks the child up on every call;
+        # these hooks run on the server's event loop for every request, so the children are looked up
+        # once per label value and kept (label sets are small and fixed: stages, reasons, decisions).
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):
+        key = (id(metric),) + labels
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # hooks used by the data plane and the servicers
     def observe_batch(self, size: int) -> None:
@@ -48,19 +59,19 @@ class Metrics:
 
     def observe_result(self, result) -> None:
         v = result.verdict
-        self.verdicts.labels("accepted" if v.accepted else "rejected").inc()
+        self._child(self.verdicts, "accepted" if v.accepted else "rejected").inc()
         for reason in v.reasons or ():
-            self.rejections.labels(reason).inc()
+            self._child(self.rejections, reason).inc()
         for stage, ms in result.stages_ms.items():
-            self.stage_seconds.labels(stage).observe(max(0.0, float(ms)) / 1000.0)
-        self.stage_seconds.labels("total").observe(result.total_ms / 1000.0)
+            self._child(self.stage_seconds, stage).observe(max(0.0, float(ms)) / 1000.0)
+        self._child(self.stage_seconds, "total").observe(result.total_ms / 1000.0)
 
     def observe_invalid(self) -> None:
-        self.verdicts.labels("invalid").inc()
-        self.rejections.labels("INVALID_INPUT").inc()
+        self._child(self.verdicts, "invalid").inc()
+        self._child(self.rejections, "INVALID_INPUT").inc()
 
     def observe_rpc(self, service: str, method: str, code: str) -> None:
-        self.requests.labels(service, method, code).inc()
+        self._child(self.requests, service, method, code).inc()
 
     def exposition(self) -> bytes:
         """The text exposition format (what the HTTP endpoint serves)."""
