@@ -393,33 +393,68 @@ def _backward_step(step: HeadStep, g: torch.Tensor, x: torch.Tensor, y: torch.Te
     raise AssertionError(step.kind)
 
 
-def _minmax(cam: torch.Tensor) -> torch.Tensor:
-    """pytorch-grad-cam's per-image ``(x - min) / (1e-7 + max)`` on [N, h, w]."""
+def bilinear_matrix(n_in, n_out, like: torch.Tensor) -> torch.Tensor:
+    """``[n_out, n_in]`` matrix of 1-D bilinear resampling (``align_corners=False``, edge-clamped).
+
+    Built by resampling the identity with ``F.interpolate`` itself, so the coordinate mapping and
+    weights are exactly those of the bilinear Resize (along the other axis the size is unchanged and
+    half-pixel centres map every column onto itself: an exact copy). Each row has at most two
+    non-zero, non-negative weights summing to 1.
+    """
+    eye = torch.eye(n_in, dtype=like.dtype, device=like.device)
+    return F.interpolate(eye[None, None], size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
+
+
+def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, interp=None) -> torch.Tensor:
+    """Grad-CAM map [N, H, W] in [0, 1] from activations [N, C, h, w] and channel weights [N, C].
+
+    Numerically pytorch-grad-cam's sequence (weighted sum → ReLU → min-max → bilinear resize → ReLU
+    → min-max), written so that the exported graph makes as few passes over the full-size map as
+    possible (it runs on every guarded call, so its cost is guard overhead):
+
+    * the weighted channel sum is one batched MatMul ``[N,1,C] @ [N,C,h·w]`` (no [N,C,h,w] temporary);
+    * the bilinear resize is separable and linear, so it is two MatMuls with the 1-D interpolation
+      matrices (:func:`bilinear_matrix`; ``interp`` = precomputed ``(rows [H,h], cols_t [w,W])`` for
+      a static input size): ``rows @ (cam @ cols_t)``, the first product on the small map. ONNX
+      Runtime's Resize is a gather per output pixel; the GEMM form is several times cheaper.
+      Every output is a sum of two non-negative weighted terms (the other weights are exact zeros),
+      i.e. the same convex combination the Resize computes, up to float rounding;
+    * the second ReLU is dropped: that convex combination of the min-max-normalised map (>= 0) is
+      >= 0 exactly (products and sums of non-negative floats), so the ReLU is a no-op;
+    * the second min-max reads the resized map twice (min, max) and writes it once:
+      ``(x - min) / (eps + (max - min))`` equals ``(x - min) / (eps + max(x - min))`` up to one
+      rounding of ``max - min``;
+    * the map stays ``[N, h, w]`` → ``[N, H, W]`` throughout: no reshape or indexing copy of the
+      full-size map before it becomes the graph output.
+    """
+    n, c, h, w = acts.shape
+    cam = torch.matmul(weights.unsqueeze(1), acts.reshape(n, c, h * w)).reshape(n, h, w)
+    cam = torch.relu(cam)
     cam = cam - torch.amin(cam, dim=(1, 2), keepdim=True)
-    return cam / (CAM_EPS + torch.amax(cam, dim=(1, 2), keepdim=True))
-
-
-def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw) -> torch.Tensor:
-    """Grad-CAM map [N, H, W] in [0, 1] from activations [N, C, h, w] and channel weights [N, C]."""
-    cam = torch.relu((weights[:, :, None, None] * acts).sum(dim=1))
-    cam = _minmax(cam)
-    cam = F.interpolate(cam.unsqueeze(1), size=out_hw, mode="bilinear", align_corners=False)
-    # [:, 0] rather than squeeze(1): the legacy exporter turns squeeze into an ONNX If.
-    cam = torch.relu(cam[:, 0])  # aggregate_multi_layers: ReLU, mean over one layer, rescale
-    return _minmax(cam)
+    cam = cam / (CAM_EPS + torch.amax(cam, dim=(1, 2), keepdim=True))
+    if interp is None:
+        rows = bilinear_matrix(h, out_hw[0], cam)
+        cols_t = bilinear_matrix(w, out_hw[1], cam).transpose(0, 1)
+    else:
+        rows, cols_t = interp
+    cam = torch.matmul(rows, torch.matmul(cam, cols_t))  # [N, H, W]: no reshape of the full map
+    lo = torch.amin(cam, dim=(1, 2), keepdim=True)
+    hi = torch.amax(cam, dim=(1, 2), keepdim=True)
+    return (cam - lo) / (CAM_EPS + (hi - lo))
 
 
 def _bin_matrix(size, bins: int, like: torch.Tensor) -> torch.Tensor:
     """[bins, size] averaging matrix of adaptive average pooling along one axis.
 
-    Bin i covers [floor(i·size/bins), ceil((i+1)·size/bins)) — torch's adaptive pooling bins.
+    Bin i covers [floor(i·size/bins), ceil((i+1)·size/bins)) — torch's adaptive pooling bins. For
+    an integer j that is ``i·size < (j+1)·bins and j·bins < (i+1)·size``: integer products and
+    comparisons only, so a dynamic size costs a handful of tiny graph nodes (each ONNX node has a
+    fixed cost per call that matters at batch 1).
     """
-    i = torch.arange(bins, device=like.device)
-    start = torch.div(i * size, bins, rounding_mode="floor")
-    end = torch.div((i + 1) * size + bins - 1, bins, rounding_mode="floor")
-    j = torch.arange(size, device=like.device)
-    inside = (j.unsqueeze(0) >= start.unsqueeze(1)) & (j.unsqueeze(0) < end.unsqueeze(1))
-    return inside.to(like.dtype) / (end - start).to(like.dtype).unsqueeze(1)
+    jb = torch.arange(size, device=like.device).unsqueeze(0) * bins  # [1, size]
+    i = torch.arange(bins, device=like.device).unsqueeze(1)  # [bins, 1]
+    inside = ((i * size < jb + bins) & (jb < (i + 1) * size)).to(like.dtype)
+    return inside / inside.sum(dim=1, keepdim=True)
 
 
 def adaptive_avg_pool2d_exportable(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -431,7 +466,17 @@ def adaptive_avg_pool2d_exportable(x: torch.Tensor, out_hw: tuple[int, int]) -> 
     """
     rows = _bin_matrix(x.shape[-2], out_hw[0], x)  # [oh, H]
     cols = _bin_matrix(x.shape[-1], out_hw[1], x)  # [ow, W]
-    return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+    return _pool_with_matrices(x, rows, cols.transpose(0, 1))
+
+
+def _pool_with_matrices(x: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
+    """``rows @ x @ cols_t`` for x [N, C, H, W], rows [oh, H], cols_t [W, ow], in the cheap order.
+
+    ``x @ cols_t`` first: x is the large operand and, with a 2-D right-hand side, ONNX Runtime runs
+    that MatMul as a single GEMM over all N·C·H rows; ``rows @ x`` first would be N·C small
+    broadcast GEMMs of the full map. The second product then touches only [N, C, H, ow].
+    """
+    return torch.matmul(rows, torch.matmul(x, cols_t))
 
 
 class FusedGradCAM(nn.Module):
@@ -469,6 +514,14 @@ class FusedGradCAM(nn.Module):
         self.register_buffer("_class_ids", torch.arange(self.plan.logits_shape[1]), persistent=False)
         self.register_buffer("_pool_rows", rows, persistent=False)
         self.register_buffer("_pool_cols", cols, persistent=False)
+        # Static size: the CAM's bilinear interpolation matrices are constants of the graph too.
+        interp_rows = interp_cols = None
+        if not self.dynamic_spatial:
+            (h_t, w_t), (h_i, w_i) = self.plan.target_shape[-2:], example.shape[-2:]
+            interp_rows = bilinear_matrix(h_t, h_i, example)  # [H, h]
+            interp_cols = bilinear_matrix(w_t, w_i, example).transpose(0, 1).contiguous()  # [w, W]
+        self.register_buffer("_interp_rows", interp_rows, persistent=False)
+        self.register_buffer("_interp_cols", interp_cols, persistent=False)
         if self.head_kind == "gap_linear":
             self.fc_weight_owner = next(s.module for s in self.steps if s.kind == "linear")
 
@@ -496,11 +549,16 @@ class FusedGradCAM(nn.Module):
             x = y
         logits = x
         weights = self.channel_weights(acts, logits, saved)
-        cam = gradcam_map(acts, weights, (image.shape[-2], image.shape[-1]))
+        out_hw = (image.shape[-2], image.shape[-1])
+        interp = None
+        if (self._interp_rows is not None and tuple(self._interp_rows.shape) == (out_hw[0], acts.shape[-2])
+                and tuple(self._interp_cols.shape) == (acts.shape[-1], out_hw[1])):
+            interp = (self._interp_rows, self._interp_cols)
+        cam = gradcam_map(acts, weights, out_hw, interp)
         if self.early_pool is not None:
             if self._pool_rows is not None:
                 # Static size: constant matrices (a different input size fails in the MatMul).
-                early = torch.matmul(torch.matmul(self._pool_rows, early), self._pool_cols)
+                early = _pool_with_matrices(early, self._pool_rows, self._pool_cols)
             else:
                 early = adaptive_avg_pool2d_exportable(early, self.early_pool)
         return logits, cam, early
