@@ -179,3 +179,14 @@ def default_bundle_dir() -> Path:
 def resolve_bundle(arg: str | Path | None) -> Path:
     """``--bundle DIR`` or, when omitted, the embedded demo bundle."""
     return Path(arg) if arg else default_bundle_dir()
+
+
+def bundle_to_modify(arg: str | Path | None, command: str) -> Path:
+    """``--bundle DIR`` for a command that rewrites the bundle in place. The embedded demo bundle is
+    part of the installed package (read-only in site-packages, tracked files in a checkout), so such
+    commands never default to it."""
+    if not arg:
+        raise BundleError(
+            f"{command} modifies a bundle in place: pass --bundle DIR (to start from the demo bundle, "
+            f"copy it first: cp -r {default_bundle_dir()} my_bundle)")
+    return Path(arg)

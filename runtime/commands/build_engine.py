@@ -104,6 +104,9 @@ def run(args):
 
     log = logging.getLogger("gamguard.build_engine")
     batch, spatial = _validated(args)
+    if not args.no_build and not args.out and not args.bundle:
+        raise CommandError("build-engine writes model.plan into the bundle: pass --bundle DIR, or --out DIR for "
+                           "a copy (the embedded demo bundle is never modified in place)")
     bundle_dir = resolve_bundle(args.bundle)
     result: dict = {"bundle": str(bundle_dir)}
     try:

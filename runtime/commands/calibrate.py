@@ -27,7 +27,9 @@ PHANTOM_SIZE = 256
 
 
 def add_arguments(parser):
-    parser.add_argument("--bundle", metavar="DIR", help="bundle directory (default: the embedded demo bundle)")
+    parser.add_argument("--bundle", metavar="DIR",
+                        help="bundle directory to calibrate in place (required: the embedded demo bundle is "
+                             "never modified; copy it first)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="DIR", help="in-distribution images, DIR/<class>/*.png|jpg|dcm")
     src.add_argument("--phantoms", metavar="N", type=int, help="generate N hand phantoms per class instead")
@@ -70,7 +72,10 @@ def run(args):
     from gamguard.runtime.calibration import calibrate_bundle, recalibrate_alpha
     from gamguard.runtime.cli import CommandError
 
-    bundle_dir = bundle_mod.resolve_bundle(args.bundle)
+    try:
+        bundle_dir = bundle_mod.bundle_to_modify(args.bundle, "calibrate")
+    except BundleError as exc:
+        raise CommandError(str(exc)) from exc
     if args.data is None and args.phantoms is None and not args.from_stored_scores:
         raise CommandError("give the calibration data: --data DIR or --phantoms N (or --from-stored-scores)")
     try:
@@ -110,7 +115,12 @@ def run(args):
                                    f"garbage class {names[garbage]!r}")
 
             def get(i):
-                return folder.load(i)[0].pixels
+                try:
+                    return folder.load(i)[0].pixels
+                except ValueError as exc:  # DecodeError: name the file relative to --data
+                    path = Path(folder.samples[i][0])
+                    raise CommandError(f"{path.relative_to(root) if path.is_relative_to(root) else path}: "
+                                       f"{exc}; fix or remove the file and calibrate again") from exc
 
             dataset = {"kind": "image_folder", "path": str(root.resolve()),
                        "classes": sorted({names[y] for y in labels}), "n": len(labels)}
