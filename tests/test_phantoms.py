@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import cv2
 import numpy as np
@@ -141,18 +140,6 @@ def test_resolve_kinds_groups():
     assert phantoms.resolve_kinds("all-held-out") == list(phantoms.HELD_OUT_KINDS)
     assert phantoms.resolve_kinds(["all-garbage", "chest", "noise"]) == list(phantoms.GARBAGE_TRAIN_KINDS) + ["chest"]
     assert phantoms.resolve_kinds("all") == list(OOD_KINDS)
-
-
-def test_phantom_speed():
-    rng = np.random.default_rng(0)
-    phantoms.hand_phantom(0, rng, 256)
-    times = []
-    for i in range(40):
-        t = time.perf_counter()
-        phantoms.hand_phantom(i % 4, rng, 256)
-        times.append(time.perf_counter() - t)
-    # ~7 ms on one core; generous bound because CI machines are shared
-    assert np.median(times) < 0.05, np.median(times)
 
 
 def _display(path) -> np.ndarray:

@@ -258,7 +258,7 @@ def test_batcher_waits_for_company_only_when_some_is_arriving():
     import time
 
     async def lone(arriving):
-        b = dp.MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=0.5,
+        b = dp.MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=2.0,
                             arriving=arriving)
         await b.start()
         t0 = time.perf_counter()
@@ -267,8 +267,9 @@ def test_batcher_waits_for_company_only_when_some_is_arriving():
         await b.stop()
         return dt
 
-    assert _run(lone(lambda: 0)) < 0.25  # nobody else coming: straight to the engine
-    assert _run(lone(lambda: 1)) >= 0.45  # someone is being decoded: wait (up to the delay)
+    # behaviour, not speed: the 2 s delay dwarfs any scheduling noise
+    assert _run(lone(lambda: 0)) < 1.0  # nobody else coming: straight to the engine
+    assert _run(lone(lambda: 1)) >= 1.9  # someone is being decoded: wait (up to the delay)
 
 
 def test_audit_log_reopen_after_rotation(tmp_path):

@@ -40,7 +40,10 @@ def run(args):
     from gamguard.runtime.cli import CommandError
     from gamguard.runtime.server.client import GuardClient, format_table, verdict_record, write_verdict_overlay
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+    except OSError as exc:
+        raise CommandError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
     try:
         client = GuardClient(args.server, timeout=args.timeout, tls=args.tls, ca_cert=args.tls_ca,
                              client_cert=args.tls_cert, client_key=args.tls_key,
@@ -54,8 +57,12 @@ def run(args):
             path = Path(name)
             try:
                 data = path.read_bytes()
-            except OSError as exc:
-                raise CommandError(f"{name}: {exc.strerror or exc}") from None
+            except OSError as exc:  # one unreadable file is a row of the table, not the end of the run
+                refused += 1
+                records.append(verdict_record(name, error=exc.strerror or str(exc), code="UNREADABLE"))
+                if args.json:
+                    print(json.dumps(records[-1]), flush=True)
+                continue
             try:
                 verdict = client.verify(data, frame=args.frame, heatmap_values=bool(args.overlays))
             except grpc.RpcError as exc:
