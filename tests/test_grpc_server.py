@@ -446,7 +446,7 @@ def test_full_queue_answers_resource_exhausted_and_recovers(env):
             return real_engine.describe()
 
         def run(self, batch):
-            time.sleep(0.3)
+            time.sleep(1.0)  # long enough that all 10 callers arrive while the queue is full, even under load
             return real_engine.run(batch)
 
     data = png16(ood("noise", NOISE_SEED))
