@@ -84,6 +84,11 @@ def test_grpc_efficiency_rows(quick_result):
         assert row["ratio"] == pytest.approx(row["grpc_rps"] / row["same_batches_rps"], rel=0.01)
         assert row["ratio_vs_inprocess_dataplane"] == pytest.approx(row["grpc_rps"] / row["inprocess_rps"], rel=0.01)
         assert 1.0 <= row["grpc_mean_batch"] <= 8 and 1.0 <= row["inprocess_mean_batch"] <= 8
+        # CPU per request: the server process vs the same-batch replay (clients not included)
+        for key in ("server_cpu_ms_per_request", "same_batches_cpu_ms_per_request", "cpu_ratio"):
+            assert _finite_positive(row[key]), (key, row)
+        assert row["cpu_ratio"] == pytest.approx(
+            row["same_batches_cpu_ms_per_request"] / row["server_cpu_ms_per_request"], rel=0.01)
 
 
 def test_machine_facts_recorded(quick_result):
