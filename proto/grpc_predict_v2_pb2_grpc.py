@@ -5,7 +5,7 @@ import warnings
 
 from gamguard.proto import grpc_predict_v2_pb2 as gamguard_dot_proto_dot_grpc__predict__v2__pb2
 
-GRPC_GENERATED_VERSION = '1.74.0'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

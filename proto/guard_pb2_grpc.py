@@ -5,7 +5,7 @@ import warnings
 
 from gamguard.proto import guard_pb2 as gamguard_dot_proto_dot_guard__pb2
 
-GRPC_GENERATED_VERSION = '1.74.0'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

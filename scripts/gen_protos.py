@@ -10,12 +10,13 @@ folder stays flat. Stubs are generated with grpcio-tools (a dev dependency); the
 carries protobuf's runtime version guard, which must stay within the protobuf range that
 tritonclient accepts (>=6.30,<7).
 
-The checked-in stubs were generated with grpcio-tools 1.74.0 (protobuf 6.31.1 gencode, so they run
-on protobuf >= 6.31.1; the gRPC stubs need grpcio >= 1.74.0). Newer grpcio-tools write a newer
-version guard (1.81 → protobuf >= 6.33.5), narrowing what users can install, so regenerate with::
+The checked-in stubs were generated with grpcio-tools 1.72.1 (protobuf 6.30.0 gencode, so they run
+on protobuf >= 6.30 — tritonclient's whole range; the gRPC stubs need grpcio >= 1.72.1; checked in a
+venv with protobuf==6.30.0 grpcio==1.72.1). Newer grpcio-tools write a newer version guard
+(1.81 → protobuf >= 6.33.5), narrowing what users can install, so regenerate with::
 
-    pip install --target /tmp/gt74 grpcio-tools==1.74.0 protobuf==6.31.1
-    PYTHONPATH=/tmp/gt74 .venv/bin/python scripts/gen_protos.py
+    pip install --target /tmp/gt72 grpcio-tools==1.72.1 protobuf==6.30.2
+    PYTHONPATH=/tmp/gt72 .venv/bin/python scripts/gen_protos.py
 
 ``--check`` (and tests/test_grpc_protos.py) compare meaning, not bytes, so they pass with any
 grpcio-tools as long as the stubs describe the same .proto files.
