@@ -22,12 +22,14 @@ example:
 
 
 def add_arguments(parser):
-    parser.add_argument("--preset", default="pneumoniamnist", choices=["pneumoniamnist"])
+    parser.add_argument("--preset", default="pneumoniamnist", choices=["pneumoniamnist"],
+                        help="which model/data recipe to build and evaluate (default pneumoniamnist)")
     parser.add_argument("--data-root", required=True, help="the shared datasets folder")
     parser.add_argument("--workdir", required=True, help="output folder (bundle/, checkpoint.pt, report/)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     parser.add_argument("--alpha", type=float, default=0.05, help="calibrated false-rejection bound")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for training, garbage generation and the calibration split (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse WORKDIR/bundle and WORKDIR/checkpoint.pt from an earlier run")
