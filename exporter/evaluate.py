@@ -360,6 +360,18 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
             curves[name][b] = r.pop("curve")
             results["baselines"][b][name] = r
         s["run"] = run
+    # Model suitability in the paper's sense: the guard run over a whole set, compared with its
+    # calibration (rejection rate with a confidence interval, per-check rates, KS shift per score).
+    from gamguard.runtime.suitability import Item, assess, suitability
+
+    progress("suitability of the model for hannover_cxr (and, as a control, for its own test split)")
+    hannover = suitability(guard, Path(data_root) / "hannover_cxr" / "png", progress=None,
+                           report_dir=workdir / "suitability_hannover")
+    test_items = [Item(f"test/{i}", v, None, CLASS_NAMES[y]) for i, (v, y) in enumerate(zip(id_run["verdicts"], y_test))]
+    test_suit = assess(guard, test_items, dataset="pneumoniamnist test split")
+    results["suitability"] = {
+        name: {k: r[k] for k in ("verdict", "reasons", "warnings", "n")} | {"report": r.get("report")}
+        for name, r in (("hannover_cxr", hannover), ("pneumoniamnist_test", test_suit))}
     results["goals"] = _goals(results)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["training"] = {"seconds": training.get("seconds") or training.get("train_seconds"),

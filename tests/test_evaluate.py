@@ -43,6 +43,9 @@ def test_guard_keeps_in_distribution_and_rejects_far_ood(results):
     # other anatomy / other modality / non-X-ray images are nearly all refused
     assert r["id_false_rejection_rate"] < 0.25
     assert r["accepted_accuracy"] > 0.75
+    # the paper's use: the paediatric model is flagged as unsuitable for adult films of another hospital
+    assert r["suitability"]["hannover_cxr"]["verdict"] == "unsuitable"
+    assert r["suitability"]["hannover_cxr"]["reasons"]
     for name in ("pelvis_xray", "other_modality", "generated_non_xray"):
         assert r["ood"][name]["rejection_rate"] >= 0.9, (name, r["ood"][name])
         assert r["ood"][name]["auroc"] > 0.9
