@@ -551,8 +551,12 @@ class FusedGradCAM(nn.Module):
         weights = self.channel_weights(acts, logits, saved)
         out_hw = (image.shape[-2], image.shape[-1])
         interp = None
-        if (self._interp_rows is not None and tuple(self._interp_rows.shape) == (out_hw[0], acts.shape[-2])
-                and tuple(self._interp_cols.shape) == (acts.shape[-1], out_hw[1])):
+        if self._interp_rows is not None and (
+                # a static export is at the example's size (its input shape is fixed); in eager
+                # mode another size computes its own matrices instead of reusing wrong ones
+                torch.onnx.is_in_onnx_export()
+                or (tuple(self._interp_rows.shape) == (out_hw[0], acts.shape[-2])
+                    and tuple(self._interp_cols.shape) == (acts.shape[-1], out_hw[1]))):
             interp = (self._interp_rows, self._interp_cols)
         cam = gradcam_map(acts, weights, out_hw, interp)
         if self.early_pool is not None:
