@@ -171,3 +171,55 @@ def test_verdict_message_has_every_field(guard):
     assert not msg.HasField("heatmap")  # not asked for
     with_map = verdict_message(res, plane, heatmap_values_wanted=True)
     assert len(with_map.heatmap.values) == with_map.heatmap.height * with_map.heatmap.width > 0
+
+
+def test_batcher_waits_for_expected_company_within_the_delay():
+    import time
+
+    async def first_batch(expected, later: int, delay_s: float):
+        sizes = []
+
+        def run_batch(xs):
+            sizes.append(len(xs))
+            return list(xs[:, 0])
+
+        b = dp.MicroBatcher(run_batch, max_batch_size=8, max_queue_delay_s=delay_s, arriving=lambda: 0,
+                            expected=expected)
+        await b.start()
+
+        async def late(i):  # staggered arrivals, as gRPC clients come back
+            await asyncio.sleep(0.05 * (i + 1))
+            return await b.submit(np.array([float(i)]))
+
+        t0 = time.perf_counter()
+        first = asyncio.ensure_future(b.submit(np.array([9.0])))
+        others = [asyncio.ensure_future(late(i)) for i in range(later)]
+        await first
+        dt = time.perf_counter() - t0
+        await asyncio.gather(*others)
+        await b.stop()
+        return sizes, dt
+
+    # behaviour, not speed: the delays dwarf scheduling noise
+    sizes, dt = asyncio.run(first_batch(lambda: 3, later=2, delay_s=2.0))
+    assert sizes == [3] and dt < 1.5  # waited for the two expected requests, not for the whole delay
+    sizes, dt = asyncio.run(first_batch(lambda: 1, later=2, delay_s=2.0))
+    assert sizes[0] == 1 and dt < 0.5  # a lone request does not wait
+    sizes, dt = asyncio.run(first_batch(lambda: 8, later=1, delay_s=0.3))
+    assert sizes[0] == 2 and 0.25 <= dt < 1.5  # company that does not come: the delay still bounds the wait
+
+
+def test_data_plane_expects_as_much_company_as_was_in_flight(guard):
+    async def main():
+        plane = dp.DataPlane(guard)
+        assert plane._expected_company() == 0
+        plane._active = 3
+        plane._peak_active = 5
+        assert plane._expected_company() == 5  # the peak since the last question
+        assert plane._expected_company() == 3  # a new window starts at the current count
+        plane._peak_active, plane._peak_since = 7, plane._peak_since - 10 * plane.COMPANY_MEMORY_S
+        assert plane._expected_company() == 3  # a stale burst is forgotten
+        plane._active = 0
+        await plane.stop()
+
+    asyncio.run(main())

@@ -8,7 +8,9 @@ directly). Errors are typed (:class:`InvalidRequest`, :class:`Overloaded`, :clas
 Dynamic micro-batching (:class:`MicroBatcher`): requests wait at most ``max_queue_delay`` after the
 first one of a batch arrived, or until ``max_batch_size`` are waiting, and then share one engine call
 (``Guard.verify_tensor``) run in a worker thread, so concurrent requests amortise the engine's fixed
-cost. The data plane only waits while more requests are on their way (being decoded): a lone
+cost. The data plane only waits while more requests are on their way: being decoded, or expected
+because that many were in flight together recently (clients served by one batch come back at
+staggered times, so without this gRPC batches stay much smaller than the concurrency); a lone
 request goes to the engine at once instead of paying the delay for company that is not coming. The queue is bounded: when ``max_queue_size`` requests are already waiting a new one fails at
 once with :class:`Overloaded` instead of growing memory and latency without limit. Requests whose
 deadline passed while queued are dropped before the engine call.
@@ -179,13 +181,19 @@ class MicroBatcher:
     ``on_batch(size)`` and ``on_depth(waiting)`` are optional hooks (metrics). ``arriving()``, when
     given, says how many requests are about to be submitted; the batcher waits for company only while
     it is positive (without it, it always waits up to ``max_queue_delay_s``, like Triton).
+    ``expected()``, when given, is asked once per batch for how many requests the batch may expect
+    (e.g. how many were in flight recently); the batcher also waits, still at most
+    ``max_queue_delay_s`` after the first item arrived, until that many are queued. Under staggered
+    arrivals (gRPC clients do not wake in lock-step) this is what lets concurrent requests share an
+    engine call instead of each going alone the moment the engine is free; a lone request
+    (``expected() <= 1``) never waits.
     """
 
     def __init__(self, run_batch: Callable[[np.ndarray], Sequence], *, max_batch_size: int = 8,
                  max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
                  executor: concurrent.futures.Executor | None = None,
                  on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None,
-                 arriving: Callable[[], int] | None = None):
+                 arriving: Callable[[], int] | None = None, expected: Callable[[], int] | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_queue_size < 1:
@@ -199,6 +207,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._on_depth = on_depth
         self._arriving = arriving
+        self._expected = expected
         self._items: collections.deque[_Item] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -255,8 +264,9 @@ class MicroBatcher:
                 continue
             # Wait for company: until the batch is full or the first item has waited long enough.
             wait_until = self._items[0].enqueued + self.max_queue_delay_s
+            expected = min(self.max_batch_size, self._expected()) if self._expected is not None else 0
             while len(self._items) < self.max_batch_size and not self._closing:
-                if self._arriving is not None and self._arriving() <= 0:
+                if self._arriving is not None and self._arriving() <= 0 and len(self._items) >= expected:
                     break
                 remaining = wait_until - loop.time()
                 if remaining <= 0:
@@ -315,6 +325,8 @@ class DataPlane:
     ``audit``: :class:`gamguard.runtime.server.audit.AuditLog` or None.
     """
 
+    COMPANY_MEMORY_S = 1.0
+
     def __init__(self, guard, config: DataPlaneConfig | None = None, *, metrics=None, audit=None):
         self.guard = guard
         self.config = config or DataPlaneConfig()
@@ -330,7 +342,11 @@ class DataPlane:
             on_batch=metrics.observe_batch if metrics else None,
             on_depth=metrics.set_queue_depth if metrics else None,
             arriving=lambda: self._decoding,
+            expected=self._expected_company,
         )
+        self._active = 0  # requests inside verify()
+        self._peak_active = 0  # most of them at once since the batcher last asked ...
+        self._peak_since = time.monotonic()  # ... which was then
         self._decoding = 0  # requests between arrival and the batcher (being decoded)
 
     # -- identity --------------------------------------------------------------------------------
@@ -423,6 +439,25 @@ class DataPlane:
         request_id = request_id or new_request_id()
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
+        self._active += 1
+        if self._active > self._peak_active:
+            self._peak_active = self._active
+        try:
+            return await self._verify(data, array, frame, request_id, timeout_s, protocol, loop, t0)
+        finally:
+            self._active -= 1
+
+    def _expected_company(self) -> int:
+        """The batcher's ``expected()``: the most requests that were inside :meth:`verify` at once since
+        it last asked (clients served together tend to come back together), then a new window starts.
+        A window older than ``COMPANY_MEMORY_S`` is stale (a burst long ago says nothing about now)."""
+        now = time.monotonic()
+        fresh = now - self._peak_since <= self.COMPANY_MEMORY_S
+        peak = self._peak_active if fresh else self._active
+        self._peak_active, self._peak_since = self._active, now
+        return peak
+
+    async def _verify(self, data, array, frame, request_id, timeout_s, protocol, loop, t0) -> Result:
         deadline = loop.time() + timeout_s if timeout_s is not None else None
         try:
             if small_enough_to_decode_inline(data, array, self.config.inline_decode_max_pixels):
