@@ -18,6 +18,12 @@ Sections of the result (``run_bench`` returns one JSON-able dict, format :data:`
   the graph, so every check runs unchanged). The *timing* is representative; the *decisions* at a size
   the bundle was not calibrated for are not, and are not reported. A bundle exported without dynamic
   height/width is measured at its own size only (``sizes_note`` says so).
+* ``guard_overhead_large`` (only with ``BenchConfig.large``; needs torch) — the same measurement on a
+  realistic-size classifier (:data:`LARGE_MODEL`: GuardNet at ResNet-18 widths, 2 blocks per stage)
+  with *random* seeded weights, exported through :func:`gamguard.exporter.export_bundle` (dynamic
+  H/W) and calibrated on phantoms here: timings are representative, verdicts are not.
+  ``{"status": "skipped", "reason": ...}`` without torch. The demo model is tiny (about 0.1 GMAC at
+  224²), so the guard's fixed costs (Python checks, small graph nodes) weigh far more on it.
 * ``measures_cost`` — the seven similarity measures (:func:`similarity.batch_scores`) and the
   early-feature score per image, as a fraction of the fused engine's time per image.
 * ``speedup_vs_pytorch_gradcam`` — PyTorch eager forward + backward Grad-CAM as pytorch-grad-cam's
