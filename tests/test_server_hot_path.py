@@ -1,5 +1,5 @@
 """The server's per-request shortcuts behave exactly like the long way round: small PNGs and tensors
-decoded on the event loop (no decode-pool hop), metrics children cached, the metrics interceptor's
+decoded on the event loop when alone (no decode-pool hop), metrics children cached, the metrics interceptor's
 per-method wrapper reused (and bounded when calls are refused), Verdict built in one go."""
 from __future__ import annotations
 

@@ -89,8 +89,10 @@ class DataPlaneConfig:
     max_queue_size: int = 64
     max_pixels: int = 64_000_000
     decode_workers: int = 2
-    # Small images are decoded on the event loop itself: for them the two thread hops (to a decode
-    # worker and back) cost about as much as the decode and add wake-up latency. Only inputs whose
+    # A small image arriving while no other request is in the data plane is decoded on the event loop
+    # itself: for it the two thread hops (to a decode worker and back) cost about as much as the
+    # decode and add wake-up latency to the one request that is waiting. Under concurrency the pool
+    # decodes (in parallel with the engine, the loop stays free to take requests in). Only inputs whose
     # size is known before decoding qualify (PNG by its IHDR, tensors by their shape); anything
     # larger, and every JPEG/DICOM, goes to the decode pool so a big file never stalls the loop.
     inline_decode_max_pixels: int = 512 * 512
@@ -460,7 +462,10 @@ class DataPlane:
     async def _verify(self, data, array, frame, request_id, timeout_s, protocol, loop, t0) -> Result:
         deadline = loop.time() + timeout_s if timeout_s is not None else None
         try:
-            if small_enough_to_decode_inline(data, array, self.config.inline_decode_max_pixels):
+            # inline only for a request alone in the data plane: under concurrency the pool decodes
+            # in parallel with the engine while the event loop keeps taking requests in
+            if self._active <= 1 and small_enough_to_decode_inline(data, array,
+                                                                   self.config.inline_decode_max_pixels):
                 decoded, x, decode_ms = self._decode(data, array, frame)
             else:
                 self._decoding += 1
