@@ -89,8 +89,6 @@ class Verdict:
             "failed_measures": list(self.failed_measures),
             "scores": {k: _json_float(v) for k, v in self.scores.items()},
             "thresholds": {k: _json_float(v) for k, v in self.thresholds.items()},
-            "predicted_index": self.predicted_index,
-            "reference_index": self.reference_index,
             "detail": self.detail,
             "timings_ms": {k: float(v) for k, v in self.timings_ms.items()},
         }

@@ -240,6 +240,21 @@ def test_config_file_and_flag_precedence(tmp_path):
     f.write_text("insecure: true\nno-such-option: 1\n")
     with pytest.raises(ConfigError, match="unknown option"):
         _parse(["--config", str(f)])
+    j.write_text(json.dumps({"insecure": "false"}))  # a string is not a boolean: never plaintext by accident
+    with pytest.raises(ConfigError, match="insecure must be true or false"):
+        _parse(["--config", str(j)])
+
+
+def test_verdict_json_is_strict_and_carries_no_class_for_rejections():
+    from gamguard.runtime.guard import Verdict
+
+    v = Verdict.rejected("FEATURE_MISMATCH", "", predicted_index=2, reference_index=2)
+    v.scores = {"feature": float("inf"), "feature.p": 0.0}
+    d = v.to_dict()
+    assert d["label"] is None and d["probabilities"] is None
+    assert "predicted_index" not in d and "reference_index" not in d
+    assert d["scores"]["feature"] is None
+    json.dumps(d, allow_nan=False)  # strict JSON: raises on inf/nan
 
 
 def test_config_requires_tls_or_insecure(tmp_path):

@@ -118,11 +118,8 @@ def run(args):
                 write_overlay(overlay_dir / f"{stem}{suffix}.overlay.png", pixels, v, guard.class_names,
                               title=Path(f).name)
             if args.json:
-                d = v.to_dict()
-                d.pop("predicted_index")
-                d.pop("reference_index")
-                d["predicted"] = (guard.class_names[v.predicted_index] if v.predicted_index is not None else None)
-                print(json.dumps({"file": name, **d}), flush=True)
+                # to_dict carries no class for a rejected input (label null, no argmax): never a prediction
+                print(json.dumps({"file": name, **v.to_dict()}), flush=True)
             else:
                 print(_row(name, v, guard.class_names), flush=True)
     if not args.json:

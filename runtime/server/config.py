@@ -192,7 +192,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             elif f.name in ("max_queue_delay_ms", "shutdown_grace_s", "drain_delay_s"):
                 setattr(cfg, f.name, float(v))
             elif f.name == "insecure":
-                setattr(cfg, f.name, bool(v))
+                if not isinstance(v, bool):  # bool("false") is True: refuse strings, never guess
+                    raise ValueError(f"insecure must be true or false, got {v!r}")
             else:
                 setattr(cfg, f.name, str(v))
     except (TypeError, ValueError) as exc:

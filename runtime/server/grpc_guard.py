@@ -157,6 +157,8 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
                                   ("measured_false_rejection_rate", "measured_false_rejection_rate", float),
                                   ("dataset", "dataset", str)):
         value = cal.get(key, info.get(key))
+        if key == "dataset" and isinstance(value, dict):  # calibrate records the dataset as a dict
+            value = json.dumps(value, sort_keys=True)
         if value is not None and not isinstance(value, (dict, list)):
             try:
                 setattr(msg.calibration, field_name, cast(value))

@@ -260,8 +260,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reasons_union = sorted({r for v in verdicts for r in (v.reasons or [])})
         resp.parameters["accepted"].bool_param = all_accepted
         resp.parameters["reasons"].string_param = ",".join(reasons_union)
-        scores = [{k: float(s) for k, s in (v.scores or {}).items()} for v in verdicts]
-        resp.parameters["scores"].string_param = json.dumps(scores[0] if n == 1 else scores)
+        scores = [v.to_dict()["scores"] for v in verdicts]  # non-finite → null: strict JSON
+        resp.parameters["scores"].string_param = json.dumps(scores[0] if n == 1 else scores, allow_nan=False)
         resp.parameters["bundle_hash"].string_param = plane.bundle_hash
 
         def include(name: str) -> bool:
@@ -281,7 +281,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             docs = []
             for r in results:
                 d = _verdict_json(r)
-                docs.append(json.dumps(d, default=float).encode())
+                docs.append(json.dumps(d, allow_nan=False).encode())
             add("verdict", "BYTES", [n], serialize_bytes(docs))
         # Class outputs only when every image passed the guard: a rejected input never yields a label.
         if all_accepted:
@@ -302,21 +302,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _verdict_json(r) -> dict:
-    v = r.verdict
-    d = {
-        "request_id": r.request_id,
-        "accepted": bool(v.accepted),
-        "label": v.label if v.accepted else None,
-        "reasons": list(v.reasons or []),
-        "failed_measures": list(v.failed_measures or []),
-        "scores": {k: float(s) for k, s in (v.scores or {}).items()},
-        "thresholds": {k: float(s) for k, s in (v.thresholds or {}).items()},
-        "detail": v.detail or "",
-        "input_format": r.input_format,
-        "sop_instance_uid": r.sop_instance_uid,
-        "timings_ms": r.stages_ms | {"total": r.total_ms},
-        "batch_size": r.batch_size,
-    }
-    if v.accepted:
-        d["probabilities"] = {k: float(p) for k, p in (v.probabilities or {}).items()}
+    """The verdict as JSON: ``Verdict.to_dict`` (no class for a rejected input; non-finite scores as
+    null, so the document is strict JSON) plus what the data plane knows about the request."""
+    d = r.verdict.to_dict()
+    d.update(request_id=r.request_id, input_format=r.input_format, sop_instance_uid=r.sop_instance_uid,
+             timings_ms=r.stages_ms | {"total": r.total_ms}, batch_size=r.batch_size)
     return d
