@@ -37,6 +37,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -494,6 +496,20 @@ def _set_measured(cal: dict, rates: dict, key: str, policy: str) -> None:
     cal["measured_by_checks"] = rates
 
 
+def _check_cut_is_usable(manifest: dict, key: str, alpha: float) -> None:
+    """Refuse a calibration whose conformal cut is 0 for the enforced checks: that happens when the
+    garbage class alone already rejects at least ``alpha`` of the in-distribution calibration images,
+    and it would silently switch the attention and feature checks off (no p-value is below 0)."""
+    cal = manifest["calibration"]
+    t = cal["thresholds"]["conformal_t"][key]
+    if key != "garbage" and not t > 0:
+        rate = cal.get("heldout_garbage_rate", float("nan"))
+        raise CalibrationError(
+            f"the garbage class rejects {rate:.1%} of the in-distribution calibration images, which uses up the "
+            f"whole false-rejection budget alpha={alpha}: the attention and feature checks could never fire. "
+            "Retrain or fine-tune the garbage class (it is firing on in-distribution data), or raise --alpha")
+
+
 def recalibrate_alpha(bundle_dir: str | Path, alpha: float,
                       progress: Callable[[str], None] | None = _progress) -> dict:
     """Re-derive the cut and the measured rates for a new ``alpha`` from the raw scores stored in
@@ -519,6 +535,7 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float,
     _set_measured(cal, rates, checks_key(guard_section["enforced_checks"]), guard_section["policy"])
     manifest["calibration"] = cal
     _record_thresholds(manifest, arrays)
+    _check_cut_is_usable(manifest, checks_key(guard_section["enforced_checks"]), alpha)
     manifest = bundle_mod.write_manifest(bundle_dir, manifest)
     if progress:
         progress(f"alpha {alpha}: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f}")
@@ -683,11 +700,21 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _set_measured(cal, rates, default_key, guard_section["policy"])
-    np.savez_compressed(bundle_dir / REFERENCE_FILE, **arrays)
     manifest = dict(manifest)
     manifest["calibration"] = cal
     manifest["guard"] = guard_section
-    _record_thresholds(manifest, arrays)
+    _record_thresholds(manifest, arrays)  # rebuilds the tables from the arrays, as serving will
+    _check_cut_is_usable(manifest, default_key, alpha)
+    # Write the references next to the bundle, then move them in and re-hash: a failure before this
+    # point leaves the old calibration intact.
+    fd, tmp = tempfile.mkstemp(prefix=".reference-", suffix=".npz", dir=bundle_dir.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp, bundle_dir / REFERENCE_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     manifest = bundle_mod.write_manifest(bundle_dir, manifest)
     if progress:
         progress(f"done: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "

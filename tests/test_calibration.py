@@ -249,3 +249,24 @@ def test_separate_reference_set_holds_out_every_calibration_image(copy_bundle):
         calibrate_bundle(b, images=cal_images.__getitem__, labels=cal_labels, dataset={},
                          reference=(ref_images.__getitem__, [m["garbage_class"]] * len(ref_labels), {}),
                          progress=None)
+
+
+def test_calibration_refuses_a_garbage_class_that_eats_the_budget(copy_bundle):
+    """If the garbage class alone rejects >= alpha of the in-distribution calibration images, the
+    conformal cut would be 0 and attention/feature could never fire: refuse, and leave the bundle as it was."""
+    from gamguard.runtime import bundle as bundle_mod
+    from gamguard.runtime import phantoms
+    from gamguard.runtime.calibration import CalibrationError, calibrate_bundle
+    from gamguard.runtime.commands.calibrate import load_phantoms
+
+    b = copy_bundle("calgarbage")
+    before = bundle_mod.read_manifest(b)
+    spec = bundle_mod.InputSpec.from_manifest(before["input"])
+    images, labels = load_phantoms(40, 11, spec, before["class_names"], before["garbage_class"])
+    noise, _ = phantoms.ood_set(["noise"], 40, seed=12)  # mislabelled "in-distribution" data: 20 % garbage
+    all_images = list(images) + list(noise)
+    all_labels = list(labels) + [0] * len(noise)
+    with pytest.raises(CalibrationError, match="garbage class rejects"):
+        calibrate_bundle(b, images=all_images.__getitem__, labels=all_labels, dataset={"kind": "bad"},
+                         progress=None)
+    assert bundle_mod.load_manifest(b)["files"] == before["files"]  # untouched and still valid
