@@ -39,6 +39,8 @@ def add_arguments(parser):
     parser.add_argument("--engine", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
                         help="engine choice (default auto: native TensorRT plan when usable)")
     parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when any input is rejected")
+    parser.add_argument("--frame", type=int, metavar="N",
+                        help="frame of multi-frame DICOM inputs to verify (0-based; required for such files)")
 
 
 def expand_paths(paths) -> list:
@@ -100,7 +102,7 @@ def run(args):
         decoded, verdicts = [], [None] * len(chunk)
         for k, f in enumerate(chunk):
             try:
-                decoded.append((k, decode_file(f)))
+                decoded.append((k, decode_file(f, frame=args.frame)))
             except Exception as exc:  # DecodeError and anything else: that file only
                 verdicts[k] = Verdict.rejected("INVALID_INPUT", str(exc))
         for (k, img), v in zip(decoded, guard.verify_images([d.pixels for _, d in decoded])):
