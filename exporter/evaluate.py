@@ -42,6 +42,8 @@ from gamguard.runtime import ood_baselines, phantoms
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.preprocess import preprocess_batch
 
+from .train import train_one_epoch
+
 log = logging.getLogger(__name__)
 
 PRESETS = ("pneumoniamnist",)
@@ -162,28 +164,17 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: EvalConfig,
     steps = -(-len(xt) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+
+    def shift(xb):  # the same random shift for the whole batch, drawn from the seeded generator
+        dy, dx = (int(v) for v in torch.randint(-3, 4, (2,), generator=gen))
+        return torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+
     history = []
     for epoch in range(cfg.epochs):
-        t0, model = time.perf_counter(), model.train()
-        perm = torch.randperm(len(xt), generator=gen)
-        total, correct, seen = 0.0, 0, 0
-        for i in range(0, len(xt), cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            dy, dx = (int(v) for v in torch.randint(-3, 4, (2,), generator=gen))
-            xb = torch.roll(xt[idx], shifts=(dy, dx), dims=(2, 3))
-            logits = model(xb)
-            loss = loss_fn(logits, yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched.last_epoch + 1 < sched.total_steps:
-                sched.step()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == yt[idx]).sum())
-            seen += len(idx)
-        entry = {"epoch": epoch + 1, "loss": total / seen, "train_accuracy": correct / seen,
+        t0 = time.perf_counter()
+        loss, acc = train_one_epoch(model, xt, yt, opt=opt, sched=sched, loss_fn=loss_fn,
+                                    batch_size=cfg.batch_size, generator=gen, augment=shift)
+        entry = {"epoch": epoch + 1, "loss": loss, "train_accuracy": acc,
                  "seconds": round(time.perf_counter() - t0, 2)}
         history.append(entry)
         progress(f"epoch {epoch + 1}/{cfg.epochs}  loss {entry['loss']:.4f}  train acc "

@@ -161,6 +161,32 @@ def evaluate(model: nn.Module, *, seed: int, per_class: int = 100, garbage_per_k
     }
 
 
+def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, opt, sched, loss_fn,
+                    batch_size: int, generator: torch.Generator,
+                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+    """One pass over ``(x, y)`` in a random order (``generator``); the scheduler steps per batch.
+    Returns ``(mean loss, accuracy)`` over the samples seen. ``augment`` transforms each batch."""
+    model.train()
+    perm = torch.randperm(len(x), generator=generator)
+    total_loss, correct, seen = 0.0, 0, 0
+    for i in range(0, len(x), batch_size):
+        idx = perm[i : i + batch_size]
+        if len(idx) < 2:
+            continue  # batch norm needs two samples
+        xb = augment(x[idx]) if augment else x[idx]
+        logits = model(xb)
+        loss = loss_fn(logits, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched.last_epoch + 1 < sched.total_steps:
+            sched.step()
+        total_loss += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == y[idx]).sum())
+        seen += len(idx)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
 def train(config: TrainConfig | None = None, *,
           progress: Callable[[str], None] | None = None, evaluate_after: bool = True) -> tuple[nn.Module, dict]:
     """Train the demo model; returns ``(model in eval mode, report)``.
@@ -201,25 +227,9 @@ def train(config: TrainConfig | None = None, *,
                     loss_fn = nn.CrossEntropyLoss(weight=weight)
                 t1 = time.perf_counter()
                 data_seconds += t1 - t0  # time spent waiting for data
-                model.train()
-                perm = torch.randperm(len(x), generator=order_gen)
-                total_loss, correct, seen = 0.0, 0, 0
-                for i in range(0, len(x), config.batch_size):
-                    idx = perm[i : i + config.batch_size]
-                    if len(idx) < 2:
-                        continue  # batch norm needs two samples
-                    logits = model(x[idx])
-                    loss = loss_fn(logits, y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if sched.last_epoch + 1 < sched.total_steps:
-                        sched.step()
-                    total_loss += loss.item() * len(idx)
-                    correct += int((logits.argmax(1) == y[idx]).sum())
-                    seen += len(idx)
-                entry = {"epoch": epoch + 1, "loss": total_loss / max(seen, 1),
-                         "train_accuracy": correct / max(seen, 1),
+                mean_loss, accuracy = train_one_epoch(model, x, y, opt=opt, sched=sched, loss_fn=loss_fn,
+                                                      batch_size=config.batch_size, generator=order_gen)
+                entry = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": accuracy,
                          "seconds": round(time.perf_counter() - t0, 2), "data_wait_seconds": round(t1 - t0, 2)}
                 history.append(entry)
                 progress(f"epoch {epoch + 1}/{config.epochs}  loss {entry['loss']:.4f}  "
