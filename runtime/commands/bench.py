@@ -12,6 +12,8 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
   speedup_vs_pytorch_gradcam  PyTorch eager forward+backward Grad-CAM (pytorch-grad-cam semantics, CAM
                               only) / gamguard's guarded call, smallest over the cases (goal >= 4);
                               null without torch or without the bundle's torch --checkpoint
+  guard_overhead_large        (--large) the same ratio on a realistic-size model (GuardNet 64/128/256,
+                              2 blocks per stage, random weights, exported and calibrated on the fly)
   grpc_efficiency             gRPC server throughput (1, 4, 16 concurrent clients in another process)
                               / in-process guarded calls on the very batches the server formed;
                               also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
@@ -45,6 +47,9 @@ def add_arguments(parser):
     parser.add_argument("--clients", default="1,4,16", help="concurrent gRPC clients (default 1,4,16)")
     parser.add_argument("--skip", action="append", choices=("pytorch", "grpc"), default=[],
                         help="skip a section (repeatable)")
+    parser.add_argument("--large", action="store_true",
+                        help="also measure guard overhead on a realistic-size model (random weights, exported "
+                             "and calibrated on the fly; needs torch; about a minute)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -80,7 +85,7 @@ def run(args) -> int:
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         threads=args.threads, providers=args.providers, quick=args.quick, repeats=args.repeats,
         sizes=_ints(args.sizes, "--sizes"), batches=_ints(args.batches, "--batches"),
-        clients=_ints(args.clients, "--clients"), skip=tuple(args.skip),
+        clients=_ints(args.clients, "--clients"), skip=tuple(args.skip), large=args.large,
     )
     try:
         result = run_bench(cfg)
