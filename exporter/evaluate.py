@@ -42,7 +42,7 @@ from gamguard.runtime import ood_baselines, phantoms
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.preprocess import preprocess_batch
 
-from .train import train_one_epoch
+from .train import _deterministic, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class EvalConfig:
     garbage_per_kind: int = 150
     seed: int = 0
     alpha: float = 0.05
-    threads: int | None = None
+    threads: int | None = 1  # torch threads for training (1 is also the fastest on a shared 2-core box)
     generated_per_kind: int = 50
 
 
@@ -210,6 +210,7 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
     progress(f"training on {len(x_id)} PneumoniaMNIST images + {len(g_images)} generated garbage images "
              f"({', '.join(GARBAGE_KINDS)}), input {SPEC.height}x{SPEC.width}")
     t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # seeded initialisation: the same weights run after run
     model = build_model(dict(ARCH_CONFIG))
     history = fit(model, x, y, cfg, progress)
     train_seconds = time.perf_counter() - t0
@@ -281,8 +282,6 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
     progress = progress or log.info
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     data = load_pneumoniamnist(data_root)
     if reuse and (workdir / "checkpoint.pt").is_file() and (workdir / "bundle" / "reference.npz").is_file():
@@ -290,7 +289,8 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
         model, ckpt = load_checkpoint(workdir / "checkpoint.pt")
         training = {k: ckpt["train_report"].get(k) for k in ("seconds", "history")}
     else:
-        model, training = train_and_bundle(data, workdir, cfg, progress)
+        with _deterministic(cfg.threads):  # same seed and threads → the same weights, run after run
+            model, training = train_and_bundle(data, workdir, cfg, progress)
 
     guard = Guard.from_bundle(workdir / "bundle")
     progress("loading off-distribution sets")

@@ -30,7 +30,9 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=0.05, help="calibrated false-rejection bound")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for training, garbage generation and the calibration split (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for training (default 1; results are reproducible for a given "
+                             "seed and thread count)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse WORKDIR/bundle and WORKDIR/checkpoint.pt from an earlier run")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
