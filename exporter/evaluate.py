@@ -442,9 +442,12 @@ def _write_report(out: Path, results: dict, id_run: dict, ood: dict, curves: dic
         rej = np.flatnonzero(~run["accepted"])
         if rej.size:
             tiles.append(overlay_image(ood[name]["images"][rej[0]], run["verdicts"][rej[0]], CLASS_NAMES))
-    h = max(t.shape[0] for t in tiles)
-    tiles = [cv2.resize(t, (int(t.shape[1] * h / t.shape[0]), h)) for t in tiles]
-    cv2.imwrite(str(out / "overlays.png"), np.concatenate(tiles, axis=1))
+    h, w = tiles[0].shape[:2]
+    tiles = [cv2.resize(t, (w, h)) for t in tiles]
+    per_row = 3
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % per_row)  # pad the last row
+    rows = [np.concatenate(tiles[i : i + per_row], axis=1) for i in range(0, len(tiles), per_row)]
+    cv2.imwrite(str(out / "overlays.png"), np.concatenate(rows, axis=0))
 
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{results['ood'][n]['n']}</td>"
