@@ -7,7 +7,6 @@ from importlib import import_module
 
 _EXPORTS = {
     "export_bundle": "export",
-    "export_logits_only": "export",
     "ExportError": "export",
     "UnsupportedHeadError": "gradcam",
     "FusedGradCAM": "gradcam",

@@ -388,30 +388,3 @@ def export_bundle(
     }
     return bundle_mod.write_manifest(out_dir, manifest)
 
-
-class _LogitsOnly(nn.Module):
-    """The model's plain forward, for a logits-only baseline export."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):
-        return self.model(image)
-
-
-def export_logits_only(model: nn.Module, path: str | Path, *, input_shape, opset: int = 18,
-                       dynamic_spatial: bool = False) -> str:
-    """Export the model's plain forward (``image -> logits``) — the baseline for guard overhead."""
-    c, h, w = _chw(input_shape)
-    was_training = model.training
-    model.eval()
-    try:
-        example = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            exporter = export_onnx(_LogitsOnly(model).eval(), path, example, output_names=("logits",),
-                                   opset=opset, dynamic_spatial=dynamic_spatial)
-    finally:
-        model.train(was_training)
-    check_onnx_graph(path)
-    return exporter
