@@ -173,6 +173,20 @@ def _code_name(code) -> str | None:
     return str(code)
 
 
+def _check_tls_files(cfg) -> None:
+    """gRPC reports an unusable certificate or key only as "cannot bind": load them with the ssl
+    module first so the operator is told which file is wrong."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        if cfg.tls_client_ca:
+            ssl.create_default_context(cafile=cfg.tls_client_ca)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        ca = f", --tls-client-ca {cfg.tls_client_ca}" if cfg.tls_client_ca else ""
+        raise OSError(f"TLS files unusable (--tls-cert {cfg.tls_cert}, --tls-key {cfg.tls_key}{ca}): {exc}") from None
+
+
 def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
@@ -247,6 +261,7 @@ class GuardServer:
         if cfg.insecure:
             port = self.server.add_insecure_port(address)
         else:
+            _check_tls_files(cfg)
             creds = grpc.ssl_server_credentials(
                 [(_read(cfg.tls_key), _read(cfg.tls_cert))],
                 root_certificates=_read(cfg.tls_client_ca),
