@@ -41,7 +41,9 @@ def test_guard_keeps_in_distribution_and_rejects_far_ood(results):
     r, _ = results
     # even a 4-epoch model: most test images pass, accepted predictions are mostly right,
     # other anatomy / other modality / non-X-ray images are nearly all refused
-    assert r["id_false_rejection_rate"] < 0.25
+    assert r["id_false_rejection_rate"] < 0.25  # the test split is shifted from train/val (see the note)
+    # on data exchangeable with calibration the bound holds: the cross-fitted held-out validation rate
+    assert r["calibrated_false_rejection_rate"] <= r["alpha"] + 0.03
     assert r["accepted_accuracy"] > 0.75
     # the paper's use: the paediatric model is flagged as unsuitable for adult films of another hospital
     assert r["suitability"]["hannover_cxr"]["verdict"] == "unsuitable"
