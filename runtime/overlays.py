@@ -47,7 +47,8 @@ def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: 
     """Two panels side by side: input + its CAM, and the predicted class's reference map (on the
     same X-ray, so the expected attention can be compared in place). BGR uint8."""
     pred = verdict.predicted_index
-    pred_name = class_names[pred] if pred is not None and 0 <= pred < len(class_names) else "?"
+    # "withheld": a gRPC client is never told the class of a rejected input
+    pred_name = class_names[pred] if pred is not None and 0 <= pred < len(class_names) else "withheld"
     if verdict.accepted:
         status = [f"ACCEPTED: {verdict.label}", ""]
     else:
@@ -59,7 +60,7 @@ def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: 
                     (120, 255, 120) if verdict.accepted else (90, 90, 255))
     ref_label = "reference" if verdict.reference_cam is not None else "no reference"
     ref = verdict.reference_index
-    ref_name = class_names[ref] if ref is not None and 0 <= ref < len(class_names) else "?"
+    ref_name = class_names[ref] if ref is not None and 0 <= ref < len(class_names) else "(class withheld)"
     right = _caption(blend(image, verdict.reference_cam), [f"{ref_label} map: {ref_name}",
                                                            f"model argmax: {pred_name}", ""])
     return np.hstack([left, np.full((left.shape[0], 4, 3), 40, np.uint8), right])
