@@ -43,6 +43,7 @@ import numpy as np
 from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
 from .calibration import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
+from .engine import EngineOutput
 from .similarity import MEASURES, all_finite
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,24 @@ class Guard:
         if out.logits.shape != (n, len(self.class_names)) or out.cam.shape[0] != n or out.early.shape[0] != n:
             raise RuntimeError(f"engine output shapes {out.logits.shape}, {out.cam.shape}, {out.early.shape} "
                                f"do not fit a batch of {n} and {len(self.class_names)} classes")
+        if not (all_finite(out.logits) and all_finite(out.cam) and all_finite(out.early)):
+            # Fail closed per item: a NaN/Inf output rejects its own input, not its batch-mates
+            # (other clients' requests share micro-batches).
+            ok = np.ones(n, bool)
+            for a in (out.logits, out.cam, out.early):
+                ok &= np.isfinite(np.asarray(a).reshape(n, -1)).all(axis=1)
+            verdicts = [None if good else Verdict.rejected("GUARD_ERROR", "the engine produced NaN/Inf for this input")
+                        for good in ok]
+            keep = np.flatnonzero(ok)
+            if keep.size:
+                part = EngineOutput(out.logits[keep], out.cam[keep], out.early[keep])
+                for i, v in zip(keep, self._judge(part, keep.size, t0, t1)):
+                    verdicts[i] = v
+            return verdicts
+        return self._judge(out, n, t0, t1)
+
+    def _judge(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
+        """Scores, p-values and the decision for finite engine outputs of ``n`` inputs."""
         cal = self.calibration
         s = cal.score(out.logits, out.cam, out.early)
         pm, pf = cal.null.pvalues(s)

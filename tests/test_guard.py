@@ -127,6 +127,32 @@ def test_non_finite_engine_output_is_a_guard_error(demo_bundle):
     assert [x.reasons for x in v] == [["GUARD_ERROR"]] * 2 and all(x.label is None for x in v)
 
 
+def test_non_finite_output_rejects_only_its_own_input(demo_bundle):
+    """Micro-batches mix clients: one input whose outputs are NaN must not take its batch-mates down."""
+    g = Guard.from_bundle(demo_bundle, threads=1)
+    real_engine = g.engine
+
+    class NaNCamForSecond:
+        name, providers = "nan-second", ["cpu"]
+
+        def run(self, batch):
+            out = real_engine.run(batch)
+            out.cam[1] = np.nan
+            return out
+
+        def describe(self):
+            return {}
+
+    ids, _ = id_phantoms()
+    clean = Guard.from_bundle(demo_bundle, threads=1).verify_images(list(ids[:3]))
+    g.engine = NaNCamForSecond()
+    v = g.verify_images(list(ids[:3]))
+    assert v[1].reasons == ["GUARD_ERROR"] and v[1].label is None and "NaN" in v[1].detail
+    for i in (0, 2):  # batch-mates get exactly the verdict they get alone
+        assert v[i].accepted == clean[i].accepted and v[i].label == clean[i].label
+        assert v[i].scores == pytest.approx(clean[i].scores)
+
+
 def test_invalid_inputs_are_rejected_per_item(guard):
     ids, _ = id_phantoms()
     nan_img = ids[0].copy()
