@@ -17,6 +17,8 @@ import importlib
 import logging
 import sys
 
+from gamguard.runtime import package_version
+
 # Order is the order shown in --help.
 COMMANDS = (
     "demo",
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument("--version", action="version", version=f"gamguard {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

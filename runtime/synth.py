@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import phantoms
+from . import package_version, phantoms
 
 PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
 FORMATS = ("png", "dicom")
@@ -32,15 +32,6 @@ FORMATS = ("png", "dicom")
 # BodyPartExamined for the DICOM of each generator (empty where no anatomy is depicted).
 _BODY_PART = {"knee": "KNEE", "chest": "CHEST", "cropped_hand": "HAND", "rotated_hand": "HAND",
               "inverted_hand": "HAND", "noisy_hand": "HAND"}
-
-
-def _gamguard_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("gamguard")
-    except Exception:  # not installed (running from a source tree)
-        return "unknown"
 
 
 def write_dicom(path, image: np.ndarray, *, photometric: str = "MONOCHROME2", bits: int = 12,
@@ -196,7 +187,7 @@ def synth_dataset(out_dir, *, per_class: int, seed: int, size: int = 256, kind=N
     manifest = {
         "generator": "gamguard.runtime.phantoms",
         "generator_version": phantoms.GENERATOR_VERSION,
-        "gamguard_version": _gamguard_version(),
+        "gamguard_version": package_version(),
         "seed": seed,
         "size": size,
         "format": fmt,

@@ -29,6 +29,7 @@ import numpy as np
 
 from gamguard.proto import grpc_predict_v2_pb2 as pb
 from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from gamguard.runtime import package_version
 
 from .dataplane import DataPlaneError, InvalidRequest
 from .grpc_guard import status_for
@@ -44,15 +45,6 @@ ALL_OUTPUTS = VERDICT_OUTPUTS + CLASS_OUTPUTS + OPTIONAL_OUTPUTS
 
 _NUMERIC = {"UINT8": np.uint8, "UINT16": np.uint16, "FP32": np.float32}
 _CONTENTS_FIELD = {"UINT8": "uint_contents", "UINT16": "uint_contents", "FP32": "fp32_contents"}
-
-
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("gamguard")
-    except Exception:  # noqa: BLE001 - running from a source tree
-        return "0"
 
 
 # ------------------------------------------------------------------------------ tensor (de)coding
@@ -193,7 +185,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=plane is not None and self._ready())
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_package_version(),
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(),
                                          extensions=["model_repository"])
 
     async def ModelMetadata(self, request, context):
