@@ -106,22 +106,26 @@ def test_engine_exception_rejects_every_item_with_guard_error(demo_bundle):
     assert "device lost" in verdicts[0].detail
 
 
+class _Corrupting:
+    """Wraps the real engine and overwrites part of its output with NaN (fault injection)."""
+
+    name, providers = "corrupting", ["cpu"]
+
+    def __init__(self, engine, corrupt):
+        self.engine, self.corrupt = engine, corrupt
+
+    def run(self, batch):
+        out = self.engine.run(batch)
+        self.corrupt(out)
+        return out
+
+    def describe(self):
+        return {}
+
+
 def test_non_finite_engine_output_is_a_guard_error(demo_bundle):
     g = Guard.from_bundle(demo_bundle, threads=1)
-    real_engine = g.engine
-
-    class NaNLogits:
-        name, providers = "nan", ["cpu"]
-
-        def run(self, batch):
-            out = real_engine.run(batch)
-            out.logits[:] = np.nan
-            return out
-
-        def describe(self):
-            return {}
-
-    g.engine = NaNLogits()
+    g.engine = _Corrupting(g.engine, lambda out: out.logits.fill(np.nan))
     ids, _ = id_phantoms()
     v = g.verify_images(list(ids[:2]))
     assert [x.reasons for x in v] == [["GUARD_ERROR"]] * 2 and all(x.label is None for x in v)
@@ -130,22 +134,9 @@ def test_non_finite_engine_output_is_a_guard_error(demo_bundle):
 def test_non_finite_output_rejects_only_its_own_input(demo_bundle):
     """Micro-batches mix clients: one input whose outputs are NaN must not take its batch-mates down."""
     g = Guard.from_bundle(demo_bundle, threads=1)
-    real_engine = g.engine
-
-    class NaNCamForSecond:
-        name, providers = "nan-second", ["cpu"]
-
-        def run(self, batch):
-            out = real_engine.run(batch)
-            out.cam[1] = np.nan
-            return out
-
-        def describe(self):
-            return {}
-
     ids, _ = id_phantoms()
-    clean = Guard.from_bundle(demo_bundle, threads=1).verify_images(list(ids[:3]))
-    g.engine = NaNCamForSecond()
+    clean = g.verify_images(list(ids[:3]))
+    g.engine = _Corrupting(g.engine, lambda out: out.cam[1].fill(np.nan))
     v = g.verify_images(list(ids[:3]))
     assert v[1].reasons == ["GUARD_ERROR"] and v[1].label is None and "NaN" in v[1].detail
     for i in (0, 2):  # batch-mates get exactly the verdict they get alone
