@@ -263,16 +263,17 @@ def build_plan_bytes(onnx_path: str | Path, spec: InputSpec, *, precision: str =
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BundleError(f"TensorRT could not parse {onnx_path}: {errors}")
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    outputs = {network.get_output(i).name for i in range(network.num_outputs)}
-    if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= outputs:
+    net_outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+    if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= net_outputs:
         raise BundleError(f"{onnx_path}: expected input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
-                          f"found inputs {sorted(inputs)} and outputs {sorted(outputs)}")
-    unknown = [n for n in outputs if n not in OUTPUT_NAMES]
-    if unknown or not outputs:
-        raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_NAMES}, got {outputs}")
-    for i in reversed(range(network.num_outputs)):
+                          f"found inputs {sorted(inputs)} and outputs {sorted(net_outputs)}")
+    wanted = tuple(outputs)
+    unknown = [n for n in wanted if n not in OUTPUT_NAMES]
+    if unknown or not wanted:
+        raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_NAMES}, got {wanted}")
+    for i in reversed(range(network.num_outputs)):  # e.g. a logits-only baseline plan
         tensor = network.get_output(i)
-        if tensor.name not in outputs:
+        if tensor.name not in wanted:
             network.unmark_output(tensor)
     profile = make_profile(spec, batch, spatial=spatial,
                            network_input_shape=tuple(inputs[INPUT_NAME].shape))

@@ -377,3 +377,53 @@ def test_drift_check_uses_the_serving_guards_decisions():
     report = drift_report(OrtCpuReference(src / "model.onnx", threads=1), engine, [x], decide=decide, alpha=alpha)
     assert report["frr"]["candidate"]["frr"] == pytest.approx(1 - served.mean())
     assert report["frr"]["decision_agreement"] == 1.0
+
+
+def test_plan_builder_keeps_only_the_requested_outputs(monkeypatch, tmp_path):
+    """A logits-only baseline plan must really drop cam/early (else the TensorRT 'unguarded'
+    baseline would contain the guard's work). No GPU here: TensorRT's network API is stood in for up
+    to the point where outputs are chosen, and the build stops right after, at the profile."""
+    from types import SimpleNamespace
+
+    from gamguard.runtime import tensorrt_plan
+
+    class Net:
+        def __init__(self):
+            self.outs = [SimpleNamespace(name=n) for n in ("logits", "cam", "early")]
+            self.unmarked = []
+            self.num_inputs = 1
+
+        def get_input(self, i):
+            return SimpleNamespace(name="image", shape=(-1, 1, 128, 128))
+
+        @property
+        def num_outputs(self):
+            return len(self.outs)
+
+        def get_output(self, i):
+            return self.outs[i]
+
+        def unmark_output(self, t):
+            self.unmarked.append(t.name)
+            self.outs.remove(t)
+
+    nets = []
+
+    class Stop(Exception):
+        pass
+
+    def new_network(flags):
+        nets.append(Net())
+        return nets[-1]
+
+    fake = SimpleNamespace(Logger=lambda level: None, Builder=lambda logger: SimpleNamespace(create_network=new_network),
+                           OnnxParser=lambda network, logger: SimpleNamespace(parse_from_file=lambda p: True))
+    fake.Logger.WARNING = 0
+    monkeypatch.setattr(tensorrt_plan, "require_tensorrt", lambda: fake)
+    monkeypatch.setattr(tensorrt_plan, "make_profile", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    spec = InputSpec(1, 128, 128, (0.5,), (0.25,))
+    with pytest.raises(Stop):
+        tensorrt_plan.build_plan_bytes(tmp_path / "m.onnx", spec, outputs=("logits",))
+    assert sorted(nets[0].unmarked) == ["cam", "early"]
+    with pytest.raises(ValueError, match="subset"):
+        tensorrt_plan.build_plan_bytes(tmp_path / "m.onnx", spec, outputs=("bogus",))
