@@ -52,11 +52,11 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> np.ndarray:
         raise InvalidInput(f"expected float pixels in [0, 1], got dtype {image.dtype}")
     if not np.isfinite(image).all():
         raise InvalidInput("image contains NaN or Inf")
-    x = resize_image(np.clip(image, 0.0, 1.0).astype(np.float32), spec.height, spec.width, spec.resize)
+    x = resize_image(np.clip(image, 0.0, 1.0).astype(np.float32, copy=False), spec.height, spec.width, spec.resize)
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
     std = np.asarray(spec.std, np.float32)[:, None, None]
     x = np.broadcast_to(x, (spec.channels, spec.height, spec.width))
-    return ((x - mean) / std).astype(np.float32)
+    return ((x - mean) / std).astype(np.float32, copy=False)
 
 
 def preprocess_batch(images, spec: InputSpec) -> np.ndarray:
