@@ -289,6 +289,44 @@ def test_engine_fault_yields_rejection_never_label(env, accepted_phantom):
     assert verify(env, png16(img)).accepted  # and the server keeps serving
 
 
+def test_inputs_refused_by_the_adapters_are_counted_and_audited(env):
+    """A request the gRPC adapters refuse while parsing it (before the data plane's verify) is still an
+    INVALID_ARGUMENT with an audit line and one more ``invalid`` verdict in the metrics."""
+    from gamguard.proto import grpc_predict_v2_pb2 as pb
+    from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    url = f"http://127.0.0.1:{env['server'].server.metrics_port}/metrics"
+    series = 'gamguard_verdicts_total{decision="invalid"}'
+
+    def invalid_count() -> float:
+        return _metric(urllib.request.urlopen(url, timeout=10).read().decode(), series)
+
+    int32 = guard_pb2.Tensor(dtype="int32", shape=[32, 32], data=b"\0" * 4096)
+    before = invalid_count()
+    for rid, fields in (("adapter-int32", dict(tensor=int32)), ("adapter-empty", dict())):
+        with pytest.raises(grpc.RpcError) as info:
+            env["stub"].Verify(guard_pb2.VerifyRequest(request_id=rid, **fields), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rid
+    # in a stream the bad request is an INVALID_INPUT rejection, counted and audited all the same
+    (v,) = list(env["stub"].VerifyStream(iter([guard_pb2.VerifyRequest(request_id="adapter-stream")]), timeout=60))
+    assert not v.accepted and list(v.reasons) == ["INVALID_INPUT"]
+    # OIP: an unsupported datatype is refused by request_inputs
+    stub = pb_grpc.GRPCInferenceServiceStub(env["channel"])
+    meta = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=60)
+    model = meta.models[0].name
+    req = pb.ModelInferRequest(model_name=model, id="adapter-oip")
+    req.inputs.add(name="image", datatype="INT32", shape=[32, 32])
+    req.raw_input_contents.append(b"\0" * 4096)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(req, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert invalid_count() - before == 4
+    lines = [json.loads(line) for line in env["audit"].read_text().splitlines()]
+    for rid in ("adapter-int32", "adapter-empty", "adapter-stream", "adapter-oip"):
+        mine = [r for r in lines if r["request_id"] == rid]
+        assert len(mine) == 1 and mine[0]["decision"] == "invalid" and mine[0].get("detail"), (rid, mine)
+
+
 # --------------------------------------------------------------------------------------- batching
 
 

@@ -476,7 +476,7 @@ class DataPlane:
                     self._decoding -= 1
             verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
         except InvalidRequest as exc:
-            self._record_invalid(request_id, protocol, str(exc))
+            self.record_invalid(request_id, protocol, str(exc))
             raise
         result = Result(verdict=verdict, request_id=request_id, input_format=decoded.format,
                         bit_depth=int(decoded.bit_depth), sop_instance_uid=decoded.sop_instance_uid,
@@ -519,7 +519,9 @@ class DataPlane:
             self.audit.record_verdict(result, protocol=protocol, model=self.model_name,
                                       version=self.model_version, bundle_hash=self.bundle_hash)
 
-    def _record_invalid(self, request_id: str, protocol: str, message: str) -> None:
+    def record_invalid(self, request_id: str, protocol: str, message: str) -> None:
+        """Count and audit one invalid input; also called by the protocol adapters for inputs they
+        refuse while parsing the request, before :meth:`verify` sees them."""
         if self.metrics is not None:
             self.metrics.observe_invalid()
         if self.audit is not None:

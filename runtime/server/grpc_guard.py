@@ -167,6 +167,13 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
     return msg
 
 
+def request_timeout(context) -> float | None:
+    """The call's remaining deadline in seconds, or None when the client set none (grpc reports a
+    huge number then)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e8 else None
+
+
 class GuardServicer(guard_pb2_grpc.GuardServicer):
     """``state.plane`` is the :class:`DataPlane` once the bundle is loaded, else None."""
 
@@ -180,17 +187,16 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                                 "not serving: the bundle is still loading or the server is shutting down")
         return plane
 
-    @staticmethod
-    def _timeout(context) -> float | None:
-        remaining = context.time_remaining()
-        return remaining if remaining is not None and remaining < 1e8 else None
-
     async def Verify(self, request, context):
         plane = await self._plane(context)
         rid = request.request_id or new_request_id()
         try:
-            res = await plane.verify(**request_input(request), request_id=rid,
-                                     timeout_s=self._timeout(context), protocol="guard")
+            try:
+                inp = request_input(request)
+            except InvalidRequest as exc:
+                plane.record_invalid(rid, "guard", str(exc))
+                raise
+            res = await plane.verify(**inp, request_id=rid, timeout_s=request_timeout(context), protocol="guard")
         except DataPlaneError as exc:
             await context.abort(status_for(exc), str(exc))
         return verdict_message(res, plane, heatmap_png_wanted=request.heatmap_png,
@@ -206,9 +212,14 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         async def one(req):
             rid = req.request_id or new_request_id()
             try:
-                res = await plane.verify(**request_input(req), request_id=rid,
-                                         timeout_s=self._timeout(context), protocol="guard-stream")
-            except InvalidRequest as exc:
+                inp = request_input(req)
+            except InvalidRequest as exc:  # refused before verify: count and audit it here
+                plane.record_invalid(rid, "guard-stream", str(exc))
+                return invalid_verdict(rid, plane, str(exc))
+            try:
+                res = await plane.verify(**inp, request_id=rid, timeout_s=request_timeout(context),
+                                         protocol="guard-stream")
+            except InvalidRequest as exc:  # verify has already counted and audited it
                 return invalid_verdict(rid, plane, str(exc))
             return verdict_message(res, plane, heatmap_png_wanted=req.heatmap_png,
                                    heatmap_values_wanted=req.heatmap_values)

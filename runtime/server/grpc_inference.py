@@ -31,8 +31,8 @@ from gamguard.proto import grpc_predict_v2_pb2 as pb
 from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from gamguard.runtime import package_version
 
-from .dataplane import DataPlaneError, InvalidRequest
-from .grpc_guard import status_for
+from .dataplane import DataPlaneError, InvalidRequest, new_request_id
+from .grpc_guard import request_timeout, status_for
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +234,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"unknown output(s) {unknown}; available: {list(ALL_OUTPUTS)}")
         try:
-            inputs = request_inputs(request)
-            remaining = context.time_remaining()
-            results = await plane.verify_many(
-                inputs, timeout_s=remaining if remaining is not None and remaining < 1e8 else None,
-                protocol="inference", request_id=request.id or None)
+            try:
+                inputs = request_inputs(request)
+            except InvalidRequest as exc:  # refused before verify: count and audit it here
+                plane.record_invalid(request.id or new_request_id(), "inference", str(exc))
+                raise
+            results = await plane.verify_many(inputs, timeout_s=request_timeout(context),
+                                              protocol="inference", request_id=request.id or None)
         except DataPlaneError as exc:
             await context.abort(status_for(exc), str(exc))
         return self._response(request, plane, results, wanted)
