@@ -118,6 +118,15 @@ def test_mutual_tls_and_bearer_token(certs):
             with pytest.raises(grpc.RpcError) as info:
                 c.verify(data)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # the refused call is counted (the metrics interceptor is the outermost one); the server counts
+        # it just after the client has its answer, hence the short wait
+        labels = {"service": "gamguard.v1.Guard", "method": "Verify", "code": "UNAUTHENTICATED"}
+        for _ in range(100):
+            refused = server.server.metrics.registry.get_sample_value("gamguard_requests_total", labels)
+            if refused:
+                break
+            time.sleep(0.05)
+        assert refused == 1
         with GuardClient(server.target, client_cert=certs["client"][0], client_key=certs["client"][1],
                          **common) as c:  # health is exempt from the token (orchestrator probes)
             assert _health(c.channel) == SERVING

@@ -248,7 +248,7 @@ class GuardServer:
             token = Path(cfg.auth_token_file).read_text().strip()
             if not token:
                 raise ValueError(f"{cfg.auth_token_file}: empty token file")
-            interceptors.insert(0, _BearerTokenInterceptor(token))
+            interceptors.append(_BearerTokenInterceptor(token))  # inside metrics: refused calls are counted
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.state), self.server)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), self.server)
