@@ -158,6 +158,17 @@ class Guard:
         bundle_dir = bundle_mod.resolve_bundle(bundle_dir)
         manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=True)
         calibration = CalibrationData.load(bundle_dir, manifest)
+        policy, key = cls.settings(manifest, policy=policy, enforced_checks=enforced_checks)
+        engine = create_engine(bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads)
+        guard = cls(bundle_dir, manifest, engine, calibration, policy=policy, enforced_checks=key)
+        log.info("guard: bundle %s (%s), policy %s, checks %s, alpha %s, engine %s %s", bundle_dir,
+                 guard.bundle_hash[:12], policy, key, guard.alpha, engine.name, engine.providers)
+        return guard
+
+    @staticmethod
+    def settings(manifest: dict, *, policy=None, enforced_checks=None) -> tuple[str, str]:
+        """``(policy, enforced checks key)`` the guard serves with: the overrides, else ``bundle.json``'s
+        ``guard`` section, else ``calibrated`` with every check."""
         section = manifest.get("guard") or {}
         policy = policy or section.get("policy") or "calibrated"
         try:
@@ -165,11 +176,28 @@ class Guard:
                                else section.get("enforced_checks") or list(CHECKS))
         except ValueError as exc:
             raise BundleError(f"enforced checks: {exc}") from exc
-        engine = create_engine(bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads)
-        guard = cls(bundle_dir, manifest, engine, calibration, policy=policy, enforced_checks=key)
-        log.info("guard: bundle %s (%s), policy %s, checks %s, alpha %s, engine %s %s", bundle_dir,
-                 guard.bundle_hash[:12], policy, key, guard.alpha, engine.name, engine.providers)
-        return guard
+        return policy, key
+
+    # ------------------------------------------------------------------------------------------
+    def decide_outputs(self, out, *, checks: str | None = None, policy: str | None = None):
+        """The guard's decision on finite engine outputs (``logits``, ``cam``, ``early``):
+        ``(scores, pm, pf, decisions)`` — raw scores, per-measure and feature p-values, and the
+        :class:`~gamguard.runtime.calibration.Decisions` under this guard's policy, enforced checks and
+        conformal cut (or the given ``checks`` / ``policy``). The one place where serving, evaluation
+        and the TensorRT drift check turn engine outputs into a decision."""
+        cal = self.calibration
+        s = cal.score(out.logits, out.cam, out.early)
+        pm, pf = cal.null.pvalues(s)
+        return s, pm, pf, self.decide_pvalues(pm, pf, s.garbage_pred, checks=checks, policy=policy)
+
+    def decide_pvalues(self, pm, pf, garbage_pred, *, checks: str | None = None,
+                       policy: str | None = None):
+        """:func:`~gamguard.runtime.calibration.decide` with this guard's alpha and the cut of ``checks``
+        (default: the guard's own policy, enforced checks and cut)."""
+        checks = self.enforced_checks if checks is None else checks
+        cut = self.cut if checks == self.enforced_checks else self.calibration.cuts[checks]
+        return decide(pm, pf, garbage_pred, checks=checks, policy=policy or self.policy, alpha=self.alpha,
+                      cut=cut)
 
     # ------------------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -219,17 +247,11 @@ class Guard:
                 verdicts[i] = Verdict.rejected("INVALID_INPUT", str(exc) or type(exc).__name__)
         t_pre = (time.perf_counter() - t0) * 1e3
         if tensors:
-            try:
-                batch = np.stack(tensors)
-            except Exception as exc:  # pragma: no cover - preprocess output is uniform
-                batch = None
-                for i in where:
-                    verdicts[i] = Verdict.rejected("GUARD_ERROR", f"guard error: {exc}")
-            if batch is not None:
-                for i, v in zip(where, self.verify_tensor(batch)):
-                    v.timings_ms["preprocess"] = t_pre
-                    verdicts[i] = v
-        return [v for v in verdicts]  # type: ignore[misc]
+            # preprocess always returns [C, H, W] of the bundle's input size: one stack
+            for i, v in zip(where, self.verify_tensor(np.stack(tensors))):
+                v.timings_ms["preprocess"] = t_pre
+                verdicts[i] = v
+        return verdicts  # type: ignore[return-value]
 
     def verify_tensor(self, batch: np.ndarray) -> list[Verdict]:
         """Preprocessed ``[N, C, H, W]`` float32 → one verdict each. Never raises (fail closed)."""
@@ -278,18 +300,14 @@ class Guard:
         from .calibration import all_check_sets
         from .preprocess import preprocess_batch
 
-        policy = policy or self.policy
         keys = [parse_checks(k) for k in (check_sets or all_check_sets())]
-        cal = self.calibration
         out = {k: [] for k in keys}
         for start in range(0, len(images), batch):
             x = preprocess_batch(list(images[start:start + batch]), self.spec)
-            o = self.engine.run(x)
-            s = cal.score(o.logits, o.cam, o.early)
-            pm, pf = cal.null.pvalues(s)
-            for k in keys:
-                d = decide(pm, pf, s.garbage_pred, checks=k, policy=policy, alpha=self.alpha, cut=cal.cuts[k])
-                out[k].append(d.reject)
+            s, pm, pf, d = self.decide_outputs(self.engine.run(x), checks=keys[0], policy=policy)
+            out[keys[0]].append(d.reject)
+            for k in keys[1:]:
+                out[k].append(self.decide_pvalues(pm, pf, s.garbage_pred, checks=k, policy=policy).reject)
         return {k: np.concatenate(v) if v else np.zeros(0, bool) for k, v in out.items()}
 
     def _decide(self, batch: np.ndarray) -> list[Verdict]:
@@ -319,14 +337,8 @@ class Guard:
     def _judge(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
         """Scores, p-values and the decision for finite engine outputs of ``n`` inputs."""
         cal = self.calibration
-        s = cal.score(out.logits, out.cam, out.early)
-        pm, pf = cal.null.pvalues(s)
-        d = decide(pm, pf, s.garbage_pred, checks=self.enforced_checks, policy=self.policy, alpha=self.alpha,
-                   cut=self.cut)
-        checks = self.enforced_checks.split("+")
+        s, pm, pf, d = self.decide_outputs(out)
         combined = combined_statistic(d.attention_p, pf, np.zeros(n, bool), self.enforced_checks)
-        conformal_stat = np.where(s.garbage_pred & ("garbage" in checks), 0.0, combined)
-        conformal_p = self.cut.p_value(conformal_stat)
         real = cal.real
         real_probs = softmax(np.asarray(out.logits, np.float64)[:, real])
         # One [N, n_scores] matrix in self._score_keys order, converted to Python floats in one call.
@@ -334,7 +346,7 @@ class Guard:
         cols = [s.garbage_prob[:, None], np.stack((s.sims, pm), axis=2).reshape(n, 2 * m),
                 d.attention_p[:, None], s.feature[:, None], pf[:, None], combined[:, None]]
         if self.policy == "calibrated":
-            cols.append(conformal_p[:, None])
+            cols.append(self.cut.p_value(np.where(d.garbage, 0.0, combined))[:, None])  # conformal_p
         score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
         prob_rows = real_probs.tolist()
         real_names = [self.class_names[c] for c in real]

@@ -125,42 +125,24 @@ def drift_report(reference_engine, candidate_engine, batches: Iterable[np.ndarra
 
 def guard_decider(bundle_dir, manifest):
     """``(decide, alpha)``: the serving guard's accept decision on one engine's outputs, from the
-    bundle's calibration — the same tables, conformal cut, policy and enforced checks as
-    :class:`gamguard.runtime.guard.Guard` uses when serving."""
-    from . import calibration as cal_mod
-    from .guard import parse_checks
+    bundle's calibration — :meth:`gamguard.runtime.guard.Guard.decide_outputs` of a guard set up as
+    :meth:`~gamguard.runtime.guard.Guard.from_bundle` sets it up (same tables, conformal cut, policy and
+    enforced checks), without an engine of its own."""
+    from .calibration import CalibrationData
+    from .guard import Guard
 
-    data = cal_mod.CalibrationData.load(bundle_dir, manifest)
-    section = manifest.get("guard") or {}
-    key = parse_checks(section.get("enforced_checks") or "all")
-    policy = section.get("policy") or "calibrated"
+    policy, key = Guard.settings(manifest)
+    guard = Guard(bundle_dir, manifest, None, CalibrationData.load(bundle_dir, manifest),
+                  policy=policy, enforced_checks=key)
 
     def decide(batch, out):
-        scores = data.score(out.logits, out.cam, out.early)
-        pm, pf = data.null.pvalues(scores)
-        d = cal_mod.decide(pm, pf, scores.garbage_pred, checks=key, policy=policy, alpha=data.alpha,
-                           cut=data.cuts[key])
-        return ~d.reject
+        return ~guard.decide_outputs(out)[3].reject
 
-    return decide, data.alpha
+    return decide, guard.alpha
 
 
-class OrtCpuReference:
+def OrtCpuReference(onnx_path, *, threads: int | None = None):
     """ONNX Runtime FP32 on the CPU over a bundle's ``model.onnx``: the parity reference."""
+    from .engine import OnnxEngine
 
-    name = "onnxruntime-cpu"
-
-    def __init__(self, onnx_path, *, threads: int | None = None):
-        import onnxruntime as ort
-
-        from .engine import EngineOutput
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        self._EngineOutput = EngineOutput
-
-    def run(self, batch: np.ndarray):
-        logits, cam, early = self._session.run(list(OUTPUT_NAMES), {"image": batch})
-        return self._EngineOutput(logits=logits, cam=cam, early=early)
+    return OnnxEngine(onnx_path, providers="cpu", threads=threads)

@@ -44,17 +44,13 @@ def _median_ms(fn, repeats: int) -> float:
 def guard_cost(guard: Guard, images: np.ndarray, repeats: int = 300) -> dict:
     """Per-image cost of the guard part alone (seven measures + feature check + p-values +
     decision, on engine outputs already computed), and of the engine and the full call for scale."""
-    from gamguard.runtime.calibration import decide
+    from gamguard.runtime.engine import EngineOutput
 
-    cal = guard.calibration
     x = preprocess_batch(list(images[:32]), guard.spec)
     out = guard.engine.run(x)
 
     def guard_part(lo, hi):
-        s = cal.score(out.logits[lo:hi], out.cam[lo:hi], out.early[lo:hi])
-        pm, pf = cal.null.pvalues(s)
-        decide(pm, pf, s.garbage_pred, checks=guard.enforced_checks, policy=guard.policy, alpha=guard.alpha,
-               cut=guard.cut)
+        guard.decide_outputs(EngineOutput(out.logits[lo:hi], out.cam[lo:hi], out.early[lo:hi]))
 
     n = x.shape[0]
     return {
