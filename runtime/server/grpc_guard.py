@@ -47,7 +47,8 @@ def tensor_to_array(t: guard_pb2.Tensor) -> np.ndarray:
     if expected != len(t.data):
         raise InvalidRequest(f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {t.dtype} "
                              f"needs {expected}")
-    return np.frombuffer(t.data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
+    # a read-only view of the wire bytes: decode_tensor converts to native order and copies anyway
+    return np.frombuffer(t.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
 def request_input(req: guard_pb2.VerifyRequest) -> dict:

@@ -141,8 +141,9 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
             raise InvalidRequest(f"{dtype} input: shape {shape} needs {count} values, got {len(values)}")
         if dtype != "FP32" and len(values) and max(values) > np.iinfo(_NUMERIC[dtype]).max:
             raise InvalidRequest(f"{dtype} input has values out of range")
-        flat = np.asarray(values, dtype=np.float64).astype(_NUMERIC[dtype])
-    arr = flat.astype(_NUMERIC[dtype]).reshape(shape_n)
+        flat = np.asarray(values, dtype=_NUMERIC[dtype])
+    # raw bytes stay a little-endian view of the request: decode_tensor converts to native order and copies
+    arr = flat.reshape(shape_n)
     return [{"array": arr[i]} for i in range(arr.shape[0])]
 
 
