@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 import time
 import uuid
@@ -74,7 +75,7 @@ class Result:
     total_ms: float = 0.0
     batch_size: int = 1
 
-    @property
+    @functools.cached_property  # read by the metrics, the audit and the transports: built once
     def stages_ms(self) -> dict[str, float]:
         out = {k: float(v) for k, v in (self.verdict.timings_ms or {}).items()}
         out["decode"] = self.decode_ms
@@ -122,11 +123,7 @@ def guard_error_verdicts(n: int, detail: str) -> list:
     """``n`` fail-closed rejections (no label, no probabilities) with reason GUARD_ERROR."""
     from gamguard.runtime.guard import Verdict
 
-    return [
-        Verdict(accepted=False, label=None, label_index=None, probabilities=None, reasons=["GUARD_ERROR"],
-                failed_measures=[], scores={}, thresholds={}, detail=detail)
-        for _ in range(n)
-    ]
+    return [Verdict.rejected("GUARD_ERROR", detail) for _ in range(n)]
 
 
 def _is_sane_verdict(v) -> bool:

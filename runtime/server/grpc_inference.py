@@ -255,7 +255,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reasons_union = sorted({r for v in verdicts for r in (v.reasons or [])})
         resp.parameters["accepted"].bool_param = all_accepted
         resp.parameters["reasons"].string_param = ",".join(reasons_union)
-        scores = [v.to_dict()["scores"] for v in verdicts]  # non-finite → null: strict JSON
+        dicts = [v.to_dict() for v in verdicts]  # once per verdict: scores here, the verdict output below
+        scores = [d["scores"] for d in dicts]  # non-finite → null: strict JSON
         resp.parameters["scores"].string_param = json.dumps(scores[0] if n == 1 else scores, allow_nan=False)
         resp.parameters["bundle_hash"].string_param = plane.bundle_hash
 
@@ -273,10 +274,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if include("reasons"):
             add("reasons", "BYTES", [n], serialize_bytes(",".join(v.reasons or []).encode() for v in verdicts))
         if include("verdict"):
-            docs = []
-            for r in results:
-                d = _verdict_json(r)
-                docs.append(json.dumps(d, allow_nan=False).encode())
+            docs = [json.dumps(_verdict_json(r, d), allow_nan=False).encode() for r, d in zip(results, dicts)]
             add("verdict", "BYTES", [n], serialize_bytes(docs))
         # Class outputs only when every image passed the guard: a rejected input never yields a label.
         if all_accepted:
@@ -296,10 +294,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
 
-def _verdict_json(r) -> dict:
+def _verdict_json(r, d: dict | None = None) -> dict:
     """The verdict as JSON: ``Verdict.to_dict`` (no class for a rejected input; non-finite scores as
-    null, so the document is strict JSON) plus what the data plane knows about the request."""
-    d = r.verdict.to_dict()
+    null, so the document is strict JSON) plus what the data plane knows about the request. ``d``: the
+    verdict's ``to_dict()`` when the caller already has it (it is completed in place)."""
+    d = r.verdict.to_dict() if d is None else d
     d.update(request_id=r.request_id, input_format=r.input_format, sop_instance_uid=r.sop_instance_uid,
              timings_ms=r.stages_ms | {"total": r.total_ms}, batch_size=r.batch_size)
     return d
