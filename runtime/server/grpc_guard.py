@@ -121,8 +121,7 @@ def invalid_verdict(request_id: str, plane, message: str) -> guard_pb2.Verdict:
     """The in-stream answer to a bad image: a rejection with reason INVALID_INPUT, no scores."""
     return guard_pb2.Verdict(
         request_id=request_id, decision=guard_pb2.REJECTED, accepted=False, reasons=["INVALID_INPUT"],
-        detail=message,
-        model=guard_pb2.ModelRef(name=plane.model_name, version=plane.model_version, bundle_hash=plane.bundle_hash),
+        detail=message, model=_model_ref(plane),
     )
 
 
@@ -133,7 +132,7 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
     spec = guard.spec
     cal = manifest.get("calibration") or {}
     msg = guard_pb2.ModelInfo(
-        model=guard_pb2.ModelRef(name=plane.model_name, version=plane.model_version, bundle_hash=plane.bundle_hash),
+        model=_model_ref(plane),
         class_names=list(guard.class_names),
         garbage_class=int(manifest.get("garbage_class", -1)),
         input=guard_pb2.InputSpec(channels=spec.channels, height=spec.height, width=spec.width,
