@@ -253,12 +253,22 @@ def _finish(gray: np.ndarray, max_value: float) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- PNG/JPEG
 
 
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's IHDR chunk, without decoding; None when ``data`` does not
+    start with a PNG signature and an IHDR chunk (the IHDR checksum is not checked here)."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
 def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
     # Walk the chunk structure first: IHDR gives the size; reaching IEND proves the file is complete
     # (libpng may otherwise return an image whose tail is missing).
-    if len(data) < 33 or data[12:16] != b"IHDR":
+    size = png_size(data) if len(data) >= 33 else None
+    if size is None:
         raise DecodeError("truncated or corrupt PNG: no IHDR chunk")
-    width, height, bit_depth, color_type = struct.unpack(">IIBB", data[16:26])
+    width, height = size
+    bit_depth, color_type = data[24], data[25]
     if zlib.crc32(data[12:29]) != struct.unpack(">I", data[29:33])[0]:
         raise DecodeError("corrupt PNG: IHDR checksum mismatch")
     _check_size(width, height, max_pixels, "PNG")

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from gamguard.runtime.decode import png_size
+
 log = logging.getLogger(__name__)
 
 
@@ -99,9 +101,6 @@ class DataPlaneConfig:
     inline_decode_max_pixels: int = 512 * 512
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 def small_enough_to_decode_inline(data: bytes | None, array: np.ndarray | None, max_pixels: int) -> bool:
     """Whether an input is known, *before* decoding, to have at most ``max_pixels`` pixels: a PNG by
     the size in its IHDR chunk, a tensor by its shape. Everything else: False (decode in the pool)."""
@@ -109,10 +108,8 @@ def small_enough_to_decode_inline(data: bytes | None, array: np.ndarray | None, 
         return False
     if array is not None:
         return int(np.size(array)) <= max_pixels
-    if data is None or len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return False
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return width * height <= max_pixels
+    size = png_size(data) if data is not None else None
+    return size is not None and size[0] * size[1] <= max_pixels
 
 
 def new_request_id() -> str:
@@ -414,14 +411,10 @@ class DataPlane:
         t0 = time.perf_counter()
         try:
             if data is not None:
-                if len(data) == 0:
-                    raise InvalidRequest("empty input: no image bytes")
                 decoded = decode_bytes(data, frame=frame, max_pixels=self.config.max_pixels)
             else:
                 decoded = decode_tensor(array, max_pixels=self.config.max_pixels)
             x = preprocess(decoded.pixels, self.guard.spec)
-        except InvalidRequest:
-            raise
         except InvalidInput as exc:
             raise InvalidRequest(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a decoder crash on hostile bytes is the caller's bad input
