@@ -7,8 +7,8 @@ same ONNX Runtime session the server uses) over an in-distribution calibration s
 Split (seeded, ``--seed``, default 0): the images are shuffled with ``numpy.random.default_rng(seed)``
 and cut into three parts —
 
-* **reference** (50 %): per real class, the mean Grad-CAM of the *correctly classified* images (and
-  its per-pixel standard deviation, kept for reports); the early-feature reference statistics
+* **reference** (50 %): per real class, the mean Grad-CAM of the *correctly classified* images (of
+  all its images when fewer than ``MIN_REFERENCE_PER_CLASS`` are correct); the early-feature reference statistics
   (:class:`gamguard.runtime.features.FeatureReference`, all images, classes pooled);
 * **null** (25 %, "part A"): every check's score distribution on in-distribution data. Each score
   becomes a one-sided empirical p-value in the direction of dissimilarity (:class:`TailPValue`).
@@ -50,7 +50,7 @@ import numpy as np
 from . import bundle as bundle_mod
 from .bundle import REFERENCE_FILE, BundleError, InputSpec
 from .features import FeatureReference
-from .similarity import HIGHER_IS_SIMILAR, MEASURES, batch_scores, prepare
+from .similarity import DEFAULT_GRID, HIGHER_IS_SIMILAR, MEASURES, batch_scores, prepare
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ MIN_REFERENCE_PER_CLASS = 5
 CROSSFIT_FOLDS = 5
 TAIL_FRACTION = 0.1
 BATCH = 32
+#: the array fields of a :class:`ScoreSet` besides its optional ``label``, in constructor order
+SCORE_FIELDS = ("sims", "feature", "pred", "pred_real", "garbage_prob", "garbage_pred")
 
 
 class CalibrationError(BundleError):
@@ -108,8 +110,7 @@ class TailPValue:
             raise CalibrationError(f"need at least 2 finite null scores for a p-value table, got {x.size}")
         n = x.size
         self.knots = x
-        self.pvals = (n - np.arange(n) + 1.0) / (n + 1.0)
-        self.pvals[0] = 1.0
+        self.pvals = (n - np.arange(n) + 1.0) / (n + 1.0)  # 1 at the minimum
         q = np.quantile(x, 1.0 - TAIL_FRACTION)
         top = x[-max(5, int(math.ceil(TAIL_FRACTION * n))):]
         spread = float(x[-1] - x[0])
@@ -157,13 +158,10 @@ class ScoreSet:
     @staticmethod
     def concat(parts: Sequence["ScoreSet"]) -> "ScoreSet":
         labels = None if any(p.label is None for p in parts) else np.concatenate([p.label for p in parts])
-        return ScoreSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                          ("sims", "feature", "pred", "pred_real", "garbage_prob", "garbage_pred")),
-                        label=labels)
+        return ScoreSet(*(np.concatenate([getattr(p, f) for p in parts]) for f in SCORE_FIELDS), label=labels)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        out = {f"{prefix}{f}": getattr(self, f) for f in
-               ("sims", "feature", "pred", "pred_real", "garbage_prob", "garbage_pred")}
+        out = {f"{prefix}{f}": getattr(self, f) for f in SCORE_FIELDS}
         if self.label is not None:
             out[f"{prefix}label"] = self.label
         return out
@@ -171,8 +169,7 @@ class ScoreSet:
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> "ScoreSet":
         label = arrays[f"{prefix}label"] if f"{prefix}label" in arrays else None
-        return cls(*(np.asarray(arrays[f"{prefix}{f}"]) for f in
-                     ("sims", "feature", "pred", "pred_real", "garbage_prob", "garbage_pred")), label=label)
+        return cls(*(np.asarray(arrays[f"{prefix}{f}"]) for f in SCORE_FIELDS), label=label)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -186,7 +183,7 @@ def real_class_indices(n_classes: int, garbage: int) -> np.ndarray:
 
 
 def score_outputs(logits, cam, early, *, garbage: int, ref_cams: np.ndarray, feature_ref: FeatureReference,
-                  grid: int = 32, refs_prepared: bool = False) -> ScoreSet:
+                  grid: int = DEFAULT_GRID, refs_prepared: bool = False) -> ScoreSet:
     """Raw scores of a batch of engine outputs. ``ref_cams`` is indexed by *real* class position
     (class index with the garbage class removed); passing them already through
     :func:`gamguard.runtime.similarity.prepare` (as :class:`CalibrationData` does) gives identical
@@ -365,7 +362,7 @@ class CalibrationData:
     def __init__(self, arrays, manifest: dict):
         cal = manifest.get("calibration") or {}
         self.alpha = float(cal.get("alpha", DEFAULT_ALPHA))
-        self.grid = int(cal.get("grid", 32))
+        self.grid = int(cal.get("grid", DEFAULT_GRID))
         self.class_names = list(manifest["class_names"])
         self.garbage = int(manifest["garbage_class"])
         self.real = real_class_indices(len(self.class_names), self.garbage)
@@ -374,7 +371,6 @@ class CalibrationData:
             raise BundleError(f"reference.npz measures {measures} do not match this gamguard's {list(MEASURES)}; "
                               "re-calibrate the bundle")
         self.ref_cams = np.asarray(arrays["ref_cam"], np.float32)  # [K_real, H, W]
-        self.ref_cam_sd = np.asarray(arrays["ref_cam_sd"], np.float32)
         self.ref_prepared = prepare(self.ref_cams, self.grid)  # [K_real, grid, grid], hot-path form
         self.feature_ref = FeatureReference.from_arrays(arrays)
         self.null_scores = ScoreSet.from_arrays(arrays, "null_")
@@ -388,11 +384,7 @@ class CalibrationData:
     @classmethod
     def load(cls, bundle_dir: str | Path, manifest: dict) -> "CalibrationData":
         path = Path(bundle_dir) / REFERENCE_FILE
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, KeyError) as exc:
-            raise BundleError(f"{path}: cannot read the guard references: {exc}") from exc
+        arrays = read_reference_arrays(bundle_dir)
         try:
             return cls(arrays, manifest)
         except KeyError as exc:
@@ -414,6 +406,16 @@ class CalibrationData:
             out[f"attention.{m}"] = -d if HIGHER_IS_SIMILAR[m] else d
         out["feature"] = self.null.feature.inverse(level)
         return out
+
+
+def read_reference_arrays(bundle_dir: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a bundle's ``reference.npz`` (:class:`BundleError` when it cannot be read)."""
+    path = Path(bundle_dir) / REFERENCE_FILE
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{path}: cannot read the guard references: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,8 +521,7 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float,
         raise CalibrationError(f"alpha must be in (0, 0.5), got {alpha}")
     bundle_dir = Path(bundle_dir)
     manifest = dict(bundle_mod.load_manifest(bundle_dir, require_calibration=True))
-    with np.load(bundle_dir / REFERENCE_FILE, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = read_reference_arrays(bundle_dir)
     cal = dict(manifest["calibration"])
     n_conf = int(np.asarray(arrays["conformal_feature"]).size)
     if n_conf < math.ceil(2.0 / alpha):
@@ -604,7 +605,6 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
     # Pass 1: references.
     h, w = spec.height, spec.width
     cam_sum = np.zeros((len(real), h, w), np.float64)
-    cam_sq = np.zeros_like(cam_sum)
     cam_n = np.zeros(len(real), np.int64)
     all_sum = np.zeros_like(cam_sum)
     all_n = np.zeros(len(real), np.int64)
@@ -623,7 +623,6 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
             all_n[c] += 1
             if pred[j] == lab[j]:
                 cam_sum[c] += out.cam[j]
-                cam_sq[c] += out.cam[j].astype(np.float64) ** 2
                 cam_n[c] += 1
         ref_correct[0] += int((pred == lab).sum())
         early_parts.append(out.early)
@@ -637,14 +636,12 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
             fallback.append(class_names[c])
             log.warning("class %s: only %d correctly classified reference images; using all %d of its images",
                         class_names[c], cam_n[pos], all_n[pos])
-    use_all = np.array([class_names[c] in fallback for c in real])
+    use_all = cam_n < MIN_REFERENCE_PER_CLASS  # the fallback classes
     counts = np.where(use_all, all_n, cam_n).astype(np.float64)
     sums = np.where(use_all[:, None, None], all_sum, cam_sum)
     ref_cam = (sums / counts[:, None, None]).astype(np.float32)
-    ref_cam_sd = np.sqrt(np.maximum(cam_sq / np.maximum(cam_n, 1)[:, None, None] - ref_cam.astype(np.float64) ** 2,
-                                    0)).astype(np.float32)
     feature_ref = FeatureReference.fit(np.concatenate(early_parts))
-    grid = 32
+    grid = DEFAULT_GRID
 
     # Pass 2: held-out scores.
     held_parts: list[ScoreSet] = []
@@ -665,7 +662,6 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
     arrays = {
         "measures": np.array(MEASURES),
         "ref_cam": ref_cam,
-        "ref_cam_sd": ref_cam_sd,
         "ref_count": counts.astype(np.int64),
         **feature_ref.to_arrays(),
         **null_s.to_arrays("null_"),
