@@ -25,7 +25,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 EXIT_SERVING, EXIT_NOT_SERVING, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2, 64
 
@@ -38,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gamguard.runtime.healthcheck",
                                 description="Exit 0 when a gamguard server's gRPC health service says SERVING.")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="server address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(_env("PORT", 8001)), help="gRPC port (default 8001)")
+    # a string default: argparse converts it with type=, so a bad GAMGUARD_HEALTH_PORT is a usage error
+    p.add_argument("--port", type=int, default=_env("PORT", "8001"), help="gRPC port (default 8001)")
     p.add_argument("--service", default="",
                    help="health service name to ask about (default '': the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per attempt (default 3)")
@@ -64,11 +64,10 @@ def _channel(args):
     target = f"{args.host}:{args.port}"
     if args.insecure:
         return grpc.insecure_channel(target)
-    read = lambda f: Path(f).read_bytes() if f else None  # noqa: E731
-    creds = grpc.ssl_channel_credentials(root_certificates=read(args.tls_ca), private_key=read(args.tls_key),
-                                         certificate_chain=read(args.tls_cert))
-    options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-    return grpc.secure_channel(target, creds, options=options)
+    from gamguard.runtime.server.client import make_channel
+
+    return make_channel(target, tls=True, ca_cert=args.tls_ca, client_cert=args.tls_cert,
+                        client_key=args.tls_key, server_name=args.tls_server_name)
 
 
 def check(args) -> tuple[int, str]:

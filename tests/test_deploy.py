@@ -274,6 +274,12 @@ def test_probe_rejects_bad_arguments():
     assert healthcheck.main(["--port", "not-a-port"]) == healthcheck.EXIT_USAGE
 
 
+def test_probe_bad_port_in_the_environment_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("GAMGUARD_HEALTH_PORT", "abc")
+    assert healthcheck.main(["--insecure"]) == healthcheck.EXIT_USAGE
+    assert healthcheck.build_parser().parse_args(["--port", "8123"]).port == 8123  # a flag still wins
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
 def test_probe_over_tls_and_mutual_tls(tmp_path):
     from _grpc_testlib import make_ca, make_cert

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gamguard.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, guard_pb2, guard_pb2_grpc
 
+from .client import read_optional
 from .config import ServeConfig
 from .dataplane import DataPlane, DataPlaneConfig
 from .grpc_guard import GuardServicer
@@ -187,10 +188,6 @@ def _check_tls_files(cfg) -> None:
         raise OSError(f"TLS files unusable (--tls-cert {cfg.tls_cert}, --tls-key {cfg.tls_key}{ca}): {exc}") from None
 
 
-def _read(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
 def default_guard_factory(config: ServeConfig) -> Callable[[], object]:
     def load():
         from gamguard.runtime.bundle import resolve_bundle
@@ -263,8 +260,8 @@ class GuardServer:
         else:
             _check_tls_files(cfg)
             creds = grpc.ssl_server_credentials(
-                [(_read(cfg.tls_key), _read(cfg.tls_cert))],
-                root_certificates=_read(cfg.tls_client_ca),
+                [(read_optional(cfg.tls_key), read_optional(cfg.tls_cert))],
+                root_certificates=read_optional(cfg.tls_client_ca),
                 require_client_auth=bool(cfg.tls_client_ca),
             )
             port = self.server.add_secure_port(address, creds)

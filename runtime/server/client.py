@@ -20,7 +20,8 @@ from gamguard.proto import guard_pb2, guard_pb2_grpc
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def _read(path) -> bytes | None:
+def read_optional(path) -> bytes | None:
+    """The bytes of ``path``, or None when no path is given (an optional certificate or key)."""
     return Path(path).read_bytes() if path else None
 
 
@@ -35,8 +36,9 @@ def make_channel(target: str, *, tls: bool = False, ca_cert=None, client_cert=No
     if tls or ca_cert or client_cert:
         if bool(client_cert) != bool(client_key):
             raise ValueError("mutual TLS needs both a client certificate and its key")
-        creds = grpc.ssl_channel_credentials(root_certificates=_read(ca_cert), private_key=_read(client_key),
-                                             certificate_chain=_read(client_cert))
+        creds = grpc.ssl_channel_credentials(root_certificates=read_optional(ca_cert),
+                                             private_key=read_optional(client_key),
+                                             certificate_chain=read_optional(client_cert))
         if token:
             creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
         return grpc.secure_channel(target, creds, options=options)
