@@ -253,6 +253,24 @@ class Guard:
                 verdicts[i] = v
         return verdicts  # type: ignore[return-value]
 
+    def verify_files(self, paths: Sequence, *, frame: int | None = None) -> list[tuple[np.ndarray | None, Verdict]]:
+        """Decode and verify image files (one batch): ``(pixels, verdict)`` per path, in order. A file that
+        cannot be decoded gets ``(None, INVALID_INPUT)``; ``frame`` picks the frame of multi-frame DICOM
+        files. Never raises."""
+        from .decode import decode_file
+
+        pixels: list[np.ndarray | None] = [None] * len(paths)
+        verdicts: list[Verdict | None] = [None] * len(paths)
+        for k, f in enumerate(paths):
+            try:
+                pixels[k] = decode_file(f, frame=frame).pixels
+            except Exception as exc:  # DecodeError and anything else: that file only
+                verdicts[k] = Verdict.rejected("INVALID_INPUT", str(exc))
+        decoded = [k for k, p in enumerate(pixels) if p is not None]
+        for k, v in zip(decoded, self.verify_images([pixels[k] for k in decoded])):
+            verdicts[k] = v
+        return list(zip(pixels, verdicts))  # type: ignore[arg-type]
+
     def verify_tensor(self, batch: np.ndarray) -> list[Verdict]:
         """Preprocessed ``[N, C, H, W]`` float32 → one verdict each. Never raises (fail closed)."""
         try:

@@ -68,34 +68,27 @@ class Item:
     label: str | None = None
 
 
+def _verifiable(it: Item) -> bool:
+    """The guard could judge the input (not rejected as INVALID_INPUT or GUARD_ERROR)."""
+    return "INVALID_INPUT" not in it.verdict.reasons and "GUARD_ERROR" not in it.verdict.reasons
+
+
 def run_guard(guard, files: list[Path], *, labels: list[str | None] | None = None,
               progress: Callable[[str], None] | None = None, keep_pixels: Callable[[int], bool] | None = None
               ) -> list[Item]:
     """Decode and verify every file (undecodable → INVALID_INPUT verdicts), in batches."""
-    from .decode import decode_file
-    from .guard import Verdict
-
     items: list[Item] = []
     total = len(files)
     next_report = 0.0
     for start in range(0, total, BATCH):
         chunk = files[start:start + BATCH]
-        decoded, verdicts = [], [None] * len(chunk)
-        for k, f in enumerate(chunk):
-            try:
-                decoded.append((k, decode_file(f).pixels))
-            except Exception as exc:
-                verdicts[k] = Verdict.rejected("INVALID_INPUT", str(exc))
-        pix = dict(decoded)
-        for (k, _), v in zip(decoded, guard.verify_images([p for _, p in decoded])):
-            verdicts[k] = v
-        for k, (f, v) in enumerate(zip(chunk, verdicts)):
+        for k, (f, (pixels, v)) in enumerate(zip(chunk, guard.verify_files(chunk))):
             i = start + k
             keep = keep_pixels(i) if keep_pixels else False
             if not keep:  # the maps are only needed for example overlays
                 v.cam = None
                 v.reference_cam = None
-            items.append(Item(str(f), v, pix.get(k) if keep else None, labels[i] if labels else None))
+            items.append(Item(str(f), v, pixels if keep else None, labels[i] if labels else None))
         done = start + len(chunk)
         if progress and (done / total >= next_report or done == total):
             progress(f"{done}/{total} images")
@@ -111,8 +104,8 @@ def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
     cal = guard.manifest.get("calibration") or {}
     alpha = guard.alpha
     n_total = len(items)
-    invalid = [it for it in items if "INVALID_INPUT" in it.verdict.reasons or "GUARD_ERROR" in it.verdict.reasons]
-    scored = [it for it in items if it not in invalid]
+    scored = [it for it in items if _verifiable(it)]
+    invalid = [it for it in items if not _verifiable(it)]
     n = len(scored)
     rejected = sum(not it.verdict.accepted for it in scored)
     lo, hi = clopper_pearson(rejected, n, confidence)
@@ -228,8 +221,7 @@ def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    scored = [it for it in items if "INVALID_INPUT" not in it.verdict.reasons
-              and "GUARD_ERROR" not in it.verdict.reasons]
+    scored = [it for it in items if _verifiable(it)]
     reference = heldout_scores(guard)
 
     # Histograms: each score, calibration held-out vs the new data.

@@ -77,8 +77,7 @@ def run(args):
 
     from gamguard.runtime.bundle import BundleError
     from gamguard.runtime.cli import CommandError
-    from gamguard.runtime.decode import decode_file
-    from gamguard.runtime.guard import Guard, Verdict
+    from gamguard.runtime.guard import Guard
 
     try:
         guard = Guard.from_bundle(args.bundle, providers=args.providers, threads=args.threads,
@@ -99,21 +98,12 @@ def run(args):
     used_stems: dict[str, int] = {}
     for start in range(0, len(files), BATCH):
         chunk = files[start:start + BATCH]
-        decoded, verdicts = [], [None] * len(chunk)
-        for k, f in enumerate(chunk):
-            try:
-                decoded.append((k, decode_file(f, frame=args.frame)))
-            except Exception as exc:  # DecodeError and anything else: that file only
-                verdicts[k] = Verdict.rejected("INVALID_INPUT", str(exc))
-        for (k, img), v in zip(decoded, guard.verify_images([d.pixels for _, d in decoded])):
-            verdicts[k] = v
-        for k, (f, v) in enumerate(zip(chunk, verdicts)):
+        for f, (pixels, v) in zip(chunk, guard.verify_files(chunk, frame=args.frame)):
             rejected += not v.accepted
             name = str(f)
             if overlay_dir is not None and v.cam is not None:
                 from gamguard.runtime.overlays import write_overlay
 
-                pixels = next(d.pixels for kk, d in decoded if kk == k)
                 stem = Path(f).stem
                 used_stems[stem] = used_stems.get(stem, 0) + 1
                 suffix = "" if used_stems[stem] == 1 else f"-{used_stems[stem]}"
