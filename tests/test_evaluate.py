@@ -51,3 +51,20 @@ def test_guard_keeps_in_distribution_and_rejects_far_ood(results):
     for name in ("pelvis_xray", "other_modality", "generated_non_xray"):
         assert r["ood"][name]["rejection_rate"] >= 0.9, (name, r["ood"][name])
         assert r["ood"][name]["auroc"] > 0.9
+
+
+def test_cli_text_output_when_nothing_is_accepted(monkeypatch, capsys):
+    """accepted_accuracy is None when the guard accepts no test image: printed as n/a, no crash."""
+    import argparse
+
+    from gamguard.exporter import evaluate as ev
+    from gamguard.runtime.commands import evaluate as cmd
+
+    fake = {"id_false_rejection_rate": 1.0, "alpha": 0.05, "accepted_accuracy": None,
+            "baselines": {"msp": {"x": {"auroc": 0.5}}},
+            "ood": {"x": {"rejection_rate": 1.0, "auroc": 0.5, "fpr95": 1.0}}, "report": "r/index.html"}
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: fake)
+    args = argparse.Namespace(data_root="d", workdir="w", epochs=1, alpha=0.05, seed=0, threads=1, reuse=False,
+                              json=False)
+    assert cmd.run(args) == 0
+    assert "accepted accuracy n/a" in capsys.readouterr().out

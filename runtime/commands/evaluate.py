@@ -53,8 +53,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(results))
         return 0
+    acc = results["accepted_accuracy"]  # None when nothing was accepted
     print(f"in-distribution false rejection {results['id_false_rejection_rate']:.3f} (alpha {results['alpha']}), "
-          f"accepted accuracy {results['accepted_accuracy']:.3f}")
+          f"accepted accuracy {'n/a' if acc is None else format(acc, '.3f')}")
     names = list(results["baselines"])
     print(f"{'set':20s} {'reject':>7s} {'AUROC':>6s} {'FPR95':>6s}  " + "  ".join(f"{b[:14]:>14s}" for b in names))
     for s, r in results["ood"].items():
