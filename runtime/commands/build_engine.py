@@ -126,17 +126,19 @@ def run(args):
             spec = InputSpec.from_manifest(manifest["input"])
             paths = _image_paths(args.check_drift, args.max_images)
             trt_engine = TensorRTEngine(bundle_dir, manifest, device=args.device)
-            reference = OrtCpuReference(bundle_dir / MODEL_FILE)
-            decide, alpha = (None, None)
-            if manifest.get("calibration"):
-                decide, alpha = guard_decider(bundle_dir, manifest)
-            else:
-                log.warning("the bundle is not calibrated: reporting drift only, no false-rejection rate")
-            report = drift_report(reference, trt_engine, _batches(paths, spec, min(trt_engine.max_batch, 32)),
-                                  decide=decide, alpha=alpha,
-                                  calibrated_frr=(manifest.get("calibration") or {}).get(
-                                      "measured_false_rejection_rate"))
-            trt_engine.close()
+            try:  # the engine holds GPU memory and a CUDA context: release it even if the check fails
+                reference = OrtCpuReference(bundle_dir / MODEL_FILE)
+                decide, alpha = (None, None)
+                if manifest.get("calibration"):
+                    decide, alpha = guard_decider(bundle_dir, manifest)
+                else:
+                    log.warning("the bundle is not calibrated: reporting drift only, no false-rejection rate")
+                report = drift_report(reference, trt_engine, _batches(paths, spec, min(trt_engine.max_batch, 32)),
+                                      decide=decide, alpha=alpha,
+                                      calibrated_frr=(manifest.get("calibration") or {}).get(
+                                          "measured_false_rejection_rate"))
+            finally:
+                trt_engine.close()
             result["check"] = {"images": str(args.check_drift), **report}
     except (TensorRTUnavailable, PlanMismatch, BundleError, InvalidInput) as exc:
         raise CommandError(str(exc)) from None
