@@ -632,6 +632,11 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def format_tables(result: dict) -> str:
     """Human-readable tables of a :func:`run_bench` result."""
+    def overhead_row(r: dict) -> str:  # a guard_overhead / guard_overhead_large row
+        return (f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r['guarded_ms']:>11.2f} "
+                f"{r['logits_only_ms']:>10.2f} {r['fused_engine_ms']:>9.2f} {r['checks_ms']:>10.2f} "
+                f"{r['decision_ms']:>12.2f}")
+
     m = result["machine"]
     lines = [f"gamguard bench ({'quick' if result['quick'] else 'full'}) — {m['cpu_model']}, "
              f"{m['cpus_usable']} CPU(s), onnxruntime {m['onnxruntime']} {m['providers_used']}"
@@ -643,20 +648,14 @@ def format_tables(result: dict) -> str:
              "p-values, decision, verdicts)",
              f"{'size':>6} {'batch':>5} {'ratio':>7} {'guarded ms':>11} {'logits ms':>10} {'fused ms':>9} "
              f"{'checks ms':>10} {'decision ms':>12}"]
-    for r in result["guard_overhead"]:
-        lines.append(f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r['guarded_ms']:>11.2f} "
-                     f"{r['logits_only_ms']:>10.2f} {r['fused_engine_ms']:>9.2f} {r['checks_ms']:>10.2f} "
-                     f"{r['decision_ms']:>12.2f}")
+    lines += [overhead_row(r) for r in result["guard_overhead"]]
     large = result.get("guard_overhead_large")
     if large is not None:
         lines += ["", "Guard overhead, realistic-size model (GuardNet widths "
                   f"{large.get('model', {}).get('widths')}, {large.get('model', {}).get('blocks')} blocks/stage; "
                   f"{large.get('weights', '')})" if large.get("status") == "measured"
                   else f"Guard overhead, realistic-size model: not measured: {large.get('reason')}"]
-        for r in large.get("rows", []):
-            lines.append(f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r['guarded_ms']:>11.2f} "
-                         f"{r['logits_only_ms']:>10.2f} {r['fused_engine_ms']:>9.2f} {r['checks_ms']:>10.2f} "
-                         f"{r['decision_ms']:>12.2f}")
+        lines += [overhead_row(r) for r in large.get("rows", [])]
     lines += ["", "Measures cost per image (7 similarity measures + early-feature check) / fused engine time",
               f"{'size':>6} {'batch':>5} {'measures ms':>12} {'feature ms':>11} {'engine ms':>10} {'fraction':>9}"]
     for r in result["measures_cost"]:
