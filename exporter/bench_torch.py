@@ -27,13 +27,14 @@ def build_large_bundle(out_dir: Path, threads: int, progress) -> Path:
     logit is biased down so that calibration sees real-class predictions). Needs torch."""
     import torch
 
+    from gamguard.exporter.data import class_names
     from gamguard.exporter.export import export_bundle
     from gamguard.exporter.model import GuardNet
     from gamguard.runtime.calibration import calibrate_bundle
     from gamguard.runtime.phantoms import CLASS_NAMES
 
     torch.manual_seed(0)
-    names = list(CLASS_NAMES) + ["garbage"]
+    names = class_names()
     model = GuardNet(num_classes=len(names), **LARGE_MODEL).eval()
     with torch.no_grad():
         # GuardNet zero-initialises each block's last BN (every block starts as an identity);

@@ -21,7 +21,7 @@ DEMO_INPUT = InputSpec(channels=1, height=128, width=128, mean=(0.5,), std=(0.25
 
 def stage_names() -> list[str]:
     """The in-distribution (maturity stage) class names, in label order."""
-    return [c for c in phantoms.CLASS_NAMES if c != GARBAGE_NAME]
+    return list(phantoms.CLASS_NAMES)
 
 
 def class_names() -> list[str]:

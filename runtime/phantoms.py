@@ -488,7 +488,7 @@ def _ood_geometric(rng, size):
     return (lo + (hi - lo) * x).astype(np.float32)
 
 
-def _xray_finish(att, rng, size, collimate=True):
+def _xray_finish(att, rng, size):
     """Shared radiograph-like finishing for the other-anatomy phantoms."""
     img = _uniform(rng, 0.02, 0.1) + _uniform(rng, 0.8, 1.05) * att
     img = cv2.GaussianBlur(np.clip(img, 0, 1).astype(np.float32), (0, 0), _uniform(rng, 0.5, 1.4) * size / 256)
