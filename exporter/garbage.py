@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 INITS = ("mean", "zeros", "random")
 
 
+def balanced_class_weight(y: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Cross-entropy class weights giving every class present in ``y`` (labels ``0..k-1``) the same
+    total weight (inverse frequency, normalised so that the weights average to 1 per sample); classes
+    absent from ``y`` get weight 0."""
+    counts = torch.bincount(y, minlength=k).to(dtype)
+    return torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()),
+                       torch.zeros_like(counts))
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
@@ -193,10 +202,7 @@ def finetune_with_garbage(
     y = torch.cat([y_id, torch.full((len(x_g),), garbage_class, dtype=torch.long, device=device)])
 
     # Equal total weight per class present (inverse frequency).
-    counts = torch.bincount(y, minlength=k).to(dtype)
-    class_weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()),
-                               torch.zeros_like(counts))
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+    loss_fn = nn.CrossEntropyLoss(weight=balanced_class_weight(y, k, dtype))
     gen = torch.Generator().manual_seed(seed)
     requires_grad_before = {id(p): p.requires_grad for p in model.parameters()}
 

@@ -42,6 +42,7 @@ from gamguard.runtime.bundle import InputSpec
 
 from .data import (DEMO_INPUT, GARBAGE_NAME, EpochDataPrefetcher, class_names, derive_seed, make_dataset,
                    stage_names)
+from .garbage import balanced_class_weight
 from .model import ARCH, build_model
 
 __all__ = ["CHECKPOINT_FORMAT", "DEMO_INPUT", "TARGET_LAYER", "EARLY_LAYER", "TrainConfig", "train", "evaluate",
@@ -60,7 +61,8 @@ TARGET_PHANTOM_ACCURACY = 0.95
 TARGET_GARBAGE_RECALL = 0.99
 
 # Purposes mixed into the seed so training, test and held-out-kind data never share a stream.
-_TRAIN_ID, _TRAIN_GARBAGE, _TEST_ID, _TEST_GARBAGE, _TEST_HELD_OUT, _ORDER = range(6)
+# (1 was an unused garbage-training purpose; the others keep their numbers, so no seed changes.)
+_TRAIN_ID, _TEST_ID, _TEST_GARBAGE, _TEST_HELD_OUT, _ORDER = 0, 2, 3, 4, 5
 
 
 @dataclass
@@ -221,10 +223,7 @@ def train(config: TrainConfig | None = None, *,
                     x_np, y_np = data.get(epoch if config.fresh_data else 0)
                     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
                     # Every class gets the same total weight however many garbage images there are.
-                    counts = torch.bincount(y, minlength=len(names)).float()
-                    weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()),
-                                         torch.zeros_like(counts))
-                    loss_fn = nn.CrossEntropyLoss(weight=weight)
+                    loss_fn = nn.CrossEntropyLoss(weight=balanced_class_weight(y, len(names)))
                 t1 = time.perf_counter()
                 data_seconds += t1 - t0  # time spent waiting for data
                 mean_loss, accuracy = train_one_epoch(model, x, y, opt=opt, sched=sched, loss_fn=loss_fn,

@@ -230,3 +230,20 @@ def test_train_command_rejects_bad_arguments(tmp_path):
     out = subprocess.run([*GAMGUARD, "train", "--out",
                           str(tmp_path / "x.ckpt"), "--epochs", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--epochs must be at least 1" in out.stderr
+
+
+def test_balanced_class_weight_gives_each_present_class_equal_total_weight():
+    import torch
+
+    from gamguard.exporter.garbage import balanced_class_weight
+
+    y = torch.tensor([0] * 6 + [1] * 2 + [3] * 4)  # class 2 absent
+    w = balanced_class_weight(y, 4)
+    assert w.dtype == torch.float32 and w[2] == 0
+    totals = torch.bincount(y, minlength=4).float() * w
+    assert torch.allclose(totals[[0, 1, 3]], torch.full((3,), len(y) / 3))
+    # with every class present it is the plain inverse frequency N / (count * K)
+    y = torch.tensor([0, 0, 0, 1, 2, 2])
+    counts = torch.bincount(y, minlength=3).float()
+    assert torch.equal(balanced_class_weight(y, 3), counts.sum() / (counts * 3))
+    assert balanced_class_weight(y, 3, torch.float64).dtype == torch.float64
