@@ -42,6 +42,7 @@ from gamguard.runtime import ood_baselines, phantoms
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.preprocess import preprocess_batch
 
+from .garbage import balanced_class_weight
 from .train import _deterministic, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,7 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: EvalConfig,
     augmentation (chest films are not mirrored: the heart's side matters)."""
     torch.manual_seed(cfg.seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    counts = torch.bincount(yt, minlength=len(CLASS_NAMES)).float()
-    loss_fn = nn.CrossEntropyLoss(weight=counts.sum() / (counts.clamp(min=1) * len(CLASS_NAMES)))
+    loss_fn = nn.CrossEntropyLoss(weight=balanced_class_weight(yt, len(CLASS_NAMES)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = -(-len(xt) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps)
@@ -201,7 +201,7 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
 
     from .export import export_bundle
     from .model import build_model
-    from .train import CHECKPOINT_FORMAT
+    from .train import CHECKPOINT_FORMAT, save_checkpoint
 
     x_id, y_id = data["train"]
     g_images, _ = phantoms.ood_set(GARBAGE_KINDS, cfg.garbage_per_kind, cfg.seed + 1, 256)
@@ -219,7 +219,7 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
             "state_dict": model.state_dict(), "class_names": CLASS_NAMES, "garbage_class": GARBAGE,
             "input": SPEC.to_manifest(), "target_layer": TARGET_LAYER, "early_layer": EARLY_LAYER,
             "train_report": {"history": history, "seconds": train_seconds, "config": asdict(cfg)}}
-    torch.save(ckpt, workdir / "checkpoint.pt")
+    save_checkpoint(ckpt, workdir / "checkpoint.pt")
     bundle_dir = workdir / "bundle"
     progress(f"exporting fused ONNX bundle to {bundle_dir}")
     export_bundle(model, bundle_dir, class_names=CLASS_NAMES, garbage_class=GARBAGE, target_layer=TARGET_LAYER,
@@ -234,7 +234,7 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
                               "validation split (MedMNIST v2, CC BY 4.0)", "n": int(len(x_val))},
                      reference=(lambda i: x_id[i], y_id, {"kind": "pneumoniamnist-train", "n": int(len(x_id))}),
                      progress=progress)
-    return model, {"train_seconds": round(train_seconds, 1), "history": history}
+    return model, {"seconds": round(train_seconds, 1), "history": history}
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -251,10 +251,11 @@ def _roc(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict:
             "curve": (fpr, tpr)}
 
 
-def _guard_run(guard, images: list[np.ndarray]) -> dict:
+def _guard_run(guard, x: np.ndarray) -> dict:
+    """The guard over preprocessed inputs ``x`` (``[N, C, H, W]``), in batches of 64."""
     verdicts = []
-    for i in range(0, len(images), 64):
-        verdicts += guard.verify_images(images[i : i + 64])
+    for i in range(0, len(x), 64):
+        verdicts += guard.verify_tensor(x[i : i + 64])
     return {
         "verdicts": verdicts,
         "combined_p": np.array([v.scores.get("combined_p", 0.0) if v.scores else 0.0 for v in verdicts]),
@@ -262,13 +263,14 @@ def _guard_run(guard, images: list[np.ndarray]) -> dict:
     }
 
 
-def _engine_outputs(engine, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    logits, early, x_all = [], [], preprocess_batch(images, SPEC)
-    for i in range(0, len(x_all), 64):
-        out = engine.run(x_all[i : i + 64])
+def _engine_outputs(engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and flattened early features of preprocessed inputs ``x``, in batches of 64."""
+    logits, early = [], []
+    for i in range(0, len(x), 64):
+        out = engine.run(x[i : i + 64])
         logits.append(out.logits)
         early.append(out.early.reshape(len(out.early), -1))
-    return np.concatenate(logits), np.concatenate(early), x_all
+    return np.concatenate(logits), np.concatenate(early)
 
 
 def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, reuse: bool = False,
@@ -297,14 +299,15 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
     ood = load_ood_sets(data_root, cfg.seed, cfg.generated_per_kind)
 
     # Baseline detectors fitted on the training split (features of the same deployed engine / model).
-    x_train = list(data["train"][0])
-    logits_tr, early_tr, xp_train = _engine_outputs(guard.engine, x_train)
+    # Each set is preprocessed once; the guard and the baselines run on the same tensors.
+    xp_train = preprocess_batch(list(data["train"][0]), guard.spec)
+    _, early_tr = _engine_outputs(guard.engine, xp_train)
     real = [i for i in range(len(CLASS_NAMES)) if i != GARBAGE]
     maha_early = ood_baselines.MahalanobisDetector.fit(early_tr, data["train"][1])
     maha_pen = ood_baselines.MahalanobisDetector.fit(penultimate_features(model, xp_train), data["train"][1])
 
-    def baseline_scores(images):  # in-distribution-ness: negated OOD scores
-        logits, early, xp = _engine_outputs(guard.engine, images)
+    def baseline_scores(xp):  # in-distribution-ness: negated OOD scores
+        logits, early = _engine_outputs(guard.engine, xp)
         z = logits[:, real]
         return {"msp": -ood_baselines.msp_score(z), "energy": -ood_baselines.energy_score(z),
                 "max_logit": -ood_baselines.max_logit_score(z),
@@ -313,8 +316,9 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
 
     progress(f"guard on the test split ({len(data['test'][0])} images)")
     x_test, y_test = data["test"]
-    id_run = _guard_run(guard, list(x_test))
-    id_base = baseline_scores(list(x_test))
+    xp_test = preprocess_batch(list(x_test), guard.spec)
+    id_run = _guard_run(guard, xp_test)
+    id_base = baseline_scores(xp_test)
     accepted = id_run["accepted"]
     labels = np.array([v.label_index if v.accepted else -1 for v in id_run["verdicts"]])
     results = {
@@ -334,7 +338,8 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
             log.warning("set %s is empty (%d undecodable); skipped", name, len(s["undecodable"]))
             continue
         progress(f"guard on {name} ({len(s['images'])} images)")
-        run = _guard_run(guard, s["images"])
+        xp = preprocess_batch(s["images"], guard.spec)
+        run = _guard_run(guard, xp)
         roc = _roc(id_run["combined_p"], run["combined_p"])
         curves[name] = {"guard": roc.pop("curve")}
         reasons = {}
@@ -345,7 +350,7 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
                                 "n": len(s["images"]), "reasons": reasons}
         results["sets"][name] = {"description": s["description"], "n": len(s["images"]),
                                  "undecodable": s["undecodable"]}
-        base = baseline_scores(s["images"])
+        base = baseline_scores(xp)
         for b, sc in base.items():
             r = _roc(id_base[b], sc)
             curves[name][b] = r.pop("curve")
@@ -353,11 +358,11 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
         s["run"] = run
     # Model suitability in the paper's sense: the guard run over a whole set, compared with its
     # calibration (rejection rate with a confidence interval, per-check rates, KS shift per score).
-    from gamguard.runtime.suitability import Item, assess, suitability
-
     progress("suitability of the model for hannover_cxr (and, as a control, for its own test split)")
-    hannover = suitability(guard, Path(data_root) / "hannover_cxr" / "png", progress=None,
-                           report_dir=workdir / "suitability_hannover")
+    hannover = _hannover_suitability(guard, Path(data_root) / "hannover_cxr" / "png", ood.get("hannover_cxr"),
+                                     workdir / "suitability_hannover")
+    from gamguard.runtime.suitability import Item, assess
+
     test_items = [Item(f"test/{i}", v, None, CLASS_NAMES[y]) for i, (v, y) in enumerate(zip(id_run["verdicts"], y_test))]
     test_suit = assess(guard, test_items, dataset="pneumoniamnist test split")
     results["suitability"] = {
@@ -365,13 +370,34 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
         for name, r in (("hannover_cxr", hannover), ("pneumoniamnist_test", test_suit))}
     results["goals"] = _goals(results)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    results["training"] = {"seconds": training.get("seconds") or training.get("train_seconds"),
+    results["training"] = {"seconds": training.get("seconds"),
                            "epochs": len(training.get("history") or [])}
     report_dir = workdir / "report"
     _write_report(report_dir, results, id_run, ood, curves, x_test)
     results["report"] = str(report_dir / "index.html")
     (report_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _hannover_suitability(guard, folder: Path, s: dict | None, report_dir: Path) -> dict:
+    """``gamguard suitability`` of the hannover set from the verdicts already computed (no second
+    decode or guard pass), with its HTML report in ``report_dir``; pixels are kept for a spread of
+    images (every ``step``-th, as :func:`gamguard.runtime.suitability.suitability` does) for overlays."""
+    from gamguard.runtime.guard import Verdict
+    from gamguard.runtime.suitability import Item, assess, write_report
+
+    s = s or {"images": [], "names": [], "undecodable": []}
+    verdicts = s["run"]["verdicts"] if "run" in s else []
+    max_examples = 8
+    step = max(1, (len(verdicts) + len(s["undecodable"])) // (4 * max_examples))
+    items = [Item(str(folder / name), v, pixels if i % step == 0 else None)
+             for i, (name, v, pixels) in enumerate(zip(s["names"], verdicts, s["images"]))]
+    for msg in s["undecodable"]:  # "<file name>: <decode error>", as the suitability run reports them
+        name, _, err = msg.partition(": ")
+        items.append(Item(str(folder / name), Verdict.rejected("INVALID_INPUT", err), None))
+    result = assess(guard, items, dataset=str(folder))
+    result["report"] = str(write_report(report_dir, result, guard, items, max_examples=max_examples))
+    return result
 
 
 def _goals(r: dict) -> dict:
