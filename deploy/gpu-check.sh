@@ -42,5 +42,5 @@ if [ -n "$missing" ]; then
   echo "gpu-check: missing Python packages for $PY: $missing (see deploy/README.md, 'GPU')" >&2
   exit 3
 fi
-"$PY" -m gamguard.runtime.gpu_packaging
+"$PY" -m gamguard.runtime.engines.packaging
 exec timeout 450 "$PY" deploy/gpu_check.py "$@"

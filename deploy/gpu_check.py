@@ -5,7 +5,7 @@
 2. parity: TensorRT FP32, TensorRT FP16 and ONNX Runtime CUDA against ONNX Runtime FP32 on the CPU,
    over in-distribution images: max |difference| of logits / CAM / early features, the worst
    per-image CAM cosine, top-1 agreement, and the guard's false-rejection rate on each engine
-   against the calibrated alpha (gamguard.runtime.tensorrt_drift);
+   against the calibrated alpha (gamguard.runtime.engines.drift);
 3. throughput, images per second: the full guarded call (gamguard.runtime.guard.Guard.verify_tensor:
    engine + attention/feature scoring + decision) vs the logits-only call, for TensorRT FP16 and
    ONNX Runtime CUDA, at batch 1 and 32;
@@ -67,12 +67,12 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from gamguard.runtime.bundle import MODEL_FILE, InputSpec, load_manifest, resolve_bundle
-    from gamguard.runtime.calibration import CalibrationData
-    from gamguard.runtime.engine import OnnxEngine
+    from gamguard.runtime.checks import CalibrationData
+    from gamguard.runtime.engines import OnnxEngine
     from gamguard.runtime.guard import Guard, parse_checks
-    from gamguard.runtime.tensorrt_drift import OrtCpuReference, drift_report, guard_decider
-    from gamguard.runtime.tensorrt_plan import build_engine_for_bundle, build_plan_bytes, current_device_tag
-    from gamguard.runtime.trt_engine import PlanRunner, TensorRTEngine
+    from gamguard.runtime.engines.drift import OrtCpuReference, drift_report, guard_decider
+    from gamguard.runtime.engines.plan import build_engine_for_bundle, build_plan_bytes, current_device_tag
+    from gamguard.runtime.engines.tensorrt import PlanRunner, TensorRTEngine
 
     t_start = time.perf_counter()
     batches = [int(b) for b in args.batches.split(",")]

@@ -1,6 +1,6 @@
 """The torch side of ``gamguard bench`` (the runtime never imports torch): the PyTorch Grad-CAM
 baseline users run today, and the realistic-size random-weight model for ``guard_overhead_large``.
-Called from :mod:`gamguard.runtime.bench` only when torch is installed."""
+Called from :mod:`gamguard.runtime.bench.overhead` only when torch is installed."""
 from __future__ import annotations
 
 import time
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gamguard.runtime.bench import (
+from gamguard.runtime.bench.common import (
     LARGE_BUNDLE_SIZE,
     LARGE_CALIBRATION_PER_CLASS,
     LARGE_MODEL,
-    _batch_at,
-    _median_ms,
+    batch_at,
+    median_ms,
     guard_at_size,
     interleaved,
     phantom_images,
@@ -31,7 +31,7 @@ def build_large_bundle(out_dir: Path, threads: int, progress) -> Path:
     from gamguard.exporter.export import export_bundle
     from gamguard.exporter.model import GuardNet
     from gamguard.runtime.calibration import calibrate_bundle
-    from gamguard.runtime.phantoms import CLASS_NAMES
+    from gamguard.runtime.demo.phantoms import CLASS_NAMES
 
     torch.manual_seed(0)
     names = class_names()
@@ -121,7 +121,7 @@ def measure_pytorch(guard, checkpoint: Path | None, images, sizes, batches, repe
     for size in sizes:
         g = guard_at_size(guard, size)
         for n in batches:
-            x = _batch_at(images, guard.spec, size, n)
+            x = batch_at(images, guard.spec, size, n)
             xt = torch.from_numpy(x)
             # same model: the checkpoint must give the bundle's logits
             with torch.no_grad():
@@ -140,7 +140,7 @@ def measure_pytorch(guard, checkpoint: Path | None, images, sizes, batches, repe
             finally:
                 if GradCAM is not None:
                     cam_obj.activations_and_grads.release()  # remove its hooks from the model
-            ms = {k: _median_ms(v) for k, v in t.items()}
+            ms = {k: median_ms(v) for k, v in t.items()}
             rows.append({"batch": n, "size": size, "speedup": round(ms["pytorch"] / ms["gamguard"], 3),
                          "pytorch_ms": round(ms["pytorch"], 3), "gamguard_ms": round(ms["gamguard"], 3),
                          "repeats": repeats})

@@ -10,7 +10,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
 
-from gamguard.runtime import phantoms
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.preprocess import preprocess_batch
 

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from gamguard.runtime import ood_baselines, phantoms
+from gamguard.runtime import ood_baselines
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.preprocess import preprocess_batch
 

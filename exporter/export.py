@@ -27,13 +27,12 @@ from torch import nn
 
 from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
+from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 
 from .gradcam import FusedGradCAM
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "cam", "early")
 #: Files a previous export or calibration may have left; they belong to the old model.
 _DERIVED_FILES = (bundle_mod.PLAN_FILE, bundle_mod.REFERENCE_FILE)
 _OWN_FILES = (bundle_mod.MANIFEST, bundle_mod.MODEL_FILE, bundle_mod.MANIFEST + ".tmp") + _DERIVED_FILES

@@ -1,6 +1,6 @@
 """Training of the demo model: GuardNet on hand/wrist phantoms plus a garbage class.
 
-The demo classifier has the four skeletal-maturity classes of :mod:`gamguard.runtime.phantoms` and a
+The demo classifier has the four skeletal-maturity classes of :mod:`gamguard.runtime.demo.phantoms` and a
 fifth, last class ``"garbage"`` trained on off-distribution images of the generator's
 ``GARBAGE_TRAIN_KINDS``. (``HELD_OUT_KINDS`` are never trained on: they measure how the guard
 generalises to garbage it has not seen.)
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gamguard.runtime import phantoms
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.bundle import InputSpec
 
 from .data import (DEMO_INPUT, GARBAGE_NAME, EpochDataPrefetcher, class_names, derive_seed, make_dataset,

@@ -172,8 +172,8 @@ def load_manifest(bundle_dir: str | Path, *, require_calibration: bool = True) -
 
 
 def default_bundle_dir() -> Path:
-    """The embedded demo bundle shipped inside the package."""
-    return Path(__file__).resolve().parent / "demo_bundle"
+    """The embedded demo bundle shipped inside the package (:mod:`gamguard.runtime.demo`)."""
+    return Path(__file__).resolve().parent / "demo" / "bundle"
 
 
 def resolve_bundle(arg: str | Path | None) -> Path:

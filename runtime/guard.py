@@ -8,8 +8,8 @@ Checks (each can be enforced or not; ``bundle.json`` ``guard.enforced_checks``, 
   all seven measures of :mod:`gamguard.runtime.similarity`; each score becomes a one-sided p-value
   ``attention.<measure>.p`` against the held-out in-distribution scores, and the smallest of them,
   calibrated once more against the null part, is the check's p-value ``attention.p``
-  (:mod:`gamguard.runtime.calibration`) → ``ATTENTION_MISMATCH`` with the measures that failed;
-* ``feature`` — the early-feature dissimilarity (:mod:`gamguard.runtime.features`) and its p-value →
+  (:mod:`gamguard.runtime.checks.attention`) → ``ATTENTION_MISMATCH`` with the measures that failed;
+* ``feature`` — the early-feature dissimilarity (:mod:`gamguard.runtime.checks.feature`) and its p-value →
   ``FEATURE_MISMATCH``.
 
 Policies:
@@ -42,8 +42,8 @@ import numpy as np
 
 from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
-from .calibration import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
-from .engine import EngineOutput
+from .checks import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
+from .engines import EngineOutput
 from .similarity import MEASURES, all_finite
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class Guard:
         Raises :class:`gamguard.runtime.bundle.BundleError` for an uncalibrated or tampered bundle.
         ``policy`` / ``enforced_checks`` override ``bundle.json``'s ``guard`` section.
         """
-        from .engine import create_engine
+        from .engines import create_engine
 
         bundle_dir = bundle_mod.resolve_bundle(bundle_dir)
         manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=True)
@@ -182,7 +182,7 @@ class Guard:
     def decide_outputs(self, out, *, checks: str | None = None, policy: str | None = None):
         """The guard's decision on finite engine outputs (``logits``, ``cam``, ``early``):
         ``(scores, pm, pf, decisions)`` — raw scores, per-measure and feature p-values, and the
-        :class:`~gamguard.runtime.calibration.Decisions` under this guard's policy, enforced checks and
+        :class:`~gamguard.runtime.checks.Decisions` under this guard's policy, enforced checks and
         conformal cut (or the given ``checks`` / ``policy``). The one place where serving, evaluation
         and the TensorRT drift check turn engine outputs into a decision."""
         cal = self.calibration
@@ -192,7 +192,7 @@ class Guard:
 
     def decide_pvalues(self, pm, pf, garbage_pred, *, checks: str | None = None,
                        policy: str | None = None):
-        """:func:`~gamguard.runtime.calibration.decide` with this guard's alpha and the cut of ``checks``
+        """:func:`~gamguard.runtime.checks.decide` with this guard's alpha and the cut of ``checks``
         (default: the guard's own policy, enforced checks and cut)."""
         checks = self.enforced_checks if checks is None else checks
         cut = self.cut if checks == self.enforced_checks else self.calibration.cuts[checks]
@@ -315,7 +315,7 @@ class Guard:
         """Evaluation helper (ablations, tests): for decoded images, the rejection flags ``[N]`` under
         each set of enforced checks (keys as :func:`parse_checks` gives them; default every subset),
         from one engine pass. Raises on invalid input (unlike the serving path)."""
-        from .calibration import all_check_sets
+        from .checks import all_check_sets
         from .preprocess import preprocess_batch
 
         keys = [parse_checks(k) for k in (check_sets or all_check_sets())]

@@ -1,5 +1,5 @@
 """The seven similarity measures of the attention (GAM) check, between an input map ``a`` and a
-reference map ``b`` (DESIGN.md, "Similarity measures").
+reference map ``b`` (docs/architecture.md, "Similarity measures").
 
 Every measure first brings both maps onto a common comparison grid with :func:`prepare`
 (default 32x32): area resampling (OpenCV ``INTER_AREA``) and per-map min-max normalisation to
@@ -48,7 +48,7 @@ KL_EPS = 1e-8            # added to every cell before a map is normalised to a d
 # a constant map must not be blown up into a full-range pattern by the normalisation).
 _CONSTANT_RTOL = 1e-6
 
-# SSIM parameters fixed by DESIGN.md: skimage's Gaussian-window SSIM (Wang et al. 2004).
+# SSIM parameters fixed by the measure's definition (docs/architecture.md): skimage's Gaussian-window SSIM (Wang et al. 2004).
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5      # skimage's value for gaussian_weights=True
 SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)   # 5 -> an 11x11 window, as in skimage
@@ -97,8 +97,8 @@ def prepare(maps, grid: int = DEFAULT_GRID) -> np.ndarray:
     target cell when shrinking) and then min-max normalised to [0, 1]; a constant map (range below
     1e-6 of its magnitude, or exactly zero) becomes all zeros. Normalising *after* resampling
     guarantees that every map the measures see spans exactly [0, 1] (or is all zero), which the 0.5
-    binarisation of IoU/Dice relies on; otherwise it is the "min-max normalise and resample" of
-    DESIGN.md.
+    binarisation of IoU/Dice relies on; otherwise it is the "min-max normalise and resample" of the
+    measures' definition (docs/architecture.md).
 
     Returns float64 of shape ``[grid, grid]`` or ``[N, grid, grid]``. Raises :class:`ValueError` for
     other ranks, empty maps or non-finite values.

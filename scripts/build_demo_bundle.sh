@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the embedded demo bundle from scratch: train → export → calibrate.
 #
-#   scripts/build_demo_bundle.sh [OUT_DIR]        (default: runtime/demo_bundle, the embedded default)
+#   scripts/build_demo_bundle.sh [OUT_DIR]        (default: runtime/demo/bundle, the embedded default)
 #
 # Environment: SEED (training seed, default 0), THREADS (torch/ONNX Runtime threads, default 2),
 # CAL_PHANTOMS (calibration phantoms per class, default 500), ALPHA (default 0.05),
@@ -10,7 +10,7 @@
 # Deterministic for a given seed and thread count. Needs the [export] extra (torch) for the first two steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-runtime/demo_bundle}
+OUT=${1:-runtime/demo/bundle}
 SEED=${SEED:-0}
 THREADS=${THREADS:-2}
 CAL_PHANTOMS=${CAL_PHANTOMS:-500}

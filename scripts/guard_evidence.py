@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from gamguard.runtime import phantoms
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.guard import Guard
 from gamguard.runtime.preprocess import preprocess_batch
 
@@ -44,7 +44,7 @@ def _median_ms(fn, repeats: int) -> float:
 def guard_cost(guard: Guard, images: np.ndarray, repeats: int = 300) -> dict:
     """Per-image cost of the guard part alone (seven measures + feature check + p-values +
     decision, on engine outputs already computed), and of the engine and the full call for scale."""
-    from gamguard.runtime.engine import EngineOutput
+    from gamguard.runtime.engines import EngineOutput
 
     x = preprocess_batch(list(images[:32]), guard.spec)
     out = guard.engine.run(x)

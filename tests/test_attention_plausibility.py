@@ -7,8 +7,9 @@ the mask's area fraction (what a map spread uniformly would put there: chance).
 import numpy as np
 import pytest
 
-from gamguard.runtime import bundle, phantoms
-from gamguard.runtime.engine import create_engine
+from gamguard.runtime import bundle
+from gamguard.runtime.demo import phantoms
+from gamguard.runtime.engines import create_engine
 from gamguard.runtime.preprocess import preprocess_batch, resize_image
 
 SEED = 424242  # not used by training or calibration

@@ -1,7 +1,7 @@
 """`gamguard bench`: the quick run works end to end and its JSON has the documented shape and sane values.
 
 Benchmarks are not tests: nothing here asserts a speed goal, only that every figure was measured
-(positive, finite, consistent with its parts) and that the shape matches DESIGN.md's contract.
+(positive, finite, consistent with its parts) and that the shape matches the documented contract (docs/architecture.md, "Command-line contracts").
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from gamguard.runtime import bench
+from gamguard.runtime.bench import common as bench
 from gamguard.runtime.bundle import MODEL_FILE, default_bundle_dir
 
 

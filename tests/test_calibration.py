@@ -10,17 +10,15 @@ import sys
 import numpy as np
 import pytest
 
-from gamguard.runtime.calibration import (
+from gamguard.runtime.checks import (
     ConformalCut,
+    FeatureReference,
     TailPValue,
     all_check_sets,
     checks_key,
     combined_statistic,
     decide,
 )
-from gamguard.runtime.features import FeatureReference
-
-from guard_fixtures import copy_bundle, demo_bundle  # noqa: F401  (fixtures)
 
 
 # ---------------------------------------------------------------------------------------------- p-values
@@ -92,7 +90,7 @@ def test_checks_key_and_sets():
 
 
 def _null_model():
-    from gamguard.runtime.calibration import NullModel, ScoreSet
+    from gamguard.runtime.checks import NullModel, ScoreSet
     from gamguard.runtime.similarity import HIGHER_IS_SIMILAR, MEASURES
 
     rng = np.random.default_rng(5)
@@ -255,9 +253,9 @@ def test_calibration_refuses_a_garbage_class_that_eats_the_budget(copy_bundle):
     """If the garbage class alone rejects >= alpha of the in-distribution calibration images, the
     conformal cut would be 0 and attention/feature could never fire: refuse, and leave the bundle as it was."""
     from gamguard.runtime import bundle as bundle_mod
-    from gamguard.runtime import phantoms
     from gamguard.runtime.calibration import CalibrationError, calibrate_bundle
     from gamguard.runtime.commands.calibrate import load_phantoms
+    from gamguard.runtime.demo import phantoms
 
     b = copy_bundle("calgarbage")
     before = bundle_mod.read_manifest(b)

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, MPEG2MPML, generate_uid
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, generate_uid
 
 from gamguard.runtime.datasets import DatasetError, ImageFolder, is_image_file, iter_image_files
 from gamguard.runtime.decode import (

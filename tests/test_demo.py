@@ -5,11 +5,11 @@ import subprocess
 import sys
 import time
 
-from _grpc_testlib import demo_bundle
+from testlib import demo_bundle_path
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     cmd = [sys.executable, "-m", "gamguard.runtime.cli", "demo", "--out", str(tmp_path / "demo"), "--json"]
     if os.environ.get("GAMGUARD_TEST_BUNDLE"):
         cmd += ["--bundle", str(bundle)]

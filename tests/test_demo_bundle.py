@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gamguard.runtime import bundle, phantoms
+from gamguard.runtime import bundle
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.guard import Guard
 
 REPO = Path(__file__).resolve().parents[1]

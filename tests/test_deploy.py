@@ -282,7 +282,7 @@ def test_probe_bad_port_in_the_environment_is_a_usage_error(monkeypatch):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
 def test_probe_over_tls_and_mutual_tls(tmp_path):
-    from _grpc_testlib import make_ca, make_cert
+    from testlib import make_ca, make_cert
 
     ca = make_ca(tmp_path, "ca")
     srv_crt, srv_key = make_cert(tmp_path, "server", ca, server=True)
@@ -304,9 +304,9 @@ def test_probe_over_tls_and_mutual_tls(tmp_path):
 
 def test_probe_against_gamguard_serve(tmp_path):
     """The probe the images use, against the real server process the images run."""
-    from _grpc_testlib import demo_bundle
+    from testlib import demo_bundle_path
 
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     proc = subprocess.Popen([sys.executable, "-m", "gamguard.runtime.cli", "serve", "--bundle", str(bundle),
                              "--insecure", "--port", "0", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -420,7 +420,7 @@ def test_wrapper_matches_model_in_torch():
 
 
 def test_check_rejects_nonstandard_domain(tmp_path):
-    from onnx import helper, TensorProto
+    from onnx import TensorProto, helper
 
     node = helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],

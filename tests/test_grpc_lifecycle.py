@@ -12,8 +12,8 @@ import time
 
 import grpc
 import pytest
-from _grpc_testlib import ThreadedServer, demo_bundle, make_ca, make_cert, ood, phantom, png16
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from testlib import ThreadedServer, demo_bundle_path, make_ca, make_cert, ood, phantom, png16
 
 from gamguard.proto import guard_pb2, guard_pb2_grpc
 from gamguard.runtime.server.config import ServeConfig
@@ -27,7 +27,7 @@ def _health(channel, service: str = "") -> int:
 
 
 def test_health_not_serving_until_loaded_and_while_draining():
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     from gamguard.runtime.guard import Guard
 
     release = threading.Event()
@@ -64,7 +64,7 @@ def test_health_not_serving_until_loaded_and_while_draining():
 
 
 def test_broken_bundle_never_serves(tmp_path):
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     bad = tmp_path / "bundle"
     shutil.copytree(bundle, bad)
     with open(bad / "model.onnx", "ab") as fh:  # tampered: hash no longer matches
@@ -97,7 +97,7 @@ def certs(tmp_path_factory):
 
 
 def test_mutual_tls_and_bearer_token(certs):
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     token_file = certs["dir"] / "token"
     token_file.write_text("s3cret-token\n")
     cfg = ServeConfig(bundle=str(bundle), host="127.0.0.1", port=0, tls_cert=str(certs["server"][0]),
@@ -144,7 +144,7 @@ def test_mutual_tls_and_bearer_token(certs):
 
 
 def test_tls_without_client_auth_and_plaintext_health_port(certs):
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     cfg = ServeConfig(bundle=str(bundle), host="127.0.0.1", port=0, tls_cert=str(certs["server"][0]),
                       tls_key=str(certs["server"][1]), health_port=0).validate()
     server = ThreadedServer(cfg).start()
@@ -171,7 +171,7 @@ def test_tls_without_client_auth_and_plaintext_health_port(certs):
 def test_serve_cli_drains_in_flight_stream_on_sigterm(tmp_path):
     """`gamguard serve` as a process: a stream in flight when SIGTERM arrives still gets every answer,
     then the process exits 0."""
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"bundle: {bundle}\ninsecure: true\nport: 0\nmax-batch-size: 4\n")
     proc = subprocess.Popen([sys.executable, "-m", "gamguard.runtime.cli", "serve", "--config", str(cfg)],

@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from _grpc_testlib import (ThreadedServer, demo_bundle, dicom_bytes, multiframe_dicom, ood, phantom, png16,
-                           png_bomb)
+from testlib import ThreadedServer, demo_bundle_path, dicom_bytes, multiframe_dicom, ood, phantom, png16, png_bomb
 
 from gamguard.proto import guard_pb2, guard_pb2_grpc
 from gamguard.runtime.server.config import ServeConfig
@@ -24,7 +23,7 @@ NOISE_SEED = 3
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    bundle = demo_bundle()
+    bundle = demo_bundle_path()
     tmp = tmp_path_factory.mktemp("grpc")
     audit = tmp / "audit.jsonl"
     # A long batching window makes the batching test deterministic on a busy 2-core machine.
@@ -393,7 +392,7 @@ def test_audit_log_has_verdicts_and_no_phi(env, accepted_phantom, tmp_path):
     img, _ = accepted_phantom
     phi = {"PatientName": "Doe^Janet^Q", "PatientID": "MRN-99887766", "PatientBirthDate": "19610203",
            "PatientAddress": "12 Elm Street", "OtherPatientIDs": "ALT-55443322"}
-    from gamguard.runtime.synth import write_dicom
+    from gamguard.runtime.demo.synth import write_dicom
 
     path = write_dicom(tmp_path / "phi.dcm", img, patient=phi)
     import pydicom

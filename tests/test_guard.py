@@ -9,13 +9,12 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from testlib import id_phantoms, load_guard, ood_images
 
-from gamguard.runtime import phantoms
-from gamguard.runtime.bundle import BundleError, load_manifest, read_manifest, write_manifest
+from gamguard.runtime.bundle import BundleError, read_manifest, write_manifest
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.guard import REASONS, Guard
 from gamguard.runtime.similarity import MEASURES
-
-from guard_fixtures import copy_bundle, demo_bundle, id_phantoms, load_guard, ood_images  # noqa: F401
 
 COMBINED = "garbage+attention+feature"
 
@@ -197,7 +196,7 @@ def test_verify_command_json_overlays_and_bad_files(demo_bundle, tmp_path):
     cv2.imwrite(str(tmp_path / "hand16.png"), (ids[1] * 65535).astype(np.uint16))
     cv2.imwrite(str(tmp_path / "chest.jpg"), (ood[list(kinds).index("chest")] * 255).astype(np.uint8))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    from gamguard.runtime.synth import write_dicom
+    from gamguard.runtime.demo.synth import write_dicom
 
     write_dicom(tmp_path / "hand_m1.dcm", ids[2], photometric="MONOCHROME1")  # inverted storage, decoded back
     ov = tmp_path / "ov"

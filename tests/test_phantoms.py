@@ -9,9 +9,10 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from gamguard.runtime import cli, phantoms, synth
+from gamguard.runtime import cli
 from gamguard.runtime.commands import data as data_cmd
-from gamguard.runtime.phantoms import CLASS_NAMES, OOD_KINDS
+from gamguard.runtime.demo import phantoms, synth
+from gamguard.runtime.demo.phantoms import CLASS_NAMES, OOD_KINDS
 
 
 def _phantoms_by_stage(n: int, seed: int, size: int = 256, acquisition: bool = True):

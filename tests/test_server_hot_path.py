@@ -9,14 +9,13 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from testlib import demo_bundle_path, phantom
 
 from gamguard.proto import guard_pb2
 from gamguard.runtime.server import app
 from gamguard.runtime.server import dataplane as dp
 from gamguard.runtime.server.grpc_guard import verdict_message
 from gamguard.runtime.server.metrics import Metrics
-
-from _grpc_testlib import demo_bundle, phantom
 
 
 def _png(h: int, w: int, dtype=np.uint8) -> bytes:
@@ -45,7 +44,7 @@ def test_inline_decode_only_for_inputs_known_small_before_decoding():
 def guard():
     from gamguard.runtime.guard import Guard
 
-    return Guard.from_bundle(demo_bundle(), providers=["CPUExecutionProvider"], threads=1)
+    return Guard.from_bundle(demo_bundle_path(), providers=["CPUExecutionProvider"], threads=1)
 
 
 def _verify_all(guard, config, payloads):

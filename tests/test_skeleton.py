@@ -25,11 +25,3 @@ def test_runtime_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-
-
-def test_no_generic_top_level_modules_installed():
-    import importlib.util
-
-    for generic in ("runtime", "exporter", "proto"):
-        spec = importlib.util.find_spec(generic)
-        assert spec is None or "site-packages" not in str(spec.origin or ""), generic

@@ -10,10 +10,9 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from testlib import TEST_SHIFT_SEED, id_phantoms, ood_images
 
 from gamguard.runtime.suitability import clopper_pearson
-
-from guard_fixtures import TEST_SHIFT_SEED, demo_bundle, id_phantoms, ood_images  # noqa: F401
 
 
 def _cli(*args, timeout=300):
@@ -39,7 +38,7 @@ def test_clopper_pearson_matches_known_values():
 
 
 def test_fresh_in_distribution_phantoms_are_suitable(demo_bundle, tmp_path):
-    from gamguard.runtime.phantoms import CLASS_NAMES
+    from gamguard.runtime.demo.phantoms import CLASS_NAMES
 
     images, labels = id_phantoms()
     data = tmp_path / "site_a"
@@ -67,10 +66,10 @@ def test_fresh_in_distribution_phantoms_are_suitable(demo_bundle, tmp_path):
 
 
 def test_shifted_exposure_regime_is_unsuitable_but_a_linear_window_change_is_not(demo_bundle, tmp_path):
-    from gamguard.runtime.phantoms import CLASS_NAMES, phantom_set
-    from gamguard.runtime.suitability import suitability
+    from testlib import load_guard
 
-    from guard_fixtures import load_guard
+    from gamguard.runtime.demo.phantoms import CLASS_NAMES, phantom_set
+    from gamguard.runtime.suitability import suitability
 
     images, labels = phantom_set(25, TEST_SHIFT_SEED, 256)
     # another exposure regime: a gamma-2.5 look-up table (under-exposed, bone detail crushed) — the

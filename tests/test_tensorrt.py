@@ -17,8 +17,8 @@ from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.cli import CommandError
 from gamguard.runtime.commands import build_engine as build_engine_cmd
-from gamguard.runtime.tensorrt_drift import DriftAccumulator, OrtCpuReference, drift_report, frr_check, frr_tolerance
-from gamguard.runtime.tensorrt_plan import (
+from gamguard.runtime.engines.drift import DriftAccumulator, OrtCpuReference, drift_report, frr_check, frr_tolerance
+from gamguard.runtime.engines.plan import (
     DeviceTag,
     PlanMismatch,
     ShapeProfile,
@@ -28,7 +28,7 @@ from gamguard.runtime.tensorrt_plan import (
     parse_batch_range,
     parse_spatial_range,
 )
-from gamguard.runtime.trt_engine import TensorRTEngine, plan_status, select_engine
+from gamguard.runtime.engines.tensorrt import TensorRTEngine, plan_status, select_engine
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 SPEC = InputSpec(channels=1, height=64, width=48, mean=(0.5,), std=(0.25,))
@@ -176,7 +176,7 @@ def test_selection_prefers_a_tagged_plan_and_falls_back_to_onnxruntime(tmp_path)
 
 def test_selection_without_a_plan(tmp_path, caplog):
     d, m = make_bundle(tmp_path, plan=False, tag=False)
-    with caplog.at_level(logging.INFO, logger="gamguard.runtime.trt_engine"):
+    with caplog.at_level(logging.INFO, logger="gamguard.runtime.engines.tensorrt"):
         assert select_engine(d, m, "auto", open_tensorrt=refuse_with(AssertionError("no plan"))) is None
     assert "no native TensorRT plan" in caplog.text
     with pytest.raises(PlanMismatch, match="gamguard build-engine"):
@@ -266,14 +266,14 @@ class Perturbed:
         self.inner, self.delta = inner, delta
 
     def run(self, batch):
-        from gamguard.runtime.engine import EngineOutput
+        from gamguard.runtime.engines import EngineOutput
 
         o = self.inner.run(batch)
         return EngineOutput(logits=o.logits + self.delta, cam=o.cam - self.delta, early=o.early)
 
 
 def test_drift_report_measures_real_onnxruntime_outputs(tmp_path):
-    from gamguard.runtime.engine import OnnxEngine
+    from gamguard.runtime.engines import OnnxEngine
 
     model = tiny_fused_onnx(tmp_path / "model.onnx")
     reference = OrtCpuReference(model, threads=1)
@@ -306,7 +306,7 @@ def test_frr_tolerance_is_the_binomial_upper_bound():
 
 
 def test_drift_accumulator_rejects_mismatched_shapes():
-    from gamguard.runtime.engine import EngineOutput
+    from gamguard.runtime.engines import EngineOutput
 
     a = EngineOutput(logits=np.zeros((2, 3), np.float32), cam=np.zeros((2, 4, 4), np.float32),
                      early=np.zeros((2, 1, 2, 2), np.float32))
@@ -323,7 +323,7 @@ def _gpu_available() -> bool:
     if not HAVE_TENSORRT:
         return False
     try:
-        from gamguard.runtime.tensorrt_plan import current_device_tag
+        from gamguard.runtime.engines.plan import current_device_tag
 
         current_device_tag()
         return True
@@ -333,9 +333,9 @@ def _gpu_available() -> bool:
 
 @pytest.mark.skipif(not _gpu_available(), reason="needs TensorRT 10, cuda-python and a CUDA GPU")
 def test_plan_build_and_parity_on_gpu(tmp_path):
-    from _grpc_testlib import demo_bundle
+    from testlib import demo_bundle_path
 
-    src = demo_bundle()
+    src = demo_bundle_path()
     out = tmp_path / "bundle"
     assert cli(["--bundle", str(src), "--out", str(out), "--batch", "1:4:8"]) == 0
     manifest = bundle_mod.load_manifest(out, require_calibration=False)
@@ -352,14 +352,14 @@ def test_plan_build_and_parity_on_gpu(tmp_path):
 
 def test_drift_check_uses_the_serving_guards_decisions():
     """The FRR the drift check measures comes from the same decision the server makes."""
-    from _grpc_testlib import demo_bundle
+    from testlib import demo_bundle_path
 
-    from gamguard.runtime.engine import OnnxEngine
+    from gamguard.runtime.engines import OnnxEngine
+    from gamguard.runtime.engines.drift import guard_decider
     from gamguard.runtime.guard import Guard
     from gamguard.runtime.preprocess import preprocess
-    from gamguard.runtime.tensorrt_drift import guard_decider
 
-    src = demo_bundle()
+    src = demo_bundle_path()
     manifest = bundle_mod.load_manifest(src)
     spec = InputSpec.from_manifest(manifest["input"])
     rng = np.random.default_rng(3)
@@ -385,7 +385,7 @@ def test_plan_builder_keeps_only_the_requested_outputs(monkeypatch, tmp_path):
     to the point where outputs are chosen, and the build stops right after, at the profile."""
     from types import SimpleNamespace
 
-    from gamguard.runtime import tensorrt_plan
+    from gamguard.runtime.engines import plan as tensorrt_plan
 
     class Net:
         def __init__(self):

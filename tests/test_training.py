@@ -11,11 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from gamguard.exporter import train as training  # noqa: E402
 from gamguard.exporter.garbage import add_garbage_class, finetune_with_garbage  # noqa: E402
 from gamguard.exporter.model import GuardNet, build_model  # noqa: E402
-from gamguard.exporter import train as training  # noqa: E402
-from gamguard.runtime import phantoms  # noqa: E402
 from gamguard.runtime.bundle import InputSpec  # noqa: E402
+from gamguard.runtime.demo import phantoms  # noqa: E402
 
 # The `gamguard` console script's entry point, run in this interpreter.
 GAMGUARD = [sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())"]

@@ -69,10 +69,12 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from gamguard.runtime.bench import BenchConfig, format_tables, run_bench
+    import sys
+
+    from gamguard.runtime.bench import BenchConfig, BenchError, format_tables, run_bench
     from gamguard.runtime.bundle import BundleError
     from gamguard.runtime.cli import CommandError
-    from gamguard.runtime.engine import EngineError
+    from gamguard.runtime.engines import EngineError
 
     if args.threads < 1:
         raise CommandError("--threads must be >= 1")
@@ -86,10 +88,11 @@ def run(args) -> int:
         threads=args.threads, providers=args.providers, quick=args.quick, repeats=args.repeats,
         sizes=_ints(args.sizes, "--sizes"), batches=_ints(args.batches, "--batches"),
         clients=_ints(args.clients, "--clients"), skip=tuple(args.skip), large=args.large,
+        progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
     )
     try:
         result = run_bench(cfg)
-    except (BundleError, EngineError) as exc:
+    except (BenchError, BundleError, EngineError) as exc:
         raise CommandError(str(exc)) from exc
     if args.json:
         print(json.dumps(result, allow_nan=False))

@@ -49,7 +49,7 @@ def add_arguments(parser):
 def _validated(args):
     """Turn flags into build parameters, failing with a clear message (no GPU needed)."""
     from gamguard.runtime.cli import CommandError
-    from gamguard.runtime.tensorrt_plan import parse_batch_range, parse_spatial_range
+    from gamguard.runtime.engines.plan import parse_batch_range, parse_spatial_range
 
     try:
         batch = parse_batch_range(args.batch)
@@ -100,7 +100,7 @@ def run(args):
     from gamguard.runtime.bundle import MODEL_FILE, BundleError, InputSpec, load_manifest, resolve_bundle
     from gamguard.runtime.cli import CommandError
     from gamguard.runtime.preprocess import InvalidInput
-    from gamguard.runtime.tensorrt_plan import PlanMismatch, TensorRTUnavailable, build_engine_for_bundle
+    from gamguard.runtime.engines.plan import PlanMismatch, TensorRTUnavailable, build_engine_for_bundle
 
     log = logging.getLogger("gamguard.build_engine")
     batch, spatial = _validated(args)
@@ -119,8 +119,8 @@ def run(args):
             log.info("wrote %s/model.plan (%s, TensorRT %s, %s sm %s)", bundle_dir, section["precision"],
                      section["tensorrt_version"], section["gpu"], section["compute_capability"])
         if args.check_drift:
-            from gamguard.runtime.tensorrt_drift import OrtCpuReference, drift_report, guard_decider
-            from gamguard.runtime.trt_engine import TensorRTEngine
+            from gamguard.runtime.engines.drift import OrtCpuReference, drift_report, guard_decider
+            from gamguard.runtime.engines.tensorrt import TensorRTEngine
 
             manifest = load_manifest(bundle_dir, require_calibration=False)
             spec = InputSpec.from_manifest(manifest["input"])

@@ -49,7 +49,7 @@ def load_phantoms(n_per_class: int, seed: int, spec, class_names: list[str], gar
     model-sized image does no further resampling) and their bundle class indices."""
     import numpy as np
 
-    from gamguard.runtime import phantoms
+    from gamguard.runtime.demo import phantoms
     from gamguard.runtime.preprocess import resize_image
 
     real = [c for i, c in enumerate(class_names) if i != garbage]
@@ -96,7 +96,7 @@ def run(args):
             except ValueError as exc:
                 raise CommandError(str(exc)) from exc
             get = images.__getitem__
-            dataset = {"kind": "phantoms", "generator": "gamguard.runtime.phantoms.phantom_set",
+            dataset = {"kind": "phantoms", "generator": "gamguard.runtime.demo.phantoms.phantom_set",
                        "n_per_class": args.phantoms, "seed": PHANTOM_SEED_BASE + args.seed,
                        "size": PHANTOM_SIZE}
         else:

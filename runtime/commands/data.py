@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-# Kept in sync with gamguard.runtime.phantoms by a test; not imported here so --help stays light.
+# Kept in sync with gamguard.runtime.demo.phantoms by a test; not imported here so --help stays light.
 _GARBAGE = ("noise", "blobs", "text", "geometric", "knee", "cropped_hand")
 _HELD_OUT = ("chest", "rotated_hand", "inverted_hand", "noisy_hand", "texture", "photo")
 
@@ -56,7 +56,7 @@ def run(args) -> int:
     import json
     import sys
 
-    from gamguard.runtime import synth
+    from gamguard.runtime.demo import synth
     from gamguard.runtime.cli import CommandError
 
     if args.data_command != "synth":  # pragma: no cover - argparse enforces the choice

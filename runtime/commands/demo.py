@@ -29,7 +29,7 @@ def add_arguments(parser):
 
 
 def _class_names():
-    from gamguard.runtime.phantoms import CLASS_NAMES
+    from gamguard.runtime.demo.phantoms import CLASS_NAMES
 
     return CLASS_NAMES
 
@@ -39,8 +39,8 @@ def _inputs(out_dir, seed: int):
     import cv2
     import numpy as np
 
-    from gamguard.runtime import phantoms
-    from gamguard.runtime.synth import write_dicom, write_png16
+    from gamguard.runtime.demo import phantoms
+    from gamguard.runtime.demo.synth import write_dicom, write_png16
 
     inputs_dir = out_dir / "inputs"
     inputs_dir.mkdir(parents=True, exist_ok=True)

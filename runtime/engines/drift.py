@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from .tensorrt_plan import OUTPUT_NAMES
+from .base import OUTPUT_NAMES
 
 Z_95_ONE_SIDED = 1.645
 
@@ -128,8 +128,8 @@ def guard_decider(bundle_dir, manifest):
     bundle's calibration — :meth:`gamguard.runtime.guard.Guard.decide_outputs` of a guard set up as
     :meth:`~gamguard.runtime.guard.Guard.from_bundle` sets it up (same tables, conformal cut, policy and
     enforced checks), without an engine of its own."""
-    from .calibration import CalibrationData
-    from .guard import Guard
+    from ..checks import CalibrationData
+    from ..guard import Guard
 
     policy, key = Guard.settings(manifest)
     guard = Guard(bundle_dir, manifest, None, CalibrationData.load(bundle_dir, manifest),
@@ -143,6 +143,6 @@ def guard_decider(bundle_dir, manifest):
 
 def OrtCpuReference(onnx_path, *, threads: int | None = None):
     """ONNX Runtime FP32 on the CPU over a bundle's ``model.onnx``: the parity reference."""
-    from .engine import OnnxEngine
+    from .onnx import OnnxEngine
 
     return OnnxEngine(onnx_path, providers="cpu", threads=threads)

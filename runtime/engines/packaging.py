@@ -2,7 +2,7 @@
 
 ``onnxruntime`` and ``onnxruntime-gpu`` both install the same ``onnxruntime`` import package; with
 both present, whichever was installed last wins file by file and the result is undefined. The GPU
-container images swap the CPU distribution out and run ``python -m gamguard.runtime.gpu_packaging``
+container images swap the CPU distribution out and run ``python -m gamguard.runtime.engines.packaging``
 as the last build step, so a broken swap fails the build instead of a clinic's first request.
 
 Exit status 0 when the install is sound; 1 with one line per problem otherwise. ``--allow-cpu``
@@ -56,7 +56,7 @@ def problems(*, allow_cpu: bool = False, distributions: dict[str, str] | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gamguard.runtime.gpu_packaging", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gamguard.runtime.engines.packaging", description=__doc__.split("\n")[0])
     parser.add_argument("--allow-cpu", action="store_true", help="accept the CPU-only onnxruntime")
     args = parser.parse_args(argv)
     found = problems(allow_cpu=args.allow_cpu)

@@ -24,7 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import package_version, phantoms
+from .. import package_version
+from . import phantoms
 
 PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
 FORMATS = ("png", "dicom")
@@ -185,7 +186,7 @@ def synth_dataset(out_dir, *, per_class: int, seed: int, size: int = 256, kind=N
                 progress(i + 1, total)
 
     manifest = {
-        "generator": "gamguard.runtime.phantoms",
+        "generator": "gamguard.runtime.demo.phantoms",
         "generator_version": phantoms.GENERATOR_VERSION,
         "gamguard_version": package_version(),
         "seed": seed,

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import (
+from ..bundle import (
     MODEL_FILE,
     PLAN_FILE,
     BundleError,
@@ -39,11 +39,11 @@ from .bundle import (
     write_manifest,
 )
 
+from .base import INPUT_NAME, OUTPUT_NAMES
+
 log = logging.getLogger(__name__)
 
 SECTION = "tensorrt"
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "cam", "early")
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_BATCH = (1, 8, 32)
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import numpy as np
 
-from .bundle import MODEL_FILE, PLAN_FILE, BundleError
+from .base import INPUT_NAME, OUTPUT_NAMES, EngineError, EngineOutput
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +32,6 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "cam", "early")
-
-
-class EngineError(RuntimeError):
-    """The engine could not be created or could not run a batch."""
-
-
-@dataclass
-class EngineOutput:
-    """The fused model's outputs for one batch."""
-
-    logits: np.ndarray  # [N, K] float32, raw class scores (garbage class included)
-    cam: np.ndarray  # [N, H, W] float32 in [0, 1], Grad-CAM of the argmax class
-    early: np.ndarray  # [N, C_e, h_e, w_e] float32, early-layer activations
-
-
-@runtime_checkable
-class Engine(Protocol):
-    name: str
-    providers: list[str]
-
-    def run(self, batch: np.ndarray) -> EngineOutput: ...
-
-    def describe(self) -> dict: ...
-
-
 def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     """The provider chain to use: ``requested`` (names or aliases, comma-separated string or list)
     or the default chain, filtered by what onnxruntime offers. CPU is always the last resort."""
@@ -163,30 +135,3 @@ class OnnxEngine:
 
         return {"engine": self.name, "version": ort.__version__, "providers": list(self.providers),
                 "threads": self.threads, "model": self.model_path.name}
-
-
-def create_engine(bundle_dir: str | Path, manifest: dict | None = None, *, prefer: str = "auto",
-                  providers: Sequence[str] | str | None = None, threads: int | None = None) -> Engine:
-    """The single factory for engines.
-
-    ``prefer``: ``"auto"`` (the native TensorRT plan when the bundle carries one that matches this
-    device, otherwise ONNX Runtime with its TensorRT → CUDA → CPU chain), ``"onnxruntime"`` (alias
-    ``"onnx"``) or ``"tensorrt"`` (fail unless the native plan can be used). The plan selection rule
-    lives in :mod:`gamguard.runtime.trt_engine`.
-    """
-    bundle_dir = Path(bundle_dir)
-    prefer = {"onnx": "onnxruntime", "ort": "onnxruntime", None: "auto"}.get(prefer, prefer)
-    if prefer not in ("auto", "onnxruntime", "tensorrt"):
-        raise EngineError(f"unknown engine preference {prefer!r} (auto, onnxruntime, tensorrt)")
-    if prefer != "onnxruntime" and (prefer == "tensorrt" or (bundle_dir / PLAN_FILE).is_file()):
-        from .bundle import read_manifest
-        from .trt_engine import select_engine
-
-        engine = select_engine(bundle_dir, manifest if manifest is not None else read_manifest(bundle_dir),
-                               prefer)
-        if engine is not None:
-            return engine
-    model = bundle_dir / MODEL_FILE
-    if not model.is_file():
-        raise BundleError(f"{bundle_dir}: no {MODEL_FILE}")
-    return OnnxEngine(model, providers=providers, threads=threads)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import MODEL_FILE, PLAN_FILE, BundleError
-from .tensorrt_plan import (
-    INPUT_NAME,
-    OUTPUT_NAMES,
+from ..bundle import MODEL_FILE, PLAN_FILE, BundleError
+from .base import INPUT_NAME, OUTPUT_NAMES, EngineOutput
+from .plan import (
     SECTION,
     PlanMismatch,
     ShapeProfile,
@@ -34,7 +33,7 @@ from .tensorrt_plan import (
 
 log = logging.getLogger(__name__)
 
-PREFER_CHOICES = ("auto", "tensorrt", "onnx")  # the values engine.create_engine accepts
+PREFER_CHOICES = ("auto", "tensorrt", "onnx")  # the values engines.create_engine accepts
 
 
 def plan_status(bundle_dir: str | Path, manifest: dict) -> tuple[bool, str]:
@@ -204,8 +203,7 @@ class TensorRTEngine:
     def __init__(self, bundle_dir: str | Path, manifest: dict | None = None, *, device: int = 0):
         """``bundle_dir``: the bundle (or its ``model.plan``); ``manifest``: its checked manifest
         (read and hash-checked here when omitted)."""
-        from .bundle import load_manifest
-        from .engine import EngineOutput  # the runtime's output record (owned by the engine module)
+        from ..bundle import load_manifest
 
         bundle_dir = Path(bundle_dir)
         if bundle_dir.name == PLAN_FILE:

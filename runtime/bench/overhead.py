@@ -1,0 +1,109 @@
+"""What the guard costs on top of the classifier: the guarded call over a logits-only session of the same
+model (``guard_overhead``, ``guard_overhead_large``) and PyTorch eager Grad-CAM over it
+(``speedup_vs_pytorch_gradcam``; the torch half is :mod:`gamguard.exporter.bench_torch`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .common import LARGE_CASES, LARGE_MODEL, batch_at, phantom_images, guard_at_size, interleaved, logits_only_model, median_ms, ort_session
+
+
+def measure_overhead(guard, logits_session, images, sizes, batches, repeats, progress) -> tuple[list, list]:
+    """``guard_overhead`` and ``measures_cost`` rows, from one interleaved loop per case."""
+    from gamguard.runtime.similarity import batch_scores
+
+    cal = guard.calibration
+    overhead, measures = [], []
+    for size in sizes:
+        g = guard_at_size(guard, size)
+        for n in batches:
+            x = batch_at(images, guard.spec, size, n)
+            out = guard.engine.run(x)
+            real = cal.real
+            pred_real_pos = np.asarray(out.logits, np.float64)[:, real].argmax(axis=1)
+            refs = cal.ref_prepared[pred_real_pos]
+            verdicts = g.verify_tensor(x)
+            errors = [v.detail for v in verdicts if "GUARD_ERROR" in v.reasons or "INVALID_INPUT" in v.reasons]
+            if errors:
+                raise RuntimeError(f"guarded call failed at {size}x{size}, batch {n}: {errors[0]}")
+            t = interleaved({
+                "logits_only": lambda: logits_session.run(["logits"], {"image": x}),
+                "guarded": lambda: g.verify_tensor(x),
+                "engine": lambda: guard.engine.run(x),
+                "measures": lambda: batch_scores(out.cam, refs, grid=cal.grid),
+                "feature": lambda: cal.feature_ref.score(out.early),
+            }, repeats)
+            ms = {k: median_ms(v) for k, v in t.items()}
+            ratio = ms["guarded"] / ms["logits_only"]
+            checks = ms["measures"] + ms["feature"]
+            overhead.append({"batch": n, "size": size, "ratio": round(ratio, 4),
+                             "guarded_ms": round(ms["guarded"], 3), "logits_only_ms": round(ms["logits_only"], 3),
+                             "fused_engine_ms": round(ms["engine"], 3),
+                             "fused_engine_ratio": round(ms["engine"] / ms["logits_only"], 4),
+                             # the rest of the guarded call: p-values, decision, verdict objects
+                             "checks_ms": round(checks, 3),
+                             "decision_ms": round(ms["guarded"] - ms["engine"] - checks, 3),
+                             "repeats": repeats})
+            measures.append({"batch": n, "size": size,
+                             "measures_ms_per_image": round(ms["measures"] / n, 4),
+                             "feature_ms_per_image": round(ms["feature"] / n, 4),
+                             "engine_ms_per_image": round(ms["engine"] / n, 4),
+                             "fraction_of_engine": round(checks / ms["engine"], 4)})
+            progress(f"{size}x{size} batch {n}: guarded {ms['guarded']:.2f} ms, logits-only "
+                     f"{ms['logits_only']:.2f} ms (x{ratio:.3f}); measures+feature {checks:.3f} ms")
+    return overhead, measures
+
+
+def measure_overhead_large(cfg, providers: list[str], progress) -> dict:
+    """``guard_overhead_large``: the ``guard_overhead`` measurement on :data:`LARGE_MODEL` (random
+    weights, see :func:`build_large_bundle`), at :data:`LARGE_CASES`. Skipped without torch."""
+    if importlib.util.find_spec("torch") is None:
+        return {"status": "skipped", "reason": "torch is not installed (the large model is exported here)"}
+    from gamguard.exporter.bench_torch import build_large_bundle  # torch lives on the exporter side
+    from gamguard.runtime.guard import Guard
+
+    with tempfile.TemporaryDirectory(prefix="gamguard-bench-large-") as tmp:
+        bundle = build_large_bundle(Path(tmp), cfg.threads, progress)
+        guard = Guard.from_bundle(bundle, providers=providers, threads=cfg.threads, prefer="onnxruntime")
+        logits_session = ort_session(logits_only_model(guard.engine.model_path, Path(tmp)),
+                                     list(guard.engine.providers), cfg.threads)
+        images = phantom_images(max(b for _, b in LARGE_CASES))
+        rows = []
+        for size, n in LARGE_CASES:
+            if size not in cfg.sizes or n not in cfg.batches:
+                continue
+            part, _ = measure_overhead(guard, logits_session, images, (size,), (n,),
+                                       min(cfg.n_repeats, 5), progress)
+            rows += part
+    return {"status": "measured", "weights": "random (seeded): timings only, verdicts meaningless",
+            "model": {"class": "GuardNet", **{k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in LARGE_MODEL.items()},
+                      "target_layer": "layer3", "early_layer": "layer1", "early_pool": [8, 8]},
+            "rows": rows}
+
+
+def default_checkpoint(bundle_dir: Path) -> Path | None:
+    """The demo bundle's torch checkpoint (``exporter/demo.ckpt``) when the bundle is the demo bundle."""
+    from gamguard.runtime.bundle import default_bundle_dir
+
+    if Path(bundle_dir).resolve() == default_bundle_dir().resolve():
+        ckpt = Path(__file__).resolve().parents[1] / "exporter" / "demo.ckpt"
+        return ckpt if ckpt.is_file() else None
+    return None
+
+
+def measure_pytorch(guard, checkpoint: Path | None, images, sizes, batches, repeats, threads, progress) -> dict:
+    """``pytorch_gradcam`` section (see :func:`gamguard.exporter.bench_torch.measure_pytorch`); the
+    runtime itself never imports torch, so the measurement lives on the exporter side."""
+    if checkpoint is None:
+        return {"status": "skipped", "reason": "no torch checkpoint for this bundle (--checkpoint)"}
+    if importlib.util.find_spec("torch") is None:
+        return {"status": "skipped", "reason": "torch is not installed"}
+    from gamguard.exporter.bench_torch import measure_pytorch as measure
+
+    return measure(guard, checkpoint, images, sizes, batches, repeats, threads, progress)

@@ -1,0 +1,29 @@
+"""The guard's serve-time decision: engine outputs → scores → p-values → accept or reject, with reasons.
+
+One module per check and one for their combination:
+
+* :mod:`.scores` — :func:`score_outputs`: the raw scores of a batch (seven similarity measures, the
+  feature score, the garbage prediction), :class:`ScoreSet`;
+* :mod:`.pvalues` — :class:`TailPValue`, the empirical p-value every check uses;
+* :mod:`.garbage` — the garbage-class check (``GARBAGE_CLASS``);
+* :mod:`.attention` — the Grad-CAM attention check (``ATTENTION_MISMATCH``);
+* :mod:`.feature` — the early-feature check (``FEATURE_MISMATCH``), :class:`FeatureReference`;
+* :mod:`.combine` — the checks' p-values combined and cut conformally (:func:`decide`);
+* :mod:`.reference` — :class:`CalibrationData`, everything the above loads from ``reference.npz``.
+
+The offline job that produces ``reference.npz`` is :mod:`gamguard.runtime.calibration`.
+"""
+from __future__ import annotations
+
+from .combine import (CHECKS, ConformalCut, Decisions, NullModel, all_check_sets, checks_key, combined_statistic,
+                      decide)
+from .errors import CalibrationError
+from .feature import FeatureReference
+from .pvalues import TailPValue, dissimilarity
+from .reference import DEFAULT_ALPHA, CalibrationData, read_reference_arrays
+from .scores import SCORE_FIELDS, ScoreSet, real_class_indices, score_outputs, softmax
+
+__all__ = ["CHECKS", "DEFAULT_ALPHA", "SCORE_FIELDS", "CalibrationData", "CalibrationError", "ConformalCut",
+           "Decisions", "FeatureReference", "NullModel", "ScoreSet", "TailPValue", "all_check_sets", "checks_key",
+           "combined_statistic", "decide", "dissimilarity", "read_reference_arrays", "real_class_indices",
+           "score_outputs", "softmax"]

@@ -1,0 +1,74 @@
+"""Scores to p-values: every check's score is judged against its distribution on in-distribution data.
+
+:class:`TailPValue` is the one-sided empirical p-value (in the direction of dissimilarity) that every
+check uses; :func:`dissimilarity` orients a similarity measure so that higher means more dissimilar.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..similarity import HIGHER_IS_SIMILAR
+from .errors import CalibrationError
+
+TAIL_FRACTION = 0.1
+
+
+def dissimilarity(measure: str, values: np.ndarray) -> np.ndarray:
+    """Orient a score so that higher means more dissimilar (the rejection direction)."""
+    values = np.asarray(values, np.float64)
+    return -values if HIGHER_IS_SIMILAR[measure] else values
+
+
+class TailPValue:
+    """One-sided empirical p-value of a dissimilarity ``x`` against a null sample, made continuous.
+
+    Inside the null's range: linear interpolation of ``(1 + #{null >= x}) / (n + 1)`` between the
+    sorted null values (1 below the minimum). Beyond the null maximum the rank p-value would stick at
+    its floor ``~1/(n+1)``, so ties among all far-off inputs would make a conformal cut impossible;
+    there the p-value decays exponentially, ``p_max · exp(-(x - x_max) / scale)``, with ``scale`` the
+    mean excess of the top ``TAIL_FRACTION`` of the null over its ``1 - TAIL_FRACTION`` quantile (an
+    exponential tail, i.e. a generalised Pareto tail with shape 0). Non-finite ``x`` gives 0.
+    The validity of the guard's false-rejection bound does not rest on this smoothing: the final cut
+    is conformal on a separate part.
+    """
+
+    def __init__(self, null: np.ndarray):
+        x = np.sort(np.asarray(null, np.float64)[np.isfinite(null)])
+        if x.size < 2:
+            raise CalibrationError(f"need at least 2 finite null scores for a p-value table, got {x.size}")
+        n = x.size
+        self.knots = x
+        self.pvals = (n - np.arange(n) + 1.0) / (n + 1.0)  # 1 at the minimum
+        q = np.quantile(x, 1.0 - TAIL_FRACTION)
+        top = x[-max(5, int(math.ceil(TAIL_FRACTION * n))):]
+        spread = float(x[-1] - x[0])
+        self.scale = max(float(np.mean(top - q)), 1e-3 * spread, 1e-9)
+        self.n = n
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        v = np.asarray(values, np.float64)
+        p = np.interp(v, self.knots, self.pvals)  # NaN stays NaN
+        beyond = v > self.knots[-1]
+        if beyond.any():
+            with np.errstate(over="ignore", invalid="ignore"):
+                p[beyond] = self.pvals[-1] * np.exp(-(v[beyond] - self.knots[-1]) / self.scale)
+        p[~np.isfinite(v)] = 0.0  # fail closed: a score that cannot be judged is maximally suspicious
+        return p
+
+    def inverse(self, level: float) -> float:
+        """The dissimilarity at which the p-value equals ``level`` (for human-readable thresholds)."""
+        if level >= 1.0:
+            return float(self.knots[0])
+        if level >= self.pvals[-1]:
+            return float(np.interp(level, self.pvals[::-1], self.knots[::-1]))
+        if level <= 0:
+            return math.inf
+        return float(self.knots[-1] + self.scale * math.log(self.pvals[-1] / level))
+
+
+def neglog(p: np.ndarray) -> np.ndarray:
+    """``-log p`` (``inf`` for 0), the scale on which p-values are combined and re-calibrated."""
+    with np.errstate(divide="ignore"):
+        return -np.log(np.asarray(p, np.float64))
