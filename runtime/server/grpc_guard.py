@@ -15,8 +15,8 @@ import numpy as np
 
 from gamguard.proto import guard_pb2, guard_pb2_grpc
 
-from .dataplane import (DataPlaneError, DeadlineExpired, InvalidRequest, NotReady, Overloaded, Result,
-                        heatmap_png, new_request_id)
+from .dataplane import Result, heatmap_png, new_request_id
+from .errors import DataPlaneError, DeadlineExpired, InvalidRequest, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 

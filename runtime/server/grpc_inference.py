@@ -31,7 +31,8 @@ from gamguard.proto import grpc_predict_v2_pb2 as pb
 from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from gamguard.runtime import package_version
 
-from .dataplane import DataPlaneError, InvalidRequest, new_request_id
+from .dataplane import new_request_id
+from .errors import DataPlaneError, InvalidRequest
 from .grpc_guard import request_timeout, status_for
 
 log = logging.getLogger(__name__)
