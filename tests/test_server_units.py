@@ -302,3 +302,14 @@ def test_audit_log_reopen_after_rotation(tmp_path):
     assert json.loads((tmp_path / "audit.jsonl.1").read_text())["request_id"] == "r1"
     assert json.loads(path.read_text())["request_id"] == "r2"
 
+
+def test_every_data_plane_error_has_its_own_grpc_status():
+    """A new DataPlaneError subclass without a mapping would reach clients as INTERNAL."""
+    import grpc
+
+    from gamguard.runtime.server.status import status_for
+
+    kinds = errors.DataPlaneError.__subclasses__()
+    codes = {status_for(k("x")) for k in kinds}
+    assert len(codes) == len(kinds) and grpc.StatusCode.INTERNAL not in codes
+    assert status_for(errors.DataPlaneError("x")) == grpc.StatusCode.INTERNAL

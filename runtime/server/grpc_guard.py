@@ -16,22 +16,12 @@ import numpy as np
 from gamguard.proto import guard_pb2, guard_pb2_grpc
 
 from .dataplane import Result, heatmap_png, new_request_id
-from .errors import DataPlaneError, DeadlineExpired, InvalidRequest, NotReady, Overloaded
+from .errors import DataPlaneError, InvalidRequest
+from .status import request_timeout, status_for
 
 log = logging.getLogger(__name__)
 
-STATUS_OF = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
 _TENSOR_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
-
-
-def status_for(exc: DataPlaneError) -> grpc.StatusCode:
-    return STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
 
 
 def tensor_to_array(t: guard_pb2.Tensor) -> np.ndarray:
@@ -165,13 +155,6 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
             except (TypeError, ValueError):
                 pass
     return msg
-
-
-def request_timeout(context) -> float | None:
-    """The call's remaining deadline in seconds, or None when the client set none (grpc reports a
-    huge number then)."""
-    remaining = context.time_remaining()
-    return remaining if remaining is not None and remaining < 1e8 else None
 
 
 class GuardServicer(guard_pb2_grpc.GuardServicer):

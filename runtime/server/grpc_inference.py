@@ -33,7 +33,7 @@ from gamguard.runtime import package_version
 
 from .dataplane import new_request_id
 from .errors import DataPlaneError, InvalidRequest
-from .grpc_guard import request_timeout, status_for
+from .status import request_timeout, status_for
 
 log = logging.getLogger(__name__)
 
