@@ -16,9 +16,9 @@ from gamguard.proto import guard_pb2
 from gamguard.runtime.server import dataplane as dp
 from gamguard.runtime.server import errors
 from gamguard.runtime.server.batching import MicroBatcher
+from gamguard.runtime.server.codecs import deserialize_bytes, serialize_bytes, tensor_to_array
 from gamguard.runtime.server.config import ConfigError, ServeConfig, add_serve_arguments, config_from_args
-from gamguard.runtime.server.grpc_guard import tensor_to_array
-from gamguard.runtime.server.grpc_inference import deserialize_bytes, request_inputs, serialize_bytes
+from gamguard.runtime.server.grpc_inference import request_inputs
 
 # ------------------------------------------------------------------------------------- batcher
 
@@ -313,3 +313,18 @@ def test_every_data_plane_error_has_its_own_grpc_status():
     codes = {status_for(k("x")) for k in kinds}
     assert len(codes) == len(kinds) and grpc.StatusCode.INTERNAL not in codes
     assert status_for(errors.DataPlaneError("x")) == grpc.StatusCode.INTERNAL
+
+
+def test_heatmap_png_is_the_overlays_jet_map():
+    """The Guard service's heatmap PNG and the overlays draw one colour map: 0 blue, 1 red (BGR)."""
+    import cv2
+
+    from gamguard.runtime.overlays import jet_heatmap
+    from gamguard.runtime.server.codecs import heatmap_png
+
+    cam = np.array([[0.0, 0.5, 1.0], [np.nan, 2.0, -1.0]], np.float32)
+    png = cv2.imdecode(np.frombuffer(heatmap_png(cam), np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape == (2, 3, 3) and np.array_equal(png, jet_heatmap(cam))
+    blue, red = png[0, 0], png[0, 2]
+    assert blue[0] > 100 and blue[2] < 50 and red[2] > 100 and red[0] < 50
+    assert np.array_equal(png[1, 0], blue) and np.array_equal(png[1, 1], red) and np.array_equal(png[1, 2], blue)

@@ -335,14 +335,3 @@ class DataPlane:
         if self.audit is not None:
             self.audit.record_invalid(request_id, protocol=protocol, model=self.model_name,
                                       version=self.model_version, bundle_hash=self.bundle_hash, detail=message)
-
-
-def heatmap_png(cam: np.ndarray) -> bytes:
-    """A Grad-CAM map in [0, 1] as a colour (JET) PNG at the map's own size."""
-    import cv2
-
-    u8 = np.clip(np.nan_to_num(np.asarray(cam, np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".png", cv2.applyColorMap(u8, cv2.COLORMAP_JET))
-    if not ok:  # pragma: no cover - OpenCV cannot fail on a uint8 image
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()

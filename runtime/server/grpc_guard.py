@@ -15,31 +15,12 @@ import numpy as np
 
 from gamguard.proto import guard_pb2, guard_pb2_grpc
 
-from .dataplane import Result, heatmap_png, new_request_id
+from .codecs import heatmap_png, tensor_to_array
+from .dataplane import Result, new_request_id
 from .errors import DataPlaneError, InvalidRequest
 from .status import request_timeout, status_for
 
 log = logging.getLogger(__name__)
-
-_TENSOR_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
-
-
-def tensor_to_array(t: guard_pb2.Tensor) -> np.ndarray:
-    """A ``gamguard.v1.Tensor`` → numpy array, with every size checked before reshaping."""
-    dtype = _TENSOR_DTYPES.get(t.dtype.lower())
-    if dtype is None:
-        raise InvalidRequest(f"unsupported tensor dtype {t.dtype!r}; expected uint8, uint16 or float32")
-    shape = tuple(int(s) for s in t.shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise InvalidRequest(f"bad tensor shape {list(shape)}; expected [height, width]")
-    itemsize = np.dtype(dtype).itemsize
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-    if expected != len(t.data):
-        raise InvalidRequest(f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {t.dtype} "
-                             f"needs {expected}")
-    # a read-only view of the wire bytes: decode_tensor converts to native order and copies anyway
-    return np.frombuffer(t.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-
 
 def request_input(req: guard_pb2.VerifyRequest) -> dict:
     which = req.WhichOneof("input")
