@@ -22,6 +22,7 @@ from .status import request_timeout, status_for
 
 log = logging.getLogger(__name__)
 
+
 def request_input(req: guard_pb2.VerifyRequest) -> dict:
     which = req.WhichOneof("input")
     frame = int(req.frame) if req.HasField("frame") else None
