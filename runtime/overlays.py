@@ -20,12 +20,20 @@ def _gray_u8(image: np.ndarray, side: int) -> np.ndarray:
     return (img * 255 + 0.5).astype(np.uint8)
 
 
+def jet_heatmap(cam: np.ndarray) -> np.ndarray:
+    """A map with values in [0, 1] in OpenCV's JET colour map (0 blue, 1 red): BGR uint8 at the map's
+    own size. NaN counts as 0; values outside [0, 1] are clipped. The one colour map of gamguard:
+    overlays and the Guard service's heatmap PNG both use it."""
+    u8 = np.clip(np.nan_to_num(np.asarray(cam, np.float32)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.applyColorMap(u8, cv2.COLORMAP_JET)
+
+
 def _heat(cam: np.ndarray, side: int) -> np.ndarray:
+    """The map stretched to its own [min, max] (a flat map is all 0), resized to ``side``, in colour."""
     c = np.nan_to_num(np.asarray(cam, np.float32))
     lo, hi = float(c.min()), float(c.max())
     c = (c - lo) / (hi - lo) if hi - lo > 1e-7 else np.zeros_like(c)
-    c = cv2.resize(c, (side, side), interpolation=cv2.INTER_LINEAR)
-    return cv2.applyColorMap((c * 255 + 0.5).astype(np.uint8), cv2.COLORMAP_JET)
+    return jet_heatmap(cv2.resize(c, (side, side), interpolation=cv2.INTER_LINEAR))
 
 
 def blend(image: np.ndarray, cam: np.ndarray | None, side: int = PANEL) -> np.ndarray:

@@ -21,7 +21,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gamguard.runtime import gpu_packaging, healthcheck
+from gamguard.runtime import gpu_packaging
+from gamguard.runtime.server import healthcheck
 from gamguard.runtime.commands import serve as serve_cmd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_images_expose_the_ports_they_serve():
 
 
 def test_healthchecks_run_the_real_probe():
-    probe = ["python", "-m", "gamguard.runtime.healthcheck"]
+    probe = ["python", "-m", "gamguard.runtime.server.healthcheck"]
     for name in DOCKERFILES:
         ins = dockerfile_instructions(name)
         assert exec_form(ins["HEALTHCHECK"][-1])[:3] == probe, name
@@ -146,7 +147,7 @@ def test_healthchecks_run_the_real_probe():
     assert compose["healthcheck"]["test"][1:4] == probe
     assert compose["environment"]["GAMGUARD_HEALTH_PORT"] == flag([str(a) for a in compose["command"]], "--port")
     exec_start = shlex.split(unit("gamguard-healthcheck.service")["ExecStart"])
-    assert exec_start[:3] == ["/opt/gamguard/bin/python", "-m", "gamguard.runtime.healthcheck"]
+    assert exec_start[:3] == ["/opt/gamguard/bin/python", "-m", "gamguard.runtime.server.healthcheck"]
     args = healthcheck.build_parser().parse_args(exec_start[3:])
     assert str(args.port) == flag(serve_argv_everywhere()["gamguard.service"], "--port")
 
@@ -317,7 +318,7 @@ def test_probe_against_gamguard_serve(tmp_path):
         m = re.search(r"serving on [\d.]+:(\d+)", line)
         assert m, f"server did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
         env = dict(os.environ, GAMGUARD_HEALTH_PORT=m.group(1), GAMGUARD_HEALTH_INSECURE="1")
-        out = subprocess.run([sys.executable, "-m", "gamguard.runtime.healthcheck"], env=env,
+        out = subprocess.run([sys.executable, "-m", "gamguard.runtime.server.healthcheck"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "SERVING" in out.stderr
     finally:

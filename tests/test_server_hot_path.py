@@ -14,6 +14,8 @@ from testlib import demo_bundle_path, phantom
 from gamguard.proto import guard_pb2
 from gamguard.runtime.server import app
 from gamguard.runtime.server import dataplane as dp
+from gamguard.runtime.server.batching import MicroBatcher
+from gamguard.runtime.server.errors import InvalidRequest
 from gamguard.runtime.server.grpc_guard import verdict_message
 from gamguard.runtime.server.metrics import Metrics
 
@@ -56,7 +58,7 @@ def _verify_all(guard, config, payloads):
             for p in payloads:
                 try:
                     out.append(await plane.verify(data=p))
-                except dp.InvalidRequest as exc:
+                except InvalidRequest as exc:
                     out.append(exc)
             return out, len(plane._decode_pool._threads)
         finally:
@@ -79,7 +81,7 @@ def test_inline_and_pool_decoding_give_the_same_verdicts(guard):
     assert a.scores == pytest.approx(b.scores)
     assert inline[0].input_format == pooled[0].input_format == "png" and inline[0].decode_ms > 0
     # a bad small image is still the caller's error, whichever thread decoded it
-    assert isinstance(inline[1], dp.InvalidRequest) and isinstance(pooled[1], dp.InvalidRequest)
+    assert isinstance(inline[1], InvalidRequest) and isinstance(pooled[1], InvalidRequest)
 
 
 def test_large_png_is_decoded_in_the_pool(guard):
@@ -182,7 +184,7 @@ def test_batcher_waits_for_expected_company_within_the_delay():
             sizes.append(len(xs))
             return list(xs[:, 0])
 
-        b = dp.MicroBatcher(run_batch, max_batch_size=8, max_queue_delay_s=delay_s, arriving=lambda: 0,
+        b = MicroBatcher(run_batch, max_batch_size=8, max_queue_delay_s=delay_s, arriving=lambda: 0,
                             expected=expected)
         await b.start()
 

@@ -14,9 +14,11 @@ import pytest
 from gamguard.proto import grpc_predict_v2_pb2 as pb
 from gamguard.proto import guard_pb2
 from gamguard.runtime.server import dataplane as dp
+from gamguard.runtime.server import errors
+from gamguard.runtime.server.batching import MicroBatcher
+from gamguard.runtime.server.codecs import deserialize_bytes, serialize_bytes, tensor_to_array
 from gamguard.runtime.server.config import ConfigError, ServeConfig, add_serve_arguments, config_from_args
-from gamguard.runtime.server.grpc_guard import tensor_to_array
-from gamguard.runtime.server.grpc_inference import deserialize_bytes, request_inputs, serialize_bytes
+from gamguard.runtime.server.grpc_inference import request_inputs
 
 # ------------------------------------------------------------------------------------- batcher
 
@@ -33,7 +35,7 @@ def test_batcher_groups_concurrent_requests_and_scatters_in_order():
         return [float(x.sum()) for x in xs]
 
     async def main():
-        b = dp.MicroBatcher(run_batch, max_batch_size=4, max_queue_delay_s=0.05, max_queue_size=100)
+        b = MicroBatcher(run_batch, max_batch_size=4, max_queue_delay_s=0.05, max_queue_size=100)
         await b.start()
         results = await asyncio.gather(*(b.submit(np.full((2,), i, np.float32)) for i in range(10)))
         await b.stop()
@@ -47,7 +49,7 @@ def test_batcher_groups_concurrent_requests_and_scatters_in_order():
 
 def test_batcher_zero_delay_still_serves_alone():
     async def main():
-        b = dp.MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=0.0)
+        b = MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=0.0)
         await b.start()
         r = await b.submit(np.array([7.0]))
         await b.stop()
@@ -64,13 +66,13 @@ def test_batcher_bounded_queue_answers_overloaded():
         return list(xs[:, 0])
 
     async def main():
-        b = dp.MicroBatcher(slow, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=2)
+        b = MicroBatcher(slow, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=2)
         await b.start()
         first = asyncio.ensure_future(b.submit(np.array([0.0])))
         await asyncio.sleep(0.05)  # taken by the engine, which now blocks
         queued = [asyncio.ensure_future(b.submit(np.array([float(i)]))) for i in (1, 2)]
         await asyncio.sleep(0.05)
-        with pytest.raises(dp.Overloaded):
+        with pytest.raises(errors.Overloaded):
             await b.submit(np.array([3.0]))
         gate.set()
         done = await asyncio.gather(first, *queued)
@@ -91,7 +93,7 @@ def test_batcher_drops_expired_and_cancelled_requests():
 
     async def main():
         loop = asyncio.get_running_loop()
-        b = dp.MicroBatcher(slow, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=10)
+        b = MicroBatcher(slow, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=10)
         await b.start()
         first = asyncio.ensure_future(b.submit(np.array([0.0])))
         await asyncio.sleep(0.05)
@@ -101,7 +103,7 @@ def test_batcher_drops_expired_and_cancelled_requests():
         await asyncio.sleep(0.1)
         cancelled.cancel()
         gate.set()
-        with pytest.raises(dp.DeadlineExpired):
+        with pytest.raises(errors.DeadlineExpired):
             await expired
         await first, await alive
         await b.stop()
@@ -112,13 +114,13 @@ def test_batcher_drops_expired_and_cancelled_requests():
 
 def test_batcher_stop_drains_then_refuses():
     async def main():
-        b = dp.MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=2, max_queue_delay_s=0.2)
+        b = MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=2, max_queue_delay_s=0.2)
         await b.start()
         pending = [asyncio.ensure_future(b.submit(np.array([float(i)]))) for i in range(3)]
         await asyncio.sleep(0)
         await b.stop()  # finishes what was queued
         assert [p.result()[0] for p in pending] == [0.0, 1.0, 2.0]
-        with pytest.raises(dp.NotReady):
+        with pytest.raises(errors.NotReady):
             await b.submit(np.array([9.0]))
 
     _run(main())
@@ -161,16 +163,16 @@ def test_guard_tensor_parsing():
                 guard_pb2.Tensor(dtype="uint8", shape=[3, 4], data=b"\0" * 11),
                 guard_pb2.Tensor(dtype="uint8", shape=[], data=b""),
                 guard_pb2.Tensor(dtype="uint8", shape=[0, 4], data=b"")):
-        with pytest.raises(dp.InvalidRequest):
+        with pytest.raises(errors.InvalidRequest):
             tensor_to_array(bad)
 
 
 def test_oip_bytes_wire_format_roundtrip_and_errors():
     items = [b"", b"abc", b"\x00" * 300]
     assert deserialize_bytes(serialize_bytes(items)) == items
-    with pytest.raises(dp.InvalidRequest):
+    with pytest.raises(errors.InvalidRequest):
         deserialize_bytes(b"\x05\x00\x00\x00ab")  # says 5, has 2
-    with pytest.raises(dp.InvalidRequest):
+    with pytest.raises(errors.InvalidRequest):
         deserialize_bytes(b"\x05\x00")
 
 
@@ -207,9 +209,9 @@ def test_oip_request_inputs():
         _req("BYTES", [0], raw=b""),  # no images
     ]
     for r in bad:
-        with pytest.raises(dp.InvalidRequest):
+        with pytest.raises(errors.InvalidRequest):
             request_inputs(r)
-    with pytest.raises(dp.InvalidRequest):
+    with pytest.raises(errors.InvalidRequest):
         request_inputs(pb.ModelInferRequest(model_name="m"))
 
 
@@ -273,7 +275,7 @@ def test_batcher_waits_for_company_only_when_some_is_arriving():
     import time
 
     async def lone(arriving):
-        b = dp.MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=2.0,
+        b = MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=2.0,
                             arriving=arriving)
         await b.start()
         t0 = time.perf_counter()
@@ -299,3 +301,30 @@ def test_audit_log_reopen_after_rotation(tmp_path):
     log.close()
     assert json.loads((tmp_path / "audit.jsonl.1").read_text())["request_id"] == "r1"
     assert json.loads(path.read_text())["request_id"] == "r2"
+
+
+def test_every_data_plane_error_has_its_own_grpc_status():
+    """A new DataPlaneError subclass without a mapping would reach clients as INTERNAL."""
+    import grpc
+
+    from gamguard.runtime.server.status import status_for
+
+    kinds = errors.DataPlaneError.__subclasses__()
+    codes = {status_for(k("x")) for k in kinds}
+    assert len(codes) == len(kinds) and grpc.StatusCode.INTERNAL not in codes
+    assert status_for(errors.DataPlaneError("x")) == grpc.StatusCode.INTERNAL
+
+
+def test_heatmap_png_is_the_overlays_jet_map():
+    """The Guard service's heatmap PNG and the overlays draw one colour map: 0 blue, 1 red (BGR)."""
+    import cv2
+
+    from gamguard.runtime.overlays import jet_heatmap
+    from gamguard.runtime.server.codecs import heatmap_png
+
+    cam = np.array([[0.0, 0.5, 1.0], [np.nan, 2.0, -1.0]], np.float32)
+    png = cv2.imdecode(np.frombuffer(heatmap_png(cam), np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape == (2, 3, 3) and np.array_equal(png, jet_heatmap(cam))
+    blue, red = png[0, 0], png[0, 2]
+    assert blue[0] > 100 and blue[2] < 50 and red[2] > 100 and red[0] < 50
+    assert np.array_equal(png[1, 0], blue) and np.array_equal(png[1, 1], red) and np.array_equal(png[1, 2], blue)

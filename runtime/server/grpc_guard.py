@@ -15,40 +15,12 @@ import numpy as np
 
 from gamguard.proto import guard_pb2, guard_pb2_grpc
 
-from .dataplane import (DataPlaneError, DeadlineExpired, InvalidRequest, NotReady, Overloaded, Result,
-                        heatmap_png, new_request_id)
+from .codecs import heatmap_png, tensor_to_array
+from .dataplane import Result, new_request_id
+from .errors import DataPlaneError, InvalidRequest
+from .status import request_timeout, status_for
 
 log = logging.getLogger(__name__)
-
-STATUS_OF = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-_TENSOR_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
-
-
-def status_for(exc: DataPlaneError) -> grpc.StatusCode:
-    return STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
-
-
-def tensor_to_array(t: guard_pb2.Tensor) -> np.ndarray:
-    """A ``gamguard.v1.Tensor`` → numpy array, with every size checked before reshaping."""
-    dtype = _TENSOR_DTYPES.get(t.dtype.lower())
-    if dtype is None:
-        raise InvalidRequest(f"unsupported tensor dtype {t.dtype!r}; expected uint8, uint16 or float32")
-    shape = tuple(int(s) for s in t.shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise InvalidRequest(f"bad tensor shape {list(shape)}; expected [height, width]")
-    itemsize = np.dtype(dtype).itemsize
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
-    if expected != len(t.data):
-        raise InvalidRequest(f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {t.dtype} "
-                             f"needs {expected}")
-    # a read-only view of the wire bytes: decode_tensor converts to native order and copies anyway
-    return np.frombuffer(t.data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
 def request_input(req: guard_pb2.VerifyRequest) -> dict:
@@ -165,13 +137,6 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
             except (TypeError, ValueError):
                 pass
     return msg
-
-
-def request_timeout(context) -> float | None:
-    """The call's remaining deadline in seconds, or None when the client set none (grpc reports a
-    huge number then)."""
-    remaining = context.time_remaining()
-    return remaining if remaining is not None and remaining < 1e8 else None
 
 
 class GuardServicer(guard_pb2_grpc.GuardServicer):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 
 import grpc
 import numpy as np
@@ -31,8 +30,10 @@ from gamguard.proto import grpc_predict_v2_pb2 as pb
 from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from gamguard.runtime import package_version
 
-from .dataplane import DataPlaneError, InvalidRequest, new_request_id
-from .grpc_guard import request_timeout, status_for
+from .codecs import deserialize_bytes, little_endian_view, serialize_bytes
+from .dataplane import new_request_id
+from .errors import DataPlaneError, InvalidRequest
+from .status import request_timeout, status_for
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +48,7 @@ _NUMERIC = {"UINT8": np.uint8, "UINT16": np.uint16, "FP32": np.float32}
 _CONTENTS_FIELD = {"UINT8": "uint_contents", "UINT16": "uint_contents", "FP32": "fp32_contents"}
 
 
-# ------------------------------------------------------------------------------ tensor (de)coding
-
-
-def deserialize_bytes(raw: bytes) -> list[bytes]:
-    """Triton's BYTES wire format: each element is a 4-byte little-endian length, then the bytes."""
-    out, pos, n = [], 0, len(raw)
-    while pos < n:
-        if pos + 4 > n:
-            raise InvalidRequest("malformed BYTES tensor: truncated element length")
-        (length,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        if pos + length > n:
-            raise InvalidRequest("malformed BYTES tensor: element longer than the data")
-        out.append(raw[pos:pos + length])
-        pos += length
-    return out
-
-
-def serialize_bytes(items) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+# ------------------------------------------------------------------------------ request parsing
 
 
 def _param_value(p: pb.InferParameter):
@@ -126,24 +108,21 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
         shape_n = [shape[0], shape[2], shape[3]]
     else:
         raise InvalidRequest(f"numeric input must have shape [H, W], [N, H, W] or [N, 1, H, W], got {shape}")
-    np_dtype = np.dtype(_NUMERIC[dtype]).newbyteorder("<")
     count = int(np.prod(shape_n, dtype=np.int64))
     if count == 0:
         raise InvalidRequest(f"empty tensor (shape {shape})")
     if raw is not None:
-        if len(raw) != count * np_dtype.itemsize:
-            raise InvalidRequest(f"{dtype} input: shape {shape} needs {count * np_dtype.itemsize} bytes, "
-                                 f"got {len(raw)}")
-        flat = np.frombuffer(raw, dtype=np_dtype)
+        needed = count * np.dtype(_NUMERIC[dtype]).itemsize
+        if len(raw) != needed:
+            raise InvalidRequest(f"{dtype} input: shape {shape} needs {needed} bytes, got {len(raw)}")
+        arr = little_endian_view(raw, _NUMERIC[dtype], shape_n)
     else:
         values = getattr(tensor.contents, _CONTENTS_FIELD[dtype])
         if len(values) != count:
             raise InvalidRequest(f"{dtype} input: shape {shape} needs {count} values, got {len(values)}")
         if dtype != "FP32" and len(values) and max(values) > np.iinfo(_NUMERIC[dtype]).max:
             raise InvalidRequest(f"{dtype} input has values out of range")
-        flat = np.asarray(values, dtype=_NUMERIC[dtype])
-    # raw bytes stay a little-endian view of the request: decode_tensor converts to native order and copies
-    arr = flat.reshape(shape_n)
+        arr = np.asarray(values, dtype=_NUMERIC[dtype]).reshape(shape_n)
     return [{"array": arr[i]} for i in range(arr.shape[0])]
 
 

@@ -1,4 +1,4 @@
-"""A tiny gRPC health probe: ``python -m gamguard.runtime.healthcheck``.
+"""A tiny gRPC health probe: ``python -m gamguard.runtime.server.healthcheck``.
 
 Asks a gamguard server's ``grpc.health.v1.Health/Check`` and exits 0 only when the answer is SERVING
 (the server reports NOT_SERVING until the bundle is loaded and verified). Used by container
@@ -15,9 +15,9 @@ error; 64 bad arguments. One line on stderr says why, for ``docker inspect`` and
 
 examples::
 
-    python -m gamguard.runtime.healthcheck --port 8001 --insecure
-    python -m gamguard.runtime.healthcheck --port 8001 --tls-ca /certs/ca.crt --tls-server-name gamguard
-    python -m gamguard.runtime.healthcheck --port 8001 --tls-ca ca.crt --tls-cert probe.crt --tls-key probe.key
+    python -m gamguard.runtime.server.healthcheck --port 8001 --insecure
+    python -m gamguard.runtime.server.healthcheck --port 8001 --tls-ca /certs/ca.crt --tls-server-name gamguard
+    python -m gamguard.runtime.server.healthcheck --port 8001 --tls-ca ca.crt --tls-cert probe.crt --tls-key probe.key
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _env(name: str, default=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gamguard.runtime.healthcheck",
+    p = argparse.ArgumentParser(prog="python -m gamguard.runtime.server.healthcheck",
                                 description="Exit 0 when a gamguard server's gRPC health service says SERVING.")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="server address (default 127.0.0.1)")
     # a string default: argparse converts it with type=, so a bad GAMGUARD_HEALTH_PORT is a usage error
