@@ -11,6 +11,7 @@
    ONNX Runtime CUDA, at batch 1 and 32;
 and prints one table (and --json FILE for the numbers). Sized to finish in a few minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,23 @@ def _load_images(args, spec, workdir: Path) -> np.ndarray:
     if images is None:
         images = workdir / "phantoms"
         per_class = max(1, args.n_images // 4)
-        subprocess.run([sys.executable, "-m", "gamguard.runtime.cli", "data", "synth", "--out", str(images),
-                        "--per-class", str(per_class), "--seed", "12345"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gamguard.runtime.cli",
+                "data",
+                "synth",
+                "--out",
+                str(images),
+                "--per-class",
+                str(per_class),
+                "--seed",
+                "12345",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
     if not paths:
         sys.exit(f"gpu_check: no images under {images}")
@@ -69,10 +84,10 @@ def main(argv=None) -> int:
     from gamguard.runtime.bundle import MODEL_FILE, InputSpec, load_manifest, resolve_bundle
     from gamguard.runtime.checks import CalibrationData
     from gamguard.runtime.engines import OnnxEngine
-    from gamguard.runtime.guard import Guard, parse_checks
     from gamguard.runtime.engines.drift import OrtCpuReference, drift_report, guard_decider
     from gamguard.runtime.engines.plan import build_engine_for_bundle, build_plan_bytes, current_device_tag
     from gamguard.runtime.engines.tensorrt import PlanRunner, TensorRTEngine
+    from gamguard.runtime.guard import Guard, parse_checks
 
     t_start = time.perf_counter()
     batches = [int(b) for b in args.batches.split(",")]
@@ -83,8 +98,13 @@ def main(argv=None) -> int:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         sys.exit("gpu_check: onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (one distribution)")
     work = Path(tempfile.mkdtemp(prefix="gamguard-gpu-check-"))
-    res: dict = {"gpu": tag.gpu, "compute_capability": tag.compute_capability,
-                 "tensorrt": tag.tensorrt_version, "onnxruntime": ort.__version__, "bundle": str(src)}
+    res: dict = {
+        "gpu": tag.gpu,
+        "compute_capability": tag.compute_capability,
+        "tensorrt": tag.tensorrt_version,
+        "onnxruntime": ort.__version__,
+        "bundle": str(src),
+    }
     try:
         max_b = max(batches + [32])
         built = {}
@@ -94,8 +114,9 @@ def main(argv=None) -> int:
             built[prec] = time.perf_counter() - t0
             print(f"gpu_check: built {prec} plan in {built[prec]:.1f} s", file=sys.stderr)
         t0 = time.perf_counter()
-        logits_plan, _ = build_plan_bytes(src / MODEL_FILE, spec, precision="fp16", batch=(1, min(8, max_b), max_b),
-                                          outputs=("logits",))
+        logits_plan, _ = build_plan_bytes(
+            src / MODEL_FILE, spec, precision="fp16", batch=(1, min(8, max_b), max_b), outputs=("logits",)
+        )
         built["fp16-logits"] = time.perf_counter() - t0
         res["build_s"] = built
 
@@ -112,19 +133,28 @@ def main(argv=None) -> int:
         reference = OrtCpuReference(src / MODEL_FILE)
         res["parity"] = {}
         for name, eng in engines.items():
-            chunks = [x[i:i + 32] for i in range(0, x.shape[0], 32)]
-            res["parity"][name] = drift_report(reference, eng, chunks, decide=decide, alpha=alpha,
-                                               calibrated_frr=(manifest.get("calibration") or {}).get(
-                                                   "measured_false_rejection_rate"))
+            chunks = [x[i : i + 32] for i in range(0, x.shape[0], 32)]
+            res["parity"][name] = drift_report(
+                reference,
+                eng,
+                chunks,
+                decide=decide,
+                alpha=alpha,
+                calibrated_frr=(manifest.get("calibration") or {}).get("measured_false_rejection_rate"),
+            )
         calibration = CalibrationData.load(src, manifest)
         section = manifest.get("guard") or {}
         key = parse_checks(section.get("enforced_checks") or "all")
         policy = section.get("policy") or "calibrated"
-        guards = {name: Guard(src, manifest, engines[name], calibration, policy=policy, enforced_checks=key)
-                  for name in ("TensorRT FP16", "ORT CUDA")}
+        guards = {
+            name: Guard(src, manifest, engines[name], calibration, policy=policy, enforced_checks=key)
+            for name in ("TensorRT FP16", "ORT CUDA")
+        }
         logits_runner = PlanRunner(logits_plan)
-        logits_only = {"TensorRT FP16": lambda b: logits_runner.run(b)["logits"],
-                       "ORT CUDA": engines["ORT CUDA"].run_logits}
+        logits_only = {
+            "TensorRT FP16": lambda b: logits_runner.run(b)["logits"],
+            "ORT CUDA": engines["ORT CUDA"].run_logits,
+        }
         res["throughput"] = {}
         for name in guards:
             for b in batches:
@@ -152,8 +182,10 @@ def _print_table(res: dict, batches) -> None:
     def row(label, values):
         print(f"| {label:<38} | " + " | ".join(f"{v:>14}" for v in values) + " |")
 
-    print(f"\ngamguard GPU check: {res['gpu']} (sm {res['compute_capability']}), TensorRT {res['tensorrt']}, "
-          f"onnxruntime {res['onnxruntime']}, {res['n_images']} images, {res['wall_s']:.0f} s\n")
+    print(
+        f"\ngamguard GPU check: {res['gpu']} (sm {res['compute_capability']}), TensorRT {res['tensorrt']}, "
+        f"onnxruntime {res['onnxruntime']}, {res['n_images']} images, {res['wall_s']:.0f} s\n"
+    )
     row("", cols)
     print("|" + "-" * 40 + "|" + "|".join("-" * 16 for _ in cols) + "|")
     build = res["build_s"]
@@ -163,8 +195,10 @@ def _print_table(res: dict, batches) -> None:
         row(f"max |diff| {out} vs ORT CPU FP32", [f"{p[c]['drift'][out]['max_abs']:.2e}" for c in cols])
     row("worst per-image CAM cosine", [f"{p[c]['drift']['cam']['min_cosine']:.5f}" for c in cols])
     row("top-1 agreement with ORT CPU", [f"{p[c]['drift']['top1_agreement']:.4f}" for c in cols])
-    row("FRR on this engine (alpha bound)", [
-        f"{p[c]['frr']['candidate']['frr']:.3f} (<={p[c]['frr']['candidate']['bound']:.3f})" for c in cols])
+    row(
+        "FRR on this engine (alpha bound)",
+        [f"{p[c]['frr']['candidate']['frr']:.3f} (<={p[c]['frr']['candidate']['bound']:.3f})" for c in cols],
+    )
     row("calibrated FRR holds", ["yes" if p[c]["frr"]["candidate"]["holds"] else "NO" for c in cols])
     row("guard decisions equal to ORT CPU's", [f"{p[c]['frr']['decision_agreement']:.4f}" for c in cols])
     t = res["throughput"]

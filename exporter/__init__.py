@@ -3,6 +3,7 @@
 Importing a name from this package requires the ``[export]`` extra (torch, onnx, onnxscript); the
 package itself imports lazily so ``gamguard --help`` works without torch.
 """
+
 from importlib import import_module
 
 _EXPORTS = {

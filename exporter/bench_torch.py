@@ -1,6 +1,7 @@
 """The torch side of ``gamguard bench`` (the runtime never imports torch): the PyTorch Grad-CAM
 baseline users run today, and the realistic-size random-weight model for ``guard_overhead_large``.
 Called from :mod:`gamguard.runtime.bench.overhead` only when torch is installed."""
+
 from __future__ import annotations
 
 import time
@@ -13,9 +14,9 @@ from gamguard.runtime.bench.common import (
     LARGE_CALIBRATION_PER_CLASS,
     LARGE_MODEL,
     batch_at,
-    median_ms,
     guard_at_size,
     interleaved,
+    median_ms,
     phantom_images,
 )
 
@@ -46,17 +47,33 @@ def build_large_bundle(out_dir: Path, threads: int, progress) -> Path:
         model.fc.bias[len(names) - 1] = -1e3
     bundle = Path(out_dir) / "large_bundle"
     t0 = time.perf_counter()
-    export_bundle(model, bundle, class_names=names, garbage_class=len(names) - 1, target_layer="layer3",
-                  early_layer="layer1", input_shape=(1, LARGE_BUNDLE_SIZE, LARGE_BUNDLE_SIZE),
-                  normalization={"mean": [0.5], "std": [0.25]}, model_name="bench-large-random",
-                  dynamic_spatial=True)
-    progress(f"large model exported in {time.perf_counter() - t0:.1f} s; calibrating on "
-             f"{LARGE_CALIBRATION_PER_CLASS * len(CLASS_NAMES)} phantoms")
+    export_bundle(
+        model,
+        bundle,
+        class_names=names,
+        garbage_class=len(names) - 1,
+        target_layer="layer3",
+        early_layer="layer1",
+        input_shape=(1, LARGE_BUNDLE_SIZE, LARGE_BUNDLE_SIZE),
+        normalization={"mean": [0.5], "std": [0.25]},
+        model_name="bench-large-random",
+        dynamic_spatial=True,
+    )
+    progress(
+        f"large model exported in {time.perf_counter() - t0:.1f} s; calibrating on "
+        f"{LARGE_CALIBRATION_PER_CLASS * len(CLASS_NAMES)} phantoms"
+    )
     n = LARGE_CALIBRATION_PER_CLASS * len(CLASS_NAMES)
     images = phantom_images(n, seed=4321, size=LARGE_BUNDLE_SIZE)
-    calibrate_bundle(bundle, images=images.__getitem__, labels=[i % len(CLASS_NAMES) for i in range(n)],
-                     dataset={"description": "hand phantoms (benchmark only; random-weight model)", "n": n},
-                     providers=["CPUExecutionProvider"], threads=threads, progress=None)
+    calibrate_bundle(
+        bundle,
+        images=images.__getitem__,
+        labels=[i % len(CLASS_NAMES) for i in range(n)],
+        dataset={"description": "hand phantoms (benchmark only; random-weight model)", "n": n},
+        providers=["CPUExecutionProvider"],
+        threads=threads,
+        progress=None,
+    )
     return bundle
 
 
@@ -115,8 +132,10 @@ def measure_pytorch(guard, checkpoint: Path | None, images, sizes, batches, repe
         implementation = "pytorch-grad-cam GradCAM"
     except Exception:  # ImportError, or a torchvision that does not match torch
         GradCAM = None
-        implementation = ("autograd re-implementation of pytorch-grad-cam GradCAM (hooks, backward, "
-                          "numpy/OpenCV post-processing; pytorch-grad-cam not importable here)")
+        implementation = (
+            "autograd re-implementation of pytorch-grad-cam GradCAM (hooks, backward, "
+            "numpy/OpenCV post-processing; pytorch-grad-cam not importable here)"
+        )
     rows = []
     for size in sizes:
         g = guard_at_size(guard, size)
@@ -128,8 +147,11 @@ def measure_pytorch(guard, checkpoint: Path | None, images, sizes, batches, repe
                 ref = model(xt).numpy()
             got = guard.engine.run(x).logits
             if not np.allclose(ref, got, rtol=1e-3, atol=1e-3):
-                return {"status": "skipped", "reason": f"{checkpoint} does not reproduce the bundle's logits "
-                        f"(max diff {float(np.abs(ref - got).max()):.3g}): not the same model"}
+                return {
+                    "status": "skipped",
+                    "reason": f"{checkpoint} does not reproduce the bundle's logits "
+                    f"(max diff {float(np.abs(ref - got).max()):.3g}): not the same model",
+                }
             if GradCAM is not None:
                 cam_obj = GradCAM(model=model, target_layers=[layer])
                 torch_fn = lambda: cam_obj(input_tensor=xt)  # noqa: E731
@@ -141,10 +163,25 @@ def measure_pytorch(guard, checkpoint: Path | None, images, sizes, batches, repe
                 if GradCAM is not None:
                     cam_obj.activations_and_grads.release()  # remove its hooks from the model
             ms = {k: median_ms(v) for k, v in t.items()}
-            rows.append({"batch": n, "size": size, "speedup": round(ms["pytorch"] / ms["gamguard"], 3),
-                         "pytorch_ms": round(ms["pytorch"], 3), "gamguard_ms": round(ms["gamguard"], 3),
-                         "repeats": repeats})
-            progress(f"pytorch Grad-CAM {size}x{size} batch {n}: {ms['pytorch']:.2f} ms vs gamguard "
-                     f"{ms['gamguard']:.2f} ms (x{ms['pytorch'] / ms['gamguard']:.2f})")
-    return {"status": "measured", "implementation": implementation, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "checkpoint": str(checkpoint), "cases": rows}
+            rows.append(
+                {
+                    "batch": n,
+                    "size": size,
+                    "speedup": round(ms["pytorch"] / ms["gamguard"], 3),
+                    "pytorch_ms": round(ms["pytorch"], 3),
+                    "gamguard_ms": round(ms["gamguard"], 3),
+                    "repeats": repeats,
+                }
+            )
+            progress(
+                f"pytorch Grad-CAM {size}x{size} batch {n}: {ms['pytorch']:.2f} ms vs gamguard "
+                f"{ms['gamguard']:.2f} ms (x{ms['pytorch'] / ms['gamguard']:.2f})"
+            )
+    return {
+        "status": "measured",
+        "implementation": implementation,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "checkpoint": str(checkpoint),
+        "cases": rows,
+    }

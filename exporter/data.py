@@ -3,6 +3,7 @@
 Torch-free on purpose: :class:`EpochDataPrefetcher` generates the next epoch's images in a worker
 process while the current epoch trains, and that process should not have to import torch.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -10,8 +11,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
 
-from gamguard.runtime.demo import phantoms
 from gamguard.runtime.bundle import InputSpec
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.preprocess import preprocess_batch
 
 GARBAGE_NAME = "garbage"
@@ -34,8 +35,9 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def make_dataset(per_class: int, garbage_per_kind: int, seed: int, *, size: int = 256,
-                 kinds=None, spec: InputSpec = DEMO_INPUT) -> tuple[np.ndarray, np.ndarray]:
+def make_dataset(
+    per_class: int, garbage_per_kind: int, seed: int, *, size: int = 256, kinds=None, spec: InputSpec = DEMO_INPUT
+) -> tuple[np.ndarray, np.ndarray]:
     """Phantoms of every stage plus garbage images, preprocessed: ``(x [N,C,H,W], labels [N])``.
 
     Every image goes through :func:`gamguard.runtime.preprocess.preprocess_batch` with ``spec``, the
@@ -68,8 +70,16 @@ class EpochDataPrefetcher:
     training deterministic. ``workers=0`` generates in the calling process.
     """
 
-    def __init__(self, per_class: int, garbage_per_kind: int, seeds: list[int], *, size: int = 256,
-                 spec: InputSpec = DEMO_INPUT, workers: int = 1):
+    def __init__(
+        self,
+        per_class: int,
+        garbage_per_kind: int,
+        seeds: list[int],
+        *,
+        size: int = 256,
+        spec: InputSpec = DEMO_INPUT,
+        workers: int = 1,
+    ):
         self._args = (per_class, garbage_per_kind)
         self._size, self._spec = size, spec.to_manifest()
         self._seeds = list(seeds)

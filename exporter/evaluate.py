@@ -23,6 +23,7 @@ method's "in-distribution-ness" as the score (so FPR95 is the fraction of an OOD
 of the enforced checks' p-values, 0 for inputs predicted as garbage); the guard's *decision* uses the
 calibrated conformal cut on that statistic, and its rejection rate per set is reported alongside.
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,8 +40,8 @@ import torch
 from torch import nn
 
 from gamguard.runtime import ood_baselines
-from gamguard.runtime.demo import phantoms
 from gamguard.runtime.bundle import InputSpec
+from gamguard.runtime.demo import phantoms
 from gamguard.runtime.preprocess import preprocess_batch
 
 from .garbage import balanced_class_weight
@@ -86,8 +87,10 @@ def load_pneumoniamnist(data_root: Path) -> dict[str, tuple[np.ndarray, np.ndarr
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --data-root must point at the shared datasets folder")
     with np.load(path) as z:
-        return {s: (z[f"{s}_images"].astype(np.float32) / 255.0, z[f"{s}_labels"].reshape(-1).astype(np.int64))
-                for s in ("train", "val", "test")}
+        return {
+            s: (z[f"{s}_images"].astype(np.float32) / 255.0, z[f"{s}_labels"].reshape(-1).astype(np.int64))
+            for s in ("train", "val", "test")
+        }
 
 
 def _decode_all(paths, *, frame=None) -> tuple[list[np.ndarray], list[str], list[str]]:
@@ -132,30 +135,48 @@ def load_ood_sets(data_root: Path, seed: int, generated_per_kind: int) -> dict[s
     root = Path(data_root)
     sets = {}
     specs = [
-        ("hannover_cxr", sorted((root / "hannover_cxr" / "png").glob("*.png")), None,
-         "adult chest X-rays, Hannover Medical School (CC BY 3.0): near-OOD / domain shift"),
-        ("hand_xray", sorted((root / "ood" / "hand_xray").glob("*.png")), None,
-         "paediatric hand radiographs (other anatomy)"),
-        ("pelvis_xray", sorted((root / "ood" / "pelvis_xray").glob("*.dcm")), None,
-         "paediatric AP pelvis radiographs, JPEG 2000 DICOM (other anatomy)"),
-        ("other_modality", _other_modality_files(), 0,
-         "pydicom test files, modalities CT/MR/NM/US (first frame of multi-frame files)"),
+        (
+            "hannover_cxr",
+            sorted((root / "hannover_cxr" / "png").glob("*.png")),
+            None,
+            "adult chest X-rays, Hannover Medical School (CC BY 3.0): near-OOD / domain shift",
+        ),
+        (
+            "hand_xray",
+            sorted((root / "ood" / "hand_xray").glob("*.png")),
+            None,
+            "paediatric hand radiographs (other anatomy)",
+        ),
+        (
+            "pelvis_xray",
+            sorted((root / "ood" / "pelvis_xray").glob("*.dcm")),
+            None,
+            "paediatric AP pelvis radiographs, JPEG 2000 DICOM (other anatomy)",
+        ),
+        (
+            "other_modality",
+            _other_modality_files(),
+            0,
+            "pydicom test files, modalities CT/MR/NM/US (first frame of multi-frame files)",
+        ),
     ]
     for name, paths, frame, desc in specs:
         images, names, failed = _decode_all(paths, frame=frame)
         sets[name] = {"images": images, "names": names, "description": desc, "undecodable": failed}
     images, kinds = phantoms.ood_set(GENERATED_EVAL_KINDS, generated_per_kind, seed + 7919, 256)
-    sets["generated_non_xray"] = {"images": list(images), "names": list(kinds), "undecodable": [],
-                                  "description": f"generated {', '.join(GENERATED_EVAL_KINDS)} images "
-                                                 "(generator kinds never used in training)"}
+    sets["generated_non_xray"] = {
+        "images": list(images),
+        "names": list(kinds),
+        "undecodable": [],
+        "description": f"generated {', '.join(GENERATED_EVAL_KINDS)} images (generator kinds never used in training)",
+    }
     return sets
 
 
 # ------------------------------------------------------------------------------------- training
 
 
-def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: EvalConfig,
-        progress: Callable[[str], None]) -> list[dict]:
+def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: EvalConfig, progress: Callable[[str], None]) -> list[dict]:
     """Class-balanced cross-entropy with AdamW and a one-cycle schedule; small random shifts as
     augmentation (chest films are not mirrored: the heart's side matters)."""
     torch.manual_seed(cfg.seed)
@@ -173,13 +194,23 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: EvalConfig,
     history = []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        loss, acc = train_one_epoch(model, xt, yt, opt=opt, sched=sched, loss_fn=loss_fn,
-                                    batch_size=cfg.batch_size, generator=gen, augment=shift)
-        entry = {"epoch": epoch + 1, "loss": loss, "train_accuracy": acc,
-                 "seconds": round(time.perf_counter() - t0, 2)}
+        loss, acc = train_one_epoch(
+            model,
+            xt,
+            yt,
+            opt=opt,
+            sched=sched,
+            loss_fn=loss_fn,
+            batch_size=cfg.batch_size,
+            generator=gen,
+            augment=shift,
+        )
+        entry = {"epoch": epoch + 1, "loss": loss, "train_accuracy": acc, "seconds": round(time.perf_counter() - t0, 2)}
         history.append(entry)
-        progress(f"epoch {epoch + 1}/{cfg.epochs}  loss {entry['loss']:.4f}  train acc "
-                 f"{entry['train_accuracy']:.3f}  {entry['seconds']:.1f} s")
+        progress(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {entry['loss']:.4f}  train acc "
+            f"{entry['train_accuracy']:.3f}  {entry['seconds']:.1f} s"
+        )
     return history
 
 
@@ -208,33 +239,62 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
     g_images, _ = phantoms.ood_set(GARBAGE_KINDS, cfg.garbage_per_kind, cfg.seed + 1, 256)
     x = np.concatenate([preprocess_batch(list(x_id), SPEC), preprocess_batch(list(g_images), SPEC)])
     y = np.concatenate([y_id, np.full(len(g_images), GARBAGE, np.int64)])
-    progress(f"training on {len(x_id)} PneumoniaMNIST images + {len(g_images)} generated garbage images "
-             f"({', '.join(GARBAGE_KINDS)}), input {SPEC.height}x{SPEC.width}")
+    progress(
+        f"training on {len(x_id)} PneumoniaMNIST images + {len(g_images)} generated garbage images "
+        f"({', '.join(GARBAGE_KINDS)}), input {SPEC.height}x{SPEC.width}"
+    )
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # seeded initialisation: the same weights run after run
     model = build_model(dict(ARCH_CONFIG))
     history = fit(model, x, y, cfg, progress)
     train_seconds = time.perf_counter() - t0
     model.eval()
-    ckpt = {"format": CHECKPOINT_FORMAT, "arch": "guardnet", "config": dict(ARCH_CONFIG),
-            "state_dict": model.state_dict(), "class_names": CLASS_NAMES, "garbage_class": GARBAGE,
-            "input": SPEC.to_manifest(), "target_layer": TARGET_LAYER, "early_layer": EARLY_LAYER,
-            "train_report": {"history": history, "seconds": train_seconds, "config": asdict(cfg)}}
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": "guardnet",
+        "config": dict(ARCH_CONFIG),
+        "state_dict": model.state_dict(),
+        "class_names": CLASS_NAMES,
+        "garbage_class": GARBAGE,
+        "input": SPEC.to_manifest(),
+        "target_layer": TARGET_LAYER,
+        "early_layer": EARLY_LAYER,
+        "train_report": {"history": history, "seconds": train_seconds, "config": asdict(cfg)},
+    }
     save_checkpoint(ckpt, workdir / "checkpoint.pt")
     bundle_dir = workdir / "bundle"
     progress(f"exporting fused ONNX bundle to {bundle_dir}")
-    export_bundle(model, bundle_dir, class_names=CLASS_NAMES, garbage_class=GARBAGE, target_layer=TARGET_LAYER,
-                  early_layer=EARLY_LAYER, input_shape=(1, SPEC.height, SPEC.width),
-                  normalization={"mean": SPEC.mean, "std": SPEC.std}, model_name="pneumoniamnist-guardnet",
-                  model_version="1")
+    export_bundle(
+        model,
+        bundle_dir,
+        class_names=CLASS_NAMES,
+        garbage_class=GARBAGE,
+        target_layer=TARGET_LAYER,
+        early_layer=EARLY_LAYER,
+        input_shape=(1, SPEC.height, SPEC.width),
+        normalization={"mean": SPEC.mean, "std": SPEC.std},
+        model_name="pneumoniamnist-guardnet",
+        model_version="1",
+    )
     x_val, y_val = data["val"]
-    progress(f"calibrating: references from the training split ({len(x_id)} images), p-values and the "
-             f"conformal cut from the validation split ({len(x_val)} images), alpha {cfg.alpha}")
-    calibrate_bundle(bundle_dir, images=lambda i: x_val[i], labels=y_val, alpha=cfg.alpha, seed=cfg.seed,
-                     dataset={"kind": "pneumoniamnist-val", "description": "PneumoniaMNIST balanced subset, "
-                              "validation split (MedMNIST v2, CC BY 4.0)", "n": int(len(x_val))},
-                     reference=(lambda i: x_id[i], y_id, {"kind": "pneumoniamnist-train", "n": int(len(x_id))}),
-                     progress=progress)
+    progress(
+        f"calibrating: references from the training split ({len(x_id)} images), p-values and the "
+        f"conformal cut from the validation split ({len(x_val)} images), alpha {cfg.alpha}"
+    )
+    calibrate_bundle(
+        bundle_dir,
+        images=lambda i: x_val[i],
+        labels=y_val,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        dataset={
+            "kind": "pneumoniamnist-val",
+            "description": "PneumoniaMNIST balanced subset, validation split (MedMNIST v2, CC BY 4.0)",
+            "n": int(len(x_val)),
+        },
+        reference=(lambda i: x_id[i], y_id, {"kind": "pneumoniamnist-train", "n": int(len(x_id))}),
+        progress=progress,
+    )
     return model, {"seconds": round(train_seconds, 1), "history": history}
 
 
@@ -248,8 +308,11 @@ def _roc(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict:
     y = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
     s = np.r_[id_scores, ood_scores]
     fpr, tpr, _ = roc_curve(y, s)
-    return {"auroc": float(roc_auc_score(y, s)), "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
-            "curve": (fpr, tpr)}
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+        "curve": (fpr, tpr),
+    }
 
 
 def _guard_run(guard, x: np.ndarray) -> dict:
@@ -274,8 +337,14 @@ def _engine_outputs(engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(logits), np.concatenate(early)
 
 
-def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, reuse: bool = False,
-             progress: Callable[[str], None] | None = None) -> dict:
+def evaluate(
+    data_root: Path,
+    workdir: Path,
+    cfg: EvalConfig | None = None,
+    *,
+    reuse: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Run the preset end to end; writes ``workdir/bundle`` and ``workdir/report``; returns the results."""
     from gamguard.runtime.guard import Guard
 
@@ -310,10 +379,13 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
     def baseline_scores(xp):  # in-distribution-ness: negated OOD scores
         logits, early = _engine_outputs(guard.engine, xp)
         z = logits[:, real]
-        return {"msp": -ood_baselines.msp_score(z), "energy": -ood_baselines.energy_score(z),
-                "max_logit": -ood_baselines.max_logit_score(z),
-                "mahalanobis_early": -maha_early.score(early),
-                "mahalanobis_penultimate": -maha_pen.score(penultimate_features(model, xp))}
+        return {
+            "msp": -ood_baselines.msp_score(z),
+            "energy": -ood_baselines.energy_score(z),
+            "max_logit": -ood_baselines.max_logit_score(z),
+            "mahalanobis_early": -maha_early.score(early),
+            "mahalanobis_penultimate": -maha_pen.score(penultimate_features(model, xp)),
+        }
 
     progress(f"guard on the test split ({len(data['test'][0])} images)")
     x_test, y_test = data["test"]
@@ -331,7 +403,9 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
         "accepted_accuracy": float((labels[accepted] == y_test[accepted]).mean()) if accepted.any() else None,
         "accuracy_all_argmax": float((np.array([v.predicted_index for v in id_run["verdicts"]]) == y_test).mean()),
         "garbage_training_sets": [f"generated:{k}" for k in GARBAGE_KINDS],
-        "ood": {}, "baselines": {name: {} for name in id_base}, "sets": {},
+        "ood": {},
+        "baselines": {name: {} for name in id_base},
+        "sets": {},
     }
     curves = {}
     for name, s in ood.items():
@@ -347,10 +421,17 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
         for v in run["verdicts"]:
             for r in v.reasons:
                 reasons[r] = reasons.get(r, 0) + 1
-        results["ood"][name] = {"rejection_rate": float(1 - run["accepted"].mean()), **roc,
-                                "n": len(s["images"]), "reasons": reasons}
-        results["sets"][name] = {"description": s["description"], "n": len(s["images"]),
-                                 "undecodable": s["undecodable"]}
+        results["ood"][name] = {
+            "rejection_rate": float(1 - run["accepted"].mean()),
+            **roc,
+            "n": len(s["images"]),
+            "reasons": reasons,
+        }
+        results["sets"][name] = {
+            "description": s["description"],
+            "n": len(s["images"]),
+            "undecodable": s["undecodable"],
+        }
         base = baseline_scores(xp)
         for b, sc in base.items():
             r = _roc(id_base[b], sc)
@@ -360,19 +441,22 @@ def evaluate(data_root: Path, workdir: Path, cfg: EvalConfig | None = None, *, r
     # Model suitability in the paper's sense: the guard run over a whole set, compared with its
     # calibration (rejection rate with a confidence interval, per-check rates, KS shift per score).
     progress("suitability of the model for hannover_cxr (and, as a control, for its own test split)")
-    hannover = _hannover_suitability(guard, Path(data_root) / "hannover_cxr" / "png", ood.get("hannover_cxr"),
-                                     workdir / "suitability_hannover")
+    hannover = _hannover_suitability(
+        guard, Path(data_root) / "hannover_cxr" / "png", ood.get("hannover_cxr"), workdir / "suitability_hannover"
+    )
     from gamguard.runtime.suitability import Item, assess
 
-    test_items = [Item(f"test/{i}", v, None, CLASS_NAMES[y]) for i, (v, y) in enumerate(zip(id_run["verdicts"], y_test))]
+    test_items = [
+        Item(f"test/{i}", v, None, CLASS_NAMES[y]) for i, (v, y) in enumerate(zip(id_run["verdicts"], y_test))
+    ]
     test_suit = assess(guard, test_items, dataset="pneumoniamnist test split")
     results["suitability"] = {
         name: {k: r[k] for k in ("verdict", "reasons", "warnings", "n")} | {"report": r.get("report")}
-        for name, r in (("hannover_cxr", hannover), ("pneumoniamnist_test", test_suit))}
+        for name, r in (("hannover_cxr", hannover), ("pneumoniamnist_test", test_suit))
+    }
     results["goals"] = _goals(results)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    results["training"] = {"seconds": training.get("seconds"),
-                           "epochs": len(training.get("history") or [])}
+    results["training"] = {"seconds": training.get("seconds"), "epochs": len(training.get("history") or [])}
     report_dir = workdir / "report"
     _write_report(report_dir, results, id_run, ood, curves, x_test)
     results["report"] = str(report_dir / "index.html")
@@ -391,8 +475,10 @@ def _hannover_suitability(guard, folder: Path, s: dict | None, report_dir: Path)
     verdicts = s["run"]["verdicts"] if "run" in s else []
     max_examples = 8
     step = max(1, (len(verdicts) + len(s["undecodable"])) // (4 * max_examples))
-    items = [Item(str(folder / name), v, pixels if i % step == 0 else None)
-             for i, (name, v, pixels) in enumerate(zip(s["names"], verdicts, s["images"]))]
+    items = [
+        Item(str(folder / name), v, pixels if i % step == 0 else None)
+        for i, (name, v, pixels) in enumerate(zip(s["names"], verdicts, s["images"]))
+    ]
     for msg in s["undecodable"]:  # "<file name>: <decode error>", as the suitability run reports them
         name, _, err = msg.partition(": ")
         items.append(Item(str(folder / name), Verdict.rejected("INVALID_INPUT", err), None))
@@ -409,8 +495,7 @@ def _goals(r: dict) -> dict:
     return {
         "id_false_rejection_within_alpha_2pts": bool(frr_ok),
         "far_ood_rejection_ge_99pct": {k: bool(v >= GOALS["far_ood_rejection"]) for k, v in far.items()},
-        "guard_auroc_ge_best_baseline": {k: bool(r["ood"][k]["auroc"] >= best_baseline[k] - 1e-12)
-                                         for k in r["ood"]},
+        "guard_auroc_ge_best_baseline": {k: bool(r["ood"][k]["auroc"] >= best_baseline[k] - 1e-12) for k in r["ood"]},
         "best_baseline_auroc": best_baseline,
     }
 
@@ -480,24 +565,29 @@ def _write_report(out: Path, results: dict, id_run: dict, ood: dict, curves: dic
         f"<tr><td>{html.escape(n)}</td><td>{results['ood'][n]['n']}</td>"
         f"<td>{results['ood'][n]['rejection_rate']:.3f}</td><td>{results['ood'][n]['auroc']:.3f}</td>"
         f"<td>{results['ood'][n]['fpr95']:.3f}</td>"
-        + "".join(f"<td>{results['baselines'][b][n]['auroc']:.3f} / {results['baselines'][b][n]['fpr95']:.3f}</td>"
-                  for b in results["baselines"]) + "</tr>" for n in names)
+        + "".join(
+            f"<td>{results['baselines'][b][n]['auroc']:.3f} / {results['baselines'][b][n]['fpr95']:.3f}</td>"
+            for b in results["baselines"]
+        )
+        + "</tr>"
+        for n in names
+    )
     heads = "".join(f"<th>{html.escape(b)}<br>AUROC / FPR95</th>" for b in results["baselines"])
     page = f"""<!doctype html><meta charset="utf-8"><title>gamguard evaluate: pneumoniamnist</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 table{{border-collapse:collapse}}img{{max-width:100%}}</style>
 <h1>Guard efficacy: PneumoniaMNIST model</h1>
-<p>In-distribution test split: n={results['n_test']}, false rejection {results['id_false_rejection_rate']:.3f}
-(alpha {results['alpha']}, calibrated {results['calibrated_false_rejection_rate']}), accuracy of accepted
-predictions {results['accepted_accuracy']}. Garbage class trained on: {', '.join(results['garbage_training_sets'])}
+<p>In-distribution test split: n={results["n_test"]}, false rejection {results["id_false_rejection_rate"]:.3f}
+(alpha {results["alpha"]}, calibrated {results["calibrated_false_rejection_rate"]}), accuracy of accepted
+predictions {results["accepted_accuracy"]}. Garbage class trained on: {", ".join(results["garbage_training_sets"])}
 (no real images); none of the sets below was seen in training.</p>
 <table><tr><th>set</th><th>n</th><th>guard rejection</th><th>guard AUROC</th><th>guard FPR95</th>{heads}</tr>
 {rows}</table>
-<h2>Goals</h2><pre>{html.escape(json.dumps(results['goals'], indent=1))}</pre>
-<h2>Score histograms</h2>{_img_tag(out / 'histograms.png')}
-<h2>ROC curves</h2>{_img_tag(out / 'roc.png')}
+<h2>Goals</h2><pre>{html.escape(json.dumps(results["goals"], indent=1))}</pre>
+<h2>Score histograms</h2>{_img_tag(out / "histograms.png")}
+<h2>ROC curves</h2>{_img_tag(out / "roc.png")}
 <h2>Example overlays</h2><p>Four accepted test images, then the first rejected image of each set.</p>
-{_img_tag(out / 'overlays.png')}
+{_img_tag(out / "overlays.png")}
 <h2>Data</h2><p>PneumoniaMNIST (MedMNIST v2, Yang et al. 2023; Kermany et al. 2018), CC BY 4.0. Hannover
 Medical School COVID-19 Image Repository, CC BY 3.0. DDH pelvis radiographs, Fraiwan et al. 2022, CC BY 4.0.
 Hand radiographs: radinformatics bone-age examples (MIT). pydicom test files.</p>

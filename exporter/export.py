@@ -9,6 +9,7 @@ at other batch sizes and compares every output with the torch wrapper — a mism
 :func:`gamguard.runtime.bundle.write_manifest`; calibration is left empty (``gamguard calibrate``
 fills it), so the runtime refuses to serve the bundle until it is calibrated.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ def _as_mean_std(normalization, channels: int) -> tuple[tuple[float, ...], tuple
     if len(std) == 1:
         std = std * channels
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
-        raise ValueError(f"normalization needs {channels} means and {channels} positive stds, "
-                         f"got mean={mean} std={std}")
+        raise ValueError(
+            f"normalization needs {channels} means and {channels} positive stds, got mean={mean} std={std}"
+        )
     return tuple(mean), tuple(std)
 
 
@@ -83,8 +85,7 @@ def onnx_op_types(model_path: str | Path) -> list[str]:
 
     def visit(graph):
         for node in graph.node:
-            types.add(f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx")
-                      else node.op_type)
+            types.add(f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type)
             for attr in node.attribute:
                 if attr.g is not None and attr.g.node:
                     visit(attr.g)
@@ -112,11 +113,11 @@ def check_onnx_graph(model_path: str | Path) -> list[str]:
     proto = onnx.load(str(model_path), load_external_data=False)
     domains = {o.domain for o in proto.opset_import} - {"", "ai.onnx"}
     if domains:
-        raise ExportError(f"{model_path}: non-standard operator domains {sorted(domains)} "
-                          "(only the default ONNX domain is allowed)")
+        raise ExportError(
+            f"{model_path}: non-standard operator domains {sorted(domains)} (only the default ONNX domain is allowed)"
+        )
     ops = onnx_op_types(model_path)
-    bad = [op for op in ops if "::" in op or op in ("Gradient", "Momentum", "Adagrad", "Adam")
-           or op.endswith("Grad")]
+    bad = [op for op in ops if "::" in op or op in ("Gradient", "Momentum", "Adagrad", "Adam") or op.endswith("Grad")]
     if bad:
         raise ExportError(f"{model_path}: training/gradient or custom ops in the graph: {bad}")
     return ops
@@ -142,8 +143,15 @@ def _quiet_exporter_logs():
             logging.getLogger(n).setLevel(level)
 
 
-def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, *, output_names,
-                opset: int = 18, dynamic_spatial: bool = False) -> str:
+def export_onnx(
+    module: nn.Module,
+    path: str | Path,
+    example: torch.Tensor,
+    *,
+    output_names,
+    opset: int = 18,
+    dynamic_spatial: bool = False,
+) -> str:
     """Export ``module(example)`` to ``path`` with a dynamic batch axis; returns the exporter used.
 
     Opset ≥ 18 uses the ``torch.export``-based exporter (``dynamo=True``); lower opsets use the
@@ -159,8 +167,16 @@ def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, *, o
             dims = {0: batch}
             if dynamic_spatial:
                 dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
-            torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes={INPUT_NAME: dims}, verbose=False, **common)
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={INPUT_NAME: dims},
+                verbose=False,
+                **common,
+            )
             return "dynamo"
         axes = {INPUT_NAME: {0: "batch", **({2: "height", 3: "width"} if dynamic_spatial else {})}}
         for name in output_names:
@@ -168,8 +184,9 @@ def export_onnx(module: nn.Module, path: str | Path, example: torch.Tensor, *, o
         with warnings.catch_warnings():
             # Choosing the legacy exporter for opset 17 is deliberate (TensorRT 8.x).
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            torch.onnx.export(module, (example,), str(path), dynamo=False, dynamic_axes=axes,
-                              do_constant_folding=True, **common)
+            torch.onnx.export(
+                module, (example,), str(path), dynamo=False, dynamic_axes=axes, do_constant_folding=True, **common
+            )
         return "torchscript"
 
 
@@ -219,8 +236,9 @@ def _check_parity(result: dict) -> None:
     if lo < -1e-6 or hi > 1 + 1e-6:
         problems.append(f"cam outside [0, 1]: [{lo}, {hi}]")
     if problems:
-        raise ExportError(f"ONNX Runtime does not reproduce the torch outputs at batch "
-                          f"{result['batch']}: " + "; ".join(problems))
+        raise ExportError(
+            f"ONNX Runtime does not reproduce the torch outputs at batch {result['batch']}: " + "; ".join(problems)
+        )
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -229,8 +247,10 @@ def _check_out_dir(out_dir: Path) -> None:
     foreign = [p.name for p in out_dir.iterdir() if p.name not in _OWN_FILES] if out_dir.is_dir() else []
     if foreign:
         # write_manifest hashes every file in the directory into the bundle; refuse to adopt them.
-        raise ValueError(f"{out_dir} contains files that are not part of a gamguard bundle "
-                         f"({', '.join(sorted(foreign))}); export into an empty directory")
+        raise ValueError(
+            f"{out_dir} contains files that are not part of a gamguard bundle "
+            f"({', '.join(sorted(foreign))}); export into an empty directory"
+        )
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
@@ -289,8 +309,7 @@ def export_bundle(
     out_dir = Path(out_dir)
     c, h, w = _chw(input_shape)
     mean, std = _as_mean_std(normalization, c)
-    spec = InputSpec(channels=c, height=h, width=w, mean=mean, std=std, resize=resize,
-                     photometric=photometric)
+    spec = InputSpec(channels=c, height=h, width=w, mean=mean, std=std, resize=resize, photometric=photometric)
     class_names = [str(n) for n in class_names]
     if isinstance(garbage_class, str):
         if garbage_class not in class_names:
@@ -319,29 +338,30 @@ def export_bundle(
     model.eval()
     try:
         with torch.no_grad():
-            wrapper = FusedGradCAM(model, target_layer, early_layer, example, early_pool,
-                                   dynamic_spatial=dynamic_spatial).eval()
+            wrapper = FusedGradCAM(
+                model, target_layer, early_layer, example, early_pool, dynamic_spatial=dynamic_spatial
+            ).eval()
             logits, cam, early = wrapper(example)
         if logits.shape[1] != len(class_names):
-            raise ValueError(f"the model has {logits.shape[1]} outputs but {len(class_names)} "
-                             f"class names were given: {class_names}")
-        log.info("head after %r: %s (%s)", target_layer, wrapper.head_kind,
-                 " → ".join(s.origin for s in wrapper.steps))
+            raise ValueError(
+                f"the model has {logits.shape[1]} outputs but {len(class_names)} class names were given: {class_names}"
+            )
+        log.info("head after %r: %s (%s)", target_layer, wrapper.head_kind, " → ".join(s.origin for s in wrapper.steps))
 
         with tempfile.TemporaryDirectory(prefix="gamguard-export-") as tmp:
             tmp_model = Path(tmp) / bundle_mod.MODEL_FILE
             log.info("exporting ONNX opset %d ...", opset)
             t0 = time.perf_counter()
             with torch.no_grad():
-                exporter = export_onnx(wrapper, tmp_model, example, output_names=OUTPUT_NAMES,
-                                       opset=opset, dynamic_spatial=dynamic_spatial)
+                exporter = export_onnx(
+                    wrapper, tmp_model, example, output_names=OUTPUT_NAMES, opset=opset, dynamic_spatial=dynamic_spatial
+                )
             export_seconds = time.perf_counter() - t0
             op_types = check_onnx_graph(tmp_model)
             session = _ort_session(tmp_model)
             parity = []
             gen = torch.Generator().manual_seed(1)
-            checks = [example, torch.randn(3, c, h, w, generator=gen),
-                      torch.randn(1, c, h, w, generator=gen)]
+            checks = [example, torch.randn(3, c, h, w, generator=gen), torch.randn(1, c, h, w, generator=gen)]
             if dynamic_spatial:
                 checks.append(torch.randn(2, c, h + 16, w + 32, generator=gen))
             for x in checks:
@@ -386,4 +406,3 @@ def export_bundle(
         "guard": {"policy": "calibrated", "enforced_checks": ["garbage", "attention", "feature"]},
     }
     return bundle_mod.write_manifest(out_dir, manifest)
-

@@ -14,6 +14,7 @@ Typical use::
     model = add_garbage_class(model)                      # N → N+1 outputs, logits 0..N-1 unchanged
     finetune_with_garbage(model, id_x, id_y, garbage_x, epochs=30)
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,7 @@ def balanced_class_weight(y: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
     total weight (inverse frequency, normalised so that the weights average to 1 per sample); classes
     absent from ``y`` get weight 0."""
     counts = torch.bincount(y, minlength=k).to(dtype)
-    return torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()),
-                       torch.zeros_like(counts))
+    return torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros_like(counts))
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -95,8 +95,7 @@ def add_garbage_class(model: nn.Module, *, classifier: str | None = None, init: 
         raise ValueError(f"add_garbage_class: unknown init {init!r} (expected one of {', '.join(INITS)})")
     name, old = find_classifier(model, classifier)
     n = old.out_features
-    new = nn.Linear(old.in_features, n + 1, bias=old.bias is not None,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    new = nn.Linear(old.in_features, n + 1, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight[:n].copy_(old.weight)
         if old.bias is not None:
@@ -117,8 +116,9 @@ def add_garbage_class(model: nn.Module, *, classifier: str | None = None, init: 
     _set_module(model, name, new)
     if isinstance(getattr(model, "num_classes", None), int):
         model.num_classes = n + 1
-    log.info("add_garbage_class: %s widened from %d to %d outputs (garbage class = %d, init=%s)",
-             name, n, n + 1, n, init)
+    log.info(
+        "add_garbage_class: %s widened from %d to %d outputs (garbage class = %d, init=%s)", name, n, n + 1, n, init
+    )
     return model
 
 
@@ -141,8 +141,9 @@ def _head_inputs(model: nn.Module, layer: nn.Linear, x: torch.Tensor, batch_size
             feats.append(captured[0][0])
             # The shortcut (training the Linear on cached inputs) is exact only if the Linear's
             # output is the model's output.
-            if not (isinstance(out, torch.Tensor) and out.shape == captured[0][1].shape
-                    and torch.equal(out, captured[0][1])):
+            if not (
+                isinstance(out, torch.Tensor) and out.shape == captured[0][1].shape and torch.equal(out, captured[0][1])
+            ):
                 return None
     finally:
         handle.remove()

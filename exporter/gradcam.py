@@ -24,6 +24,7 @@ min-max normalisation ``(x - min) / (1e-7 + max)`` **before** the bilinear resiz
 (``cv2.resize``, half-pixel centres = ``F.interpolate(..., align_corners=False)``); then
 ``aggregate_multi_layers`` applies ReLU and ``scale_cam_image`` once more (normalise, no resize).
 """
+
 from __future__ import annotations
 
 import operator
@@ -147,8 +148,7 @@ def _classify(node: fx.Node, gm: fx.GraphModule, x_shape) -> HeadStep:
             return step("linear", module=m)
         if isinstance(m, nn.ReLU):
             return step("relu")
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                          nn.Identity)):
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)):
             return step("identity")
         if isinstance(m, nn.Flatten):
             return step("reshape", call=m)
@@ -161,10 +161,10 @@ def _classify(node: fx.Node, gm: fx.GraphModule, x_shape) -> HeadStep:
                 raise _unsupported(origin, "BatchNorm without running statistics is batch-dependent")
             return step("batchnorm", module=m)
         if isinstance(m, nn.Conv2d):
-            no_padding = (m.padding in ("valid", "same") if isinstance(m.padding, str)
-                          else all(p == 0 for p in m.padding))
-            if (tuple(m.kernel_size) != (1, 1) or tuple(m.stride) != (1, 1) or m.groups != 1
-                    or not no_padding):
+            no_padding = (
+                m.padding in ("valid", "same") if isinstance(m.padding, str) else all(p == 0 for p in m.padding)
+            )
+            if tuple(m.kernel_size) != (1, 1) or tuple(m.stride) != (1, 1) or m.groups != 1 or not no_padding:
                 raise _unsupported(
                     origin,
                     f"kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)}, padding {m.padding}, "
@@ -203,8 +203,7 @@ def _classify(node: fx.Node, gm: fx.GraphModule, x_shape) -> HeadStep:
             return step(kind, call=target, args=tuple(rest_args), kwargs=kwargs)
         if target in ("view", "reshape"):
             # Accepted only as a flatten to [N, features] (the classic x.view(x.size(0), -1)).
-            if (x_shape is None or out_shape is None or len(out_shape) != 2
-                    or out_shape[0] != x_shape[0]):
+            if x_shape is None or out_shape is None or len(out_shape) != 2 or out_shape[0] != x_shape[0]:
                 raise _unsupported(origin, f"reshape {x_shape} -> {out_shape}; only flatten to [N, -1]")
             return step("reshape", call="flatten", args=(1,))
         if target == "mean":
@@ -234,13 +233,11 @@ def _node_for_module(graph: fx.Graph, name: str, role: str) -> fx.Node:
     if not nodes:
         raise ValueError(f"{role} {name!r} is never called by the model's forward")
     if len(nodes) > 1:
-        raise ValueError(f"{role} {name!r} is called {len(nodes)} times in forward; pick a layer "
-                         "used once")
+        raise ValueError(f"{role} {name!r} is called {len(nodes)} times in forward; pick a layer used once")
     return nodes[0]
 
 
-def plan_head(model: nn.Module, target_layer: str, early_layer: str,
-              example: torch.Tensor) -> HeadPlan:
+def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: torch.Tensor) -> HeadPlan:
     """Trace ``model`` and split it at ``target_layer`` into a body and a whitelisted head.
 
     ``example`` (a batch of valid inputs) is only used to propagate shapes through the trace.
@@ -277,8 +274,7 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str,
     # logits depend on).
     descendants: set[fx.Node] = set()
     for n in graph.nodes:  # graph order is topological
-        if n is not target_node and any(a is target_node or a in descendants
-                                        for a in n.all_input_nodes):
+        if n is not target_node and any(a is target_node or a in descendants for a in n.all_input_nodes):
             descendants.add(n)
     if logits_node is not target_node and logits_node not in descendants:
         raise ValueError(f"the logits do not depend on target_layer {target_layer!r}")
@@ -293,11 +289,9 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str,
         needed.add(n)
         stack.extend(n.all_input_nodes)
     head_nodes = [n for n in graph.nodes if n in needed and n in descendants]
-    outside = [n for n in needed if n not in descendants and n.op not in ("get_attr",)
-               and n is not target_node]
+    outside = [n for n in needed if n not in descendants and n.op not in ("get_attr",) and n is not target_node]
     if outside:
-        names = ", ".join(sorted(_origin_of(n, gm) if n.op != "placeholder" else "the input"
-                                 for n in outside))
+        names = ", ".join(sorted(_origin_of(n, gm) if n.op != "placeholder" else "the input" for n in outside))
         raise UnsupportedHeadError(
             f"cannot export Grad-CAM: the logits also depend on values computed before or beside "
             f"target_layer {target_layer!r} ({names}) — a skip connection around the target "
@@ -313,8 +307,7 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str,
             continue
         tensor_inputs = [a for a in n.all_input_nodes if _meta_shape(a) is not None]
         if tensor_inputs != [prev]:
-            raise _unsupported(_origin_of(n, gm),
-                               "it combines several tensors; only a chain of single-input ops")
+            raise _unsupported(_origin_of(n, gm), "it combines several tensors; only a chain of single-input ops")
         steps.append(_classify(n, gm, _meta_shape(prev)))
         prev = n
     if prev is not logits_node:
@@ -348,8 +341,9 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str,
 
     core = [s.kind for s in steps if s.kind not in ("identity", "reshape")]
     kind = "gap_linear" if core == ["gap", "linear"] else "generic"
-    return HeadPlan(body=body, steps=steps, kind=kind, target_shape=target_shape,
-                    early_shape=early_shape, logits_shape=logits_shape)
+    return HeadPlan(
+        body=body, steps=steps, kind=kind, target_shape=target_shape, early_shape=early_shape, logits_shape=logits_shape
+    )
 
 
 def _run_step(step: HeadStep, x: torch.Tensor) -> torch.Tensor:
@@ -492,9 +486,15 @@ class FusedGradCAM(nn.Module):
             constants of the graph (no Range/Mod shape arithmetic for TensorRT to handle).
     """
 
-    def __init__(self, model: nn.Module, target_layer: str, early_layer: str,
-                 example: torch.Tensor, early_pool: tuple[int, int] | None = (8, 8),
-                 dynamic_spatial: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str,
+        early_layer: str,
+        example: torch.Tensor,
+        early_pool: tuple[int, int] | None = (8, 8),
+        dynamic_spatial: bool = False,
+    ):
         super().__init__()
         if model.training:
             raise ValueError("put the model in eval mode (model.eval()) before wrapping it")
@@ -552,11 +552,14 @@ class FusedGradCAM(nn.Module):
         out_hw = (image.shape[-2], image.shape[-1])
         interp = None
         if self._interp_rows is not None and (
-                # a static export is at the example's size (its input shape is fixed); in eager
-                # mode another size computes its own matrices instead of reusing wrong ones
-                torch.onnx.is_in_onnx_export()
-                or (tuple(self._interp_rows.shape) == (out_hw[0], acts.shape[-2])
-                    and tuple(self._interp_cols.shape) == (acts.shape[-1], out_hw[1]))):
+            # a static export is at the example's size (its input shape is fixed); in eager
+            # mode another size computes its own matrices instead of reusing wrong ones
+            torch.onnx.is_in_onnx_export()
+            or (
+                tuple(self._interp_rows.shape) == (out_hw[0], acts.shape[-2])
+                and tuple(self._interp_cols.shape) == (acts.shape[-1], out_hw[1])
+            )
+        ):
             interp = (self._interp_rows, self._interp_cols)
         cam = gradcam_map(acts, weights, out_hw, interp)
         if self.early_pool is not None:

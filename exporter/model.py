@@ -16,6 +16,7 @@ At the demo input of 1×128×128 ``layer1`` is 16×64×64 and ``layer3`` is 64×
 global-average-pool → flatten → Linear, the form for which the fused export computes the Grad-CAM
 weights in closed form (``fc.weight[c] / (h·w)``). Global pooling makes any input size ≥ 8×8 work.
 """
+
 from __future__ import annotations
 
 import torch

@@ -22,6 +22,7 @@ held-out garbage-kind samples classified garbage 0.995, no held-out phantom sent
 The checkpoint is a plain dict written with ``torch.save`` (see :func:`save_checkpoint`), read back
 with :func:`load_checkpoint`; the exporter turns it into a bundle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,17 +38,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from gamguard.runtime.demo import phantoms
 from gamguard.runtime.bundle import InputSpec
+from gamguard.runtime.demo import phantoms
 
-from .data import (DEMO_INPUT, GARBAGE_NAME, EpochDataPrefetcher, class_names, derive_seed, make_dataset,
-                   stage_names)
+from .data import DEMO_INPUT, GARBAGE_NAME, EpochDataPrefetcher, class_names, derive_seed, make_dataset, stage_names
 from .garbage import balanced_class_weight
 from .model import ARCH, build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "DEMO_INPUT", "TARGET_LAYER", "EARLY_LAYER", "TrainConfig", "train", "evaluate",
-           "predict", "make_dataset", "make_checkpoint", "save_checkpoint", "load_checkpoint", "class_names",
-           "stage_names", "derive_seed"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "DEMO_INPUT",
+    "TARGET_LAYER",
+    "EARLY_LAYER",
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "predict",
+    "make_dataset",
+    "make_checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "class_names",
+    "stage_names",
+    "derive_seed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +84,31 @@ class TrainConfig:
     """Everything that determines a training run (recorded in the checkpoint)."""
 
     epochs: int = 20
-    per_class: int = 200          # phantoms per maturity class per epoch
-    garbage_per_kind: int = 50    # images per garbage-training kind per epoch
+    per_class: int = 200  # phantoms per maturity class per epoch
+    garbage_per_kind: int = 50  # images per garbage-training kind per epoch
     seed: int = 0
-    threads: int | None = 1       # torch CPU threads (None: torch default); + data_workers processes
+    threads: int | None = 1  # torch CPU threads (None: torch default); + data_workers processes
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
     widths: tuple[int, int, int] = (16, 32, 64)
-    input_norm: bool = True       # per-image standardisation inside the model (see GuardNet)
-    generator_size: int = 256     # generator output side; preprocess resizes to DEMO_INPUT
-    fresh_data: bool = True       # new images every epoch (augmentation) vs one fixed set
-    data_workers: int = 1         # processes generating the next epoch's data (0: in-process)
-    test_per_class: int = 100     # held-out phantoms per class
-    test_garbage_per_kind: int = 100   # held-out samples per garbage-training kind
-    test_held_out_per_kind: int = 50   # samples per never-trained kind (reported, no target)
+    input_norm: bool = True  # per-image standardisation inside the model (see GuardNet)
+    generator_size: int = 256  # generator output side; preprocess resizes to DEMO_INPUT
+    fresh_data: bool = True  # new images every epoch (augmentation) vs one fixed set
+    data_workers: int = 1  # processes generating the next epoch's data (0: in-process)
+    test_per_class: int = 100  # held-out phantoms per class
+    test_garbage_per_kind: int = 100  # held-out samples per garbage-training kind
+    test_held_out_per_kind: int = 50  # samples per never-trained kind (reported, no target)
 
     def model_config(self) -> dict:
-        return {"num_classes": len(class_names()), "widths": list(self.widths), "in_channels": 1,
-                "blocks": 1, "dropout": 0.0, "input_norm": self.input_norm}
+        return {
+            "num_classes": len(class_names()),
+            "widths": list(self.widths),
+            "in_channels": 1,
+            "blocks": 1,
+            "dropout": 0.0,
+            "input_norm": self.input_norm,
+        }
 
 
 @contextmanager
@@ -119,8 +139,16 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarr
     return np.bincount(np.asarray(y_true) * k + np.asarray(y_pred), minlength=k * k).reshape(k, k)
 
 
-def evaluate(model: nn.Module, *, seed: int, per_class: int = 100, garbage_per_kind: int = 100,
-             held_out_per_kind: int = 50, size: int = 256, spec: InputSpec = DEMO_INPUT) -> dict:
+def evaluate(
+    model: nn.Module,
+    *,
+    seed: int,
+    per_class: int = 100,
+    garbage_per_kind: int = 100,
+    held_out_per_kind: int = 50,
+    size: int = 256,
+    spec: InputSpec = DEMO_INPUT,
+) -> dict:
     """Accuracy of a demo model on freshly generated data (use a seed not used for training).
 
     Returns phantom accuracy (per class too), the fraction of garbage-training-kind samples classified
@@ -135,19 +163,20 @@ def evaluate(model: nn.Module, *, seed: int, per_class: int = 100, garbage_per_k
     garbage_kinds = list(phantoms.GARBAGE_TRAIN_KINDS)
     per_kind, p_garbage = {}, []
     for i, kind in enumerate(garbage_kinds):
-        xg, _ = make_dataset(0, garbage_per_kind, derive_seed(seed, _TEST_GARBAGE, i), size=size,
-                             kinds=[kind], spec=spec)
+        xg, _ = make_dataset(
+            0, garbage_per_kind, derive_seed(seed, _TEST_GARBAGE, i), size=size, kinds=[kind], spec=spec
+        )
         pg = predict(model, xg)
         per_kind[kind] = float(np.mean(pg == g))
         p_garbage.append(pg)
     p_garbage = np.concatenate(p_garbage) if p_garbage else np.zeros(0, np.int64)
     held_out = {}
     for i, kind in enumerate(phantoms.HELD_OUT_KINDS if held_out_per_kind > 0 else []):
-        xh, _ = make_dataset(0, held_out_per_kind, derive_seed(seed, _TEST_HELD_OUT, i), size=size,
-                             kinds=[kind], spec=spec)
+        xh, _ = make_dataset(
+            0, held_out_per_kind, derive_seed(seed, _TEST_HELD_OUT, i), size=size, kinds=[kind], spec=spec
+        )
         held_out[kind] = float(np.mean(predict(model, xh) == g))
-    cm = confusion_matrix(np.concatenate([y_id, np.full(len(p_garbage), g)]),
-                          np.concatenate([p_id, p_garbage]), k)
+    cm = confusion_matrix(np.concatenate([y_id, np.full(len(p_garbage), g)]), np.concatenate([p_id, p_garbage]), k)
     return {
         "seed": seed,
         "per_class": per_class,
@@ -158,14 +187,22 @@ def evaluate(model: nn.Module, *, seed: int, per_class: int = 100, garbage_per_k
         "garbage_recall": float(np.mean(p_garbage == g)) if len(p_garbage) else None,
         "garbage_recall_per_kind": per_kind,
         "held_out_kinds_garbage_rate": held_out,
-        "confusion_matrix": {"labels": names, "rows": "true", "columns": "predicted",
-                             "matrix": cm.tolist()},
+        "confusion_matrix": {"labels": names, "rows": "true", "columns": "predicted", "matrix": cm.tolist()},
     }
 
 
-def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, opt, sched, loss_fn,
-                    batch_size: int, generator: torch.Generator,
-                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+def train_one_epoch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    opt,
+    sched,
+    loss_fn,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
     """One pass over ``(x, y)`` in a random order (``generator``); the scheduler steps per batch.
     Returns ``(mean loss, accuracy)`` over the samples seen. ``augment`` transforms each batch."""
     model.train()
@@ -189,8 +226,9 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, opt, 
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
-def train(config: TrainConfig | None = None, *,
-          progress: Callable[[str], None] | None = None, evaluate_after: bool = True) -> tuple[nn.Module, dict]:
+def train(
+    config: TrainConfig | None = None, *, progress: Callable[[str], None] | None = None, evaluate_after: bool = True
+) -> tuple[nn.Module, dict]:
     """Train the demo model; returns ``(model in eval mode, report)``.
 
     ``progress`` receives one line per epoch (loss, train accuracy, time); default: the module logger.
@@ -205,8 +243,9 @@ def train(config: TrainConfig | None = None, *,
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         n_train = config.per_class * len(stage_names()) + config.garbage_per_kind * len(phantoms.GARBAGE_TRAIN_KINDS)
         steps_per_epoch = -(-n_train // config.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, epochs=config.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.2
+        )
         order_gen = torch.Generator().manual_seed(derive_seed(config.seed, _ORDER))
         # Fresh images every epoch (the generator's acquisition variation is the augmentation), made
         # in a worker process while the previous epoch trains; or one fixed set.
@@ -215,8 +254,13 @@ def train(config: TrainConfig | None = None, *,
         data_seconds = 0.0
         history = []
         x = y = None
-        with EpochDataPrefetcher(config.per_class, config.garbage_per_kind, data_seeds,
-                                 size=config.generator_size, workers=config.data_workers) as data:
+        with EpochDataPrefetcher(
+            config.per_class,
+            config.garbage_per_kind,
+            data_seeds,
+            size=config.generator_size,
+            workers=config.data_workers,
+        ) as data:
             for epoch in range(config.epochs):
                 t0 = time.perf_counter()
                 if x is None or config.fresh_data:
@@ -226,14 +270,29 @@ def train(config: TrainConfig | None = None, *,
                     loss_fn = nn.CrossEntropyLoss(weight=balanced_class_weight(y, len(names)))
                 t1 = time.perf_counter()
                 data_seconds += t1 - t0  # time spent waiting for data
-                mean_loss, accuracy = train_one_epoch(model, x, y, opt=opt, sched=sched, loss_fn=loss_fn,
-                                                      batch_size=config.batch_size, generator=order_gen)
-                entry = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": accuracy,
-                         "seconds": round(time.perf_counter() - t0, 2), "data_wait_seconds": round(t1 - t0, 2)}
+                mean_loss, accuracy = train_one_epoch(
+                    model,
+                    x,
+                    y,
+                    opt=opt,
+                    sched=sched,
+                    loss_fn=loss_fn,
+                    batch_size=config.batch_size,
+                    generator=order_gen,
+                )
+                entry = {
+                    "epoch": epoch + 1,
+                    "loss": mean_loss,
+                    "train_accuracy": accuracy,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "data_wait_seconds": round(t1 - t0, 2),
+                }
                 history.append(entry)
-                progress(f"epoch {epoch + 1}/{config.epochs}  loss {entry['loss']:.4f}  "
-                         f"train acc {entry['train_accuracy']:.3f}  {entry['seconds']:.1f} s "
-                         f"(data wait {entry['data_wait_seconds']:.1f} s)")
+                progress(
+                    f"epoch {epoch + 1}/{config.epochs}  loss {entry['loss']:.4f}  "
+                    f"train acc {entry['train_accuracy']:.3f}  {entry['seconds']:.1f} s "
+                    f"(data wait {entry['data_wait_seconds']:.1f} s)"
+                )
         train_seconds = time.perf_counter() - t_start
         model.eval()
         report = {
@@ -249,13 +308,17 @@ def train(config: TrainConfig | None = None, *,
         if evaluate_after:
             t_eval = time.perf_counter()
             test_seed = derive_seed(config.seed, 1_000_003)  # a different seed from all training data
-            test = evaluate(model, seed=test_seed, per_class=config.test_per_class,
-                            garbage_per_kind=config.test_garbage_per_kind,
-                            held_out_per_kind=config.test_held_out_per_kind, size=config.generator_size)
+            test = evaluate(
+                model,
+                seed=test_seed,
+                per_class=config.test_per_class,
+                garbage_per_kind=config.test_garbage_per_kind,
+                held_out_per_kind=config.test_held_out_per_kind,
+                size=config.generator_size,
+            )
             report["test"] = test
             report["seconds"]["evaluate"] = round(time.perf_counter() - t_eval, 2)
-            report["targets"] = {"phantom_accuracy": TARGET_PHANTOM_ACCURACY,
-                                 "garbage_recall": TARGET_GARBAGE_RECALL}
+            report["targets"] = {"phantom_accuracy": TARGET_PHANTOM_ACCURACY, "garbage_recall": TARGET_GARBAGE_RECALL}
             report["targets_met"] = bool(
                 test["phantom_accuracy"] >= TARGET_PHANTOM_ACCURACY
                 and (test["garbage_recall"] is None or test["garbage_recall"] >= TARGET_GARBAGE_RECALL)
@@ -315,8 +378,20 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a gamguard checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
-    missing = [k for k in ("arch", "config", "state_dict", "class_names", "garbage_class", "input",
-                           "target_layer", "early_layer") if k not in ckpt]
+    missing = [
+        k
+        for k in (
+            "arch",
+            "config",
+            "state_dict",
+            "class_names",
+            "garbage_class",
+            "input",
+            "target_layer",
+            "early_layer",
+        )
+        if k not in ckpt
+    ]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if ckpt["arch"] != ARCH:

@@ -25,6 +25,7 @@ would silently disable the guard.
       "guard": {"policy": "calibrated", "enforced_checks": [...]}
     }
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -188,5 +189,6 @@ def bundle_to_modify(arg: str | Path | None, command: str) -> Path:
     if not arg:
         raise BundleError(
             f"{command} modifies a bundle in place: pass --bundle DIR (to start from the demo bundle, "
-            f"copy it first: cp -r {default_bundle_dir()} my_bundle)")
+            f"copy it first: cp -r {default_bundle_dir()} my_bundle)"
+        )
     return Path(arg)

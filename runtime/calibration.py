@@ -32,6 +32,7 @@ from the other folds (halved at random) and the fold itself is scored — no ima
 parts' raw scores); the p-value tables and thresholds are rebuilt deterministically from them when a
 bundle is loaded (:class:`CalibrationData`), so there is one code path for calibration and serving.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,9 +49,23 @@ import numpy as np
 
 from . import bundle as bundle_mod
 from .bundle import REFERENCE_FILE, InputSpec
-from .checks import (CHECKS, DEFAULT_ALPHA, CalibrationData, CalibrationError, ConformalCut, FeatureReference,
-                     NullModel, ScoreSet, all_check_sets, checks_key, combined_statistic, decide,
-                     read_reference_arrays, real_class_indices, score_outputs)
+from .checks import (
+    CHECKS,
+    DEFAULT_ALPHA,
+    CalibrationData,
+    CalibrationError,
+    ConformalCut,
+    FeatureReference,
+    NullModel,
+    ScoreSet,
+    all_check_sets,
+    checks_key,
+    combined_statistic,
+    decide,
+    read_reference_arrays,
+    real_class_indices,
+    score_outputs,
+)
 from .similarity import DEFAULT_GRID, MEASURES, prepare
 
 log = logging.getLogger(__name__)
@@ -67,12 +82,22 @@ __all__ = ["CalibrationError", "calibrate_bundle", "crossfit_rates", "recalibrat
 # Calibration run
 # --------------------------------------------------------------------------------------------------
 
+
 def _progress(msg: str) -> None:
     print(f"calibrate: {msg}", file=sys.stderr, flush=True)
 
 
-def run_engine(engine, images: Callable[[int], np.ndarray], indices: Sequence[int], spec: InputSpec,
-               on_batch: Callable, *, progress: Callable[[str], None] | None, label: str, batch: int = BATCH):
+def run_engine(
+    engine,
+    images: Callable[[int], np.ndarray],
+    indices: Sequence[int],
+    spec: InputSpec,
+    on_batch: Callable,
+    *,
+    progress: Callable[[str], None] | None,
+    label: str,
+    batch: int = BATCH,
+):
     """Preprocess and run ``indices`` through the engine in batches, handing each batch's outputs to
     ``on_batch(idx, out)``; progress every ~10 %."""
     from .preprocess import preprocess_batch
@@ -81,7 +106,7 @@ def run_engine(engine, images: Callable[[int], np.ndarray], indices: Sequence[in
     next_report = 0.0
     t0 = time.perf_counter()
     for start in range(0, total, batch):
-        idx = list(indices[start:start + batch])
+        idx = list(indices[start : start + batch])
         x = preprocess_batch([images(i) for i in idx], spec)
         on_batch(idx, engine.run(x))
         done = start + len(idx)
@@ -101,7 +126,7 @@ def crossfit_rates(held: ScoreSet, n_classes: int, alpha: float, seed: int) -> d
     for k, fold in enumerate(folds):
         rest = np.concatenate([f for j, f in enumerate(folds) if j != k])
         rest = rng.permutation(rest)
-        a, b = rest[: rest.size // 2], rest[rest.size // 2:]
+        a, b = rest[: rest.size // 2], rest[rest.size // 2 :]
         null = NullModel(held.take(a), n_classes)
         pm_b, pf_b = null.pvalues(held.take(b))
         pa_b = null.attention_p(pm_b)
@@ -113,10 +138,13 @@ def crossfit_rates(held: ScoreSet, n_classes: int, alpha: float, seed: int) -> d
                 d = decide(pm, pf, ev.garbage_pred, checks=key, policy=policy, alpha=alpha, cut=cut)
                 counts[key][policy] += [d.reject.sum(), d.garbage.sum(), d.attention.sum(), d.feature.sum()]
     for key, per_policy in counts.items():
-        out[key] = {policy: {"false_rejection_rate": float(c[0] / n),
-                             "per_check": {"garbage": float(c[1] / n), "attention": float(c[2] / n),
-                                           "feature": float(c[3] / n)}}
-                    for policy, c in per_policy.items()}
+        out[key] = {
+            policy: {
+                "false_rejection_rate": float(c[0] / n),
+                "per_check": {"garbage": float(c[1] / n), "attention": float(c[2] / n), "feature": float(c[3] / n)},
+            }
+            for policy, c in per_policy.items()
+        }
     return out
 
 
@@ -130,9 +158,13 @@ def _record_thresholds(manifest: dict, arrays) -> None:
         "conformal_t": {key: cut.threshold for key, cut in data.cuts.items()},
         "conformal_n": int(data.conformal_scores.feature.size),
         "null_per_class": {class_names[c]: int(c in data.null.per_class) for c in data.real},
-        "raw_at_default_t": {class_names[c]: {k: (v if math.isfinite(v) else None) for k, v in
-                                              data.raw_thresholds(c, data.cuts[default_key].threshold).items()}
-                             for c in data.real},
+        "raw_at_default_t": {
+            class_names[c]: {
+                k: (v if math.isfinite(v) else None)
+                for k, v in data.raw_thresholds(c, data.cuts[default_key].threshold).items()
+            }
+            for c in data.real
+        },
     }
 
 
@@ -154,11 +186,11 @@ def _check_cut_is_usable(manifest: dict, key: str, alpha: float) -> None:
         raise CalibrationError(
             f"the garbage class rejects {rate:.1%} of the in-distribution calibration images, which uses up the "
             f"whole false-rejection budget alpha={alpha}: the attention and feature checks could never fire. "
-            "Retrain or fine-tune the garbage class (it is firing on in-distribution data), or raise --alpha")
+            "Retrain or fine-tune the garbage class (it is firing on in-distribution data), or raise --alpha"
+        )
 
 
-def recalibrate_alpha(bundle_dir: str | Path, alpha: float,
-                      progress: Callable[[str], None] | None = _progress) -> dict:
+def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[str], None] | None = _progress) -> dict:
     """Re-derive the cut and the measured rates for a new ``alpha`` from the raw scores stored in
     ``reference.npz`` — no images, no engine (the references and null part do not depend on alpha).
     Returns the new manifest."""
@@ -170,8 +202,10 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float,
     cal = dict(manifest["calibration"])
     n_conf = int(np.asarray(arrays["conformal_feature"]).size)
     if n_conf < math.ceil(2.0 / alpha):
-        raise CalibrationError(f"the conformal part has {n_conf} images; alpha={alpha} needs at least "
-                               f"{math.ceil(2.0 / alpha)}: recalibrate with more images")
+        raise CalibrationError(
+            f"the conformal part has {n_conf} images; alpha={alpha} needs at least "
+            f"{math.ceil(2.0 / alpha)}: recalibrate with more images"
+        )
     held = ScoreSet.concat([ScoreSet.from_arrays(arrays, "null_"), ScoreSet.from_arrays(arrays, "conformal_")])
     rates = crossfit_rates(held, len(manifest["class_names"]), alpha, int(cal.get("seed", 0)))
     cal["alpha"] = float(alpha)
@@ -200,10 +234,14 @@ class Split:
     reference_set: dict | None  # description of a separate reference set, None when split from one set
 
     def facts(self) -> dict:
-        return {"reference": int(len(self.ref_idx)), "null": int(len(self.null_idx)),
-                "conformal": int(len(self.conf_idx)),
-                "fractions": SPLIT if self.reference_set is None else {"null": 0.5, "conformal": 0.5},
-                "method": "numpy.random.default_rng(seed).permutation", "reference_set": self.reference_set}
+        return {
+            "reference": int(len(self.ref_idx)),
+            "null": int(len(self.null_idx)),
+            "conformal": int(len(self.conf_idx)),
+            "fractions": SPLIT if self.reference_set is None else {"null": 0.5, "conformal": 0.5},
+            "method": "numpy.random.default_rng(seed).permutation",
+            "reference_set": self.reference_set,
+        }
 
 
 def _check_labels(labels: np.ndarray, n_classes: int, garbage: int, what: str) -> None:
@@ -211,8 +249,9 @@ def _check_labels(labels: np.ndarray, n_classes: int, garbage: int, what: str) -
         raise CalibrationError(f"{what} labels must be real (non-garbage) classes of the bundle")
 
 
-def split_images(images, labels: np.ndarray, *, alpha: float, seed: int, n_classes: int, garbage: int,
-                 reference=None) -> Split:
+def split_images(
+    images, labels: np.ndarray, *, alpha: float, seed: int, n_classes: int, garbage: int, reference=None
+) -> Split:
     """Step 1: the seeded split (see module docstring); refuses a conformal part too small for ``alpha``."""
     n = labels.size
     conformal_fraction = SPLIT["conformal"] if reference is None else 0.5
@@ -221,12 +260,13 @@ def split_images(images, labels: np.ndarray, *, alpha: float, seed: int, n_class
     if n_conformal < min_conformal:
         raise CalibrationError(
             f"{n} calibration images give a conformal part of {n_conformal}; alpha={alpha} needs at least "
-            f"{min_conformal} (i.e. >= {int(math.ceil(min_conformal / conformal_fraction))} images)")
+            f"{min_conformal} (i.e. >= {int(math.ceil(min_conformal / conformal_fraction))} images)"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     if reference is None:
         n_ref = int(round(n * SPLIT["reference"]))
         n_null = int(round(n * SPLIT["null"]))
-        return Split(images, labels, perm[:n_ref], perm[n_ref:n_ref + n_null], perm[n_ref + n_null:], None)
+        return Split(images, labels, perm[:n_ref], perm[n_ref : n_ref + n_null], perm[n_ref + n_null :], None)
     ref_images, ref_labels, ref_description = reference
     ref_labels = np.asarray(ref_labels, np.int64)
     _check_labels(ref_labels, n_classes, garbage, "reference")
@@ -245,8 +285,9 @@ class References:
     accuracy: float  # on the reference part
 
 
-def build_references(engine, split: Split, spec: InputSpec, class_names: list[str], real: np.ndarray,
-                     progress) -> References:
+def build_references(
+    engine, split: Split, spec: InputSpec, class_names: list[str], real: np.ndarray, progress
+) -> References:
     """Step 2: per real class, the mean Grad-CAM of the *correctly classified* reference images (of all its
     images when fewer than ``MIN_REFERENCE_PER_CLASS`` are correct); the early-feature reference over all
     reference images, classes pooled."""
@@ -281,26 +322,44 @@ def build_references(engine, split: Split, spec: InputSpec, class_names: list[st
             if all_n[pos] == 0:
                 raise CalibrationError(f"class {class_names[c]!r} has no images in the reference part")
             fallback.append(class_names[c])
-            log.warning("class %s: only %d correctly classified reference images; using all %d of its images",
-                        class_names[c], cam_n[pos], all_n[pos])
+            log.warning(
+                "class %s: only %d correctly classified reference images; using all %d of its images",
+                class_names[c],
+                cam_n[pos],
+                all_n[pos],
+            )
     use_all = cam_n < MIN_REFERENCE_PER_CLASS
     counts = np.where(use_all, all_n, cam_n).astype(np.float64)
     sums = np.where(use_all[:, None, None], all_sum, cam_sum)
-    return References(cam=(sums / counts[:, None, None]).astype(np.float32), counts=counts.astype(np.int64),
-                      fallback=fallback, feature=FeatureReference.fit(np.concatenate(early_parts)),
-                      accuracy=float(correct[0] / max(len(split.ref_idx), 1)))
+    return References(
+        cam=(sums / counts[:, None, None]).astype(np.float32),
+        counts=counts.astype(np.int64),
+        fallback=fallback,
+        feature=FeatureReference.fit(np.concatenate(early_parts)),
+        accuracy=float(correct[0] / max(len(split.ref_idx), 1)),
+    )
 
 
-def score_held_out(engine, images, labels: np.ndarray, held_idx: np.ndarray, spec: InputSpec, refs: References,
-                   garbage: int, grid: int, progress) -> ScoreSet:
+def score_held_out(
+    engine,
+    images,
+    labels: np.ndarray,
+    held_idx: np.ndarray,
+    spec: InputSpec,
+    refs: References,
+    garbage: int,
+    grid: int,
+    progress,
+) -> ScoreSet:
     """Step 3: every check's raw scores on the held-out images (null part then conformal part), exactly
     as serving computes them."""
     parts: list[ScoreSet] = []
     ref_prepared = prepare(refs.cam, grid)
 
     def on_batch(idx, out):
-        s = score_outputs(out.logits, out.cam, out.early, garbage=garbage, ref_cams=ref_prepared,
-                          feature_ref=refs.feature, grid=grid)
+        s = score_outputs(
+            out.logits, out.cam, out.early, garbage=garbage, ref_cams=ref_prepared, feature_ref=refs.feature, grid=grid
+        )
         s.label = labels[idx]
         parts.append(s)
 
@@ -321,11 +380,19 @@ def write_reference_file(bundle_dir: Path, arrays: dict) -> None:
             os.unlink(tmp)
 
 
-def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarray], labels: Sequence[int],
-                     dataset: dict, alpha: float = DEFAULT_ALPHA, seed: int = 0,
-                     providers=None, threads: int | None = None,
-                     reference: tuple[Callable[[int], np.ndarray], Sequence[int], dict] | None = None,
-                     progress: Callable[[str], None] | None = _progress) -> dict:
+def calibrate_bundle(
+    bundle_dir: str | Path,
+    *,
+    images: Callable[[int], np.ndarray],
+    labels: Sequence[int],
+    dataset: dict,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+    providers=None,
+    threads: int | None = None,
+    reference: tuple[Callable[[int], np.ndarray], Sequence[int], dict] | None = None,
+    progress: Callable[[str], None] | None = _progress,
+) -> dict:
     """Calibrate ``bundle_dir`` in place on in-distribution images.
 
     ``images(i)`` returns decoded image ``i`` (HxW float32 in [0, 1]); ``labels[i]`` is its class index
@@ -352,14 +419,17 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
     real = real_class_indices(len(class_names), garbage)
     labels = np.asarray(labels, np.int64)
     _check_labels(labels, len(class_names), garbage, "calibration")
-    split = split_images(images, labels, alpha=alpha, seed=seed, n_classes=len(class_names), garbage=garbage,
-                         reference=reference)
+    split = split_images(
+        images, labels, alpha=alpha, seed=seed, n_classes=len(class_names), garbage=garbage, reference=reference
+    )
 
     engine = create_engine(bundle_dir, manifest, providers=providers, threads=threads)
     if progress:
-        progress(f"{labels.size} images ({dataset.get('kind', 'dataset')}), engine {engine.describe()}, "
-                 f"split reference/null/conformal = {len(split.ref_idx)}/{len(split.null_idx)}/"
-                 f"{len(split.conf_idx)} (seed {seed})")
+        progress(
+            f"{labels.size} images ({dataset.get('kind', 'dataset')}), engine {engine.describe()}, "
+            f"split reference/null/conformal = {len(split.ref_idx)}/{len(split.null_idx)}/"
+            f"{len(split.conf_idx)} (seed {seed})"
+        )
     refs = build_references(engine, split, spec, class_names, real, progress)
     grid = DEFAULT_GRID
     held_idx = np.concatenate([split.null_idx, split.conf_idx])
@@ -407,6 +477,8 @@ def calibrate_bundle(bundle_dir: str | Path, *, images: Callable[[int], np.ndarr
     write_reference_file(bundle_dir, arrays)
     manifest = bundle_mod.write_manifest(bundle_dir, manifest)
     if progress:
-        progress(f"done: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "
-                 f"at alpha {alpha} ({cal['measured_method']})")
+        progress(
+            f"done: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "
+            f"at alpha {alpha} ({cal['measured_method']})"
+        )
     return manifest

@@ -10,6 +10,7 @@ Each subcommand lives in ``gamguard.runtime.commands.<name>`` and exposes
 Exporter subcommands (``train``, ``export``) import torch lazily through
 :func:`require_export_extra`, which explains how to install it when it is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         module = importlib.import_module(f"gamguard.runtime.commands.{name.replace('-', '_')}")
-        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=getattr(module, "DESCRIPTION", module.HELP),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser

@@ -6,6 +6,7 @@ Non-image files are ignored: anything whose extension is not an image extension 
 CSV files, ...), hidden files, and segmentation masks written next to images (names containing
 ``.mask.``, e.g. ``0001.mask.png``).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,9 +27,7 @@ def is_image_file(path: str | Path) -> bool:
     """True for a file name with an image extension that is not hidden and not a mask."""
     name = Path(path).name
     return (
-        not name.startswith(".")
-        and MASK_MARKER not in name.lower()
-        and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        not name.startswith(".") and MASK_MARKER not in name.lower() and Path(name).suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
@@ -57,9 +56,7 @@ def iter_image_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
         if p.is_dir():
             files = _walk_images(p)
             if not files:
-                raise DatasetError(
-                    f"{p}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-                )
+                raise DatasetError(f"{p}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         elif p.is_file():
             files = [p]
         else:
@@ -112,9 +109,7 @@ class ImageFolder:
                 empty.append(name)
             self.samples.extend((f, self.class_to_idx[name]) for f in files)
         if not folders:
-            raise DatasetError(
-                f"{self.root}: no class folders; expected the layout {self.root}/<class>/<image>.png"
-            )
+            raise DatasetError(f"{self.root}: no class folders; expected the layout {self.root}/<class>/<image>.png")
         if empty and class_names is None:
             raise DatasetError(f"{self.root}: class folder(s) without images: {', '.join(empty)}")
         if not self.samples:

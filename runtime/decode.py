@@ -23,6 +23,7 @@ transfer syntax and what to install.
 Patient-identifying DICOM attributes are never read: ``meta`` is built from a whitelist of technical
 attributes, and error messages only mention pixel-module facts.
 """
+
 from __future__ import annotations
 
 import io
@@ -105,9 +106,7 @@ class DecodedImage:
 # --------------------------------------------------------------------------------------------- API
 
 
-def decode_bytes(
-    data: bytes, *, frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> DecodedImage:
+def decode_bytes(data: bytes, *, frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode an encoded image (PNG, JPEG, DICOM), chosen by its magic bytes.
 
     ``frame`` selects the frame of a multi-frame DICOM (0-based) and is required for one; a
@@ -169,9 +168,7 @@ def decode_tensor(array: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         arr = arr.astype(arr.dtype.newbyteorder("="))
     scales = {np.dtype(np.uint8): (255.0, 8), np.dtype(np.uint16): (65535.0, 16), np.dtype(np.float32): (1.0, 32)}
     if arr.dtype not in scales:
-        raise DecodeError(
-            f"unsupported tensor dtype {arr.dtype}; expected UINT8, UINT16 or FP32 (in [0, 1])"
-        )
+        raise DecodeError(f"unsupported tensor dtype {arr.dtype}; expected UINT8, UINT16 or FP32 (in [0, 1])")
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     elif arr.ndim == 3 and arr.shape[2] == 1:
@@ -194,8 +191,10 @@ def decode_tensor(array: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             raise DecodeError(f"FP32 tensor values must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
         pixels = np.ascontiguousarray(arr, dtype=np.float32).copy()
     else:
-        pixels = (arr.astype(np.float32) / np.float32(scale))
-    return DecodedImage(pixels=pixels, format="tensor", bit_depth=bits, meta={"rows": h, "columns": w, "dtype": str(arr.dtype)})
+        pixels = arr.astype(np.float32) / np.float32(scale)
+    return DecodedImage(
+        pixels=pixels, format="tensor", bit_depth=bits, meta={"rows": h, "columns": w, "dtype": str(arr.dtype)}
+    )
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -241,7 +240,11 @@ def _to_gray(img: np.ndarray, order: str) -> np.ndarray:
         raise DecodeError(f"unsupported channel layout {img.shape}")
     weights = _LUMA_RGB if order == "RGB" else _LUMA_RGB[::-1]  # BGR: blue first
     color = img[:, :, :3].astype(np.float32)
-    return color[:, :, 0] * np.float32(weights[0]) + color[:, :, 1] * np.float32(weights[1]) + color[:, :, 2] * np.float32(weights[2])
+    return (
+        color[:, :, 0] * np.float32(weights[0])
+        + color[:, :, 1] * np.float32(weights[1])
+        + color[:, :, 2] * np.float32(weights[2])
+    )
 
 
 def _finish(gray: np.ndarray, max_value: float) -> np.ndarray:
@@ -341,7 +344,9 @@ def _decode_jpeg(data: bytes, max_pixels: int) -> DecodedImage:
         raise DecodeError("truncated JPEG: no end-of-image marker after the image data")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise DecodeError(f"corrupt or unsupported JPEG ({precision}-bit, {ncomp} components): OpenCV could not decode it")
+        raise DecodeError(
+            f"corrupt or unsupported JPEG ({precision}-bit, {ncomp} components): OpenCV could not decode it"
+        )
     if img.dtype not in (np.uint8, np.uint16):
         raise DecodeError(f"unsupported JPEG sample type {img.dtype}")
     max_value = float(2**precision - 1) if img.dtype == np.uint16 else 255.0
@@ -441,7 +446,12 @@ def _voi_output(values: np.ndarray, ds) -> tuple[np.ndarray, float, float, dict]
         span = abs(width) * 1e6 + 1e6
         with np.errstate(over="ignore"):
             ends = apply_windowing(np.array([center - span, center + span]), ds, 0)
-        return out, float(ends.min()), float(ends.max()), {"voi": "window", "window_center": center, "window_width": width}
+        return (
+            out,
+            float(ends.min()),
+            float(ends.max()),
+            {"voi": "window", "window_center": center, "window_width": width},
+        )
     # Neither present: the full range of the modality output values of this frame (what viewers show
     # without a VOI). The theoretical range of BitsStored would flatten e.g. signed 16-bit CT to grey.
     return values, float(np.min(values)), float(np.max(values)), {"voi": "none (modality output min..max)"}
@@ -477,9 +487,7 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int) -> DecodedIma
     # Only the chosen frame is ever decoded, so the limit is per frame.
     _check_size(cols, rows, max_pixels, "DICOM")
     if n_frames > 1 and frame is None:
-        raise DecodeError(
-            f"multi-frame DICOM ({n_frames} frames): choose a frame explicitly (frame=0..{n_frames - 1})"
-        )
+        raise DecodeError(f"multi-frame DICOM ({n_frames} frames): choose a frame explicitly (frame=0..{n_frames - 1})")
     if frame is not None and not 0 <= int(frame) < n_frames:
         raise DecodeError(f"frame {frame} out of range: the DICOM has {n_frames} frame(s) (0..{n_frames - 1})")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()

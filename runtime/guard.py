@@ -29,6 +29,7 @@ cannot become a model input (wrong shape, NaN/Inf, undecodable) is rejected with
 (that item only); any exception in the engine or the guard rejects every item of the batch with
 ``GUARD_ERROR``. No code path returns a label without all enforced checks having passed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,16 +77,27 @@ class Verdict:
 
     @classmethod
     def rejected(cls, reason: str, detail: str, **kw) -> "Verdict":
-        return cls(accepted=False, label=None, label_index=None, probabilities=None, reasons=[reason],
-                   failed_measures=[], scores={}, thresholds={}, detail=detail, **kw)
+        return cls(
+            accepted=False,
+            label=None,
+            label_index=None,
+            probabilities=None,
+            reasons=[reason],
+            failed_measures=[],
+            scores={},
+            thresholds={},
+            detail=detail,
+            **kw,
+        )
 
     def to_dict(self, *, include_maps: bool = False) -> dict:
         d = {
             "accepted": bool(self.accepted),
             "label": self.label,
             "label_index": self.label_index,
-            "probabilities": None if self.probabilities is None else
-            {k: float(v) for k, v in self.probabilities.items()},
+            "probabilities": None
+            if self.probabilities is None
+            else {k: float(v) for k, v in self.probabilities.items()},
             "reasons": list(self.reasons),
             "failed_measures": list(self.failed_measures),
             "scores": {k: _json_float(v) for k, v in self.scores.items()},
@@ -102,16 +114,27 @@ class Verdict:
 def parse_checks(checks) -> str:
     """``"garbage,attention"`` / ``["feature"]`` / ``"all"`` → canonical key (see calibration.checks_key)."""
     if isinstance(checks, str):
-        checks = list(CHECKS) if checks.strip() == "all" else \
-            [c.strip() for c in checks.replace("+", ",").split(",") if c.strip()]
+        checks = (
+            list(CHECKS)
+            if checks.strip() == "all"
+            else [c.strip() for c in checks.replace("+", ",").split(",") if c.strip()]
+        )
     return checks_key(checks)
 
 
 class Guard:
     """A calibrated bundle loaded for serving: engine + references + decision rule."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict, engine, calibration: CalibrationData, *,
-                 policy: str, enforced_checks: str):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        manifest: dict,
+        engine,
+        calibration: CalibrationData,
+        *,
+        policy: str,
+        enforced_checks: str,
+    ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.spec = InputSpec.from_manifest(manifest["input"])
@@ -131,9 +154,12 @@ class Guard:
         # Everything a verdict carries that does not depend on the input, built once (hot path):
         # the score names in verdict order and, per predicted real class, the full thresholds dict.
         self._measure_level = calibration.null.measure_level(self.level)
-        self._score_keys = (["garbage_prob"] + [k for m in MEASURES for k in (f"attention.{m}", f"attention.{m}.p")]
-                            + ["attention.p", "feature", "feature.p", "combined_p"]
-                            + (["conformal_p"] if policy == "calibrated" else []))
+        self._score_keys = (
+            ["garbage_prob"]
+            + [k for m in MEASURES for k in (f"attention.{m}", f"attention.{m}.p")]
+            + ["attention.p", "feature", "feature.p", "combined_p"]
+            + (["conformal_p"] if policy == "calibrated" else [])
+        )
         self._thresholds = {}
         for c, raw in self._raw_thresholds.items():
             t = {}
@@ -146,8 +172,9 @@ class Guard:
             self._thresholds[c] = t
 
     @classmethod
-    def from_bundle(cls, bundle_dir=None, *, providers=None, threads=None, policy=None,
-                    enforced_checks=None, prefer: str = "auto") -> "Guard":
+    def from_bundle(
+        cls, bundle_dir=None, *, providers=None, threads=None, policy=None, enforced_checks=None, prefer: str = "auto"
+    ) -> "Guard":
         """Load and check a bundle (hashes, calibration) and start its engine.
 
         Raises :class:`gamguard.runtime.bundle.BundleError` for an uncalibrated or tampered bundle.
@@ -161,8 +188,16 @@ class Guard:
         policy, key = cls.settings(manifest, policy=policy, enforced_checks=enforced_checks)
         engine = create_engine(bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads)
         guard = cls(bundle_dir, manifest, engine, calibration, policy=policy, enforced_checks=key)
-        log.info("guard: bundle %s (%s), policy %s, checks %s, alpha %s, engine %s %s", bundle_dir,
-                 guard.bundle_hash[:12], policy, key, guard.alpha, engine.name, engine.providers)
+        log.info(
+            "guard: bundle %s (%s), policy %s, checks %s, alpha %s, engine %s %s",
+            bundle_dir,
+            guard.bundle_hash[:12],
+            policy,
+            key,
+            guard.alpha,
+            engine.name,
+            engine.providers,
+        )
         return guard
 
     @staticmethod
@@ -172,8 +207,9 @@ class Guard:
         section = manifest.get("guard") or {}
         policy = policy or section.get("policy") or "calibrated"
         try:
-            key = parse_checks(enforced_checks if enforced_checks is not None
-                               else section.get("enforced_checks") or list(CHECKS))
+            key = parse_checks(
+                enforced_checks if enforced_checks is not None else section.get("enforced_checks") or list(CHECKS)
+            )
         except ValueError as exc:
             raise BundleError(f"enforced checks: {exc}") from exc
         return policy, key
@@ -190,14 +226,12 @@ class Guard:
         pm, pf = cal.null.pvalues(s)
         return s, pm, pf, self.decide_pvalues(pm, pf, s.garbage_pred, checks=checks, policy=policy)
 
-    def decide_pvalues(self, pm, pf, garbage_pred, *, checks: str | None = None,
-                       policy: str | None = None):
+    def decide_pvalues(self, pm, pf, garbage_pred, *, checks: str | None = None, policy: str | None = None):
         """:func:`~gamguard.runtime.checks.decide` with this guard's alpha and the cut of ``checks``
         (default: the guard's own policy, enforced checks and cut)."""
         checks = self.enforced_checks if checks is None else checks
         cut = self.cut if checks == self.enforced_checks else self.calibration.cuts[checks]
-        return decide(pm, pf, garbage_pred, checks=checks, policy=policy or self.policy, alpha=self.alpha,
-                      cut=cut)
+        return decide(pm, pf, garbage_pred, checks=checks, policy=policy or self.policy, alpha=self.alpha, cut=cut)
 
     # ------------------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -281,8 +315,10 @@ class Guard:
                 msg = f"expected a tensor [N, {expect[0]}, {expect[1]}, {expect[2]}], got {list(batch.shape)}"
                 return [Verdict.rejected("INVALID_INPUT", msg) for _ in range(max(n, 1))]
             if not np.issubdtype(batch.dtype, np.number) or np.issubdtype(batch.dtype, np.complexfloating):
-                return [Verdict.rejected("INVALID_INPUT", f"tensor dtype {batch.dtype} is not real-valued")
-                        for _ in range(batch.shape[0])]
+                return [
+                    Verdict.rejected("INVALID_INPUT", f"tensor dtype {batch.dtype} is not real-valued")
+                    for _ in range(batch.shape[0])
+                ]
             batch = batch.astype(np.float32, copy=False)
         except Exception as exc:
             return [Verdict.rejected("INVALID_INPUT", f"unusable tensor: {exc}")]
@@ -310,8 +346,14 @@ class Guard:
         return verdicts  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------
-    def rejections_by_checks(self, images: Sequence[np.ndarray], check_sets: Sequence[str] | None = None, *,
-                             policy: str | None = None, batch: int = 64) -> dict[str, np.ndarray]:
+    def rejections_by_checks(
+        self,
+        images: Sequence[np.ndarray],
+        check_sets: Sequence[str] | None = None,
+        *,
+        policy: str | None = None,
+        batch: int = 64,
+    ) -> dict[str, np.ndarray]:
         """Evaluation helper (ablations, tests): for decoded images, the rejection flags ``[N]`` under
         each set of enforced checks (keys as :func:`parse_checks` gives them; default every subset),
         from one engine pass. Raises on invalid input (unlike the serving path)."""
@@ -321,7 +363,7 @@ class Guard:
         keys = [parse_checks(k) for k in (check_sets or all_check_sets())]
         out = {k: [] for k in keys}
         for start in range(0, len(images), batch):
-            x = preprocess_batch(list(images[start:start + batch]), self.spec)
+            x = preprocess_batch(list(images[start : start + batch]), self.spec)
             s, pm, pf, d = self.decide_outputs(self.engine.run(x), checks=keys[0], policy=policy)
             out[keys[0]].append(d.reject)
             for k in keys[1:]:
@@ -334,16 +376,20 @@ class Guard:
         t1 = time.perf_counter()
         n = batch.shape[0]
         if out.logits.shape != (n, len(self.class_names)) or out.cam.shape[0] != n or out.early.shape[0] != n:
-            raise RuntimeError(f"engine output shapes {out.logits.shape}, {out.cam.shape}, {out.early.shape} "
-                               f"do not fit a batch of {n} and {len(self.class_names)} classes")
+            raise RuntimeError(
+                f"engine output shapes {out.logits.shape}, {out.cam.shape}, {out.early.shape} "
+                f"do not fit a batch of {n} and {len(self.class_names)} classes"
+            )
         if not (all_finite(out.logits) and all_finite(out.cam) and all_finite(out.early)):
             # Fail closed per item: a NaN/Inf output rejects its own input, not its batch-mates
             # (other clients' requests share micro-batches).
             ok = np.ones(n, bool)
             for a in (out.logits, out.cam, out.early):
                 ok &= np.isfinite(np.asarray(a).reshape(n, -1)).all(axis=1)
-            verdicts = [None if good else Verdict.rejected("GUARD_ERROR", "the engine produced NaN/Inf for this input")
-                        for good in ok]
+            verdicts = [
+                None if good else Verdict.rejected("GUARD_ERROR", "the engine produced NaN/Inf for this input")
+                for good in ok
+            ]
             keep = np.flatnonzero(ok)
             if keep.size:
                 part = EngineOutput(out.logits[keep], out.cam[keep], out.early[keep])
@@ -361,8 +407,14 @@ class Guard:
         real_probs = softmax(np.asarray(out.logits, np.float64)[:, real])
         # One [N, n_scores] matrix in self._score_keys order, converted to Python floats in one call.
         m = len(MEASURES)
-        cols = [s.garbage_prob[:, None], np.stack((s.sims, pm), axis=2).reshape(n, 2 * m),
-                d.attention_p[:, None], s.feature[:, None], pf[:, None], combined[:, None]]
+        cols = [
+            s.garbage_prob[:, None],
+            np.stack((s.sims, pm), axis=2).reshape(n, 2 * m),
+            d.attention_p[:, None],
+            s.feature[:, None],
+            pf[:, None],
+            combined[:, None],
+        ]
         if self.policy == "calibrated":
             cols.append(self.cut.p_value(np.where(d.garbage, 0.0, combined))[:, None])  # conformal_p
         score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
@@ -382,21 +434,24 @@ class Guard:
             reasons = [r for r, f in zip(("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH"), flags[i]) if f]
             failed = [name for name, f in zip(MEASURES, failed_rows[i]) if f]
             accepted = not reject[i]
-            verdicts.append(Verdict(
-                accepted=accepted,
-                label=self.class_names[cls_idx] if accepted else None,
-                label_index=cls_idx if accepted else None,
-                probabilities=dict(zip(real_names, prob_rows[i])) if accepted else None,
-                reasons=reasons,
-                failed_measures=failed,
-                scores=dict(zip(self._score_keys, score_rows[i])),
-                thresholds=dict(self._thresholds[cls_idx]),
-                cam=np.asarray(out.cam[i], np.float32),
-                reference_cam=cal.ref_cam_for(cls_idx),
-                predicted_index=pred[i],
-                reference_index=cls_idx,
-                detail="" if accepted else "rejected: " + ", ".join(reasons) +
-                (f" ({', '.join(failed)})" if failed else ""),
-                timings_ms=dict(timings),
-            ))
+            verdicts.append(
+                Verdict(
+                    accepted=accepted,
+                    label=self.class_names[cls_idx] if accepted else None,
+                    label_index=cls_idx if accepted else None,
+                    probabilities=dict(zip(real_names, prob_rows[i])) if accepted else None,
+                    reasons=reasons,
+                    failed_measures=failed,
+                    scores=dict(zip(self._score_keys, score_rows[i])),
+                    thresholds=dict(self._thresholds[cls_idx]),
+                    cam=np.asarray(out.cam[i], np.float32),
+                    reference_cam=cal.ref_cam_for(cls_idx),
+                    predicted_index=pred[i],
+                    reference_index=cls_idx,
+                    detail=""
+                    if accepted
+                    else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
+                    timings_ms=dict(timings),
+                )
+            )
         return verdicts

@@ -13,6 +13,7 @@ References
   Samples and Adversarial Attacks", NeurIPS 2018 (class means, one tied covariance); on radiographs
   Wollek et al., 2024 report it as the strongest simple detector.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 Used by ``gamguard verify --overlays DIR`` and by the suitability report. OpenCV only (a runtime
 dependency already), so overlays work without matplotlib.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,13 +65,17 @@ def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: 
         status = ["REJECTED: " + ", ".join(short), ""]
         if verdict.failed_measures:
             status[1] = "measures: " + ", ".join(verdict.failed_measures)
-    left = _caption(blend(image, verdict.cam), [title or "input + Grad-CAM", *status],
-                    (120, 255, 120) if verdict.accepted else (90, 90, 255))
+    left = _caption(
+        blend(image, verdict.cam),
+        [title or "input + Grad-CAM", *status],
+        (120, 255, 120) if verdict.accepted else (90, 90, 255),
+    )
     ref_label = "reference" if verdict.reference_cam is not None else "no reference"
     ref = verdict.reference_index
     ref_name = class_names[ref] if ref is not None and 0 <= ref < len(class_names) else "(class withheld)"
-    right = _caption(blend(image, verdict.reference_cam), [f"{ref_label} map: {ref_name}",
-                                                           f"model argmax: {pred_name}", ""])
+    right = _caption(
+        blend(image, verdict.reference_cam), [f"{ref_label} map: {ref_name}", f"model argmax: {pred_name}", ""]
+    )
     return np.hstack([left, np.full((left.shape[0], 4, 3), 40, np.uint8), right])
 
 

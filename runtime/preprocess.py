@@ -5,6 +5,7 @@ thresholds are computed on exactly the numbers the served model sees.
 
 Decoded images are 2-D float32 arrays in [0, 1], MONOCHROME2 (bone bright) — the decoder's contract.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -61,6 +62,8 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 def preprocess_batch(images, spec: InputSpec) -> np.ndarray:
     """A list of decoded images → ``[N, C, H, W]`` float32."""
-    return np.stack([preprocess(im, spec) for im in images]) if len(images) else np.zeros(
-        (0, spec.channels, spec.height, spec.width), np.float32
+    return (
+        np.stack([preprocess(im, spec) for im in images])
+        if len(images)
+        else np.zeros((0, spec.channels, spec.height, spec.width), np.float32)
     )

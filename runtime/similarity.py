@@ -20,6 +20,7 @@ Non-finite input is an error (:class:`ValueError`): the guard must fail closed, 
 
 Run ``python -m gamguard.runtime.similarity --bench`` for the per-image cost of :func:`batch_scores`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,13 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
 MEASURES: tuple[str, ...] = (
-    "iou", "dice", "ssim", "cosine", "pearson", "kl_divergence", "wasserstein",
+    "iou",
+    "dice",
+    "ssim",
+    "cosine",
+    "pearson",
+    "kl_divergence",
+    "wasserstein",
 )
 HIGHER_IS_SIMILAR: dict[str, bool] = {
     "iou": True,
@@ -42,18 +49,19 @@ HIGHER_IS_SIMILAR: dict[str, bool] = {
 }
 
 DEFAULT_GRID = 32
-BINARY_THRESHOLD = 0.5   # IoU / Dice binarise the normalised maps at this level (value >= 0.5 is "in")
-KL_EPS = 1e-8            # added to every cell before a map is normalised to a distribution
+BINARY_THRESHOLD = 0.5  # IoU / Dice binarise the normalised maps at this level (value >= 0.5 is "in")
+KL_EPS = 1e-8  # added to every cell before a map is normalised to a distribution
 # A map whose range is below this fraction of its magnitude is constant (float noise from resampling
 # a constant map must not be blown up into a full-range pattern by the normalisation).
 _CONSTANT_RTOL = 1e-6
 
-# SSIM parameters fixed by the measure's definition (docs/architecture.md): skimage's Gaussian-window SSIM (Wang et al. 2004).
+# SSIM parameters fixed by the measure's definition (docs/architecture.md):
+# skimage's Gaussian-window SSIM (Wang et al. 2004).
 SSIM_SIGMA = 1.5
-SSIM_TRUNCATE = 3.5      # skimage's value for gaussian_weights=True
-SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)   # 5 -> an 11x11 window, as in skimage
+SSIM_TRUNCATE = 3.5  # skimage's value for gaussian_weights=True
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5 -> an 11x11 window, as in skimage
 SSIM_K1, SSIM_K2, SSIM_DATA_RANGE = 0.01, 0.03, 1.0
-MIN_GRID = 2 * SSIM_RADIUS + 1   # SSIM (like skimage) needs the grid to hold one whole window
+MIN_GRID = 2 * SSIM_RADIUS + 1  # SSIM (like skimage) needs the grid to hold one whole window
 
 # Sliced Wasserstein: evenly spaced directions over the half circle (a deterministic quadrature,
 # not random projections, so a score never changes between runs). Against POT's exact ot.emd2 on
@@ -110,7 +118,7 @@ def prepare(maps, grid: int = DEFAULT_GRID) -> np.ndarray:
     if arr.size == 0 or arr.shape[-1] == 0 or arr.shape[-2] == 0:
         raise ValueError(f"empty map(s): shape {arr.shape}")
     if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float64)     # ints, bools, float16: types OpenCV's area resize lacks
+        arr = arr.astype(np.float64)  # ints, bools, float16: types OpenCV's area resize lacks
     if not all_finite(arr):
         raise ValueError("map contains NaN or infinite values")
     single = arr.ndim == 2
@@ -123,7 +131,7 @@ def prepare(maps, grid: int = DEFAULT_GRID) -> np.ndarray:
     hi = batch.max(axis=(1, 2), keepdims=True)
     with np.errstate(over="ignore"):
         rng = hi - lo
-    if not np.isfinite(rng).all():       # e.g. values near ±1e308: the range itself overflows
+    if not np.isfinite(rng).all():  # e.g. values near ±1e308: the range itself overflows
         raise ValueError("map values span more than the float64 range")
     constant = rng <= _CONSTANT_RTOL * np.maximum(np.abs(lo), np.abs(hi))
     out = np.where(constant, 0.0, (batch - lo) / np.where(constant, 1.0, rng))
@@ -175,7 +183,7 @@ def _gaussian_matrix(grid: int) -> np.ndarray:
     m = gaussian_filter1d(eye, SSIM_SIGMA, axis=0, mode="reflect", truncate=SSIM_TRUNCATE)
     # SSIM only averages the interior (skimage crops the border strip), so keep only those rows:
     # ``M[pad:-pad] @ X @ M[pad:-pad].T`` is the cropped filtered map, at half the cost.
-    m = np.ascontiguousarray(m[SSIM_RADIUS:grid - SSIM_RADIUS])
+    m = np.ascontiguousarray(m[SSIM_RADIUS : grid - SSIM_RADIUS])
     m.setflags(write=False)
     return m
 
@@ -183,15 +191,15 @@ def _gaussian_matrix(grid: int) -> np.ndarray:
 def _ssim_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     m = _gaussian_matrix(x.shape[-1])
     x, y = np.broadcast_arrays(x, y)
-    stack = np.stack((x, y, x * x, y * y, x * y))          # [5, N, g, g]
-    ux, uy, uxx, uyy, uxy = m @ stack @ m.T                # Gaussian-weighted local moments
-    vx = uxx - ux * ux                                      # population covariance (cov_norm = 1)
+    stack = np.stack((x, y, x * x, y * y, x * y))  # [5, N, g, g]
+    ux, uy, uxx, uyy, uxy = m @ stack @ m.T  # Gaussian-weighted local moments
+    vx = uxx - ux * ux  # population covariance (cov_norm = 1)
     vy = uyy - uy * uy
     vxy = uxy - ux * uy
     c1 = (SSIM_K1 * SSIM_DATA_RANGE) ** 2
     c2 = (SSIM_K2 * SSIM_DATA_RANGE) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(axis=(-2, -1))                            # already cropped by the filter matrix
+    return s.mean(axis=(-2, -1))  # already cropped by the filter matrix
 
 
 def _cosine_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -207,7 +215,7 @@ def _pearson_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     yf = y.reshape(y.shape[0], -1)
     xc = xf - xf.mean(axis=1, keepdims=True)
     yc = yf - yf.mean(axis=1, keepdims=True)
-    return _cosine_kernel(xc, yc)    # Pearson r is the cosine of the centred maps
+    return _cosine_kernel(xc, yc)  # Pearson r is the cosine of the centred maps
 
 
 def _kl_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -216,7 +224,7 @@ def _kl_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     p = xf / xf.sum(axis=1, keepdims=True)
     q = yf / yf.sum(axis=1, keepdims=True)
     kl = (p * (np.log(p) - np.log(q))).sum(axis=1)
-    return np.maximum(kl, 0.0)       # KL >= 0; only rounding can take it below
+    return np.maximum(kl, 0.0)  # KL >= 0; only rounding can take it below
 
 
 def _mass(x: np.ndarray) -> np.ndarray:
@@ -244,12 +252,12 @@ def _sliced_plan(grid: int, directions: int) -> tuple[np.ndarray, np.ndarray]:
     """
     pts = cell_centres(grid)
     theta = np.pi * np.arange(directions) / directions
-    dirs = np.stack((np.cos(theta), np.sin(theta)), axis=1)      # [L, 2]
-    proj = dirs @ pts.T                                          # [L, g*g]
+    dirs = np.stack((np.cos(theta), np.sin(theta)), axis=1)  # [L, 2]
+    proj = dirs @ pts.T  # [L, g*g]
     order = np.argsort(proj, axis=1, kind="stable")
     sorted_proj = np.take_along_axis(proj, order, axis=1)
     # gap after each sorted point; the last point has none (its CDF difference is 0 anyway)
-    gaps = np.diff(sorted_proj, axis=1, append=sorted_proj[:, -1:])   # [L, g*g]
+    gaps = np.diff(sorted_proj, axis=1, append=sorted_proj[:, -1:])  # [L, g*g]
     order.setflags(write=False)
     gaps.setflags(write=False)
     return order, gaps
@@ -259,9 +267,9 @@ def _wasserstein_kernel(x: np.ndarray, y: np.ndarray, directions: int = WASSERST
     """Sliced W1 with the 2-D scale correction pi/2 (see :func:`wasserstein`)."""
     g = x.shape[-1]
     order, gaps = _sliced_plan(g, directions)
-    diff = _mass(x) - _mass(y)                                   # [N, g*g]
+    diff = _mass(x) - _mass(y)  # [N, g*g]
     # 1-D W1 between two weightings of the same sorted support = sum |CDF_p - CDF_q| * gap
-    cdf = diff.take(order, axis=1)                               # [N, L, g*g]
+    cdf = diff.take(order, axis=1)  # [N, L, g*g]
     np.cumsum(cdf, axis=-1, out=cdf)
     np.abs(cdf, out=cdf)
     w_dir = (cdf[:, :, None, :] @ gaps[:, :, None])[:, :, 0, 0]  # row-wise dot products, [N, L]
@@ -437,12 +445,18 @@ def _bench(repeats: int, size: int, grid: int) -> dict:
     rng = np.random.default_rng(0)
     import os
 
-    result = {"grid": grid, "map_size": size, "repeats": repeats, "cpus": os.cpu_count(),
-              "load_avg_1min": round(os.getloadavg()[0], 2), "per_image_us": {}}
+    result = {
+        "grid": grid,
+        "map_size": size,
+        "repeats": repeats,
+        "cpus": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "per_image_us": {},
+    }
     for n in (1, 8):
         a = rng.random((n, size, size)).astype(np.float32)
-        b = rng.random((grid, grid))      # references are stored on the comparison grid
-        batch_scores(a, b, grid)                       # warm caches
+        b = rng.random((grid, grid))  # references are stored on the comparison grid
+        batch_scores(a, b, grid)  # warm caches
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -456,8 +470,9 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m gamguard.runtime.similarity",
-                                     description="Benchmark the batched similarity measures.")
+    parser = argparse.ArgumentParser(
+        prog="python -m gamguard.runtime.similarity", description="Benchmark the batched similarity measures."
+    )
     parser.add_argument("--bench", action="store_true", help="time batch_scores at N=1 and N=8")
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--size", type=int, default=224, help="side of the input maps (default 224)")

@@ -16,6 +16,7 @@ held-out calibration scores as the two-sample Kolmogorov–Smirnov statistic (wi
 median shift); shifts with KS ≥ ``SHIFT_KS`` and p < 0.001 are listed as warnings — they do not flip
 the verdict on their own, because the verdict is about what the guard lets through.
 """
+
 from __future__ import annotations
 
 import html
@@ -73,15 +74,20 @@ def _verifiable(it: Item) -> bool:
     return "INVALID_INPUT" not in it.verdict.reasons and "GUARD_ERROR" not in it.verdict.reasons
 
 
-def run_guard(guard, files: list[Path], *, labels: list[str | None] | None = None,
-              progress: Callable[[str], None] | None = None, keep_pixels: Callable[[int], bool] | None = None
-              ) -> list[Item]:
+def run_guard(
+    guard,
+    files: list[Path],
+    *,
+    labels: list[str | None] | None = None,
+    progress: Callable[[str], None] | None = None,
+    keep_pixels: Callable[[int], bool] | None = None,
+) -> list[Item]:
     """Decode and verify every file (undecodable → INVALID_INPUT verdicts), in batches."""
     items: list[Item] = []
     total = len(files)
     next_report = 0.0
     for start in range(0, total, BATCH):
-        chunk = files[start:start + BATCH]
+        chunk = files[start : start + BATCH]
         for k, (f, (pixels, v)) in enumerate(zip(chunk, guard.verify_files(chunk))):
             i = start + k
             keep = keep_pixels(i) if keep_pixels else False
@@ -96,8 +102,14 @@ def run_guard(guard, files: list[Path], *, labels: list[str | None] | None = Non
     return items
 
 
-def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
-           confidence: float = DEFAULT_CONFIDENCE, dataset: str = "") -> dict:
+def assess(
+    guard,
+    items: list[Item],
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    confidence: float = DEFAULT_CONFIDENCE,
+    dataset: str = "",
+) -> dict:
     """The suitability report as a JSON-serialisable dict (see module docstring)."""
     from scipy.stats import ks_2samp
 
@@ -120,11 +132,14 @@ def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
     for check, reason in reason_of.items():
         k = sum(reason in it.verdict.reasons for it in scored)
         clo, chi = clopper_pearson(k, n, confidence)
-        per_check[check] = {"enforced": check in guard.enforced_checks.split("+"), "count": k,
-                            "rate": k / n if n else None, "ci": [clo, chi],
-                            "calibrated_rate": calibrated_per_check.get(check)}
-    measures_failed = {m: sum(m in it.verdict.failed_measures for it in scored) / n if n else None
-                       for m in MEASURES}
+        per_check[check] = {
+            "enforced": check in guard.enforced_checks.split("+"),
+            "count": k,
+            "rate": k / n if n else None,
+            "ci": [clo, chi],
+            "calibrated_rate": calibrated_per_check.get(check),
+        }
+    measures_failed = {m: sum(m in it.verdict.failed_measures for it in scored) / n if n else None for m in MEASURES}
 
     reference = heldout_scores(guard)
     shift = {}
@@ -137,12 +152,18 @@ def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
             shift[name] = None
             continue
         ks = ks_2samp(new, ref)
-        shift[name] = {"ks": float(ks.statistic), "p_value": float(ks.pvalue),
-                       "median_new": float(np.median(new)), "median_calibration": float(np.median(ref)),
-                       "median_shift": float(np.median(new) - np.median(ref))}
+        shift[name] = {
+            "ks": float(ks.statistic),
+            "p_value": float(ks.pvalue),
+            "median_new": float(np.median(new)),
+            "median_calibration": float(np.median(ref)),
+            "median_shift": float(np.median(new) - np.median(ref)),
+        }
         if ks.statistic >= SHIFT_KS and ks.pvalue < 1e-3:
-            warnings.append(f"{name}: distribution shifted (KS {ks.statistic:.2f}, median "
-                            f"{np.median(ref):.3g} → {np.median(new):.3g})")
+            warnings.append(
+                f"{name}: distribution shifted (KS {ks.statistic:.2f}, median "
+                f"{np.median(ref):.3g} → {np.median(new):.3g})"
+            )
 
     labelled = [it for it in scored if it.label is not None]
     accuracy = None
@@ -154,11 +175,15 @@ def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
             ref = it.verdict.reference_index
             return names[ref] if ref is not None else None
 
-        accuracy = {"n_labelled": len(labelled), "n_accepted": len(acc_items),
-                    "accepted_accuracy": (sum(it.verdict.label == it.label for it in acc_items) / len(acc_items))
-                    if acc_items else None,
-                    # what the model alone would have scored (argmax over the real classes, nothing refused)
-                    "unguarded_accuracy": sum(argmax_name(it) == it.label for it in labelled) / len(labelled)}
+        accuracy = {
+            "n_labelled": len(labelled),
+            "n_accepted": len(acc_items),
+            "accepted_accuracy": (sum(it.verdict.label == it.label for it in acc_items) / len(acc_items))
+            if acc_items
+            else None,
+            # what the model alone would have scored (argmax over the real classes, nothing refused)
+            "unguarded_accuracy": sum(argmax_name(it) == it.label for it in labelled) / len(labelled),
+        }
 
     reasons = []
     if n < MIN_IMAGES:
@@ -166,17 +191,21 @@ def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
         reasons.append(f"only {n} decodable image(s); at least {MIN_IMAGES} are needed for a verdict")
     elif lo > bound:
         verdict = "unsuitable"
-        reasons.append(f"the guard rejects {rate:.1%} of the images ({confidence:.0%} CI {lo:.1%}–{hi:.1%}), "
-                       f"beyond the calibrated bound alpha {alpha:g} + tolerance {tolerance:g} = {bound:.1%}")
+        reasons.append(
+            f"the guard rejects {rate:.1%} of the images ({confidence:.0%} CI {lo:.1%}–{hi:.1%}), "
+            f"beyond the calibrated bound alpha {alpha:g} + tolerance {tolerance:g} = {bound:.1%}"
+        )
         for check, c in per_check.items():
             cr = c["calibrated_rate"]
             if c["enforced"] and c["rate"] is not None and cr is not None and c["ci"][0] > cr:
                 reasons.append(f"{check} check fires on {c['rate']:.1%} (calibrated {cr:.1%})")
     else:
         verdict = "suitable"
-        reasons.append(f"rejection rate {rate:.1%} ({confidence:.0%} CI {lo:.1%}–{hi:.1%}) is consistent with "
-                       f"the calibrated bound alpha {alpha:g} + tolerance {tolerance:g}"
-                       + (f" (calibrated held-out rate {calibrated_rate:.1%})" if calibrated_rate is not None else ""))
+        reasons.append(
+            f"rejection rate {rate:.1%} ({confidence:.0%} CI {lo:.1%}–{hi:.1%}) is consistent with "
+            f"the calibrated bound alpha {alpha:g} + tolerance {tolerance:g}"
+            + (f" (calibrated held-out rate {calibrated_rate:.1%})" if calibrated_rate is not None else "")
+        )
     if invalid:
         reasons.append(f"{len(invalid)} of {n_total} input(s) could not be verified (INVALID_INPUT/GUARD_ERROR)")
 
@@ -193,20 +222,30 @@ def assess(guard, items: list[Item], *, tolerance: float = DEFAULT_TOLERANCE,
         "confidence": confidence,
         "policy": guard.policy,
         "enforced_checks": guard.enforced_checks.split("+"),
-        "rejection": {"count": rejected, "rate": rate if n else None, "ci": [lo, hi],
-                      "calibrated_rate": calibrated_rate, "bound": bound},
+        "rejection": {
+            "count": rejected,
+            "rate": rate if n else None,
+            "ci": [lo, hi],
+            "calibrated_rate": calibrated_rate,
+            "bound": bound,
+        },
         "per_check": per_check,
         "measures_failed_rate": measures_failed,
         "shift": shift,
         "accuracy": accuracy,
-        "bundle": {"dir": str(guard.bundle_dir), "hash": guard.bundle_hash,
-                   "model": guard.manifest.get("model"), "calibration_dataset": cal.get("dataset")},
+        "bundle": {
+            "dir": str(guard.bundle_dir),
+            "hash": guard.bundle_hash,
+            "model": guard.manifest.get("model"),
+            "calibration_dataset": cal.get("dataset"),
+        },
     }
 
 
 # --------------------------------------------------------------------------------------------------
 # Report (PNG figures + HTML page)
 # --------------------------------------------------------------------------------------------------
+
 
 def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *, max_examples: int = 8) -> Path:
     """``out_dir/index.html`` with the histograms, the rejection chart and example overlays;
@@ -242,7 +281,7 @@ def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *,
         s = result["shift"].get(name)
         ax.set_title(f"{name}" + (f"  KS={s['ks']:.2f}" if s else ""), fontsize=9)
         ax.tick_params(labelsize=7)
-    for ax in axes.ravel()[len(names):]:
+    for ax in axes.ravel()[len(names) :]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=7)
     fig.tight_layout()
@@ -286,47 +325,66 @@ def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *,
         f"<tr><td>{esc(c)}</td><td>{'yes' if v['enforced'] else 'no'}</td><td>{v['count']}</td>"
         f"<td>{(v['rate'] or 0):.1%}</td><td>{v['ci'][0]:.1%}–{v['ci'][1]:.1%}</td>"
         f"<td>{'' if v['calibrated_rate'] is None else format(v['calibrated_rate'], '.1%')}</td></tr>"
-        for c, v in result["per_check"].items())
+        for c, v in result["per_check"].items()
+    )
     shift_html = "".join(
         f"<tr><td>{esc(k)}</td><td>{v['ks']:.3f}</td><td>{v['p_value']:.2g}</td><td>{v['median_calibration']:.4g}</td>"
-        f"<td>{v['median_new']:.4g}</td></tr>" for k, v in result["shift"].items() if v)
+        f"<td>{v['median_new']:.4g}</td></tr>"
+        for k, v in result["shift"].items()
+        if v
+    )
+
+    def caption(v) -> str:
+        return "accepted " + esc(v.label) if v.accepted else "rejected " + esc(", ".join(v.reasons))
+
     ex_html = "".join(
         f"<figure><img src='{name}' alt='{esc(it.name)}'><figcaption>{esc(Path(it.name).name)}: "
-        f"{'accepted ' + esc(it.verdict.label) if it.verdict.accepted else 'rejected ' + esc(', '.join(it.verdict.reasons))}"
-        f"</figcaption></figure>" for name, it in examples)
+        f"{caption(it.verdict)}</figcaption></figure>"
+        for name, it in examples
+    )
+    warnings_html = (
+        "<h3>Warnings</h3><ul>" + "".join(f"<li>{esc(w)}</li>" for w in result["warnings"]) + "</ul>"
+        if result["warnings"]
+        else ""
+    )
+    shift_header = (
+        "<tr><th>score</th><th>KS</th><th>p</th><th>median (calibration)</th><th>median (this dataset)</th></tr>"
+    )
     rj = result["rejection"]
     acc = result.get("accuracy")
     acc_html = ""
     if acc:
         aa = "n/a" if acc["accepted_accuracy"] is None else f"{acc['accepted_accuracy']:.1%}"
-        acc_html = (f"<p>Labelled inputs: {acc['n_labelled']}; accuracy of the accepted ones {aa} "
-                    f"({acc['n_accepted']} accepted); the model alone, refusing nothing: "
-                    f"{acc['unguarded_accuracy']:.1%}.</p>")
+        acc_html = (
+            f"<p>Labelled inputs: {acc['n_labelled']}; accuracy of the accepted ones {aa} "
+            f"({acc['n_accepted']} accepted); the model alone, refusing nothing: "
+            f"{acc['unguarded_accuracy']:.1%}.</p>"
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gamguard suitability report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} figure{{display:inline-block;margin:6px}}
 figure img{{width:420px}} .verdict{{font-size:26px;font-weight:bold;color:{colour}}}</style></head><body>
 <h1>Model suitability</h1>
-<p class="verdict">{esc(result['verdict'].upper())}</p>
-<ul>{''.join(f'<li>{esc(r)}</li>' for r in result['reasons'])}</ul>
-{('<h3>Warnings</h3><ul>' + ''.join(f'<li>{esc(w)}</li>' for w in result['warnings']) + '</ul>') if result['warnings'] else ''}
-<p>Dataset: {esc(result['dataset'])} — {result['n']} inputs ({result['n_invalid']} not verifiable).
-Bundle: {esc(result['bundle']['dir'])} ({esc(result['bundle']['hash'][:12])}), policy {esc(result['policy'])},
-checks {esc(', '.join(result['enforced_checks']))}, alpha {result['alpha']:g}.</p>
+<p class="verdict">{esc(result["verdict"].upper())}</p>
+<ul>{"".join(f"<li>{esc(r)}</li>" for r in result["reasons"])}</ul>
+{warnings_html}
+<p>Dataset: {esc(result["dataset"])} — {result["n"]} inputs ({result["n_invalid"]} not verifiable).
+Bundle: {esc(result["bundle"]["dir"])} ({esc(result["bundle"]["hash"][:12])}), policy {esc(result["policy"])},
+checks {esc(", ".join(result["enforced_checks"]))}, alpha {result["alpha"]:g}.</p>
 {acc_html}
 <h2>Rejections</h2>
-<p>Overall: {rj['count']} / {result['n_scored']} = {(rj['rate'] or 0):.1%}
-({result['confidence']:.0%} Clopper–Pearson CI {rj['ci'][0]:.1%}–{rj['ci'][1]:.1%});
-calibrated held-out rate {'' if rj['calibrated_rate'] is None else format(rj['calibrated_rate'], '.1%')};
-verdict bound {rj['bound']:.1%}.</p>
+<p>Overall: {rj["count"]} / {result["n_scored"]} = {(rj["rate"] or 0):.1%}
+({result["confidence"]:.0%} Clopper–Pearson CI {rj["ci"][0]:.1%}–{rj["ci"][1]:.1%});
+calibrated held-out rate {"" if rj["calibrated_rate"] is None else format(rj["calibrated_rate"], ".1%")};
+verdict bound {rj["bound"]:.1%}.</p>
 <table><tr><th>check</th><th>enforced</th><th>fired</th><th>rate</th><th>CI</th><th>calibrated</th></tr>{rows_html}</table>
 <p><img src="rejections.png" alt="rejection rates"></p>
 <h2>Score distributions (calibration held-out vs this dataset)</h2>
-<table><tr><th>score</th><th>KS</th><th>p</th><th>median (calibration)</th><th>median (this dataset)</th></tr>{shift_html}</table>
+<table>{shift_header}{shift_html}</table>
 <p><img src="histograms.png" alt="histograms" style="max-width:100%"></p>
 <h2>Examples</h2><p>Left: the image with its Grad-CAM; right: the predicted class's reference map.</p>
 {ex_html}
-<p style="color:#888;font-size:11px">generated by gamguard suitability, {time.strftime('%Y-%m-%d %H:%M:%S')}</p>
+<p style="color:#888;font-size:11px">generated by gamguard suitability, {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 </body></html>
 """
     (out / "index.html").write_text(page)
@@ -345,8 +403,9 @@ def collect_files(data: str | Path, class_names: list[str]) -> tuple[list[Path],
     if root.is_dir():
         subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
         if subdirs and subdirs <= set(class_names):
-            labels = [Path(f).relative_to(root).parts[0] if len(Path(f).relative_to(root).parts) > 1 else None
-                      for f in files]
+            labels = [
+                Path(f).relative_to(root).parts[0] if len(Path(f).relative_to(root).parts) > 1 else None for f in files
+            ]
             layout = "image_folder (labelled)"
     return files, labels, layout
 
@@ -355,9 +414,16 @@ def _stderr(msg: str) -> None:
     print(f"suitability: {msg}", file=sys.stderr, flush=True)
 
 
-def suitability(guard, data: str | Path | Iterable, *, tolerance: float = DEFAULT_TOLERANCE,
-                confidence: float = DEFAULT_CONFIDENCE, report_dir: str | Path | None = None,
-                progress: Callable[[str], None] | None = _stderr, max_examples: int = 8) -> dict:
+def suitability(
+    guard,
+    data: str | Path | Iterable,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    confidence: float = DEFAULT_CONFIDENCE,
+    report_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = _stderr,
+    max_examples: int = 8,
+) -> dict:
     """Run the guard over ``data`` (a folder) and assess it; optionally write the report."""
     files, labels, layout = collect_files(data, guard.class_names)
     if progress:

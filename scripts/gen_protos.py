@@ -21,6 +21,7 @@ venv with protobuf==6.30.0 grpcio==1.72.1). Newer grpcio-tools write a newer ver
 ``--check`` (and tests/test_grpc_protos.py) compare meaning, not bytes, so they pass with any
 grpcio-tools as long as the stubs describe the same .proto files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def _use_private_pool(path: Path) -> None:
 
 def generate(out_dir: Path) -> list[Path]:
     """Generate stubs for every ``proto/*.proto`` into ``out_dir``; return the files written."""
-    from grpc_tools import protoc  # dev dependency; imported late so --help works without it
     import importlib.resources
+
+    from grpc_tools import protoc  # dev dependency; imported late so --help works without it
 
     protos = sorted(PROTO_DIR.glob("*.proto"))
     if not protos:
@@ -69,8 +71,14 @@ def generate(out_dir: Path) -> list[Path]:
         gen = Path(tmp) / "gen"
         gen.mkdir()
         well_known = str(importlib.resources.files("grpc_tools") / "_proto")
-        args = ["grpc_tools.protoc", f"-I{root}", f"-I{well_known}", f"--python_out={gen}",
-                f"--pyi_out={gen}", f"--grpc_python_out={gen}"]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{root}",
+            f"-I{well_known}",
+            f"--python_out={gen}",
+            f"--pyi_out={gen}",
+            f"--grpc_python_out={gen}",
+        ]
         args += [f"gamguard/proto/{p.name}" for p in protos]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
@@ -114,8 +122,7 @@ def drift(reference_dir: Path = PROTO_DIR) -> list[str]:
     """Names of stubs that differ in meaning from a fresh generation (empty list = in sync)."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = {p.name: stub_fingerprint(p) for p in generate(Path(tmp))}
-        present = {p.name: stub_fingerprint(p) for p in reference_dir.iterdir()
-                   if p.name.endswith(GENERATED_SUFFIXES)}
+        present = {p.name: stub_fingerprint(p) for p in reference_dir.iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
     names = sorted(set(fresh) | set(present))
     return [n for n in names if fresh.get(n, "missing") != present.get(n, "missing")]
 

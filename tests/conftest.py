@@ -1,5 +1,6 @@
 """Shared fixtures (plain helpers are in ``testlib.py``). Real-data tests use ../shared/datasets and skip
 cleanly when it is absent."""
+
 from __future__ import annotations
 
 import shutil
@@ -28,8 +29,10 @@ def demo_bundle() -> Path:
 @pytest.fixture
 def copy_bundle(demo_bundle, tmp_path):
     """Factory: a private copy of the demo bundle (tests that modify or recalibrate it)."""
+
     def make(name: str = "bundle") -> Path:
         dst = tmp_path / name
         shutil.copytree(demo_bundle, dst)
         return dst
+
     return make

@@ -4,6 +4,7 @@ Uses the embedded demo bundle's fused ONNX ``cam`` output (exactly what the guar
 freshly generated phantoms with ground-truth masks, and compares the CAM mass inside each mask with
 the mask's area fraction (what a map spread uniformly would put there: chance).
 """
+
 import numpy as np
 import pytest
 
@@ -32,8 +33,7 @@ def cams_and_masks():
             m = np.maximum(m, p.masks[n].astype(np.float32))
         return resize_image(m, spec.height, spec.width) >= 0.5
 
-    return [(out.cam[i], mask(p, "hand"), mask(p, "bone", "growth_plate"))
-            for i, p in enumerate(items) if correct[i]]
+    return [(out.cam[i], mask(p, "hand"), mask(p, "bone", "growth_plate")) for i, p in enumerate(items) if correct[i]]
 
 
 def _mass_and_area(cams_and_masks, which):

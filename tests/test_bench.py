@@ -1,8 +1,10 @@
 """`gamguard bench`: the quick run works end to end and its JSON has the documented shape and sane values.
 
 Benchmarks are not tests: nothing here asserts a speed goal, only that every figure was measured
-(positive, finite, consistent with its parts) and that the shape matches the documented contract (docs/architecture.md, "Command-line contracts").
+(positive, finite, consistent with its parts) and that the shape matches the documented contract
+(docs/architecture.md, "Command-line contracts").
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +37,11 @@ def quick_result():
 def _expected_sizes(result) -> list[int]:
     import onnxruntime as ort
 
-    shape = ort.InferenceSession(str(default_bundle_dir() / MODEL_FILE),
-                                 providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    shape = (
+        ort.InferenceSession(str(default_bundle_dir() / MODEL_FILE), providers=["CPUExecutionProvider"])
+        .get_inputs()[0]
+        .shape
+    )
     dynamic = not isinstance(shape[2], int) and not isinstance(shape[3], int)
     return [224, 512] if dynamic else [int(shape[2])]
 
@@ -58,7 +63,8 @@ def test_guard_overhead_rows(quick_result):
     for row in r["measures_cost"]:
         assert _finite_positive(row["measures_ms_per_image"]) and _finite_positive(row["engine_ms_per_image"])
         assert row["fraction_of_engine"] == pytest.approx(
-            (row["measures_ms_per_image"] + row["feature_ms_per_image"]) / row["engine_ms_per_image"], rel=0.02)
+            (row["measures_ms_per_image"] + row["feature_ms_per_image"]) / row["engine_ms_per_image"], rel=0.02
+        )
 
 
 def test_pytorch_comparison_is_null_or_measured(quick_result):
@@ -77,8 +83,15 @@ def test_grpc_efficiency_rows(quick_result):
     rows = quick_result["grpc_efficiency"]
     assert [row["clients"] for row in rows] == [1, 4, 16]
     for row in rows:
-        for key in ("ratio", "ratio_vs_inprocess_dataplane", "p50_ms", "p99_ms", "grpc_rps", "inprocess_rps",
-                    "same_batches_rps"):
+        for key in (
+            "ratio",
+            "ratio_vs_inprocess_dataplane",
+            "p50_ms",
+            "p99_ms",
+            "grpc_rps",
+            "inprocess_rps",
+            "same_batches_rps",
+        ):
             assert _finite_positive(row[key]), (key, row)
         assert row["p50_ms"] <= row["p99_ms"]
         assert row["ratio"] == pytest.approx(row["grpc_rps"] / row["same_batches_rps"], rel=0.01)
@@ -88,7 +101,8 @@ def test_grpc_efficiency_rows(quick_result):
         for key in ("server_cpu_ms_per_request", "same_batches_cpu_ms_per_request", "cpu_ratio"):
             assert _finite_positive(row[key]), (key, row)
         assert row["cpu_ratio"] == pytest.approx(
-            row["same_batches_cpu_ms_per_request"] / row["server_cpu_ms_per_request"], rel=0.01)
+            row["same_batches_cpu_ms_per_request"] / row["server_cpu_ms_per_request"], rel=0.01
+        )
 
 
 def test_machine_facts_recorded(quick_result):

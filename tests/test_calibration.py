@@ -1,5 +1,6 @@
 """Calibration statistics (p-values, conformal cut, decision rule, early-feature reference) and the
 `gamguard calibrate` command on a copy of the demo bundle."""
+
 from __future__ import annotations
 
 import json
@@ -95,10 +96,17 @@ def _null_model():
 
     rng = np.random.default_rng(5)
     n = 300
-    sims = np.stack([rng.uniform(0.5, 1.0, n) if HIGHER_IS_SIMILAR[m] else rng.uniform(0, 0.5, n)
-                     for m in MEASURES], axis=1)
-    s = ScoreSet(sims=sims, feature=rng.gamma(4.0, size=n), pred=np.zeros(n, int), pred_real=np.zeros(n, int),
-                 garbage_prob=np.zeros(n), garbage_pred=np.zeros(n, bool))
+    sims = np.stack(
+        [rng.uniform(0.5, 1.0, n) if HIGHER_IS_SIMILAR[m] else rng.uniform(0, 0.5, n) for m in MEASURES], axis=1
+    )
+    s = ScoreSet(
+        sims=sims,
+        feature=rng.gamma(4.0, size=n),
+        pred=np.zeros(n, int),
+        pred_real=np.zeros(n, int),
+        garbage_prob=np.zeros(n),
+        garbage_pred=np.zeros(n, bool),
+    )
     return NullModel(s, n_classes=2), s
 
 
@@ -133,8 +141,7 @@ def test_decide_reasons_follow_the_failing_pvalues():
     d = decide(pm, pf, garbage, checks="attention", policy="calibrated", alpha=0.05, cut=cut)
     assert d.reject.tolist() == [False, True, False, False] and not d.failed_measures[2].any()
     # strict compares each check's own p with alpha
-    d = decide(pm, pf * 0 + 0.04, garbage * False, checks="feature", policy="strict", alpha=0.05, cut=None,
-               null=null)
+    d = decide(pm, pf * 0 + 0.04, garbage * False, checks="feature", policy="strict", alpha=0.05, cut=None, null=null)
     assert d.reject.all() and d.level == 0.05
     # calibrated: rejection <=> combined statistic below the cut
     s = combined_statistic(d.attention_p, pf, garbage, "garbage+attention+feature")
@@ -166,8 +173,12 @@ def test_feature_reference_scores_structure_changes():
 # ---------------------------------------------------------------------------------------------- command
 def _cli(*args, timeout=600):
     # the installed entry point's way in (``python -m gamguard.runtime.cli`` would load cli twice)
-    return subprocess.run([sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())",
-                           *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_calibrate_command_writes_references_hashes_and_is_seeded(copy_bundle):
@@ -195,8 +206,7 @@ def test_calibrate_command_writes_references_hashes_and_is_seeded(copy_bundle):
     m2 = bundle_mod.read_manifest(b2)
     spec = bundle_mod.InputSpec.from_manifest(m2["input"])
     images, labels = load_phantoms(40, 3, spec, m2["class_names"], m2["garbage_class"])
-    calibrate_bundle(b2, images=images.__getitem__, labels=labels, dataset={"kind": "phantoms"}, seed=3,
-                     progress=None)
+    calibrate_bundle(b2, images=images.__getitem__, labels=labels, dataset={"kind": "phantoms"}, seed=3, progress=None)
     with np.load(b1 / "reference.npz") as z1, np.load(b2 / "reference.npz") as z2:
         for k in ("ref_cam", "feature_mean", "null_sims", "conformal_feature"):
             assert np.allclose(z1[k], z2[k], rtol=1e-5, atol=1e-6), f"{k} differs between runs with the same seed"
@@ -233,9 +243,14 @@ def test_separate_reference_set_holds_out_every_calibration_image(copy_bundle):
     spec = bundle_mod.InputSpec.from_manifest(m["input"])
     cal_images, cal_labels = load_phantoms(20, 5, spec, m["class_names"], m["garbage_class"])
     ref_images, ref_labels = load_phantoms(15, 6, spec, m["class_names"], m["garbage_class"])
-    manifest = calibrate_bundle(b, images=cal_images.__getitem__, labels=cal_labels, dataset={"kind": "phantoms"},
-                                reference=(ref_images.__getitem__, ref_labels, {"kind": "phantoms", "seed": 6}),
-                                progress=None)
+    manifest = calibrate_bundle(
+        b,
+        images=cal_images.__getitem__,
+        labels=cal_labels,
+        dataset={"kind": "phantoms"},
+        reference=(ref_images.__getitem__, ref_labels, {"kind": "phantoms", "seed": 6}),
+        progress=None,
+    )
     split = manifest["calibration"]["split"]
     assert split["reference"] == len(ref_labels) == 60
     assert split["null"] + split["conformal"] == len(cal_labels) == 80
@@ -244,9 +259,14 @@ def test_separate_reference_set_holds_out_every_calibration_image(copy_bundle):
         assert z["null_feature"].size + z["conformal_feature"].size == 80
     bundle_mod.load_manifest(b)  # calibrated, hashes consistent
     with pytest.raises(CalibrationError, match="reference labels"):
-        calibrate_bundle(b, images=cal_images.__getitem__, labels=cal_labels, dataset={},
-                         reference=(ref_images.__getitem__, [m["garbage_class"]] * len(ref_labels), {}),
-                         progress=None)
+        calibrate_bundle(
+            b,
+            images=cal_images.__getitem__,
+            labels=cal_labels,
+            dataset={},
+            reference=(ref_images.__getitem__, [m["garbage_class"]] * len(ref_labels), {}),
+            progress=None,
+        )
 
 
 def test_calibration_refuses_a_garbage_class_that_eats_the_budget(copy_bundle):
@@ -265,6 +285,5 @@ def test_calibration_refuses_a_garbage_class_that_eats_the_budget(copy_bundle):
     all_images = list(images) + list(noise)
     all_labels = list(labels) + [0] * len(noise)
     with pytest.raises(CalibrationError, match="garbage class rejects"):
-        calibrate_bundle(b, images=all_images.__getitem__, labels=all_labels, dataset={"kind": "bad"},
-                         progress=None)
+        calibrate_bundle(b, images=all_images.__getitem__, labels=all_labels, dataset={"kind": "bad"}, progress=None)
     assert bundle_mod.load_manifest(b)["files"] == before["files"]  # untouched and still valid

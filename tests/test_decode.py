@@ -3,6 +3,7 @@
 Inputs are made in the test with OpenCV and pydicom; pydicom's bundled test files and the real pelvis
 DICOMs (JPEG 2000, RGB) are used when present (never downloaded).
 """
+
 from __future__ import annotations
 
 import io
@@ -34,9 +35,14 @@ from gamguard.runtime.decode import (
 from gamguard.runtime.preprocess import InvalidInput
 
 RNG = np.random.default_rng(1234)
-PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-778899", "PatientBirthDate": "19800101",
-       "InstitutionName": "St Elsewhere Hospital", "ReferringPhysicianName": "House^Gregory",
-       "AccessionNumber": "ACC-55443"}
+PHI = {
+    "PatientName": "Doe^Jane",
+    "PatientID": "PID-778899",
+    "PatientBirthDate": "19800101",
+    "InstitutionName": "St Elsewhere Hospital",
+    "ReferringPhysicianName": "House^Gregory",
+    "AccessionNumber": "ACC-55443",
+}
 
 
 def png(img: np.ndarray) -> bytes:
@@ -318,8 +324,15 @@ def test_rescale_then_window():
     arr = np.arange(0, 4096, 4, dtype=np.uint16).reshape(32, 32)
     slope, intercept, center, width = 2.0, -1000.0, 2000.0, 3000.0
     out = decode_bytes(
-        dicom(arr, bits_stored=12, RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="US",
-              WindowCenter=center, WindowWidth=width)
+        dicom(
+            arr,
+            bits_stored=12,
+            RescaleSlope=slope,
+            RescaleIntercept=intercept,
+            RescaleType="US",
+            WindowCenter=center,
+            WindowWidth=width,
+        )
     )
     # PS3.3 C.11.2.1.2.1 (LINEAR), on the rescaled values
     values = arr * slope + intercept
@@ -456,8 +469,17 @@ def pydicom_file(name: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-                                  "examples_palette.dcm", "MR_small_bigendian.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "examples_palette.dcm",
+        "MR_small_bigendian.dcm",
+    ],
+)
 def test_pydicom_test_files_decode_to_unit_range(name):
     out = decode_file(pydicom_file(name))
     p = out.pixels
@@ -514,8 +536,14 @@ def test_image_folder(tmp_path):
     ds = ImageFolder(tmp_path)
     assert ds.classes == ["a_early", "b_late"] and len(ds) == 6
     names = [p.relative_to(tmp_path).as_posix() for p, _ in ds.samples]
-    assert names == ["a_early/000.png", "a_early/001.png", "a_early/002.png", "a_early/sub/x.dcm",
-                     "b_late/000.png", "b_late/001.png"]
+    assert names == [
+        "a_early/000.png",
+        "a_early/001.png",
+        "a_early/002.png",
+        "a_early/sub/x.dcm",
+        "b_late/000.png",
+        "b_late/001.png",
+    ]
     assert ds.targets == [0, 0, 0, 0, 1, 1]
     image, label = ds.load(3)
     assert image.format == "dicom" and label == 0 and image.pixels.shape == (12, 12)
@@ -544,8 +572,15 @@ def test_iter_image_files(tmp_path):
     extra.write_bytes(dicom(gradient(8, 8, np.uint16)))
     files = iter_image_files([extra, tmp_path / "b_late", tmp_path, tmp_path / "b_late" / "000.png"])
     rel = [p.relative_to(tmp_path).as_posix() for p in files]
-    assert rel == ["IMG0001", "b_late/000.png", "b_late/001.png", "a_early/000.png", "a_early/001.png",
-                   "a_early/002.png", "a_early/sub/x.dcm"]
+    assert rel == [
+        "IMG0001",
+        "b_late/000.png",
+        "b_late/001.png",
+        "a_early/000.png",
+        "a_early/001.png",
+        "a_early/002.png",
+        "a_early/sub/x.dcm",
+    ]
     assert all(decode_file(p).pixels.ndim == 2 for p in files)
     assert iter_image_files(str(extra)) == [extra]
     with pytest.raises(DatasetError, match="no such file"):
@@ -560,8 +595,12 @@ def test_iter_image_files(tmp_path):
 def test_mutated_inputs_give_decode_error_or_a_valid_image():
     """Fail closed on hostile bytes: any other exception type would escape as a crash."""
     rng = np.random.default_rng(7)
-    seeds = [png(gradient()), jpeg(gradient()), Path(pydicom_file("MR_small_RLE.dcm")).read_bytes(),
-             Path(pydicom_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes()]
+    seeds = [
+        png(gradient()),
+        jpeg(gradient()),
+        Path(pydicom_file("MR_small_RLE.dcm")).read_bytes(),
+        Path(pydicom_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes(),
+    ]
     outcomes = {"ok": 0, "refused": 0}
     for seed in seeds:
         for i in range(60):

@@ -1,4 +1,5 @@
 """`gamguard demo`, the README's main job: real server, real client, real bundle, clean shutdown."""
+
 import json
 import os
 import subprocess

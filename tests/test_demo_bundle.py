@@ -1,5 +1,6 @@
 """The committed demo bundle is reproducible: rebuilt from the committed checkpoint with the documented
 command, it gives the same model outputs, the same calibration and the same verdicts."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,14 @@ def rebuilt(tmp_path_factory):
     env = dict(os.environ, REUSE_CKPT="1", GAMGUARD=str(REPO / ".venv" / "bin" / "gamguard"))
     if not Path(env["GAMGUARD"]).exists():
         env["GAMGUARD"] = "gamguard"
-    run = subprocess.run(["bash", str(REPO / "scripts" / "build_demo_bundle.sh"), str(out)], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build_demo_bundle.sh"), str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -43,7 +50,6 @@ def test_rebuilt_bundle_matches_committed(rebuilt):
     vb = Guard.from_bundle(rebuilt).verify_images(batch)
     assert [v.accepted for v in va] == [v.accepted for v in vb]
     assert [v.label for v in va] == [v.label for v in vb]
-    np.testing.assert_allclose([v.scores["combined_p"] for v in va], [v.scores["combined_p"] for v in vb],
-                               atol=1e-6)
+    np.testing.assert_allclose([v.scores["combined_p"] for v in va], [v.scores["combined_p"] for v in vb], atol=1e-6)
     for x, y in zip(va, vb):
         np.testing.assert_allclose(x.cam, y.cam, atol=1e-5)

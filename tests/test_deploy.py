@@ -2,6 +2,7 @@
 `gamguard serve` parser and accepted by its config validation); the health probe works against real
 gRPC servers (plaintext and TLS); the pieces agree on ports; and scripts/check_deploy.sh — the linters
 and schema validators for Dockerfiles, compose, Kubernetes/KServe manifests and systemd units — passes."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gamguard.runtime import gpu_packaging
-from gamguard.runtime.server import healthcheck
 from gamguard.runtime.commands import serve as serve_cmd
+from gamguard.runtime.engines import packaging as gpu_packaging
+from gamguard.runtime.server import healthcheck
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -121,8 +122,9 @@ def test_deployed_serve_command_is_the_real_cli(where, tmp_path):
         pytest.fail(f"{where}: the server refuses this configuration: {exc}")
     assert cfg.bind_host == "0.0.0.0", f"{where} must listen beyond loopback inside its container/box"
     assert cfg.metrics_port, f"{where} must expose metrics"
-    assert cfg.insecure == (where == "kserve/servingruntime.yaml"), \
+    assert cfg.insecure == (where == "kserve/servingruntime.yaml"), (
         "only KServe (TLS at the mesh/ingress) runs plaintext; everything else uses TLS"
+    )
 
 
 def test_images_expose_the_ports_they_serve():
@@ -174,8 +176,13 @@ def test_kubernetes_probes_use_native_grpc_on_a_served_port():
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] and volumes["bundle"]["persistentVolumeClaim"]["readOnly"]
     assert all(m.get("readOnly") for m in c["volumeMounts"] if m["name"] in ("bundle", "tls"))
-    kinds = {d["kind"] for f in (DEPLOY / "k8s" / "base").glob("*.yaml") if f.name != "kustomization.yaml"
-             for d in yaml.safe_load_all(f.read_text()) if d}
+    kinds = {
+        d["kind"]
+        for f in (DEPLOY / "k8s" / "base").glob("*.yaml")
+        if f.name != "kustomization.yaml"
+        for d in yaml.safe_load_all(f.read_text())
+        if d
+    }
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
 
 
@@ -199,8 +206,14 @@ def test_kserve_runtime_and_inference_service_fit_together():
 def test_systemd_unit_is_hardened_and_restarts():
     u = unit("gamguard.service")
     assert u["User"] == "gamguard" and u["Restart"] == "always"
-    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-                       "PrivateTmp": "yes", "CapabilityBoundingSet": "", "StandardOutput": "journal"}.items():
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+        "StandardOutput": "journal",
+    }.items():
         assert u.get(key) == value, key
     assert "/var/lib/gamguard/bundle" in u["ReadOnlyPaths"]
     assert "gamguard" in (DEPLOY / "systemd" / "gamguard.sysusers.conf").read_text()
@@ -249,8 +262,7 @@ def test_probe_waits_for_a_server_that_is_still_loading(plain_server):
 
     threading.Timer(0.6, plain_server.set, args=(health_pb2.HealthCheckResponse.SERVING,)).start()
     t0 = time.monotonic()
-    code = healthcheck.main(["--port", str(plain_server.port), "--insecure", "--attempts", "10",
-                             "--interval", "0.2"])
+    code = healthcheck.main(["--port", str(plain_server.port), "--insecure", "--attempts", "10", "--interval", "0.2"])
     assert code == healthcheck.EXIT_SERVING and time.monotonic() - t0 >= 0.5
 
 
@@ -288,8 +300,9 @@ def test_probe_over_tls_and_mutual_tls(tmp_path):
     ca = make_ca(tmp_path, "ca")
     srv_crt, srv_key = make_cert(tmp_path, "server", ca, server=True)
     cli_crt, cli_key = make_cert(tmp_path, "client", ca, server=False)
-    creds = grpc.ssl_server_credentials([(srv_key.read_bytes(), srv_crt.read_bytes())],
-                                        root_certificates=ca[0].read_bytes(), require_client_auth=True)
+    creds = grpc.ssl_server_credentials(
+        [(srv_key.read_bytes(), srv_crt.read_bytes())], root_certificates=ca[0].read_bytes(), require_client_auth=True
+    )
     s = HealthServer(creds)
     try:
         s.set(health_pb2.HealthCheckResponse.SERVING)
@@ -308,9 +321,24 @@ def test_probe_against_gamguard_serve(tmp_path):
     from testlib import demo_bundle_path
 
     bundle = demo_bundle_path()
-    proc = subprocess.Popen([sys.executable, "-m", "gamguard.runtime.cli", "serve", "--bundle", str(bundle),
-                             "--insecure", "--port", "0", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gamguard.runtime.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--insecure",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line, deadline = "", time.monotonic() + 120
         while "serving on" not in line and time.monotonic() < deadline and proc.poll() is None:
@@ -318,8 +346,13 @@ def test_probe_against_gamguard_serve(tmp_path):
         m = re.search(r"serving on [\d.]+:(\d+)", line)
         assert m, f"server did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
         env = dict(os.environ, GAMGUARD_HEALTH_PORT=m.group(1), GAMGUARD_HEALTH_INSECURE="1")
-        out = subprocess.run([sys.executable, "-m", "gamguard.runtime.server.healthcheck"], env=env,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "gamguard.runtime.server.healthcheck"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0 and "SERVING" in out.stderr
     finally:
         proc.terminate()
@@ -330,11 +363,17 @@ def test_probe_against_gamguard_serve(tmp_path):
 
 
 def test_gpu_packaging_detects_two_onnxruntime_distributions():
-    both = gpu_packaging.problems(distributions={"onnxruntime": "1.22.0", "onnxruntime-gpu": "1.22.0"},
-                                  providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    both = gpu_packaging.problems(
+        distributions={"onnxruntime": "1.22.0", "onnxruntime-gpu": "1.22.0"},
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
     assert len(both) == 1 and "more than one" in both[0]
-    assert gpu_packaging.problems(distributions={"onnxruntime-gpu": "1.22.0"},
-                                  providers=["TensorrtExecutionProvider", "CPUExecutionProvider"]) == []
+    assert (
+        gpu_packaging.problems(
+            distributions={"onnxruntime-gpu": "1.22.0"}, providers=["TensorrtExecutionProvider", "CPUExecutionProvider"]
+        )
+        == []
+    )
     cpu_only = gpu_packaging.problems(distributions={"onnxruntime": "1.22.0"}, providers=["CPUExecutionProvider"])
     assert cpu_only and "no GPU execution provider" in cpu_only[0]
 
@@ -354,8 +393,9 @@ def test_gpu_packaging_on_this_install():
 def test_check_deploy_script_passes():
     """yamllint, hadolint, compose schema, ShellCheck, kustomize + strict Kubernetes schemas (CRD
     containers included), systemd-analyze verify: the tools install themselves into build/."""
-    out = subprocess.run(["bash", str(REPO / "scripts" / "check_deploy.sh")], capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "check_deploy.sh")], capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "all deploy/ checks passed" in out.stderr
     for check in ("yamllint", "hadolint", "compose-schema", "shellcheck", "systemd-verify", "k8s base"):

@@ -1,4 +1,5 @@
 """`gamguard evaluate` end to end on the real datasets (short training; skips without the data)."""
+
 import json
 import subprocess
 import sys
@@ -13,9 +14,27 @@ pytest.importorskip("sklearn")
 def results(datasets_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("eval")
     out = subprocess.run(
-        [sys.executable, "-m", "gamguard.runtime.cli", "evaluate", "--preset", "pneumoniamnist",
-         "--data-root", str(datasets_root), "--workdir", str(work), "--epochs", "4", "--threads", "1", "--json"],
-        capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "gamguard.runtime.cli",
+            "evaluate",
+            "--preset",
+            "pneumoniamnist",
+            "--data-root",
+            str(datasets_root),
+            "--workdir",
+            str(work),
+            "--epochs",
+            "4",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout), work
 
@@ -60,11 +79,17 @@ def test_cli_text_output_when_nothing_is_accepted(monkeypatch, capsys):
     from gamguard.exporter import evaluate as ev
     from gamguard.runtime.commands import evaluate as cmd
 
-    fake = {"id_false_rejection_rate": 1.0, "alpha": 0.05, "accepted_accuracy": None,
-            "baselines": {"msp": {"x": {"auroc": 0.5}}},
-            "ood": {"x": {"rejection_rate": 1.0, "auroc": 0.5, "fpr95": 1.0}}, "report": "r/index.html"}
+    fake = {
+        "id_false_rejection_rate": 1.0,
+        "alpha": 0.05,
+        "accepted_accuracy": None,
+        "baselines": {"msp": {"x": {"auroc": 0.5}}},
+        "ood": {"x": {"rejection_rate": 1.0, "auroc": 0.5, "fpr95": 1.0}},
+        "report": "r/index.html",
+    }
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: fake)
-    args = argparse.Namespace(data_root="d", workdir="w", epochs=1, alpha=0.05, seed=0, threads=1, reuse=False,
-                              json=False)
+    args = argparse.Namespace(
+        data_root="d", workdir="w", epochs=1, alpha=0.05, seed=0, threads=1, reuse=False, json=False
+    )
     assert cmd.run(args) == 0
     assert "accepted accuracy n/a" in capsys.readouterr().out

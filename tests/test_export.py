@@ -5,6 +5,7 @@ path (``BaseCAM.forward`` with ``targets=None`` and one target layer) with autog
 ``cv2.resize``, step for step. The test models are trained for a few seconds on an easy task
 (a bright blob on the left vs. on the right) so the maps are not blank.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,7 @@ CLASSES = ["left", "right", "garbage"]
 # small test models: the three head forms
 # ---------------------------------------------------------------------------------------------
 def _conv_bn(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class GapLinearNet(nn.Module):
@@ -61,9 +61,16 @@ class SequentialHeadNet(nn.Module):
         self.stem = _conv_bn(1, 8, 2)
         self.features = nn.Sequential(_conv_bn(8, 16, 2), _conv_bn(16, 16, 1))
         self.head = nn.Sequential(
-            nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
-            nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 3),
+            nn.Conv2d(16, 16, 1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d((1, 1)),
+            nn.Flatten(),
+            nn.Linear(16, 32),
+            nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Linear(32, 3),
         )
 
     def forward(self, x):
@@ -232,9 +239,16 @@ def exported(trained, tmp_path_factory):
     for name, (_, target, early, _) in MODELS.items():
         d = tmp_path_factory.mktemp(name)
         manifest = export_bundle(
-            trained[name], d, class_names=CLASSES, garbage_class="garbage", target_layer=target,
-            early_layer=early, input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM,
-            model_name=name, dynamic_spatial=True,
+            trained[name],
+            d,
+            class_names=CLASSES,
+            garbage_class="garbage",
+            target_layer=target,
+            early_layer=early,
+            input_shape=(1, TRAIN_SIZE, TRAIN_SIZE),
+            normalization=NORM,
+            model_name=name,
+            dynamic_spatial=True,
         )
         sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
         out[name] = (d, manifest, sess)
@@ -255,7 +269,7 @@ def test_cam_parity_with_autograd_gradcam(name, trained, exported):
     _, manifest, sess = exported[name]
     assert manifest["export"]["head_kind"] == kind
     worst = {"cam": 0.0, "logits": 0.0, "early": 0.0}
-    for (h, w) in SIZES:
+    for h, w in SIZES:
         for batch in (1, 3):
             x, _, _ = blobs(batch, h, w, seed=1000 + h + batch)
             logits, cam, feats = _run(sess, x)
@@ -265,13 +279,14 @@ def test_cam_parity_with_autograd_gradcam(name, trained, exported):
             assert np.all(cam_ref.max(axis=(1, 2)) - cam_ref.min(axis=(1, 2)) > 0.5)
             assert 0.0 <= cam.min() and cam.max() <= 1.0 + 1e-6
             worst["cam"] = max(worst["cam"], float(np.abs(cam - cam_ref).max()))
-            worst["logits"] = max(worst["logits"], float(np.abs(logits - logits_ref).max()
-                                                        / np.abs(logits_ref).max()))
+            worst["logits"] = max(worst["logits"], float(np.abs(logits - logits_ref).max() / np.abs(logits_ref).max()))
             feats_ref = early_reference(model, early, x)
             assert feats.shape == feats_ref.shape == (batch, 8, 8, 8)
             worst["early"] = max(worst["early"], float(np.abs(feats - feats_ref).max()))
-    print(f"\n{name}: max |cam - ref| {worst['cam']:.2e}, logits rel {worst['logits']:.2e}, "
-          f"early abs {worst['early']:.2e}")
+    print(
+        f"\n{name}: max |cam - ref| {worst['cam']:.2e}, logits rel {worst['logits']:.2e}, "
+        f"early abs {worst['early']:.2e}"
+    )
     assert worst["cam"] <= 1e-3
     assert worst["logits"] <= 1e-4
     assert worst["early"] <= 1e-5
@@ -322,9 +337,17 @@ def test_opset17_legacy_exporter_matches(trained, exported, tmp_path):
     _, target, early, _ = MODELS[name]
     # Re-exporting over an old bundle drops the files derived from the old model.
     (tmp_path / "reference.npz").write_bytes(b"old references")
-    manifest = export_bundle(model, tmp_path, class_names=CLASSES, garbage_class=2,
-                             target_layer=target, early_layer=early,
-                             input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM, opset=17)
+    manifest = export_bundle(
+        model,
+        tmp_path,
+        class_names=CLASSES,
+        garbage_class=2,
+        target_layer=target,
+        early_layer=early,
+        input_shape=(1, TRAIN_SIZE, TRAIN_SIZE),
+        normalization=NORM,
+        opset=17,
+    )
     assert manifest["export"]["exporter"] == "torchscript"
     assert not (tmp_path / "reference.npz").exists() and list(manifest["files"]) == ["model.onnx"]
     proto = onnx.load(str(tmp_path / "model.onnx"))
@@ -370,12 +393,15 @@ class SkipAroundTarget(GapLinearNet):
         return self.fc(self.flatten(self.pool(f)))
 
 
-@pytest.mark.parametrize("cls, target, pattern", [
-    (SigmoidHead, "features", r"module 'act' \(Sigmoid\)"),
-    (Conv3x3Head, "features", r"module 'head\.0' \(Conv2d\).*kernel \(3, 3\)"),
-    (GeluHead, "layer2", r"F\.gelu"),
-    (SkipAroundTarget, "features", r"F\.avg_pool2d.*skip connection"),
-])
+@pytest.mark.parametrize(
+    "cls, target, pattern",
+    [
+        (SigmoidHead, "features", r"module 'act' \(Sigmoid\)"),
+        (Conv3x3Head, "features", r"module 'head\.0' \(Conv2d\).*kernel \(3, 3\)"),
+        (GeluHead, "layer2", r"F\.gelu"),
+        (SkipAroundTarget, "features", r"F\.avg_pool2d.*skip connection"),
+    ],
+)
 def test_unsupported_head_is_a_clear_error(cls, target, pattern, tmp_path):
     model = cls().eval()
     example = torch.randn(2, 1, TRAIN_SIZE, TRAIN_SIZE)
@@ -383,16 +409,29 @@ def test_unsupported_head_is_a_clear_error(cls, target, pattern, tmp_path):
         plan_head(model, target, "stem" if hasattr(model, "stem") else "layer1", example)
     early = "stem" if hasattr(model, "stem") else "layer1"
     with pytest.raises(UnsupportedHeadError, match="no exportable backward|skip connection"):
-        export_bundle(model, tmp_path / "b", class_names=CLASSES, garbage_class=2,
-                      target_layer=target, early_layer=early,
-                      input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM)
+        export_bundle(
+            model,
+            tmp_path / "b",
+            class_names=CLASSES,
+            garbage_class=2,
+            target_layer=target,
+            early_layer=early,
+            input_shape=(1, TRAIN_SIZE, TRAIN_SIZE),
+            normalization=NORM,
+        )
     assert not (tmp_path / "b" / "model.onnx").exists()
 
 
 def test_bad_arguments_are_refused(tmp_path):
     model = GapLinearNet().eval()
-    kw = dict(class_names=CLASSES, garbage_class=2, target_layer="features", early_layer="stem",
-              input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM)
+    kw = dict(
+        class_names=CLASSES,
+        garbage_class=2,
+        target_layer="features",
+        early_layer="stem",
+        input_shape=(1, TRAIN_SIZE, TRAIN_SIZE),
+        normalization=NORM,
+    )
     with pytest.raises(ValueError, match="not a module"):
         export_bundle(model, tmp_path / "a", **{**kw, "target_layer": "nope"})
     with pytest.raises(ValueError, match="comes after"):
@@ -423,10 +462,15 @@ def test_check_rejects_nonstandard_domain(tmp_path):
     from onnx import TensorProto, helper
 
     node = helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     with pytest.raises(ExportError, match="com.microsoft"):
@@ -443,15 +487,38 @@ def test_cli_export_from_checkpoint(tmp_path, capsys):
 
     model = build_model(config)
     ckpt = {
-        "format": train.CHECKPOINT_FORMAT, "arch": "guardnet", "config": config,
-        "state_dict": model.state_dict(), "class_names": CLASSES, "garbage_class": 2,
-        "input": {"channels": 1, "height": 32, "width": 32, "mean": [0.5], "std": [0.25],
-                  "resize": "stretch", "photometric": "MONOCHROME2"},
-        "target_layer": "layer3", "early_layer": "layer1", "train_report": {},
+        "format": train.CHECKPOINT_FORMAT,
+        "arch": "guardnet",
+        "config": config,
+        "state_dict": model.state_dict(),
+        "class_names": CLASSES,
+        "garbage_class": 2,
+        "input": {
+            "channels": 1,
+            "height": 32,
+            "width": 32,
+            "mean": [0.5],
+            "std": [0.25],
+            "resize": "stretch",
+            "photometric": "MONOCHROME2",
+        },
+        "target_layer": "layer3",
+        "early_layer": "layer1",
+        "train_report": {},
     }
     train.save_checkpoint(ckpt, tmp_path / "model.pt")
-    rc = cli.main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--out",
-                   str(tmp_path / "bundle"), "--name", "demo", "--json"])
+    rc = cli.main(
+        [
+            "export",
+            "--checkpoint",
+            str(tmp_path / "model.pt"),
+            "--out",
+            str(tmp_path / "bundle"),
+            "--name",
+            "demo",
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     manifest = json.loads(out.out)  # stdout is only the JSON manifest

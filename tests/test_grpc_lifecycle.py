@@ -1,5 +1,6 @@
 """Server lifecycle and transport security over real servers on loopback ports: health state
 transitions, TLS and mutual TLS, the bearer token, and `gamguard serve` draining on SIGTERM."""
+
 from __future__ import annotations
 
 import os
@@ -100,21 +101,29 @@ def test_mutual_tls_and_bearer_token(certs):
     bundle = demo_bundle_path()
     token_file = certs["dir"] / "token"
     token_file.write_text("s3cret-token\n")
-    cfg = ServeConfig(bundle=str(bundle), host="127.0.0.1", port=0, tls_cert=str(certs["server"][0]),
-                      tls_key=str(certs["server"][1]), tls_client_ca=str(certs["ca"][0]),
-                      auth_token_file=str(token_file)).validate()
+    cfg = ServeConfig(
+        bundle=str(bundle),
+        host="127.0.0.1",
+        port=0,
+        tls_cert=str(certs["server"][0]),
+        tls_key=str(certs["server"][1]),
+        tls_client_ca=str(certs["ca"][0]),
+        auth_token_file=str(token_file),
+    ).validate()
     server = ThreadedServer(cfg).start()
     from gamguard.runtime.server.client import GuardClient
 
     data = png16(ood("noise"))
     try:
         common = dict(ca_cert=certs["ca"][0], server_name="localhost", timeout=30)
-        with GuardClient(server.target, client_cert=certs["client"][0], client_key=certs["client"][1],
-                         token="s3cret-token", **common) as c:
+        with GuardClient(
+            server.target, client_cert=certs["client"][0], client_key=certs["client"][1], token="s3cret-token", **common
+        ) as c:
             v = c.verify(data)
             assert not v.accepted and v.reasons
-        with GuardClient(server.target, client_cert=certs["client"][0], client_key=certs["client"][1],
-                         token="wrong", **common) as c:
+        with GuardClient(
+            server.target, client_cert=certs["client"][0], client_key=certs["client"][1], token="wrong", **common
+        ) as c:
             with pytest.raises(grpc.RpcError) as info:
                 c.verify(data)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -127,8 +136,9 @@ def test_mutual_tls_and_bearer_token(certs):
                 break
             time.sleep(0.05)
         assert refused == 1
-        with GuardClient(server.target, client_cert=certs["client"][0], client_key=certs["client"][1],
-                         **common) as c:  # health is exempt from the token (orchestrator probes)
+        with GuardClient(
+            server.target, client_cert=certs["client"][0], client_key=certs["client"][1], **common
+        ) as c:  # health is exempt from the token (orchestrator probes)
             assert _health(c.channel) == SERVING
         for who in ("stranger", None):  # wrong CA / no client certificate → handshake refused
             kw = dict(client_cert=certs[who][0], client_key=certs[who][1]) if who else {}
@@ -145,8 +155,14 @@ def test_mutual_tls_and_bearer_token(certs):
 
 def test_tls_without_client_auth_and_plaintext_health_port(certs):
     bundle = demo_bundle_path()
-    cfg = ServeConfig(bundle=str(bundle), host="127.0.0.1", port=0, tls_cert=str(certs["server"][0]),
-                      tls_key=str(certs["server"][1]), health_port=0).validate()
+    cfg = ServeConfig(
+        bundle=str(bundle),
+        host="127.0.0.1",
+        port=0,
+        tls_cert=str(certs["server"][0]),
+        tls_key=str(certs["server"][1]),
+        health_port=0,
+    ).validate()
     server = ThreadedServer(cfg).start()
     from gamguard.runtime.server.client import GuardClient
 
@@ -174,9 +190,13 @@ def test_serve_cli_drains_in_flight_stream_on_sigterm(tmp_path):
     bundle = demo_bundle_path()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"bundle: {bundle}\ninsecure: true\nport: 0\nmax-batch-size: 4\n")
-    proc = subprocess.Popen([sys.executable, "-m", "gamguard.runtime.cli", "serve", "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gamguard.runtime.cli", "serve", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     try:
         line = proc.stdout.readline()
         if "serving on" not in line:

@@ -1,5 +1,6 @@
 """The checked-in gRPC stubs match the .proto files, and our Open Inference Protocol schema is
 wire-compatible with the copy tritonclient uses."""
+
 import importlib.util
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def test_drift_check_notices_a_changed_proto(tmp_path, monkeypatch):
         if p.suffix in (".proto", ".py", ".pyi"):
             (fake / p.name).write_bytes(p.read_bytes())
     text = (fake / "guard.proto").read_text()
-    (fake / "guard.proto").write_text(text.replace("message ModelInfoRequest {}",
-                                                   "message ModelInfoRequest { string extra = 1; }"))
+    (fake / "guard.proto").write_text(
+        text.replace("message ModelInfoRequest {}", "message ModelInfoRequest { string extra = 1; }")
+    )
     monkeypatch.setattr(gen, "PROTO_DIR", fake)
     assert gen.drift(fake) == ["guard_pb2.py"]
 
@@ -42,8 +44,12 @@ def test_drift_check_notices_a_changed_proto(tmp_path, monkeypatch):
 def _fields(desc):
     out = {}
     for f in desc.fields:
-        out[f.name] = (f.number, f.type, f.label if not hasattr(f, "is_repeated") else f.is_repeated,
-                       f.message_type.name if f.message_type else None)
+        out[f.name] = (
+            f.number,
+            f.type,
+            f.label if not hasattr(f, "is_repeated") else f.is_repeated,
+            f.message_type.name if f.message_type else None,
+        )
     for nested in desc.nested_types:
         out[nested.name] = _fields(nested)
     return out
@@ -67,7 +73,8 @@ def test_open_inference_protocol_matches_tritonclient():
             assert _fields(mine) == _fields(other), mine.full_name
     for name in ("InferParameter", "InferTensorContents"):
         assert _fields(ours.DESCRIPTOR.message_types_by_name[name]) == _fields(
-            triton.DESCRIPTOR.message_types_by_name[name])
+            triton.DESCRIPTOR.message_types_by_name[name]
+        )
 
 
 def test_stub_protobuf_guard_within_tritonclient_range():
@@ -83,9 +90,11 @@ def test_stub_protobuf_guard_within_tritonclient_range():
 
 
 def test_stubs_import_next_to_tritonclient():
-    code = ("import tritonclient.grpc\n"
-            "import gamguard.proto.grpc_predict_v2_pb2_grpc, gamguard.proto.guard_pb2_grpc\n"
-            "import tritonclient.grpc.service_pb2\n")
+    code = (
+        "import tritonclient.grpc\n"
+        "import gamguard.proto.grpc_predict_v2_pb2_grpc, gamguard.proto.guard_pb2_grpc\n"
+        "import tritonclient.grpc.service_pb2\n"
+    )
     pytest.importorskip("tritonclient.grpc")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -3,6 +3,7 @@
 bad inputs, fault injection, batching, DICOM and the audit log.
 
 One server for the whole module (loading a bundle costs a second or two)."""
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,29 @@ def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpc")
     audit = tmp / "audit.jsonl"
     # A long batching window makes the batching test deterministic on a busy 2-core machine.
-    cfg = ServeConfig(bundle=str(bundle), host="127.0.0.1", port=0, insecure=True, metrics_port=0,
-                      audit_log=str(audit), max_batch_size=8, max_queue_delay_ms=40.0)
+    cfg = ServeConfig(
+        bundle=str(bundle),
+        host="127.0.0.1",
+        port=0,
+        insecure=True,
+        metrics_port=0,
+        audit_log=str(audit),
+        max_batch_size=8,
+        max_queue_delay_ms=40.0,
+    )
     server = ThreadedServer(cfg).start()
     channel = grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)])
     from gamguard.runtime.guard import Guard
 
     offline = Guard.from_bundle(bundle)  # the same bundle, called directly, as the reference
-    yield {"server": server, "stub": guard_pb2_grpc.GuardStub(channel), "channel": channel, "audit": audit,
-           "offline": offline, "tmp": tmp}
+    yield {
+        "server": server,
+        "stub": guard_pb2_grpc.GuardStub(channel),
+        "channel": channel,
+        "audit": audit,
+        "offline": offline,
+        "tmp": tmp,
+    }
     channel.close()
     server.stop()
 
@@ -90,8 +105,12 @@ def test_verify_noise_rejected_without_prediction(env):
 
 def test_verify_stream_in_order_and_survives_bad_image(env, accepted_phantom):
     img, ref = accepted_phantom
-    items = [("a", png16(img)), ("b", png16(ood("noise", NOISE_SEED))), ("bad", b"not an image at all"),
-             ("c", png16(img))]
+    items = [
+        ("a", png16(img)),
+        ("b", png16(ood("noise", NOISE_SEED))),
+        ("bad", b"not an image at all"),
+        ("c", png16(img)),
+    ]
     reqs = (guard_pb2.VerifyRequest(request_id=rid, image=data) for rid, data in items)
     out = list(env["stub"].VerifyStream(reqs, timeout=60))
     assert [v.request_id for v in out] == ["a", "b", "bad", "c"]
@@ -179,7 +198,9 @@ def test_tritonclient_infer_accepted_and_rejected(env, triton, accepted_phantom)
 
     res = _infer_bytes(tc, client, name, png16(ood("noise", NOISE_SEED)))
     assert res.as_numpy("accepted").tolist() == [False]
-    assert res.as_numpy("label") is None and res.as_numpy("probabilities") is None and res.as_numpy("label_index") is None
+    assert (
+        res.as_numpy("label") is None and res.as_numpy("probabilities") is None and res.as_numpy("label_index") is None
+    )
     reasons = res.as_numpy("reasons")[0].decode().split(",")
     assert reasons and set(reasons) <= {"GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH"}
     params = res.get_response().parameters
@@ -356,8 +377,13 @@ def test_concurrent_requests_share_batches_with_identical_results(env, accepted_
             if np.isfinite(a.scores[k]):
                 assert b.scores[k] == pytest.approx(a.scores[k], rel=1e-4, abs=1e-5), k
     # the other metrics are there too
-    for series in ("gamguard_verdicts_total", "gamguard_rejections_total", "gamguard_stage_seconds_bucket",
-                   "gamguard_queue_depth", "gamguard_requests_total"):
+    for series in (
+        "gamguard_verdicts_total",
+        "gamguard_rejections_total",
+        "gamguard_stage_seconds_bucket",
+        "gamguard_queue_depth",
+        "gamguard_requests_total",
+    ):
         assert series in after, series
     assert 'gamguard_stage_seconds_count{stage="engine"}' in after
 
@@ -390,8 +416,13 @@ def test_pydicom_ct_rejected(env):
 
 def test_audit_log_has_verdicts_and_no_phi(env, accepted_phantom, tmp_path):
     img, _ = accepted_phantom
-    phi = {"PatientName": "Doe^Janet^Q", "PatientID": "MRN-99887766", "PatientBirthDate": "19610203",
-           "PatientAddress": "12 Elm Street", "OtherPatientIDs": "ALT-55443322"}
+    phi = {
+        "PatientName": "Doe^Janet^Q",
+        "PatientID": "MRN-99887766",
+        "PatientBirthDate": "19610203",
+        "PatientAddress": "12 Elm Street",
+        "OtherPatientIDs": "ALT-55443322",
+    }
     from gamguard.runtime.demo.synth import write_dicom
 
     path = write_dicom(tmp_path / "phi.dcm", img, patient=phi)
@@ -447,8 +478,12 @@ def test_predict_cli_table_json_and_overlays(env, accepted_phantom, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(png16(img)[:100])
     cmd = [sys.executable, "-m", "gamguard.runtime.cli", "predict", "--server", env["server"].target]
-    out = subprocess.run(cmd + ["--json", "--overlays", str(tmp_path / "ov"), str(good), str(noise), str(broken)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        cmd + ["--json", "--overlays", str(tmp_path / "ov"), str(good), str(noise), str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stderr  # one file refused
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["file"] for r in rows] == [str(good), str(noise), str(broken)]

@@ -1,5 +1,6 @@
 """The guard on the calibrated demo bundle: verdict contract, fail-closed behaviour, bundle refusal,
 `gamguard verify`, and the evidence (in-distribution false rejection, held-out off-distribution kinds)."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ def guard(demo_bundle):
 
 def _cli(*args, timeout=300):
     # the installed entry point's way in (``python -m gamguard.runtime.cli`` would load cli twice)
-    return subprocess.run([sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())",
-                           *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- contract
@@ -210,8 +215,12 @@ def test_verify_command_json_overlays_and_bad_files(demo_bundle, tmp_path):
         assert (r["label"] is None) == (not r["accepted"])
     assert by["broken.png"]["reasons"] == ["INVALID_INPUT"] and by["broken.png"]["label"] is None
     assert not by["chest.jpg"]["accepted"]
-    assert sorted(p.name for p in ov.iterdir()) == ["chest.overlay.png", "hand.overlay.png", "hand16.overlay.png",
-                                                    "hand_m1.overlay.png"]
+    assert sorted(p.name for p in ov.iterdir()) == [
+        "chest.overlay.png",
+        "hand.overlay.png",
+        "hand16.overlay.png",
+        "hand_m1.overlay.png",
+    ]
     # the 12-bit MONOCHROME1 DICOM is judged like the image itself (decoder inversion and bit depth handled)
     direct = load_guard(str(demo_bundle)).verify_images([ids[2]])[0]
     dcm = by["hand_m1.dcm"]
@@ -220,8 +229,16 @@ def test_verify_command_json_overlays_and_bad_files(demo_bundle, tmp_path):
     assert abs(dcm["scores"]["attention.pearson"] - direct.scores["attention.pearson"]) < 0.05
     assert cv2.imread(str(ov / "hand.overlay.png")).shape[1] > 2 * 200
     # readable table, checks override, and --fail-on-reject
-    out = _cli("verify", "--bundle", str(demo_bundle), "--checks", "garbage", "--fail-on-reject",
-               str(tmp_path / "chest.jpg"), str(tmp_path / "broken.png"))
+    out = _cli(
+        "verify",
+        "--bundle",
+        str(demo_bundle),
+        "--checks",
+        "garbage",
+        "--fail-on-reject",
+        str(tmp_path / "chest.jpg"),
+        str(tmp_path / "broken.png"),
+    )
     assert out.returncode == 1 and "REJECT" in out.stdout and "INVALID_INPUT" in out.stdout
     out = _cli("verify", "--bundle", str(demo_bundle), "--checks", "colour", str(tmp_path / "hand.png"))
     assert out.returncode == 2 and "unknown check" in out.stderr
@@ -287,5 +304,7 @@ def test_real_radiographs_are_refused_by_the_phantom_model(guard, datasets_root)
     verdicts = guard.verify_images([decode_file(f).pixels for f in files])
     refused = [not v.accepted for v in verdicts]
     assert all(refused), [str(f) for f, v in zip(files, verdicts) if v.accepted]
-    assert all(v.label is None and set(v.reasons) <= {"GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH"}
-               for v in verdicts)
+    assert all(
+        v.label is None and set(v.reasons) <= {"GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH"}
+        for v in verdicts
+    )

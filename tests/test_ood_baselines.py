@@ -1,4 +1,5 @@
 """Baseline OOD scores against independent computations."""
+
 import numpy as np
 from scipy.spatial.distance import mahalanobis
 

@@ -4,6 +4,7 @@ under the one import package ``gamguard``, and nothing generic at the top of sit
 The tests themselves import the checkout (pytest runs from the repository root), so only building the
 wheel can show a subpackage or data file that packaging would leave out.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,12 @@ DATA_SUFFIXES = (".json", ".onnx", ".npz", ".ckpt", ".proto")
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory) -> set[str]:
     out = tmp_path_factory.mktemp("wheel")
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (wheel,) = out.glob("gamguard-*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -41,7 +46,7 @@ def _tracked(folder: str) -> list[str]:
 def test_every_tracked_module_and_data_file_is_in_the_wheel(wheel_names, folder):
     files = _tracked(folder)
     assert files, f"no tracked files under {folder}/"
-    missing = [f for f in files if FOLDERS[folder] + f[len(folder):] not in wheel_names]
+    missing = [f for f in files if FOLDERS[folder] + f[len(folder) :] not in wheel_names]
     assert not missing, f"left out of the wheel: {missing}"
 
 

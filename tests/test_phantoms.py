@@ -1,4 +1,5 @@
 """The embedded demo data: hand phantoms, off-distribution generators, writing to disk, `data synth`."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ from gamguard.runtime.demo.phantoms import CLASS_NAMES, OOD_KINDS
 
 def _phantoms_by_stage(n: int, seed: int, size: int = 256, acquisition: bool = True):
     rng = np.random.default_rng(seed)
-    return {s: [phantoms.hand_phantom(s, rng, size, acquisition=acquisition) for _ in range(n)]
-            for s in range(len(CLASS_NAMES))}
+    return {
+        s: [phantoms.hand_phantom(s, rng, size, acquisition=acquisition) for _ in range(n)]
+        for s in range(len(CLASS_NAMES))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +172,15 @@ def test_dicom_monochrome1_and_2_display_the_same_image(tmp_path):
     assert ds.PhotometricInterpretation == "MONOCHROME2"
     assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (16, 12, 11, 0)
     assert (ds.Rows, ds.Columns) == (128, 128) and ds.pixel_array.max() <= 4095
-    for tag in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "PixelSpacing",
-                "StudyInstanceUID", "SeriesInstanceUID"):
+    for tag in (
+        "RescaleSlope",
+        "RescaleIntercept",
+        "WindowCenter",
+        "WindowWidth",
+        "PixelSpacing",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+    ):
         assert tag in ds, tag
     assert str(ds.PatientName) == "" and ds.PatientID == ""
     assert pydicom.dcmread(p1).SOPInstanceUID != ds.SOPInstanceUID
@@ -178,8 +188,12 @@ def test_dicom_monochrome1_and_2_display_the_same_image(tmp_path):
 
 def test_dicom_with_patient_fields(tmp_path):
     image = phantoms.ood_image("chest", np.random.default_rng(0), 64)
-    path = synth.write_dicom(tmp_path / "phi.dcm", image, body_part="CHEST",
-                             patient=dict(PatientName="Doe^Jane", PatientID="ID-42", PatientBirthDate="19800101"))
+    path = synth.write_dicom(
+        tmp_path / "phi.dcm",
+        image,
+        body_part="CHEST",
+        patient=dict(PatientName="Doe^Jane", PatientID="ID-42", PatientBirthDate="19800101"),
+    )
     ds = pydicom.dcmread(path)
     assert str(ds.PatientName) == "Doe^Jane" and ds.PatientID == "ID-42" and ds.PatientBirthDate == "19800101"
     assert ds.BodyPartExamined == "CHEST"
@@ -187,8 +201,9 @@ def test_dicom_with_patient_fields(tmp_path):
 
 def test_cli_data_synth_writes_layout_and_manifest(tmp_path, capsys):
     out = tmp_path / "hands"
-    rc = cli.main(["data", "synth", "--out", str(out), "--per-class", "3", "--seed", "7", "--size", "64",
-                   "--masks", "--json"])
+    rc = cli.main(
+        ["data", "synth", "--out", str(out), "--per-class", "3", "--seed", "7", "--size", "64", "--masks", "--json"]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -214,8 +229,25 @@ def test_cli_data_synth_writes_layout_and_manifest(tmp_path, capsys):
 
 def test_cli_data_synth_kinds_and_dicom(tmp_path, capsys):
     out = tmp_path / "ood"
-    rc = cli.main(["data", "synth", "--out", str(out), "--per-class", "2", "--seed", "1", "--size", "48",
-                   "--kind", "all-held-out", "--kind", "text", "--json"])
+    rc = cli.main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(out),
+            "--per-class",
+            "2",
+            "--seed",
+            "1",
+            "--size",
+            "48",
+            "--kind",
+            "all-held-out",
+            "--kind",
+            "text",
+            "--json",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     kinds = list(phantoms.HELD_OUT_KINDS) + ["text"]
@@ -226,8 +258,24 @@ def test_cli_data_synth_kinds_and_dicom(tmp_path, capsys):
         assert sorted(p.name for p in (out / k).iterdir()) == ["0000.png", "0001.png"]
 
     dcm = tmp_path / "dcm"
-    rc = cli.main(["data", "synth", "--out", str(dcm), "--per-class", "1", "--seed", "1", "--size", "48",
-                   "--format", "dicom", "--photometric", "MONOCHROME1"])
+    rc = cli.main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(dcm),
+            "--per-class",
+            "1",
+            "--seed",
+            "1",
+            "--size",
+            "48",
+            "--format",
+            "dicom",
+            "--photometric",
+            "MONOCHROME1",
+        ]
+    )
     assert rc == 0
     files = sorted(dcm.glob("*/*.dcm"))
     assert len(files) == len(CLASS_NAMES)
@@ -235,8 +283,20 @@ def test_cli_data_synth_kinds_and_dicom(tmp_path, capsys):
     assert np.abs(_display(dcm / "infant" / "0000.dcm") - expected[0]).max() < 2e-3
 
     # PNG cannot carry MONOCHROME1: a clear error, not a silently inverted file
-    rc = cli.main(["data", "synth", "--out", str(tmp_path / "bad"), "--per-class", "1", "--seed", "1",
-                   "--photometric", "MONOCHROME1"])
+    rc = cli.main(
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "bad"),
+            "--per-class",
+            "1",
+            "--seed",
+            "1",
+            "--photometric",
+            "MONOCHROME1",
+        ]
+    )
     assert rc == 2 and "MONOCHROME1" in capsys.readouterr().err
 
 

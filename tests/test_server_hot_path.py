@@ -1,6 +1,7 @@
 """The server's per-request shortcuts behave exactly like the long way round: small PNGs and tensors
 decoded on the event loop when alone (no decode-pool hop), metrics children cached, the metrics interceptor's
 per-method wrapper reused (and bounded when calls are refused), Verdict built in one go."""
+
 from __future__ import annotations
 
 import asyncio
@@ -94,8 +95,16 @@ def test_large_png_is_decoded_in_the_pool(guard):
 def test_metrics_cached_children_count_every_observation():
     m = Metrics()
     verdict = dp.guard_error_verdicts(1, "x")[0]
-    res = dp.Result(verdict=verdict, request_id="r", input_format="png", bit_depth=8, sop_instance_uid=None,
-                    decode_ms=1.0, queue_ms=2.0, total_ms=5.0)
+    res = dp.Result(
+        verdict=verdict,
+        request_id="r",
+        input_format="png",
+        bit_depth=8,
+        sop_instance_uid=None,
+        decode_ms=1.0,
+        queue_ms=2.0,
+        total_ms=5.0,
+    )
     for _ in range(3):
         m.observe_result(res)
         m.observe_rpc("gamguard.v1.Guard", "Verify", "OK")
@@ -104,8 +113,12 @@ def test_metrics_cached_children_count_every_observation():
     assert r.get_sample_value("gamguard_verdicts_total", {"decision": "rejected"}) == 3
     assert r.get_sample_value("gamguard_verdicts_total", {"decision": "invalid"}) == 1
     assert r.get_sample_value("gamguard_rejections_total", {"reason": "GUARD_ERROR"}) == 3
-    assert r.get_sample_value("gamguard_requests_total",
-                              {"service": "gamguard.v1.Guard", "method": "Verify", "code": "OK"}) == 3
+    assert (
+        r.get_sample_value(
+            "gamguard_requests_total", {"service": "gamguard.v1.Guard", "method": "Verify", "code": "OK"}
+        )
+        == 3
+    )
     assert r.get_sample_value("gamguard_stage_seconds_count", {"stage": "decode"}) == 3
     assert r.get_sample_value("gamguard_stage_seconds_sum", {"stage": "total"}) == pytest.approx(0.015)
 
@@ -143,8 +156,12 @@ def test_metrics_interceptor_reuses_its_wrapper_and_stays_bounded_when_refusing(
         return len(counting._wrapped)
 
     assert asyncio.run(main()) == 2  # the real handler and the refusal, however many calls
-    assert m.registry.get_sample_value("gamguard_requests_total",
-                                       {"service": "gamguard.v1.Guard", "method": "Verify", "code": "OK"}) == 1
+    assert (
+        m.registry.get_sample_value(
+            "gamguard_requests_total", {"service": "gamguard.v1.Guard", "method": "Verify", "code": "OK"}
+        )
+        == 1
+    )
 
 
 def test_verdict_message_has_every_field(guard):
@@ -184,8 +201,7 @@ def test_batcher_waits_for_expected_company_within_the_delay():
             sizes.append(len(xs))
             return list(xs[:, 0])
 
-        b = MicroBatcher(run_batch, max_batch_size=8, max_queue_delay_s=delay_s, arriving=lambda: 0,
-                            expected=expected)
+        b = MicroBatcher(run_batch, max_batch_size=8, max_queue_delay_s=delay_s, arriving=lambda: 0, expected=expected)
         await b.start()
 
         async def late(i):  # staggered arrivals, as gRPC clients come back

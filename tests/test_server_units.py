@@ -1,5 +1,6 @@
 """Server pieces that need no bundle: the micro-batcher, the fail-closed net, request parsing of both
 protocols, and configuration (flags, config file, validation)."""
+
 from __future__ import annotations
 
 import argparse
@@ -159,10 +160,12 @@ def test_guard_tensor_parsing():
     a = np.arange(12, dtype=np.uint16).reshape(3, 4)
     t = guard_pb2.Tensor(dtype="uint16", shape=[3, 4], data=a.astype("<u2").tobytes())
     assert np.array_equal(tensor_to_array(t), a)
-    for bad in (guard_pb2.Tensor(dtype="int32", shape=[3, 4], data=b"\0" * 48),
-                guard_pb2.Tensor(dtype="uint8", shape=[3, 4], data=b"\0" * 11),
-                guard_pb2.Tensor(dtype="uint8", shape=[], data=b""),
-                guard_pb2.Tensor(dtype="uint8", shape=[0, 4], data=b"")):
+    for bad in (
+        guard_pb2.Tensor(dtype="int32", shape=[3, 4], data=b"\0" * 48),
+        guard_pb2.Tensor(dtype="uint8", shape=[3, 4], data=b"\0" * 11),
+        guard_pb2.Tensor(dtype="uint8", shape=[], data=b""),
+        guard_pb2.Tensor(dtype="uint8", shape=[0, 4], data=b""),
+    ):
         with pytest.raises(errors.InvalidRequest):
             tensor_to_array(bad)
 
@@ -275,8 +278,7 @@ def test_batcher_waits_for_company_only_when_some_is_arriving():
     import time
 
     async def lone(arriving):
-        b = MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=2.0,
-                            arriving=arriving)
+        b = MicroBatcher(lambda xs: list(xs[:, 0]), max_batch_size=8, max_queue_delay_s=2.0, arriving=arriving)
         await b.start()
         t0 = time.perf_counter()
         await b.submit(np.array([1.0]))

@@ -1,5 +1,6 @@
 """The seven similarity measures: definitions against independent references (skimage, scipy,
 POT), documented edge values, properties, and the batched form's equality with the per-pair one."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,7 @@ from gamguard.runtime import similarity as sim
 G = sim.DEFAULT_GRID
 FUNCS = {name: getattr(sim, name) for name in sim.MEASURES}
 # The value each measure takes for two identical (non-constant) maps: its "most similar" end.
-BEST = {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 1.0, "pearson": 1.0,
-        "kl_divergence": 0.0, "wasserstein": 0.0}
+BEST = {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 1.0, "pearson": 1.0, "kl_divergence": 0.0, "wasserstein": 0.0}
 SYMMETRIC = ("iou", "dice", "ssim", "cosine", "pearson", "wasserstein")
 
 
@@ -32,7 +32,7 @@ def blob(size=G, centre=(0.5, 0.5), sigma=0.06):
 
 def square(size=G, top=0, left=0, side=8):
     m = np.zeros((size, size))
-    m[top:top + side, left:left + side] = 1.0
+    m[top : top + side, left : left + side] = 1.0
     return m
 
 
@@ -57,7 +57,7 @@ def test_prepare_area_resamples_then_normalises():
     rng = np.random.default_rng(0)
     m = rng.random((64, 64)) * 7 - 3
     got = sim.prepare(m)
-    block_mean = m.reshape(32, 2, 32, 2).mean(axis=(1, 3))      # area interpolation for a 2x shrink
+    block_mean = m.reshape(32, 2, 32, 2).mean(axis=(1, 3))  # area interpolation for a 2x shrink
     ref = (block_mean - block_mean.min()) / (block_mean.max() - block_mean.min())
     np.testing.assert_allclose(got, ref, atol=1e-12)
     assert got.dtype == np.float64 and got.min() == 0.0 and got.max() == 1.0
@@ -69,17 +69,25 @@ def test_prepare_batch_equals_single_and_handles_constant_maps():
     out = sim.prepare(batch, grid=16)
     assert out.shape == (3, 16, 16)
     np.testing.assert_array_equal(out[0], sim.prepare(batch[0], grid=16))
-    assert not out[1].any() and not out[2].any()               # constant -> all zeros
-    up = sim.prepare(rng.random((8, 8)))                        # small maps are upsampled
+    assert not out[1].any() and not out[2].any()  # constant -> all zeros
+    up = sim.prepare(rng.random((8, 8)))  # small maps are upsampled
     assert up.shape == (G, G) and up.max() == 1.0
-    ints = (rng.random((64, 64)) * 4000).astype(np.uint16)     # types OpenCV's resize lacks: cast
+    ints = (rng.random((64, 64)) * 4000).astype(np.uint16)  # types OpenCV's resize lacks: cast
     np.testing.assert_allclose(sim.prepare(ints), sim.prepare(ints.astype(np.float64)), atol=1e-12)
     assert sim.prepare(ints.astype(np.int64)).max() == 1.0
 
 
-@pytest.mark.parametrize("bad", [np.zeros(5), np.zeros((1, 2, 3, 4)), np.zeros((0, 4)),
-                                 np.array([[0.0, np.nan], [1.0, 0.0]]), np.array([[np.inf, 0.0]]),
-                                 np.array([[1e308, -1e308], [0.0, 0.0]])])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros(5),
+        np.zeros((1, 2, 3, 4)),
+        np.zeros((0, 4)),
+        np.array([[0.0, np.nan], [1.0, 0.0]]),
+        np.array([[np.inf, 0.0]]),
+        np.array([[1e308, -1e308], [0.0, 0.0]]),
+    ],
+)
 def test_prepare_rejects_bad_maps(bad):
     with pytest.raises(ValueError):
         sim.prepare(bad)
@@ -97,8 +105,14 @@ def test_ssim_equals_skimage():
     rng = np.random.default_rng(2)
     for size_a, size_b, grid in [(32, 32, 32), (224, 32, 32), (64, 100, 24), (40, 40, 11)]:
         a, b = smooth_map(rng, size_a, 2.0), smooth_map(rng, size_b, 4.0)
-        ref = structural_similarity(sim.prepare(a, grid), sim.prepare(b, grid), data_range=1,
-                                    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        ref = structural_similarity(
+            sim.prepare(a, grid),
+            sim.prepare(b, grid),
+            data_range=1,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
         assert sim.ssim(a, b, grid) == pytest.approx(ref, abs=1e-6)
 
 
@@ -126,25 +140,61 @@ def test_identical_maps_give_the_most_similar_value(name):
     rng = np.random.default_rng(5)
     for m in (smooth_map(rng), blob(48), square()):
         assert FUNCS[name](m, m) == pytest.approx(BEST[name], abs=1e-9)
-        assert FUNCS[name](m, m * 3 + 1) == pytest.approx(BEST[name], abs=1e-9)   # min-max invariance
+        assert FUNCS[name](m, m * 3 + 1) == pytest.approx(BEST[name], abs=1e-9)  # min-max invariance
 
 
 ZERO, CONST = np.zeros((G, G)), np.full((40, 40), 0.7)
 # Documented values for degenerate pairs: (a, b, {measure: value, or a (low, high) range}).
 EDGE_CASES = {
-    "both_zero": (ZERO, ZERO, {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 0.0, "pearson": 0.0,
-                               "kl_divergence": 0.0, "wasserstein": 0.0}),
-    "both_constant": (CONST, CONST * 2, {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 0.0,
-                                         "pearson": 0.0, "kl_divergence": 0.0, "wasserstein": 0.0}),
-    "zero_vs_blob": (ZERO, blob(), {"iou": 0.0, "dice": 0.0, "ssim": (-1.0, 0.9), "cosine": 0.0,
-                                    "pearson": 0.0, "kl_divergence": (0.1, 30.0),
-                                    "wasserstein": (0.1, 1.5)}),
-    "constant_vs_blob": (CONST, blob(), {"iou": 0.0, "dice": 0.0, "ssim": (-1.0, 0.9), "cosine": 0.0,
-                                         "pearson": 0.0, "kl_divergence": (0.1, 30.0),
-                                         "wasserstein": (0.1, 1.5)}),
-    "disjoint": (square(top=0, left=0), square(top=24, left=24),
-                 {"iou": 0.0, "dice": 0.0, "ssim": (-1.0, 0.9), "cosine": 0.0, "pearson": (-1.0, 0.0),
-                  "kl_divergence": (10.0, 30.0), "wasserstein": (1.04, 1.08)}),  # shift 24/32 * sqrt 2
+    "both_zero": (
+        ZERO,
+        ZERO,
+        {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 0.0, "pearson": 0.0, "kl_divergence": 0.0, "wasserstein": 0.0},
+    ),
+    "both_constant": (
+        CONST,
+        CONST * 2,
+        {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 0.0, "pearson": 0.0, "kl_divergence": 0.0, "wasserstein": 0.0},
+    ),
+    "zero_vs_blob": (
+        ZERO,
+        blob(),
+        {
+            "iou": 0.0,
+            "dice": 0.0,
+            "ssim": (-1.0, 0.9),
+            "cosine": 0.0,
+            "pearson": 0.0,
+            "kl_divergence": (0.1, 30.0),
+            "wasserstein": (0.1, 1.5),
+        },
+    ),
+    "constant_vs_blob": (
+        CONST,
+        blob(),
+        {
+            "iou": 0.0,
+            "dice": 0.0,
+            "ssim": (-1.0, 0.9),
+            "cosine": 0.0,
+            "pearson": 0.0,
+            "kl_divergence": (0.1, 30.0),
+            "wasserstein": (0.1, 1.5),
+        },
+    ),
+    "disjoint": (
+        square(top=0, left=0),
+        square(top=24, left=24),
+        {
+            "iou": 0.0,
+            "dice": 0.0,
+            "ssim": (-1.0, 0.9),
+            "cosine": 0.0,
+            "pearson": (-1.0, 0.0),
+            "kl_divergence": (10.0, 30.0),
+            "wasserstein": (1.04, 1.08),
+        },
+    ),  # shift 24/32 * sqrt 2
 }
 
 
@@ -168,10 +218,17 @@ def test_ranges_on_random_pairs():
     a = np.stack([smooth_map(rng, 40, s) for s in rng.uniform(0.5, 6.0, 16)])
     b = np.stack([smooth_map(rng, 32, s) for s in rng.uniform(0.5, 6.0, 16)])
     got = sim.batch_scores(a, b)
-    for name, (lo, hi) in {"iou": (0, 1), "dice": (0, 1), "cosine": (0, 1), "ssim": (-1, 1),
-                           "pearson": (-1, 1), "kl_divergence": (0, 30), "wasserstein": (0, 2**0.5)}.items():
+    for name, (lo, hi) in {
+        "iou": (0, 1),
+        "dice": (0, 1),
+        "cosine": (0, 1),
+        "ssim": (-1, 1),
+        "pearson": (-1, 1),
+        "kl_divergence": (0, 30),
+        "wasserstein": (0, 2**0.5),
+    }.items():
         assert np.all((got[name] >= lo) & (got[name] <= hi)), name
-        assert np.ptp(got[name]) > 0, name                     # the scores do discriminate
+        assert np.ptp(got[name]) > 0, name  # the scores do discriminate
     np.testing.assert_allclose(got["dice"], 2 * got["iou"] / (1 + got["iou"]), atol=1e-12)
 
 
@@ -199,7 +256,7 @@ def test_batch_scores_equal_the_per_pair_functions():
     rng = np.random.default_rng(7)
     a = np.stack([smooth_map(rng, 56, s) for s in (1.0, 2.0, 3.0, 5.0)] + [np.zeros((56, 56))])
     refs = np.stack([smooth_map(rng, 32, 3.0) for _ in range(5)])
-    for b in (refs, refs[0]):                                   # one reference each, or broadcast
+    for b in (refs, refs[0]):  # one reference each, or broadcast
         got = sim.batch_scores(a.astype(np.float32), b)
         assert set(got) == set(sim.MEASURES)
         for name in sim.MEASURES:
@@ -222,11 +279,11 @@ def test_wasserstein_point_mass_moved_by_known_distance():
     a = np.zeros((G, G))
     b = np.zeros((G, G))
     a[4, 5] = 1.0
-    b[4 + 9, 5 + 12] = 1.0                                       # moved by (9, 12) cells = 15/32
+    b[4 + 9, 5 + 12] = 1.0  # moved by (9, 12) cells = 15/32
     assert exact_w1(a, b) == pytest.approx(15 / 32, rel=1e-9)
     assert sim.wasserstein(a, b) == pytest.approx(15 / 32, rel=0.01)
     c = np.zeros((G, G))
-    c[4, 5 + 20] = 1.0                                           # axis-aligned move of 20/32
+    c[4, 5 + 20] = 1.0  # axis-aligned move of 20/32
     assert sim.wasserstein(a, c) == pytest.approx(20 / 32, rel=0.01)
 
 
@@ -249,7 +306,7 @@ def test_wasserstein_error_bounds_on_random_smooth_maps():
     """Sliced W1 is a lower bound that loosens for diffuse maps; bound the error and the ranking."""
     rng = np.random.default_rng(9)
     exact, approx = [], []
-    for _ in range(12):                                          # ot.emd2 on 1024 points: ~0.2 s each
+    for _ in range(12):  # ot.emd2 on 1024 points: ~0.2 s each
         a = smooth_map(rng, G, rng.uniform(1.0, 5.0))
         b = smooth_map(rng, 48, rng.uniform(1.0, 6.0))
         exact.append(exact_w1(a, b))

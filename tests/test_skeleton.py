@@ -1,4 +1,5 @@
 """The package layout and the CLI's contract with its subcommand modules."""
+
 import subprocess
 import sys
 
@@ -8,8 +9,9 @@ from gamguard.runtime import cli
 def test_every_subcommand_has_help():
     parser = cli.build_parser()
     for name in cli.COMMANDS:
-        out = subprocess.run([sys.executable, "-m", "gamguard.runtime.cli", name, "--help"],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "gamguard.runtime.cli", name, "--help"], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr
         assert f"gamguard {name}" in out.stdout
     assert parser.prog == "gamguard"

@@ -1,5 +1,6 @@
 """`gamguard suitability`: suitable for fresh in-distribution phantoms, unsuitable for a shifted
 exposure/contrast regime and for another anatomy; the report; the statistics it rests on."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,12 @@ from gamguard.runtime.suitability import clopper_pearson
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())",
-                           *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _write(folder, images, sixteen_bit=False):

@@ -2,6 +2,7 @@
 selection, the build-engine command's validation and its clear error without TensorRT, the drift and
 false-rejection-rate arithmetic on real ONNX Runtime outputs), and — only where TensorRT and a CUDA
 GPU are present — a real plan build with parity against ONNX Runtime on the CPU."""
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,12 @@ ORIN = DeviceTag("10.3.0", "Orin", "8.7")
 
 
 def tag_section(device=ORIN, onnx="abc"):
-    return {**device.to_manifest(), "precision": "fp16", "onnx_sha256": onnx,
-            "profile": ShapeProfile((1, 1, 64, 48), (8, 1, 64, 48), (32, 1, 64, 48)).to_manifest()}
+    return {
+        **device.to_manifest(),
+        "precision": "fp16",
+        "onnx_sha256": onnx,
+        "profile": ShapeProfile((1, 1, 64, 48), (8, 1, 64, 48), (32, 1, 64, 48)).to_manifest(),
+    }
 
 
 def test_plan_built_here_is_accepted():
@@ -111,8 +116,9 @@ def test_stale_plan_and_untagged_plan_are_refused():
 
 def test_same_architecture_other_board_is_allowed_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
-        check_plan_compatibility(tag_section(DeviceTag("10.3.0", "NVIDIA A10", "8.6")),
-                                 DeviceTag("10.3.0", "NVIDIA RTX A6000", "8.6"), "abc")
+        check_plan_compatibility(
+            tag_section(DeviceTag("10.3.0", "NVIDIA A10", "8.6")), DeviceTag("10.3.0", "NVIDIA RTX A6000", "8.6"), "abc"
+        )
     assert "tuned for the other board" in caplog.text
 
 
@@ -143,6 +149,7 @@ class Opened:
 def refuse_with(exc):
     def opener(bundle_dir, manifest):
         raise exc
+
     return opener
 
 
@@ -200,13 +207,16 @@ def cli(argv):
     return build_engine_cmd.run(parser.parse_args(argv))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch", "8:4:2"], "batch range"),
-    (["--spatial", "64"], "spatial range"),
-    (["--workspace-mb", "1"], "workspace"),
-    (["--no-build"], "--check-drift"),
-    (["--no-build", "--check-drift", ".", "--out", "x"], "cannot be combined"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch", "8:4:2"], "batch range"),
+        (["--spatial", "64"], "spatial range"),
+        (["--workspace-mb", "1"], "workspace"),
+        (["--no-build"], "--check-drift"),
+        (["--no-build", "--check-drift", ".", "--out", "x"], "cannot be combined"),
+    ],
+)
 def test_build_engine_validates_flags_before_touching_the_gpu(argv, message):
     with pytest.raises(CommandError, match=message):
         cli(argv)
@@ -248,11 +258,16 @@ def tiny_fused_onnx(path, *, classes=3, size=16):
         helper.make_node("AveragePool", ["image"], ["early"], kernel_shape=[4, 4], strides=[4, 4]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-         helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", size, size]),
-         helper.make_tensor_value_info("early", TensorProto.FLOAT, ["N", 1, size // 4, size // 4])],
-        initializer=[w, axes])
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", size, size]),
+            helper.make_tensor_value_info("early", TensorProto.FLOAT, ["N", 1, size // 4, size // 4]),
+        ],
+        initializer=[w, axes],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -308,10 +323,16 @@ def test_frr_tolerance_is_the_binomial_upper_bound():
 def test_drift_accumulator_rejects_mismatched_shapes():
     from gamguard.runtime.engines import EngineOutput
 
-    a = EngineOutput(logits=np.zeros((2, 3), np.float32), cam=np.zeros((2, 4, 4), np.float32),
-                     early=np.zeros((2, 1, 2, 2), np.float32))
-    b = EngineOutput(logits=np.zeros((2, 3), np.float32), cam=np.zeros((2, 8, 8), np.float32),
-                     early=np.zeros((2, 1, 2, 2), np.float32))
+    a = EngineOutput(
+        logits=np.zeros((2, 3), np.float32),
+        cam=np.zeros((2, 4, 4), np.float32),
+        early=np.zeros((2, 1, 2, 2), np.float32),
+    )
+    b = EngineOutput(
+        logits=np.zeros((2, 3), np.float32),
+        cam=np.zeros((2, 8, 8), np.float32),
+        early=np.zeros((2, 1, 2, 2), np.float32),
+    )
     with pytest.raises(ValueError, match="cam"):
         DriftAccumulator().add(a, b)
 
@@ -364,9 +385,16 @@ def test_drift_check_uses_the_serving_guards_decisions():
     spec = InputSpec.from_manifest(manifest["input"])
     rng = np.random.default_rng(3)
     # Mixed inputs (smooth gradients and noise) so that both decisions occur.
-    images = [np.clip(np.linspace(0, 1, spec.width)[None, :] * rng.uniform(0.5, 1.0)
-                      + rng.normal(0, s, (spec.height, spec.width)), 0, 1).astype(np.float32)
-              for s in (0.0, 0.05, 0.3, 0.6) for _ in range(3)]
+    images = [
+        np.clip(
+            np.linspace(0, 1, spec.width)[None, :] * rng.uniform(0.5, 1.0)
+            + rng.normal(0, s, (spec.height, spec.width)),
+            0,
+            1,
+        ).astype(np.float32)
+        for s in (0.0, 0.05, 0.3, 0.6)
+        for _ in range(3)
+    ]
     x = np.stack([preprocess(im, spec) for im in images])
     guard = Guard.from_bundle(src, prefer="onnx", threads=1)
     served = np.array([v.accepted for v in guard.verify_tensor(x)])
@@ -416,8 +444,11 @@ def test_plan_builder_keeps_only_the_requested_outputs(monkeypatch, tmp_path):
         nets.append(Net())
         return nets[-1]
 
-    fake = SimpleNamespace(Logger=lambda level: None, Builder=lambda logger: SimpleNamespace(create_network=new_network),
-                           OnnxParser=lambda network, logger: SimpleNamespace(parse_from_file=lambda p: True))
+    fake = SimpleNamespace(
+        Logger=lambda level: None,
+        Builder=lambda logger: SimpleNamespace(create_network=new_network),
+        OnnxParser=lambda network, logger: SimpleNamespace(parse_from_file=lambda p: True),
+    )
     fake.Logger.WARNING = 0
     monkeypatch.setattr(tensorrt_plan, "require_tensorrt", lambda: fake)
     monkeypatch.setattr(tensorrt_plan, "make_profile", lambda *a, **k: (_ for _ in ()).throw(Stop()))

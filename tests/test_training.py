@@ -1,4 +1,5 @@
 """Demo model, training, checkpoint and garbage-class helpers (gamguard.exporter)."""
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,23 @@ from gamguard.runtime.demo import phantoms  # noqa: E402
 
 # The `gamguard` console script's entry point, run in this interpreter.
 GAMGUARD = [sys.executable, "-c", "import sys; from gamguard.runtime.cli import main; sys.exit(main())"]
-TINY = dict(epochs=2, per_class=6, garbage_per_kind=2, batch_size=8, widths=(4, 8, 8),
-            test_per_class=3, test_garbage_per_kind=2, test_held_out_per_kind=0, threads=1,
-            generator_size=128, data_workers=0)
+TINY = dict(
+    epochs=2,
+    per_class=6,
+    garbage_per_kind=2,
+    batch_size=8,
+    widths=(4, 8, 8),
+    test_per_class=3,
+    test_garbage_per_kind=2,
+    test_held_out_per_kind=0,
+    threads=1,
+    generator_size=128,
+    data_workers=0,
+)
 
 
 # --- model --------------------------------------------------------------------------------------
+
 
 def test_guardnet_layers_shapes_and_any_input_size():
     model = build_model({"num_classes": 5, "widths": [16, 32, 64], "input_norm": True}).eval()
@@ -34,8 +46,10 @@ def test_guardnet_layers_shapes_and_any_input_size():
     assert isinstance(modules["pool"], nn.AdaptiveAvgPool2d)
     assert isinstance(modules["fc"], nn.Linear) and modules["fc"].out_features == 5
     shapes = {}
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
-             for n in ("layer1", "layer3")]
+    hooks = [
+        modules[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
+        for n in ("layer1", "layer3")
+    ]
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 128, 128)).shape == (2, 5)
         assert shapes == {"layer1": (2, 16, 64, 64), "layer3": (2, 64, 16, 16)}
@@ -52,6 +66,7 @@ def test_guardnet_layers_shapes_and_any_input_size():
 
 
 # --- add_garbage_class ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("init", ["mean", "zeros", "random"])
 def test_add_garbage_class_keeps_existing_logits(init):
@@ -79,8 +94,7 @@ def test_add_garbage_class_keeps_existing_logits(init):
 
 
 def test_add_garbage_class_finds_nested_last_linear_and_reports_errors():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(),
-                          nn.Sequential(nn.Linear(8, 2, bias=False)))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 2, bias=False)))
     x = torch.randn(5, 1, 4, 4)
     with torch.no_grad():
         before = model(x)
@@ -146,6 +160,7 @@ def test_finetune_with_garbage_head_only_sends_garbage_to_new_class():
 
 # --- training, determinism, checkpoint ------------------------------------------------------------
 
+
 def test_make_dataset_goes_through_runtime_preprocess():
     from gamguard.runtime.preprocess import preprocess
 
@@ -182,9 +197,27 @@ def test_training_is_deterministic_for_a_seed():
 
 def test_train_command_writes_a_loadable_checkpoint(tmp_path):
     ckpt_path = tmp_path / "sub" / "tiny.ckpt"
-    cmd = [*GAMGUARD, "train", "--out", str(ckpt_path),
-           "--epochs", "1", "--per-class", "4", "--garbage-per-kind", "2", "--seed", "3",
-           "--threads", "1", "--test-per-class", "2", "--test-garbage-per-kind", "2", "--json"]
+    cmd = [
+        *GAMGUARD,
+        "train",
+        "--out",
+        str(ckpt_path),
+        "--epochs",
+        "1",
+        "--per-class",
+        "4",
+        "--garbage-per-kind",
+        "2",
+        "--seed",
+        "3",
+        "--threads",
+        "1",
+        "--test-per-class",
+        "2",
+        "--test-garbage-per-kind",
+        "2",
+        "--json",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "epoch 1/1" in out.stderr and "loss" in out.stderr
@@ -224,11 +257,16 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path):
 
 
 def test_train_command_rejects_bad_arguments(tmp_path):
-    out = subprocess.run([*GAMGUARD, "train", "--out", str(tmp_path),
-                          "--epochs", "1"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*GAMGUARD, "train", "--out", str(tmp_path), "--epochs", "1"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and "is a directory" in out.stderr
-    out = subprocess.run([*GAMGUARD, "train", "--out",
-                          str(tmp_path / "x.ckpt"), "--epochs", "0"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*GAMGUARD, "train", "--out", str(tmp_path / "x.ckpt"), "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "--epochs must be at least 1" in out.stderr
 
 

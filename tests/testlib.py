@@ -7,6 +7,7 @@ The evidence tests run on the embedded demo bundle (``runtime/demo/bundle``, bui
 Phantom seeds here are never used by training (``derive_seed`` streams) nor by calibration
 (``900_000 + seed``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,6 @@ TEST_OOD_SEED = 7_100_002
 TEST_SUIT_SEED = 7_100_003
 TEST_SHIFT_SEED = 7_100_004
 N_ID_PER_CLASS = 150  # 600 fresh in-distribution phantoms for the false-rejection evidence
-
-
 
 
 def demo_bundle_path() -> Path:
@@ -112,6 +111,7 @@ def multiframe_dicom(tmp_path: Path, image: np.ndarray) -> bytes:
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header claims an absurd size (a decompression bomb's signature)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -125,18 +125,73 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
 
 def make_ca(tmp: Path, name: str) -> tuple[Path, Path]:
     key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(crt), "-days", "2", "-subj", f"/CN={name}"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return crt, key
 
 
 def make_cert(tmp: Path, name: str, ca: tuple[Path, Path], *, server: bool) -> tuple[Path, Path]:
     key, csr, crt, ext = tmp / f"{name}.key", tmp / f"{name}.csr", tmp / f"{name}.crt", tmp / f"{name}.ext"
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-                    "-subj", f"/CN={name}"], check=True, capture_output=True)
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n" if server
-                   else "extendedKeyUsage=clientAuth\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-                    "-CAcreateserial", "-out", str(crt), "-days", "2", "-extfile", str(ext)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN={name}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ext.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+        if server
+        else "extendedKeyUsage=clientAuth\n"
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca[0]),
+            "-CAkey",
+            str(ca[1]),
+            "-CAcreateserial",
+            "-out",
+            str(crt),
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return crt, key

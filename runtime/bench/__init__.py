@@ -59,6 +59,7 @@ Sections of the result (``run_bench`` returns one JSON-able dict, format :data:`
 GPU: ``providers`` (e.g. ``"cuda"``, ``"tensorrt,cuda"``) selects the ONNX Runtime provider chain for
 the guard and the logits-only session alike; the providers actually used are recorded in ``machine``.
 """
+
 from __future__ import annotations
 
 import os
@@ -134,8 +135,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     bundle_dir = resolve_bundle(cfg.bundle)
     providers = resolve_providers(cfg.providers or "cpu")
     facts = machine_facts(cfg.threads)
-    progress(f"bundle {bundle_dir}, providers {providers}, threads {cfg.threads}, "
-             f"{'quick' if cfg.quick else 'full'} run")
+    progress(
+        f"bundle {bundle_dir}, providers {providers}, threads {cfg.threads}, {'quick' if cfg.quick else 'full'} run"
+    )
     guard = Guard.from_bundle(bundle_dir, providers=providers, threads=cfg.threads, prefer="onnxruntime")
     facts["providers_used"] = list(guard.engine.providers)
     if any(p != "CPUExecutionProvider" for p in guard.engine.providers):
@@ -150,9 +152,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         sizes, sizes_note = tuple(cfg.sizes), "input height/width are dynamic: measured at the requested sizes"
     else:
         sizes = (bundle_size,)
-        sizes_note = (f"the bundle's model.onnx has a static {guard.spec.height}x{guard.spec.width} input "
-                      f"(exported without --dynamic-spatial): measured at that size only, not at "
-                      f"{', '.join(f'{s}x{s}' for s in cfg.sizes)}")
+        sizes_note = (
+            f"the bundle's model.onnx has a static {guard.spec.height}x{guard.spec.width} input "
+            f"(exported without --dynamic-spatial): measured at that size only, not at "
+            f"{', '.join(f'{s}x{s}' for s in cfg.sizes)}"
+        )
         progress(sizes_note)
     images = phantom_images(max(max(cfg.batches), 16))
     # the logits-only model must be the fused model's classifier, exactly
@@ -161,8 +165,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if diff > 1e-4:
         raise RuntimeError(f"the logits-only model disagrees with the fused model (max diff {diff:.3g})")
 
-    overhead, measures = measure_overhead(guard, logits_session, images, sizes, cfg.batches, cfg.n_repeats,
-                                          progress)
+    overhead, measures = measure_overhead(guard, logits_session, images, sizes, cfg.batches, cfg.n_repeats, progress)
     result = {
         "format": BENCH_FORMAT,
         "quick": cfg.quick,
@@ -181,11 +184,11 @@ def run_bench(cfg: BenchConfig) -> dict:
         pt = {"status": "skipped", "reason": "--skip pytorch"}
     else:
         ckpt = cfg.checkpoint or default_checkpoint(bundle_dir)
-        pt = measure_pytorch(guard, ckpt, images, sizes, cfg.batches, max(3, cfg.n_repeats // 2), cfg.threads,
-                             progress)
+        pt = measure_pytorch(guard, ckpt, images, sizes, cfg.batches, max(3, cfg.n_repeats // 2), cfg.threads, progress)
     result["pytorch_gradcam"] = pt
-    result["speedup_vs_pytorch_gradcam"] = (min(r["speedup"] for r in pt["cases"])
-                                            if pt.get("status") == "measured" else None)
+    result["speedup_vs_pytorch_gradcam"] = (
+        min(r["speedup"] for r in pt["cases"]) if pt.get("status") == "measured" else None
+    )
     if "grpc" in cfg.skip:
         result["grpc_efficiency"] = []
         result["grpc"] = {"status": "skipped"}
@@ -200,70 +203,101 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 def format_tables(result: dict) -> str:
     """Human-readable tables of a :func:`run_bench` result."""
+
     def overhead_row(r: dict) -> str:  # a guard_overhead / guard_overhead_large row
-        return (f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r['guarded_ms']:>11.2f} "
-                f"{r['logits_only_ms']:>10.2f} {r['fused_engine_ms']:>9.2f} {r['checks_ms']:>10.2f} "
-                f"{r['decision_ms']:>12.2f}")
+        return (
+            f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r['guarded_ms']:>11.2f} "
+            f"{r['logits_only_ms']:>10.2f} {r['fused_engine_ms']:>9.2f} {r['checks_ms']:>10.2f} "
+            f"{r['decision_ms']:>12.2f}"
+        )
 
     m = result["machine"]
-    lines = [f"gamguard bench ({'quick' if result['quick'] else 'full'}) — {m['cpu_model']}, "
-             f"{m['cpus_usable']} CPU(s), onnxruntime {m['onnxruntime']} {m['providers_used']}"
-             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f", threads {m['threads']}, "
-             f"load {m['load_avg_start'][0]} → {m.get('load_avg_end', ['?'])[0]}",
-             f"bundle {result['bundle']} (input {result['bundle_input_size'][0]}²); {result['sizes_note']}", "",
-             f"Guard overhead (goal ≤ {GOALS['guard_overhead_max']:.2f}×): full guarded call / logits-only ORT",
-             "  (fused = the fused engine alone; checks = 7 measures + feature score; decision = the rest: "
-             "p-values, decision, verdicts)",
-             f"{'size':>6} {'batch':>5} {'ratio':>7} {'guarded ms':>11} {'logits ms':>10} {'fused ms':>9} "
-             f"{'checks ms':>10} {'decision ms':>12}"]
+    lines = [
+        f"gamguard bench ({'quick' if result['quick'] else 'full'}) — {m['cpu_model']}, "
+        f"{m['cpus_usable']} CPU(s), onnxruntime {m['onnxruntime']} {m['providers_used']}"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f", threads {m['threads']}, "
+        f"load {m['load_avg_start'][0]} → {m.get('load_avg_end', ['?'])[0]}",
+        f"bundle {result['bundle']} (input {result['bundle_input_size'][0]}²); {result['sizes_note']}",
+        "",
+        f"Guard overhead (goal ≤ {GOALS['guard_overhead_max']:.2f}×): full guarded call / logits-only ORT",
+        "  (fused = the fused engine alone; checks = 7 measures + feature score; decision = the rest: "
+        "p-values, decision, verdicts)",
+        f"{'size':>6} {'batch':>5} {'ratio':>7} {'guarded ms':>11} {'logits ms':>10} {'fused ms':>9} "
+        f"{'checks ms':>10} {'decision ms':>12}",
+    ]
     lines += [overhead_row(r) for r in result["guard_overhead"]]
     large = result.get("guard_overhead_large")
     if large is not None:
-        lines += ["", "Guard overhead, realistic-size model (GuardNet widths "
-                  f"{large.get('model', {}).get('widths')}, {large.get('model', {}).get('blocks')} blocks/stage; "
-                  f"{large.get('weights', '')})" if large.get("status") == "measured"
-                  else f"Guard overhead, realistic-size model: not measured: {large.get('reason')}"]
+        lines += [
+            "",
+            "Guard overhead, realistic-size model (GuardNet widths "
+            f"{large.get('model', {}).get('widths')}, {large.get('model', {}).get('blocks')} blocks/stage; "
+            f"{large.get('weights', '')})"
+            if large.get("status") == "measured"
+            else f"Guard overhead, realistic-size model: not measured: {large.get('reason')}",
+        ]
         lines += [overhead_row(r) for r in large.get("rows", [])]
-    lines += ["", "Measures cost per image (7 similarity measures + early-feature check) / fused engine time",
-              f"{'size':>6} {'batch':>5} {'measures ms':>12} {'feature ms':>11} {'engine ms':>10} {'fraction':>9}"]
+    lines += [
+        "",
+        "Measures cost per image (7 similarity measures + early-feature check) / fused engine time",
+        f"{'size':>6} {'batch':>5} {'measures ms':>12} {'feature ms':>11} {'engine ms':>10} {'fraction':>9}",
+    ]
     for r in result["measures_cost"]:
-        lines.append(f"{r['size']:>6} {r['batch']:>5} {r['measures_ms_per_image']:>12.3f} "
-                     f"{r['feature_ms_per_image']:>11.3f} {r['engine_ms_per_image']:>10.3f} "
-                     f"{r['fraction_of_engine']:>9.3f}")
+        lines.append(
+            f"{r['size']:>6} {r['batch']:>5} {r['measures_ms_per_image']:>12.3f} "
+            f"{r['feature_ms_per_image']:>11.3f} {r['engine_ms_per_image']:>10.3f} "
+            f"{r['fraction_of_engine']:>9.3f}"
+        )
     pt = result["pytorch_gradcam"]
-    lines += ["", f"PyTorch eager Grad-CAM vs gamguard full guarded call (goal ≥ "
-              f"{GOALS['speedup_vs_pytorch_gradcam_min']:.0f}×)"]
+    lines += [
+        "",
+        f"PyTorch eager Grad-CAM vs gamguard full guarded call (goal ≥ {GOALS['speedup_vs_pytorch_gradcam_min']:.0f}×)",
+    ]
     if pt.get("status") == "measured":
         lines.append(f"  {pt['implementation']}; torch {pt['torch']}, {pt['torch_threads']} thread(s)")
         lines.append(f"{'size':>6} {'batch':>5} {'speedup':>8} {'pytorch ms':>11} {'gamguard ms':>12}")
         for r in pt["cases"]:
-            lines.append(f"{r['size']:>6} {r['batch']:>5} {r['speedup']:>8.2f} {r['pytorch_ms']:>11.2f} "
-                         f"{r['gamguard_ms']:>12.2f}")
+            lines.append(
+                f"{r['size']:>6} {r['batch']:>5} {r['speedup']:>8.2f} {r['pytorch_ms']:>11.2f} "
+                f"{r['gamguard_ms']:>12.2f}"
+            )
     else:
         lines.append(f"  not measured: {pt.get('reason')}")
-    lines += ["", f"gRPC serving efficiency (goal ≥ {GOALS['grpc_efficiency_min_at_16']:.2f} at 16 clients): "
-              "gRPC server throughput / in-process throughput"]
+    lines += [
+        "",
+        f"gRPC serving efficiency (goal ≥ {GOALS['grpc_efficiency_min_at_16']:.2f} at 16 clients): "
+        "gRPC server throughput / in-process throughput",
+    ]
     if result["grpc_efficiency"]:
         g = result["grpc"]
-        lines.append(f"  {g['input']} → {g['size']}², max batch {g['max_batch_size']}, "
-                     f"queue delay {g['max_queue_delay_ms']} ms")
-        lines.append("  ratio = gRPC / in-process guarded calls on the server's own batches; "
-                     "ratio DP = gRPC / in-process DataPlane, same concurrency;")
-        lines.append("  CPU ratio = same-batch replay CPU per request / server process CPU per request "
-                     "(clients excluded)")
-        lines.append(f"{'clients':>7} {'ratio':>7} {'ratio DP':>8} {'CPU ratio':>9} {'gRPC req/s':>11} "
-                     f"{'same-batch':>11} {'DP req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'batch g/DP':>10} "
-                     f"{'CPU ms/req srv/replay/client':>29}")
+        lines.append(
+            f"  {g['input']} → {g['size']}², max batch {g['max_batch_size']}, queue delay {g['max_queue_delay_ms']} ms"
+        )
+        lines.append(
+            "  ratio = gRPC / in-process guarded calls on the server's own batches; "
+            "ratio DP = gRPC / in-process DataPlane, same concurrency;"
+        )
+        lines.append(
+            "  CPU ratio = same-batch replay CPU per request / server process CPU per request (clients excluded)"
+        )
+        lines.append(
+            f"{'clients':>7} {'ratio':>7} {'ratio DP':>8} {'CPU ratio':>9} {'gRPC req/s':>11} "
+            f"{'same-batch':>11} {'DP req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'batch g/DP':>10} "
+            f"{'CPU ms/req srv/replay/client':>29}"
+        )
         for r in result["grpc_efficiency"]:
             cpu_ratio = r.get("cpu_ratio")
-            lines.append(f"{r['clients']:>7} {r['ratio']:>7.3f} {r['ratio_vs_inprocess_dataplane']:>8.3f} "
-                         f"{cpu_ratio if cpu_ratio is not None else float('nan'):>9.3f} "
-                         f"{r['grpc_rps']:>11.1f} {r['same_batches_rps']:>11.1f} {r['inprocess_rps']:>9.1f} "
-                         f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                         f"{r['grpc_mean_batch']:>4.1f}/{r['inprocess_mean_batch']:<4.1f} "
-                         f"{r.get('server_cpu_ms_per_request', float('nan')):>11.2f}/"
-                         f"{r.get('same_batches_cpu_ms_per_request', float('nan')):.2f}/"
-                         f"{r['client_cpu_ms_per_request']:.2f}")
+            lines.append(
+                f"{r['clients']:>7} {r['ratio']:>7.3f} {r['ratio_vs_inprocess_dataplane']:>8.3f} "
+                f"{cpu_ratio if cpu_ratio is not None else float('nan'):>9.3f} "
+                f"{r['grpc_rps']:>11.1f} {r['same_batches_rps']:>11.1f} {r['inprocess_rps']:>9.1f} "
+                f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                f"{r['grpc_mean_batch']:>4.1f}/{r['inprocess_mean_batch']:<4.1f} "
+                f"{r.get('server_cpu_ms_per_request', float('nan')):>11.2f}/"
+                f"{r.get('same_batches_cpu_ms_per_request', float('nan')):.2f}/"
+                f"{r['client_cpu_ms_per_request']:.2f}"
+            )
     else:
         lines.append("  skipped")
     lines.append(f"\n({result['seconds']} s)")

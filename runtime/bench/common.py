@@ -2,6 +2,7 @@
 (:mod:`gamguard.exporter.bench_torch`) included: interleaved timing, machine facts, the logits-only
 baseline model, phantom inputs, the guard at another input size.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,7 +47,7 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
             variants[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in names if r % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
             variants[n]()
             times[n].append(time.perf_counter() - t0)
@@ -91,8 +92,9 @@ def gpu_name() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -105,8 +107,9 @@ def logits_only_model(fused_model: Path, out_dir: Path) -> Path:
         import onnx
         import onnx.utils
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise BenchError("gamguard bench needs the 'onnx' package for the logits-only baseline: "
-                           "pip install 'onnx>=1.16'") from exc
+        raise BenchError(
+            "gamguard bench needs the 'onnx' package for the logits-only baseline: pip install 'onnx>=1.16'"
+        ) from exc
     model = onnx.load(str(fused_model))
     extracted = onnx.utils.Extractor(model).extract_model(["image"], ["logits"])
     out = Path(out_dir) / "logits_only.onnx"
@@ -118,6 +121,7 @@ def ort_session(path: Path, providers: list[str], threads: int | None):
     """A session with the same options :class:`gamguard.runtime.engines.OnnxEngine` uses
     (:func:`gamguard.runtime.engines.session_options`)."""
     import onnxruntime as ort
+
     from gamguard.runtime.engines import session_options
 
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)

@@ -2,6 +2,7 @@
 model (``guard_overhead``, ``guard_overhead_large``) and PyTorch eager Grad-CAM over it
 (``speedup_vs_pytorch_gradcam``; the torch half is :mod:`gamguard.exporter.bench_torch`).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import LARGE_CASES, LARGE_MODEL, batch_at, phantom_images, guard_at_size, interleaved, logits_only_model, median_ms, ort_session
+from .common import (
+    LARGE_CASES,
+    LARGE_MODEL,
+    batch_at,
+    guard_at_size,
+    interleaved,
+    logits_only_model,
+    median_ms,
+    ort_session,
+    phantom_images,
+)
 
 
 def measure_overhead(guard, logits_session, images, sizes, batches, repeats, progress) -> tuple[list, list]:
@@ -31,31 +42,48 @@ def measure_overhead(guard, logits_session, images, sizes, batches, repeats, pro
             errors = [v.detail for v in verdicts if "GUARD_ERROR" in v.reasons or "INVALID_INPUT" in v.reasons]
             if errors:
                 raise RuntimeError(f"guarded call failed at {size}x{size}, batch {n}: {errors[0]}")
-            t = interleaved({
-                "logits_only": lambda: logits_session.run(["logits"], {"image": x}),
-                "guarded": lambda: g.verify_tensor(x),
-                "engine": lambda: guard.engine.run(x),
-                "measures": lambda: batch_scores(out.cam, refs, grid=cal.grid),
-                "feature": lambda: cal.feature_ref.score(out.early),
-            }, repeats)
+            t = interleaved(
+                {
+                    "logits_only": lambda: logits_session.run(["logits"], {"image": x}),
+                    "guarded": lambda: g.verify_tensor(x),
+                    "engine": lambda: guard.engine.run(x),
+                    "measures": lambda: batch_scores(out.cam, refs, grid=cal.grid),
+                    "feature": lambda: cal.feature_ref.score(out.early),
+                },
+                repeats,
+            )
             ms = {k: median_ms(v) for k, v in t.items()}
             ratio = ms["guarded"] / ms["logits_only"]
             checks = ms["measures"] + ms["feature"]
-            overhead.append({"batch": n, "size": size, "ratio": round(ratio, 4),
-                             "guarded_ms": round(ms["guarded"], 3), "logits_only_ms": round(ms["logits_only"], 3),
-                             "fused_engine_ms": round(ms["engine"], 3),
-                             "fused_engine_ratio": round(ms["engine"] / ms["logits_only"], 4),
-                             # the rest of the guarded call: p-values, decision, verdict objects
-                             "checks_ms": round(checks, 3),
-                             "decision_ms": round(ms["guarded"] - ms["engine"] - checks, 3),
-                             "repeats": repeats})
-            measures.append({"batch": n, "size": size,
-                             "measures_ms_per_image": round(ms["measures"] / n, 4),
-                             "feature_ms_per_image": round(ms["feature"] / n, 4),
-                             "engine_ms_per_image": round(ms["engine"] / n, 4),
-                             "fraction_of_engine": round(checks / ms["engine"], 4)})
-            progress(f"{size}x{size} batch {n}: guarded {ms['guarded']:.2f} ms, logits-only "
-                     f"{ms['logits_only']:.2f} ms (x{ratio:.3f}); measures+feature {checks:.3f} ms")
+            overhead.append(
+                {
+                    "batch": n,
+                    "size": size,
+                    "ratio": round(ratio, 4),
+                    "guarded_ms": round(ms["guarded"], 3),
+                    "logits_only_ms": round(ms["logits_only"], 3),
+                    "fused_engine_ms": round(ms["engine"], 3),
+                    "fused_engine_ratio": round(ms["engine"] / ms["logits_only"], 4),
+                    # the rest of the guarded call: p-values, decision, verdict objects
+                    "checks_ms": round(checks, 3),
+                    "decision_ms": round(ms["guarded"] - ms["engine"] - checks, 3),
+                    "repeats": repeats,
+                }
+            )
+            measures.append(
+                {
+                    "batch": n,
+                    "size": size,
+                    "measures_ms_per_image": round(ms["measures"] / n, 4),
+                    "feature_ms_per_image": round(ms["feature"] / n, 4),
+                    "engine_ms_per_image": round(ms["engine"] / n, 4),
+                    "fraction_of_engine": round(checks / ms["engine"], 4),
+                }
+            )
+            progress(
+                f"{size}x{size} batch {n}: guarded {ms['guarded']:.2f} ms, logits-only "
+                f"{ms['logits_only']:.2f} ms (x{ratio:.3f}); measures+feature {checks:.3f} ms"
+            )
     return overhead, measures
 
 
@@ -70,21 +98,28 @@ def measure_overhead_large(cfg, providers: list[str], progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="gamguard-bench-large-") as tmp:
         bundle = build_large_bundle(Path(tmp), cfg.threads, progress)
         guard = Guard.from_bundle(bundle, providers=providers, threads=cfg.threads, prefer="onnxruntime")
-        logits_session = ort_session(logits_only_model(guard.engine.model_path, Path(tmp)),
-                                     list(guard.engine.providers), cfg.threads)
+        logits_session = ort_session(
+            logits_only_model(guard.engine.model_path, Path(tmp)), list(guard.engine.providers), cfg.threads
+        )
         images = phantom_images(max(b for _, b in LARGE_CASES))
         rows = []
         for size, n in LARGE_CASES:
             if size not in cfg.sizes or n not in cfg.batches:
                 continue
-            part, _ = measure_overhead(guard, logits_session, images, (size,), (n,),
-                                       min(cfg.n_repeats, 5), progress)
+            part, _ = measure_overhead(guard, logits_session, images, (size,), (n,), min(cfg.n_repeats, 5), progress)
             rows += part
-    return {"status": "measured", "weights": "random (seeded): timings only, verdicts meaningless",
-            "model": {"class": "GuardNet", **{k: list(v) if isinstance(v, tuple) else v
-                                              for k, v in LARGE_MODEL.items()},
-                      "target_layer": "layer3", "early_layer": "layer1", "early_pool": [8, 8]},
-            "rows": rows}
+    return {
+        "status": "measured",
+        "weights": "random (seeded): timings only, verdicts meaningless",
+        "model": {
+            "class": "GuardNet",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in LARGE_MODEL.items()},
+            "target_layer": "layer3",
+            "early_layer": "layer1",
+            "early_pool": [8, 8],
+        },
+        "rows": rows,
+    }
 
 
 def default_checkpoint(bundle_dir: Path) -> Path | None:

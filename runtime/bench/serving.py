@@ -1,6 +1,7 @@
 """gRPC serving efficiency (``grpc_efficiency``): a real server on a loopback port driven by concurrent
 clients in another process, against the same batches replayed in-process.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,8 +86,9 @@ def _replay_batches(guard, payloads: list[bytes], sizes: list[int]) -> tuple[flo
     t0, c0 = time.perf_counter(), time.process_time()
     k = 0
     for n in sizes:
-        xs = np.stack([preprocess(decode_bytes(payloads[(k + j) % len(payloads)]).pixels, guard.spec)
-                       for j in range(n)])
+        xs = np.stack(
+            [preprocess(decode_bytes(payloads[(k + j) % len(payloads)]).pixels, guard.spec) for j in range(n)]
+        )
         k += n
         verdicts = run_guard_batch(guard, xs)
         if any("GUARD_ERROR" in v.reasons for v in verdicts):
@@ -99,6 +101,7 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
     import multiprocessing
 
     import cv2
+
     from gamguard.runtime.server.background import BackgroundServer
     from gamguard.runtime.server.config import ServeConfig
     from gamguard.runtime.server.dataplane import DataPlane, DataPlaneConfig
@@ -110,9 +113,13 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
             raise RuntimeError("cannot encode a benchmark PNG")
         payloads.append(buf.tobytes())
     cfg = ServeConfig(bundle=str(bundle_dir), insecure=True, port=0, threads=getattr(guard.engine, "threads", None))
-    plane_cfg = DataPlaneConfig(max_batch_size=cfg.max_batch_size, max_queue_delay_ms=cfg.max_queue_delay_ms,
-                                max_queue_size=cfg.max_queue_size, max_pixels=cfg.max_pixels,
-                                decode_workers=cfg.decode_workers)
+    plane_cfg = DataPlaneConfig(
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_ms=cfg.max_queue_delay_ms,
+        max_queue_size=cfg.max_queue_size,
+        max_pixels=cfg.max_pixels,
+        decode_workers=cfg.decode_workers,
+    )
     # The in-process data plane lives on its own event loop thread, like the server's.
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True, name="gamguard-bench-inproc")
@@ -173,35 +180,50 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
                 # "same batching": the mean batch the micro-batcher formed on each side
                 g_batch = (server_stats.items - s0[1]) / max(1, server_stats.batches - s0[0])
                 i_batch = (plane.batcher.stats.items - i0[1]) / max(1, plane.batcher.stats.batches - i0[0])
-                rows.append({"clients": clients, "ratio": round(g_tp / r_tp, 4),
-                             "ratio_vs_inprocess_dataplane": round(g_tp / i_tp, 4),
-                             "same_batches_rps": round(r_tp, 2),
-                             "p50_ms": round(percentile(grpc_lat, 50), 3),
-                             "p99_ms": round(percentile(grpc_lat, 99), 3),
-                             "grpc_rps": round(g_tp, 2), "inprocess_rps": round(i_tp, 2),
-                             "inprocess_p50_ms": round(percentile(inproc_lat, 50), 3),
-                             "inprocess_p99_ms": round(percentile(inproc_lat, 99), 3),
-                             "grpc_mean_batch": round(g_batch, 2), "inprocess_mean_batch": round(i_batch, 2),
-                             # CPU the client process spent per request (it shares this machine's cores)
-                             "client_cpu_ms_per_request": round(statistics.median(client_cpu), 3),
-                             # CPU per request, server process vs the same-batch replay: what the server
-                             # adds per request, not charged with the clients (other process) and far
-                             # less sensitive than throughput to other load on a shared machine
-                             "server_cpu_ms_per_request": round(s_cpu, 3),
-                             "same_batches_cpu_ms_per_request": round(r_cpu, 3),
-                             "cpu_ratio": round(r_cpu / s_cpu, 4) if s_cpu > 0 else None,
-                             "requests_per_round": clients * per_client, "rounds": rounds})
-                progress(f"gRPC {clients} client(s): {g_tp:.1f} req/s vs in-process same batches {r_tp:.1f} "
-                         f"req/s (x{g_tp / r_tp:.3f}), in-process data plane {i_tp:.1f} req/s (x{g_tp / i_tp:.3f}), "
-                         f"p50 {rows[-1]['p50_ms']:.1f} ms, p99 {rows[-1]['p99_ms']:.1f} ms, CPU/request server "
-                         f"{s_cpu:.2f} ms vs same batches {r_cpu:.2f} ms (x{rows[-1]['cpu_ratio']}), "
-                         f"mean batch {g_batch:.1f}/{i_batch:.1f}")
+                rows.append(
+                    {
+                        "clients": clients,
+                        "ratio": round(g_tp / r_tp, 4),
+                        "ratio_vs_inprocess_dataplane": round(g_tp / i_tp, 4),
+                        "same_batches_rps": round(r_tp, 2),
+                        "p50_ms": round(percentile(grpc_lat, 50), 3),
+                        "p99_ms": round(percentile(grpc_lat, 99), 3),
+                        "grpc_rps": round(g_tp, 2),
+                        "inprocess_rps": round(i_tp, 2),
+                        "inprocess_p50_ms": round(percentile(inproc_lat, 50), 3),
+                        "inprocess_p99_ms": round(percentile(inproc_lat, 99), 3),
+                        "grpc_mean_batch": round(g_batch, 2),
+                        "inprocess_mean_batch": round(i_batch, 2),
+                        # CPU the client process spent per request (it shares this machine's cores)
+                        "client_cpu_ms_per_request": round(statistics.median(client_cpu), 3),
+                        # CPU per request, server process vs the same-batch replay: what the server
+                        # adds per request, not charged with the clients (other process) and far
+                        # less sensitive than throughput to other load on a shared machine
+                        "server_cpu_ms_per_request": round(s_cpu, 3),
+                        "same_batches_cpu_ms_per_request": round(r_cpu, 3),
+                        "cpu_ratio": round(r_cpu / s_cpu, 4) if s_cpu > 0 else None,
+                        "requests_per_round": clients * per_client,
+                        "rounds": rounds,
+                    }
+                )
+                progress(
+                    f"gRPC {clients} client(s): {g_tp:.1f} req/s vs in-process same batches {r_tp:.1f} "
+                    f"req/s (x{g_tp / r_tp:.3f}), in-process data plane {i_tp:.1f} req/s (x{g_tp / i_tp:.3f}), "
+                    f"p50 {rows[-1]['p50_ms']:.1f} ms, p99 {rows[-1]['p99_ms']:.1f} ms, CPU/request server "
+                    f"{s_cpu:.2f} ms vs same batches {r_cpu:.2f} ms (x{rows[-1]['cpu_ratio']}), "
+                    f"mean batch {g_batch:.1f}/{i_batch:.1f}"
+                )
     finally:
         client_pool.shutdown(wait=True)
         on_loop(plane.stop())
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(10)
-    return {"rows": rows, "input": f"8-bit PNG {images[0].shape[1]}x{images[0].shape[0]}",
-            "size": guard.spec.height, "max_batch_size": cfg.max_batch_size,
-            "max_queue_delay_ms": cfg.max_queue_delay_ms, "decode_workers": cfg.decode_workers,
-            "clients_process": "separate spawned process, one channel per client thread"}
+    return {
+        "rows": rows,
+        "input": f"8-bit PNG {images[0].shape[1]}x{images[0].shape[0]}",
+        "size": guard.spec.height,
+        "max_batch_size": cfg.max_batch_size,
+        "max_queue_delay_ms": cfg.max_queue_delay_ms,
+        "decode_workers": cfg.decode_workers,
+        "clients_process": "separate spawned process, one channel per client thread",
+    }

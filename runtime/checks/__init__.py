@@ -13,17 +13,35 @@ One module per check and one for their combination:
 
 The offline job that produces ``reference.npz`` is :mod:`gamguard.runtime.calibration`.
 """
+
 from __future__ import annotations
 
-from .combine import (CHECKS, ConformalCut, Decisions, NullModel, all_check_sets, checks_key, combined_statistic,
-                      decide)
+from .combine import CHECKS, ConformalCut, Decisions, NullModel, all_check_sets, checks_key, combined_statistic, decide
 from .errors import CalibrationError
 from .feature import FeatureReference
 from .pvalues import TailPValue, dissimilarity
 from .reference import DEFAULT_ALPHA, CalibrationData, read_reference_arrays
 from .scores import SCORE_FIELDS, ScoreSet, real_class_indices, score_outputs, softmax
 
-__all__ = ["CHECKS", "DEFAULT_ALPHA", "SCORE_FIELDS", "CalibrationData", "CalibrationError", "ConformalCut",
-           "Decisions", "FeatureReference", "NullModel", "ScoreSet", "TailPValue", "all_check_sets", "checks_key",
-           "combined_statistic", "decide", "dissimilarity", "read_reference_arrays", "real_class_indices",
-           "score_outputs", "softmax"]
+__all__ = [
+    "CHECKS",
+    "DEFAULT_ALPHA",
+    "SCORE_FIELDS",
+    "CalibrationData",
+    "CalibrationError",
+    "ConformalCut",
+    "Decisions",
+    "FeatureReference",
+    "NullModel",
+    "ScoreSet",
+    "TailPValue",
+    "all_check_sets",
+    "checks_key",
+    "combined_statistic",
+    "decide",
+    "dissimilarity",
+    "read_reference_arrays",
+    "real_class_indices",
+    "score_outputs",
+    "softmax",
+]

@@ -10,6 +10,7 @@ most of the combined cut's false-rejection budget from the feature check; with i
 p-values are on the same scale. ``ATTENTION_MISMATCH`` names the measures whose own p-value is below the
 per-measure level equivalent to the check's level.
 """
+
 from __future__ import annotations
 
 import math

@@ -9,6 +9,7 @@ Equivalently: reject when ``s < t*`` with ``t* = s_(k+1)``, ``k = floor(alpha (|
 ``t*`` is computed for every subset of enforced checks, so checks can be switched at serve time
 without losing the guarantee.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,8 +51,9 @@ class NullModel:
     def __init__(self, null: ScoreSet, n_classes: int):
         s = null.take(~null.garbage_pred)
         if s.feature.size < 10:
-            raise CalibrationError(f"only {s.feature.size} non-garbage images in the null part; "
-                                   "calibrate with more in-distribution images")
+            raise CalibrationError(
+                f"only {s.feature.size} non-garbage images in the null part; calibrate with more in-distribution images"
+            )
         self.attention = AttentionNull(s, n_classes)
         self.feature = TailPValue(s.feature)
         self.n = int(s.feature.size)
@@ -122,8 +124,17 @@ class Decisions:
     measure_level: float  # the per-measure p-value level equivalent to ``level``
 
 
-def decide(pm, pf, garbage_pred, *, checks: str, policy: str, alpha: float,
-           cut: ConformalCut | None, null: NullModel | None = None) -> Decisions:
+def decide(
+    pm,
+    pf,
+    garbage_pred,
+    *,
+    checks: str,
+    policy: str,
+    alpha: float,
+    cut: ConformalCut | None,
+    null: NullModel | None = None,
+) -> Decisions:
     """Vectorised decision for a batch (``null`` defaults to ``cut.null``).
 
     ``calibrated``: a check fails when its p-value is below the conformal level t* (so the combined
@@ -154,5 +165,13 @@ def decide(pm, pf, garbage_pred, *, checks: str, policy: str, alpha: float,
     if "feature" not in enforced:
         feat = np.zeros_like(feat)
     failed = failed_measures(pm, att, mlevel)
-    return Decisions(reject=garbage | att | feat, garbage=garbage, attention=att, feature=feat,
-                     failed_measures=failed, level=float(level), attention_p=pa, measure_level=mlevel)
+    return Decisions(
+        reject=garbage | att | feat,
+        garbage=garbage,
+        attention=att,
+        feature=feat,
+        failed_measures=failed,
+        level=float(level),
+        attention_p=pa,
+        measure_level=mlevel,
+    )

@@ -1,4 +1,5 @@
 """The error raised when calibration data cannot produce a trustworthy guard."""
+
 from __future__ import annotations
 
 from ..bundle import BundleError

@@ -26,6 +26,7 @@ another anatomy), which a per-element or channel-pooled statistic misses: on the
 diagonal z-score caught ~90 % of 90°-rotated hands at a 5 % false-alarm rate, channel-pooled
 moments 20 %, this score 100 %. A non-finite activation gives ``inf`` (the check fails closed).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,13 +61,19 @@ class FeatureReference:
         dim = z.shape[1]
         k = int(min(n_components, n - 2, dim - 1))
         _, s, vt = np.linalg.svd(z, full_matrices=False)
-        lam = s ** 2 / (n - 1)
+        lam = s**2 / (n - 1)
         floor = 1e-6 * float(lam[0]) + 1e-12
         variances = np.maximum(lam[:k], floor)
         # variance left out: the trailing eigenvalues (zero beyond rank n-1) averaged over dim - k
         residual = max(float(lam[k:].sum()) / (dim - k), floor)
-        return cls(mean=mean.astype(np.float32), sd=sd.astype(np.float32),
-                   components=vt[:k].astype(np.float32), variances=variances, residual_variance=residual, n=n)
+        return cls(
+            mean=mean.astype(np.float32),
+            sd=sd.astype(np.float32),
+            components=vt[:k].astype(np.float32),
+            variances=variances,
+            residual_variance=residual,
+            n=n,
+        )
 
     def score(self, early: np.ndarray) -> np.ndarray:
         """Dissimilarity score per input, ``[N]`` float64 (see module docstring)."""
@@ -76,7 +83,7 @@ class FeatureReference:
         with np.errstate(invalid="ignore", over="ignore"):
             z = ((early - self.mean) / self.sd).reshape(early.shape[0], -1).astype(np.float64)
             proj = z @ self.components.T.astype(np.float64)
-            inside = np.mean(proj ** 2 / self.variances, axis=1)
+            inside = np.mean(proj**2 / self.variances, axis=1)
             resid = np.einsum("nd,nd->n", z, z) - np.einsum("nk,nk->n", proj, proj)
             k = self.components.shape[0]
             out = inside + np.maximum(resid, 0.0) / (self.residual_variance * (z.shape[1] - k))
@@ -84,14 +91,22 @@ class FeatureReference:
         return out
 
     def to_arrays(self, prefix: str = "feature_") -> dict[str, np.ndarray]:
-        return {f"{prefix}mean": self.mean, f"{prefix}sd": self.sd, f"{prefix}components": self.components,
-                f"{prefix}variances": self.variances,
-                f"{prefix}residual_variance": np.asarray(self.residual_variance), f"{prefix}n": np.asarray(self.n)}
+        return {
+            f"{prefix}mean": self.mean,
+            f"{prefix}sd": self.sd,
+            f"{prefix}components": self.components,
+            f"{prefix}variances": self.variances,
+            f"{prefix}residual_variance": np.asarray(self.residual_variance),
+            f"{prefix}n": np.asarray(self.n),
+        }
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str = "feature_") -> "FeatureReference":
-        return cls(mean=np.asarray(arrays[f"{prefix}mean"], np.float32),
-                   sd=np.asarray(arrays[f"{prefix}sd"], np.float32),
-                   components=np.asarray(arrays[f"{prefix}components"], np.float32),
-                   variances=np.asarray(arrays[f"{prefix}variances"], np.float64),
-                   residual_variance=float(arrays[f"{prefix}residual_variance"]), n=int(arrays[f"{prefix}n"]))
+        return cls(
+            mean=np.asarray(arrays[f"{prefix}mean"], np.float32),
+            sd=np.asarray(arrays[f"{prefix}sd"], np.float32),
+            components=np.asarray(arrays[f"{prefix}components"], np.float32),
+            variances=np.asarray(arrays[f"{prefix}variances"], np.float64),
+            residual_variance=float(arrays[f"{prefix}residual_variance"]),
+            n=int(arrays[f"{prefix}n"]),
+        )

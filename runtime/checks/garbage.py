@@ -6,6 +6,7 @@ garbage prediction sets the combined statistic to 0 (:func:`gamguard.runtime.che
 so it always rejects when the check is enforced, and its in-distribution firings are part of the
 conformal false-rejection budget.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 :class:`TailPValue` is the one-sided empirical p-value (in the direction of dissimilarity) that every
 check uses; :func:`dissimilarity` orients a similarity measure so that higher means more dissimilar.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ class TailPValue:
         self.knots = x
         self.pvals = (n - np.arange(n) + 1.0) / (n + 1.0)  # 1 at the minimum
         q = np.quantile(x, 1.0 - TAIL_FRACTION)
-        top = x[-max(5, int(math.ceil(TAIL_FRACTION * n))):]
+        top = x[-max(5, int(math.ceil(TAIL_FRACTION * n))) :]
         spread = float(x[-1] - x[0])
         self.scale = max(float(np.mean(top - q)), 1e-3 * spread, 1e-9)
         self.n = n

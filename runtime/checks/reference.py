@@ -2,6 +2,7 @@
 raw null/conformal scores, from which the p-value tables and conformal cuts are rebuilt
 deterministically at load time — one code path for calibration and serving.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,10 @@ class CalibrationData:
         self.real = real_class_indices(len(self.class_names), self.garbage)
         measures = [str(m) for m in arrays["measures"]]
         if measures != list(MEASURES):
-            raise BundleError(f"reference.npz measures {measures} do not match this gamguard's {list(MEASURES)}; "
-                              "re-calibrate the bundle")
+            raise BundleError(
+                f"reference.npz measures {measures} do not match this gamguard's {list(MEASURES)}; "
+                "re-calibrate the bundle"
+            )
         self.ref_cams = np.asarray(arrays["ref_cam"], np.float32)  # [K_real, H, W]
         self.ref_prepared = prepare(self.ref_cams, self.grid)  # [K_real, grid, grid], hot-path form
         self.feature_ref = FeatureReference.from_arrays(arrays)
@@ -40,8 +43,12 @@ class CalibrationData:
         self.null = NullModel(self.null_scores, len(self.class_names))
         pm, pf = self.null.pvalues(self.conformal_scores)
         pa = self.null.attention_p(pm)
-        self.cuts = {key: ConformalCut(combined_statistic(pa, pf, self.conformal_scores.garbage_pred, key),
-                                       self.alpha, self.null) for key in all_check_sets()}
+        self.cuts = {
+            key: ConformalCut(
+                combined_statistic(pa, pf, self.conformal_scores.garbage_pred, key), self.alpha, self.null
+            )
+            for key in all_check_sets()
+        }
 
     @classmethod
     def load(cls, bundle_dir: str | Path, manifest: dict) -> "CalibrationData":
@@ -56,8 +63,16 @@ class CalibrationData:
         return self.ref_cams[int(np.searchsorted(self.real, cls_index))]
 
     def score(self, logits, cam, early) -> ScoreSet:
-        return score_outputs(logits, cam, early, garbage=self.garbage, ref_cams=self.ref_prepared,
-                             feature_ref=self.feature_ref, grid=self.grid, refs_prepared=True)
+        return score_outputs(
+            logits,
+            cam,
+            early,
+            garbage=self.garbage,
+            ref_cams=self.ref_prepared,
+            feature_ref=self.feature_ref,
+            grid=self.grid,
+            refs_prepared=True,
+        )
 
     def raw_thresholds(self, cls_index: int, level: float) -> dict[str, float]:
         """Score values at which each check's p-value equals ``level`` for predictions of ``cls_index``."""

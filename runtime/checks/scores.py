@@ -3,6 +3,7 @@
 :func:`score_outputs` is the one place that turns the fused model's outputs (logits, Grad-CAM, early
 features) into the numbers every check judges; calibration and serving both call it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,9 +32,15 @@ class ScoreSet:
     label: np.ndarray | None = None  # [N] true class indices when known (calibration)
 
     def take(self, idx) -> "ScoreSet":
-        return ScoreSet(self.sims[idx], self.feature[idx], self.pred[idx], self.pred_real[idx],
-                        self.garbage_prob[idx], self.garbage_pred[idx],
-                        None if self.label is None else self.label[idx])
+        return ScoreSet(
+            self.sims[idx],
+            self.feature[idx],
+            self.pred[idx],
+            self.pred_real[idx],
+            self.garbage_prob[idx],
+            self.garbage_pred[idx],
+            None if self.label is None else self.label[idx],
+        )
 
     @staticmethod
     def concat(parts: Sequence["ScoreSet"]) -> "ScoreSet":
@@ -62,8 +69,17 @@ def real_class_indices(n_classes: int, garbage: int) -> np.ndarray:
     return np.array([i for i in range(n_classes) if i != garbage], dtype=np.int64)
 
 
-def score_outputs(logits, cam, early, *, garbage: int, ref_cams: np.ndarray, feature_ref: FeatureReference,
-                  grid: int = DEFAULT_GRID, refs_prepared: bool = False) -> ScoreSet:
+def score_outputs(
+    logits,
+    cam,
+    early,
+    *,
+    garbage: int,
+    ref_cams: np.ndarray,
+    feature_ref: FeatureReference,
+    grid: int = DEFAULT_GRID,
+    refs_prepared: bool = False,
+) -> ScoreSet:
     """Raw scores of a batch of engine outputs. ``ref_cams`` is indexed by *real* class position
     (class index with the garbage class removed); passing them already through
     :func:`gamguard.runtime.similarity.prepare` (as :class:`CalibrationData` does) gives identical
@@ -87,5 +103,3 @@ def score_outputs(logits, cam, early, *, garbage: int, ref_cams: np.ndarray, fea
         garbage_prob=garbage_prob,
         garbage_pred=garbage_pred,
     )
-
-

@@ -1,4 +1,5 @@
 """`gamguard bench`: what the guard costs, as ratios measured in one run (see gamguard.runtime.bench)."""
+
 HELP = "measure the guard's cost: overhead vs logits-only, vs PyTorch Grad-CAM, gRPC efficiency"
 DESCRIPTION = """\
 Measure what the guard costs on this machine, as ratios of variants timed in the same run
@@ -32,24 +33,35 @@ examples:
 
 def add_arguments(parser):
     parser.add_argument("--bundle", metavar="DIR", help="calibrated bundle (default: the embedded demo bundle)")
-    parser.add_argument("--checkpoint", metavar="CKPT",
-                        help="torch checkpoint of the bundle's model, for the PyTorch Grad-CAM comparison "
-                             "(default: exporter/demo.ckpt for the demo bundle)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads for ONNX Runtime and torch alike (default 1)")
-    parser.add_argument("--providers", default="cpu",
-                        help="ONNX Runtime providers for the guard and the logits-only baseline, e.g. cpu, "
-                             "cuda, tensorrt,cuda (default: cpu)")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="torch checkpoint of the bundle's model, for the PyTorch Grad-CAM comparison "
+        "(default: exporter/demo.ckpt for the demo bundle)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads for ONNX Runtime and torch alike (default 1)"
+    )
+    parser.add_argument(
+        "--providers",
+        default="cpu",
+        help="ONNX Runtime providers for the guard and the logits-only baseline, e.g. cpu, "
+        "cuda, tensorrt,cuda (default: cpu)",
+    )
     parser.add_argument("--quick", action="store_true", help="few repeats (well under a minute); for smoke tests")
     parser.add_argument("--repeats", type=int, help="timed rounds per case (default 5 with --quick, else 30)")
     parser.add_argument("--sizes", default="224,512", help="input sizes for dynamic-H/W bundles (default 224,512)")
     parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     parser.add_argument("--clients", default="1,4,16", help="concurrent gRPC clients (default 1,4,16)")
-    parser.add_argument("--skip", action="append", choices=("pytorch", "grpc"), default=[],
-                        help="skip a section (repeatable)")
-    parser.add_argument("--large", action="store_true",
-                        help="also measure guard overhead on a realistic-size model (random weights, exported "
-                             "and calibrated on the fly; needs torch; about a minute)")
+    parser.add_argument(
+        "--skip", action="append", choices=("pytorch", "grpc"), default=[], help="skip a section (repeatable)"
+    )
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="also measure guard overhead on a realistic-size model (random weights, exported "
+        "and calibrated on the fly; needs torch; about a minute)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -67,9 +79,8 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 def run(args) -> int:
     import json
-    from pathlib import Path
-
     import sys
+    from pathlib import Path
 
     from gamguard.runtime.bench import BenchConfig, BenchError, format_tables, run_bench
     from gamguard.runtime.bundle import BundleError
@@ -85,9 +96,15 @@ def run(args) -> int:
     cfg = BenchConfig(
         bundle=Path(args.bundle) if args.bundle else None,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
-        threads=args.threads, providers=args.providers, quick=args.quick, repeats=args.repeats,
-        sizes=_ints(args.sizes, "--sizes"), batches=_ints(args.batches, "--batches"),
-        clients=_ints(args.clients, "--clients"), skip=tuple(args.skip), large=args.large,
+        threads=args.threads,
+        providers=args.providers,
+        quick=args.quick,
+        repeats=args.repeats,
+        sizes=_ints(args.sizes, "--sizes"),
+        batches=_ints(args.batches, "--batches"),
+        clients=_ints(args.clients, "--clients"),
+        skip=tuple(args.skip),
+        large=args.large,
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
     )
     try:

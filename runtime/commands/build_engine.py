@@ -1,4 +1,5 @@
 """`gamguard build-engine`: build a native TensorRT engine (model.plan) on the target device."""
+
 from __future__ import annotations
 
 HELP = "build a native TensorRT engine (model.plan) for a bundle on this GPU; check its drift"
@@ -29,19 +30,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 def add_arguments(parser):
     parser.add_argument("--bundle", metavar="DIR", help="bundle directory (default: the embedded demo bundle)")
     parser.add_argument("--fp16", action="store_true", help="build an FP16 engine (default FP32)")
-    parser.add_argument("--batch", default="1:8:32", metavar="MIN:OPT:MAX",
-                        help="batch sizes of the optimisation profile (default 1:8:32; 'N' means 1:N:N)")
-    parser.add_argument("--spatial", metavar="MIN:MAX",
-                        help="side-length range for a model exported with dynamic height/width")
-    parser.add_argument("--workspace-mb", type=int, default=1024, metavar="MB",
-                        help="TensorRT builder workspace limit (default 1024)")
+    parser.add_argument(
+        "--batch",
+        default="1:8:32",
+        metavar="MIN:OPT:MAX",
+        help="batch sizes of the optimisation profile (default 1:8:32; 'N' means 1:N:N)",
+    )
+    parser.add_argument(
+        "--spatial", metavar="MIN:MAX", help="side-length range for a model exported with dynamic height/width"
+    )
+    parser.add_argument(
+        "--workspace-mb", type=int, default=1024, metavar="MB", help="TensorRT builder workspace limit (default 1024)"
+    )
     parser.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="write a copy of the bundle with the plan here instead of modifying --bundle")
-    parser.add_argument("--no-build", action="store_true",
-                        help="do not build; only run --check-drift on the bundle's existing plan")
-    parser.add_argument("--check-drift", metavar="DIR",
-                        help="in-distribution images to measure TensorRT vs ONNX Runtime FP32 drift on")
+    parser.add_argument(
+        "--out", metavar="DIR", help="write a copy of the bundle with the plan here instead of modifying --bundle"
+    )
+    parser.add_argument(
+        "--no-build", action="store_true", help="do not build; only run --check-drift on the bundle's existing plan"
+    )
+    parser.add_argument(
+        "--check-drift", metavar="DIR", help="in-distribution images to measure TensorRT vs ONNX Runtime FP32 drift on"
+    )
     parser.add_argument("--max-images", type=int, default=512, help="cap for --check-drift (default 512)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -88,7 +98,7 @@ def _batches(paths, spec, batch_size: int):
     from gamguard.runtime.preprocess import preprocess
 
     for i in range(0, len(paths), batch_size):
-        yield np.stack([preprocess(decode_file(p).pixels, spec) for p in paths[i:i + batch_size]])
+        yield np.stack([preprocess(decode_file(p).pixels, spec) for p in paths[i : i + batch_size]])
 
 
 def run(args):
@@ -99,25 +109,39 @@ def run(args):
 
     from gamguard.runtime.bundle import MODEL_FILE, BundleError, InputSpec, load_manifest, resolve_bundle
     from gamguard.runtime.cli import CommandError
-    from gamguard.runtime.preprocess import InvalidInput
     from gamguard.runtime.engines.plan import PlanMismatch, TensorRTUnavailable, build_engine_for_bundle
+    from gamguard.runtime.preprocess import InvalidInput
 
     log = logging.getLogger("gamguard.build_engine")
     batch, spatial = _validated(args)
     if not args.no_build and not args.out and not args.bundle:
-        raise CommandError("build-engine writes model.plan into the bundle: pass --bundle DIR, or --out DIR for "
-                           "a copy (the embedded demo bundle is never modified in place)")
+        raise CommandError(
+            "build-engine writes model.plan into the bundle: pass --bundle DIR, or --out DIR for "
+            "a copy (the embedded demo bundle is never modified in place)"
+        )
     bundle_dir = resolve_bundle(args.bundle)
     result: dict = {"bundle": str(bundle_dir)}
     try:
         if not args.no_build:
-            section = build_engine_for_bundle(bundle_dir, precision="fp16" if args.fp16 else "fp32",
-                                              batch=batch, spatial=spatial, workspace_mb=args.workspace_mb,
-                                              out_dir=args.out, device=args.device)
+            section = build_engine_for_bundle(
+                bundle_dir,
+                precision="fp16" if args.fp16 else "fp32",
+                batch=batch,
+                spatial=spatial,
+                workspace_mb=args.workspace_mb,
+                out_dir=args.out,
+                device=args.device,
+            )
             bundle_dir = Path(args.out) if args.out else bundle_dir
             result.update(bundle=str(bundle_dir), tensorrt=section)
-            log.info("wrote %s/model.plan (%s, TensorRT %s, %s sm %s)", bundle_dir, section["precision"],
-                     section["tensorrt_version"], section["gpu"], section["compute_capability"])
+            log.info(
+                "wrote %s/model.plan (%s, TensorRT %s, %s sm %s)",
+                bundle_dir,
+                section["precision"],
+                section["tensorrt_version"],
+                section["gpu"],
+                section["compute_capability"],
+            )
         if args.check_drift:
             from gamguard.runtime.engines.drift import OrtCpuReference, drift_report, guard_decider
             from gamguard.runtime.engines.tensorrt import TensorRTEngine
@@ -133,10 +157,14 @@ def run(args):
                     decide, alpha = guard_decider(bundle_dir, manifest)
                 else:
                     log.warning("the bundle is not calibrated: reporting drift only, no false-rejection rate")
-                report = drift_report(reference, trt_engine, _batches(paths, spec, min(trt_engine.max_batch, 32)),
-                                      decide=decide, alpha=alpha,
-                                      calibrated_frr=(manifest.get("calibration") or {}).get(
-                                          "measured_false_rejection_rate"))
+                report = drift_report(
+                    reference,
+                    trt_engine,
+                    _batches(paths, spec, min(trt_engine.max_batch, 32)),
+                    decide=decide,
+                    alpha=alpha,
+                    calibrated_frr=(manifest.get("calibration") or {}).get("measured_false_rejection_rate"),
+                )
             finally:
                 trt_engine.close()
             result["check"] = {"images": str(args.check_drift), **report}
@@ -149,22 +177,33 @@ def run(args):
         check = result.get("check")
         if "tensorrt" in result:
             t = result["tensorrt"]
-            print(f"model.plan: {t['precision']}, TensorRT {t['tensorrt_version']}, {t['gpu']} "
-                  f"(sm {t['compute_capability']}), batch {t['profile']['min'][0]}..{t['profile']['max'][0]}")
+            print(
+                f"model.plan: {t['precision']}, TensorRT {t['tensorrt_version']}, {t['gpu']} "
+                f"(sm {t['compute_capability']}), batch {t['profile']['min'][0]}..{t['profile']['max'][0]}"
+            )
         if check:
             d = check["drift"]
-            print(f"drift on {d['n']} images: top-1 agreement {d['top1_agreement']:.4f}; "
-                  + "; ".join(f"{k} max|d| {d[k]['max_abs']:.3g} (rel {d[k]['max_rel']:.3g}), "
-                              f"min cos {d[k]['min_cosine']:.4f}" for k in ("logits", "cam", "early")))
+            print(
+                f"drift on {d['n']} images: top-1 agreement {d['top1_agreement']:.4f}; "
+                + "; ".join(
+                    f"{k} max|d| {d[k]['max_abs']:.3g} (rel {d[k]['max_rel']:.3g}), min cos {d[k]['min_cosine']:.4f}"
+                    for k in ("logits", "cam", "early")
+                )
+            )
             frr = check.get("frr")
             if frr:
                 c = frr["candidate"]
-                print(f"false-rejection rate on TensorRT: {c['frr']:.4f} (alpha {c['alpha']}, bound {c['bound']:.4f}) "
-                      f"-> {'holds' if c['holds'] else 'DOES NOT HOLD: recalibrate on this engine'}; "
-                      f"decision agreement with ONNX Runtime {frr['decision_agreement']:.4f}")
+                print(
+                    f"false-rejection rate on TensorRT: {c['frr']:.4f} (alpha {c['alpha']}, bound {c['bound']:.4f}) "
+                    f"-> {'holds' if c['holds'] else 'DOES NOT HOLD: recalibrate on this engine'}; "
+                    f"decision agreement with ONNX Runtime {frr['decision_agreement']:.4f}"
+                )
     frr = (result.get("check") or {}).get("frr")
     if frr and not frr["candidate"]["holds"]:
-        print("gamguard build-engine: the calibrated false-rejection rate does not hold on the TensorRT "
-              "engine; run `gamguard calibrate` on this engine", file=sys.stderr)
+        print(
+            "gamguard build-engine: the calibrated false-rejection rate does not hold on the TensorRT "
+            "engine; run `gamguard calibrate` on this engine",
+            file=sys.stderr,
+        )
         return 1
     return 0

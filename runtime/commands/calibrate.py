@@ -1,4 +1,5 @@
 """`gamguard calibrate`: build the guard's references and thresholds for a bundle."""
+
 from __future__ import annotations
 
 HELP = "calibrate a bundle's guard (references, p-value tables, false-rejection bound) on in-distribution data"
@@ -27,17 +28,24 @@ PHANTOM_SIZE = 256
 
 
 def add_arguments(parser):
-    parser.add_argument("--bundle", metavar="DIR",
-                        help="bundle directory to calibrate in place (required: the embedded demo bundle is "
-                             "never modified; copy it first)")
+    parser.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="bundle directory to calibrate in place (required: the embedded demo bundle is "
+        "never modified; copy it first)",
+    )
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="DIR", help="in-distribution images, DIR/<class>/*.png|jpg|dcm")
     src.add_argument("--phantoms", metavar="N", type=int, help="generate N hand phantoms per class instead")
-    src.add_argument("--from-stored-scores", action="store_true",
-                     help="only re-derive the thresholds for a new --alpha from the held-out scores stored in "
-                          "reference.npz (no images, no engine; the references do not depend on alpha)")
-    parser.add_argument("--alpha", type=float, default=0.05,
-                        help="bound on the in-distribution false-rejection rate (default 0.05)")
+    src.add_argument(
+        "--from-stored-scores",
+        action="store_true",
+        help="only re-derive the thresholds for a new --alpha from the held-out scores stored in "
+        "reference.npz (no images, no engine; the references do not depend on alpha)",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=0.05, help="bound on the in-distribution false-rejection rate (default 0.05)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="split (and phantom) seed (default 0)")
     parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu (default: TensorRT→CUDA→CPU)")
     parser.add_argument("--threads", type=int, help="engine intra-op threads")
@@ -54,8 +62,10 @@ def load_phantoms(n_per_class: int, seed: int, spec, class_names: list[str], gar
 
     real = [c for i, c in enumerate(class_names) if i != garbage]
     if list(phantoms.CLASS_NAMES) != real:
-        raise ValueError(f"the bundle's classes {real} are not the phantom classes {list(phantoms.CLASS_NAMES)}; "
-                         "calibrate with --data")
+        raise ValueError(
+            f"the bundle's classes {real} are not the phantom classes {list(phantoms.CLASS_NAMES)}; "
+            "calibrate with --data"
+        )
     images, labels = phantoms.phantom_set(n_per_class, PHANTOM_SEED_BASE + seed, PHANTOM_SIZE)
     small = np.stack([resize_image(im, spec.height, spec.width, spec.resize) for im in images])
     idx = [class_names.index(phantoms.CLASS_NAMES[y]) for y in labels]
@@ -63,7 +73,6 @@ def load_phantoms(n_per_class: int, seed: int, spec, class_names: list[str], gar
 
 
 def run(args):
-    import json
     import sys
     from pathlib import Path
 
@@ -89,16 +98,23 @@ def run(args):
         if args.phantoms is not None:
             if args.phantoms < 1:
                 raise CommandError("--phantoms must be positive")
-            print(f"calibrate: generating {args.phantoms} phantoms per class (seed {PHANTOM_SEED_BASE + args.seed})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"calibrate: generating {args.phantoms} phantoms per class (seed {PHANTOM_SEED_BASE + args.seed})",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 images, labels = load_phantoms(args.phantoms, args.seed, spec, names, garbage)
             except ValueError as exc:
                 raise CommandError(str(exc)) from exc
             get = images.__getitem__
-            dataset = {"kind": "phantoms", "generator": "gamguard.runtime.demo.phantoms.phantom_set",
-                       "n_per_class": args.phantoms, "seed": PHANTOM_SEED_BASE + args.seed,
-                       "size": PHANTOM_SIZE}
+            dataset = {
+                "kind": "phantoms",
+                "generator": "gamguard.runtime.demo.phantoms.phantom_set",
+                "n_per_class": args.phantoms,
+                "seed": PHANTOM_SEED_BASE + args.seed,
+                "size": PHANTOM_SIZE,
+            }
         else:
             from gamguard.runtime.datasets import ImageFolder
 
@@ -108,24 +124,42 @@ def run(args):
             try:
                 folder = ImageFolder(root, class_names=names)
             except ValueError as exc:  # DatasetError
-                raise CommandError(f"{exc} (calibration folders must be named after the bundle's real classes)") from exc
+                raise CommandError(
+                    f"{exc} (calibration folders must be named after the bundle's real classes)"
+                ) from exc
             labels = [y for _, y in folder.samples]
             if garbage in labels:
-                raise CommandError(f"{root}: calibration data must be in-distribution; found a folder for the "
-                                   f"garbage class {names[garbage]!r}")
+                raise CommandError(
+                    f"{root}: calibration data must be in-distribution; found a folder for the "
+                    f"garbage class {names[garbage]!r}"
+                )
 
             def get(i):
                 try:
                     return folder.load(i)[0].pixels
                 except ValueError as exc:  # DecodeError: name the file relative to --data
                     path = Path(folder.samples[i][0])
-                    raise CommandError(f"{path.relative_to(root) if path.is_relative_to(root) else path}: "
-                                       f"{exc}; fix or remove the file and calibrate again") from exc
+                    raise CommandError(
+                        f"{path.relative_to(root) if path.is_relative_to(root) else path}: "
+                        f"{exc}; fix or remove the file and calibrate again"
+                    ) from exc
 
-            dataset = {"kind": "image_folder", "path": str(root.resolve()),
-                       "classes": sorted({names[y] for y in labels}), "n": len(labels)}
-        manifest = calibrate_bundle(bundle_dir, images=get, labels=labels, dataset=dataset, alpha=args.alpha,
-                                    seed=args.seed, providers=args.providers, threads=args.threads)
+            dataset = {
+                "kind": "image_folder",
+                "path": str(root.resolve()),
+                "classes": sorted({names[y] for y in labels}),
+                "n": len(labels),
+            }
+        manifest = calibrate_bundle(
+            bundle_dir,
+            images=get,
+            labels=labels,
+            dataset=dataset,
+            alpha=args.alpha,
+            seed=args.seed,
+            providers=args.providers,
+            threads=args.threads,
+        )
     except BundleError as exc:
         raise CommandError(str(exc)) from exc
     return _print(args, bundle_dir, manifest)
@@ -138,12 +172,15 @@ def _print(args, bundle_dir, manifest) -> int:
 
     cal = manifest["calibration"]
     if args.json:
-        print(json.dumps({"bundle": str(bundle_dir), "bundle_hash": bundle_mod.bundle_hash(manifest),
-                          "calibration": cal}))
+        print(
+            json.dumps({"bundle": str(bundle_dir), "bundle_hash": bundle_mod.bundle_hash(manifest), "calibration": cal})
+        )
     else:
-        print(f"calibrated {bundle_dir}: n={cal['n']} (reference {cal['split']['reference']}, null "
-              f"{cal['split']['null']}, conformal {cal['split']['conformal']}), alpha={cal['alpha']}, "
-              f"measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "
-              f"(garbage {cal['measured_per_check']['garbage']:.3f}, attention "
-              f"{cal['measured_per_check']['attention']:.3f}, feature {cal['measured_per_check']['feature']:.3f})")
+        print(
+            f"calibrated {bundle_dir}: n={cal['n']} (reference {cal['split']['reference']}, null "
+            f"{cal['split']['null']}, conformal {cal['split']['conformal']}), alpha={cal['alpha']}, "
+            f"measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "
+            f"(garbage {cal['measured_per_check']['garbage']:.3f}, attention "
+            f"{cal['measured_per_check']['attention']:.3f}, feature {cal['measured_per_check']['feature']:.3f})"
+        )
     return 0

@@ -1,4 +1,5 @@
 """`gamguard data`: generate the embedded demo data (hand/wrist radiograph phantoms, off-distribution images)."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,22 +33,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
     p = sub.add_parser(
-        "synth", help="write phantoms (or off-distribution images) as an ImageFolder tree + manifest.json",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "synth",
+        help="write phantoms (or off-distribution images) as an ImageFolder tree + manifest.json",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --overwrite)")
-    p.add_argument("--per-class", type=int, required=True, metavar="N",
-                   help="images per maturity stage (or per kind with --kind)")
+    p.add_argument(
+        "--per-class", type=int, required=True, metavar="N", help="images per maturity stage (or per kind with --kind)"
+    )
     p.add_argument("--seed", type=int, required=True, help="random seed; same seed, same images")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    p.add_argument("--kind", action="append", metavar="KIND",
-                   help="off-distribution generator instead of hand phantoms (repeatable): one of "
-                        f"{', '.join(_GARBAGE + _HELD_OUT)}, or all, all-garbage, all-held-out")
-    p.add_argument("--format", choices=("png", "dicom"), default="png",
-                   help="16-bit grayscale PNG (default) or DICOM DX (12 bits stored)")
-    p.add_argument("--photometric", choices=("MONOCHROME2", "MONOCHROME1"), default="MONOCHROME2",
-                   help="DICOM photometric interpretation; MONOCHROME1 stores inverted values (dicom only)")
-    p.add_argument("--masks", action="store_true",
-                   help="also write each phantom's masks as <class>/NNNN.masks.npz (hand phantoms only)")
+    p.add_argument(
+        "--kind",
+        action="append",
+        metavar="KIND",
+        help="off-distribution generator instead of hand phantoms (repeatable): one of "
+        f"{', '.join(_GARBAGE + _HELD_OUT)}, or all, all-garbage, all-held-out",
+    )
+    p.add_argument(
+        "--format",
+        choices=("png", "dicom"),
+        default="png",
+        help="16-bit grayscale PNG (default) or DICOM DX (12 bits stored)",
+    )
+    p.add_argument(
+        "--photometric",
+        choices=("MONOCHROME2", "MONOCHROME1"),
+        default="MONOCHROME2",
+        help="DICOM photometric interpretation; MONOCHROME1 stores inverted values (dicom only)",
+    )
+    p.add_argument(
+        "--masks",
+        action="store_true",
+        help="also write each phantom's masks as <class>/NNNN.masks.npz (hand phantoms only)",
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
@@ -56,22 +76,33 @@ def run(args) -> int:
     import json
     import sys
 
-    from gamguard.runtime.demo import synth
     from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.demo import synth
 
     if args.data_command != "synth":  # pragma: no cover - argparse enforces the choice
         raise CommandError(f"unknown action {args.data_command!r}")
     try:
         summary = synth.synth_dataset(
-            args.out, per_class=args.per_class, seed=args.seed, size=args.size, kind=args.kind,
-            fmt=args.format, photometric=args.photometric, masks=args.masks, overwrite=args.overwrite,
-            progress=synth.stderr_progress("data synth"))
+            args.out,
+            per_class=args.per_class,
+            seed=args.seed,
+            size=args.size,
+            kind=args.kind,
+            fmt=args.format,
+            photometric=args.photometric,
+            masks=args.masks,
+            overwrite=args.overwrite,
+            progress=synth.stderr_progress("data synth"),
+        )
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"wrote {summary['total']} {args.format} images to {summary['out_dir']} "
-              f"({', '.join(f'{k}: {v}' for k, v in summary['counts'].items())}) in {summary['seconds']} s; "
-              f"manifest {summary['manifest']}", file=sys.stderr)
+        print(
+            f"wrote {summary['total']} {args.format} images to {summary['out_dir']} "
+            f"({', '.join(f'{k}: {v}' for k, v in summary['counts'].items())}) in {summary['seconds']} s; "
+            f"manifest {summary['manifest']}",
+            file=sys.stderr,
+        )
     return 0

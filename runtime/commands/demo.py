@@ -1,4 +1,5 @@
 """`gamguard demo`: the main job, end to end on this machine, no data or network needed."""
+
 HELP = "serve the embedded demo bundle and send it X-ray phantoms and off-distribution images over gRPC"
 
 DESCRIPTION = """\
@@ -22,8 +23,12 @@ Examples:
 
 def add_arguments(parser):
     parser.add_argument("--bundle", metavar="DIR", help="bundle to serve (default: the embedded demo bundle)")
-    parser.add_argument("--out", metavar="DIR", default="gamguard-demo",
-                        help="where inputs and heatmap overlays go (default ./gamguard-demo)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default="gamguard-demo",
+        help="where inputs and heatmap overlays go (default ./gamguard-demo)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="seed of the generated inputs (default 7)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
 
@@ -83,7 +88,7 @@ def _open_inference_check(target: str, model: str, items, accepted_name, rejecte
 
     from gamguard.proto import grpc_predict_v2_pb2 as pb
     from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-    from gamguard.runtime.server.grpc_inference import deserialize_bytes, serialize_bytes
+    from gamguard.runtime.server.codecs import deserialize_bytes, serialize_bytes
 
     def infer(stub, data: bytes):
         req = pb.ModelInferRequest(model_name=model)
@@ -103,13 +108,22 @@ def _open_inference_check(target: str, model: str, items, accepted_name, rejecte
         ready = stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=10).ready
         accepted, label, reasons, _ = infer(stub, by_name[first_in][1])
         r_accepted, _, _, r_outputs = infer(stub, by_name[first_out][1])
-    return {"model_ready": ready, "file": first_in, "accepted": accepted, "label": label, "reasons": reasons,
-            "rejected_file": first_out, "rejected_accepted": r_accepted, "rejected_outputs": r_outputs or "none"}
+    return {
+        "model_ready": ready,
+        "file": first_in,
+        "accepted": accepted,
+        "label": label,
+        "reasons": reasons,
+        "rejected_file": first_out,
+        "rejected_accepted": r_accepted,
+        "rejected_outputs": r_outputs or "none",
+    }
 
 
 def run(args):
     import asyncio
     import json
+    import logging
     import sys
     import time
     from pathlib import Path
@@ -120,11 +134,8 @@ def run(args):
     from gamguard.runtime.bundle import BundleError, load_manifest, resolve_bundle
     from gamguard.runtime.cli import CommandError
     from gamguard.runtime.server.app import GuardServer
-    from gamguard.runtime.server.client import (GuardClient, format_table, verdict_record,
-                                                write_verdict_overlay)
+    from gamguard.runtime.server.client import GuardClient, format_table, verdict_record, write_verdict_overlay
     from gamguard.runtime.server.config import ServeConfig
-
-    import logging
 
     t_start = time.perf_counter()
     if not getattr(args, "verbose", False):  # the table is the output; server logs only with -v
@@ -141,8 +152,14 @@ def run(args):
 
     items = _inputs(out_dir, args.seed)
     (out_dir / "audit.jsonl").unlink(missing_ok=True)  # this run's verdicts only
-    config = ServeConfig(bundle=str(bundle_dir), host="127.0.0.1", port=0, insecure=True,
-                         audit_log=str(out_dir / "audit.jsonl"), shutdown_grace_s=10.0)
+    config = ServeConfig(
+        bundle=str(bundle_dir),
+        host="127.0.0.1",
+        port=0,
+        insecure=True,
+        audit_log=str(out_dir / "audit.jsonl"),
+        shutdown_grace_s=10.0,
+    )
 
     def client_session(target: str) -> dict:
         """Everything a remote client does, over a real gRPC channel."""
@@ -154,13 +171,16 @@ def run(args):
         records, groups = [], []
         with GuardClient(target, timeout=60) as client:
             info = client.model_info()
-            say(f"model: {info.model.name} {info.model.version}  bundle {info.model.bundle_hash[:12]}  "
-                f"classes {', '.join(info.class_names)}  alpha {info.calibration.alpha:g}")
+            say(
+                f"model: {info.model.name} {info.model.version}  bundle {info.model.bundle_hash[:12]}  "
+                f"classes {', '.join(info.class_names)}  alpha {info.calibration.alpha:g}"
+            )
             class_names = list(info.class_names)
             # The in-distribution study goes through one VerifyStream, like a console sending a series.
             study = [it for it in items if it[1] == "in-distribution"]
-            stream = client.verify_stream(client.request(data, request_id=name, heatmap_values=True)
-                                          for name, _, data in study)
+            stream = client.verify_stream(
+                client.request(data, request_id=name, heatmap_values=True) for name, _, data in study
+            )
             answered = {v.request_id: v for v in stream}
             for name, group, data in items:
                 if name in answered:
@@ -173,22 +193,34 @@ def run(args):
                         groups.append(group)
                         continue
                 rec = verdict_record(name, verdict)
-                out = write_verdict_overlay(overlay_dir / f"{Path(name).stem}.png", data, verdict, class_names,
-                                            title=name)
+                out = write_verdict_overlay(
+                    overlay_dir / f"{Path(name).stem}.png", data, verdict, class_names, title=name
+                )
                 rec["overlay"] = str(out) if out else None
                 records.append(rec)
                 groups.append(group)
         # for the OIP call, an input the Guard service accepted and one it rejected (if any)
         accepted = next((r["file"] for r in records if r.get("accepted")), None)
-        rejected = next((r["file"] for r, g in zip(records, groups) if g == "off-distribution"
-                         and r.get("request_id") and not r.get("accepted")), None)
+        rejected = next(
+            (
+                r["file"]
+                for r, g in zip(records, groups)
+                if g == "off-distribution" and r.get("request_id") and not r.get("accepted")
+            ),
+            None,
+        )
         oip = _open_inference_check(target, info.model.name, items, accepted, rejected)
-        say(f"open inference protocol: ModelInfer({oip['file']}) -> accepted={oip['accepted']} "
+        say(
+            f"open inference protocol: ModelInfer({oip['file']}) -> accepted={oip['accepted']} "
             f"label={oip['label']} reasons={oip['reasons'] or '-'}; ModelInfer({oip['rejected_file']}) -> "
-            f"accepted={oip['rejected_accepted']}, class outputs {oip['rejected_outputs']}")
-        return {"records": records, "groups": groups, "open_inference": oip,
-                "model": {"name": info.model.name, "version": info.model.version,
-                          "bundle_hash": info.model.bundle_hash}}
+            f"accepted={oip['rejected_accepted']}, class outputs {oip['rejected_outputs']}"
+        )
+        return {
+            "records": records,
+            "groups": groups,
+            "open_inference": oip,
+            "model": {"name": info.model.name, "version": info.model.version, "bundle_hash": info.model.bundle_hash},
+        }
 
     async def main() -> dict:
         server = GuardServer(config)
@@ -198,8 +230,10 @@ def run(args):
         except RuntimeError as exc:
             await server.stop(grace=0)
             raise CommandError(f"the server could not load the bundle: {exc}") from None
-        say(f"server: gamguard.v1.Guard + inference.GRPCInferenceService on {server.target} "
-            f"(ready in {time.perf_counter() - t_start:.1f} s)")
+        say(
+            f"server: gamguard.v1.Guard + inference.GRPCInferenceService on {server.target} "
+            f"(ready in {time.perf_counter() - t_start:.1f} s)"
+        )
         try:
             result = await asyncio.to_thread(client_session, server.target)
         finally:
@@ -220,9 +254,18 @@ def run(args):
         }
     elapsed = time.perf_counter() - t_start
     if args.json:
-        print(json.dumps({"model": result["model"], "results": [dict(r, group=g) for r, g in zip(records, groups)],
-                          "open_inference": result["open_inference"],
-                          "summary": summary, "overlays": str(overlay_dir), "seconds": round(elapsed, 1)}))
+        print(
+            json.dumps(
+                {
+                    "model": result["model"],
+                    "results": [dict(r, group=g) for r, g in zip(records, groups)],
+                    "open_inference": result["open_inference"],
+                    "summary": summary,
+                    "overlays": str(overlay_dir),
+                    "seconds": round(elapsed, 1),
+                }
+            )
+        )
         return 0
     print()
     # what a reader should expect per row: the phantom's true maturity class, or a refusal
@@ -235,8 +278,10 @@ def run(args):
     print(format_table(records, extra={"group": groups, "truth": expected}))
     print()
     ind, ood, bad = summary["in-distribution"], summary["off-distribution"], summary["malformed"]
-    print(f"in-distribution phantoms accepted: {ind['accepted']}/{ind['n']}   "
-          f"off-distribution images rejected: {ood['rejected']}/{ood['n']}   "
-          f"malformed inputs refused (INVALID_ARGUMENT): {bad['refused']}/{bad['n']}")
+    print(
+        f"in-distribution phantoms accepted: {ind['accepted']}/{ind['n']}   "
+        f"off-distribution images rejected: {ood['rejected']}/{ood['n']}   "
+        f"malformed inputs refused (INVALID_ARGUMENT): {bad['refused']}/{bad['n']}"
+    )
     print(f"heatmap overlays: {overlay_dir}/   audit log: {out_dir / 'audit.jsonl'}   ({elapsed:.1f} s)")
     return 0

@@ -1,4 +1,5 @@
 """`gamguard evaluate`: guard efficacy on real X-rays against published OOD baselines."""
+
 from __future__ import annotations
 
 import json
@@ -22,19 +23,31 @@ example:
 
 
 def add_arguments(parser):
-    parser.add_argument("--preset", default="pneumoniamnist", choices=["pneumoniamnist"],
-                        help="which model/data recipe to build and evaluate (default pneumoniamnist)")
+    parser.add_argument(
+        "--preset",
+        default="pneumoniamnist",
+        choices=["pneumoniamnist"],
+        help="which model/data recipe to build and evaluate (default pneumoniamnist)",
+    )
     parser.add_argument("--data-root", required=True, help="the shared datasets folder")
     parser.add_argument("--workdir", required=True, help="output folder (bundle/, checkpoint.pt, report/)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     parser.add_argument("--alpha", type=float, default=0.05, help="calibrated false-rejection bound")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for training, garbage generation and the calibration split (default 0)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for training (default 1; results are reproducible for a given "
-                             "seed and thread count)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="reuse WORKDIR/bundle and WORKDIR/checkpoint.pt from an earlier run")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for training, garbage generation and the calibration split (default 0)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for training (default 1; results are reproducible for a given seed and thread count)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse WORKDIR/bundle and WORKDIR/checkpoint.pt from an earlier run"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
@@ -46,20 +59,29 @@ def run(args) -> int:
 
     cfg = EvalConfig(epochs=args.epochs, alpha=args.alpha, seed=args.seed, threads=args.threads)
     try:
-        results = evaluate(args.data_root, args.workdir, cfg, reuse=args.reuse,
-                           progress=lambda m: print(f"[evaluate] {m}", file=sys.stderr, flush=True))
+        results = evaluate(
+            args.data_root,
+            args.workdir,
+            cfg,
+            reuse=args.reuse,
+            progress=lambda m: print(f"[evaluate] {m}", file=sys.stderr, flush=True),
+        )
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from exc
     if args.json:
         print(json.dumps(results))
         return 0
     acc = results["accepted_accuracy"]  # None when nothing was accepted
-    print(f"in-distribution false rejection {results['id_false_rejection_rate']:.3f} (alpha {results['alpha']}), "
-          f"accepted accuracy {'n/a' if acc is None else format(acc, '.3f')}")
+    print(
+        f"in-distribution false rejection {results['id_false_rejection_rate']:.3f} (alpha {results['alpha']}), "
+        f"accepted accuracy {'n/a' if acc is None else format(acc, '.3f')}"
+    )
     names = list(results["baselines"])
     print(f"{'set':20s} {'reject':>7s} {'AUROC':>6s} {'FPR95':>6s}  " + "  ".join(f"{b[:14]:>14s}" for b in names))
     for s, r in results["ood"].items():
-        print(f"{s:20s} {r['rejection_rate']:7.3f} {r['auroc']:6.3f} {r['fpr95']:6.3f}  "
-              + "  ".join(f"{results['baselines'][b][s]['auroc']:14.3f}" for b in names))
+        print(
+            f"{s:20s} {r['rejection_rate']:7.3f} {r['auroc']:6.3f} {r['fpr95']:6.3f}  "
+            + "  ".join(f"{results['baselines'][b][s]['auroc']:14.3f}" for b in names)
+        )
     print(f"report: {results['report']}")
     return 0

@@ -1,4 +1,5 @@
 """`gamguard export`: a trained checkpoint → bundle directory with the fused Grad-CAM ONNX model."""
+
 from __future__ import annotations
 
 HELP = "export a checkpoint as a bundle: ONNX model with logits, Grad-CAM map and early features"
@@ -24,20 +25,35 @@ examples:
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="checkpoint file written by `gamguard train`")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="bundle directory to write (created; must hold no foreign files)")
-    parser.add_argument("--opset", type=int, choices=(17, 18), default=18,
-                        help="ONNX opset: 18 (default, torch.export exporter) or 17 (legacy "
-                             "TorchScript exporter, for TensorRT 8.x)")
-    parser.add_argument("--name", default=None, help="model name in the manifest (default: the "
-                                                     "checkpoint's architecture)")
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="checkpoint file written by `gamguard train`"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="bundle directory to write (created; must hold no foreign files)"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        choices=(17, 18),
+        default=18,
+        help="ONNX opset: 18 (default, torch.export exporter) or 17 (legacy TorchScript exporter, for TensorRT 8.x)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="model name in the manifest (default: the checkpoint's architecture)"
+    )
     parser.add_argument("--version", default="1", help="model version in the manifest (default 1)")
-    parser.add_argument("--dynamic-spatial", action="store_true",
-                        help="make input height/width dynamic too (e.g. for benchmarks at 224/512)")
-    parser.add_argument("--early-pool", type=int, default=8, metavar="S",
-                        help="pool early features to SxS inside the graph (0 keeps full size; default 8)")
+    parser.add_argument(
+        "--dynamic-spatial",
+        action="store_true",
+        help="make input height/width dynamic too (e.g. for benchmarks at 224/512)",
+    )
+    parser.add_argument(
+        "--early-pool",
+        type=int,
+        default=8,
+        metavar="S",
+        help="pool early features to SxS inside the graph (0 keeps full size; default 8)",
+    )
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
 
 
@@ -46,7 +62,7 @@ def run(args) -> int:
     import logging
     import sys
 
-    from gamguard.runtime.bundle import InputSpec, BundleError
+    from gamguard.runtime.bundle import BundleError, InputSpec
     from gamguard.runtime.cli import CommandError, require_export_extra
 
     require_export_extra()
@@ -62,12 +78,19 @@ def run(args) -> int:
         raise CommandError(str(exc)) from exc
     if args.early_pool < 0:
         raise CommandError("--early-pool must be 0 (no pooling) or a positive grid size")
-    log.info("exporting %s (%d classes, target %s, early %s) to %s, opset %d",
-             args.checkpoint, len(ckpt["class_names"]), ckpt["target_layer"], ckpt["early_layer"],
-             args.out, args.opset)
+    log.info(
+        "exporting %s (%d classes, target %s, early %s) to %s, opset %d",
+        args.checkpoint,
+        len(ckpt["class_names"]),
+        ckpt["target_layer"],
+        ckpt["early_layer"],
+        args.out,
+        args.opset,
+    )
     try:
         manifest = export_bundle(
-            model, args.out,
+            model,
+            args.out,
             class_names=ckpt["class_names"],
             garbage_class=ckpt["garbage_class"],
             target_layer=ckpt["target_layer"],
@@ -87,13 +110,18 @@ def run(args) -> int:
 
     facts = manifest["export"]
     print(f"ONNX op types ({len(facts['op_types'])}): {', '.join(facts['op_types'])}", file=sys.stderr)
-    print(f"export: {facts['seconds']:.2f} s ({facts['exporter']} exporter, opset {facts['opset']}, "
-          f"head {facts['head_kind']}); total with checks {facts['total_seconds']:.2f} s",
-          file=sys.stderr)
+    print(
+        f"export: {facts['seconds']:.2f} s ({facts['exporter']} exporter, opset {facts['opset']}, "
+        f"head {facts['head_kind']}); total with checks {facts['total_seconds']:.2f} s",
+        file=sys.stderr,
+    )
     parity = facts["parity"]
-    print(f"ONNX Runtime vs torch: logits {parity['logits_max_rel']:.1e} rel, cam "
-          f"{parity['cam_max_abs']:.1e} abs, early {parity['early_max_rel']:.1e} rel "
-          f"(batches {parity['batches']})", file=sys.stderr)
+    print(
+        f"ONNX Runtime vs torch: logits {parity['logits_max_rel']:.1e} rel, cam "
+        f"{parity['cam_max_abs']:.1e} abs, early {parity['early_max_rel']:.1e} rel "
+        f"(batches {parity['batches']})",
+        file=sys.stderr,
+    )
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:

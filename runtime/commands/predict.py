@@ -1,4 +1,5 @@
 """`gamguard predict`: send images to a running gamguard server and print the verdicts."""
+
 HELP = "send images to a gamguard server (gRPC) and print a table of verdicts"
 
 DESCRIPTION = """\
@@ -19,7 +20,9 @@ def add_arguments(parser):
     parser.add_argument("files", nargs="+", metavar="FILE", help="images to verify")
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="address of `gamguard serve`")
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
-    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) that signed the server's (implies --tls)")
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", help="CA certificate (PEM) that signed the server's (implies --tls)"
+    )
     parser.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
     parser.add_argument("--tls-key", metavar="FILE", help="client private key (PEM) for mutual TLS")
     parser.add_argument("--tls-server-name", metavar="NAME", help="expected server name in its certificate")
@@ -45,9 +48,16 @@ def run(args):
     except OSError as exc:
         raise CommandError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
     try:
-        client = GuardClient(args.server, timeout=args.timeout, tls=args.tls, ca_cert=args.tls_ca,
-                             client_cert=args.tls_cert, client_key=args.tls_key,
-                             server_name=args.tls_server_name, token=token)
+        client = GuardClient(
+            args.server,
+            timeout=args.timeout,
+            tls=args.tls,
+            ca_cert=args.tls_ca,
+            client_cert=args.tls_cert,
+            client_key=args.tls_key,
+            server_name=args.tls_server_name,
+            token=token,
+        )
     except (ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
     records, refused = [], 0
@@ -67,8 +77,11 @@ def run(args):
                 verdict = client.verify(data, frame=args.frame, heatmap_values=bool(args.overlays))
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
-                            grpc.StatusCode.UNIMPLEMENTED) and not records:
+                if (
+                    code
+                    in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+                    and not records
+                ):
                     raise CommandError(f"{args.server}: {code.name}: {exc.details()}") from None
                 refused += 1
                 records.append(verdict_record(name, error=exc.details(), code=code.name))
@@ -79,8 +92,14 @@ def run(args):
             if args.overlays:
                 if class_names is None:
                     class_names = list(client.model_info().class_names)
-                out = write_verdict_overlay(Path(args.overlays) / f"{path.stem}.overlay.png", data, verdict,
-                                            class_names, title=path.name, frame=args.frame)
+                out = write_verdict_overlay(
+                    Path(args.overlays) / f"{path.stem}.overlay.png",
+                    data,
+                    verdict,
+                    class_names,
+                    title=path.name,
+                    frame=args.frame,
+                )
                 rec["overlay"] = str(out) if out else None
             records.append(rec)
             if args.json:

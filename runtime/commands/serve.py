@@ -1,4 +1,5 @@
 """`gamguard serve`: the guarded gRPC server (gamguard.v1.Guard + Open Inference Protocol v2)."""
+
 HELP = "serve a bundle over gRPC (gamguard.v1.Guard, Open Inference Protocol v2, health, reflection)"
 
 DESCRIPTION = """\
@@ -74,9 +75,12 @@ def run(args):
         if server.state.load_error:
             await server.stop(grace=0)
             raise CommandError(f"cannot serve the bundle: {server.state.load_error}")
-        print(f"gamguard: serving on {config.bind_host}:{server.port}"
-              + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
-              + (f", health on :{server.health_port}" if server.health_port else ""), flush=True)
+        print(
+            f"gamguard: serving on {config.bind_host}:{server.port}"
+            + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
+            + (f", health on :{server.health_port}" if server.health_port else ""),
+            flush=True,
+        )
         await stop.wait()
         log.info("signal received: draining (grace %.0f s)", config.shutdown_grace_s)
         await server.stop()

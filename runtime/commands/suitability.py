@@ -1,4 +1,5 @@
 """`gamguard suitability`: is the model suitable for a new site's / scanner's images?"""
+
 from __future__ import annotations
 
 HELP = "assess whether the model is suitable for a dataset from a new site or scanner (guard rejection + score shift)"
@@ -29,12 +30,17 @@ def add_arguments(parser):
     parser.add_argument("--data", metavar="DIR", required=True, help="folder of images from the new site/scanner")
     parser.add_argument("--json", action="store_true", help="print the full assessment as one JSON object")
     parser.add_argument("--report", metavar="DIR", help="write an HTML report with figures and overlays")
-    parser.add_argument("--tolerance", type=float, default=0.05,
-                        help="rejection-rate excess over alpha tolerated before 'unsuitable' (default 0.05)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="rejection-rate excess over alpha tolerated before 'unsuitable' (default 0.05)",
+    )
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
     parser.add_argument("--policy", choices=("calibrated", "strict"), help="override the bundle's guard policy")
-    parser.add_argument("--checks", metavar="LIST", help="enforced checks (comma-separated subset of "
-                        "garbage,attention,feature)")
+    parser.add_argument(
+        "--checks", metavar="LIST", help="enforced checks (comma-separated subset of garbage,attention,feature)"
+    )
     parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu")
     parser.add_argument("--threads", type=int, help="engine intra-op threads")
 
@@ -50,13 +56,15 @@ def run(args):
     if not 0 < args.confidence < 1:
         raise CommandError("--confidence must be in (0, 1)")
     try:
-        guard = Guard.from_bundle(args.bundle, providers=args.providers, threads=args.threads,
-                                  policy=args.policy, enforced_checks=args.checks)
+        guard = Guard.from_bundle(
+            args.bundle, providers=args.providers, threads=args.threads, policy=args.policy, enforced_checks=args.checks
+        )
     except (BundleError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from exc
     try:
-        result = suitability(guard, args.data, tolerance=args.tolerance, confidence=args.confidence,
-                             report_dir=args.report)
+        result = suitability(
+            guard, args.data, tolerance=args.tolerance, confidence=args.confidence, report_dir=args.report
+        )
     except ValueError as exc:  # DatasetError: missing folder / no images
         raise CommandError(str(exc)) from exc
     except ImportError as exc:
@@ -68,13 +76,17 @@ def run(args):
     print(f"verdict: {result['verdict'].upper()}")
     for line in result["reasons"]:
         print(f"  - {line}")
-    print(f"rejected {r['count']}/{result['n_scored']} ({(r['rate'] or 0):.1%}, CI {r['ci'][0]:.1%}–{r['ci'][1]:.1%}); "
-          f"calibrated {'' if r['calibrated_rate'] is None else format(r['calibrated_rate'], '.1%')}, "
-          f"bound {r['bound']:.1%}")
+    print(
+        f"rejected {r['count']}/{result['n_scored']} ({(r['rate'] or 0):.1%}, CI {r['ci'][0]:.1%}–{r['ci'][1]:.1%}); "
+        f"calibrated {'' if r['calibrated_rate'] is None else format(r['calibrated_rate'], '.1%')}, "
+        f"bound {r['bound']:.1%}"
+    )
     for check, c in result["per_check"].items():
         cal = "" if c["calibrated_rate"] is None else f"{c['calibrated_rate']:.1%}"
-        print(f"  {check:<10} {'enforced' if c['enforced'] else 'off':<9} {(c['rate'] or 0):6.1%} "
-              f"(CI {c['ci'][0]:.1%}–{c['ci'][1]:.1%}, calibrated {cal})")
+        print(
+            f"  {check:<10} {'enforced' if c['enforced'] else 'off':<9} {(c['rate'] or 0):6.1%} "
+            f"(CI {c['ci'][0]:.1%}–{c['ci'][1]:.1%}, calibrated {cal})"
+        )
     print("score shift (KS vs calibration held-out):")
     for name, s in result["shift"].items():
         if s:
@@ -84,8 +96,10 @@ def run(args):
     if result.get("accuracy"):
         a = result["accuracy"]
         acc = "n/a" if a["accepted_accuracy"] is None else f"{a['accepted_accuracy']:.1%}"
-        print(f"labelled: {a['n_labelled']}, accepted {a['n_accepted']}, accuracy of accepted {acc} "
-              f"(model without the guard: {a['unguarded_accuracy']:.1%})")
+        print(
+            f"labelled: {a['n_labelled']}, accepted {a['n_accepted']}, accuracy of accepted {acc} "
+            f"(model without the guard: {a['unguarded_accuracy']:.1%})"
+        )
     if result.get("report"):
         print(f"report: {result['report']}")
     return 0

@@ -1,4 +1,5 @@
 """`gamguard train`: train the demo classifier (4 maturity classes + garbage) on generated phantoms."""
+
 from __future__ import annotations
 
 HELP = "train the demo classifier (phantom maturity classes + garbage class) into a checkpoint"
@@ -26,17 +27,37 @@ examples:
 def add_arguments(parser):
     parser.add_argument("--out", required=True, metavar="CKPT", help="checkpoint file to write")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20)")
-    parser.add_argument("--per-class", type=int, default=None, metavar="N",
-                        help="phantoms per maturity class per epoch (default 200)")
-    parser.add_argument("--garbage-per-kind", type=int, default=None, metavar="N",
-                        help="images per garbage-training kind per epoch (default 50)")
+    parser.add_argument(
+        "--per-class", type=int, default=None, metavar="N", help="phantoms per maturity class per epoch (default 200)"
+    )
+    parser.add_argument(
+        "--garbage-per-kind",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per garbage-training kind per epoch (default 50)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default 1; one more process generates data); part of what makes a run reproducible")
-    parser.add_argument("--test-per-class", type=int, default=None, metavar="N",
-                        help="held-out phantoms per class for the final report (default 100)")
-    parser.add_argument("--test-garbage-per-kind", type=int, default=None, metavar="N",
-                        help="held-out samples per garbage kind for the final report (default 100)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1; one more process generates data); part of what makes a run reproducible",
+    )
+    parser.add_argument(
+        "--test-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="held-out phantoms per class for the final report (default 100)",
+    )
+    parser.add_argument(
+        "--test-garbage-per-kind",
+        type=int,
+        default=None,
+        metavar="N",
+        help="held-out samples per garbage kind for the final report (default 100)",
+    )
     parser.add_argument("--json", action="store_true", help="print the training report as JSON on stdout")
 
 
@@ -88,26 +109,34 @@ def run(args) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    progress(f"training {config.epochs} epochs, {config.per_class} phantoms/class + "
-             f"{config.garbage_per_kind} garbage/kind per epoch, seed {config.seed}")
+    progress(
+        f"training {config.epochs} epochs, {config.per_class} phantoms/class + "
+        f"{config.garbage_per_kind} garbage/kind per epoch, seed {config.seed}"
+    )
     model, report = training.train(config, progress=progress)
     path = training.save_checkpoint(training.make_checkpoint(model, config, report), out)
 
     test = report["test"]
-    progress(f"held-out phantom accuracy {test['phantom_accuracy']:.3f} "
-             f"(target {report['targets']['phantom_accuracy']:.2f}), "
-             f"garbage-kind samples -> garbage {test['garbage_recall']:.3f} "
-             f"(target {report['targets']['garbage_recall']:.2f}), "
-             f"phantoms -> garbage {test['phantoms_rejected_as_garbage']:.3f}")
+    progress(
+        f"held-out phantom accuracy {test['phantom_accuracy']:.3f} "
+        f"(target {report['targets']['phantom_accuracy']:.2f}), "
+        f"garbage-kind samples -> garbage {test['garbage_recall']:.3f} "
+        f"(target {report['targets']['garbage_recall']:.2f}), "
+        f"phantoms -> garbage {test['phantoms_rejected_as_garbage']:.3f}"
+    )
     if test["held_out_kinds_garbage_rate"]:
-        progress("never-trained kinds -> garbage: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in test["held_out_kinds_garbage_rate"].items()))
+        progress(
+            "never-trained kinds -> garbage: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in test["held_out_kinds_garbage_rate"].items())
+        )
     cm = test["confusion_matrix"]
     progress("confusion matrix (rows true, columns predicted): " + " ".join(cm["labels"]))
     for name, row in zip(cm["labels"], cm["matrix"]):
         progress(f"  {name:>12} " + " ".join(f"{v:5d}" for v in row))
-    progress(f"wrote {path} in {report['seconds']['total']:.0f} s"
-             + ("" if report["targets_met"] else "  (WARNING: held-out targets not met)"))
+    progress(
+        f"wrote {path} in {report['seconds']['total']:.0f} s"
+        + ("" if report["targets_met"] else "  (WARNING: held-out targets not met)")
+    )
     if args.json:
         print(json.dumps({"checkpoint": str(path), **report}, indent=2))
     return 0

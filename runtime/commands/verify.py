@@ -1,4 +1,5 @@
 """`gamguard verify`: run the guarded model over image files, offline."""
+
 from __future__ import annotations
 
 HELP = "verify image files offline: guarded prediction or rejection with reasons, per file"
@@ -32,15 +33,26 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="one JSON object per input per line on stdout")
     parser.add_argument("--overlays", metavar="DIR", help="write heatmap overlays (PNG) into DIR")
     parser.add_argument("--policy", choices=("calibrated", "strict"), help="override the bundle's guard policy")
-    parser.add_argument("--checks", metavar="LIST",
-                        help="enforced checks, comma-separated subset of garbage,attention,feature (or 'all')")
+    parser.add_argument(
+        "--checks",
+        metavar="LIST",
+        help="enforced checks, comma-separated subset of garbage,attention,feature (or 'all')",
+    )
     parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu (default: TensorRT→CUDA→CPU)")
     parser.add_argument("--threads", type=int, help="engine intra-op threads")
-    parser.add_argument("--engine", choices=("auto", "onnxruntime", "tensorrt"), default="auto",
-                        help="engine choice (default auto: native TensorRT plan when usable)")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnxruntime", "tensorrt"),
+        default="auto",
+        help="engine choice (default auto: native TensorRT plan when usable)",
+    )
     parser.add_argument("--fail-on-reject", action="store_true", help="exit 1 when any input is rejected")
-    parser.add_argument("--frame", type=int, metavar="N",
-                        help="frame of multi-frame DICOM inputs to verify (0-based; required for such files)")
+    parser.add_argument(
+        "--frame",
+        type=int,
+        metavar="N",
+        help="frame of multi-frame DICOM inputs to verify (0-based; required for such files)",
+    )
 
 
 def expand_paths(paths) -> list:
@@ -80,8 +92,14 @@ def run(args):
     from gamguard.runtime.guard import Guard
 
     try:
-        guard = Guard.from_bundle(args.bundle, providers=args.providers, threads=args.threads,
-                                  policy=args.policy, enforced_checks=args.checks, prefer=args.engine)
+        guard = Guard.from_bundle(
+            args.bundle,
+            providers=args.providers,
+            threads=args.threads,
+            policy=args.policy,
+            enforced_checks=args.checks,
+            prefer=args.engine,
+        )
     except (BundleError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from exc
     try:
@@ -93,11 +111,13 @@ def run(args):
     overlay_dir = Path(args.overlays) if args.overlays else None
     rejected = 0
     if not args.json:
-        print(f"bundle {guard.bundle_dir} ({guard.bundle_hash[:12]}), policy {guard.policy}, "
-              f"checks {guard.enforced_checks}, alpha {guard.alpha}")
+        print(
+            f"bundle {guard.bundle_dir} ({guard.bundle_hash[:12]}), policy {guard.policy}, "
+            f"checks {guard.enforced_checks}, alpha {guard.alpha}"
+        )
     used_stems: dict[str, int] = {}
     for start in range(0, len(files), BATCH):
-        chunk = files[start:start + BATCH]
+        chunk = files[start : start + BATCH]
         for f, (pixels, v) in zip(chunk, guard.verify_files(chunk, frame=args.frame)):
             rejected += not v.accepted
             name = str(f)
@@ -107,8 +127,9 @@ def run(args):
                 stem = Path(f).stem
                 used_stems[stem] = used_stems.get(stem, 0) + 1
                 suffix = "" if used_stems[stem] == 1 else f"-{used_stems[stem]}"
-                write_overlay(overlay_dir / f"{stem}{suffix}.overlay.png", pixels, v, guard.class_names,
-                              title=Path(f).name)
+                write_overlay(
+                    overlay_dir / f"{stem}{suffix}.overlay.png", pixels, v, guard.class_names, title=Path(f).name
+                )
             if args.json:
                 # to_dict carries no class for a rejected input (label null, no argmax): never a prediction
                 print(json.dumps({"file": name, **v.to_dict()}), flush=True)

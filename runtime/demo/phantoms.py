@@ -57,6 +57,7 @@ unseen kinds of wrong input:
 All generators return float32 ``HxW`` arrays in [0, 1] and are deterministic given the
 ``numpy.random.Generator`` passed in.
 """
+
 from __future__ import annotations
 
 import math
@@ -237,11 +238,20 @@ def hand_phantom(stage: int, rng: np.random.Generator, size: int = 256, *, acqui
     length_k = _uniform(rng, 0.92, 1.08)
     width_k = _uniform(rng, 0.9, 1.1)
 
-    params: dict = dict(stage=stage, class_name=CLASS_NAMES[stage], maturity=round(maturity, 4),
-                        n_carpals=n_carpals, epiphysis_ratio=round(epi_ratio, 4),
-                        physis_gap=None if gap is None else round(gap, 5), carpal_radius=round(carpal_r, 5),
-                        hand_size=round(hand_size, 4), finger_spread=round(spread, 4),
-                        bone_length=round(length_k, 4), bone_width=round(width_k, 4), acquisition=acquisition)
+    params: dict = dict(
+        stage=stage,
+        class_name=CLASS_NAMES[stage],
+        maturity=round(maturity, 4),
+        n_carpals=n_carpals,
+        epiphysis_ratio=round(epi_ratio, 4),
+        physis_gap=None if gap is None else round(gap, 5),
+        carpal_radius=round(carpal_r, 5),
+        hand_size=round(hand_size, 4),
+        finger_spread=round(spread, 4),
+        bone_length=round(length_k, 4),
+        bone_width=round(width_k, 4),
+        acquisition=acquisition,
+    )
 
     # canonical frame -> pixels: hand size about the wrist, then acquisition rotation/scale/shift
     if acquisition:
@@ -265,11 +275,9 @@ def hand_phantom(stage: int, rng: np.random.Generator, size: int = 256, *, acqui
     # --- forearm
     radius_top = np.array([0.585, 0.805])
     ulna_top = np.array([0.418, 0.815])
-    _draw_bone(cv, (0.59, 1.15), radius_top, 0.080 * bw, epi_end="dist", epi_ratio=epi_ratio,
-               gap=gap, angle_deg=0)
+    _draw_bone(cv, (0.59, 1.15), radius_top, 0.080 * bw, epi_end="dist", epi_ratio=epi_ratio, gap=gap, angle_deg=0)
     ulna_epi = "dist" if stage > 0 else None
-    _draw_bone(cv, (0.405, 1.15), ulna_top, 0.056 * bw, epi_end=ulna_epi, epi_ratio=epi_ratio,
-               gap=gap, angle_deg=0)
+    _draw_bone(cv, (0.405, 1.15), ulna_top, 0.056 * bw, epi_end=ulna_epi, epi_ratio=epi_ratio, gap=gap, angle_deg=0)
     cv.poly([(0.33, 1.3), (0.67, 1.3), (0.655, 0.76), (0.345, 0.76)], ("tissue",), 1.0)
 
     # --- carpals, in ossification order
@@ -397,9 +405,17 @@ def _acquire(att: np.ndarray, rng, size: int, acquisition: bool, params: dict, m
     x = margin if corner in (0, 2) else size - margin - tw
     y = margin + tht if corner in (0, 1) else size - margin
     _put_text(img, side, (x, y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, _uniform(rng, 0.85, 1.0), th)
-    params.update(offset=round(offset, 4), gain=round(gain, 4), gamma=round(gamma, 4), blur_px=round(blur, 3),
-                  noise_counts=round(counts, 1), heel=round(heel, 4), collimation=colli, marker=side,
-                  marker_corner=corner)
+    params.update(
+        offset=round(offset, 4),
+        gain=round(gain, 4),
+        gamma=round(gamma, 4),
+        blur_px=round(blur, 3),
+        noise_counts=round(counts, 1),
+        heel=round(heel, 4),
+        collimation=colli,
+        marker=side,
+        marker_corner=corner,
+    )
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
@@ -445,8 +461,11 @@ def _ood_text(rng, size):
         paper, ink = ink, paper
     img = np.full((size, size), paper, np.float32)
     scale = _uniform(rng, 0.3, 0.6) * size / 256
-    font = int(rng.choice([cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_PLAIN, cv2.FONT_HERSHEY_DUPLEX,
-                           cv2.FONT_HERSHEY_COMPLEX]))
+    font = int(
+        rng.choice(
+            [cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_PLAIN, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX]
+        )
+    )
     line_h = max(6, int(24 * scale * (1.4 if font == cv2.FONT_HERSHEY_PLAIN else 1.0)))
     y = int(rng.integers(line_h, 3 * line_h))
     margin = int(rng.integers(4, max(5, size // 8)))
@@ -482,8 +501,14 @@ def _ood_geometric(rng, size):
         else:
             for _ in range(int(rng.integers(3, 20))):
                 c = (int(rng.integers(size)), int(rng.integers(size)))
-                cv2.circle(x, c, int(rng.integers(size // 20, size // 4)), _uniform(rng, 0.3, 1.0),
-                           -1 if rng.random() < 0.6 else max(1, size // 64), cv2.LINE_AA)
+                cv2.circle(
+                    x,
+                    c,
+                    int(rng.integers(size // 20, size // 4)),
+                    _uniform(rng, 0.3, 1.0),
+                    -1 if rng.random() < 0.6 else max(1, size // 64),
+                    cv2.LINE_AA,
+                )
     lo, hi = sorted((_uniform(rng, 0, 0.4), _uniform(rng, 0.6, 1.0)))
     return (lo + (hi - lo) * x).astype(np.float32)
 
@@ -545,15 +570,28 @@ def _ood_chest(rng, size):
     for i in range(n_ribs):
         y = int(S * (0.2 + 0.055 * i))
         for sgn in (-1, 1):
-            cv2.ellipse(bones, (int(S / 2), y), (int(S * 0.38), int(S * 0.09)), 0, 200 if sgn < 0 else -20,
-                        340 if sgn < 0 else 160, 0.5, max(1, S // 80))
+            cv2.ellipse(
+                bones,
+                (int(S / 2), y),
+                (int(S * 0.38), int(S * 0.09)),
+                0,
+                200 if sgn < 0 else -20,
+                340 if sgn < 0 else 160,
+                0.5,
+                max(1, S // 80),
+            )
     for sgn in (-1, 1):  # clavicles
         cv2.line(bones, (S // 2, int(S * 0.17)), (int(S / 2 + sgn * S * 0.33), int(S * 0.12)), 0.7, max(2, S // 40))
     heart = np.zeros((S, S), np.float32)
-    cv2.ellipse(heart, (int(S * 0.55), int(S * 0.66)), (int(S * _uniform(rng, 0.12, 0.18)), int(S * 0.13)), 20, 0, 360,
-                1.0, -1)
-    att = 0.45 * cv2.GaussianBlur(body, (0, 0), 4) - 0.3 * cv2.GaussianBlur(lungs, (0, 0), 3) + 0.25 * bones \
+    cv2.ellipse(
+        heart, (int(S * 0.55), int(S * 0.66)), (int(S * _uniform(rng, 0.12, 0.18)), int(S * 0.13)), 20, 0, 360, 1.0, -1
+    )
+    att = (
+        0.45 * cv2.GaussianBlur(body, (0, 0), 4)
+        - 0.3 * cv2.GaussianBlur(lungs, (0, 0), 3)
+        + 0.25 * bones
         + 0.25 * cv2.GaussianBlur(heart, (0, 0), 3)
+    )
     att = cv2.GaussianBlur(att, (0, 0), 0.8)
     M = cv2.getRotationMatrix2D((S / 2, S / 2), _uniform(rng, -6, 6), _uniform(rng, 0.9, 1.1))
     att = cv2.warpAffine(np.clip(att, 0, 1).astype(np.float32), M, (S, S))
@@ -614,13 +652,20 @@ def _ood_photo(rng, size):
     ground = np.linspace(_uniform(rng, 0.2, 0.5), _uniform(rng, 0.05, 0.35), S - horizon, dtype=np.float32)
     img[horizon:] = ground[:, None]
     if rng.random() < 0.6:  # sun
-        cv2.circle(img, (int(rng.integers(S)), int(rng.integers(horizon // 3 + 1))), int(S * _uniform(rng, 0.04, 0.1)),
-                   1.0, -1, cv2.LINE_AA)
+        cv2.circle(
+            img,
+            (int(rng.integers(S)), int(rng.integers(horizon // 3 + 1))),
+            int(S * _uniform(rng, 0.04, 0.1)),
+            1.0,
+            -1,
+            cv2.LINE_AA,
+        )
     # hills
     xs = np.linspace(0, S, int(rng.integers(4, 9)))
     pts = [(0, horizon)] + [(int(x), int(horizon - rng.integers(0, max(2, S // 5)))) for x in xs] + [(S, horizon)]
-    cv2.fillPoly(img, [np.array(pts + [(S, horizon + 2), (0, horizon + 2)], np.int32)], _uniform(rng, 0.2, 0.5),
-                 cv2.LINE_AA)
+    cv2.fillPoly(
+        img, [np.array(pts + [(S, horizon + 2), (0, horizon + 2)], np.int32)], _uniform(rng, 0.2, 0.5), cv2.LINE_AA
+    )
     # buildings / trees
     for _ in range(int(rng.integers(1, 7))):
         w, h = int(S * _uniform(rng, 0.04, 0.15)), int(S * _uniform(rng, 0.08, 0.35))
@@ -628,8 +673,17 @@ def _ood_photo(rng, size):
         if rng.random() < 0.5:
             cv2.rectangle(img, (x, horizon - h), (x + w, horizon + S // 40), _uniform(rng, 0.05, 0.6), -1)
         else:
-            cv2.ellipse(img, (x + w // 2, horizon - h // 2), (w // 2 + 1, h // 2 + 1), 0, 0, 360,
-                        _uniform(rng, 0.05, 0.4), -1, cv2.LINE_AA)
+            cv2.ellipse(
+                img,
+                (x + w // 2, horizon - h // 2),
+                (w // 2 + 1, h // 2 + 1),
+                0,
+                0,
+                360,
+                _uniform(rng, 0.05, 0.4),
+                -1,
+                cv2.LINE_AA,
+            )
     img = img + 0.08 * (_powerlaw_noise(rng, S, 2.0) - 0.5)
     img = cv2.GaussianBlur(img, (0, 0), _uniform(rng, 0.3, 1.2) * S / 256)
     img = img + 0.015 * rng.standard_normal((S, S), dtype=np.float32)
@@ -708,8 +762,10 @@ def resolve_kinds(kinds) -> list[str]:
         elif k in _OOD:
             out.append(k)
         else:
-            raise ValueError(f"unknown off-distribution kind {k!r}; known: {', '.join(OOD_KINDS)} "
-                             "(or all, all-garbage, all-held-out)")
+            raise ValueError(
+                f"unknown off-distribution kind {k!r}; known: {', '.join(OOD_KINDS)} "
+                "(or all, all-garbage, all-held-out)"
+            )
     return list(dict.fromkeys(out))  # de-duplicated, order kept
 
 

@@ -13,6 +13,7 @@ Images are 16-bit grayscale PNG (``uint16``, full range 0..65535 = [0, 1], MONOC
 (e.g. torchvision's ImageFolder) ignore. The files are identical to :func:`phantoms.phantom_set` /
 :func:`phantoms.ood_set` with the same seed and size, up to 16-bit (or 12-bit) quantisation.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -31,13 +32,28 @@ PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
 FORMATS = ("png", "dicom")
 
 # BodyPartExamined for the DICOM of each generator (empty where no anatomy is depicted).
-_BODY_PART = {"knee": "KNEE", "chest": "CHEST", "cropped_hand": "HAND", "rotated_hand": "HAND",
-              "inverted_hand": "HAND", "noisy_hand": "HAND"}
+_BODY_PART = {
+    "knee": "KNEE",
+    "chest": "CHEST",
+    "cropped_hand": "HAND",
+    "rotated_hand": "HAND",
+    "inverted_hand": "HAND",
+    "noisy_hand": "HAND",
+}
 
 
-def write_dicom(path, image: np.ndarray, *, photometric: str = "MONOCHROME2", bits: int = 12,
-                patient: dict | None = None, body_part: str = "HAND", laterality: str | None = "L",
-                pixel_spacing_mm: float = 0.2, description: str = "gamguard synthetic phantom") -> Path:
+def write_dicom(
+    path,
+    image: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits: int = 12,
+    patient: dict | None = None,
+    body_part: str = "HAND",
+    laterality: str | None = "L",
+    pixel_spacing_mm: float = 0.2,
+    description: str = "gamguard synthetic phantom",
+) -> Path:
     """Write one float [0, 1] MONOCHROME2 image as a DX "For Presentation" DICOM file.
 
     ``bits`` bits stored in 16-bit words, explicit VR little endian. ``RescaleSlope``/``Intercept``
@@ -119,9 +135,19 @@ def write_png16(path, image: np.ndarray) -> Path:
     return path
 
 
-def synth_dataset(out_dir, *, per_class: int, seed: int, size: int = 256, kind=None, fmt: str = "png",
-                  photometric: str = "MONOCHROME2", masks: bool = False, overwrite: bool = False,
-                  progress=None) -> dict:
+def synth_dataset(
+    out_dir,
+    *,
+    per_class: int,
+    seed: int,
+    size: int = 256,
+    kind=None,
+    fmt: str = "png",
+    photometric: str = "MONOCHROME2",
+    masks: bool = False,
+    overwrite: bool = False,
+    progress=None,
+) -> dict:
     """Generate a dataset on disk (layout in the module docstring) and return its summary.
 
     ``kind=None`` writes hand phantoms, ``per_class`` per maturity stage; otherwise ``kind`` (an
@@ -161,8 +187,13 @@ def synth_dataset(out_dir, *, per_class: int, seed: int, size: int = 256, kind=N
         if fmt == "png":
             write_png16(out / rel, image)
         else:
-            write_dicom(out / rel, image, photometric=photometric, body_part=body_part,
-                        laterality="L" if body_part == "HAND" else None)
+            write_dicom(
+                out / rel,
+                image,
+                photometric=photometric,
+                body_part=body_part,
+                laterality="L" if body_part == "HAND" else None,
+            )
 
     if kinds is None:
         for i, ph in enumerate(phantoms.iter_phantoms(per_class, seed, size)):
@@ -221,6 +252,7 @@ def synth_dataset(out_dir, *, per_class: int, seed: int, size: int = 256, kind=N
 
 def stderr_progress(prefix: str = "synth"):
     """A progress callback printing about twenty updates to stderr."""
+
     def report(done: int, total: int) -> None:
         step = max(1, total // 20)
         if done == total or done % step == 0:

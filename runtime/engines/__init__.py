@@ -11,6 +11,7 @@
 Calibration and serving both go through :func:`create_engine`, so the references and thresholds are
 computed with the very engine that serves.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,12 +21,29 @@ from ..bundle import MODEL_FILE, PLAN_FILE, BundleError, read_manifest
 from .base import INPUT_NAME, OUTPUT_NAMES, Engine, EngineError, EngineOutput
 from .onnx import PROVIDER_ALIASES, PROVIDER_CHAIN, OnnxEngine, resolve_providers, session_options
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "PROVIDER_ALIASES", "PROVIDER_CHAIN", "Engine", "EngineError",
-           "EngineOutput", "OnnxEngine", "create_engine", "resolve_providers", "session_options"]
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
+    "PROVIDER_ALIASES",
+    "PROVIDER_CHAIN",
+    "Engine",
+    "EngineError",
+    "EngineOutput",
+    "OnnxEngine",
+    "create_engine",
+    "resolve_providers",
+    "session_options",
+]
 
 
-def create_engine(bundle_dir: str | Path, manifest: dict | None = None, *, prefer: str = "auto",
-                  providers: Sequence[str] | str | None = None, threads: int | None = None) -> Engine:
+def create_engine(
+    bundle_dir: str | Path,
+    manifest: dict | None = None,
+    *,
+    prefer: str = "auto",
+    providers: Sequence[str] | str | None = None,
+    threads: int | None = None,
+) -> Engine:
     """The single factory for engines.
 
     ``prefer``: ``"auto"`` (the native TensorRT plan when the bundle carries one that matches this
@@ -40,8 +58,7 @@ def create_engine(bundle_dir: str | Path, manifest: dict | None = None, *, prefe
     if prefer != "onnxruntime" and (prefer == "tensorrt" or (bundle_dir / PLAN_FILE).is_file()):
         from .tensorrt import select_engine  # imports tensorrt lazily itself; costs nothing on a CPU box
 
-        engine = select_engine(bundle_dir, manifest if manifest is not None else read_manifest(bundle_dir),
-                               prefer)
+        engine = select_engine(bundle_dir, manifest if manifest is not None else read_manifest(bundle_dir), prefer)
         if engine is not None:
             return engine
     model = bundle_dir / MODEL_FILE

@@ -3,6 +3,7 @@
 The tensor names are part of the bundle format (``model.onnx`` and ``model.plan`` alike); the exporter
 writes them and every engine reads them, so they are defined here once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ FRR of exactly ``alpha`` seen on ``n`` images), so a small calibration set does 
 
 Plain numpy; engines are anything with ``run(batch) -> (logits, cam, early)`` fields.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,9 +92,15 @@ def frr_check(accepted: np.ndarray, alpha: float) -> dict:
     return {"n": n, "frr": frr, "alpha": alpha, "bound": bound, "holds": bool(frr <= bound)}
 
 
-def drift_report(reference_engine, candidate_engine, batches: Iterable[np.ndarray], *,
-                 decide: Callable[[np.ndarray, object], np.ndarray] | None = None,
-                 alpha: float | None = None, calibrated_frr: float | None = None) -> dict:
+def drift_report(
+    reference_engine,
+    candidate_engine,
+    batches: Iterable[np.ndarray],
+    *,
+    decide: Callable[[np.ndarray, object], np.ndarray] | None = None,
+    alpha: float | None = None,
+    calibrated_frr: float | None = None,
+) -> dict:
     """Run both engines over ``batches`` (preprocessed ``[N,C,H,W]`` float32 calibration images).
 
     ``decide(batch, engine_output) -> bool[N]`` is the guard's accept decision on one engine's
@@ -132,8 +139,9 @@ def guard_decider(bundle_dir, manifest):
     from ..guard import Guard
 
     policy, key = Guard.settings(manifest)
-    guard = Guard(bundle_dir, manifest, None, CalibrationData.load(bundle_dir, manifest),
-                  policy=policy, enforced_checks=key)
+    guard = Guard(
+        bundle_dir, manifest, None, CalibrationData.load(bundle_dir, manifest), policy=policy, enforced_checks=key
+    )
 
     def decide(batch, out):
         return ~guard.decide_outputs(out)[3].reject

@@ -10,6 +10,7 @@ references and thresholds are computed with the very engine that serves.
 * A native TensorRT engine (``model.plan``) plugs in behind the same :class:`Engine` protocol;
   :func:`create_engine` is the single place that picks one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,6 +33,8 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+
+
 def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     """The provider chain to use: ``requested`` (names or aliases, comma-separated string or list)
     or the default chain, filtered by what onnxruntime offers. CPU is always the last resort."""
@@ -91,8 +94,9 @@ class OnnxEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, *, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self, model_path: str | Path, *, providers: Sequence[str] | str | None = None, threads: int | None = None
+    ):
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -115,16 +119,22 @@ class OnnxEngine:
                 f"{self.model_path}: not a fused gamguard model (inputs {inputs}, outputs {outputs}; "
                 f"expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)})"
             )
-        log.info("engine: onnxruntime %s, providers %s (requested chain %s), threads %s",
-                 ort.__version__, self.providers, chain, threads or "default")
+        log.info(
+            "engine: onnxruntime %s, providers %s (requested chain %s), threads %s",
+            ort.__version__,
+            self.providers,
+            chain,
+            threads or "default",
+        )
 
     def run(self, batch: np.ndarray) -> EngineOutput:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4:
             raise EngineError(f"engine input must be [N, C, H, W], got shape {batch.shape}")
         logits, cam, early = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
-        return EngineOutput(logits=np.asarray(logits, np.float32), cam=np.asarray(cam, np.float32),
-                            early=np.asarray(early, np.float32))
+        return EngineOutput(
+            logits=np.asarray(logits, np.float32), cam=np.asarray(cam, np.float32), early=np.asarray(early, np.float32)
+        )
 
     def run_logits(self, batch: np.ndarray) -> np.ndarray:
         """Logits only (for benchmarks: the unguarded baseline on the same session)."""
@@ -133,5 +143,10 @@ class OnnxEngine:
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return {"engine": self.name, "version": ort.__version__, "providers": list(self.providers),
-                "threads": self.threads, "model": self.model_path.name}
+        return {
+            "engine": self.name,
+            "version": ort.__version__,
+            "providers": list(self.providers),
+            "threads": self.threads,
+            "model": self.model_path.name,
+        }

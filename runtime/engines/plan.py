@@ -21,6 +21,7 @@ The plan's facts go into ``bundle.json`` under ``"tensorrt"``::
 
 ``model.plan`` itself is covered by the manifest's file hashes like every other bundle file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,6 @@ from ..bundle import (
     sha256_file,
     write_manifest,
 )
-
 from .base import INPUT_NAME, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,11 @@ class DeviceTag:
     compute_capability: str  # "major.minor", e.g. "8.7" for Jetson Orin, "9.0" for H100
 
     def to_manifest(self) -> dict:
-        return {"tensorrt_version": self.tensorrt_version, "gpu": self.gpu,
-                "compute_capability": self.compute_capability}
+        return {
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": self.gpu,
+            "compute_capability": self.compute_capability,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,9 @@ class ShapeProfile:
     @classmethod
     def from_manifest(cls, d: dict) -> "ShapeProfile":
         try:
-            return cls(tuple(int(v) for v in d["min"]), tuple(int(v) for v in d["opt"]),
-                       tuple(int(v) for v in d["max"]))
+            return cls(
+                tuple(int(v) for v in d["min"]), tuple(int(v) for v in d["opt"]), tuple(int(v) for v in d["max"])
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"bundle.json: bad tensorrt.profile: {exc}") from exc
 
@@ -98,6 +102,7 @@ class ShapeProfile:
 
 
 # --------------------------------------------------------------------------- pure helpers
+
 
 def parse_batch_range(text: str) -> tuple[int, int, int]:
     """``"MIN:OPT:MAX"`` (or ``"MAX"``, meaning ``1:MAX:MAX``) → validated ``(min, opt, max)``."""
@@ -130,9 +135,13 @@ def parse_spatial_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def make_profile(spec: InputSpec, batch: tuple[int, int, int] = DEFAULT_BATCH, *,
-                 spatial: tuple[int, int] | None = None,
-                 network_input_shape: tuple[int, ...] | None = None) -> ShapeProfile:
+def make_profile(
+    spec: InputSpec,
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    *,
+    spatial: tuple[int, int] | None = None,
+    network_input_shape: tuple[int, ...] | None = None,
+) -> ShapeProfile:
     """The optimisation profile for a bundle's input.
 
     The batch axis is always dynamic (the exporter keeps it so). H and W get a range only when the
@@ -154,8 +163,10 @@ def make_profile(spec: InputSpec, batch: tuple[int, int, int] = DEFAULT_BATCH, *
     spatial_dynamic = network_input_shape is not None and network_input_shape[2] == -1 and network_input_shape[3] == -1
     if spatial is not None:
         if not spatial_dynamic:
-            raise ValueError("--spatial needs a model exported with dynamic height and width; "
-                             f"this bundle's model is fixed at {h}x{w}")
+            raise ValueError(
+                "--spatial needs a model exported with dynamic height and width; "
+                f"this bundle's model is fixed at {h}x{w}"
+            )
         s_lo, s_hi = spatial
         if not (s_lo <= min(h, w) and max(h, w) <= s_hi):
             raise ValueError(f"spatial range {s_lo}:{s_hi} must contain the bundle's input size {h}x{w}")
@@ -173,29 +184,41 @@ def check_plan_compatibility(section: dict | None, device: DeviceTag, onnx_sha25
     capability (e.g. two Ampere boards) is allowed with a warning, as TensorRT allows it.
     """
     if not section:
-        raise PlanMismatch("bundle.json has no 'tensorrt' section: the plan is untagged; rebuild it "
-                           "with `gamguard build-engine` on this device")
-    built = DeviceTag(str(section.get("tensorrt_version")), str(section.get("gpu")),
-                      str(section.get("compute_capability")))
+        raise PlanMismatch(
+            "bundle.json has no 'tensorrt' section: the plan is untagged; rebuild it "
+            "with `gamguard build-engine` on this device"
+        )
+    built = DeviceTag(
+        str(section.get("tensorrt_version")), str(section.get("gpu")), str(section.get("compute_capability"))
+    )
     if built.tensorrt_version != device.tensorrt_version:
         raise PlanMismatch(
             f"model.plan was built with TensorRT {built.tensorrt_version} but this machine has "
-            f"TensorRT {device.tensorrt_version}; rebuild it here with `gamguard build-engine`")
+            f"TensorRT {device.tensorrt_version}; rebuild it here with `gamguard build-engine`"
+        )
     if built.compute_capability != device.compute_capability:
         raise PlanMismatch(
             f"model.plan was built for GPU {built.gpu} (compute capability {built.compute_capability}) "
             f"but this machine has {device.gpu} (compute capability {device.compute_capability}); "
-            "rebuild it here with `gamguard build-engine`")
+            "rebuild it here with `gamguard build-engine`"
+        )
     if onnx_sha256 is not None and section.get("onnx_sha256") != onnx_sha256:
-        raise PlanMismatch("model.plan was built from a different model.onnx than the one in this bundle "
-                           "(stale plan); rebuild it with `gamguard build-engine`")
+        raise PlanMismatch(
+            "model.plan was built from a different model.onnx than the one in this bundle "
+            "(stale plan); rebuild it with `gamguard build-engine`"
+        )
     if built.gpu != device.gpu:
-        log.warning("model.plan was built on %s, serving on %s (same compute capability %s): "
-                    "allowed, but tactics were tuned for the other board", built.gpu, device.gpu,
-                    device.compute_capability)
+        log.warning(
+            "model.plan was built on %s, serving on %s (same compute capability %s): "
+            "allowed, but tactics were tuned for the other board",
+            built.gpu,
+            device.gpu,
+            device.compute_capability,
+        )
 
 
 # --------------------------------------------------------------------------- GPU-side (lazy imports)
+
 
 def require_tensorrt():
     """Import and return the ``tensorrt`` module, or raise :class:`TensorRTUnavailable` with a hint."""
@@ -243,9 +266,16 @@ def current_device_tag(device: int = 0) -> DeviceTag:
     return DeviceTag(str(trt.__version__), name.strip("\x00 ").strip(), f"{props.major}.{props.minor}")
 
 
-def build_plan_bytes(onnx_path: str | Path, spec: InputSpec, *, precision: str = "fp16",
-                     batch: tuple[int, int, int] = DEFAULT_BATCH, spatial: tuple[int, int] | None = None,
-                     workspace_mb: int = 1024, outputs: tuple[str, ...] = OUTPUT_NAMES) -> tuple[bytes, ShapeProfile]:
+def build_plan_bytes(
+    onnx_path: str | Path,
+    spec: InputSpec,
+    *,
+    precision: str = "fp16",
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    spatial: tuple[int, int] | None = None,
+    workspace_mb: int = 1024,
+    outputs: tuple[str, ...] = OUTPUT_NAMES,
+) -> tuple[bytes, ShapeProfile]:
     """Parse the fused ONNX with TensorRT's ONNX parser and build a serialized engine.
 
     ``outputs`` keeps only these graph outputs (TensorRT then prunes every layer they do not need):
@@ -265,8 +295,10 @@ def build_plan_bytes(onnx_path: str | Path, spec: InputSpec, *, precision: str =
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     net_outputs = {network.get_output(i).name for i in range(network.num_outputs)}
     if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= net_outputs:
-        raise BundleError(f"{onnx_path}: expected input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
-                          f"found inputs {sorted(inputs)} and outputs {sorted(net_outputs)}")
+        raise BundleError(
+            f"{onnx_path}: expected input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
+            f"found inputs {sorted(inputs)} and outputs {sorted(net_outputs)}"
+        )
     wanted = tuple(outputs)
     unknown = [n for n in wanted if n not in OUTPUT_NAMES]
     if unknown or not wanted:
@@ -275,8 +307,7 @@ def build_plan_bytes(onnx_path: str | Path, spec: InputSpec, *, precision: str =
         tensor = network.get_output(i)
         if tensor.name not in wanted:
             network.unmark_output(tensor)
-    profile = make_profile(spec, batch, spatial=spatial,
-                           network_input_shape=tuple(inputs[INPUT_NAME].shape))
+    profile = make_profile(spec, batch, spatial=spatial, network_input_shape=tuple(inputs[INPUT_NAME].shape))
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
@@ -295,10 +326,16 @@ def build_plan_bytes(onnx_path: str | Path, spec: InputSpec, *, precision: str =
     return bytes(serialized), profile
 
 
-def build_engine_for_bundle(bundle_dir: str | Path, *, precision: str = "fp16",
-                            batch: tuple[int, int, int] = DEFAULT_BATCH,
-                            spatial: tuple[int, int] | None = None, workspace_mb: int = 1024,
-                            out_dir: str | Path | None = None, device: int = 0) -> dict:
+def build_engine_for_bundle(
+    bundle_dir: str | Path,
+    *,
+    precision: str = "fp16",
+    batch: tuple[int, int, int] = DEFAULT_BATCH,
+    spatial: tuple[int, int] | None = None,
+    workspace_mb: int = 1024,
+    out_dir: str | Path | None = None,
+    device: int = 0,
+) -> dict:
     """Build ``model.plan`` for a bundle on this device and record its tag in ``bundle.json``.
 
     With ``out_dir`` the bundle is copied there first and the source is left untouched (useful when
@@ -313,8 +350,9 @@ def build_engine_for_bundle(bundle_dir: str | Path, *, precision: str = "fp16",
             raise BundleError(f"{target}: output directory exists and is not empty")
         shutil.copytree(src, target, dirs_exist_ok=True)
     spec = InputSpec.from_manifest(manifest["input"])
-    plan, profile = build_plan_bytes(target / MODEL_FILE, spec, precision=precision, batch=batch,
-                                     spatial=spatial, workspace_mb=workspace_mb)
+    plan, profile = build_plan_bytes(
+        target / MODEL_FILE, spec, precision=precision, batch=batch, spatial=spatial, workspace_mb=workspace_mb
+    )
     tmp = target / (PLAN_FILE + ".tmp")
     tmp.write_bytes(plan)
     tmp.replace(target / PLAN_FILE)
@@ -331,9 +369,11 @@ def build_engine_for_bundle(bundle_dir: str | Path, *, precision: str = "fp16",
         # The references are numbers of the engine that calibrated them; say which one that was so
         # the drift check (and the operator) can tell whether a re-calibration is due.
         section["calibrated_with"] = calibration.get("engine", "unknown")
-        log.warning("the bundle was calibrated with engine %r; recalibrate on the TensorRT engine "
-                    "(`gamguard calibrate`) or check the drift (`gamguard build-engine --check-drift`)",
-                    section["calibrated_with"])
+        log.warning(
+            "the bundle was calibrated with engine %r; recalibrate on the TensorRT engine "
+            "(`gamguard calibrate`) or check the drift (`gamguard build-engine --check-drift`)",
+            section["calibrated_with"],
+        )
     manifest = dict(manifest)
     manifest[SECTION] = section
     write_manifest(target, manifest)

@@ -8,6 +8,7 @@ which is what the gRPC server's micro-batching needs.
 module costs nothing on a CPU box; :func:`plan_status` tells without a GPU whether a bundle has a plan
 worth trying, and :func:`select_engine` is the selection rule ``create_engine`` applies.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -49,8 +50,10 @@ def plan_status(bundle_dir: str | Path, manifest: dict) -> tuple[bool, str]:
         return False, "model.plan has no 'tensorrt' tag in bundle.json"
     if section.get("onnx_sha256") != files.get(MODEL_FILE):
         return False, "model.plan was built from another model.onnx (stale)"
-    return True, (f"model.plan ({section.get('precision')}, TensorRT {section.get('tensorrt_version')}, "
-                  f"{section.get('gpu')} sm {section.get('compute_capability')})")
+    return True, (
+        f"model.plan ({section.get('precision')}, TensorRT {section.get('tensorrt_version')}, "
+        f"{section.get('gpu')} sm {section.get('compute_capability')})"
+    )
 
 
 def select_engine(bundle_dir: str | Path, manifest: dict, prefer: str = "auto", *, open_tensorrt=None):
@@ -69,8 +72,7 @@ def select_engine(bundle_dir: str | Path, manifest: dict, prefer: str = "auto", 
     ok, why = plan_status(bundle_dir, manifest)
     if not ok:
         if prefer == "tensorrt":
-            raise PlanMismatch(f"native TensorRT engine requested but {why}; build it with "
-                               "`gamguard build-engine`")
+            raise PlanMismatch(f"native TensorRT engine requested but {why}; build it with `gamguard build-engine`")
         log.info("engine: no native TensorRT plan (%s); using ONNX Runtime", why)
         return None
     opener = open_tensorrt or TensorRTEngine
@@ -109,8 +111,9 @@ class PlanRunner:
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            raise PlanMismatch("TensorRT could not deserialize the plan (built by another TensorRT version "
-                               "or for another GPU?)")
+            raise PlanMismatch(
+                "TensorRT could not deserialize the plan (built by another TensorRT version or for another GPU?)"
+            )
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         if INPUT_NAME not in names:
@@ -136,9 +139,10 @@ class PlanRunner:
         if x.shape[0] == 0:
             raise ValueError("empty batch")
         if not self.profile.admits((min(x.shape[0], self.max_batch), *x.shape[1:])):
-            raise ValueError(f"input shape {x.shape} is outside the plan's profile "
-                             f"{self.profile.min}..{self.profile.max}")
-        parts = [self._run_chunk(x[i:i + self.max_batch]) for i in range(0, x.shape[0], self.max_batch)]
+            raise ValueError(
+                f"input shape {x.shape} is outside the plan's profile {self.profile.min}..{self.profile.max}"
+            )
+        parts = [self._run_chunk(x[i : i + self.max_batch]) for i in range(0, x.shape[0], self.max_batch)]
         if len(parts) == 1:
             return parts[0]
         return {n: np.concatenate([p[n] for p in parts]) for n in self.output_names}
@@ -157,15 +161,21 @@ class PlanRunner:
             self._context.set_input_shape(INPUT_NAME, x.shape)
             host_in = self._host_view(INPUT_NAME, x.shape)
             host_in[...] = x.astype(self._dtypes[INPUT_NAME], copy=False)
-            cuda_check(cudart.cudaMemcpyAsync(self._device_ptrs[INPUT_NAME], self._host_ptrs[INPUT_NAME],
-                                              host_in.nbytes, h2d, self._stream), "cudaMemcpyAsync H2D")
+            cuda_check(
+                cudart.cudaMemcpyAsync(
+                    self._device_ptrs[INPUT_NAME], self._host_ptrs[INPUT_NAME], host_in.nbytes, h2d, self._stream
+                ),
+                "cudaMemcpyAsync H2D",
+            )
             if not self._context.execute_async_v3(int(self._stream)):  # the raw cudaStream_t handle
                 raise RuntimeError("TensorRT execute_async_v3 failed")
             shapes = {n: tuple(self._context.get_tensor_shape(n)) for n in self.output_names}
             for n in self.output_names:
                 nbytes = int(np.prod(shapes[n])) * self._dtypes[n].itemsize
-                cuda_check(cudart.cudaMemcpyAsync(self._host_ptrs[n], self._device_ptrs[n], nbytes, d2h,
-                                                  self._stream), "cudaMemcpyAsync D2H")
+                cuda_check(
+                    cudart.cudaMemcpyAsync(self._host_ptrs[n], self._device_ptrs[n], nbytes, d2h, self._stream),
+                    "cudaMemcpyAsync D2H",
+                )
             cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             # Copy out of the pinned buffers before the lock is released: the next call reuses them.
             return {n: self._host_view(n, shapes[n]).astype(np.float32, copy=True) for n in self.output_names}
@@ -221,8 +231,13 @@ class TensorRTEngine:
         self.profile = self._runner.profile
         self.max_batch = self._runner.max_batch
         self.providers = ["TensorRT (native plan)"]
-        log.info("TensorRT engine ready: %s on %s, profile %s..%s", self.section.get("precision"),
-                 self.device_tag.gpu, self.profile.min, self.profile.max)
+        log.info(
+            "TensorRT engine ready: %s on %s, profile %s..%s",
+            self.section.get("precision"),
+            self.device_tag.gpu,
+            self.profile.min,
+            self.profile.max,
+        )
 
     def run(self, batch: np.ndarray):
         out = self._runner.run(batch)

@@ -12,6 +12,7 @@ Lifecycle (what ``grpc.health.v1.Health`` reports, for the overall server ``""``
    ``drain_delay_s`` so load balancers notice, refuses new calls and lets in-flight ones finish
    within ``shutdown_grace_s``, then drains the batcher.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -162,8 +163,9 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
             metrics.observe_rpc(service, method, "OK")
             return response
 
-        return grpc.unary_unary_rpc_method_handler(counted, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            counted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 def _code_name(code) -> str | None:
@@ -196,8 +198,9 @@ def default_guard_factory(config: ServeConfig) -> Callable[[], object]:
         kwargs = {}
         if config.policy:
             kwargs["policy"] = config.policy
-        return Guard.from_bundle(resolve_bundle(config.bundle), providers=config.providers,
-                                 threads=config.threads, **kwargs)
+        return Guard.from_bundle(
+            resolve_bundle(config.bundle), providers=config.providers, threads=config.threads, **kwargs
+        )
 
     return load
 
@@ -205,8 +208,7 @@ def default_guard_factory(config: ServeConfig) -> Callable[[], object]:
 class GuardServer:
     """One gamguard server. ``guard_factory`` returns a loaded Guard (default: from ``config.bundle``)."""
 
-    def __init__(self, config: ServeConfig, *, guard_factory: Callable[[], object] | None = None,
-                 audit=None):
+    def __init__(self, config: ServeConfig, *, guard_factory: Callable[[], object] | None = None, audit=None):
         self.config = config
         self.guard_factory = guard_factory or default_guard_factory(config)
         self.metrics = Metrics()
@@ -252,8 +254,9 @@ class GuardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("",) + SERVED:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(SERVED + (HEALTH_SERVICE, reflection.SERVICE_NAME), self.server,
-                                            pool=reflection_pool())
+        reflection.enable_server_reflection(
+            SERVED + (HEALTH_SERVICE, reflection.SERVICE_NAME), self.server, pool=reflection_pool()
+        )
         address = f"{cfg.bind_host}:{cfg.port}"
         if cfg.insecure:
             port = self.server.add_insecure_port(address)
@@ -282,10 +285,14 @@ class GuardServer:
             await self.health_server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host or cfg.bind_host)
-        log.info("gRPC listening on %s:%s (%s)%s%s", cfg.bind_host, self.port,
-                 "plaintext" if cfg.insecure else ("mutual TLS" if cfg.tls_client_ca else "TLS"),
-                 f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
-                 f", plaintext health on :{self.health_port}" if self.health_port else "")
+        log.info(
+            "gRPC listening on %s:%s (%s)%s%s",
+            cfg.bind_host,
+            self.port,
+            "plaintext" if cfg.insecure else ("mutual TLS" if cfg.tls_client_ca else "TLS"),
+            f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
+            f", plaintext health on :{self.health_port}" if self.health_port else "",
+        )
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="gamguard-load")
         return self.port
 
@@ -294,10 +301,18 @@ class GuardServer:
             guard = await asyncio.get_running_loop().run_in_executor(None, self.guard_factory)
             self.state.expected_model_name = str(guard.manifest.get("model", {}).get("name", ""))
             cfg = self.config
-            plane = DataPlane(guard, DataPlaneConfig(
-                max_batch_size=cfg.max_batch_size, max_queue_delay_ms=cfg.max_queue_delay_ms,
-                max_queue_size=cfg.max_queue_size, max_pixels=cfg.max_pixels, decode_workers=cfg.decode_workers,
-            ), metrics=self.metrics, audit=self.audit)
+            plane = DataPlane(
+                guard,
+                DataPlaneConfig(
+                    max_batch_size=cfg.max_batch_size,
+                    max_queue_delay_ms=cfg.max_queue_delay_ms,
+                    max_queue_size=cfg.max_queue_size,
+                    max_pixels=cfg.max_pixels,
+                    decode_workers=cfg.decode_workers,
+                ),
+                metrics=self.metrics,
+                audit=self.audit,
+            )
             await plane.start()
             try:
                 await plane.self_test()
@@ -313,8 +328,9 @@ class GuardServer:
         self.metrics.ready.set(1)
         for name in ("",) + SERVED:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving model %s version %s (bundle %s…)", plane.model_name, plane.model_version,
-                 plane.bundle_hash[:12])
+        log.info(
+            "serving model %s version %s (bundle %s…)", plane.model_name, plane.model_version, plane.bundle_hash[:12]
+        )
         self.ready.set()
 
     async def wait_ready(self, timeout: float | None = None) -> None:

@@ -10,6 +10,7 @@ facts — the DICOM dataset itself never reaches this module, so patient name, I
 any other PHI cannot end up here. The SOP Instance UID identifies an image instance (needed to trace
 a verdict back to the PACS) and is the only DICOM identifier written.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,36 +53,41 @@ class AuditLog:
 
     def record_verdict(self, result, *, protocol: str, model: str, version: str, bundle_hash: str) -> None:
         v = result.verdict
-        self._write({
-            "time": self._now(),
-            "request_id": result.request_id,
-            "protocol": protocol,
-            "model": model,
-            "version": version,
-            "bundle_hash": bundle_hash,
-            "decision": "accepted" if v.accepted else "rejected",
-            "reasons": list(v.reasons or []),
-            "failed_measures": list(v.failed_measures or []),
-            "scores": {str(k): _finite(s) for k, s in (v.scores or {}).items()},
-            "label": v.label if v.accepted else None,
-            "input_format": result.input_format,
-            "sop_instance_uid": result.sop_instance_uid,
-            "total_ms": round(float(result.total_ms), 3),
-        })
+        self._write(
+            {
+                "time": self._now(),
+                "request_id": result.request_id,
+                "protocol": protocol,
+                "model": model,
+                "version": version,
+                "bundle_hash": bundle_hash,
+                "decision": "accepted" if v.accepted else "rejected",
+                "reasons": list(v.reasons or []),
+                "failed_measures": list(v.failed_measures or []),
+                "scores": {str(k): _finite(s) for k, s in (v.scores or {}).items()},
+                "label": v.label if v.accepted else None,
+                "input_format": result.input_format,
+                "sop_instance_uid": result.sop_instance_uid,
+                "total_ms": round(float(result.total_ms), 3),
+            }
+        )
 
-    def record_invalid(self, request_id: str, *, protocol: str, model: str, version: str, bundle_hash: str,
-                       detail: str) -> None:
-        self._write({
-            "time": self._now(),
-            "request_id": request_id,
-            "protocol": protocol,
-            "model": model,
-            "version": version,
-            "bundle_hash": bundle_hash,
-            "decision": "invalid",
-            "reasons": ["INVALID_INPUT"],
-            "detail": detail[:500],
-        })
+    def record_invalid(
+        self, request_id: str, *, protocol: str, model: str, version: str, bundle_hash: str, detail: str
+    ) -> None:
+        self._write(
+            {
+                "time": self._now(),
+                "request_id": request_id,
+                "protocol": protocol,
+                "model": model,
+                "version": version,
+                "bundle_hash": bundle_hash,
+                "decision": "invalid",
+                "reasons": ["INVALID_INPUT"],
+                "detail": detail[:500],
+            }
+        )
 
     def reopen(self) -> None:
         """Close and reopen the file (after logrotate moved it; ``gamguard serve`` does this on SIGHUP)."""

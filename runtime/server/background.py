@@ -8,6 +8,7 @@ driven from ordinary synchronous code (benchmarks, notebooks, tests)::
         print(srv.target)            # "127.0.0.1:PORT", SERVING once the with-block starts
         ...                          # any gRPC client (GuardClient, tritonclient.grpc, grpcurl)
 """
+
 from __future__ import annotations
 
 import asyncio

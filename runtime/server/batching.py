@@ -10,6 +10,7 @@ dropped (:class:`DeadlineExpired`) before the engine call.
 The batcher knows nothing of the guard or of any transport: :class:`~gamguard.runtime.server.dataplane.DataPlane`
 gives it the guard call and tells it how many requests are on their way.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,11 +54,19 @@ class MicroBatcher:
     (``expected() <= 1``) never waits.
     """
 
-    def __init__(self, run_batch: Callable[[np.ndarray], Sequence], *, max_batch_size: int = 8,
-                 max_queue_delay_s: float = 0.005, max_queue_size: int = 64,
-                 executor: concurrent.futures.Executor | None = None,
-                 on_batch: Callable[[int], None] | None = None, on_depth: Callable[[int], None] | None = None,
-                 arriving: Callable[[], int] | None = None, expected: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], Sequence],
+        *,
+        max_batch_size: int = 8,
+        max_queue_delay_s: float = 0.005,
+        max_queue_size: int = 64,
+        executor: concurrent.futures.Executor | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+        arriving: Callable[[], int] | None = None,
+        expected: Callable[[], int] | None = None,
+    ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_queue_size < 1:

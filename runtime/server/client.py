@@ -8,6 +8,7 @@
 TLS: ``GuardClient(target, tls=True, ca_cert="ca.pem")``; mutual TLS adds ``client_cert`` and
 ``client_key``; a bearer token goes in ``token``. Verdicts are ``gamguard.v1.Verdict`` messages.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,20 +26,32 @@ def read_optional(path) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def make_channel(target: str, *, tls: bool = False, ca_cert=None, client_cert=None, client_key=None,
-                 server_name: str | None = None, token: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.Channel:
+def make_channel(
+    target: str,
+    *,
+    tls: bool = False,
+    ca_cert=None,
+    client_cert=None,
+    client_key=None,
+    server_name: str | None = None,
+    token: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> grpc.Channel:
     """A channel to ``target``; TLS when ``tls`` or any certificate is given."""
-    options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     if tls or ca_cert or client_cert:
         if bool(client_cert) != bool(client_key):
             raise ValueError("mutual TLS needs both a client certificate and its key")
-        creds = grpc.ssl_channel_credentials(root_certificates=read_optional(ca_cert),
-                                             private_key=read_optional(client_key),
-                                             certificate_chain=read_optional(client_cert))
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=read_optional(ca_cert),
+            private_key=read_optional(client_key),
+            certificate_chain=read_optional(client_cert),
+        )
         if token:
             creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
         return grpc.secure_channel(target, creds, options=options)
@@ -90,8 +103,15 @@ class GuardClient:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     @staticmethod
-    def request(data: bytes | None = None, *, tensor: guard_pb2.Tensor | None = None, frame: int | None = None,
-                request_id: str = "", heatmap_png: bool = False, heatmap_values: bool = False) -> guard_pb2.VerifyRequest:
+    def request(
+        data: bytes | None = None,
+        *,
+        tensor: guard_pb2.Tensor | None = None,
+        frame: int | None = None,
+        request_id: str = "",
+        heatmap_png: bool = False,
+        heatmap_values: bool = False,
+    ) -> guard_pb2.VerifyRequest:
         req = guard_pb2.VerifyRequest(request_id=request_id, heatmap_png=heatmap_png, heatmap_values=heatmap_values)
         if tensor is not None:
             req.tensor.CopyFrom(tensor)
@@ -105,8 +125,9 @@ class GuardClient:
         timeout = kw.pop("timeout", self.timeout)
         return self.stub.Verify(self.request(data, **kw), timeout=timeout)
 
-    def verify_stream(self, requests: Iterable[guard_pb2.VerifyRequest], timeout: float | None = None
-                      ) -> Iterator[guard_pb2.Verdict]:
+    def verify_stream(
+        self, requests: Iterable[guard_pb2.VerifyRequest], timeout: float | None = None
+    ) -> Iterator[guard_pb2.Verdict]:
         return self.stub.VerifyStream(iter(requests), timeout=timeout or self.timeout)
 
     def model_info(self) -> guard_pb2.ModelInfo:
@@ -119,12 +140,20 @@ class GuardClient:
 KEY_SCORES = ("garbage_prob", "attention.p", "feature.p", "combined_p")
 
 
-def verdict_record(name: str, verdict: guard_pb2.Verdict | None = None, *, error: str | None = None,
-                   code: str | None = None) -> dict:
+def verdict_record(
+    name: str, verdict: guard_pb2.Verdict | None = None, *, error: str | None = None, code: str | None = None
+) -> dict:
     """One JSON-serialisable row: what `gamguard predict --json` prints per file."""
     if verdict is None:
-        return {"file": name, "accepted": False, "label": None, "reasons": ["INVALID_INPUT"] if
-                code == "INVALID_ARGUMENT" else [], "scores": {}, "error": error, "status": code}
+        return {
+            "file": name,
+            "accepted": False,
+            "label": None,
+            "reasons": ["INVALID_INPUT"] if code == "INVALID_ARGUMENT" else [],
+            "scores": {},
+            "error": error,
+            "status": code,
+        }
     rec = {
         "file": name,
         "accepted": bool(verdict.accepted),
@@ -136,9 +165,13 @@ def verdict_record(name: str, verdict: guard_pb2.Verdict | None = None, *, error
         "request_id": verdict.request_id,
         "bundle_hash": verdict.model.bundle_hash,
         "input_format": verdict.input_format,
-        "timing_ms": {"decode": round(verdict.timing.decode_ms, 2), "queue": round(verdict.timing.queue_ms, 2),
-                      "engine": round(verdict.timing.engine_ms, 2), "guard": round(verdict.timing.guard_ms, 2),
-                      "total": round(verdict.timing.total_ms, 2)},
+        "timing_ms": {
+            "decode": round(verdict.timing.decode_ms, 2),
+            "queue": round(verdict.timing.queue_ms, 2),
+            "engine": round(verdict.timing.engine_ms, 2),
+            "guard": round(verdict.timing.guard_ms, 2),
+            "total": round(verdict.timing.total_ms, 2),
+        },
         "batch_size": verdict.timing.batch_size,
     }
     if verdict.accepted:
@@ -169,16 +202,29 @@ def format_table(records: list[dict], *, extra: dict[str, list[str]] | None = No
         row = [r["file"]]
         if extra:
             row += [col[i] for col in extra.values()]
-        row += [decision, r.get("label") or "-", reasons, num("garbage_prob"), num("combined_p"),
-                f"{r['timing_ms']['total']:.0f}" if r.get("timing_ms") else "-"]
+        row += [
+            decision,
+            r.get("label") or "-",
+            reasons,
+            num("garbage_prob"),
+            num("combined_p"),
+            f"{r['timing_ms']['total']:.0f}" if r.get("timing_ms") else "-",
+        ]
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def write_verdict_overlay(path, image_bytes: bytes, verdict: guard_pb2.Verdict, class_names: list[str],
-                          *, title: str = "", frame: int | None = None):
+def write_verdict_overlay(
+    path,
+    image_bytes: bytes,
+    verdict: guard_pb2.Verdict,
+    class_names: list[str],
+    *,
+    title: str = "",
+    frame: int | None = None,
+):
     """Heatmap overlay PNG for a served verdict (needs the verdict's heatmap values).
 
     Decodes the input locally (same decoder as the server) and draws it with
@@ -197,12 +243,21 @@ def write_verdict_overlay(path, image_bytes: bytes, verdict: guard_pb2.Verdict, 
         return None
     h, w = verdict.heatmap.height, verdict.heatmap.width
     cam = np.asarray(verdict.heatmap.values, np.float32).reshape(h, w) if len(verdict.heatmap.values) else None
-    ref = (np.asarray(verdict.heatmap.reference_values, np.float32).reshape(h, w)
-           if len(verdict.heatmap.reference_values) else None)
+    ref = (
+        np.asarray(verdict.heatmap.reference_values, np.float32).reshape(h, w)
+        if len(verdict.heatmap.reference_values)
+        else None
+    )
     # Class indices only for accepted inputs: the server never names a class for a rejected one.
     index = verdict.prediction.index if verdict.accepted else None
     shown = SimpleNamespace(
-        accepted=verdict.accepted, label=verdict.prediction.label if verdict.accepted else None,
-        reasons=list(verdict.reasons), failed_measures=list(verdict.failed_measures), cam=cam,
-        reference_cam=ref, predicted_index=index, reference_index=index)
+        accepted=verdict.accepted,
+        label=verdict.prediction.label if verdict.accepted else None,
+        reasons=list(verdict.reasons),
+        failed_measures=list(verdict.failed_measures),
+        cam=cam,
+        reference_cam=ref,
+        predicted_index=index,
+        reference_index=index,
+    )
     return write_overlay(path, image, shown, class_names, title=title)

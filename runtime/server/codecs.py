@@ -4,6 +4,7 @@ checked before reshaping) and Grad-CAM maps → PNG.
 Numeric tensors arrive little-endian (both protocols say so); they stay read-only little-endian views
 of the request's bytes here, because ``decode_tensor`` converts to native order and copies anyway.
 """
+
 from __future__ import annotations
 
 import struct
@@ -39,8 +40,7 @@ def tensor_to_array(t: guard_pb2.Tensor) -> np.ndarray:
     itemsize = np.dtype(dtype).itemsize
     expected = int(np.prod(shape, dtype=np.int64)) * itemsize
     if expected != len(t.data):
-        raise InvalidRequest(f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {t.dtype} "
-                             f"needs {expected}")
+        raise InvalidRequest(f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {t.dtype} needs {expected}")
     return little_endian_view(t.data, dtype, shape)
 
 
@@ -54,7 +54,7 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
         pos += 4
         if pos + length > n:
             raise InvalidRequest("malformed BYTES tensor: element longer than the data")
-        out.append(raw[pos:pos + length])
+        out.append(raw[pos : pos + length])
         pos += length
     return out
 

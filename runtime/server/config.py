@@ -15,6 +15,7 @@ Config file keys are the long flag names, with dashes or underscores::
     max-queue-delay-ms: 5
     audit-log: /var/log/gamguard/audit.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,11 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and not (0 <= int(value) <= 65535):
                 raise ConfigError(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
-        if self.health_port is not None and self.health_port != 0 and self.health_port in (self.port, self.metrics_port):
+        if (
+            self.health_port is not None
+            and self.health_port != 0
+            and self.health_port in (self.port, self.metrics_port)
+        ):
             raise ConfigError("--health-port must differ from --port and --metrics-port")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ConfigError("--max-batch-size and --max-queue-size must be >= 1")
@@ -104,12 +109,19 @@ _FLAGS = (
     ("--tls-cert", str, "server certificate chain (PEM)"),
     ("--tls-key", str, "server private key (PEM)"),
     ("--tls-client-ca", str, "CA bundle (PEM) for mutual TLS: clients must present a certificate it signed"),
-    ("--auth-token-file", str, "file holding a bearer token; clients must send 'authorization: Bearer TOKEN' "
-                               "(health checks are exempt)"),
+    (
+        "--auth-token-file",
+        str,
+        "file holding a bearer token; clients must send 'authorization: Bearer TOKEN' (health checks are exempt)",
+    ),
     ("--metrics-port", int, "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"),
     ("--metrics-host", str, "address for the metrics endpoint (default: same as --host)"),
-    ("--health-port", int, "also serve grpc.health.v1.Health alone, in plaintext, on this port (for probes that "
-                           "cannot speak TLS, e.g. kubelet's gRPC probes; default: off)"),
+    (
+        "--health-port",
+        int,
+        "also serve grpc.health.v1.Health alone, in plaintext, on this port (for probes that "
+        "cannot speak TLS, e.g. kubelet's gRPC probes; default: off)",
+    ),
     ("--health-host", str, "address for --health-port (default: same as --host)"),
     ("--max-batch-size", int, "most requests sharing one engine call (default 8)"),
     ("--max-queue-delay-ms", float, "longest a request waits for others to fill a batch (default 5)"),
@@ -127,12 +139,26 @@ _FLAGS = (
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file with any of these options "
-                        "(keys are flag names; flags given on the command line win)")
-    parser.add_argument("--insecure", action="store_true", default=None,
-                        help="plaintext gRPC (no TLS); binds 127.0.0.1 unless --host is given")
-    metavars = {"--bundle": "DIR", "--host": "HOST", "--metrics-host": "HOST", "--health-host": "HOST", "--providers": "LIST",
-                "--policy": "NAME", "--audit-log": "FILE"}
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file with any of these options (keys are flag names; flags given on the command line win)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plaintext gRPC (no TLS); binds 127.0.0.1 unless --host is given",
+    )
+    metavars = {
+        "--bundle": "DIR",
+        "--host": "HOST",
+        "--metrics-host": "HOST",
+        "--health-host": "HOST",
+        "--providers": "LIST",
+        "--policy": "NAME",
+        "--audit-log": "FILE",
+    }
     for flag, typ, help_text in _FLAGS:
         metavar = metavars.get(flag) or ("FILE" if typ is str else flag.lstrip("-").split("-")[-1].upper())
         parser.add_argument(flag, type=typ, default=None, help=help_text, metavar=metavar)
@@ -165,8 +191,10 @@ def load_config_file(path: str | Path) -> dict:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise ConfigError(f"--config: {p}: unknown option {key!r} (known: "
-                              f"{', '.join(sorted(k.replace('_', '-') for k in known))})")
+            raise ConfigError(
+                f"--config: {p}: unknown option {key!r} (known: "
+                f"{', '.join(sorted(k.replace('_', '-') for k in known))})"
+            )
         out[name] = value
     return out
 
@@ -186,8 +214,17 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             v = getattr(cfg, f.name)
             if v is None:
                 continue
-            if f.name in ("port", "metrics_port", "health_port", "max_batch_size", "max_queue_size", "max_message_mb",
-                          "max_pixels", "decode_workers", "threads"):
+            if f.name in (
+                "port",
+                "metrics_port",
+                "health_port",
+                "max_batch_size",
+                "max_queue_size",
+                "max_message_mb",
+                "max_pixels",
+                "decode_workers",
+                "threads",
+            ):
                 setattr(cfg, f.name, int(v))
             elif f.name in ("max_queue_delay_ms", "shutdown_grace_s", "drain_delay_s"):
                 setattr(cfg, f.name, float(v))

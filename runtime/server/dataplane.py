@@ -14,6 +14,7 @@ instead of paying the delay for company that is not coming.
 Fail closed: whatever goes wrong after decoding (an exception escaping the guard, a wrong number of
 verdicts) turns into rejections with reason ``GUARD_ERROR`` — never into a label.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -123,8 +124,10 @@ def run_guard_batch(guard, batch: np.ndarray) -> list:
     if len(verdicts) != n:
         log.error("guard returned %d verdicts for %d inputs; rejecting the batch", len(verdicts), n)
         return guard_error_verdicts(n, f"guard returned {len(verdicts)} verdicts for {n} inputs")
-    return [v if _is_sane_verdict(v) else guard_error_verdicts(1, "inconsistent verdict from the guard")[0]
-            for v in verdicts]
+    return [
+        v if _is_sane_verdict(v) else guard_error_verdicts(1, "inconsistent verdict from the guard")[0]
+        for v in verdicts
+    ]
 
 
 # ------------------------------------------------------------------------------------- data plane
@@ -146,7 +149,8 @@ class DataPlane:
         self.metrics = metrics
         self.audit = audit
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
-            max(1, int(self.config.decode_workers)), thread_name_prefix="gamguard-decode")
+            max(1, int(self.config.decode_workers)), thread_name_prefix="gamguard-decode"
+        )
         self.batcher = MicroBatcher(
             lambda xs: run_guard_batch(self.guard, xs),
             max_batch_size=self.config.max_batch_size,
@@ -204,7 +208,7 @@ class DataPlane:
         from gamguard.runtime.preprocess import preprocess
 
         spec = self.guard.spec
-        yy, xx = np.mgrid[0:spec.height, 0:spec.width].astype(np.float32)
+        yy, xx = np.mgrid[0 : spec.height, 0 : spec.width].astype(np.float32)
         image = (0.25 + 0.5 * (xx + yy) / float(spec.height + spec.width)).astype(np.float32)
         x = preprocess(image, spec)[None]
         loop = asyncio.get_running_loop()
@@ -213,10 +217,14 @@ class DataPlane:
         if "GUARD_ERROR" in v.reasons:
             raise RuntimeError(f"self-test inference failed: {v.detail or 'GUARD_ERROR'}")
         if v.cam is None or tuple(np.shape(v.cam)) != (spec.height, spec.width):
-            raise RuntimeError(f"self-test: Grad-CAM map has shape {np.shape(v.cam)}, expected "
-                               f"{(spec.height, spec.width)}")
-        log.info("self-test passed (%s, %.1f ms)", "accepted" if v.accepted else "rejected: " + ",".join(v.reasons),
-                 sum((v.timings_ms or {}).values()))
+            raise RuntimeError(
+                f"self-test: Grad-CAM map has shape {np.shape(v.cam)}, expected {(spec.height, spec.width)}"
+            )
+        log.info(
+            "self-test passed (%s, %.1f ms)",
+            "accepted" if v.accepted else "rejected: " + ",".join(v.reasons),
+            sum((v.timings_ms or {}).values()),
+        )
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -239,9 +247,16 @@ class DataPlane:
             raise InvalidRequest(f"cannot decode the input: {type(exc).__name__}: {exc}") from None
         return decoded, x, (time.perf_counter() - t0) * 1000.0
 
-    async def verify(self, *, data: bytes | None = None, array: np.ndarray | None = None,
-                     frame: int | None = None, request_id: str | None = None,
-                     timeout_s: float | None = None, protocol: str = "guard") -> Result:
+    async def verify(
+        self,
+        *,
+        data: bytes | None = None,
+        array: np.ndarray | None = None,
+        frame: int | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        protocol: str = "guard",
+    ) -> Result:
         """Verify one input (encoded ``data`` or a numeric ``array``). Raises a
         :class:`~gamguard.runtime.server.errors.DataPlaneError`."""
         if (data is None) == (array is None):
@@ -272,29 +287,42 @@ class DataPlane:
         try:
             # inline only for a request alone in the data plane: under concurrency the pool decodes
             # in parallel with the engine while the event loop keeps taking requests in
-            if self._active <= 1 and small_enough_to_decode_inline(data, array,
-                                                                   self.config.inline_decode_max_pixels):
+            if self._active <= 1 and small_enough_to_decode_inline(data, array, self.config.inline_decode_max_pixels):
                 decoded, x, decode_ms = self._decode(data, array, frame)
             else:
                 self._decoding += 1
                 try:
-                    decoded, x, decode_ms = await loop.run_in_executor(self._decode_pool, self._decode, data,
-                                                                       array, frame)
+                    decoded, x, decode_ms = await loop.run_in_executor(
+                        self._decode_pool, self._decode, data, array, frame
+                    )
                 finally:
                     self._decoding -= 1
             verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
         except InvalidRequest as exc:
             self.record_invalid(request_id, protocol, str(exc))
             raise
-        result = Result(verdict=verdict, request_id=request_id, input_format=decoded.format,
-                        bit_depth=int(decoded.bit_depth), sop_instance_uid=decoded.sop_instance_uid,
-                        decode_ms=decode_ms, queue_ms=queued_s * 1000.0,
-                        total_ms=(time.perf_counter() - t0) * 1000.0, batch_size=batch_size)
+        result = Result(
+            verdict=verdict,
+            request_id=request_id,
+            input_format=decoded.format,
+            bit_depth=int(decoded.bit_depth),
+            sop_instance_uid=decoded.sop_instance_uid,
+            decode_ms=decode_ms,
+            queue_ms=queued_s * 1000.0,
+            total_ms=(time.perf_counter() - t0) * 1000.0,
+            batch_size=batch_size,
+        )
         self._record(result, protocol)
         return result
 
-    async def verify_many(self, inputs: Sequence[dict], *, timeout_s: float | None = None,
-                          protocol: str = "inference", request_id: str | None = None) -> list[Result]:
+    async def verify_many(
+        self,
+        inputs: Sequence[dict],
+        *,
+        timeout_s: float | None = None,
+        protocol: str = "inference",
+        request_id: str | None = None,
+    ) -> list[Result]:
         """Several inputs of one request (e.g. an OIP batch), verified concurrently so they batch.
 
         Any invalid input fails the whole request (:class:`InvalidRequest` naming the item).
@@ -324,8 +352,13 @@ class DataPlane:
         if self.metrics is not None:
             self.metrics.observe_result(result)
         if self.audit is not None:
-            self.audit.record_verdict(result, protocol=protocol, model=self.model_name,
-                                      version=self.model_version, bundle_hash=self.bundle_hash)
+            self.audit.record_verdict(
+                result,
+                protocol=protocol,
+                model=self.model_name,
+                version=self.model_version,
+                bundle_hash=self.bundle_hash,
+            )
 
     def record_invalid(self, request_id: str, protocol: str, message: str) -> None:
         """Count and audit one invalid input; also called by the protocol adapters for inputs they
@@ -333,5 +366,11 @@ class DataPlane:
         if self.metrics is not None:
             self.metrics.observe_invalid()
         if self.audit is not None:
-            self.audit.record_invalid(request_id, protocol=protocol, model=self.model_name,
-                                      version=self.model_version, bundle_hash=self.bundle_hash, detail=message)
+            self.audit.record_invalid(
+                request_id,
+                protocol=protocol,
+                model=self.model_name,
+                version=self.model_version,
+                bundle_hash=self.bundle_hash,
+                detail=message,
+            )

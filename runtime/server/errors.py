@@ -3,6 +3,7 @@ code by every protocol adapter (for gRPC: :mod:`gamguard.runtime.server.status`)
 
 Nothing here knows about a transport, so the data plane and the batcher raise them freely.
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ Status codes: bad input → INVALID_ARGUMENT; queue full → RESOURCE_EXHAUSTED;
 draining → UNAVAILABLE; deadline passed while queued → DEADLINE_EXCEEDED. In ``VerifyStream`` a bad
 image does not end the stream: its verdict is a rejection with reason INVALID_INPUT.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,9 @@ def _model_ref(plane) -> guard_pb2.ModelRef:
     return ref
 
 
-def verdict_message(res: Result, plane, *, heatmap_png_wanted: bool = False,
-                    heatmap_values_wanted: bool = False) -> guard_pb2.Verdict:
+def verdict_message(
+    res: Result, plane, *, heatmap_png_wanted: bool = False, heatmap_values_wanted: bool = False
+) -> guard_pb2.Verdict:
     # Built in one constructor call (maps from dicts, sub-messages from kwargs): field-by-field
     # assignment costs a Python -> upb round trip per field, on the event loop, for every request.
     v = res.verdict
@@ -65,9 +67,14 @@ def verdict_message(res: Result, plane, *, heatmap_png_wanted: bool = False,
         scores={str(k): float(s) for k, s in (v.scores or {}).items()},
         thresholds={str(k): float(s) for k, s in (v.thresholds or {}).items()},
         timing=guard_pb2.Timing(
-            decode_ms=res.decode_ms, queue_ms=res.queue_ms, engine_ms=float(stages.get("engine", 0.0)),
-            guard_ms=float(stages.get("guard", 0.0)), total_ms=res.total_ms, batch_size=int(res.batch_size),
-            stages_ms={k: float(ms) for k, ms in stages.items()}),
+            decode_ms=res.decode_ms,
+            queue_ms=res.queue_ms,
+            engine_ms=float(stages.get("engine", 0.0)),
+            guard_ms=float(stages.get("guard", 0.0)),
+            total_ms=res.total_ms,
+            batch_size=int(res.batch_size),
+            stages_ms={k: float(ms) for k, ms in stages.items()},
+        ),
     )
     # The label leaves the server only for accepted inputs (fail closed on anything else).
     if v.accepted and v.label is not None:
@@ -92,8 +99,12 @@ def verdict_message(res: Result, plane, *, heatmap_png_wanted: bool = False,
 def invalid_verdict(request_id: str, plane, message: str) -> guard_pb2.Verdict:
     """The in-stream answer to a bad image: a rejection with reason INVALID_INPUT, no scores."""
     return guard_pb2.Verdict(
-        request_id=request_id, decision=guard_pb2.REJECTED, accepted=False, reasons=["INVALID_INPUT"],
-        detail=message, model=_model_ref(plane),
+        request_id=request_id,
+        decision=guard_pb2.REJECTED,
+        accepted=False,
+        reasons=["INVALID_INPUT"],
+        detail=message,
+        model=_model_ref(plane),
     )
 
 
@@ -107,12 +118,19 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
         model=_model_ref(plane),
         class_names=list(guard.class_names),
         garbage_class=int(manifest.get("garbage_class", -1)),
-        input=guard_pb2.InputSpec(channels=spec.channels, height=spec.height, width=spec.width,
-                                  mean=list(spec.mean), std=list(spec.std), resize=spec.resize,
-                                  photometric=spec.photometric),
+        input=guard_pb2.InputSpec(
+            channels=spec.channels,
+            height=spec.height,
+            width=spec.width,
+            mean=list(spec.mean),
+            std=list(spec.std),
+            resize=spec.resize,
+            photometric=spec.photometric,
+        ),
         policy=str(info.get("policy") or (manifest.get("guard") or {}).get("policy") or ""),
-        enforced_checks=[str(c) for c in (info.get("enforced_checks")
-                                          or (manifest.get("guard") or {}).get("enforced_checks") or [])],
+        enforced_checks=[
+            str(c) for c in (info.get("enforced_checks") or (manifest.get("guard") or {}).get("enforced_checks") or [])
+        ],
         info_json=json.dumps(info, default=str, sort_keys=True),
     )
     for name, digest in (manifest.get("files") or {}).items():
@@ -125,9 +143,12 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
         msg.engine = str(engine)
         msg.providers.extend(str(p) for p in info.get("providers") or [])
     msg.calibration.facts_json = json.dumps(cal, default=str, sort_keys=True)
-    for key, field_name, cast in (("alpha", "alpha", float), ("n", "n", int),
-                                  ("measured_false_rejection_rate", "measured_false_rejection_rate", float),
-                                  ("dataset", "dataset", str)):
+    for key, field_name, cast in (
+        ("alpha", "alpha", float),
+        ("n", "n", int),
+        ("measured_false_rejection_rate", "measured_false_rejection_rate", float),
+        ("dataset", "dataset", str),
+    ):
         value = cal.get(key, info.get(key))
         if key == "dataset" and isinstance(value, dict):  # calibrate records the dataset as a dict
             value = json.dumps(value, sort_keys=True)
@@ -148,8 +169,9 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
     async def _plane(self, context):
         plane = self.state.plane
         if plane is None or self.state.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "not serving: the bundle is still loading or the server is shutting down")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "not serving: the bundle is still loading or the server is shutting down"
+            )
         return plane
 
     async def Verify(self, request, context):
@@ -164,8 +186,9 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
             res = await plane.verify(**inp, request_id=rid, timeout_s=request_timeout(context), protocol="guard")
         except DataPlaneError as exc:
             await context.abort(status_for(exc), str(exc))
-        return verdict_message(res, plane, heatmap_png_wanted=request.heatmap_png,
-                               heatmap_values_wanted=request.heatmap_values)
+        return verdict_message(
+            res, plane, heatmap_png_wanted=request.heatmap_png, heatmap_values_wanted=request.heatmap_values
+        )
 
     async def VerifyStream(self, request_iterator, context):
         plane = await self._plane(context)
@@ -182,12 +205,14 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                 plane.record_invalid(rid, "guard-stream", str(exc))
                 return invalid_verdict(rid, plane, str(exc))
             try:
-                res = await plane.verify(**inp, request_id=rid, timeout_s=request_timeout(context),
-                                         protocol="guard-stream")
+                res = await plane.verify(
+                    **inp, request_id=rid, timeout_s=request_timeout(context), protocol="guard-stream"
+                )
             except InvalidRequest as exc:  # verify has already counted and audited it
                 return invalid_verdict(rid, plane, str(exc))
-            return verdict_message(res, plane, heatmap_png_wanted=req.heatmap_png,
-                                   heatmap_values_wanted=req.heatmap_values)
+            return verdict_message(
+                res, plane, heatmap_png_wanted=req.heatmap_png, heatmap_values_wanted=req.heatmap_values
+            )
 
         async def reader():
             try:

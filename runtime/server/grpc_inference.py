@@ -18,6 +18,7 @@ What ``tritonclient.grpc`` and KServe clients see:
 
 Bad input → INVALID_ARGUMENT; unknown model → NOT_FOUND; not ready → UNAVAILABLE.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,7 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
     index = next((i for i, t in enumerate(request.inputs) if t.name == INPUT_NAME), None)
     if index is None:
         if len(request.inputs) != 1:
-            raise InvalidRequest(f"expected one input named '{INPUT_NAME}', got "
-                                 f"{[t.name for t in request.inputs]}")
+            raise InvalidRequest(f"expected one input named '{INPUT_NAME}', got {[t.name for t in request.inputs]}")
         index = 0
     tensor = request.inputs[index]
     raw = request.raw_input_contents[index] if index < len(request.raw_input_contents) else None
@@ -98,8 +98,10 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
             raise InvalidRequest("empty input: no images")
         return [{"data": bytes(b), "frame": frame} for b in items]
     if dtype not in _NUMERIC:
-        raise InvalidRequest(f"unsupported datatype {tensor.datatype!r} for '{tensor.name}'; "
-                             "use BYTES (encoded PNG/JPEG/DICOM) or UINT8/UINT16/FP32 pixels")
+        raise InvalidRequest(
+            f"unsupported datatype {tensor.datatype!r} for '{tensor.name}'; "
+            "use BYTES (encoded PNG/JPEG/DICOM) or UINT8/UINT16/FP32 pixels"
+        )
     if len(shape) == 2:
         shape_n = [1] + shape
     elif len(shape) == 3:
@@ -145,11 +147,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "not ready: the bundle is still loading")
             return None
         if name != plane.model_name:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown model {name!r}; this server serves {plane.model_name!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {plane.model_name!r}"
+            )
         if version and version != plane.model_version:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} has no version {version!r} (serving {plane.model_version!r})")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} has no version {version!r} (serving {plane.model_version!r})",
+            )
         if need_ready and self.state.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return plane
@@ -165,8 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=plane is not None and self._ready())
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(),
-                                         extensions=["model_repository"])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(), extensions=["model_repository"])
 
     async def ModelMetadata(self, request, context):
         plane = await self._plane_for(request.name, request.version, context)
@@ -201,8 +205,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.RepositoryIndexResponse()
         if not name:
             return pb.RepositoryIndexResponse()
-        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(
-            name=name, version=version, state=state, reason=reason or "")])
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state=state, reason=reason or "")]
+        )
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -211,16 +216,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         wanted = [o.name for o in request.outputs]
         unknown = [n for n in wanted if n not in ALL_OUTPUTS]
         if unknown:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown output(s) {unknown}; available: {list(ALL_OUTPUTS)}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown output(s) {unknown}; available: {list(ALL_OUTPUTS)}"
+            )
         try:
             try:
                 inputs = request_inputs(request)
             except InvalidRequest as exc:  # refused before verify: count and audit it here
                 plane.record_invalid(request.id or new_request_id(), "inference", str(exc))
                 raise
-            results = await plane.verify_many(inputs, timeout_s=request_timeout(context),
-                                              protocol="inference", request_id=request.id or None)
+            results = await plane.verify_many(
+                inputs, timeout_s=request_timeout(context), protocol="inference", request_id=request.id or None
+            )
         except DataPlaneError as exc:
             await context.abort(status_for(exc), str(exc))
         return self._response(request, plane, results, wanted)
@@ -229,8 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         verdicts = [r.verdict for r in results]
         n = len(verdicts)
         all_accepted = all(v.accepted for v in verdicts)
-        resp = pb.ModelInferResponse(model_name=plane.model_name, model_version=plane.model_version,
-                                     id=request.id)
+        resp = pb.ModelInferResponse(model_name=plane.model_name, model_version=plane.model_version, id=request.id)
         reasons_union = sorted({r for v in verdicts for r in (v.reasons or [])})
         resp.parameters["accepted"].bool_param = all_accepted
         resp.parameters["reasons"].string_param = ",".join(reasons_union)
@@ -260,12 +266,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if include("label"):
                 add("label", "BYTES", [n], serialize_bytes(str(v.label).encode() for v in verdicts))
             if include("label_index"):
-                add("label_index", "INT64", [n],
-                    np.array([int(v.label_index) for v in verdicts], "<i8").tobytes())
+                add("label_index", "INT64", [n], np.array([int(v.label_index) for v in verdicts], "<i8").tobytes())
             if include("probabilities"):
                 names = plane.real_class_names
-                probs = np.array([[float((v.probabilities or {}).get(c, 0.0)) for c in names] for v in verdicts],
-                                 "<f4")
+                probs = np.array([[float((v.probabilities or {}).get(c, 0.0)) for c in names] for v in verdicts], "<f4")
                 add("probabilities", "FP32", [n, len(names)], probs.tobytes())
         if include("heatmap") and all(v.cam is not None for v in verdicts):
             cams = np.stack([np.asarray(v.cam, "<f4") for v in verdicts])
@@ -278,6 +282,11 @@ def _verdict_json(r, d: dict | None = None) -> dict:
     null, so the document is strict JSON) plus what the data plane knows about the request. ``d``: the
     verdict's ``to_dict()`` when the caller already has it (it is completed in place)."""
     d = r.verdict.to_dict() if d is None else d
-    d.update(request_id=r.request_id, input_format=r.input_format, sop_instance_uid=r.sop_instance_uid,
-             timings_ms=r.stages_ms | {"total": r.total_ms}, batch_size=r.batch_size)
+    d.update(
+        request_id=r.request_id,
+        input_format=r.input_format,
+        sop_instance_uid=r.sop_instance_uid,
+        timings_ms=r.stages_ms | {"total": r.total_ms},
+        batch_size=r.batch_size,
+    )
     return d

@@ -19,6 +19,7 @@ examples::
     python -m gamguard.runtime.server.healthcheck --port 8001 --tls-ca /certs/ca.crt --tls-server-name gamguard
     python -m gamguard.runtime.server.healthcheck --port 8001 --tls-ca ca.crt --tls-cert probe.crt --tls-key probe.key
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,27 +35,43 @@ def _env(name: str, default=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gamguard.runtime.server.healthcheck",
-                                description="Exit 0 when a gamguard server's gRPC health service says SERVING.")
+    p = argparse.ArgumentParser(
+        prog="python -m gamguard.runtime.server.healthcheck",
+        description="Exit 0 when a gamguard server's gRPC health service says SERVING.",
+    )
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="server address (default 127.0.0.1)")
     # a string default: argparse converts it with type=, so a bad GAMGUARD_HEALTH_PORT is a usage error
     p.add_argument("--port", type=int, default=_env("PORT", "8001"), help="gRPC port (default 8001)")
-    p.add_argument("--service", default="",
-                   help="health service name to ask about (default '': the whole server)")
+    p.add_argument("--service", default="", help="health service name to ask about (default '': the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per attempt (default 3)")
-    p.add_argument("--attempts", type=int, default=1,
-                   help="ask up to N times until SERVING (a server still loading its bundle is "
-                        "NOT_SERVING for a moment; default 1)")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=1,
+        help="ask up to N times until SERVING (a server still loading its bundle is "
+        "NOT_SERVING for a moment; default 1)",
+    )
     p.add_argument("--interval", type=float, default=2.0, help="seconds between attempts (default 2)")
     tls = p.add_argument_group("transport (pick --insecure or TLS)")
-    tls.add_argument("--insecure", action="store_true",
-                     default=_env("INSECURE", "0").lower() not in ("0", "false", "no", ""),
-                     help="plaintext (a server started with --insecure); TLS options are then ignored")
-    tls.add_argument("--tls-ca", default=_env("TLS_CA"), metavar="FILE", help="CA certificate that signed the server's certificate")
-    tls.add_argument("--tls-cert", default=_env("TLS_CERT"), metavar="FILE", help="client certificate (servers with --tls-client-ca)")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env("INSECURE", "0").lower() not in ("0", "false", "no", ""),
+        help="plaintext (a server started with --insecure); TLS options are then ignored",
+    )
+    tls.add_argument(
+        "--tls-ca", default=_env("TLS_CA"), metavar="FILE", help="CA certificate that signed the server's certificate"
+    )
+    tls.add_argument(
+        "--tls-cert", default=_env("TLS_CERT"), metavar="FILE", help="client certificate (servers with --tls-client-ca)"
+    )
     tls.add_argument("--tls-key", default=_env("TLS_KEY"), metavar="FILE", help="client private key")
-    tls.add_argument("--tls-server-name", default=_env("TLS_SERVER_NAME"), metavar="NAME",
-                     help="name to verify the server certificate against (default: --host)")
+    tls.add_argument(
+        "--tls-server-name",
+        default=_env("TLS_SERVER_NAME"),
+        metavar="NAME",
+        help="name to verify the server certificate against (default: --host)",
+    )
     return p
 
 
@@ -66,8 +83,14 @@ def _channel(args):
         return grpc.insecure_channel(target)
     from gamguard.runtime.server.client import make_channel
 
-    return make_channel(target, tls=True, ca_cert=args.tls_ca, client_cert=args.tls_cert,
-                        client_key=args.tls_key, server_name=args.tls_server_name)
+    return make_channel(
+        target,
+        tls=True,
+        ca_cert=args.tls_ca,
+        client_cert=args.tls_cert,
+        client_key=args.tls_key,
+        server_name=args.tls_server_name,
+    )
 
 
 def check(args) -> tuple[int, str]:
@@ -82,8 +105,9 @@ def check(args) -> tuple[int, str]:
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout,
-                               wait_for_ready=False)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout, wait_for_ready=False
+            )
         except grpc.RpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.NOT_FOUND:

@@ -14,6 +14,7 @@ Exposed (all prefixed ``gamguard_``):
 Each server owns a fresh ``CollectorRegistry`` so several servers (tests, blue/green in one process)
 never collide on metric names.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -26,15 +27,22 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gamguard_requests", "RPCs handled, by service, method and gRPC status code",
-                                ["service", "method", "code"], registry=r)
-        self.verdicts = Counter("gamguard_verdicts", "Verdicts by decision (accepted, rejected, invalid)",
-                                ["decision"], registry=r)
+        self.requests = Counter(
+            "gamguard_requests",
+            "RPCs handled, by service, method and gRPC status code",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "gamguard_verdicts", "Verdicts by decision (accepted, rejected, invalid)", ["decision"], registry=r
+        )
         self.rejections = Counter("gamguard_rejections", "Rejected verdicts by reason", ["reason"], registry=r)
-        self.stage_seconds = Histogram("gamguard_stage_seconds", "Latency per stage", ["stage"],
-                                       buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("gamguard_batch_size", "Requests per engine call", buckets=_BATCH_BUCKETS,
-                                    registry=r)
+        self.stage_seconds = Histogram(
+            "gamguard_stage_seconds", "Latency per stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "gamguard_batch_size", "Requests per engine call", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("gamguard_queue_depth", "Requests waiting for the engine", registry=r)
         self.ready = Gauge("gamguard_ready", "1 when the bundle is loaded, verified and self-tested", registry=r)
         self._http = None

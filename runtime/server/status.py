@@ -4,6 +4,7 @@ call's deadline as the data plane's ``timeout_s``.
 The data plane raises typed errors (:mod:`gamguard.runtime.server.errors`) and knows nothing of gRPC;
 this is the one place that turns them into ``grpc.StatusCode``.
 """
+
 from __future__ import annotations
 
 import grpc
