@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -81,10 +80,6 @@ __all__ = ["CalibrationError", "calibrate_bundle", "crossfit_rates", "recalibrat
 # --------------------------------------------------------------------------------------------------
 # Calibration run
 # --------------------------------------------------------------------------------------------------
-
-
-def _progress(msg: str) -> None:
-    print(f"calibrate: {msg}", file=sys.stderr, flush=True)
 
 
 def run_engine(
@@ -190,7 +185,7 @@ def _check_cut_is_usable(manifest: dict, key: str, alpha: float) -> None:
         )
 
 
-def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[str], None] | None = _progress) -> dict:
+def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[str], None] | None = None) -> dict:
     """Re-derive the cut and the measured rates for a new ``alpha`` from the raw scores stored in
     ``reference.npz`` — no images, no engine (the references and null part do not depend on alpha).
     Returns the new manifest."""
@@ -391,7 +386,7 @@ def calibrate_bundle(
     providers=None,
     threads: int | None = None,
     reference: tuple[Callable[[int], np.ndarray], Sequence[int], dict] | None = None,
-    progress: Callable[[str], None] | None = _progress,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Calibrate ``bundle_dir`` in place on in-distribution images.
 

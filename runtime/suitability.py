@@ -22,7 +22,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,10 +409,6 @@ def collect_files(data: str | Path, class_names: list[str]) -> tuple[list[Path],
     return files, labels, layout
 
 
-def _stderr(msg: str) -> None:
-    print(f"suitability: {msg}", file=sys.stderr, flush=True)
-
-
 def suitability(
     guard,
     data: str | Path | Iterable,
@@ -421,7 +416,7 @@ def suitability(
     tolerance: float = DEFAULT_TOLERANCE,
     confidence: float = DEFAULT_CONFIDENCE,
     report_dir: str | Path | None = None,
-    progress: Callable[[str], None] | None = _stderr,
+    progress: Callable[[str], None] | None = None,
     max_examples: int = 8,
 ) -> dict:
     """Run the guard over ``data`` (a folder) and assess it; optionally write the report."""

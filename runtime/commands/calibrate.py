@@ -89,7 +89,7 @@ def run(args):
         raise CommandError("give the calibration data: --data DIR or --phantoms N (or --from-stored-scores)")
     try:
         if args.from_stored_scores:
-            manifest = recalibrate_alpha(bundle_dir, args.alpha)
+            manifest = recalibrate_alpha(bundle_dir, args.alpha, progress=_progress)
             return _print(args, bundle_dir, manifest)
         manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=False)
         spec = InputSpec.from_manifest(manifest["input"])
@@ -159,6 +159,7 @@ def run(args):
             seed=args.seed,
             providers=args.providers,
             threads=args.threads,
+            progress=_progress,
         )
     except BundleError as exc:
         raise CommandError(str(exc)) from exc
@@ -184,3 +185,9 @@ def _print(args, bundle_dir, manifest) -> int:
             f"{cal['measured_per_check']['attention']:.3f}, feature {cal['measured_per_check']['feature']:.3f})"
         )
     return 0
+
+
+def _progress(msg: str) -> None:
+    import sys
+
+    print(f"calibrate: {msg}", file=sys.stderr, flush=True)

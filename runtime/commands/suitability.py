@@ -47,6 +47,7 @@ def add_arguments(parser):
 
 def run(args):
     import json
+    import sys
 
     from gamguard.runtime.bundle import BundleError
     from gamguard.runtime.cli import CommandError
@@ -63,7 +64,12 @@ def run(args):
         raise CommandError(str(exc)) from exc
     try:
         result = suitability(
-            guard, args.data, tolerance=args.tolerance, confidence=args.confidence, report_dir=args.report
+            guard,
+            args.data,
+            tolerance=args.tolerance,
+            confidence=args.confidence,
+            report_dir=args.report,
+            progress=lambda msg: print(f"suitability: {msg}", file=sys.stderr, flush=True),
         )
     except ValueError as exc:  # DatasetError: missing folder / no images
         raise CommandError(str(exc)) from exc
