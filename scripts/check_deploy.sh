@@ -33,7 +33,9 @@ run_check() {  # run_check NAME CMD...: run, report, remember failure
 }
 
 # ---- tools -------------------------------------------------------------------------------------
-if [ ! -x "$TOOLS/bin/python" ]; then
+# (re)create the venv when it is missing or half-made (an interrupted earlier run leaves one without pip)
+if ! "$TOOLS/bin/python" -m pip --version >/dev/null 2>&1; then
+  rm -rf "$TOOLS"
   "$PY" -m venv "$TOOLS" || { echo "check_deploy: cannot create $TOOLS" >&2; exit 2; }
 fi
 if ! "$TOOLS/bin/python" -m pip install -q --disable-pip-version-check \
