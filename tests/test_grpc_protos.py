@@ -98,3 +98,50 @@ def test_stubs_import_next_to_tritonclient():
     pytest.importorskip("tritonclient.grpc")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _assert_subset_of(mine, theirs, seen: set) -> None:
+    """Every field of ``mine`` (recursively through message-typed fields) exists in ``theirs`` with the
+    same number, type, cardinality, oneof and enum values: what a client parsing with ``theirs`` reads
+    is what we wrote. Fields only ``theirs`` has read as defaults."""
+    if mine.full_name in seen:
+        return
+    seen.add(mine.full_name)
+    assert mine.full_name == theirs.full_name
+    for f in mine.fields:
+        t = theirs.fields_by_name.get(f.name)
+        assert t is not None, f"{f.full_name} is not in tritonclient's schema"
+        assert (f.number, f.type, f.is_repeated) == (t.number, t.type, t.is_repeated), f.full_name
+        oneof = (
+            f.containing_oneof.name if f.containing_oneof else None,
+            t.containing_oneof.name if t.containing_oneof else None,
+        )
+        assert oneof[0] == oneof[1], f.full_name
+        if f.message_type is not None:
+            _assert_subset_of(f.message_type, t.message_type, seen)
+        if f.enum_type is not None:
+            assert f.enum_type.full_name == t.enum_type.full_name, f.full_name
+            for v in f.enum_type.values:
+                assert t.enum_type.values_by_name[v.name].number == v.number, v.full_name
+
+
+def test_every_message_we_serve_is_wire_compatible_with_tritonclient():
+    """Down to the last nested message (ModelConfig, ModelStatistics, ...): Triton's ModelConfig is
+    large and we declare only what we fill, so this is a subset check, not equality."""
+    pytest.importorskip("tritonclient.grpc")
+    from tritonclient.grpc import service_pb2 as triton
+
+    from gamguard.proto import grpc_predict_v2_pb2 as ours
+
+    ours_service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    triton_service = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    seen: set = set()
+    for method in ours_service.methods:
+        theirs = triton_service.methods_by_name[method.name]
+        assert (method.client_streaming, method.server_streaming) == (
+            theirs.client_streaming,
+            theirs.server_streaming,
+        ), method.name
+        _assert_subset_of(method.input_type, theirs.input_type, seen)
+        _assert_subset_of(method.output_type, theirs.output_type, seen)
+    assert {"inference.ModelConfig", "inference.ModelStatistics", "inference.ModelStreamInferResponse"} <= seen

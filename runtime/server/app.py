@@ -11,6 +11,11 @@ Lifecycle (what ``grpc.health.v1.Health`` reports, for the overall server ``""``
 4. ``stop()`` (SIGTERM in ``gamguard serve``) switches to NOT_SERVING, optionally waits
    ``drain_delay_s`` so load balancers notice, refuses new calls and lets in-flight ones finish
    within ``shutdown_grace_s``, then drains the batcher.
+
+With ``--model-control explicit`` an Open Inference Protocol client may also unload the model
+(:meth:`GuardServer.unload_model`: NOT_SERVING until loaded again) and load it again
+(:meth:`GuardServer.load_model`: steps 2–3 for a fresh copy of the configured bundle, swapped in
+while the old one keeps answering).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from gamguard.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, guard_pb2, guard_pb2_grpc
 
@@ -41,6 +46,7 @@ GUARD_SERVICE = guard_pb2.DESCRIPTOR.services_by_name["Guard"].full_name  # gamg
 INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health.SERVICE_NAME  # grpc.health.v1.Health
 SERVED = (GUARD_SERVICE, INFERENCE_SERVICE)
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass
@@ -51,6 +57,41 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     expected_model_name: str | None = None
+    unloaded: bool = False  # by RepositoryModelUnload
+    control: "GuardServer | None" = None  # load_model / unload_model; only with --model-control explicit
+
+    def not_ready_reason(self) -> str:
+        if self.unloaded:
+            return (
+                f"model {self.expected_model_name!r} is unloaded (RepositoryModelUnload); load it again "
+                "with RepositoryModelLoad"
+            )
+        if self.load_error:
+            return f"not ready: the bundle failed to load: {self.load_error}"
+        return "not ready: the bundle is still loading"
+
+
+def reflection_v1_file():
+    """``grpc.reflection.v1``'s schema. grpcio-reflection ships only v1alpha; v1 is the same file under
+    a new package (every message and field number unchanged), so it is v1alpha's descriptor renamed."""
+    from google.protobuf import descriptor_pb2
+
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = f".{proto.package}.", ".grpc.reflection.v1."
+    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    messages = list(proto.message_type)
+    while messages:
+        m = messages.pop()
+        messages.extend(m.nested_type)
+        for f in m.field:
+            if f.type_name:
+                f.type_name = f.type_name.replace(old, new, 1)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new, 1)
+            method.output_type = method.output_type.replace(old, new, 1)
+    return proto
 
 
 def reflection_pool():
@@ -60,7 +101,6 @@ def reflection_pool():
     own pool with all the files rather than protobuf's default one.
     """
     from google.protobuf import descriptor_pb2, descriptor_pool
-    from grpc_reflection.v1alpha import reflection_pb2
 
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
@@ -77,7 +117,26 @@ def reflection_pool():
 
     for fd in (guard_pb2.DESCRIPTOR, grpc_predict_v2_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         add(fd)
+    pool.Add(reflection_v1_file())
     return pool
+
+
+def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Server reflection as ``grpc.reflection.v1`` (what current grpcurl asks first) and as
+    ``grpc.reflection.v1alpha``: one servicer; the v1 method is (de)serialized with v1alpha's messages,
+    which are the same on the wire."""
+    servicer = reflection.aio.ReflectionServicer(
+        services + (reflection.SERVICE_NAME, REFLECTION_V1_SERVICE), pool=reflection_pool()
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {"ServerReflectionInfo": v1}),)
+    )
 
 
 class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -218,6 +277,9 @@ class GuardServer:
 
             self.audit = AuditLog(config.audit_log)
         self.state = ServerState()
+        if config.model_control == "explicit":
+            self.state.control = self
+        self._model_lock = asyncio.Lock()  # one load / unload at a time, the startup load included
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -254,9 +316,7 @@ class GuardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("",) + SERVED:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            SERVED + (HEALTH_SERVICE, reflection.SERVICE_NAME), self.server, pool=reflection_pool()
-        )
+        enable_reflection(self.server, SERVED + (HEALTH_SERVICE,))
         address = f"{cfg.bind_host}:{cfg.port}"
         if cfg.insecure:
             port = self.server.add_insecure_port(address)
@@ -296,42 +356,79 @@ class GuardServer:
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="gamguard-load")
         return self.port
 
-    async def _load(self) -> None:
+    async def _build_plane(self) -> DataPlane:
+        """Load the configured bundle (hashes verified) into a started, self-tested data plane."""
+        guard = await asyncio.get_running_loop().run_in_executor(None, self.guard_factory)
+        self.state.expected_model_name = str(guard.manifest.get("model", {}).get("name", ""))
+        cfg = self.config
+        plane = DataPlane(
+            guard,
+            DataPlaneConfig(
+                max_batch_size=cfg.max_batch_size,
+                max_queue_delay_ms=cfg.max_queue_delay_ms,
+                max_queue_size=cfg.max_queue_size,
+                max_pixels=cfg.max_pixels,
+                decode_workers=cfg.decode_workers,
+            ),
+            metrics=self.metrics,
+            audit=self.audit,
+        )
+        await plane.start()
         try:
-            guard = await asyncio.get_running_loop().run_in_executor(None, self.guard_factory)
-            self.state.expected_model_name = str(guard.manifest.get("model", {}).get("name", ""))
-            cfg = self.config
-            plane = DataPlane(
-                guard,
-                DataPlaneConfig(
-                    max_batch_size=cfg.max_batch_size,
-                    max_queue_delay_ms=cfg.max_queue_delay_ms,
-                    max_queue_size=cfg.max_queue_size,
-                    max_pixels=cfg.max_pixels,
-                    decode_workers=cfg.decode_workers,
-                ),
-                metrics=self.metrics,
-                audit=self.audit,
-            )
-            await plane.start()
-            try:
-                await plane.self_test()
-            except Exception:
-                await plane.stop()
-                raise
-        except Exception as exc:  # noqa: BLE001 - reported through health and wait_ready()
-            self.state.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("cannot serve: %s", self.state.load_error)
-            self.ready.set()
-            return
-        self.state.plane = plane
+            await plane.self_test()
+        except BaseException:
+            await plane.stop()
+            raise
+        return plane
+
+    async def _serve(self, plane: DataPlane) -> None:
+        self.state.plane, self.state.unloaded, self.state.load_error = plane, False, None
         self.metrics.ready.set(1)
         for name in ("",) + SERVED:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving model %s version %s (bundle %s…)", plane.model_name, plane.model_version, plane.bundle_hash[:12]
         )
+
+    async def _load(self) -> None:
+        async with self._model_lock:
+            try:
+                plane = await self._build_plane()
+            except Exception as exc:  # noqa: BLE001 - reported through health and wait_ready()
+                self.state.load_error = f"{type(exc).__name__}: {exc}"
+                log.error("cannot serve: %s", self.state.load_error)
+                self.ready.set()
+                return
+            await self._serve(plane)
         self.ready.set()
+
+    async def load_model(self) -> None:
+        """(Re)load the configured bundle from disk (RepositoryModelLoad). The fresh copy is verified and
+        self-tested before it replaces the serving one, which keeps answering meanwhile, and keeps
+        serving if the load fails (the exception says why)."""
+        async with self._model_lock:
+            plane = await self._build_plane()
+            if self.state.draining:
+                await plane.stop()
+                raise RuntimeError("the server is shutting down")
+            old = self.state.plane
+            await self._serve(plane)
+            if old is not None:
+                await old.stop()  # finishes the requests it already holds
+        log.info("model %s loaded on request", plane.model_name)
+
+    async def unload_model(self) -> None:
+        """Stop serving the model (RepositoryModelUnload): NOT_SERVING, new requests UNAVAILABLE, the
+        loaded copy drained and released."""
+        async with self._model_lock:
+            old, self.state.plane = self.state.plane, None
+            self.state.unloaded = True
+            self.metrics.ready.set(0)
+            for name in ("",) + SERVED:
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if old is not None:
+                await old.stop()
+        log.info("model %s unloaded on request", self.state.expected_model_name)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the bundle is loaded and self-tested; raise RuntimeError if loading failed."""

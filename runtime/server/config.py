@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+MODEL_CONTROL_MODES = ("none", "explicit")
+
 
 class ConfigError(ValueError):
     """A bad flag combination or config file; the message says what to change."""
@@ -54,6 +56,7 @@ class ServeConfig:
     audit_log: str | None = None
     shutdown_grace_s: float = 30.0
     drain_delay_s: float = 0.0
+    model_control: str = "none"  # "explicit": OIP RepositoryModelLoad / Unload allowed
 
     @property
     def bind_host(self) -> str:
@@ -97,6 +100,10 @@ class ServeConfig:
             raise ConfigError("--max-message-mb must be >= 1")
         if self.max_pixels < 64:
             raise ConfigError("--max-pixels is too small")
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ConfigError(
+                f"--model-control must be one of {', '.join(MODEL_CONTROL_MODES)}, got {self.model_control!r}"
+            )
         return self
 
 
@@ -135,6 +142,13 @@ _FLAGS = (
     ("--audit-log", str, "append a JSON line per verdict to this file ('-' for stderr); never contains PHI"),
     ("--shutdown-grace-s", float, "on SIGTERM, how long in-flight requests may take to finish (default 30)"),
     ("--drain-delay-s", float, "on SIGTERM, report NOT_SERVING this long before refusing new calls (default 0)"),
+    (
+        "--model-control",
+        str,
+        "'explicit': Open Inference Protocol clients may unload and (re)load the configured bundle "
+        "(RepositoryModelUnload / RepositoryModelLoad, like Triton's --model-control-mode=explicit); "
+        "'none' refuses them (default none)",
+    ),
 )
 
 
@@ -158,6 +172,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--providers": "LIST",
         "--policy": "NAME",
         "--audit-log": "FILE",
+        "--model-control": "MODE",
     }
     for flag, typ, help_text in _FLAGS:
         metavar = metavars.get(flag) or ("FILE" if typ is str else flag.lstrip("-").split("-")[-1].upper())

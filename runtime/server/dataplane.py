@@ -31,7 +31,8 @@ import numpy as np
 from gamguard.runtime.decode import png_size
 
 from .batching import MicroBatcher
-from .errors import InvalidRequest
+from .errors import DeadlineExpired, InvalidRequest, NotReady, Overloaded
+from .statistics import InferenceStatistics
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,9 @@ class DataPlane:
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
             max(1, int(self.config.decode_workers)), thread_name_prefix="gamguard-decode"
         )
+        self.statistics = InferenceStatistics()
         self.batcher = MicroBatcher(
-            lambda xs: run_guard_batch(self.guard, xs),
+            self._run_batch,
             max_batch_size=self.config.max_batch_size,
             max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
             max_queue_size=self.config.max_queue_size,
@@ -160,11 +162,21 @@ class DataPlane:
             on_depth=metrics.set_queue_depth if metrics else None,
             arriving=lambda: self._decoding,
             expected=self._expected_company,
+            on_stacked=self.statistics.observe_stacking,
         )
         self._active = 0  # requests inside verify()
         self._peak_active = 0  # most of them at once since the batcher last asked ...
         self._peak_since = time.monotonic()  # ... which was then
         self._decoding = 0  # requests between arrival and the batcher (being decoded)
+        self._stopped = False
+
+    def _run_batch(self, xs: np.ndarray) -> list:
+        """The batcher's engine call (in its worker thread): the fail-closed guard call, counted."""
+        verdicts = run_guard_batch(self.guard, xs)
+        timed = next((v.timings_ms for v in verdicts if v.timings_ms and "engine" in v.timings_ms), None)
+        if timed is not None:  # a batch the guard failed on as a whole has no timings: not an execution
+            self.statistics.observe_execution(len(verdicts), timed["engine"], timed.get("guard", 0.0))
+        return verdicts
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -196,6 +208,7 @@ class DataPlane:
         await self.batcher.start()
 
     async def stop(self) -> None:
+        self._stopped = True  # new requests: NotReady; the ones already inside finish
         await self.batcher.stop()
         self._decode_pool.shutdown(wait=True)
 
@@ -261,6 +274,8 @@ class DataPlane:
         :class:`~gamguard.runtime.server.errors.DataPlaneError`."""
         if (data is None) == (array is None):
             raise InvalidRequest("exactly one of an encoded image or a tensor is required")
+        if self._stopped:
+            raise NotReady("the model is being unloaded or the server is draining")
         request_id = request_id or new_request_id()
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
@@ -269,6 +284,9 @@ class DataPlane:
             self._peak_active = self._active
         try:
             return await self._verify(data, array, frame, request_id, timeout_s, protocol, loop, t0)
+        except (Overloaded, DeadlineExpired, NotReady):  # invalid inputs are counted by record_invalid
+            self.statistics.observe_failure((time.perf_counter() - t0) * 1000.0)
+            raise
         finally:
             self._active -= 1
 
@@ -299,7 +317,7 @@ class DataPlane:
                     self._decoding -= 1
             verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
         except InvalidRequest as exc:
-            self.record_invalid(request_id, protocol, str(exc))
+            self.record_invalid(request_id, protocol, str(exc), elapsed_ms=(time.perf_counter() - t0) * 1000.0)
             raise
         result = Result(
             verdict=verdict,
@@ -349,6 +367,14 @@ class DataPlane:
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def _record(self, result: Result, protocol: str) -> None:
+        timings = result.verdict.timings_ms or {}
+        self.statistics.observe_verdict(
+            total_ms=result.total_ms,
+            queue_ms=result.queue_ms,
+            input_ms=result.decode_ms,
+            infer_ms=timings.get("engine", 0.0),
+            output_ms=timings.get("guard", 0.0),
+        )
         if self.metrics is not None:
             self.metrics.observe_result(result)
         if self.audit is not None:
@@ -360,9 +386,10 @@ class DataPlane:
                 bundle_hash=self.bundle_hash,
             )
 
-    def record_invalid(self, request_id: str, protocol: str, message: str) -> None:
+    def record_invalid(self, request_id: str, protocol: str, message: str, *, elapsed_ms: float = 0.0) -> None:
         """Count and audit one invalid input; also called by the protocol adapters for inputs they
         refuse while parsing the request, before :meth:`verify` sees them."""
+        self.statistics.observe_failure(elapsed_ms)
         if self.metrics is not None:
             self.metrics.observe_invalid()
         if self.audit is not None:

@@ -3,10 +3,12 @@
 What ``tritonclient.grpc`` and KServe clients see:
 
 * one model, named and versioned by the bundle manifest; ``RepositoryIndex`` lists it;
-* input ``image``: either ``BYTES`` with shape ``[N]`` or ``[N, 1]`` — N encoded files (PNG, JPEG,
-  16-bit PNG, DICOM) — or a numeric tensor ``UINT8``/``UINT16``/``FP32`` (FP32 in [0, 1]) with
-  shape ``[H, W]``, ``[N, H, W]`` or ``[N, 1, H, W]``. Input parameter ``frame`` (int) picks the frame
-  of multi-frame DICOM;
+* inputs, one per form; a request carries exactly one of them (all are ``optional`` in the model
+  config): ``image`` — ``BYTES`` with shape ``[N]`` or ``[N, 1]``, N encoded files (PNG, JPEG, 16-bit
+  PNG, DICOM); ``image_uint8`` / ``image_uint16`` / ``image_fp32`` — pixels (FP32 in [0, 1]) with
+  shape ``[N, H, W]`` (also ``[H, W]`` or ``[N, 1, H, W]``), any size (resized like decoded files).
+  ``image`` also takes the numeric forms, told apart by datatype. Input parameter ``frame`` (int)
+  picks the frame of multi-frame DICOM;
 * outputs, one row per image: ``accepted`` (BOOL), ``reasons`` (BYTES, comma-separated),
   ``verdict`` (BYTES, the full verdict as JSON: scores, thresholds, failed measures, timings) and,
   when requested by name, ``heatmap`` (FP32 ``[N, H, W]`` Grad-CAM maps);
@@ -16,11 +18,28 @@ What ``tritonclient.grpc`` and KServe clients see:
 * response ``parameters``: ``accepted`` (bool, all images), ``reasons`` (comma-separated union),
   ``scores`` (JSON: an object for one image, a list for several), ``bundle_hash``.
 
+Beyond the KServe core, the Triton extensions its clients call (``tritonclient.grpc``, perf_analyzer):
+
+* ``ModelConfig`` — Triton's model configuration schema (:func:`model_config`): the inputs and
+  outputs above with per-image ``dims`` (the batch dimension is implied by ``max_batch_size``, so
+  ``ModelMetadata`` shapes are ``[-1] + dims``), ``max_batch_size`` and ``dynamic_batching`` from the
+  data plane's micro-batcher, the instance kind (CPU / GPU) and the bundle hash as a parameter;
+* ``ModelStatistics`` — counts and cumulative times per stage since the model was loaded (what each
+  stage covers: :mod:`gamguard.runtime.server.statistics`);
+* ``ModelStreamInfer`` — each request of the stream is answered as ``ModelInfer`` would, in
+  completion order (requests of one stream share engine batches; match answers by ``id``); a failed
+  request answers with ``error_message`` and the stream goes on, as Triton's does;
+* ``RepositoryModelLoad`` / ``RepositoryModelUnload`` of the configured bundle, only when the server
+  runs with ``--model-control explicit`` (otherwise FAILED_PRECONDITION, as Triton's default mode
+  refuses them): unload stops serving (ModelReady false, health NOT_SERVING), load re-reads the bundle
+  from disk, verifies and self-tests it, then swaps it in (a reload while serving keeps answering).
+
 Bad input → INVALID_ARGUMENT; unknown model → NOT_FOUND; not ready → UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -39,7 +58,12 @@ from .status import request_timeout, status_for
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "gamguard"
-INPUT_NAME = "image"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+PLATFORM = "gamguard_guarded_onnx"
+INPUT_NAME = "image"  # encoded files (BYTES); also takes the numeric forms, told apart by datatype
+# One input per pixel datatype, so a client reading the model metadata or config sees every form.
+TENSOR_INPUTS = {"image_uint8": "UINT8", "image_uint16": "UINT16", "image_fp32": "FP32"}
+INPUT_NAMES = (INPUT_NAME, *TENSOR_INPUTS)
 VERDICT_OUTPUTS = ("accepted", "reasons", "verdict")
 CLASS_OUTPUTS = ("label", "label_index", "probabilities")
 OPTIONAL_OUTPUTS = ("heatmap",)
@@ -72,15 +96,17 @@ def _frame_of(request, tensor) -> int | None:
 
 
 def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
-    """The OIP request's ``image`` tensor → data-plane inputs (one dict per image)."""
+    """The OIP request's input tensor → data-plane inputs (one dict per image)."""
     if not request.inputs:
-        raise InvalidRequest(f"no input tensor; send '{INPUT_NAME}' as BYTES (encoded images) or UINT8/UINT16/FP32")
-    index = next((i for i, t in enumerate(request.inputs) if t.name == INPUT_NAME), None)
-    if index is None:
-        if len(request.inputs) != 1:
-            raise InvalidRequest(f"expected one input named '{INPUT_NAME}', got {[t.name for t in request.inputs]}")
-        index = 0
+        raise InvalidRequest(f"no input tensor; send one of {list(INPUT_NAMES)}")
+    known = [i for i, t in enumerate(request.inputs) if t.name in INPUT_NAMES]
+    if len(known) > 1 or (not known and len(request.inputs) != 1):
+        raise InvalidRequest(f"send exactly one of {list(INPUT_NAMES)}, got {[t.name for t in request.inputs]}")
+    index = known[0] if known else 0  # a lone input is taken whatever its name
     tensor = request.inputs[index]
+    expected_dtype = TENSOR_INPUTS.get(tensor.name)
+    if expected_dtype and tensor.datatype.upper() != expected_dtype:
+        raise InvalidRequest(f"input '{tensor.name}' must be {expected_dtype}, got {tensor.datatype!r}")
     raw = request.raw_input_contents[index] if index < len(request.raw_input_contents) else None
     shape = [int(s) for s in tensor.shape]
     if any(s < 0 for s in shape):
@@ -128,10 +154,108 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
     return [{"array": arr[i]} for i in range(arr.shape[0])]
 
 
+# ------------------------------------------------------------------------------ model description
+
+
+def _tensor_descriptions(plane) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
+    """``(inputs, outputs)`` as ``(name, OIP datatype, per-image dims)``: the one description that
+    ``ModelMetadata`` (shape ``[-1] + dims``) and ``ModelConfig`` serve."""
+    spec = plane.guard.spec
+    inputs = [(INPUT_NAME, "BYTES", [1])] + [(name, dtype, [-1, -1]) for name, dtype in TENSOR_INPUTS.items()]
+    outputs = [
+        ("accepted", "BOOL", []),
+        ("reasons", "BYTES", []),
+        ("verdict", "BYTES", []),
+        ("label", "BYTES", []),
+        ("label_index", "INT64", []),
+        ("probabilities", "FP32", [len(plane.real_class_names)]),
+        ("heatmap", "FP32", [spec.height, spec.width]),
+    ]
+    return inputs, outputs
+
+
+_CONFIG_TYPE = {
+    "BYTES": pb.TYPE_STRING,
+    "BOOL": pb.TYPE_BOOL,
+    "UINT8": pb.TYPE_UINT8,
+    "UINT16": pb.TYPE_UINT16,
+    "INT64": pb.TYPE_INT64,
+    "FP32": pb.TYPE_FP32,
+}
+
+
+def model_config(plane) -> pb.ModelConfig:
+    """The model in Triton's ``ModelConfig`` schema: what perf_analyzer and model tooling read first."""
+    inputs, outputs = _tensor_descriptions(plane)
+    cfg = plane.config
+    providers = [str(p).lower() for p in getattr(plane.guard.engine, "providers", ()) or ()]
+    on_gpu = any("cuda" in p or "tensorrt" in p for p in providers)
+    return pb.ModelConfig(
+        name=plane.model_name,
+        platform=PLATFORM,
+        backend="gamguard",
+        max_batch_size=cfg.max_batch_size,
+        input=[pb.ModelInput(name=n, data_type=_CONFIG_TYPE[t], dims=d, optional=True) for n, t, d in inputs],
+        output=[pb.ModelOutput(name=n, data_type=_CONFIG_TYPE[t], dims=d) for n, t, d in outputs],
+        dynamic_batching=pb.ModelDynamicBatching(
+            max_queue_delay_microseconds=int(round(cfg.max_queue_delay_ms * 1000)),
+            # the client's gRPC deadline is honoured in the queue (expired requests are dropped)
+            default_queue_policy=pb.ModelQueuePolicy(
+                timeout_action=pb.ModelQueuePolicy.REJECT, max_queue_size=cfg.max_queue_size
+            ),
+        ),
+        instance_group=[
+            pb.ModelInstanceGroup(
+                name=plane.model_name,
+                count=1,
+                kind=pb.ModelInstanceGroup.KIND_GPU if on_gpu else pb.ModelInstanceGroup.KIND_CPU,
+            )
+        ],
+        parameters={
+            "bundle_hash": pb.ModelParameter(string_value=plane.bundle_hash),
+            "class_names": pb.ModelParameter(string_value=",".join(plane.real_class_names)),
+            "input_size": pb.ModelParameter(string_value=f"{plane.guard.spec.height}x{plane.guard.spec.width}"),
+        },
+    )
+
+
+def model_statistics(plane) -> pb.ModelStatistics:
+    """The data plane's :class:`~gamguard.runtime.server.statistics.InferenceStatistics` as Triton's
+    ``ModelStatistics``."""
+    snap = plane.statistics.snapshot()
+    D = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=plane.model_name,
+        version=plane.model_version,
+        last_inference=snap["last_inference_ms"],
+        inference_count=snap["inference_count"],
+        execution_count=snap["execution_count"],
+        inference_stats=pb.InferStatistics(**{k: D(count=c, ns=ns) for k, (c, ns) in snap["stages"].items()}),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, **{k: D(count=c, ns=ns) for k, (c, ns) in b.items()})
+            for size, b in snap["batches"].items()
+        ],
+    )
+
+
 # ---------------------------------------------------------------------------------------- servicer
 
 
+class RequestFailed(Exception):
+    """A request refused with a gRPC status: unary calls abort with it, streams answer with its message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``state``: the server's :class:`~gamguard.runtime.server.app.ServerState` (``plane`` once a
+    model is loaded; ``control`` loads and unloads it when model control is enabled)."""
+
+    STREAM_IN_FLIGHT_PER_BATCH = 2  # a stream's requests in progress at once, in batches' worth
+
     def __init__(self, state):
         self.state = state
 
@@ -140,24 +264,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _ready(self) -> bool:
         return self.state.plane is not None and not self.state.draining
 
-    async def _plane_for(self, name: str, version: str, context, *, need_ready: bool = True):
+    def _resolve(self, name: str, version: str, *, need_ready: bool = True):
+        """The data plane serving ``name`` (and ``version``, when given); raises :class:`RequestFailed`."""
         plane = self.state.plane
         if plane is None:
-            if need_ready:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "not ready: the bundle is still loading")
-            return None
+            if not need_ready:
+                return None
+            expected = self.state.expected_model_name
+            if expected and name != expected:
+                raise RequestFailed(
+                    grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {expected!r}"
+                )
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, self.state.not_ready_reason())
         if name != plane.model_name:
-            await context.abort(
+            raise RequestFailed(
                 grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server serves {plane.model_name!r}"
             )
         if version and version != plane.model_version:
-            await context.abort(
+            raise RequestFailed(
                 grpc.StatusCode.NOT_FOUND,
                 f"model {name!r} has no version {version!r} (serving {plane.model_version!r})",
             )
         if need_ready and self.state.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return plane
+
+    async def _plane_for(self, name: str, version: str, context, *, need_ready: bool = True):
+        try:
+            return self._resolve(name, version, need_ready=need_ready)
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -170,34 +306,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=plane is not None and self._ready())
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(), extensions=["model_repository"])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=package_version(), extensions=list(EXTENSIONS))
 
     async def ModelMetadata(self, request, context):
         plane = await self._plane_for(request.name, request.version, context)
-        spec = plane.guard.spec
-        n_real = len(plane.real_class_names)
+        inputs, outputs = _tensor_descriptions(plane)
         T = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=plane.model_name,
             versions=[plane.model_version],
-            platform="gamguard_guarded_onnx",
-            inputs=[T(name=INPUT_NAME, datatype="BYTES", shape=[-1])],
-            outputs=[
-                T(name="accepted", datatype="BOOL", shape=[-1]),
-                T(name="reasons", datatype="BYTES", shape=[-1]),
-                T(name="verdict", datatype="BYTES", shape=[-1]),
-                T(name="label", datatype="BYTES", shape=[-1]),
-                T(name="label_index", datatype="INT64", shape=[-1]),
-                T(name="probabilities", datatype="FP32", shape=[-1, n_real]),
-                T(name="heatmap", datatype="FP32", shape=[-1, spec.height, spec.width]),
-            ],
+            platform=PLATFORM,
+            inputs=[T(name=n, datatype=t, shape=[-1, *d]) for n, t, d in inputs],
+            outputs=[T(name=n, datatype=t, shape=[-1, *d]) for n, t, d in outputs],
         )
+
+    async def ModelConfig(self, request, context):
+        plane = await self._plane_for(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=model_config(plane))
+
+    async def ModelStatistics(self, request, context):
+        if not request.name and self.state.plane is None:
+            return pb.ModelStatisticsResponse()  # every model: none loaded
+        plane = await self._plane_for(request.name or self.state.plane.model_name, request.version, context)
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(plane)])
+
+    # -- model repository ---------------------------------------------------------------------------
 
     async def RepositoryIndex(self, request, context):
         plane = self.state.plane
         if plane is None:
             name, version = self.state.expected_model_name or "", ""
-            state, reason = ("UNAVAILABLE", self.state.load_error) if self.state.load_error else ("LOADING", "")
+            state = "UNAVAILABLE" if (self.state.load_error or self.state.unloaded) else "LOADING"
+            reason = self.state.load_error or ("unloaded" if self.state.unloaded else "")
         else:
             name, version = plane.model_name, plane.model_version
             state, reason = ("READY", "") if self._ready() else ("UNAVAILABLE", "draining")
@@ -209,14 +349,99 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             models=[pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state=state, reason=reason or "")]
         )
 
+    async def _model_control(self, request, context, verb: str, allowed_params: tuple[str, ...]):
+        control = self.state.control
+        if control is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"explicit model {verb} is disabled; start the server with --model-control explicit",
+            )
+        expected = self.state.expected_model_name or (self.state.plane.model_name if self.state.plane else "")
+        if request.model_name != expected:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"this server can {verb} only its configured bundle {expected!r}, not {request.model_name!r}",
+            )
+        unsupported = sorted(set(request.parameters) - set(allowed_params))
+        if unsupported:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{verb} parameters {unsupported} are not supported (the configured bundle is loaded as it is on disk)",
+            )
+        if self.state.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return control
+
+    async def RepositoryModelLoad(self, request, context):
+        control = await self._model_control(request, context, "load", ())
+        try:
+            await control.load_model()
+        except Exception as exc:  # noqa: BLE001 - the bundle failed to load: say why; the old model keeps serving
+            await context.abort(grpc.StatusCode.INTERNAL, f"failed to load {request.model_name!r}: {exc}")
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        # Triton's "unload_dependents" is meaningless here (no ensembles) and accepted
+        control = await self._model_control(request, context, "unload", ("unload_dependents",))
+        await control.unload_model()
+        return pb.RepositoryModelUnloadResponse()
+
     # -- inference ---------------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        plane = await self._plane_for(request.model_name, request.model_version, context)
+        try:
+            return await self._infer(request, request_timeout(context))
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        # Requests are read and verified concurrently (so they share engine batches) and answered as
+        # they complete, like Triton's stream. The semaphore bounds a fast sender's work in progress:
+        # the reader stops reading (gRPC flow control pushes back) until answers have gone out.
+        answers: asyncio.Queue = asyncio.Queue()
+        plane = self.state.plane
+        slots = asyncio.Semaphore(self.STREAM_IN_FLIGHT_PER_BATCH * (plane.config.max_batch_size if plane else 8))
+        tasks: set[asyncio.Task] = set()
+
+        async def one(req) -> None:
+            try:
+                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(req, request_timeout(context)))
+            except RequestFailed as exc:
+                answer = _stream_error(req, exc.message)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others' stream
+                log.exception("stream request failed")
+                answer = _stream_error(req, f"internal error: {type(exc).__name__}")
+            await answers.put(answer)
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.ensure_future(one(req))
+                    tasks.add(task)
+                    task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+                while tasks:
+                    await asyncio.wait(set(tasks))
+            finally:
+                await answers.put(None)
+
+        reading = asyncio.ensure_future(reader())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reading  # the client's half-close, or its error
+        finally:
+            reading.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _infer(self, request, timeout_s: float | None) -> pb.ModelInferResponse:
+        """One ``ModelInferRequest`` → its response; raises :class:`RequestFailed`."""
+        plane = self._resolve(request.model_name, request.model_version)
         wanted = [o.name for o in request.outputs]
         unknown = [n for n in wanted if n not in ALL_OUTPUTS]
         if unknown:
-            await context.abort(
+            raise RequestFailed(
                 grpc.StatusCode.INVALID_ARGUMENT, f"unknown output(s) {unknown}; available: {list(ALL_OUTPUTS)}"
             )
         try:
@@ -226,10 +451,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 plane.record_invalid(request.id or new_request_id(), "inference", str(exc))
                 raise
             results = await plane.verify_many(
-                inputs, timeout_s=request_timeout(context), protocol="inference", request_id=request.id or None
+                inputs, timeout_s=timeout_s, protocol="inference", request_id=request.id or None
             )
         except DataPlaneError as exc:
-            await context.abort(status_for(exc), str(exc))
+            raise RequestFailed(status_for(exc), str(exc)) from None
         return self._response(request, plane, results, wanted)
 
     def _response(self, request, plane, results, wanted: list[str]) -> pb.ModelInferResponse:
@@ -275,6 +500,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             cams = np.stack([np.asarray(v.cam, "<f4") for v in verdicts])
             add("heatmap", "FP32", list(cams.shape), cams.tobytes())
         return resp
+
+
+def _stream_error(request, message: str) -> pb.ModelStreamInferResponse:
+    """A stream's answer to a failed request: the message, and the request's identity to match it by."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
 
 
 def _verdict_json(r, d: dict | None = None) -> dict:
