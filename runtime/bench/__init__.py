@@ -54,7 +54,9 @@ Sections of the result (``run_bench`` returns one JSON-able dict, format :data:`
   CPU time per request of the replay over that of the server process during the gRPC rounds
   (``server_cpu_ms_per_request``: the server runs in this process, the clients in the other one, so
   client work is not included) — the server's own per-request overhead, independent of how many
-  cores it managed to get.
+  cores it managed to get. The server's CPU time and the batches it formed (replayed, and
+  ``grpc_mean_batch``) are counted over the timed requests only: the client process signals when its
+  channels are connected and warm, and waits for the go.
 
 GPU: ``providers`` (e.g. ``"cuda"``, ``"tensorrt,cuda"``) selects the ONNX Runtime provider chain for
 the guard and the logits-only session alike; the providers actually used are recorded in ``machine``.

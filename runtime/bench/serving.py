@@ -16,15 +16,25 @@ import numpy as np
 from .common import percentile
 
 
-def _grpc_round(target: str, payloads: list[bytes], clients: int, per_client: int) -> tuple[float, list[float]]:
+def _grpc_round(
+    target: str, payloads: list[bytes], clients: int, per_client: int, warm=None, go=None
+) -> tuple[float, list[float], float]:
     """``clients`` threads, each with its own channel, each sending ``per_client`` requests in turn.
-    Returns (requests per second, latencies in ms)."""
+    Returns (requests per second, latencies in ms, this process's CPU ms per request).
+
+    ``warm`` / ``go`` (multiprocessing events, optional): once every channel is connected and has made
+    one call, set ``warm`` and wait for ``go``, so that the server starts counting (its CPU time, the
+    batches it forms) at the timed requests, without the connection set-up and warm-up calls."""
     from gamguard.runtime.server.client import GuardClient
 
     conns = [GuardClient(target, timeout=120) for _ in range(clients)]
     for c in conns:
         c.wait_ready(30)
         c.verify(payloads[0])  # connection warm
+    if warm is not None:
+        warm.set()
+        if not go.wait(120):
+            raise RuntimeError("the benchmark never started the timed round")
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
     barrier = threading.Barrier(clients + 1)
@@ -138,8 +148,20 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
     # server's own process would fight its event loop for the GIL and understate the transport.
     client_pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def grpc_round(target, clients, per_client):
-        return client_pool.submit(_grpc_round, target, payloads, clients, per_client).result(600)
+    events = multiprocessing.get_context("spawn").Manager()
+
+    def grpc_round(target, clients, per_client, on_start=None):
+        """One round; ``on_start()`` runs once the clients are connected and warm, just before the timed
+        requests; returns (the round's result, what ``on_start`` returned)."""
+        warm, go = events.Event(), events.Event()
+        round_ = client_pool.submit(_grpc_round, target, payloads, clients, per_client, warm, go)
+        while not warm.wait(1.0):
+            if round_.done():
+                round_.result()  # the client failed while connecting: raise its error
+                raise RuntimeError("the gRPC client round ended before it was warm")
+        started = on_start() if on_start is not None else None
+        go.set()
+        return round_.result(600), started
 
     rows = []
     try:
@@ -151,22 +173,27 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
                 grpc_tp, inproc_tp, grpc_lat, inproc_lat, client_cpu, replay_tp = [], [], [], [], [], []
                 server_cpu, replay_cpu = [], []
                 server_stats = server.server.state.plane.batcher.stats
-                s0 = (server_stats.batches, server_stats.items)
+                formed_all: collections.Counter = collections.Counter()  # the timed gRPC batches, by size
                 i0 = (plane.batcher.stats.batches, plane.batcher.stats.items)
                 for r in range(rounds):
                     order = ("inproc", "grpc") if r % 2 == 0 else ("grpc", "inproc")
                     for which in order:
                         if which == "grpc":
-                            before = collections.Counter(server_stats.sizes)
                             # the server runs in this process (the in-process data plane is idle
-                            # meanwhile), the clients in another: this process's CPU time is the server's
-                            c0 = time.process_time()
-                            tp, lat, cpu_ms = grpc_round(server.target, clients, per_client)
+                            # meanwhile), the clients in another: this process's CPU time is the server's.
+                            # It and the batches formed are counted from the timed requests on.
+                            (tp, lat, cpu_ms), (before, c0) = grpc_round(
+                                server.target,
+                                clients,
+                                per_client,
+                                on_start=lambda: (collections.Counter(server_stats.sizes), time.process_time()),
+                            )
                             server_cpu.append((time.process_time() - c0) * 1e3 / (clients * per_client))
                             client_cpu.append(cpu_ms)
                             grpc_tp.append(tp)
                             grpc_lat += lat
                             formed = server_stats.sizes - before  # this round's batches, by size
+                            formed_all.update(formed)
                             r_tp_round, r_cpu_round = _replay_batches(guard, payloads, sorted(formed.elements()))
                             replay_tp.append(r_tp_round)
                             replay_cpu.append(r_cpu_round)
@@ -178,7 +205,7 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
                 r_tp = statistics.median(replay_tp)
                 s_cpu, r_cpu = statistics.median(server_cpu), statistics.median(replay_cpu)
                 # "same batching": the mean batch the micro-batcher formed on each side
-                g_batch = (server_stats.items - s0[1]) / max(1, server_stats.batches - s0[0])
+                g_batch = sum(k * v for k, v in formed_all.items()) / max(1, sum(formed_all.values()))
                 i_batch = (plane.batcher.stats.items - i0[1]) / max(1, plane.batcher.stats.batches - i0[0])
                 rows.append(
                     {
@@ -215,6 +242,7 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
                 )
     finally:
         client_pool.shutdown(wait=True)
+        events.shutdown()
         on_loop(plane.stop())
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(10)
