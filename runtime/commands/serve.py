@@ -9,9 +9,12 @@ when the input passed the garbage-class, Grad-CAM attention and early-feature ch
 Services on one port:
   gamguard.v1.Guard                    Verify, VerifyStream, GetModelInfo (full verdicts)
   inference.GRPCInferenceService       Open Inference Protocol v2 (tritonclient.grpc, KServe clients)
+                                       with Triton's ModelConfig, ModelStatistics, ModelStreamInfer;
+                                       RepositoryModelLoad/Unload only with --model-control explicit
   grpc.health.v1.Health                NOT_SERVING until the bundle is loaded, its hashes verified and
                                        a self-test inference passed; NOT_SERVING again while draining
-  grpc.reflection.v1alpha.ServerReflection
+                                       (and while the model is unloaded)
+  grpc.reflection.v1.ServerReflection  and grpc.reflection.v1alpha.ServerReflection
 
 Audit: --audit-log FILE appends one JSON line per verdict (never patient data); SIGHUP reopens the
 file after logrotate has moved it.
