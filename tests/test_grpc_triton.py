@@ -187,6 +187,28 @@ def test_stream_answers_every_request_and_survives_errors(env):
     assert any("unknown model" in e for e in errors)
 
 
+def test_stream_requests_share_engine_batches(env):
+    """One stream's requests are verified concurrently: they batch (fewer engine calls than images)."""
+    answers: queue.Queue = queue.Queue()
+    n = 16
+    payloads = [png16(phantom(k % 4, 40 + k)) for k in range(n)]
+    before = _stats(env)
+    client = tc.InferenceServerClient(url=env["server"].target)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for k, data in enumerate(payloads):
+            client.async_stream_infer(env["name"], [_bytes_input(data)], request_id=f"r{k}")
+        got = [answers.get(timeout=60) for _ in range(n)]
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(e is None for _, e in got), [str(e) for _, e in got if e is not None]
+    assert sorted(r.get_response().id for r, _ in got) == sorted(f"r{k}" for k in range(n))
+    after = _stats(env)
+    assert after.inference_count - before.inference_count == n
+    assert after.execution_count - before.execution_count < n
+
+
 # -------------------------------------------------------------------- model load / unload
 
 
