@@ -188,9 +188,11 @@ def test_stream_answers_every_request_and_survives_errors(env):
 
 
 def test_stream_requests_share_engine_batches(env):
-    """One stream's requests are verified concurrently: they batch (fewer engine calls than images)."""
+    """One stream's requests are verified concurrently: they batch (fewer engine calls than images). More
+    requests than the stream may hold at once (2 batches' worth) are all answered: the bound only delays
+    reading."""
     answers: queue.Queue = queue.Queue()
-    n = 16
+    n = 5 * MAX_BATCH
     payloads = [png16(phantom(k % 4, 40 + k)) for k in range(n)]
     before = _stats(env)
     client = tc.InferenceServerClient(url=env["server"].target)

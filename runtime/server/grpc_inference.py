@@ -396,8 +396,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         # Requests are read and verified concurrently (so they share engine batches) and answered as
-        # they complete, like Triton's stream. The semaphore bounds a fast sender's work in progress:
-        # the reader stops reading (gRPC flow control pushes back) until answers have gone out.
+        # they complete, like Triton's stream. The semaphore bounds what a stream holds (requests in
+        # progress plus answers not yet written): a slot is freed only once its answer went out, so a
+        # client that sends fast but reads slowly stops being read (gRPC flow control pushes back).
         answers: asyncio.Queue = asyncio.Queue()
         plane = self.state.plane
         slots = asyncio.Semaphore(self.STREAM_IN_FLIGHT_PER_BATCH * (plane.config.max_batch_size if plane else 8))
@@ -419,7 +420,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     await slots.acquire()
                     task = asyncio.ensure_future(one(req))
                     tasks.add(task)
-                    task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+                    task.add_done_callback(tasks.discard)
                 while tasks:
                     await asyncio.wait(set(tasks))
             finally:
@@ -429,6 +430,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                slots.release()
             await reading  # the client's half-close, or its error
         finally:
             reading.cancel()
