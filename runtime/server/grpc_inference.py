@@ -254,7 +254,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``state``: the server's :class:`~gamguard.runtime.server.app.ServerState` (``plane`` once a
     model is loaded; ``control`` loads and unloads it when model control is enabled)."""
 
-    STREAM_IN_FLIGHT_PER_BATCH = 2  # a stream's requests in progress at once, in batches' worth
+    STREAM_IN_FLIGHT_PER_BATCH = 2  # what one stream may hold (in progress or answer unwritten), in batches
 
     def __init__(self, state):
         self.state = state
