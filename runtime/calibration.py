@@ -9,15 +9,17 @@ and cut into three parts —
 
 * **reference** (50 %): per real class, the mean Grad-CAM of the *correctly classified* images (of
   all its images when fewer than ``MIN_REFERENCE_PER_CLASS`` are correct); the early-feature reference statistics
-  (:class:`gamguard.runtime.checks.FeatureReference`, all images, classes pooled);
+  (:class:`gamguard.runtime.checks.FeatureReference`: class means and a Ledoit-Wolf tied covariance);
 * **null** (25 %, "part A"): every check's score distribution on in-distribution data. Each score
   becomes a one-sided empirical p-value in the direction of dissimilarity (:class:`TailPValue`).
   Attention measures are scored against the reference map of the *predicted* class (that is what
   serving does) and get per-class null distributions when that class has at least
-  ``MIN_NULL_PER_CLASS`` null images, the pooled distribution otherwise; the feature score is pooled;
+  ``MIN_NULL_PER_CLASS`` null images, the pooled distribution otherwise; the feature score and the
+  garbage margin are pooled;
 * **conformal** (25 %, "part B"): the distribution of the combined statistic
-  ``s = min(p-values of the enforced checks)`` (``s = 0`` for an input predicted as the garbage class
-  when the garbage check is enforced). An input is rejected when its conformal p-value
+  ``s = min(p-values of the enforced checks)`` (garbage margin, attention, feature; ``s = 0`` for an
+  input predicted as the garbage class when the garbage check is enforced). An input is rejected when its
+  conformal p-value
   ``(1 + #{b in B: s_b <= s}) / (|B| + 1)`` is ``<= alpha``; by exchangeability (split conformal
   inference) the in-distribution false-rejection rate is then at most ``alpha``, garbage-class
   rejections of in-distribution images included. Equivalently: reject when ``s < t*`` with
@@ -74,7 +76,7 @@ MIN_REFERENCE_PER_CLASS = 5
 CROSSFIT_FOLDS = 5
 BATCH = 32
 
-__all__ = ["CalibrationError", "calibrate_bundle", "crossfit_rates", "recalibrate_alpha"]
+__all__ = ["CalibrationError", "calibrate_bundle", "calibrate_site", "crossfit_rates", "recalibrate_alpha"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,14 +125,12 @@ def crossfit_rates(held: ScoreSet, n_classes: int, alpha: float, seed: int) -> d
         rest = rng.permutation(rest)
         a, b = rest[: rest.size // 2], rest[rest.size // 2 :]
         null = NullModel(held.take(a), n_classes)
-        pm_b, pf_b = null.pvalues(held.take(b))
-        pa_b = null.attention_p(pm_b)
-        ev = held.take(fold)
-        pm, pf = null.pvalues(ev)
+        pv_b = null.pvalues(held.take(b))
+        pv = null.pvalues(held.take(fold))
         for key in all_check_sets():
-            cut = ConformalCut(combined_statistic(pa_b, pf_b, held.garbage_pred[b], key), alpha, null)
+            cut = ConformalCut(combined_statistic(pv_b, key), alpha, null)
             for policy in ("calibrated", "strict"):
-                d = decide(pm, pf, ev.garbage_pred, checks=key, policy=policy, alpha=alpha, cut=cut)
+                d = decide(pv, checks=key, policy=policy, alpha=alpha, cut=cut)
                 counts[key][policy] += [d.reject.sum(), d.garbage.sum(), d.attention.sum(), d.feature.sum()]
     for key, per_policy in counts.items():
         out[key] = {
@@ -285,13 +285,14 @@ def build_references(
 ) -> References:
     """Step 2: per real class, the mean Grad-CAM of the *correctly classified* reference images (of all its
     images when fewer than ``MIN_REFERENCE_PER_CLASS`` are correct); the early-feature reference over all
-    reference images, classes pooled."""
+    reference images with their labels (class-conditional Mahalanobis, :mod:`gamguard.runtime.checks.feature`)."""
     h, w = spec.height, spec.width
     cam_sum = np.zeros((len(real), h, w), np.float64)
     cam_n = np.zeros(len(real), np.int64)
     all_sum = np.zeros_like(cam_sum)
     all_n = np.zeros(len(real), np.int64)
     early_parts: list[np.ndarray] = []
+    early_labels: list[np.ndarray] = []
     correct = [0]
 
     def on_batch(idx, out):
@@ -309,6 +310,7 @@ def build_references(
                 cam_n[c] += 1
         correct[0] += int((pred == lab).sum())
         early_parts.append(out.early)
+        early_labels.append(lab)
 
     run_engine(engine, split.ref_images, split.ref_idx, spec, on_batch, progress=progress, label="reference part")
     fallback = []
@@ -330,7 +332,7 @@ def build_references(
         cam=(sums / counts[:, None, None]).astype(np.float32),
         counts=counts.astype(np.int64),
         fallback=fallback,
-        feature=FeatureReference.fit(np.concatenate(early_parts)),
+        feature=FeatureReference.fit(np.concatenate(early_parts), np.concatenate(early_labels)),
         accuracy=float(correct[0] / max(len(split.ref_idx), 1)),
     )
 
@@ -475,5 +477,137 @@ def calibrate_bundle(
         progress(
             f"done: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "
             f"at alpha {alpha} ({cal['measured_method']})"
+        )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Site calibration: new null tables and conformal cut from a site's own unlabelled images
+# --------------------------------------------------------------------------------------------------
+
+#: fewest site images accepted whatever alpha asks for: the null tables' tails (TailPValue) and the
+#: per-class attention tables need some images besides the conformal part's ``2 / alpha``
+MIN_SITE_IMAGES = 100
+
+
+def min_site_images(alpha: float) -> int:
+    """The fewest unlabelled site images :func:`calibrate_site` accepts at ``alpha``: half of them form the
+    conformal part, which needs ``ceil(2 / alpha)`` (so that ``t*`` is not the smallest statistic)."""
+    return max(MIN_SITE_IMAGES, 2 * int(math.ceil(2.0 / alpha)))
+
+
+def site_arrays(arrays: dict, site: ScoreSet, seed: int) -> tuple[dict, int, int]:
+    """``reference.npz`` arrays with the null and conformal parts replaced by the site's scores (seeded
+    50/50 split); the references (maps, feature statistics) are kept. Returns ``(arrays, n_null, n_conf)``."""
+    n = site.feature.size
+    perm = np.random.default_rng(seed).permutation(n)
+    null_idx, conf_idx = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
+    out = {k: v for k, v in arrays.items() if not k.startswith(("null_", "conformal_"))}
+    out.update(site.take(null_idx).to_arrays("null_"))
+    out.update(site.take(conf_idx).to_arrays("conformal_"))
+    return out, int(null_idx.size), int(conf_idx.size)
+
+
+def score_images(
+    bundle_dir: str | Path,
+    images,
+    n: int,
+    *,
+    providers=None,
+    threads=None,
+    progress=_progress,
+    label: str = "site images",
+) -> ScoreSet:
+    """The guard's raw scores of ``n`` decoded images (``images(i)``) against the bundle's references, with
+    the deployed engine — exactly as serving computes them."""
+    from .engines import create_engine
+
+    bundle_dir = Path(bundle_dir)
+    manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=True)
+    data = CalibrationData.load(bundle_dir, manifest)
+    engine = create_engine(bundle_dir, manifest, providers=providers, threads=threads)
+    spec = InputSpec.from_manifest(manifest["input"])
+    parts: list[ScoreSet] = []
+    run_engine(
+        engine,
+        images,
+        np.arange(n),
+        spec,
+        lambda idx, out: parts.append(data.score(out.logits, out.cam, out.early)),
+        progress=progress,
+        label=label,
+    )
+    return ScoreSet.concat(parts)
+
+
+def calibrate_site(
+    bundle_dir: str | Path,
+    *,
+    images: Callable[[int], np.ndarray],
+    n: int,
+    site: dict,
+    alpha: float | None = None,
+    seed: int = 0,
+    providers=None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = _progress,
+) -> dict:
+    """Re-fit the null tables and the conformal cut of a calibrated bundle from ``n`` unlabelled
+    in-distribution images of a new site (``images(i)``), keeping its references, model and engine.
+
+    Why: the false-rejection bound holds for data exchangeable with the conformal part. A new console or
+    hospital shifts every score a little (on the ``evaluate`` preset the PneumoniaMNIST test split, a
+    separately collected set, is falsely rejected at 0.14 by a guard calibrated at alpha 0.05 on the
+    validation split); images of the site itself restore exchangeability. The images are split 50/50
+    (seeded) into a new null part and a new conformal part; the measured rate is cross-fitted on them.
+    ``site`` describes them (recorded in ``calibration.site`` with the base calibration's facts); give it
+    a ``sha256`` of the images. Refuses fewer than :func:`min_site_images` images. Returns the manifest.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = dict(bundle_mod.load_manifest(bundle_dir, require_calibration=True))
+    cal = dict(manifest["calibration"])
+    alpha = float(cal.get("alpha", DEFAULT_ALPHA) if alpha is None else alpha)
+    if not 0 < alpha < 0.5:
+        raise CalibrationError(f"alpha must be in (0, 0.5), got {alpha}")
+    need = min_site_images(alpha)
+    if n < need:
+        raise CalibrationError(
+            f"{n} site images: site calibration at alpha={alpha} needs at least {need} unlabelled in-distribution "
+            f"images of the site (half of them form the conformal part, which needs {int(math.ceil(2.0 / alpha))})"
+        )
+    if progress:
+        progress(f"site calibration: {n} images, alpha {alpha}, references and model kept")
+    scores = score_images(bundle_dir, images, n, providers=providers, threads=threads, progress=progress)
+    arrays, n_null, n_conf = site_arrays(read_reference_arrays(bundle_dir), scores, seed)
+    rates = crossfit_rates(scores, len(manifest["class_names"]), alpha, seed)
+    base = cal.get("site", {}).get("base") or {
+        k: cal.get(k) for k in ("dataset", "split", "n", "alpha", "measured_false_rejection_rate", "created")
+    }
+    cal["site"] = {
+        **site,
+        "n": int(n),
+        "null": n_null,
+        "conformal": n_conf,
+        "seed": int(seed),
+        "method": "numpy.random.default_rng(seed).permutation, 50/50 null/conformal; references kept",
+        "garbage_rate": float(np.mean(scores.garbage_pred)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": base,
+    }
+    cal["alpha"] = alpha
+    cal["heldout_garbage_rate"] = cal["site"]["garbage_rate"]
+    guard_section = manifest.get("guard") or {"policy": "calibrated", "enforced_checks": list(CHECKS)}
+    key = checks_key(guard_section["enforced_checks"])
+    _set_measured(cal, rates, key, guard_section["policy"])
+    cal["measured_method"] = f"{CROSSFIT_FOLDS}-fold cross-fitted on the site images"
+    manifest["calibration"] = cal
+    _record_thresholds(manifest, arrays)
+    _check_cut_is_usable(manifest, key, alpha)
+    write_reference_file(bundle_dir, arrays)
+    manifest = bundle_mod.write_manifest(bundle_dir, manifest)
+    if progress:
+        progress(
+            f"done: site {site.get('name', '?')!r}, measured false-rejection rate on the site images "
+            f"{cal['measured_false_rejection_rate']:.3f} at alpha {alpha} ({cal['measured_method']})"
         )
     return manifest

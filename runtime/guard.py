@@ -9,12 +9,15 @@ Checks (each can be enforced or not; ``bundle.json`` ``guard.enforced_checks``, 
   ``attention.<measure>.p`` against the held-out in-distribution scores, and the smallest of them,
   calibrated once more against the null part, is the check's p-value ``attention.p``
   (:mod:`gamguard.runtime.checks.attention`) → ``ATTENTION_MISMATCH`` with the measures that failed;
-* ``feature`` — the early-feature dissimilarity (:mod:`gamguard.runtime.checks.feature`) and its p-value →
-  ``FEATURE_MISMATCH``.
+* ``feature`` — the early-feature dissimilarity, a class-conditional Mahalanobis distance
+  (:mod:`gamguard.runtime.checks.feature`), and its p-value ``feature.p`` → ``FEATURE_MISMATCH``;
+* the ``garbage`` check also has a continuous score, ``garbage_margin`` (garbage logit minus the largest
+  real-class logit), and its p-value ``garbage.p`` (:mod:`gamguard.runtime.checks.garbage`).
 
 Policies:
 
-* ``calibrated`` (default): ``combined_p`` = the minimum p-value of the enforced checks; the input is
+* ``calibrated`` (default): ``combined_p`` = the minimum p-value of the enforced checks (``garbage.p``,
+  ``attention.p``, ``feature.p``; see :mod:`gamguard.runtime.checks.combine`); the input is
   rejected when its split-conformal p-value ``conformal_p`` against the calibration's conformal part is
   ``<= alpha``, which bounds the in-distribution false-rejection rate (garbage-class rejections
   included) at ``alpha``. Equivalently every check fails whose p-value is below the calibrated level
@@ -65,7 +68,7 @@ class Verdict:
     label_index: int | None  # only when accepted
     probabilities: dict[str, float] | None  # softmax over real classes, only when accepted
     reasons: list[str]  # subset of REASONS, empty when accepted
-    failed_measures: list[str]  # e.g. ["ssim", "wasserstein"] for ATTENTION_MISMATCH
+    failed_measures: list[str]  # e.g. ["ssim", "sliced_wasserstein"] for ATTENTION_MISMATCH
     scores: dict[str, float]  # every check's score
     thresholds: dict[str, float]  # threshold per score where one applies
     cam: np.ndarray | None = None  # [H, W] float32 in [0,1] (model input size), also when rejected
@@ -155,7 +158,7 @@ class Guard:
         # the score names in verdict order and, per predicted real class, the full thresholds dict.
         self._measure_level = calibration.null.measure_level(self.level)
         self._score_keys = (
-            ["garbage_prob"]
+            ["garbage_prob", "garbage_margin", "garbage.p"]
             + [k for m in MEASURES for k in (f"attention.{m}", f"attention.{m}.p")]
             + ["attention.p", "feature", "feature.p", "combined_p"]
             + (["conformal_p"] if policy == "calibrated" else [])
@@ -166,6 +169,7 @@ class Guard:
             for m in MEASURES:
                 t[f"attention.{m}"] = raw[f"attention.{m}"]
                 t[f"attention.{m}.p"] = self._measure_level
+            t.update({"garbage_margin": raw["garbage_margin"], "garbage.p": self.level})
             t.update({"attention.p": self.level, "feature": raw["feature"], "feature.p": self.level})
             if policy == "calibrated":
                 t.update({"combined_p": self.level, "conformal_p": self.alpha})
@@ -217,21 +221,21 @@ class Guard:
     # ------------------------------------------------------------------------------------------
     def decide_outputs(self, out, *, checks: str | None = None, policy: str | None = None):
         """The guard's decision on finite engine outputs (``logits``, ``cam``, ``early``):
-        ``(scores, pm, pf, decisions)`` — raw scores, per-measure and feature p-values, and the
+        ``(scores, pvalues, decisions)`` — raw scores, every check's p-values, and the
         :class:`~gamguard.runtime.checks.Decisions` under this guard's policy, enforced checks and
         conformal cut (or the given ``checks`` / ``policy``). The one place where serving, evaluation
         and the TensorRT drift check turn engine outputs into a decision."""
         cal = self.calibration
         s = cal.score(out.logits, out.cam, out.early)
-        pm, pf = cal.null.pvalues(s)
-        return s, pm, pf, self.decide_pvalues(pm, pf, s.garbage_pred, checks=checks, policy=policy)
+        pv = cal.null.pvalues(s)
+        return s, pv, self.decide_pvalues(pv, checks=checks, policy=policy)
 
-    def decide_pvalues(self, pm, pf, garbage_pred, *, checks: str | None = None, policy: str | None = None):
+    def decide_pvalues(self, pv, *, checks: str | None = None, policy: str | None = None):
         """:func:`~gamguard.runtime.checks.decide` with this guard's alpha and the cut of ``checks``
         (default: the guard's own policy, enforced checks and cut)."""
         checks = self.enforced_checks if checks is None else checks
         cut = self.cut if checks == self.enforced_checks else self.calibration.cuts[checks]
-        return decide(pm, pf, garbage_pred, checks=checks, policy=policy or self.policy, alpha=self.alpha, cut=cut)
+        return decide(pv, checks=checks, policy=policy or self.policy, alpha=self.alpha, cut=cut)
 
     # ------------------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -364,10 +368,10 @@ class Guard:
         out = {k: [] for k in keys}
         for start in range(0, len(images), batch):
             x = preprocess_batch(list(images[start : start + batch]), self.spec)
-            s, pm, pf, d = self.decide_outputs(self.engine.run(x), checks=keys[0], policy=policy)
+            s, pv, d = self.decide_outputs(self.engine.run(x), checks=keys[0], policy=policy)
             out[keys[0]].append(d.reject)
             for k in keys[1:]:
-                out[k].append(self.decide_pvalues(pm, pf, s.garbage_pred, checks=k, policy=policy).reject)
+                out[k].append(self.decide_pvalues(pv, checks=k, policy=policy).reject)
         return {k: np.concatenate(v) if v else np.zeros(0, bool) for k, v in out.items()}
 
     def _decide(self, batch: np.ndarray) -> list[Verdict]:
@@ -401,22 +405,24 @@ class Guard:
     def _judge(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
         """Scores, p-values and the decision for finite engine outputs of ``n`` inputs."""
         cal = self.calibration
-        s, pm, pf, d = self.decide_outputs(out)
-        combined = combined_statistic(d.attention_p, pf, np.zeros(n, bool), self.enforced_checks)
+        s, pv, d = self.decide_outputs(out)
+        combined = d.combined_p
         real = cal.real
         real_probs = softmax(np.asarray(out.logits, np.float64)[:, real])
         # One [N, n_scores] matrix in self._score_keys order, converted to Python floats in one call.
         m = len(MEASURES)
         cols = [
             s.garbage_prob[:, None],
-            np.stack((s.sims, pm), axis=2).reshape(n, 2 * m),
-            d.attention_p[:, None],
+            s.garbage_margin[:, None],
+            pv.garbage[:, None],
+            np.stack((s.sims, pv.measures), axis=2).reshape(n, 2 * m),
+            pv.attention[:, None],
             s.feature[:, None],
-            pf[:, None],
+            pv.feature[:, None],
             combined[:, None],
         ]
         if self.policy == "calibrated":
-            cols.append(self.cut.p_value(np.where(d.garbage, 0.0, combined))[:, None])  # conformal_p
+            cols.append(self.cut.p_value(combined_statistic(pv, self.enforced_checks))[:, None])  # conformal_p
         score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
         prob_rows = real_probs.tolist()
         real_names = [self.class_names[c] for c in real]

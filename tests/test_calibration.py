@@ -14,6 +14,7 @@ import pytest
 from gamguard.runtime.checks import (
     ConformalCut,
     FeatureReference,
+    PValues,
     TailPValue,
     all_check_sets,
     checks_key,
@@ -106,14 +107,16 @@ def _null_model():
         pred_real=np.zeros(n, int),
         garbage_prob=np.zeros(n),
         garbage_pred=np.zeros(n, bool),
+        garbage_margin=rng.normal(-5.0, 1.0, n),
     )
     return NullModel(s, n_classes=2), s
 
 
 def test_null_model_attention_pvalue_is_calibrated():
     null, s = _null_model()
-    pm, pf = null.pvalues(s)
-    pa = null.attention_p(pm)
+    pv = null.pvalues(s)
+    pm, pf, pa, pg = pv.measures, pv.feature, pv.attention, pv.garbage
+    assert abs(np.mean(pg <= 0.05) - 0.05) < 0.03
     # the minimum of seven p-values is far from uniform; the calibrated attention p is not
     assert np.mean(pm.min(axis=1) <= 0.05) > 0.15
     assert abs(np.mean(pa <= 0.05) - 0.05) < 0.03 and abs(np.mean(pf <= 0.05) - 0.05) < 0.03
@@ -122,52 +125,83 @@ def test_null_model_attention_pvalue_is_calibrated():
         assert np.array_equal(pa < level, pm.min(axis=1) < ml)
 
 
+def _pv(null, pm, pf, garbage, pg=None):
+    pg = np.full(len(pf), 0.5) if pg is None else pg
+    return PValues(measures=pm, attention=null.attention_p(pm), feature=pf, garbage=pg, garbage_pred=garbage)
+
+
 def test_decide_reasons_follow_the_failing_pvalues():
     null, _ = _null_model()
     ml = null.measure_level(0.01)
-    pm = np.full((4, 7), 0.5)
+    pm = np.full((5, 7), 0.5)
     pm[1, [1, 5]] = ml / 10  # two measures far below the level → attention fails, naming both
-    pf = np.array([0.5, 0.5, 0.0001, 0.5])
-    garbage = np.array([False, False, False, True])
+    pf = np.array([0.5, 0.5, 0.0001, 0.5, 0.5])
+    pg = np.array([0.5, 0.5, 0.5, 0.5, 0.0001])  # item 4: garbage margin unusually high, argmax not garbage
+    garbage = np.array([False, False, False, True, False])
+    pv = _pv(null, pm, pf, garbage, pg)
     cut = ConformalCut(np.linspace(0.01, 1, 200), 0.05, null)
     assert cut.threshold == pytest.approx(0.01 + 9 * (0.99 / 199))
-    d = decide(pm, pf, garbage, checks="garbage+attention+feature", policy="calibrated", alpha=0.05, cut=cut)
-    assert d.reject.tolist() == [False, True, True, True]
-    assert d.attention.tolist() == [False, True, False, False]
-    assert d.failed_measures[1].nonzero()[0].tolist() == [1, 5] and not d.failed_measures[[0, 2, 3]].any()
-    assert d.feature.tolist() == [False, False, True, False]
-    assert d.garbage.tolist() == [False, False, False, True]
+    d = decide(pv, checks="garbage+attention+feature", policy="calibrated", alpha=0.05, cut=cut)
+    assert d.reject.tolist() == [False, True, True, True, True]
+    assert d.attention.tolist() == [False, True, False, False, False]
+    assert d.failed_measures[1].nonzero()[0].tolist() == [1, 5] and not d.failed_measures[[0, 2, 3, 4]].any()
+    assert d.feature.tolist() == [False, False, True, False, False]
+    assert d.garbage.tolist() == [False, False, False, True, True]
     # not enforced → never a reason
-    d = decide(pm, pf, garbage, checks="attention", policy="calibrated", alpha=0.05, cut=cut)
-    assert d.reject.tolist() == [False, True, False, False] and not d.failed_measures[2].any()
+    d = decide(pv, checks="attention", policy="calibrated", alpha=0.05, cut=cut)
+    assert d.reject.tolist() == [False, True, False, False, False] and not d.failed_measures[2].any()
     # strict compares each check's own p with alpha
-    d = decide(pm, pf * 0 + 0.04, garbage * False, checks="feature", policy="strict", alpha=0.05, cut=None, null=null)
+    pv_strict = _pv(null, pm, pf * 0 + 0.04, garbage * False)
+    d = decide(pv_strict, checks="feature", policy="strict", alpha=0.05, cut=None, null=null)
     assert d.reject.all() and d.level == 0.05
-    # calibrated: rejection <=> combined statistic below the cut
-    s = combined_statistic(d.attention_p, pf, garbage, "garbage+attention+feature")
-    d = decide(pm, pf, garbage, checks="garbage+attention+feature", policy="calibrated", alpha=0.05, cut=cut)
+    # calibrated: rejection <=> combined statistic below the cut; the ranking score is the plain minimum
+    s = combined_statistic(pv, "garbage+attention+feature")
+    d = decide(pv, checks="garbage+attention+feature", policy="calibrated", alpha=0.05, cut=cut)
     assert np.array_equal(d.reject, s < cut.threshold)
+    assert s[3] == 0.0 and d.combined_p[3] == pytest.approx(0.5)
+    assert np.allclose(d.combined_p, np.minimum.reduce([pv.garbage, pv.attention, pv.feature]))
     with pytest.raises(ValueError, match="null model"):
-        decide(pm, pf, garbage, checks="attention", policy="calibrated", alpha=0.05, cut=ConformalCut(pf, 0.05))
+        decide(pv, checks="attention", policy="calibrated", alpha=0.05, cut=ConformalCut(pf, 0.05))
 
 
 # ---------------------------------------------------------------------------------------------- features
-def test_feature_reference_scores_structure_changes():
+def test_feature_reference_is_class_conditional_mahalanobis():
+    from sklearn.covariance import LedoitWolf
+
     rng = np.random.default_rng(4)
-    base = rng.normal(size=(8, 6, 6)).astype(np.float32)
-    train = base + 0.3 * rng.normal(size=(300, 8, 6, 6)).astype(np.float32)
-    ref = FeatureReference.fit(train)
-    same = ref.score(base + 0.3 * rng.normal(size=(50, 8, 6, 6)).astype(np.float32))
-    rotated = ref.score(np.rot90(base, axes=(1, 2))[None] + 0.3 * rng.normal(size=(50, 8, 6, 6)).astype(np.float32))
-    inverted = ref.score(-base[None] + 0.3 * rng.normal(size=(50, 8, 6, 6)).astype(np.float32))
-    assert 1.0 < np.median(same) < 3.0  # two terms, each ~1 on in-distribution data by construction
+    base = rng.normal(size=(2, 4, 3, 3)).astype(np.float32)  # two classes, D = 36
+    labels = rng.integers(0, 2, 400)
+    train = base[labels] + 0.3 * rng.normal(size=(400, 4, 3, 3)).astype(np.float32)
+    ref = FeatureReference.fit(train, labels)
+    # the score is min over classes of (x - mu_k)^T S^-1 (x - mu_k), S sklearn's Ledoit-Wolf covariance
+    x = train.reshape(400, -1).astype(np.float64)
+    mus = np.stack([x[labels == k].mean(0) for k in (0, 1)])
+    prec = np.linalg.inv(LedoitWolf(assume_centered=True).fit(x - mus[labels]).covariance_)
+    test = base[[0, 1, 1]] + 0.3 * rng.normal(size=(3, 4, 3, 3)).astype(np.float32)
+    d = test.reshape(3, 1, -1) - mus[None]
+    want = np.einsum("nkd,de,nke->nk", d, prec, d).min(axis=1)
+    assert np.allclose(ref.score(test), want, rtol=1e-3)
+    # in-distribution scores are near D (chi-square); structure changes are far above
+    same = ref.score(base[labels[:50]] + 0.3 * rng.normal(size=(50, 4, 3, 3)).astype(np.float32))
+    rotated = ref.score(
+        np.rot90(base[labels[:50]], axes=(2, 3)) + 0.3 * rng.normal(size=(50, 4, 3, 3)).astype(np.float32)
+    )
+    inverted = ref.score(-base[labels[:50]] + 0.3 * rng.normal(size=(50, 4, 3, 3)).astype(np.float32))
+    assert 20 < np.median(same) < 60
     assert rotated.min() > same.max() and inverted.min() > same.max()
-    bad = base[None].copy()
+    bad = base[:1].copy()
     bad[0, 0, 0, 0] = np.nan
     assert ref.score(bad)[0] == np.inf
-    arrays = ref.to_arrays()
-    back = FeatureReference.from_arrays(arrays)
+    back = FeatureReference.from_arrays(ref.to_arrays())
     assert np.array_equal(back.score(train[:5]), ref.score(train[:5]))
+
+
+def test_old_feature_reference_is_refused_with_a_recalibrate_message():
+    from gamguard.runtime.bundle import BundleError
+
+    old = {"feature_mean": np.zeros((2, 2, 2)), "feature_sd": np.ones((2, 2, 2)), "feature_n": np.asarray(3)}
+    with pytest.raises(BundleError, match="re-calibrate"):
+        FeatureReference.from_arrays(old)
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -208,7 +242,7 @@ def test_calibrate_command_writes_references_hashes_and_is_seeded(copy_bundle):
     images, labels = load_phantoms(40, 3, spec, m2["class_names"], m2["garbage_class"])
     calibrate_bundle(b2, images=images.__getitem__, labels=labels, dataset={"kind": "phantoms"}, seed=3, progress=None)
     with np.load(b1 / "reference.npz") as z1, np.load(b2 / "reference.npz") as z2:
-        for k in ("ref_cam", "feature_mean", "null_sims", "conformal_feature"):
+        for k in ("ref_cam", "feature_whitener", "null_sims", "conformal_feature"):
             assert np.allclose(z1[k], z2[k], rtol=1e-5, atol=1e-6), f"{k} differs between runs with the same seed"
     # a new alpha from the stored scores: no images needed, the cut moves, hashes are rewritten
     t05 = cal["thresholds"]["conformal_t"]["garbage+attention+feature"]

@@ -15,8 +15,16 @@ from gamguard.runtime import similarity as sim
 G = sim.DEFAULT_GRID
 FUNCS = {name: getattr(sim, name) for name in sim.MEASURES}
 # The value each measure takes for two identical (non-constant) maps: its "most similar" end.
-BEST = {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 1.0, "pearson": 1.0, "kl_divergence": 0.0, "wasserstein": 0.0}
-SYMMETRIC = ("iou", "dice", "ssim", "cosine", "pearson", "wasserstein")
+BEST = {
+    "iou": 1.0,
+    "dice": 1.0,
+    "ssim": 1.0,
+    "cosine": 1.0,
+    "pearson": 1.0,
+    "kl_divergence": 0.0,
+    "sliced_wasserstein": 0.0,
+}
+SYMMETRIC = ("iou", "dice", "ssim", "cosine", "pearson", "sliced_wasserstein")
 
 
 def smooth_map(rng, size=G, sigma=3.0):
@@ -47,9 +55,9 @@ def exact_w1(a, b, grid=G):
 
 # --- registry -------------------------------------------------------------------------------------
 def test_measure_registry():
-    assert sim.MEASURES == ("iou", "dice", "ssim", "cosine", "pearson", "kl_divergence", "wasserstein")
+    assert sim.MEASURES == ("iou", "dice", "ssim", "cosine", "pearson", "kl_divergence", "sliced_wasserstein")
     assert set(sim.HIGHER_IS_SIMILAR) == set(sim.MEASURES)
-    assert [n for n in sim.MEASURES if not sim.HIGHER_IS_SIMILAR[n]] == ["kl_divergence", "wasserstein"]
+    assert [n for n in sim.MEASURES if not sim.HIGHER_IS_SIMILAR[n]] == ["kl_divergence", "sliced_wasserstein"]
 
 
 # --- prepare --------------------------------------------------------------------------------------
@@ -149,12 +157,28 @@ EDGE_CASES = {
     "both_zero": (
         ZERO,
         ZERO,
-        {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 0.0, "pearson": 0.0, "kl_divergence": 0.0, "wasserstein": 0.0},
+        {
+            "iou": 1.0,
+            "dice": 1.0,
+            "ssim": 1.0,
+            "cosine": 0.0,
+            "pearson": 0.0,
+            "kl_divergence": 0.0,
+            "sliced_wasserstein": 0.0,
+        },
     ),
     "both_constant": (
         CONST,
         CONST * 2,
-        {"iou": 1.0, "dice": 1.0, "ssim": 1.0, "cosine": 0.0, "pearson": 0.0, "kl_divergence": 0.0, "wasserstein": 0.0},
+        {
+            "iou": 1.0,
+            "dice": 1.0,
+            "ssim": 1.0,
+            "cosine": 0.0,
+            "pearson": 0.0,
+            "kl_divergence": 0.0,
+            "sliced_wasserstein": 0.0,
+        },
     ),
     "zero_vs_blob": (
         ZERO,
@@ -166,7 +190,7 @@ EDGE_CASES = {
             "cosine": 0.0,
             "pearson": 0.0,
             "kl_divergence": (0.1, 30.0),
-            "wasserstein": (0.1, 1.5),
+            "sliced_wasserstein": (0.1, 1.5),
         },
     ),
     "constant_vs_blob": (
@@ -179,7 +203,7 @@ EDGE_CASES = {
             "cosine": 0.0,
             "pearson": 0.0,
             "kl_divergence": (0.1, 30.0),
-            "wasserstein": (0.1, 1.5),
+            "sliced_wasserstein": (0.1, 1.5),
         },
     ),
     "disjoint": (
@@ -192,7 +216,7 @@ EDGE_CASES = {
             "cosine": 0.0,
             "pearson": (-1.0, 0.0),
             "kl_divergence": (10.0, 30.0),
-            "wasserstein": (1.04, 1.08),
+            "sliced_wasserstein": (1.04, 1.08),
         },
     ),  # shift 24/32 * sqrt 2
 }
@@ -225,7 +249,7 @@ def test_ranges_on_random_pairs():
         "ssim": (-1, 1),
         "pearson": (-1, 1),
         "kl_divergence": (0, 30),
-        "wasserstein": (0, 2**0.5),
+        "sliced_wasserstein": (0, 2**0.5),
     }.items():
         assert np.all((got[name] >= lo) & (got[name] <= hi)), name
         assert np.ptp(got[name]) > 0, name  # the scores do discriminate
@@ -274,20 +298,38 @@ def test_batch_scores_rejects_mismatched_shapes():
         sim.iou(np.zeros((2, 32, 32)), np.zeros((32, 32)))
 
 
-# --- Wasserstein approximation against POT's exact EMD --------------------------------------------
-def test_wasserstein_point_mass_moved_by_known_distance():
+# --- the exact Wasserstein (served offline) and the sliced one (served) against POT's exact EMD ------
+def test_exact_wasserstein_equals_pot_emd2_on_the_grid():
+    """``wasserstein`` is exact: POT's emd2 with an independently built cost matrix, and known transports."""
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        a, b = smooth_map(rng, G, rng.uniform(1.0, 5.0)), smooth_map(rng, 48, rng.uniform(1.0, 6.0))
+        assert sim.wasserstein(a, b) == pytest.approx(exact_w1(a, b), rel=1e-9)
+    a, b = np.zeros((G, G)), np.zeros((G, G))
+    a[4, 5], b[13, 17] = 1.0, 1.0  # moved by (9, 12) cells = 15/32
+    assert sim.wasserstein(a, b) == pytest.approx(15 / 32, rel=1e-9)
+    assert sim.wasserstein(a, a) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_served_transport_measure_is_named_for_what_it_computes():
+    """The served measure is the sliced approximation and says so; ``wasserstein`` (exact) is not served."""
+    assert "sliced_wasserstein" in sim.MEASURES and "wasserstein" not in sim.MEASURES
+    assert "sliced" in sim.sliced_wasserstein.__doc__.lower()
+
+
+def test_sliced_wasserstein_point_mass_moved_by_known_distance():
     a = np.zeros((G, G))
     b = np.zeros((G, G))
     a[4, 5] = 1.0
     b[4 + 9, 5 + 12] = 1.0  # moved by (9, 12) cells = 15/32
     assert exact_w1(a, b) == pytest.approx(15 / 32, rel=1e-9)
-    assert sim.wasserstein(a, b) == pytest.approx(15 / 32, rel=0.01)
+    assert sim.sliced_wasserstein(a, b) == pytest.approx(15 / 32, rel=0.01)
     c = np.zeros((G, G))
     c[4, 5 + 20] = 1.0  # axis-aligned move of 20/32
-    assert sim.wasserstein(a, c) == pytest.approx(20 / 32, rel=0.01)
+    assert sim.sliced_wasserstein(a, c) == pytest.approx(20 / 32, rel=0.01)
 
 
-def test_wasserstein_matches_exact_emd_for_shifted_blobs():
+def test_sliced_wasserstein_matches_exact_emd_for_shifted_blobs():
     rng = np.random.default_rng(8)
     exact, approx = [], []
     for _ in range(6):
@@ -295,14 +337,14 @@ def test_wasserstein_matches_exact_emd_for_shifted_blobs():
         off = rng.uniform(-0.25, 0.25, 2)
         sigma = rng.uniform(0.04, 0.1)
         a, b = blob(centre=c0, sigma=sigma), blob(centre=c0 + off, sigma=sigma)
-        e, w = exact_w1(a, b), sim.wasserstein(a, b)
+        e, w = exact_w1(a, b), sim.sliced_wasserstein(a, b)
         exact.append(e)
         approx.append(w)
         assert w == pytest.approx(e, rel=0.02), (c0, off, sigma)
     assert spearmanr(exact, approx)[0] > 0.95
 
 
-def test_wasserstein_error_bounds_on_random_smooth_maps():
+def test_sliced_wasserstein_error_bounds_on_random_smooth_maps():
     """Sliced W1 is a lower bound that loosens for diffuse maps; bound the error and the ranking."""
     rng = np.random.default_rng(9)
     exact, approx = [], []
@@ -310,7 +352,7 @@ def test_wasserstein_error_bounds_on_random_smooth_maps():
         a = smooth_map(rng, G, rng.uniform(1.0, 5.0))
         b = smooth_map(rng, 48, rng.uniform(1.0, 6.0))
         exact.append(exact_w1(a, b))
-        approx.append(sim.wasserstein(a, b))
+        approx.append(sim.sliced_wasserstein(a, b))
     rel = np.array(approx) / np.array(exact) - 1.0
     assert rel.min() > -0.5 and rel.max() < 0.01, (rel.min(), rel.max())
     assert np.median(rel) > -0.25, np.median(rel)

@@ -16,7 +16,18 @@ The offline job that produces ``reference.npz`` is :mod:`gamguard.runtime.calibr
 
 from __future__ import annotations
 
-from .combine import CHECKS, ConformalCut, Decisions, NullModel, all_check_sets, checks_key, combined_statistic, decide
+from .combine import (
+    CHECKS,
+    ConformalCut,
+    Decisions,
+    NullModel,
+    PValues,
+    all_check_sets,
+    checks_key,
+    combined_p,
+    combined_statistic,
+    decide,
+)
 from .errors import CalibrationError
 from .feature import FeatureReference
 from .pvalues import TailPValue, dissimilarity
@@ -33,10 +44,12 @@ __all__ = [
     "Decisions",
     "FeatureReference",
     "NullModel",
+    "PValues",
     "ScoreSet",
     "TailPValue",
     "all_check_sets",
     "checks_key",
+    "combined_p",
     "combined_statistic",
     "decide",
     "dissimilarity",

@@ -1,13 +1,19 @@
 """The combined decision: every enforced check's p-value → one statistic → a split-conformal cut.
 
-``s = min(p-values of the enforced checks)`` (``s = 0`` for an input predicted as the garbage class
-when the garbage check is enforced). An input is rejected when its conformal p-value
-``(1 + #{b in B: s_b <= s}) / (|B| + 1)`` is ``<= alpha`` (``B``: the conformal part of the
-calibration set); by exchangeability (split conformal inference) the in-distribution false-rejection
-rate is then at most ``alpha``, garbage-class rejections of in-distribution images included.
-Equivalently: reject when ``s < t*`` with ``t* = s_(k+1)``, ``k = floor(alpha (|B| + 1)) - 1``.
-``t*`` is computed for every subset of enforced checks, so checks can be switched at serve time
-without losing the guarantee.
+Each check gives a one-sided p-value against the null part: ``garbage.p`` (garbage margin),
+``attention.p`` and ``feature.p``. The combined statistic is their minimum over the enforced checks,
+``combined_p = min(p of the enforced checks)``, and ``s = combined_p`` except ``s = 0`` for an input
+predicted as the garbage class when the garbage check is enforced. The minimum was chosen on
+validation data (docs/architecture.md, "Decision"): it ranked off-distribution inputs best of the
+rules tried (Fisher's ``-2 Σ log p``, weighted Fisher, a learned logistic weighting) and keeps a
+one-line explanation — a rejected input names every check whose p-value is below the cut.
+
+An input is rejected when its conformal p-value ``(1 + #{b in B: s_b <= s}) / (|B| + 1)`` is
+``<= alpha`` (``B``: the conformal part of the calibration set); by exchangeability (split conformal
+inference) the in-distribution false-rejection rate is then at most ``alpha``, garbage-class
+rejections of in-distribution images included. Equivalently: reject when ``s < t*`` with
+``t* = s_(k+1)``, ``k = floor(alpha (|B| + 1)) - 1``. ``t*`` is computed for every subset of
+enforced checks, so checks can be switched at serve time without losing the guarantee.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class NullModel:
             )
         self.attention = AttentionNull(s, n_classes)
         self.feature = TailPValue(s.feature)
+        self.garbage = TailPValue(s.garbage_margin)
         self.n = int(s.feature.size)
 
     @property
@@ -65,9 +72,16 @@ class NullModel:
     def tables_for(self, cls: int) -> list[TailPValue]:
         return self.attention.tables_for(cls)
 
-    def pvalues(self, scores: ScoreSet) -> tuple[np.ndarray, np.ndarray]:
-        """(p per measure ``[N, M]``, p of the feature score ``[N]``)."""
-        return self.attention.measure_pvalues(scores), self.feature(scores.feature)
+    def pvalues(self, scores: ScoreSet) -> "PValues":
+        """Every check's p-value for a batch of scores."""
+        pm = self.attention.measure_pvalues(scores)
+        return PValues(
+            measures=pm,
+            attention=self.attention.p(pm),
+            feature=self.feature(scores.feature),
+            garbage=self.garbage(scores.garbage_margin),
+            garbage_pred=np.asarray(scores.garbage_pred, bool),
+        )
 
     def attention_p(self, pm: np.ndarray) -> np.ndarray:
         return self.attention.p(pm)
@@ -76,18 +90,31 @@ class NullModel:
         return self.attention.measure_level(level)
 
 
-def combined_statistic(pa: np.ndarray, pf: np.ndarray, garbage_pred: np.ndarray, checks: str) -> np.ndarray:
-    """``s = min`` of the enforced checks' p-values (``pa`` attention, ``pf`` feature; 1 when only
-    the garbage check is enforced); 0 for inputs predicted as garbage when that check is enforced."""
-    enforced = checks.split("+")
-    parts = []
-    if "attention" in enforced:
-        parts.append(np.asarray(pa, np.float64))
-    if "feature" in enforced:
-        parts.append(np.asarray(pf, np.float64))
-    s = np.minimum.reduce(parts) if parts else np.ones(np.asarray(pf).shape[0])
-    if "garbage" in enforced:
-        s = np.where(garbage_pred, 0.0, s)
+@dataclass
+class PValues:
+    """Every check's p-value for a batch (:meth:`NullModel.pvalues`)."""
+
+    measures: np.ndarray  # [N, M] per attention measure
+    attention: np.ndarray  # [N] attention.p
+    feature: np.ndarray  # [N] feature.p
+    garbage: np.ndarray  # [N] garbage.p (garbage margin)
+    garbage_pred: np.ndarray  # [N] bool, argmax is the garbage class
+
+    def of(self, check: str) -> np.ndarray:
+        return getattr(self, check)
+
+
+def combined_p(pv: PValues, checks: str) -> np.ndarray:
+    """``min`` of the enforced checks' p-values: the guard's ranking score (``combined_p``)."""
+    return np.minimum.reduce([np.asarray(pv.of(c), np.float64) for c in checks.split("+")])
+
+
+def combined_statistic(pv: PValues, checks: str) -> np.ndarray:
+    """The conformal statistic ``s``: :func:`combined_p`, and 0 for inputs predicted as garbage when
+    that check is enforced (they are always rejected)."""
+    s = combined_p(pv, checks)
+    if "garbage" in checks.split("+"):
+        s = np.where(pv.garbage_pred, 0.0, s)
     return s
 
 
@@ -121,13 +148,12 @@ class Decisions:
     failed_measures: np.ndarray  # [N, M] bool
     level: float  # the p-value level a check is compared with (t* or alpha)
     attention_p: np.ndarray  # [N] the attention check's p-value
+    combined_p: np.ndarray  # [N] min of the enforced checks' p-values
     measure_level: float  # the per-measure p-value level equivalent to ``level``
 
 
 def decide(
-    pm,
-    pf,
-    garbage_pred,
+    pv: PValues,
     *,
     checks: str,
     policy: str,
@@ -138,33 +164,32 @@ def decide(
     """Vectorised decision for a batch (``null`` defaults to ``cut.null``).
 
     ``calibrated``: a check fails when its p-value is below the conformal level t* (so the combined
-    rule rejects exactly when some enforced check fails); ``strict``: a check fails when its own
-    p-value is <= alpha (no sharing of the budget between checks: more false rejections, by design).
-    The failed measures of an attention failure are those whose own p-value is below the
-    per-measure level equivalent to the check's level (at least the smallest one)."""
+    rule rejects exactly when some enforced check fails; the garbage check also fails on a garbage
+    argmax); ``strict``: a check fails when its own p-value is <= alpha (no sharing of the budget
+    between checks: more false rejections, by design). The failed measures of an attention failure
+    are those whose own p-value is below the per-measure level equivalent to the check's level (at
+    least the smallest one)."""
     null = null if null is not None else getattr(cut, "null", None)
     if null is None:
         raise ValueError("decide needs the null model (pass null= or a cut built with one)")
     enforced = set(checks.split("+"))
-    garbage = garbage_fires(garbage_pred, enforced)
-    pm = np.asarray(pm, np.float64)
-    pa = null.attention_p(pm)
     if policy == "calibrated":
         if cut is None:
             raise ValueError("calibrated policy needs a conformal cut")
         level = cut.threshold
-        att, feat = pa < level, np.asarray(pf) < level
+        att, feat = pv.attention < level, pv.feature < level
     elif policy == "strict":
         level = alpha
-        att, feat = pa <= level, np.asarray(pf) <= level
+        att, feat = pv.attention <= level, pv.feature <= level
     else:
         raise ValueError(f"unknown policy {policy!r} (calibrated, strict)")
+    garbage = garbage_fires(pv.garbage_pred, pv.garbage, level, enforced, strict=policy == "strict")
     mlevel = null.measure_level(level)
     if "attention" not in enforced:
         att = np.zeros_like(att)
     if "feature" not in enforced:
         feat = np.zeros_like(feat)
-    failed = failed_measures(pm, att, mlevel)
+    failed = failed_measures(pv.measures, att, mlevel)
     return Decisions(
         reject=garbage | att | feat,
         garbage=garbage,
@@ -172,6 +197,7 @@ def decide(
         feature=feat,
         failed_measures=failed,
         level=float(level),
-        attention_p=pa,
+        attention_p=pv.attention,
+        combined_p=combined_p(pv, checks),
         measure_level=mlevel,
     )

@@ -41,14 +41,8 @@ class CalibrationData:
         self.null_scores = ScoreSet.from_arrays(arrays, "null_")
         self.conformal_scores = ScoreSet.from_arrays(arrays, "conformal_")
         self.null = NullModel(self.null_scores, len(self.class_names))
-        pm, pf = self.null.pvalues(self.conformal_scores)
-        pa = self.null.attention_p(pm)
-        self.cuts = {
-            key: ConformalCut(
-                combined_statistic(pa, pf, self.conformal_scores.garbage_pred, key), self.alpha, self.null
-            )
-            for key in all_check_sets()
-        }
+        pv = self.null.pvalues(self.conformal_scores)
+        self.cuts = {key: ConformalCut(combined_statistic(pv, key), self.alpha, self.null) for key in all_check_sets()}
 
     @classmethod
     def load(cls, bundle_dir: str | Path, manifest: dict) -> "CalibrationData":
@@ -82,6 +76,7 @@ class CalibrationData:
             d = table.inverse(mlevel) if mlevel > 0 else math.inf
             out[f"attention.{m}"] = -d if HIGHER_IS_SIMILAR[m] else d
         out["feature"] = self.null.feature.inverse(level)
+        out["garbage_margin"] = self.null.garbage.inverse(level)
         return out
 
 

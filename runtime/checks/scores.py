@@ -16,7 +16,7 @@ from .feature import FeatureReference
 from .garbage import garbage_prediction
 
 #: the array fields of a :class:`ScoreSet` besides its optional ``label``, in constructor order
-SCORE_FIELDS = ("sims", "feature", "pred", "pred_real", "garbage_prob", "garbage_pred")
+SCORE_FIELDS = ("sims", "feature", "pred", "pred_real", "garbage_prob", "garbage_pred", "garbage_margin")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ScoreSet:
     pred_real: np.ndarray  # [N] argmax over the real classes
     garbage_prob: np.ndarray  # [N]
     garbage_pred: np.ndarray  # [N] bool, argmax is the garbage class
+    garbage_margin: np.ndarray  # [N] garbage logit minus the largest real-class logit
     label: np.ndarray | None = None  # [N] true class indices when known (calibration)
 
     def take(self, idx) -> "ScoreSet":
@@ -39,6 +40,7 @@ class ScoreSet:
             self.pred_real[idx],
             self.garbage_prob[idx],
             self.garbage_pred[idx],
+            self.garbage_margin[idx],
             None if self.label is None else self.label[idx],
         )
 
@@ -93,7 +95,7 @@ def score_outputs(
     real = real_class_indices(logits.shape[1], garbage)
     pred = logits.argmax(axis=1)
     pred_real_pos = logits[:, real].argmax(axis=1)  # position among real classes
-    garbage_prob, garbage_pred = garbage_prediction(logits, garbage)
+    garbage_prob, garbage_margin, garbage_pred = garbage_prediction(logits, garbage)
     sims = batch_scores(cam, ref_cams[pred_real_pos], grid=grid, b_prepared=refs_prepared)
     return ScoreSet(
         sims=np.stack([np.asarray(sims[m], np.float64) for m in MEASURES], axis=1),
@@ -102,4 +104,5 @@ def score_outputs(
         pred_real=real[pred_real_pos],
         garbage_prob=garbage_prob,
         garbage_pred=garbage_pred,
+        garbage_margin=garbage_margin,
     )

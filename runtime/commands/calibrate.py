@@ -17,8 +17,17 @@ Data: --data DIR in ImageFolder layout (DIR/<class name>/*.png|jpg|dcm, class na
 or --phantoms N (N procedurally generated hand phantoms per class, generator seed
 PHANTOM_SEED_BASE + --seed, never used by training or the tests).
 
+Site calibration (--site DIR): a calibrated bundle moved to a new hospital, console or season keeps
+its model, engine and references, but its false-rejection bound holds only for data exchangeable with
+the calibration images. --site re-fits the null tables and the conformal cut from a few hundred
+unlabelled in-distribution images of the site (every image file under DIR, recursively; at least 100,
+and at least 4/alpha), split 50/50 with --seed, and records the site (--site-name, the images' SHA-256,
+the base calibration's facts) in bundle.json's calibration.site. It does not retrain or re-export and
+needs no labels; to rebuild the references too, calibrate with labelled images (--data).
+
 examples:
   gamguard calibrate --bundle out/bundle --phantoms 250
+  gamguard calibrate --bundle out/bundle --site /data/site-b/normal-week --site-name "site B console 2"
   gamguard calibrate --bundle out/bundle --data calib/ --alpha 0.10 --json
   gamguard calibrate --bundle out/bundle --from-stored-scores --alpha 0.10
 """
@@ -38,6 +47,12 @@ def add_arguments(parser):
     src.add_argument("--data", metavar="DIR", help="in-distribution images, DIR/<class>/*.png|jpg|dcm")
     src.add_argument("--phantoms", metavar="N", type=int, help="generate N hand phantoms per class instead")
     src.add_argument(
+        "--site",
+        metavar="DIR",
+        help="site calibration of an already calibrated bundle: unlabelled in-distribution images of the new "
+        "site (every image under DIR); re-fits the null tables and the conformal cut, keeps the references",
+    )
+    src.add_argument(
         "--from-stored-scores",
         action="store_true",
         help="only re-derive the thresholds for a new --alpha from the held-out scores stored in "
@@ -46,6 +61,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--alpha", type=float, default=0.05, help="bound on the in-distribution false-rejection rate (default 0.05)"
     )
+    parser.add_argument("--site-name", help="name recorded for --site (default: the folder name)")
     parser.add_argument("--seed", type=int, default=0, help="split (and phantom) seed (default 0)")
     parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu (default: TensorRT→CUDA→CPU)")
     parser.add_argument("--threads", type=int, help="engine intra-op threads")
@@ -85,9 +101,15 @@ def run(args):
         bundle_dir = bundle_mod.bundle_to_modify(args.bundle, "calibrate")
     except BundleError as exc:
         raise CommandError(str(exc)) from exc
-    if args.data is None and args.phantoms is None and not args.from_stored_scores:
-        raise CommandError("give the calibration data: --data DIR or --phantoms N (or --from-stored-scores)")
+    if args.data is None and args.phantoms is None and args.site is None and not args.from_stored_scores:
+        raise CommandError(
+            "give the calibration data: --data DIR or --phantoms N (or --site DIR, or --from-stored-scores)"
+        )
+    if args.site_name is not None and args.site is None:
+        raise CommandError("--site-name goes with --site DIR")
     try:
+        if args.site is not None:
+            return _print(args, bundle_dir, _calibrate_site(args, bundle_dir))
         if args.from_stored_scores:
             manifest = recalibrate_alpha(bundle_dir, args.alpha, progress=_progress)
             return _print(args, bundle_dir, manifest)
@@ -166,6 +188,51 @@ def run(args):
     return _print(args, bundle_dir, manifest)
 
 
+def _calibrate_site(args, bundle_dir):
+    import hashlib
+    from pathlib import Path
+
+    from gamguard.runtime.calibration import calibrate_site, min_site_images
+    from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.datasets import DatasetError, iter_image_files
+    from gamguard.runtime.decode import decode_file
+
+    root = Path(args.site)
+    if not root.is_dir():
+        raise CommandError(f"{root}: not a directory")
+    try:
+        files = iter_image_files(root)
+    except DatasetError as exc:
+        raise CommandError(str(exc)) from exc
+    need = min_site_images(args.alpha)
+    if len(files) < need:  # before decoding anything
+        raise CommandError(
+            f"{root}: {len(files)} images; site calibration at alpha={args.alpha} needs at least {need} unlabelled "
+            "in-distribution images of the site"
+        )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+
+    def get(i):
+        try:
+            return decode_file(files[i]).pixels
+        except ValueError as exc:  # DecodeError
+            raise CommandError(f"{files[i]}: {exc}; fix or remove the file and calibrate again") from exc
+
+    site = {"name": args.site_name or root.resolve().name, "path": str(root.resolve()), "sha256": digest.hexdigest()}
+    return calibrate_site(
+        bundle_dir,
+        images=get,
+        n=len(files),
+        site=site,
+        alpha=args.alpha,
+        seed=args.seed,
+        providers=args.providers,
+        threads=args.threads,
+    )
+
+
 def _print(args, bundle_dir, manifest) -> int:
     import json
 
@@ -175,6 +242,15 @@ def _print(args, bundle_dir, manifest) -> int:
     if args.json:
         print(
             json.dumps({"bundle": str(bundle_dir), "bundle_hash": bundle_mod.bundle_hash(manifest), "calibration": cal})
+        )
+    elif getattr(args, "site", None) is not None:
+        site = cal["site"]
+        print(
+            f"site-calibrated {bundle_dir} for {site['name']!r}: {site['n']} images (null {site['null']}, conformal "
+            f"{site['conformal']}), alpha={cal['alpha']}, measured false-rejection rate on the site images "
+            f"{cal['measured_false_rejection_rate']:.3f} (garbage {cal['measured_per_check']['garbage']:.3f}, "
+            f"attention {cal['measured_per_check']['attention']:.3f}, "
+            f"feature {cal['measured_per_check']['feature']:.3f}); images sha256 {site['sha256'][:16]}"
         )
     else:
         print(

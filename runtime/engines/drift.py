@@ -144,7 +144,7 @@ def guard_decider(bundle_dir, manifest):
     )
 
     def decide(batch, out):
-        return ~guard.decide_outputs(out)[3].reject
+        return ~guard.decide_outputs(out)[-1].reject
 
     return decide, guard.alpha
 
