@@ -380,12 +380,23 @@ SITE_ALPHAS = (0.05, 0.10)
 SITE_SPLITS = 20  # repeated seeded halvings, to show the spread a single site split has
 
 
-def site_protocol(guard, test_scores, seed: int, alphas=SITE_ALPHAS, splits: int = SITE_SPLITS) -> dict:
+def site_protocol(
+    guard,
+    test_scores,
+    seed: int,
+    alphas=SITE_ALPHAS,
+    splits: int = SITE_SPLITS,
+    ood_scores: dict | None = None,
+    baselines: dict | None = None,
+) -> dict:
     """Site calibration on the test split, as ``gamguard calibrate --site`` does it (same function on the
     same scores): a seeded half of the split calibrates the site (new null tables and conformal cut, the
     references kept), the other half measures the in-distribution false-rejection rate before (the
     validation-calibrated guard) and after. Done at each alpha, for the seed's split and, to show the
-    spread, for ``splits`` seeded halvings (``seed``, ``seed + 1``, ...)."""
+    spread, for ``splits`` seeded halvings (``seed``, ``seed + 1``, ...). With ``ood_scores`` (set → scores)
+    it also gives, on the seed's measured half, the guard's AUROC per set before and after site
+    calibration next to the best baseline's (``baselines``: name → (test-split scores, {set: scores}),
+    in-distribution-ness)."""
     from gamguard.runtime.calibration import site_arrays
     from gamguard.runtime.checks import CalibrationData, decide, read_reference_arrays
 
@@ -421,6 +432,23 @@ def site_protocol(guard, test_scores, seed: int, alphas=SITE_ALPHAS, splits: int
             },
         }
     first = by_alpha[f"{guard.alpha:g}"] if f"{guard.alpha:g}" in by_alpha else next(iter(by_alpha.values()))
+    auroc = {}
+    if ood_scores:
+        from gamguard.runtime.checks import combined_p
+
+        perm = np.random.default_rng(seed).permutation(n)
+        site, measured = perm[: n // 2], perm[n // 2 :]
+        site_cal = CalibrationData(site_arrays(base, test_scores.take(site), seed)[0], guard.manifest)
+        for name, scores in ood_scores.items():
+            row = {}
+            for label, cal in (("guard_before", guard.calibration), ("guard_after", site_cal)):
+                pid, pood = cal.null.pvalues(test_scores.take(measured)), cal.null.pvalues(scores)
+                row[label] = _roc(combined_p(pid, key), combined_p(pood, key))["auroc"]
+            if baselines:
+                row["best_baseline"] = max(
+                    _roc(b_id[measured], b_ood[name])["auroc"] for b_id, b_ood in baselines.values()
+                )
+            auroc[name] = row
     return {
         "n_site": int(n // 2),
         "n_measured": int(n - n // 2),
@@ -429,12 +457,13 @@ def site_protocol(guard, test_scores, seed: int, alphas=SITE_ALPHAS, splits: int
         "id_false_rejection_rate_before": first["id_false_rejection_rate_before"],
         "id_false_rejection_rate_after": first["id_false_rejection_rate_after"],
         "by_alpha": by_alpha,
+        "auroc_measured_half": auroc,
         "method": "seeded half of the PneumoniaMNIST test split -> calibration.site_arrays (null/conformal 50/50, "
         "references kept); the other half measured",
     }
 
 
-def wasserstein_agreement(guard, x: np.ndarray, n: int = 40) -> dict:
+def wasserstein_agreement(guard, x: np.ndarray, n: int = 20) -> dict:
     """The served ``sliced_wasserstein`` against the exact earth mover's distance (POT) on the first ``n``
     inputs' Grad-CAM maps vs their reference maps: relative error range and Spearman rank correlation."""
     from scipy.stats import spearmanr
@@ -515,7 +544,7 @@ def evaluate(
     id_run = _guard_run(guard, xp_test)
     id_base = baseline_scores(xp_test)
     id_scores = _score_set(guard, xp_test)
-    ood_scores = {}
+    ood_scores, ood_base = {}, {}
     accepted = id_run["accepted"]
     labels = np.array([v.label_index if v.accepted else -1 for v in id_run["verdicts"]])
     results = {
@@ -557,6 +586,7 @@ def evaluate(
             "undecodable": s["undecodable"],
         }
         base = baseline_scores(xp)
+        ood_base[name] = base
         for b, sc in base.items():
             r = _roc(id_base[b], sc)
             curves[name][b] = r.pop("curve")
@@ -565,7 +595,8 @@ def evaluate(
         ood_scores[name] = _score_set(guard, xp)
     progress("ablation (each check alone), site-calibration protocol, exact vs sliced Wasserstein")
     results["ablation"], results["ablation_id_false_rejection"] = ablation(guard, id_scores, ood_scores)
-    results["site"] = site_protocol(guard, id_scores, cfg.seed)
+    base_scores = {b: (id_base[b], {n: ood_base[n][b] for n in ood_base}) for b in id_base}
+    results["site"] = site_protocol(guard, id_scores, cfg.seed, ood_scores=ood_scores, baselines=base_scores)
     results["wasserstein_check"] = wasserstein_agreement(guard, xp_test)
     # Model suitability in the paper's sense: the guard run over a whole set, compared with its
     # calibration (rejection rate with a confidence interval, per-check rates, KS shift per score).
@@ -636,6 +667,62 @@ def _goals(r: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------- report
+
+
+def _ablation_html(results: dict) -> str:
+    names = list(results["ood"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = "".join(
+        f"<tr><td>{check}</td><td>{results['ablation_id_false_rejection'][check]:.3f}</td>"
+        + "".join(
+            f"<td>{v['auroc']:.4f} / {v['rejection_rate']:.3f}</td>"
+            for v in (results["ablation"][check][n] for n in names)
+        )
+        + "</tr>"
+        for check in results["ablation"]
+    )
+    return (
+        "<h2>Ablation: each check alone and combined</h2><p>AUROC (the check's own p-value; "
+        "<code>combined_p</code> for the combination) / rejection rate at the check's own conformal cut; "
+        "first column: false rejection on the in-distribution test split.</p>"
+        f"<table><tr><th>check</th><th>ID false rejection</th>{head}</tr>{rows}</table>"
+    )
+
+
+def _site_html(results: dict) -> str:
+    site = results["site"]
+    rows = "".join(
+        f"<tr><td>{a}</td><td>{v['id_false_rejection_rate_before']:.3f}</td>"
+        f"<td>{v['id_false_rejection_rate_after']:.3f}</td><td>{v['over_splits']['before_mean']:.3f}</td>"
+        f"<td>{v['over_splits']['after_mean']:.3f} ± {v['over_splits']['after_sd']:.3f}</td>"
+        f"<td>{v['over_splits']['after_within_2pts']:.0%}</td></tr>"
+        for a, v in site["by_alpha"].items()
+    )
+    n_splits = next(iter(site["by_alpha"].values()))["over_splits"]["n_splits"]
+    return (
+        f"<h2>Site calibration</h2><p>A seeded half of the test split ({site['n_site']} images, seed "
+        f"{site['seed']}) calibrates the site (null tables and conformal cut, no labels, references kept); the "
+        f"other {site['n_measured']} images measure the in-distribution false rejection. Mean over {n_splits} "
+        "seeded halvings alongside.</p><table><tr><th>alpha</th><th>before</th><th>after</th>"
+        f"<th>before, mean</th><th>after, mean ± sd</th><th>after within alpha ± 2 pts</th></tr>{rows}</table>"
+        + _site_auroc_html(site)
+    )
+
+
+def _site_auroc_html(site: dict) -> str:
+    auroc = site.get("auroc_measured_half") or {}
+    if not auroc:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{r['guard_before']:.4f}</td><td>{r['guard_after']:.4f}</td>"
+        f"<td>{r.get('best_baseline', float('nan')):.4f}</td></tr>"
+        for n, r in auroc.items()
+    )
+    return (
+        "<p>AUROC on the measured half (in-distribution) against each off-distribution set, the guard before "
+        "and after site calibration, and the best baseline on the same images:</p><table><tr><th>set</th>"
+        f"<th>guard before</th><th>guard after</th><th>best baseline</th></tr>{rows}</table>"
+    )
 
 
 def _img_tag(path: Path) -> str:
@@ -713,11 +800,13 @@ def _write_report(out: Path, results: dict, id_run: dict, ood: dict, curves: dic
 table{{border-collapse:collapse}}img{{max-width:100%}}</style>
 <h1>Guard efficacy: PneumoniaMNIST model</h1>
 <p>In-distribution test split: n={results["n_test"]}, false rejection {results["id_false_rejection_rate"]:.3f}
-(alpha {results["alpha"]}, calibrated {results["calibrated_false_rejection_rate"]}), accuracy of accepted
+(alpha {results["alpha"]}, calibrated {results["calibrated_false_rejection_rate"]:.3f}), accuracy of accepted
 predictions {results["accepted_accuracy"]}. Garbage class trained on: {", ".join(results["garbage_training_sets"])}
 (no real images); none of the sets below was seen in training.</p>
 <table><tr><th>set</th><th>n</th><th>guard rejection</th><th>guard AUROC</th><th>guard FPR95</th>{heads}</tr>
 {rows}</table>
+{_ablation_html(results)}
+{_site_html(results)}
 <h2>Goals</h2><pre>{html.escape(json.dumps(results["goals"], indent=1))}</pre>
 <h2>Score histograms</h2>{_img_tag(out / "histograms.png")}
 <h2>ROC curves</h2>{_img_tag(out / "roc.png")}

@@ -52,6 +52,20 @@ def test_contract_fields_and_artifacts(results):
     assert (work / "bundle" / "bundle.json").is_file() and (work / "bundle" / "reference.npz").is_file()
     for f in ("index.html", "histograms.png", "roc.png", "overlays.png", "results.json"):
         assert (work / "report" / f).is_file(), f
+    # the later contract: site protocol and ablation
+    site = r["site"]
+    assert site["n_site"] + site["n_measured"] == r["n_test"]
+    for k in ("id_false_rejection_rate_before", "id_false_rejection_rate_after"):
+        assert 0 <= site[k] <= 1
+    assert set(site["by_alpha"]) == {"0.05", "0.1"}
+    assert set(r["ablation"]) == {"garbage", "attention", "feature", "combined"}
+    for check, per_set in r["ablation"].items():
+        assert set(per_set) == set(r["ood"]), check
+        assert all(0 <= v["auroc"] <= 1 and 0 <= v["rejection_rate"] <= 1 for v in per_set.values())
+    for name, v in r["ood"].items():  # "combined" is the guard as served
+        assert r["ablation"]["combined"][name]["rejection_rate"] == pytest.approx(v["rejection_rate"])
+    w = r["wasserstein_check"]
+    assert w["n"] > 0 and w["relative_error_max"] < 0.05 and w["spearman"] > 0.5  # sliced: a lower bound
     # the garbage class is trained on generated images only: no evaluated set is among them
     assert all(s.startswith("generated:") for s in r["garbage_training_sets"])
 
