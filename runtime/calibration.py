@@ -515,7 +515,7 @@ def score_images(
     *,
     providers=None,
     threads=None,
-    progress=_progress,
+    progress=None,
     label: str = "site images",
 ) -> ScoreSet:
     """The guard's raw scores of ``n`` decoded images (``images(i)``) against the bundle's references, with
@@ -550,7 +550,7 @@ def calibrate_site(
     seed: int = 0,
     providers=None,
     threads: int | None = None,
-    progress: Callable[[str], None] | None = _progress,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Re-fit the null tables and the conformal cut of a calibrated bundle from ``n`` unlabelled
     in-distribution images of a new site (``images(i)``), keeping its references, model and engine.

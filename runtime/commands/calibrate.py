@@ -230,6 +230,7 @@ def _calibrate_site(args, bundle_dir):
         seed=args.seed,
         providers=args.providers,
         threads=args.threads,
+        progress=_progress,
     )
 
 

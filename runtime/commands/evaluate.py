@@ -87,13 +87,14 @@ def run(args) -> int:
             f"{s:20s} {r['rejection_rate']:7.3f} {r['auroc']:6.3f} {r['fpr95']:6.3f}  "
             + "  ".join(f"{results['baselines'][b][s]['auroc']:14.3f}" for b in names)
         )
-    print("ablation (AUROC / rejection):")
-    for check, per_set in results["ablation"].items():
+    if results.get("ablation"):
+        print("ablation (AUROC / rejection):")
+    for check, per_set in results.get("ablation", {}).items():
         print(
             f"  {check:10s} "
             + "  ".join(f"{s[:10]} {v['auroc']:.3f}/{v['rejection_rate']:.2f}" for s, v in per_set.items())
         )
-    for a, v in results["site"]["by_alpha"].items():
+    for a, v in results.get("site", {}).get("by_alpha", {}).items():
         print(
             f"site calibration, alpha {a}: false rejection on the measured half "
             f"{v['id_false_rejection_rate_before']:.3f} before, {v['id_false_rejection_rate_after']:.3f} after"
