@@ -208,6 +208,8 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[
     cal["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     guard_section = manifest.get("guard") or {"policy": "calibrated", "enforced_checks": list(CHECKS)}
     _set_measured(cal, rates, checks_key(guard_section["enforced_checks"]), guard_section["policy"])
+    if cal.get("site"):  # the stored null and conformal parts are the site's images
+        cal["measured_method"] = f"{CROSSFIT_FOLDS}-fold cross-fitted on the site images"
     manifest["calibration"] = cal
     _record_thresholds(manifest, arrays)
     _check_cut_is_usable(manifest, checks_key(guard_section["enforced_checks"]), alpha)

@@ -57,6 +57,11 @@ def test_site_calibration_refits_null_and_cut_keeps_references(copy_bundle, site
     assert after["null_feature"].size + after["conformal_feature"].size == site["n"]
     assert "null_label" not in after  # unlabelled
     Guard.from_bundle(b, threads=1)  # loads and serves
+    # a new alpha from the stored (site) scores keeps the site facts
+    out = _cli("calibrate", "--bundle", str(b), "--from-stored-scores", "--alpha", "0.1", "--json")
+    assert out.returncode == 0, out.stderr
+    cal10 = json.loads(out.stdout)["calibration"]
+    assert cal10["alpha"] == 0.1 and cal10["site"]["sha256"] == site["sha256"] and "site" in cal10["measured_method"]
     # the same images give the same hash and the same split (seeded)
     b2 = copy_bundle("site2")
     out2 = _cli("calibrate", "--bundle", str(b2), "--site", str(site_images), "--json")

@@ -244,7 +244,7 @@ def _print(args, bundle_dir, manifest) -> int:
         print(
             json.dumps({"bundle": str(bundle_dir), "bundle_hash": bundle_mod.bundle_hash(manifest), "calibration": cal})
         )
-    elif getattr(args, "site", None) is not None:
+    elif cal.get("site"):  # site-calibrated (also after a later --from-stored-scores on it)
         site = cal["site"]
         print(
             f"site-calibrated {bundle_dir} for {site['name']!r}: {site['n']} images (null {site['null']}, conformal "
