@@ -193,7 +193,7 @@ class Calibration(_message.Message):
     def __init__(self, alpha: _Optional[float] = ..., n: _Optional[int] = ..., measured_false_rejection_rate: _Optional[float] = ..., dataset: _Optional[str] = ..., facts_json: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "class_names", "garbage_class", "input", "file_hashes", "calibration", "policy", "enforced_checks", "engine", "providers", "info_json")
+    __slots__ = ("model", "class_names", "garbage_class", "input", "file_hashes", "calibration", "policy", "enforced_checks", "engine", "providers", "info_json", "drift")
     class FileHashesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class ModelInfo(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     class_names: _containers.RepeatedScalarFieldContainer[str]
     garbage_class: int
@@ -223,4 +224,60 @@ class ModelInfo(_message.Message):
     engine: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     info_json: str
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., garbage_class: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., file_hashes: _Optional[_Mapping[str, str]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., policy: _Optional[str] = ..., enforced_checks: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., info_json: _Optional[str] = ...) -> None: ...
+    drift: DriftStatus
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., garbage_class: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., file_hashes: _Optional[_Mapping[str, str]] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., policy: _Optional[str] = ..., enforced_checks: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., info_json: _Optional[str] = ..., drift: _Optional[_Union[DriftStatus, _Mapping]] = ...) -> None: ...
+
+class DriftStatus(_message.Message):
+    __slots__ = ("available", "drift", "n", "rejection_rate", "per_check", "window_rejection_rate", "window_per_check", "window", "reference_rate", "alpha", "statistics", "threshold", "alarm_at", "alarm_by", "state_json")
+    class PerCheckEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class WindowPerCheckEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class StatisticsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_RATE_FIELD_NUMBER: _ClassVar[int]
+    PER_CHECK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_REJECTION_RATE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_PER_CHECK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ALARM_AT_FIELD_NUMBER: _ClassVar[int]
+    ALARM_BY_FIELD_NUMBER: _ClassVar[int]
+    STATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    drift: bool
+    n: int
+    rejection_rate: float
+    per_check: _containers.ScalarMap[str, float]
+    window_rejection_rate: float
+    window_per_check: _containers.ScalarMap[str, float]
+    window: int
+    reference_rate: float
+    alpha: float
+    statistics: _containers.ScalarMap[str, float]
+    threshold: float
+    alarm_at: int
+    alarm_by: _containers.RepeatedScalarFieldContainer[str]
+    state_json: str
+    def __init__(self, available: bool = ..., drift: bool = ..., n: _Optional[int] = ..., rejection_rate: _Optional[float] = ..., per_check: _Optional[_Mapping[str, float]] = ..., window_rejection_rate: _Optional[float] = ..., window_per_check: _Optional[_Mapping[str, float]] = ..., window: _Optional[int] = ..., reference_rate: _Optional[float] = ..., alpha: _Optional[float] = ..., statistics: _Optional[_Mapping[str, float]] = ..., threshold: _Optional[float] = ..., alarm_at: _Optional[int] = ..., alarm_by: _Optional[_Iterable[str]] = ..., state_json: _Optional[str] = ...) -> None: ...

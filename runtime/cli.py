@@ -30,6 +30,7 @@ COMMANDS = (
     "calibrate",
     "verify",
     "suitability",
+    "drift",
     "serve",
     "predict",
     "bench",

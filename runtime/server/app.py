@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from gamguard.proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, guard_pb2, guard_pb2_grpc
 
+from ..drift_monitor import DriftMonitor
 from .client import read_optional
 from .config import ServeConfig
 from .dataplane import DataPlane, DataPlaneConfig
@@ -358,7 +359,8 @@ class GuardServer:
 
     async def _build_plane(self) -> DataPlane:
         """Load the configured bundle (hashes verified) into a started, self-tested data plane."""
-        guard = await asyncio.get_running_loop().run_in_executor(None, self.guard_factory)
+        loop = asyncio.get_running_loop()
+        guard = await loop.run_in_executor(None, self.guard_factory)
         self.state.expected_model_name = str(guard.manifest.get("model", {}).get("name", ""))
         cfg = self.config
         plane = DataPlane(
@@ -372,6 +374,7 @@ class GuardServer:
             ),
             metrics=self.metrics,
             audit=self.audit,
+            drift=await loop.run_in_executor(None, self._drift_monitor_for, guard),
         )
         await plane.start()
         try:
@@ -381,8 +384,25 @@ class GuardServer:
             raise
         return plane
 
+    def _drift_monitor_for(self, guard) -> DriftMonitor | None:
+        """The drift monitor of a freshly loaded guard: the serving plane's own when the bundle and its
+        guard settings are the same (a reload continues the watch), else a new one. None for stand-in
+        guards of the tests without a calibration (every real Guard has one)."""
+        if not hasattr(guard, "calibration"):
+            return None
+        old = self.state.plane
+        if (
+            old is not None
+            and old.drift is not None
+            and old.bundle_hash == str(guard.bundle_hash)
+            and (old.guard.policy, old.guard.enforced_checks) == (guard.policy, guard.enforced_checks)
+        ):
+            return old.drift
+        return DriftMonitor.for_guard(guard)
+
     async def _serve(self, plane: DataPlane) -> None:
         self.state.plane, self.state.unloaded, self.state.load_error = plane, False, None
+        self.metrics.watch_drift(plane.drift)
         self.metrics.ready.set(1)
         for name in ("",) + SERVED:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -424,6 +444,7 @@ class GuardServer:
             old, self.state.plane = self.state.plane, None
             self.state.unloaded = True
             self.metrics.ready.set(0)
+            self.metrics.watch_drift(None)
             for name in ("",) + SERVED:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             if old is not None:

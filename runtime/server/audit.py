@@ -2,8 +2,10 @@
 
 Each line: ``time`` (UTC, ISO 8601), ``request_id``, ``protocol``, ``model``, ``version``,
 ``bundle_hash``, ``decision`` (accepted / rejected / invalid), ``reasons``, ``failed_measures``,
-``scores``, ``label`` (accepted only), ``input_format``, ``sop_instance_uid`` (DICOM only) and
-``detail`` for invalid inputs.
+``scores`` (every check's score and p-value, ``combined_p`` and ``conformal_p`` included), ``label``
+(accepted only), ``input_format``, ``sop_instance_uid`` (DICOM only), ``policy`` and ``checks`` (the
+guard's decision policy and enforced checks, e.g. ``garbage+attention+feature``: with the scores they
+let ``gamguard drift`` replay the server's drift monitor) and ``detail`` for invalid inputs.
 
 Never patient data: records are built field by field from the verdict and the decoder's whitelisted
 facts — the DICOM dataset itself never reaches this module, so patient name, ID, birth date or
@@ -51,7 +53,17 @@ class AuditLog:
     def _now() -> str:
         return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
-    def record_verdict(self, result, *, protocol: str, model: str, version: str, bundle_hash: str) -> None:
+    def record_verdict(
+        self,
+        result,
+        *,
+        protocol: str,
+        model: str,
+        version: str,
+        bundle_hash: str,
+        policy: str | None = None,
+        checks: str | None = None,
+    ) -> None:
         v = result.verdict
         self._write(
             {
@@ -69,6 +81,8 @@ class AuditLog:
                 "input_format": result.input_format,
                 "sop_instance_uid": result.sop_instance_uid,
                 "total_ms": round(float(result.total_ms), 3),
+                "policy": policy,
+                "checks": checks,
             }
         )
 

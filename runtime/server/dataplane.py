@@ -139,16 +139,18 @@ class DataPlane:
 
     ``guard``: a :class:`gamguard.runtime.guard.Guard` (or anything with ``spec`` and
     ``verify_tensor``). ``metrics``: :class:`gamguard.runtime.server.metrics.Metrics` or None.
-    ``audit``: :class:`gamguard.runtime.server.audit.AuditLog` or None.
+    ``audit``: :class:`gamguard.runtime.server.audit.AuditLog` or None. ``drift``:
+    :class:`gamguard.runtime.drift_monitor.DriftMonitor` or None, fed every verdict.
     """
 
     COMPANY_MEMORY_S = 1.0
 
-    def __init__(self, guard, config: DataPlaneConfig | None = None, *, metrics=None, audit=None):
+    def __init__(self, guard, config: DataPlaneConfig | None = None, *, metrics=None, audit=None, drift=None):
         self.guard = guard
         self.config = config or DataPlaneConfig()
         self.metrics = metrics
         self.audit = audit
+        self.drift = drift
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
             max(1, int(self.config.decode_workers)), thread_name_prefix="gamguard-decode"
         )
@@ -377,6 +379,8 @@ class DataPlane:
         )
         if self.metrics is not None:
             self.metrics.observe_result(result)
+        if self.drift is not None:
+            self.drift.observe(result.verdict.reasons, result.verdict.scores)
         if self.audit is not None:
             self.audit.record_verdict(
                 result,
@@ -384,6 +388,8 @@ class DataPlane:
                 model=self.model_name,
                 version=self.model_version,
                 bundle_hash=self.bundle_hash,
+                policy=getattr(self.guard, "policy", None),
+                checks=getattr(self.guard, "enforced_checks", None),
             )
 
     def record_invalid(self, request_id: str, protocol: str, message: str, *, elapsed_ms: float = 0.0) -> None:

@@ -157,7 +157,35 @@ def model_info_message(plane) -> guard_pb2.ModelInfo:
                 setattr(msg.calibration, field_name, cast(value))
             except (TypeError, ValueError):
                 pass
+    _fill_drift(msg.drift, getattr(plane, "drift", None))
     return msg
+
+
+def _fill_drift(msg: guard_pb2.DriftStatus, monitor) -> None:
+    """The drift monitor's state into ``ModelInfo.drift`` (``available`` false without a monitor)."""
+    if monitor is None:
+        return
+    st = monitor.state()
+    msg.available = True
+    msg.drift = bool(st["drift"])
+    msg.n = int(st["n"])
+    msg.window = int(st["window"])
+    msg.reference_rate = float(st["reference_rate"])
+    msg.alpha = float(st["alpha"])
+    msg.threshold = float(st["threshold"])
+    for name, v in st["statistics"].items():
+        msg.statistics[name] = float(v)
+    if st["n"]:  # rates are undefined before the first verdict: left at their defaults
+        msg.rejection_rate = float(st["rejection_rate"])
+        msg.window_rejection_rate = float(st["window_rejection_rate"])
+        for name, v in st["per_check"].items():
+            msg.per_check[name] = float(v)
+        for name, v in st["window_per_check"].items():
+            msg.window_per_check[name] = float(v)
+    if st["alarm"]:
+        msg.alarm_at = int(st["alarm"]["at"])
+        msg.alarm_by.extend(st["alarm"]["by"])
+    msg.state_json = json.dumps(st, sort_keys=True)
 
 
 class GuardServicer(guard_pb2_grpc.GuardServicer):

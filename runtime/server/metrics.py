@@ -9,7 +9,13 @@ Exposed (all prefixed ``gamguard_``):
   (as the guard reports them) and total;
 * ``batch_size`` – histogram of how many requests shared one engine call;
 * ``queue_depth`` – requests waiting for the engine now;
-* ``ready`` – 1 once the bundle is loaded, verified and self-tested.
+* ``ready`` – 1 once the bundle is loaded, verified and self-tested;
+* drift monitor (:mod:`gamguard.runtime.drift_monitor`), read from the monitor at scrape time:
+  ``drift`` (1 once the flag is raised; it stays up until a restart), ``drift_statistic{test}``
+  (``rejection_rate`` and ``score_shift`` CUSUMs) against ``drift_threshold``,
+  ``drift_check_statistic{check}``, ``drift_rejection_rate{check}`` (``all`` and each enforced check,
+  over the last 200 verdicts), ``drift_reference_rate`` (the in-control rate bound), ``drift_alpha``
+  and ``drift_verdicts`` (verdicts monitored). Alert rules: ``deploy/prometheus-alerts.yml``.
 
 Each server owns a fresh ``CollectorRegistry`` so several servers (tests, blue/green in one process)
 never collide on metric names.
@@ -46,6 +52,7 @@ class Metrics:
         self.queue_depth = Gauge("gamguard_queue_depth", "Requests waiting for the engine", registry=r)
         self.ready = Gauge("gamguard_ready", "1 when the bundle is loaded, verified and self-tested", registry=r)
         self._http = None
+        self._drift: _DriftCollector | None = None
         # ``labels(...)`` builds a key, takes the metric's lock and looks the child up on every call;
         # these hooks run on the server's event loop for every request, so the children are looked up
         # once per label value and kept (label sets are small and fixed: stages, reasons, decisions).
@@ -81,6 +88,15 @@ class Metrics:
     def observe_rpc(self, service: str, method: str, code: str) -> None:
         self._child(self.requests, service, method, code).inc()
 
+    def watch_drift(self, monitor) -> None:
+        """Expose a :class:`~gamguard.runtime.drift_monitor.DriftMonitor`'s state (read at scrape time,
+        so the request path pays nothing for it); a later call replaces the monitor (model reload),
+        None removes the drift series (model unloaded)."""
+        if self._drift is None:
+            self._drift = _DriftCollector()
+            self.registry.register(self._drift)
+        self._drift.monitor = monitor
+
     def exposition(self) -> bytes:
         """The text exposition format (what the HTTP endpoint serves)."""
         return generate_latest(self.registry)
@@ -99,3 +115,50 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _DriftCollector:
+    """Prometheus collector over a drift monitor's :meth:`state`."""
+
+    def __init__(self):
+        self.monitor = None  # set by Metrics.watch_drift
+
+    def describe(self):
+        return []  # collected lazily: nothing to check at registration
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        monitor = self.monitor
+        if monitor is None:
+            return
+        st = monitor.state()
+        yield GaugeMetricFamily(
+            "gamguard_drift", "1 once the drift flag is raised (latched until restart)", value=float(st["drift"])
+        )
+        stat = GaugeMetricFamily("gamguard_drift_statistic", "Drift CUSUM statistics", labels=["test"])
+        for name, v in st["statistics"].items():
+            stat.add_metric([name], float(v))
+        yield stat
+        yield GaugeMetricFamily(
+            "gamguard_drift_threshold", "Alarm threshold of the drift statistics", value=float(st["threshold"])
+        )
+        check_stat = GaugeMetricFamily(
+            "gamguard_drift_check_statistic", "Rejection-rate CUSUM per check", labels=["check"]
+        )
+        for name, v in st["per_check_statistic"].items():
+            check_stat.add_metric([name], float(v))
+        yield check_stat
+        rate = GaugeMetricFamily(
+            "gamguard_drift_rejection_rate", f"Rejection rate over the last {st['window']} verdicts", labels=["check"]
+        )
+        if st["window_rejection_rate"] is not None:
+            rate.add_metric(["all"], float(st["window_rejection_rate"]))
+            for name, v in st["window_per_check"].items():
+                rate.add_metric([name], float(v))
+        yield rate
+        yield GaugeMetricFamily(
+            "gamguard_drift_reference_rate", "In-control rejection rate bound p0", value=float(st["reference_rate"])
+        )
+        yield GaugeMetricFamily("gamguard_drift_alpha", "The bundle's alpha", value=float(st["alpha"]))
+        yield GaugeMetricFamily("gamguard_drift_verdicts", "Verdicts the drift monitor has seen", value=float(st["n"]))

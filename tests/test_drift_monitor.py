@@ -1,0 +1,121 @@
+"""The drift statistics on synthetic streams with known answers (no model, no server)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from gamguard.runtime.drift_monitor import (
+    DriftMonitor,
+    DriftReference,
+    alarm_threshold,
+    calibrated_rate_bound,
+    online_conformal_pvalues,
+)
+
+ALPHA = 0.05
+
+
+def _reference(conformal, **kw):
+    return DriftReference(
+        alpha=ALPHA,
+        policy="calibrated",
+        checks=("garbage", "attention", "feature"),
+        conformal_stats=np.asarray(conformal),
+        reference_rate=calibrated_rate_bound(ALPHA, len(conformal)),
+        calibrated_per_check={},
+        **kw,
+    )
+
+
+def _feed(monitor, stream, garbage=None, seed=0):
+    """Serve ``stream`` (combined statistics) as the calibrated guard would: reject below the cut."""
+    rng = np.random.default_rng(seed)
+    stats = np.sort(monitor.reference.conformal_stats)
+    cut = stats[int(math.floor(ALPHA * (stats.size + 1) + 1e-9)) - 1]
+    for i, s in enumerate(stream):
+        if garbage is not None and garbage[i]:
+            reasons = ["GARBAGE_CLASS"]
+        elif s < cut:
+            reasons = ["ATTENTION_MISMATCH"] if rng.random() < 0.5 else ["FEATURE_MISMATCH"]
+        else:
+            reasons = []
+        monitor.observe(reasons, {"combined_p": float(s)})
+    return monitor
+
+
+def test_rate_bound_covers_the_conformal_cuts_own_rate():
+    # The rate of one calibration set's cut is F(s_(k+1)); for uniform scores that is the order statistic itself.
+    rng = np.random.default_rng(1)
+    n = 200
+    k = int(math.floor(ALPHA * (n + 1))) - 1
+    rates = np.sort(rng.random((20000, n)), axis=1)[:, k]
+    bound = calibrated_rate_bound(ALPHA, n)
+    assert ALPHA < bound < 0.2
+    assert np.mean(rates > bound) < 0.01  # nominal 0.005
+    assert (
+        np.mean(rates > np.quantile(rates, 0.9)) > 0.05
+    )  # the bound is not vacuous: 10% of rates lie above the 0.9 quantile
+
+
+def test_online_conformal_pvalues_are_uniform_under_exchangeability():
+    rng = np.random.default_rng(2)
+    u = np.concatenate([online_conformal_pvalues(rng.random(100), rng.random(400)) for _ in range(20)])
+    assert abs(np.mean(u <= 0.05) - 0.05) < 0.015
+    assert abs(np.mean(u) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_alarm_on_an_exchangeable_stream(seed):
+    rng = np.random.default_rng(seed)
+    m = _feed(DriftMonitor(_reference(rng.random(500))), rng.random(5000), seed=seed)
+    assert not m.drift, m.state()
+    st = m.state()
+    assert st["n"] == 5000 and abs(st["rejection_rate"] - ALPHA) < 0.03
+    assert max(st["statistics"].values()) < st["threshold"]
+
+
+def test_no_alarm_with_garbage_ties_in_calibration():
+    # garbage-class inputs have combined statistic 0 in calibration and stream alike (ties)
+    rng = np.random.default_rng(3)
+    calib = np.where(rng.random(500) < 0.02, 0.0, rng.random(500))
+    garbage = rng.random(4000) < 0.02
+    m = _feed(DriftMonitor(_reference(calib)), np.where(garbage, 0.0, rng.random(4000)), garbage=garbage)
+    assert not m.drift, m.state()
+
+
+def test_a_shifted_stream_raises_the_flag_quickly():
+    rng = np.random.default_rng(4)
+    m = _feed(DriftMonitor(_reference(rng.random(500))), rng.random(2000) ** 2.5)  # scores pulled towards 0
+    assert m.drift and m.alarm["at"] < 200, m.state()
+    assert "score_shift" in m.alarm["by"]
+
+
+def test_a_rise_of_garbage_rejections_raises_the_rate_alarm():
+    rng = np.random.default_rng(5)
+    garbage = rng.random(3000) < 0.3
+    m = _feed(DriftMonitor(_reference(rng.random(500))), rng.random(3000), garbage=garbage)
+    assert m.drift and m.alarm["at"] < 300, m.state()
+    assert m.rate_statistic > m.reference.threshold  # the rate CUSUM sees it too, not only the score shift
+    assert m.state()["per_check"]["garbage"] == pytest.approx(garbage.mean(), abs=0.01)
+
+
+def test_alarm_after_a_change_point_not_before():
+    rng = np.random.default_rng(6)
+    stream = np.concatenate([rng.random(3000), rng.random(1000) ** 3])
+    m = _feed(DriftMonitor(_reference(rng.random(500))), stream)
+    assert m.drift and 3000 < m.alarm["at"] < 3200, m.state()
+
+
+def test_threshold_is_the_ville_union_bound():
+    h = alarm_threshold(10_000, 0.005, 2)
+    assert 2 * 10_000 * math.exp(-h) == pytest.approx(0.005)
+
+
+def test_faults_are_not_counted():
+    m = DriftMonitor(_reference(np.linspace(0.001, 1, 500)))
+    m.observe(["INVALID_INPUT"], {})
+    m.observe(["GUARD_ERROR"], {})
+    m.observe([], {"combined_p": 0.5})
+    st = m.state()
+    assert (st["n"], st["n_skipped"], st["rejection_rate"]) == (1, 2, 0.0)
