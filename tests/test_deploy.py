@@ -164,6 +164,37 @@ def test_compose_prometheus_scrapes_the_metrics_port():
     assert all(m["read_only"] for m in mounts), "bundle and certificates are mounted read-only"
 
 
+def test_alert_rules_use_series_the_server_exports():
+    """Every gamguard_* series the alert rules query is in the exposition of a server's metrics with a
+    drift monitor on the demo bundle (a renamed metric would silently disarm an alert)."""
+    from testlib import demo_bundle_path
+
+    from gamguard.runtime.bundle import load_manifest
+    from gamguard.runtime.checks.reference import CalibrationData
+    from gamguard.runtime.drift_monitor import DriftMonitor, DriftReference
+    from gamguard.runtime.server.metrics import Metrics
+
+    rules = load_yaml("prometheus-alerts.yml")[0]
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    queried = {name for e in exprs for name in re.findall(r"\bgamguard_[a-z_]+", e)}
+    assert {"gamguard_drift", "gamguard_drift_rejection_rate"} <= queried
+    bundle = demo_bundle_path()
+    manifest = load_manifest(bundle)
+    ref = DriftReference.from_calibration(
+        manifest, CalibrationData.load(bundle, manifest), policy="calibrated", checks="garbage+attention+feature"
+    )
+    monitor = DriftMonitor(ref)
+    monitor.observe([], {"combined_p": 0.5})  # the windowed rates exist from the first verdict
+    metrics = Metrics()
+    metrics.watch_drift(monitor)
+    exported = set(re.findall(r"^(gamguard_[a-z_]+)", metrics.exposition().decode(), re.M))
+    assert queried <= exported, queried - exported
+    compose = load_yaml("docker-compose.yml")[0]
+    targets = [v["target"] for v in compose["services"]["prometheus"]["volumes"] if isinstance(v, dict)]
+    assert "/etc/prometheus/prometheus-alerts.yml" in targets
+    assert "prometheus-alerts.yml" in load_yaml("prometheus.yml")[0]["rule_files"]
+
+
 def test_kubernetes_probes_use_native_grpc_on_a_served_port():
     dep = load_yaml("k8s/base/deployment.yaml")[0]
     c = dep["spec"]["template"]["spec"]["containers"][0]
@@ -398,5 +429,14 @@ def test_check_deploy_script_passes():
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "all deploy/ checks passed" in out.stderr
-    for check in ("yamllint", "hadolint", "compose-schema", "shellcheck", "systemd-verify", "k8s base"):
+    for check in (
+        "yamllint",
+        "hadolint",
+        "compose-schema",
+        "shellcheck",
+        "systemd-verify",
+        "k8s base",
+        "promtool-config",
+        "promtool-rules-test",
+    ):
         assert re.search(rf"^{re.escape(check)}.*\bok$", out.stderr, re.M), check
