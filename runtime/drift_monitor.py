@@ -208,6 +208,7 @@ class DriftMonitor:
         self.rate_statistic = 0.0
         self.check_statistic = {c: 0.0 for c in ref.checks}
         self.score_statistic = 0.0
+        self.max_statistics = {"rejection_rate": 0.0, "score_shift": 0.0}  # highest values so far
         self.alarm: dict | None = None
         # the last ``window`` verdicts' flags (overall, then per check) and their running sums
         self._recent: collections.deque = collections.deque()
@@ -257,6 +258,9 @@ class DriftMonitor:
         else:  # past the horizon: ranked against the frozen bag (itself counted), memory stays bounded
             u = (bisect.bisect_right(self._bag, s) + 1) / (len(self._bag) + 1)
         self.score_statistic = max(0.0, self.score_statistic + power_calibrator_log(u))
+        m = self.max_statistics
+        m["rejection_rate"] = max(m["rejection_rate"], self.rate_statistic)
+        m["score_shift"] = max(m["score_shift"], self.score_statistic)
         if self.alarm is None:
             by = [
                 name
@@ -303,6 +307,7 @@ class DriftMonitor:
                 "alternative_rate": ref.alternative_rate,
                 "calibrated_per_check": dict(ref.calibrated_per_check),
                 "statistics": {"rejection_rate": self.rate_statistic, "score_shift": self.score_statistic},
+                "max_statistics": dict(self.max_statistics),
                 "per_check_statistic": dict(self.check_statistic),
                 "threshold": ref.threshold,
                 "alarm": dict(self.alarm) if self.alarm else None,
