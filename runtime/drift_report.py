@@ -153,11 +153,12 @@ def write_report(out_dir: str | Path, result: dict, rep: Replay) -> Path:
             f"drift flagged at verdict {m.alarm['at']}",
             (m.alarm["at"], ref.threshold),
             textcoords="offset points",
-            xytext=(6, 6),
+            xytext=(6, -14),
             fontsize=8,
             color="tab:red",
+            bbox={"facecolor": "white", "alpha": 0.85, "linewidth": 0},
         )
-    ax2.set_ylabel("CUSUM statistic (log scale of evidence)")
+    ax2.set_ylabel("CUSUM statistic (log evidence)")
     ax2.set_xlabel("verdict number (audit-log order)")
     ax2.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
