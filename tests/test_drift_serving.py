@@ -118,3 +118,24 @@ def test_drift_command_refuses_a_log_of_another_bundle(served, tmp_path, capsys)
     assert "no verdict in the audit log was given by this bundle" in err and "ffffffffffff" in err
     assert cli_main(["drift", "--audit-log", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such audit log" in capsys.readouterr().err
+
+
+def test_drift_command_reads_rotated_logs_in_order_and_refuses_logs_without_checks(served, tmp_path, capsys):
+    lines = served["audit"].read_text().splitlines(keepends=True)
+    older, newer = tmp_path / "audit.jsonl.1", tmp_path / "audit.jsonl"
+    older.write_text("".join(lines[:50]))
+    newer.write_text("".join(lines[50:]))
+    assert cli_main(["drift", "--audit-log", str(older), str(newer), "--json"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert cli_main(["drift", "--audit-log", str(served["audit"]), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert (split["n"], split["alarm"], split["statistics"]) == (whole["n"], whole["alarm"], whole["statistics"])
+
+    old = tmp_path / "old.jsonl"  # written before the lines said which checks were enforced
+    old.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(x).items() if k not in ("checks", "policy")}) + "\n" for x in lines
+        )
+    )
+    assert cli_main(["drift", "--audit-log", str(old)]) == 2
+    assert "do not say which checks were enforced" in capsys.readouterr().err

@@ -17,10 +17,11 @@ GetModelInfo), and reports:
     every earlier verdict's (online conformal p-values, uniform while the stream is exchangeable
     with the calibration), turned into evidence by a power calibrator;
   * the drift flag: raised (and kept) when either statistic reaches the threshold
-    h = log(2 * horizon / false-alarm), so that in-distribution traffic raises it with probability
-    at most --false-alarm within --horizon verdicts.
+    h = log(2 * horizon / false-alarm), so that in-distribution traffic raises it within --horizon
+    verdicts with probability at most --false-alarm (plus 0.5 % for the rate bound p0).
 
-Only the lines written by the given bundle (by its hash) are replayed; invalid inputs and guard
+Several files (a log rotated by logrotate) are read in the order given, oldest first. Only the
+lines written by the given bundle (by its hash) are replayed; invalid inputs and guard
 errors are counted but are not decisions of the checks. --report DIR writes index.html with the
 rolling rejection rate against alpha and both statistics against the threshold (drift.png), and
 summary.json. Exit status 0 whatever the flag (it is in the output); 2 for usage, log or bundle errors.
@@ -28,13 +29,16 @@ summary.json. Exit status 0 whatever the flag (it is in the output); 2 for usage
 examples:
   gamguard drift --audit-log /var/log/gamguard/audit.jsonl --bundle /opt/gamguard/bundle
   gamguard drift --audit-log audit.jsonl --json --report drift_report/
+  gamguard drift --audit-log audit.jsonl.1 audit.jsonl --bundle /opt/gamguard/bundle
 """
 
 
 def add_arguments(parser):
     from gamguard.runtime.drift_monitor import DEFAULT_FALSE_ALARM, DEFAULT_HORIZON
 
-    parser.add_argument("--audit-log", metavar="FILE", required=True, help="JSON-lines audit log of gamguard serve")
+    parser.add_argument(
+        "--audit-log", metavar="FILE", nargs="+", required=True, help="JSON-lines audit log(s) of gamguard serve"
+    )
     parser.add_argument(
         "--bundle",
         metavar="DIR",
@@ -46,13 +50,15 @@ def add_arguments(parser):
         "--horizon",
         type=int,
         default=DEFAULT_HORIZON,
+        metavar="N",
         help=f"verdicts the false-alarm guarantee covers (default {DEFAULT_HORIZON})",
     )
     parser.add_argument(
         "--false-alarm",
         type=float,
         default=DEFAULT_FALSE_ALARM,
-        help=f"false-alarm probability of the flag within the horizon (default {DEFAULT_FALSE_ALARM})",
+        metavar="P",
+        help=f"false-alarm probability of the two statistics within the horizon (default {DEFAULT_FALSE_ALARM})",
     )
 
 
@@ -75,7 +81,7 @@ def run(args):
         calibration = CalibrationData.load(bundle_dir, manifest)
         bundle_hash = bundle_mod.bundle_hash(manifest)
         rep = replay(
-            read_audit_log(args.audit_log),
+            [record for path in args.audit_log for record in read_audit_log(path)],
             manifest,
             calibration,
             bundle_hash,
@@ -87,7 +93,7 @@ def run(args):
     result = rep.monitor.state()
     result.update(
         {
-            "audit_log": str(args.audit_log),
+            "audit_log": ", ".join(map(str, args.audit_log)),
             "bundle": {"dir": str(bundle_dir), "hash": bundle_hash},
             "lines": rep.lines,
             "other_bundle": rep.other_bundle,
