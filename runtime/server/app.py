@@ -1,5 +1,6 @@
 """Server assembly: a ``grpc.aio`` server with the Guard and Open Inference Protocol services,
-health, reflection, TLS / mutual TLS, an optional bearer token, metrics, audit log and a graceful drain.
+health, reflection, TLS / mutual TLS, an optional bearer token, metrics, audit log, the drift monitor
+and a graceful drain.
 
 Lifecycle (what ``grpc.health.v1.Health`` reports, for the overall server ``""`` and each service):
 
