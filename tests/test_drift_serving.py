@@ -139,3 +139,19 @@ def test_drift_command_reads_rotated_logs_in_order_and_refuses_logs_without_chec
     )
     assert cli_main(["drift", "--audit-log", str(old)]) == 2
     assert "do not say which checks were enforced" in capsys.readouterr().err
+
+
+def test_drift_command_finds_the_bundle_the_log_records(served, tmp_path, capsys):
+    import shutil
+
+    lines = [json.loads(x) for x in served["audit"].read_text().splitlines()]
+    assert {x.get("bundle_dir") for x in lines if x["decision"] != "invalid"} == {str(demo_bundle_path().resolve())}
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle_path(), copy)
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text("".join(json.dumps({**x, "bundle_dir": str(copy)}) + "\n" for x in lines))
+    assert cli_main(["drift", "--audit-log", str(moved), "--json"]) == 0  # no --bundle
+    assert json.loads(capsys.readouterr().out)["bundle"]["dir"] == str(copy)
+    shutil.rmtree(copy)  # gone: back to the default (the demo bundle, which served this log)
+    assert cli_main(["drift", "--audit-log", str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle"]["dir"] != str(copy)

@@ -42,7 +42,8 @@ def add_arguments(parser):
     parser.add_argument(
         "--bundle",
         metavar="DIR",
-        help="the bundle that served the log (default: the embedded demo bundle); only its lines are replayed",
+        help="the bundle that served the log; only its lines are replayed (default: the directory the log "
+        "records, when it still holds that bundle, else the embedded demo bundle)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--report", metavar="DIR", help="write an HTML report with the drift plot")
@@ -62,6 +63,22 @@ def add_arguments(parser):
     )
 
 
+def logged_bundle_dir(records: list[dict]) -> str | None:
+    """Without --bundle: the directory the log's last verdict was served from, when it still holds
+    that bundle (same hash); None (the embedded demo bundle) otherwise."""
+    from gamguard.runtime import bundle as bundle_mod
+    from gamguard.runtime.bundle import BundleError
+
+    last = next((r for r in reversed(records) if r.get("decision") in ("accepted", "rejected")), None)
+    if not last or not last.get("bundle_dir"):
+        return None
+    try:
+        manifest = bundle_mod.load_manifest(last["bundle_dir"], require_calibration=True)
+    except (BundleError, OSError, ValueError):  # moved, changed or gone
+        return None
+    return last["bundle_dir"] if bundle_mod.bundle_hash(manifest) == last.get("bundle_hash") else None
+
+
 def run(args):
     import json
 
@@ -76,12 +93,13 @@ def run(args):
     if not 0 < args.false_alarm < 1:
         raise CommandError("--false-alarm must be in (0, 1)")
     try:
-        bundle_dir = bundle_mod.resolve_bundle(args.bundle)
+        records = [record for path in args.audit_log for record in read_audit_log(path)]
+        bundle_dir = bundle_mod.resolve_bundle(args.bundle or logged_bundle_dir(records))
         manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=True)
         calibration = CalibrationData.load(bundle_dir, manifest)
         bundle_hash = bundle_mod.bundle_hash(manifest)
         rep = replay(
-            [record for path in args.audit_log for record in read_audit_log(path)],
+            records,
             manifest,
             calibration,
             bundle_hash,

@@ -5,7 +5,8 @@ Each line: ``time`` (UTC, ISO 8601), ``request_id``, ``protocol``, ``model``, ``
 ``scores`` (every check's score and p-value, ``combined_p`` and ``conformal_p`` included), ``label``
 (accepted only), ``input_format``, ``sop_instance_uid`` (DICOM only), ``policy`` and ``checks`` (the
 guard's decision policy and enforced checks, e.g. ``garbage+attention+feature``: with the scores they
-let ``gamguard drift`` replay the server's drift monitor) and ``detail`` for invalid inputs.
+let ``gamguard drift`` replay the server's drift monitor), ``bundle_dir`` (where the bundle was
+loaded from) and ``detail`` for invalid inputs.
 
 Never patient data: records are built field by field from the verdict and the decoder's whitelisted
 facts — the DICOM dataset itself never reaches this module, so patient name, ID, birth date or
@@ -63,6 +64,7 @@ class AuditLog:
         bundle_hash: str,
         policy: str | None = None,
         checks: str | None = None,
+        bundle_dir: str | None = None,
     ) -> None:
         v = result.verdict
         self._write(
@@ -83,6 +85,7 @@ class AuditLog:
                 "total_ms": round(float(result.total_ms), 3),
                 "policy": policy,
                 "checks": checks,
+                "bundle_dir": bundle_dir,
             }
         )
 

@@ -24,6 +24,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -151,6 +152,8 @@ class DataPlane:
         self.metrics = metrics
         self.audit = audit
         self.drift = drift
+        # absolute, once: `gamguard drift` finds the bundle again from the audit log
+        self._bundle_dir = str(Path(guard.bundle_dir).resolve()) if hasattr(guard, "bundle_dir") else None
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
             max(1, int(self.config.decode_workers)), thread_name_prefix="gamguard-decode"
         )
@@ -390,6 +393,7 @@ class DataPlane:
                 bundle_hash=self.bundle_hash,
                 policy=getattr(self.guard, "policy", None),
                 checks=getattr(self.guard, "enforced_checks", None),
+                bundle_dir=self._bundle_dir,
             )
 
     def record_invalid(self, request_id: str, protocol: str, message: str, *, elapsed_ms: float = 0.0) -> None:
