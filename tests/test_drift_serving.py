@@ -155,3 +155,42 @@ def test_drift_command_finds_the_bundle_the_log_records(served, tmp_path, capsys
     shutil.rmtree(copy)  # gone: back to the default (the demo bundle, which served this log)
     assert cli_main(["drift", "--audit-log", str(moved), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bundle"]["dir"] != str(copy)
+
+
+def test_a_reload_continues_the_watch_and_an_unload_ends_it(tmp_path):
+    from gamguard.proto import grpc_predict_v2_pb2 as oip
+    from gamguard.proto import grpc_predict_v2_pb2_grpc as oip_grpc
+
+    cfg = ServeConfig(
+        bundle=str(demo_bundle_path()),
+        host="127.0.0.1",
+        port=0,
+        insecure=True,
+        metrics_port=0,
+        model_control="explicit",
+    )
+    server = ThreadedServer(cfg).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub, repo = guard_pb2_grpc.GuardStub(channel), oip_grpc.GRPCInferenceServiceStub(channel)
+            name = stub.GetModelInfo(guard_pb2.ModelInfoRequest(), timeout=10).model.name
+            images, _ = id_phantoms()
+            for i in range(5):
+                stub.Verify(guard_pb2.VerifyRequest(image=png16(images[i])), timeout=60)
+
+            def drift():
+                return stub.GetModelInfo(guard_pb2.ModelInfoRequest(), timeout=10).drift
+
+            def metrics():
+                url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+                return urllib.request.urlopen(url, timeout=10).read().decode()
+
+            assert drift().n == 5
+            repo.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name=name), timeout=120)
+            assert drift().n == 5  # same bundle, same settings: the same monitor goes on
+            repo.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name=name), timeout=60)
+            assert "gamguard_drift_verdicts" not in metrics()
+            repo.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name=name), timeout=120)
+            assert drift().n == 0 and "gamguard_drift_verdicts 0.0" in metrics()
+    finally:
+        server.stop()
