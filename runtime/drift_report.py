@@ -2,10 +2,11 @@
 
 Each verdict line of the audit log (:mod:`gamguard.runtime.server.audit`) carries its rejection
 ``reasons`` and ``scores`` (``combined_p`` among them), the enforced ``checks`` and the
-``bundle_hash``; the monitor (:mod:`gamguard.runtime.drift`) is fed the lines of one bundle in file
+``bundle_hash``; the monitor (:mod:`gamguard.runtime.drift_monitor`) is fed the lines of one bundle in file
 order — the order the server's own monitor saw them — so the replay reaches the same statistics and
-flag. The HTML report plots the rolling rejection rate against alpha and the rate bound, and both
-statistics against the alarm threshold.
+flag (as one stream: where the server restarted, and its monitor with it, the replay goes on). The
+HTML report plots the rolling rejection rate against alpha and the rate bound, and both statistics
+against the alarm threshold.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ def replay(
     calibration,
     bundle_hash: str,
     *,
-    policy: str | None = None,
     horizon: int = DEFAULT_HORIZON,
     false_alarm: float = DEFAULT_FALSE_ALARM,
 ) -> Replay:
@@ -94,7 +94,7 @@ def replay(
     reference = DriftReference.from_calibration(
         manifest,
         calibration,
-        policy=policy or line_policy or "calibrated",
+        policy=line_policy or "calibrated",
         checks=checks,
         horizon=horizon,
         false_alarm=false_alarm,
