@@ -1,10 +1,20 @@
 """The model bundle: a directory with ``model.onnx``, ``reference.npz``, optional ``model.plan``
 and ``bundle.json`` (the manifest).
 
-The manifest records the SHA-256 of every other file in the directory. The runtime refuses a bundle
-whose files do not match their hashes, or that has no calibration: the guard's references and
-thresholds are part of the model version, so serving a model without them (or with someone else's)
-would silently disable the guard.
+The manifest records the SHA-256 of every other file in the directory, and ``bundle_hash``: the
+SHA-256 of the manifest itself (every field but ``bundle_hash``, canonical JSON), which therefore
+covers the files' hashes and every served setting — class names, garbage class, input spec, guard
+policy and enforced checks, calibration. The runtime refuses a bundle whose files do not match their
+hashes, whose manifest no longer matches its ``bundle_hash`` (edited after it was written), or that
+has no calibration: the guard's references and thresholds are part of the model version, so serving a
+model without them (or with someone else's) would silently disable the guard.
+
+The recorded hash catches accidental and careless edits; someone able to write the bundle can also
+rewrite the hash. Against that, pin the identity you approved: ``gamguard serve --expect-bundle-hash
+HEX`` refuses any other bundle (and every verdict and audit line carries the served ``bundle_hash``).
+A manifest without ``bundle_hash`` (written by gamguard before it existed) is still served, under
+the hash computed from its content. The step beyond the pin is a signature by a key the operator holds
+(``bundle.sig``, :mod:`gamguard.runtime.signing`; ``gamguard serve --trusted-key``).
 
 ``bundle.json`` layout (format version 1)::
 
@@ -22,7 +32,8 @@ would silently disable the guard.
       "export": {...},                      # exporter facts (opset, head kind, versions)
       "files": {"model.onnx": sha256, ...}, # every file but bundle.json
       "calibration": null | {...},          # written by `gamguard calibrate`
-      "guard": {"policy": "calibrated", "enforced_checks": [...]}
+      "guard": {"policy": "calibrated", "enforced_checks": [...]},
+      "bundle_hash": sha256                 # of all the above (see bundle_hash())
     }
 """
 
@@ -38,6 +49,8 @@ MANIFEST = "bundle.json"
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
 PLAN_FILE = "model.plan"
+HASH_FIELD = "bundle_hash"
+SIGNATURE_FILE = "bundle.sig"  # optional operator signature (see gamguard.runtime.signing)
 
 
 class BundleError(Exception):
@@ -92,9 +105,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def bundle_files(bundle_dir: str | Path) -> list[Path]:
-    """Every regular file of the bundle except the manifest itself, sorted."""
+    """Every regular file of the bundle except the manifest and its signature, sorted."""
     d = Path(bundle_dir)
-    return sorted(p for p in d.iterdir() if p.is_file() and p.name != MANIFEST)
+    return sorted(p for p in d.iterdir() if p.is_file() and p.name not in (MANIFEST, SIGNATURE_FILE))
 
 
 def read_manifest(bundle_dir: str | Path) -> dict:
@@ -116,9 +129,11 @@ def read_manifest(bundle_dir: str | Path) -> dict:
 def write_manifest(bundle_dir: str | Path, manifest: dict) -> dict:
     """Recompute the hash of every file in the bundle and write ``bundle.json``; returns the manifest."""
     d = Path(bundle_dir)
-    manifest = dict(manifest)
+    manifest = {k: v for k, v in manifest.items() if k != HASH_FIELD}
     manifest["format_version"] = FORMAT_VERSION
     manifest["files"] = {p.name: sha256_file(p) for p in bundle_files(d)}
+    manifest = json.loads(json.dumps(manifest))  # hash exactly what a reader will parse back
+    manifest[HASH_FIELD] = bundle_hash(manifest)
     tmp = d / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     tmp.replace(d / MANIFEST)
@@ -148,10 +163,27 @@ def verify_hashes(bundle_dir: str | Path, manifest: dict) -> None:
 
 
 def bundle_hash(manifest: dict) -> str:
-    """One short identity for a bundle version: the SHA-256 over its sorted file hashes."""
-    files = manifest.get("files") or {}
-    joined = "\n".join(f"{k}:{files[k]}" for k in sorted(files))
-    return hashlib.sha256(joined.encode()).hexdigest()
+    """The identity of a bundle version: the SHA-256 of its manifest (canonical JSON: sorted keys, no
+    whitespace) without the ``bundle_hash`` field. It covers every file (through their hashes) and every
+    setting in ``bundle.json``, so changing any of them changes it."""
+    body = {k: v for k, v in manifest.items() if k != HASH_FIELD}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def verify_manifest_hash(bundle_dir: str | Path, manifest: dict) -> None:
+    """Raise :class:`BundleError` when ``bundle.json`` records a ``bundle_hash`` its content no longer has."""
+    recorded = manifest.get(HASH_FIELD)
+    if recorded is None:
+        return  # written before the field existed: served under its computed hash
+    actual = bundle_hash(manifest)
+    if recorded != actual:
+        raise BundleError(
+            f"{bundle_dir}: {MANIFEST} was modified after it was written (its content hashes to {actual[:12]}…, "
+            f"it records {str(recorded)[:12]}…): a setting such as the class names, the garbage class, the "
+            "guard policy or the calibration was changed by hand; restore it, or re-run the command that "
+            "wrote it (gamguard export / calibrate)"
+        )
 
 
 def load_manifest(bundle_dir: str | Path, *, require_calibration: bool = True) -> dict:
@@ -160,6 +192,7 @@ def load_manifest(bundle_dir: str | Path, *, require_calibration: bool = True) -
     if not d.is_dir():
         raise BundleError(f"{d}: bundle directory does not exist")
     manifest = read_manifest(d)
+    verify_manifest_hash(d, manifest)
     verify_hashes(d, manifest)
     if require_calibration:
         if not manifest.get("calibration"):

@@ -28,6 +28,7 @@ COMMANDS = (
     "export",
     "build-engine",
     "calibrate",
+    "sign",
     "verify",
     "suitability",
     "drift",

@@ -10,8 +10,17 @@ Safety rules, all enforced before any pixel is decoded:
 * the image dimensions are read from the header (PNG IHDR, JPEG SOF marker, DICOM Rows/Columns) and
   images above ``max_pixels`` per frame are refused, so a forged header cannot make us allocate
   gigabytes (a "decompression bomb");
-* truncated or corrupt data is an error, not a partially grey image (libjpeg happily fills a truncated
-  JPEG with grey, so the JPEG must end with an EOI marker after its scan data; a PNG must reach IEND).
+* the memory decoding will take is estimated from the header too (:func:`decode_cost_bytes`: the
+  decoder's output plus the float working copies, about 10-40 bytes per pixel) and an image needing
+  more than ``max_decode_bytes`` is refused; a caller that bounds the memory of several decodes at once
+  (the server) is told each estimate through ``reserve`` before any pixel is decoded. A deflated DICOM
+  is inflated under the same bound, counting, before pydicom sees it;
+* truncated or corrupt data is an error, not a partially grey image: a PNG must reach IEND, and JPEG
+  goes through libjpeg-turbo in strict mode (simplejpeg), where a short scan or any other decoder
+  warning is an error (libjpeg otherwise fills a truncated scan with grey, even when an end-of-image
+  marker was appended);
+* EXIF orientation (JPEG APP1, PNG eXIf) is applied, as viewers do (see :mod:`.exif`);
+* DICOM rescale and window values must be finite numbers (a NaN slope would decode to black).
 
 DICOM follows the grayscale display pipeline of PS3.3 C.11 via pydicom's ``pydicom.pixels`` API:
 stored values → modality LUT / rescale → VOI LUT or window → scaled to [0, 1] from the VOI output range
@@ -21,24 +30,40 @@ pydicom decoder plugins (pylibjpeg + libjpeg/openjpeg here); a missing decoder i
 transfer syntax and what to install.
 
 Patient-identifying DICOM attributes are never read: ``meta`` is built from a whitelist of technical
-attributes, and error messages only mention pixel-module facts.
+attributes, and error messages only mention pixel-module facts — never the text of a pydicom or
+decoder-plugin exception, which can quote attribute values.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 
+from .exif import apply_orientation, jpeg_orientation, png_orientation
 from .preprocess import InvalidInput
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest accepted image, in pixels per frame (64 MP ≈ 8000 x 8000, above any radiograph detector)."""
+
+DEFAULT_MAX_DECODE_BYTES = 768 << 20
+"""Most memory one decode may take (estimated from the header, see :func:`decode_cost_bytes`): a
+43 x 43 cm detector at 0.1 mm (4300 x 4300, 16-bit DICOM) needs about 670 MB."""
+
+# Working memory per pixel on top of the decoder's own output (float32 copies: conversion, scaling,
+# EXIF rotation; DICOM: pydicom's float64 modality/VOI chain plus the decoder's buffer).
+_WORK_BYTES_GRAY = 12
+_WORK_BYTES_COLOUR = 32
+_WORK_BYTES_DICOM = 32
+
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8\xff"
@@ -84,6 +109,46 @@ class DecodeError(InvalidInput):
     """The input cannot be decoded into an image; the message says what is wrong (never PHI)."""
 
 
+def decode_cost_bytes(width: int, height: int, samples: int, sample_bytes: int, fmt: str) -> int:
+    """Estimated peak memory (bytes) of decoding one ``width x height`` frame of ``samples`` samples
+    of ``sample_bytes`` bytes each: the decoder's output plus the working copies of ``fmt``'s path
+    ("png" | "jpeg" | "dicom" | "tensor"). Used to refuse or queue work before it is allocated; a test
+    checks it against the measured peak."""
+    pixels = int(width) * int(height)
+    raw = pixels * int(samples) * int(sample_bytes)
+    if fmt == "dicom":
+        return 2 * raw + pixels * _WORK_BYTES_DICOM
+    if fmt == "tensor":
+        return pixels * 8
+    return raw + pixels * (_WORK_BYTES_COLOUR if samples > 1 else _WORK_BYTES_GRAY)
+
+
+class _DecodeMemory:
+    """The memory one decode has claimed: refuses beyond the per-request limit, tells ``reserve``."""
+
+    def __init__(self, limit: int, reserve: Callable[[int], None] | None):
+        self.limit, self.reserve, self.total = int(limit), reserve, 0
+        self.refusal: BaseException | None = None  # what ``reserve`` raised (passed on unchanged)
+
+    def claim(self, nbytes: int, what: str) -> None:
+        self.total += int(nbytes)
+        if self.total > self.limit:
+            raise DecodeError(
+                f"{what} needs about {_mib(self.total)} MiB to decode, above the per-request limit of "
+                f"{_mib(self.limit)} MiB (refused before decoding)"
+            )
+        if self.reserve is not None:
+            try:
+                self.reserve(int(nbytes))
+            except BaseException as exc:
+                self.refusal = exc
+                raise
+
+
+def _mib(n: int) -> int:
+    return int(math.ceil(n / (1 << 20)))
+
+
 @dataclass
 class DecodedImage:
     """One decoded grayscale image and non-identifying facts about where it came from."""
@@ -106,12 +171,21 @@ class DecodedImage:
 # --------------------------------------------------------------------------------------------- API
 
 
-def decode_bytes(data: bytes, *, frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_bytes(
+    data: bytes,
+    *,
+    frame: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    reserve: Callable[[int], None] | None = None,
+) -> DecodedImage:
     """Decode an encoded image (PNG, JPEG, DICOM), chosen by its magic bytes.
 
     ``frame`` selects the frame of a multi-frame DICOM (0-based) and is required for one; a
     single-frame input accepts ``None`` or ``0``. Raises :class:`DecodeError` for anything that is not a
-    complete, supported image of at most ``max_pixels`` pixels per frame.
+    complete, supported image of at most ``max_pixels`` pixels per frame whose decode needs at most
+    ``max_decode_bytes``. ``reserve(nbytes)``, when given, is called with the memory the decode is
+    about to take (possibly in several parts) before it is allocated; it may raise to refuse.
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
@@ -122,18 +196,21 @@ def decode_bytes(data: bytes, *, frame: int | None = None, max_pixels: int = DEF
     if frame is not None and (not isinstance(frame, (int, np.integer)) or isinstance(frame, bool)):
         raise DecodeError(f"frame must be an integer, got {frame!r}")
 
+    memory = _DecodeMemory(max_decode_bytes, reserve)
     if data.startswith(PNG_SIGNATURE):
         _require_single_frame(frame, "PNG")
-        return _decode_png(data, max_pixels)
+        return _decode_png(data, max_pixels, memory)
     if data.startswith(JPEG_SOI):
         _require_single_frame(frame, "JPEG")
-        return _decode_jpeg(data, max_pixels)
+        return _decode_jpeg(data, max_pixels, memory)
     if _looks_like_dicom(data):
         try:
-            return _decode_dicom(data, frame, max_pixels)
+            return _decode_dicom(data, frame, max_pixels, memory)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - hostile bytes can break pydicom in many ways
+            if exc is memory.refusal:  # the caller's own refusal (e.g. its memory budget is busy)
+                raise
             # A malformed element (e.g. an unparsable Rescale Slope, an unknown VR). pydicom's message
             # can quote the element's value, so only the exception type is reported.
             raise DecodeError(f"corrupt DICOM: malformed element ({type(exc).__name__})") from None
@@ -157,7 +234,13 @@ def decode_file(path, **kw) -> DecodedImage:
         raise DecodeError(f"{p.name}: {exc}") from None
 
 
-def decode_tensor(array: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_tensor(
+    array: np.ndarray,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    reserve: Callable[[int], None] | None = None,
+) -> DecodedImage:
     """A numeric image (e.g. an Open Inference Protocol tensor) → :class:`DecodedImage`.
 
     Accepted: ``uint8`` (divided by 255), ``uint16`` (divided by 65535) and ``float32`` already within
@@ -182,6 +265,7 @@ def decode_tensor(array: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     if h == 0 or w == 0:
         raise DecodeError(f"empty tensor (shape {tuple(np.shape(array))})")
     _check_size(w, h, max_pixels, "tensor")
+    _DecodeMemory(max_decode_bytes, reserve).claim(decode_cost_bytes(w, h, 1, 4, "tensor"), f"a {w}x{h} tensor")
     scale, bits = scales[arr.dtype]
     if arr.dtype == np.float32:
         if not np.isfinite(arr).all():
@@ -264,7 +348,10 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}  # colour type -> samples OpenCV returns (palette as BGR)
+
+
+def _decode_png(data: bytes, max_pixels: int, memory: _DecodeMemory) -> DecodedImage:
     # Walk the chunk structure first: IHDR gives the size; reaching IEND proves the file is complete
     # (libpng may otherwise return an image whose tail is missing).
     size = png_size(data) if len(data) >= 33 else None
@@ -288,6 +375,12 @@ def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
         pos += 12 + length
     if not (seen_idat and seen_iend):
         raise DecodeError("truncated or corrupt PNG: image data ends before the IEND chunk")
+    if color_type not in _PNG_SAMPLES or bit_depth not in (1, 2, 4, 8, 16):
+        raise DecodeError(f"corrupt PNG: colour type {color_type} with bit depth {bit_depth}")
+    memory.claim(
+        decode_cost_bytes(width, height, _PNG_SAMPLES[color_type], 2 if bit_depth == 16 else 1, "png"),
+        f"a {width}x{height} PNG",
+    )
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DecodeError("corrupt PNG: OpenCV could not decode the image data")
@@ -297,6 +390,10 @@ def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
     channels = 1 if img.ndim == 2 else img.shape[2]
     pixels = _finish(_to_gray(img, "BGR"), max_value)  # OpenCV returns colour as BGR(A)
     meta = {"rows": height, "columns": width, "channels": channels, "png_color_type": color_type}
+    orientation = png_orientation(data)
+    if orientation not in (None, 1):
+        pixels = apply_orientation(pixels, orientation)
+        meta["exif_orientation"] = orientation
     return DecodedImage(pixels=pixels, format="png", bit_depth=bit_depth, meta=meta)
 
 
@@ -333,26 +430,37 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int, int, int]:
         pos += 2 + length
 
 
-def _decode_jpeg(data: bytes, max_pixels: int) -> DecodedImage:
+def _decode_jpeg(data: bytes, max_pixels: int, memory: _DecodeMemory) -> DecodedImage:
+    import simplejpeg
+
     width, height, precision, ncomp, sos = _jpeg_header(data)
     if height == 0:
         raise DecodeError("unsupported JPEG: height defined later by a DNL marker")
     _check_size(width, height, max_pixels, "JPEG")
-    # Entropy-coded data escapes 0xFF as FF 00, so an EOI after the first scan marks a complete file;
-    # without it libjpeg would return a grey-filled partial image with only a warning.
+    if precision != 8:
+        # libjpeg-turbo's strict mode (below) is what catches truncated scans; it decodes 8-bit JPEG only.
+        raise DecodeError(
+            f"unsupported JPEG: {precision}-bit samples (JPEG files are decoded with 8-bit samples "
+            "only; send higher bit depths as 16-bit PNG or DICOM)"
+        )
+    # Entropy-coded data escapes 0xFF as FF 00, so an EOI after the first scan marks a complete file.
     if data.rfind(b"\xff\xd9") <= sos:
         raise DecodeError("truncated JPEG: no end-of-image marker after the image data")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
+    memory.claim(decode_cost_bytes(width, height, 1, 1, "jpeg"), f"a {width}x{height} JPEG")
+    try:
+        # GRAY: libjpeg-turbo returns the luma (Y) plane of colour JPEGs, BT.601 by the JFIF definition.
+        # strict: a short scan (a truncated file with EOI appended) or any other warning is an error.
+        img = simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
+    except (ValueError, RuntimeError) as exc:  # libjpeg's own message: fixed texts, no data values
         raise DecodeError(
-            f"corrupt or unsupported JPEG ({precision}-bit, {ncomp} components): OpenCV could not decode it"
-        )
-    if img.dtype not in (np.uint8, np.uint16):
-        raise DecodeError(f"unsupported JPEG sample type {img.dtype}")
-    max_value = float(2**precision - 1) if img.dtype == np.uint16 else 255.0
-    channels = 1 if img.ndim == 2 else img.shape[2]
-    pixels = _finish(_to_gray(img, "BGR"), max_value)
-    meta = {"rows": height, "columns": width, "channels": channels, "jpeg_precision": precision}
+            f"corrupt or truncated JPEG ({precision}-bit, {ncomp} components): {str(exc)[:120]}"
+        ) from None
+    pixels = _finish(img[:, :, 0] if img.ndim == 3 else img, 255.0)
+    meta = {"rows": height, "columns": width, "channels": ncomp, "jpeg_precision": precision}
+    orientation = jpeg_orientation(data)
+    if orientation not in (None, 1):
+        pixels = apply_orientation(pixels, orientation)
+        meta["exif_orientation"] = orientation
     return DecodedImage(pixels=pixels, format="jpeg", bit_depth=precision, meta=meta)
 
 
@@ -367,15 +475,65 @@ def _looks_like_dicom(data: bytes) -> bool:
     return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
-def _read_dicom(data: bytes):
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def dicom_file_meta(data: bytes) -> tuple[str | None, int]:
+    """``(transfer syntax UID, offset of the dataset)`` from a DICOM file meta group (0002, explicit VR
+    little endian), walked without pydicom; ``(None, 0)`` when there is no meta group."""
+    pos = DICOM_MAGIC_OFFSET + 4 if data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM" else 0
+    tsuid = None
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(data):
+                break
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        if element == 0x0010:
+            tsuid = data[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    return tsuid, pos
+
+
+def _check_inflated_size(data: bytes, offset: int, memory: _DecodeMemory) -> None:
+    """Inflate a deflated DICOM dataset once, counting and discarding, under the memory bound: a few
+    MB of deflate can hold gigabytes of zeros, and pydicom inflates everything at once."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, total, step = data[offset:], 0, 16 << 20
+    try:
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, step))
+            pending = inflater.unconsumed_tail
+            if total > memory.limit:
+                raise DecodeError(
+                    f"deflated DICOM inflates to more than {_mib(memory.limit)} MiB, the per-request "
+                    "decode limit (refused while inflating)"
+                )
+    except zlib.error:
+        raise DecodeError("corrupt DICOM: the deflated dataset does not inflate") from None
+    # pydicom holds the inflated stream and the element values parsed from it
+    memory.claim(2 * total, f"a deflated DICOM of {_mib(total)} MiB inflated")
+
+
+def _read_dicom(data: bytes, memory: _DecodeMemory):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     has_preamble = data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
+    tsuid, dataset_offset = dicom_file_meta(data)
+    if tsuid == DEFLATED_TRANSFER_SYNTAX:
+        _check_inflated_size(data, dataset_offset, memory)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
-    except InvalidDicomError as exc:
-        raise DecodeError(f"invalid DICOM: {exc}") from None
+    except InvalidDicomError:
+        raise DecodeError("invalid DICOM: not a DICOM file (no valid preamble or file meta)") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is bad input
         raise DecodeError(f"corrupt or truncated DICOM ({type(exc).__name__})") from None
     missing = [k for k in ("Rows", "Columns", "PixelData") if k not in ds]
@@ -476,10 +634,26 @@ def _technical_meta(ds) -> dict:
     return meta
 
 
-def _decode_dicom(data: bytes, frame: int | None, max_pixels: int) -> DecodedImage:
+def _finite_attrs(ds, *keywords: str) -> None:
+    """Refuse a rescale or window attribute that is present but not finite (NaN, Inf) or unparsable."""
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        from pydicom.multival import MultiValue
+
+        try:
+            numbers = [float(v) for v in (value if isinstance(value, (MultiValue, list, tuple)) else [value])]
+        except (TypeError, ValueError):
+            raise DecodeError(f"DICOM attribute {keyword} is not a number") from None
+        if not all(math.isfinite(v) for v in numbers):
+            raise DecodeError(f"DICOM attribute {keyword} is not a finite number (NaN or Inf)")
+
+
+def _decode_dicom(data: bytes, frame: int | None, max_pixels: int, memory: _DecodeMemory) -> DecodedImage:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
-    ds = _read_dicom(data)
+    ds = _read_dicom(data, memory)
     rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
     n_frames = _int_attr(ds, "NumberOfFrames", 1) if ds.get("NumberOfFrames") not in (None, "") else 1
     if n_frames < 1:
@@ -493,12 +667,19 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int) -> DecodedIma
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if not photometric:
         raise DecodeError("DICOM has no PhotometricInterpretation")
+    _finite_attrs(ds, "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+    if ds.get("RescaleSlope") not in (None, "") and float(ds.RescaleSlope) == 0.0:
+        raise DecodeError("DICOM RescaleSlope is 0 (every pixel would map to the intercept)")
     tsuid, label = _check_decoder(ds)
+    samples = max(1, _int_attr(ds, "SamplesPerPixel", 1))
+    sample_bytes = max(1, (_int_attr(ds, "BitsAllocated", 16) + 7) // 8)
+    memory.claim(decode_cost_bytes(cols, rows, samples, sample_bytes, "dicom"), f"a {cols}x{rows} DICOM frame")
 
     try:
         arr = pixel_array(ds, index=int(frame) if n_frames > 1 else None)
     except Exception as exc:  # noqa: BLE001 - a corrupt codestream can fail in many ways
-        raise DecodeError(f"could not decode DICOM pixel data ({label}): {type(exc).__name__}: {exc}") from None
+        # the exception's text can quote attribute values: only its type is reported
+        raise DecodeError(f"could not decode DICOM pixel data ({label}): {type(exc).__name__}") from None
     if n_frames == 1 and arr.ndim >= 3 and arr.shape[0] == 1 and arr.shape[1:3] == (rows, cols):
         arr = arr[0]
 
@@ -518,18 +699,26 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int) -> DecodedIma
         if arr.ndim != 2:
             raise DecodeError(f"{photometric} DICOM frame has unexpected shape {arr.shape}")
         values = apply_modality_lut(arr, ds)
+        if np.issubdtype(np.asarray(values).dtype, np.floating) and not np.isfinite(values).all():
+            raise DecodeError("DICOM modality LUT / rescale produced NaN or Inf")
         meta["rescale_slope"] = float(ds.get("RescaleSlope", 1) or 1)
         meta["rescale_intercept"] = float(ds.get("RescaleIntercept", 0) or 0)
         try:
             out, lo, hi, voi = _voi_output(values, ds)
         except (ValueError, NotImplementedError, IndexError, TypeError) as exc:
-            raise DecodeError(f"invalid VOI LUT / window in DICOM: {exc}") from None
+            raise DecodeError(f"invalid VOI LUT / window in DICOM ({type(exc).__name__})") from None
         meta.update(voi)
-        # A uniform frame (hi == lo) has no contrast to scale; it decodes to black.
-        pixels = (np.asarray(out, np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(out.shape)
-        pixels = np.clip(pixels, 0.0, 1.0)
+        # A uniform frame (hi == lo) has no contrast to scale; it decodes to black. In place, one float64
+        # copy: this is the decode's memory peak (see decode_cost_bytes).
+        if hi > lo:
+            pixels = np.subtract(out, lo, dtype=np.float64)
+            pixels /= hi - lo
+        else:
+            pixels = np.zeros(np.shape(out))
+        values = out = None  # noqa: F841 - release the modality/VOI outputs before the float32 copy
+        np.clip(pixels, 0.0, 1.0, out=pixels)
         if photometric == "MONOCHROME1":  # low values bright: invert last, after the VOI (PS3.3 C.7.6.3.1.2)
-            pixels = 1.0 - pixels
+            np.subtract(1.0, pixels, out=pixels)
         pixels = pixels.astype(np.float32)
     elif photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)

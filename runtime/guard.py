@@ -35,6 +35,7 @@ cannot become a model input (wrong shape, NaN/Inf, undecodable) is rejected with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -49,6 +50,10 @@ from .bundle import BundleError, InputSpec
 from .checks import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
 from .engines import EngineOutput
 from .similarity import MEASURES, all_finite
+
+# Thresholds that depend on the predicted class (raw-score cut-offs from that class's reference);
+# the p-value levels (``*.p``, ``combined_p``, ``conformal_p``) are the same for every class.
+CLASS_SPECIFIC_THRESHOLDS = frozenset([f"attention.{m}" for m in MEASURES] + ["feature"])
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,20 @@ class Verdict:
             thresholds={},
             detail=detail,
             **kw,
+        )
+
+    def without_class_details(self) -> "Verdict":
+        """This verdict as a server may send it for a rejected input: nothing specific to the model's
+        top class — the per-class thresholds and the reference map would identify it — so only the
+        class-independent p-value levels stay among the thresholds. Accepted verdicts are unchanged."""
+        if self.accepted:
+            return self
+        return dataclasses.replace(
+            self,
+            thresholds={k: t for k, t in self.thresholds.items() if k not in CLASS_SPECIFIC_THRESHOLDS},
+            reference_cam=None,
+            predicted_index=None,
+            reference_index=None,
         )
 
     def to_dict(self, *, include_maps: bool = False) -> dict:
@@ -143,13 +162,13 @@ class Guard:
         self.spec = InputSpec.from_manifest(manifest["input"])
         self.class_names = list(manifest["class_names"])
         self.garbage_index = int(manifest["garbage_class"])
-        self.bundle_hash = bundle_mod.bundle_hash(manifest)
         self.engine = engine
         self.calibration = calibration
         if policy not in POLICIES:
             raise BundleError(f"unknown guard policy {policy!r} (expected one of {', '.join(POLICIES)})")
         self.policy = policy
         self.enforced_checks = enforced_checks
+        self.bundle_hash = bundle_mod.bundle_hash(self.served_manifest(manifest, policy, enforced_checks))
         self.alpha = calibration.alpha
         self.cut = calibration.cuts[enforced_checks]
         self.level = self.cut.threshold if policy == "calibrated" else self.alpha
@@ -203,6 +222,17 @@ class Guard:
             engine.providers,
         )
         return guard
+
+    @classmethod
+    def served_manifest(cls, manifest: dict, policy: str, enforced_checks: str) -> dict:
+        """The manifest as served: ``bundle.json`` itself, or with its ``guard`` section replaced when the
+        policy or enforced checks were overridden at load, so ``bundle_hash`` names what is served."""
+        if cls.settings(manifest) == (policy, enforced_checks):
+            return manifest
+        return {
+            **manifest,
+            "guard": {**(manifest.get("guard") or {}), "policy": policy, "enforced_checks": enforced_checks.split("+")},
+        }
 
     @staticmethod
     def settings(manifest: dict, *, policy=None, enforced_checks=None) -> tuple[str, str]:

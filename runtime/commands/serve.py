@@ -20,14 +20,22 @@ Audit: --audit-log FILE appends one JSON line per verdict (never patient data); 
 file after logrotate has moved it.
 
 Transport: TLS by default (--tls-cert/--tls-key; add --tls-client-ca for mutual TLS). Plaintext only
-with --insecure, and then bound to 127.0.0.1 unless --host says otherwise. SIGTERM/SIGINT drain:
-health turns NOT_SERVING, new calls are refused, in-flight calls finish (--shutdown-grace-s).
+with --insecure, and then bound to 127.0.0.1 unless --host says otherwise. The metrics endpoint and
+the plaintext health port bind 127.0.0.1 unless --metrics-host / --health-host say otherwise.
+SIGTERM/SIGINT drain: health turns NOT_SERVING, new calls are refused, in-flight calls finish
+(--shutdown-grace-s).
+
+Limits: an image needing more than --max-decode-mb to decode (estimated from its header) is refused
+with INVALID_ARGUMENT; all requests being decoded share --decode-memory-mb (RESOURCE_EXHAUSTED
+beyond). Rejected verdicts carry nothing specific to the model's top class. --expect-bundle-hash pins
+the bundle version (bundle_hash covers every file and every setting of bundle.json).
 
 Examples:
   gamguard serve --insecure --port 8001                     # embedded demo bundle, loopback only
   gamguard serve --bundle /opt/bundle --port 8001 --tls-cert server.crt --tls-key server.key \\
                  --tls-client-ca clients-ca.crt --metrics-port 9090 --audit-log audit.jsonl
   gamguard serve --config /etc/gamguard/serve.yaml          # same options as YAML/JSON keys
+  gamguard serve --bundle /opt/bundle --expect-bundle-hash 94140fe4... --tls-cert s.crt --tls-key s.key
 """
 
 

@@ -41,6 +41,8 @@ from .dataplane import DataPlane, DataPlaneConfig
 from .grpc_guard import GuardServicer
 from .grpc_inference import InferenceServicer
 from .metrics import Metrics
+from .quietlog import quiet_input_libraries
+from .wire import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,8 @@ def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> Non
 
 
 class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every call except health checks."""
+    """Requires exactly one ``authorization: Bearer <token>`` header on every call except health checks
+    (a second header is refused rather than letting either one win)."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
@@ -151,7 +154,8 @@ class _BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if method.startswith(f"/{HEALTH_SERVICE}/"):
             return await continuation(handler_call_details)
-        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        values = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
+        got = values[0] if len(values) == 1 else ""
         got_bytes = got.encode() if isinstance(got, str) else bytes(got)
         if hmac.compare_digest(got_bytes, self._expected):
             return await continuation(handler_call_details)
@@ -259,9 +263,21 @@ def default_guard_factory(config: ServeConfig) -> Callable[[], object]:
         kwargs = {}
         if config.policy:
             kwargs["policy"] = config.policy
-        return Guard.from_bundle(
+        guard = Guard.from_bundle(
             resolve_bundle(config.bundle), providers=config.providers, threads=config.threads, **kwargs
         )
+        if config.trusted_key:
+            from gamguard.runtime.signing import verify_bundle_signature
+
+            verify_bundle_signature(guard.bundle_dir, guard.manifest, config.trusted_key)
+        if config.expect_bundle_hash and guard.bundle_hash != config.expect_bundle_hash.strip().lower():
+            from gamguard.runtime.bundle import BundleError
+
+            raise BundleError(
+                f"bundle_hash {guard.bundle_hash} is not the expected {config.expect_bundle_hash} "
+                "(--expect-bundle-hash): the bundle or a served setting differs from the approved one"
+            )
+        return guard
 
     return load
 
@@ -301,6 +317,7 @@ class GuardServer:
     async def start(self) -> int:
         """Bind and start answering (NOT_SERVING), then load the bundle in the background."""
         cfg = self.config
+        quiet_input_libraries()
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -312,6 +329,7 @@ class GuardServer:
             if not token:
                 raise ValueError(f"{cfg.auth_token_file}: empty token file")
             interceptors.append(_BearerTokenInterceptor(token))  # inside metrics: refused calls are counted
+        interceptors.append(MalformedRequestInterceptor(self.state))  # innermost: parses only what auth let in
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         guard_pb2_grpc.add_GuardServicer_to_server(GuardServicer(self.state), self.server)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), self.server)
@@ -339,21 +357,21 @@ class GuardServer:
             # images or verdicts, only SERVING / NOT_SERVING, so TLS-less probes can reach it.
             self.health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            address = f"{cfg.health_host or cfg.bind_host}:{cfg.health_port}"
+            address = f"{cfg.health_bind_host}:{cfg.health_port}"
             hport = self.health_server.add_insecure_port(address)
             if not hport:
                 raise OSError(f"cannot bind the health port {address}")
             self.health_port = int(hport)
             await self.health_server.start()
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host or cfg.bind_host)
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_bind_host)
         log.info(
             "gRPC listening on %s:%s (%s)%s%s",
             cfg.bind_host,
             self.port,
             "plaintext" if cfg.insecure else ("mutual TLS" if cfg.tls_client_ca else "TLS"),
-            f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else "",
-            f", plaintext health on :{self.health_port}" if self.health_port else "",
+            f", metrics on {cfg.metrics_bind_host}:{self.metrics_port}/metrics" if self.metrics_port else "",
+            f", plaintext health on {cfg.health_bind_host}:{self.health_port}" if self.health_port else "",
         )
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="gamguard-load")
         return self.port
@@ -372,6 +390,9 @@ class GuardServer:
                 max_queue_size=cfg.max_queue_size,
                 max_pixels=cfg.max_pixels,
                 decode_workers=cfg.decode_workers,
+                max_decode_bytes=cfg.max_decode_mb << 20,
+                decode_memory_bytes=cfg.decode_memory_mb << 20,
+                reveal_rejected_details=bool(cfg.debug_rejected_details),
             ),
             metrics=self.metrics,
             audit=self.audit,

@@ -6,7 +6,9 @@ Each line: ``time`` (UTC, ISO 8601), ``request_id``, ``protocol``, ``model``, ``
 (accepted only), ``input_format``, ``sop_instance_uid`` (DICOM only), ``policy`` and ``checks`` (the
 guard's decision policy and enforced checks, e.g. ``garbage+attention+feature``: with the scores they
 let ``gamguard drift`` replay the server's drift monitor), ``bundle_dir`` (where the bundle was
-loaded from) and ``detail`` for invalid inputs.
+loaded from) and ``detail`` for invalid inputs. A request refused for another reason gets a line too: ``decision``
+``refused`` (server busy, deadline passed, draining) or ``error`` (an internal error), with the gRPC
+``status`` name and ``detail``; so every call ends with exactly one line.
 
 Never patient data: records are built field by field from the verdict and the decoder's whitelisted
 facts — the DICOM dataset itself never reaches this module, so patient name, ID, birth date or
@@ -102,6 +104,24 @@ class AuditLog:
                 "bundle_hash": bundle_hash,
                 "decision": "invalid",
                 "reasons": ["INVALID_INPUT"],
+                "detail": detail[:500],
+            }
+        )
+
+    def record_refused(
+        self, request_id: str, *, protocol: str, model: str, version: str, bundle_hash: str, status: str, detail: str
+    ) -> None:
+        self._write(
+            {
+                "time": self._now(),
+                "request_id": request_id,
+                "protocol": protocol,
+                "model": model,
+                "version": version,
+                "bundle_hash": bundle_hash,
+                "decision": "error" if status == "INTERNAL" else "refused",
+                "reasons": [],
+                "status": status,
                 "detail": detail[:500],
             }
         )

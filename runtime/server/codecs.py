@@ -7,6 +7,7 @@ of the request's bytes here, because ``decode_tensor`` converts to native order 
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ def tensor_to_array(t: guard_pb2.Tensor) -> np.ndarray:
     if not shape or any(s <= 0 for s in shape):
         raise InvalidRequest(f"bad tensor shape {list(shape)}; expected [height, width]")
     itemsize = np.dtype(dtype).itemsize
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
+    expected = math.prod(shape) * itemsize  # Python ints: a forged shape cannot overflow
     if expected != len(t.data):
         raise InvalidRequest(f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {t.dtype} needs {expected}")
     return little_endian_view(t.data, dtype, shape)

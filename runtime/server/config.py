@@ -41,18 +41,23 @@ class ServeConfig:
     tls_client_ca: str | None = None
     auth_token_file: str | None = None
     metrics_port: int | None = None
-    metrics_host: str | None = None  # None: same as host
+    metrics_host: str | None = None  # None: 127.0.0.1 (plaintext HTTP: expose it only on purpose)
     health_port: int | None = None  # extra plaintext port with grpc.health.v1.Health only
-    health_host: str | None = None  # None: same as host
+    health_host: str | None = None  # None: 127.0.0.1 (plaintext: expose it only on purpose)
     max_batch_size: int = 8
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 64
     max_message_mb: int = 64
     max_pixels: int = 64_000_000
+    max_decode_mb: int = 768
+    decode_memory_mb: int = 768
     decode_workers: int = 2
     providers: str | None = None
     threads: int | None = None
     policy: str | None = None
+    expect_bundle_hash: str | None = None
+    trusted_key: str | None = None
+    debug_rejected_details: bool = False
     audit_log: str | None = None
     shutdown_grace_s: float = 30.0
     drain_delay_s: float = 0.0
@@ -63,6 +68,14 @@ class ServeConfig:
         if self.host:
             return self.host
         return "127.0.0.1" if self.insecure else "0.0.0.0"
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or "127.0.0.1"
+
+    @property
+    def health_bind_host(self) -> str:
+        return self.health_host or "127.0.0.1"
 
     @property
     def max_message_bytes(self) -> int:
@@ -80,6 +93,8 @@ class ServeConfig:
                 value = getattr(self, name)
                 if value and not Path(value).is_file():
                     raise ConfigError(f"--{name.replace('_', '-')}: {value}: no such file")
+        if self.trusted_key and not Path(self.trusted_key).is_file():
+            raise ConfigError(f"--trusted-key: {self.trusted_key}: no such file")
         if self.auth_token_file and not Path(self.auth_token_file).is_file():
             raise ConfigError(f"--auth-token-file: {self.auth_token_file}: no such file")
         for name in ("port", "metrics_port", "health_port"):
@@ -104,6 +119,11 @@ class ServeConfig:
             raise ConfigError(
                 f"--model-control must be one of {', '.join(MODEL_CONTROL_MODES)}, got {self.model_control!r}"
             )
+        if self.max_decode_mb < 1 or self.decode_memory_mb < self.max_decode_mb:
+            raise ConfigError(
+                "--max-decode-mb must be >= 1 and --decode-memory-mb at least --max-decode-mb "
+                f"(got {self.max_decode_mb} and {self.decode_memory_mb})"
+            )
         return self
 
 
@@ -122,23 +142,56 @@ _FLAGS = (
         "file holding a bearer token; clients must send 'authorization: Bearer TOKEN' (health checks are exempt)",
     ),
     ("--metrics-port", int, "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"),
-    ("--metrics-host", str, "address for the metrics endpoint (default: same as --host)"),
+    (
+        "--metrics-host",
+        str,
+        "address for the metrics endpoint (default 127.0.0.1; it is plaintext HTTP without "
+        "authentication: pass e.g. 0.0.0.0 only where the network is trusted)",
+    ),
     (
         "--health-port",
         int,
         "also serve grpc.health.v1.Health alone, in plaintext, on this port (for probes that "
         "cannot speak TLS, e.g. kubelet's gRPC probes; default: off)",
     ),
-    ("--health-host", str, "address for --health-port (default: same as --host)"),
+    (
+        "--health-host",
+        str,
+        "address for --health-port (default 127.0.0.1; for kubelet probes pass the pod address or 0.0.0.0)",
+    ),
     ("--max-batch-size", int, "most requests sharing one engine call (default 8)"),
     ("--max-queue-delay-ms", float, "longest a request waits for others to fill a batch (default 5)"),
     ("--max-queue-size", int, "requests waiting beyond this are refused with RESOURCE_EXHAUSTED (default 64)"),
     ("--max-message-mb", int, "largest gRPC message in MiB, both directions (default 64)"),
     ("--max-pixels", int, "largest accepted image in pixels, checked before decoding (default 64000000)"),
+    (
+        "--max-decode-mb",
+        int,
+        "most memory one image may need to decode, estimated from its header before "
+        "decoding; larger ones are refused with INVALID_ARGUMENT (default 768)",
+    ),
+    (
+        "--decode-memory-mb",
+        int,
+        "memory budget of all requests being decoded: their encoded bytes plus decode "
+        "memory; beyond it RESOURCE_EXHAUSTED (default 768)",
+    ),
     ("--decode-workers", int, "threads decoding images (default 2)"),
     ("--providers", str, "ONNX Runtime providers, e.g. 'cuda,cpu' (default: TensorRT → CUDA → CPU, as available)"),
     ("--threads", int, "engine intra-op threads (default: onnxruntime's choice)"),
     ("--policy", str, "guard decision policy override (default: the bundle's calibrated policy)"),
+    (
+        "--trusted-key",
+        str,
+        "operator's Ed25519 public key (PEM): serve only a bundle whose bundle.sig it verifies "
+        "(sign with `gamguard sign`; needs the 'cryptography' package)",
+    ),
+    (
+        "--expect-bundle-hash",
+        str,
+        "refuse to serve unless the served bundle_hash (bundle files, bundle.json and "
+        "overrides) is exactly this one: pins the version you approved",
+    ),
     ("--audit-log", str, "append a JSON line per verdict to this file ('-' for stderr); never contains PHI"),
     ("--shutdown-grace-s", float, "on SIGTERM, how long in-flight requests may take to finish (default 30)"),
     ("--drain-delay-s", float, "on SIGTERM, report NOT_SERVING this long before refusing new calls (default 0)"),
@@ -164,6 +217,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="plaintext gRPC (no TLS); binds 127.0.0.1 unless --host is given",
     )
+    parser.add_argument(
+        "--debug-rejected-details",
+        action="store_true",
+        default=None,
+        help="DEBUG ONLY: rejected verdicts also carry the per-class thresholds and reference heatmap "
+        "of the model's top class (which reveal that class); off by default",
+    )
     metavars = {
         "--bundle": "DIR",
         "--host": "HOST",
@@ -173,6 +233,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy": "NAME",
         "--audit-log": "FILE",
         "--model-control": "MODE",
+        "--expect-bundle-hash": "HEX",
+        "--trusted-key": "PEM",
     }
     for flag, typ, help_text in _FLAGS:
         metavar = metavars.get(flag) or ("FILE" if typ is str else flag.lstrip("-").split("-")[-1].upper())
@@ -237,15 +299,17 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                 "max_queue_size",
                 "max_message_mb",
                 "max_pixels",
+                "max_decode_mb",
+                "decode_memory_mb",
                 "decode_workers",
                 "threads",
             ):
                 setattr(cfg, f.name, int(v))
             elif f.name in ("max_queue_delay_ms", "shutdown_grace_s", "drain_delay_s"):
                 setattr(cfg, f.name, float(v))
-            elif f.name == "insecure":
+            elif f.name in ("insecure", "debug_rejected_details"):
                 if not isinstance(v, bool):  # bool("false") is True: refuse strings, never guess
-                    raise ValueError(f"insecure must be true or false, got {v!r}")
+                    raise ValueError(f"{f.name.replace('_', '-')} must be true or false, got {v!r}")
             else:
                 setattr(cfg, f.name, str(v))
     except (TypeError, ValueError) as exc:

@@ -11,6 +11,15 @@ flight together recently (clients served by one batch come back at staggered tim
 gRPC batches stay much smaller than the concurrency); a lone request goes to the engine at once
 instead of paying the delay for company that is not coming.
 
+Admission before decoding (:mod:`.admission`): a request's encoded bytes and its decoder's working
+memory (estimated from the image header) are claimed from one budget (``decode_memory_bytes``); at
+most ``max_queue_size`` requests wait for or sit in the decode stage; one image may need at most
+``max_decode_bytes``. Beyond: :class:`Overloaded` (retry later) or, for what can never fit,
+:class:`InvalidRequest` naming the limit. Every request ends with one audit line, refused ones too.
+
+Rejected verdicts leave the data plane without anything specific to the model's top class (the
+per-class thresholds and the reference heatmap identify it) unless ``reveal_rejected_details``.
+
 Fail closed: whatever goes wrong after decoding (an exception escaping the guard, a wrong number of
 verdicts) turns into rejections with reason ``GUARD_ERROR`` — never into a label.
 """
@@ -31,11 +40,16 @@ import numpy as np
 
 from gamguard.runtime.decode import png_size
 
+from .admission import BudgetExceeded, Claim, MemoryBudget
 from .batching import MicroBatcher
-from .errors import DeadlineExpired, InvalidRequest, NotReady, Overloaded
+from .errors import DataPlaneError, DeadlineExpired, InvalidRequest, NotReady, Overloaded
+from .quietlog import log_limited
 from .statistics import InferenceStatistics
 
 log = logging.getLogger(__name__)
+
+# the status name each refusal is audited with (status.py maps the same classes to gRPC codes)
+REFUSAL_STATUS = {Overloaded: "RESOURCE_EXHAUSTED", DeadlineExpired: "DEADLINE_EXCEEDED", NotReady: "UNAVAILABLE"}
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -70,6 +84,9 @@ class DataPlaneConfig:
     max_queue_size: int = 64
     max_pixels: int = 64_000_000
     decode_workers: int = 2
+    max_decode_bytes: int = 768 << 20  # one image's decode (estimated from its header)
+    decode_memory_bytes: int = 768 << 20  # all requests in the decode stage: encoded bytes + decode memory
+    reveal_rejected_details: bool = False  # debug only: class-specific thresholds/reference map when rejected
     # A small image arriving while no other request is in the data plane is decoded on the event loop
     # itself: for it the two thread hops (to a decode worker and back) cost about as much as the
     # decode and add wake-up latency to the one request that is waiting. Under concurrency the pool
@@ -169,6 +186,7 @@ class DataPlane:
             expected=self._expected_company,
             on_stacked=self.statistics.observe_stacking,
         )
+        self.decode_budget = MemoryBudget(self.config.decode_memory_bytes)
         self._active = 0  # requests inside verify()
         self._peak_active = 0  # most of them at once since the batcher last asked ...
         self._peak_since = time.monotonic()  # ... which was then
@@ -246,23 +264,35 @@ class DataPlane:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _decode(self, data: bytes | None, array: np.ndarray | None, frame: int | None):
-        """Decode + preprocess, in a decode worker thread. Returns (decoded, model_input, ms)."""
+    def _decode(
+        self, data: bytes | None, array: np.ndarray | None, frame: int | None, claim: Claim, inline: bool = False
+    ):
+        """Decode + preprocess (in a decode worker thread unless ``inline``), claiming the decode's memory
+        from the budget first. Returns (decoded, model_input, ms)."""
         from gamguard.runtime.decode import decode_bytes, decode_tensor
         from gamguard.runtime.preprocess import InvalidInput, preprocess
 
+        def reserve(nbytes: int) -> None:  # the event loop never waits for memory; a worker may, briefly
+            claim.take(nbytes, wait=not inline)
+
         t0 = time.perf_counter()
+        limits = dict(max_pixels=self.config.max_pixels, max_decode_bytes=self.config.max_decode_bytes, reserve=reserve)
         try:
             if data is not None:
-                decoded = decode_bytes(data, frame=frame, max_pixels=self.config.max_pixels)
+                decoded = decode_bytes(data, frame=frame, **limits)
             else:
-                decoded = decode_tensor(array, max_pixels=self.config.max_pixels)
+                decoded = decode_tensor(array, **limits)
             x = preprocess(decoded.pixels, self.guard.spec)
+        except BudgetExceeded as exc:
+            raise Overloaded(str(exc)) from None
         except InvalidInput as exc:
             raise InvalidRequest(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a decoder crash on hostile bytes is the caller's bad input
-            log.warning("decoder raised %s on a request; answering INVALID_ARGUMENT", type(exc).__name__)
-            raise InvalidRequest(f"cannot decode the input: {type(exc).__name__}: {exc}") from None
+            # only the type: a library's message can quote the input (e.g. DICOM attribute values)
+            log_limited(
+                log, "decoder-raised", "decoder raised %s on a request; answering INVALID_ARGUMENT", type(exc).__name__
+            )
+            raise InvalidRequest(f"cannot decode the input ({type(exc).__name__})") from None
         return decoded, x, (time.perf_counter() - t0) * 1000.0
 
     async def verify(
@@ -305,25 +335,67 @@ class DataPlane:
         self._peak_active, self._peak_since = self._active, now
         return peak
 
+    def _admit(self, data: bytes | None, array: np.ndarray | None, claim: Claim) -> None:
+        """Before decoding: room in the decode stage, and the encoded input's bytes in the budget."""
+        if self._decoding >= self.config.max_queue_size:
+            raise Overloaded(
+                f"decode queue full ({self._decoding} requests waiting to be decoded); retry later "
+                "or raise --max-queue-size"
+            )
+        size = len(data) if data is not None else int(np.asarray(array).nbytes)
+        if size + min(self.config.max_decode_bytes, self.decode_budget.limit // 2) > self.decode_budget.limit:
+            raise InvalidRequest(
+                f"the input is {size:,} bytes: too large to decode within the server's decode "
+                f"memory limit of {self.decode_budget.limit >> 20} MiB (--decode-memory-mb)"
+            )
+        try:
+            claim.take(size, "the encoded input", wait=False)
+        except BudgetExceeded as exc:
+            raise Overloaded(str(exc)) from None
+
     async def _verify(self, data, array, frame, request_id, timeout_s, protocol, loop, t0) -> Result:
         deadline = loop.time() + timeout_s if timeout_s is not None else None
+        claim = Claim(self.decode_budget)
         try:
-            # inline only for a request alone in the data plane: under concurrency the pool decodes
-            # in parallel with the engine while the event loop keeps taking requests in
-            if self._active <= 1 and small_enough_to_decode_inline(data, array, self.config.inline_decode_max_pixels):
-                decoded, x, decode_ms = self._decode(data, array, frame)
-            else:
-                self._decoding += 1
-                try:
-                    decoded, x, decode_ms = await loop.run_in_executor(
-                        self._decode_pool, self._decode, data, array, frame
-                    )
-                finally:
-                    self._decoding -= 1
+            try:
+                self._admit(data, array, claim)
+                # inline only for a request alone in the data plane: under concurrency the pool decodes
+                # in parallel with the engine while the event loop keeps taking requests in
+                if self._active <= 1 and small_enough_to_decode_inline(
+                    data, array, self.config.inline_decode_max_pixels
+                ):
+                    decoded, x, decode_ms = self._decode(data, array, frame, claim, True)
+                else:
+                    self._decoding += 1
+                    try:
+                        decoded, x, decode_ms = await loop.run_in_executor(
+                            self._decode_pool, self._decode, data, array, frame, claim
+                        )
+                    finally:
+                        self._decoding -= 1
+            finally:
+                claim.release()  # the decoded image is now a small model input
             verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
         except InvalidRequest as exc:
             self.record_invalid(request_id, protocol, str(exc), elapsed_ms=(time.perf_counter() - t0) * 1000.0)
             raise
+        except DataPlaneError as exc:
+            self.record_refused(request_id, protocol, exc)
+            raise
+        except asyncio.CancelledError:  # the client went away (or its deadline passed) mid-request
+            if self.audit is not None:
+                self.audit.record_refused(
+                    request_id,
+                    protocol=protocol,
+                    model=self.model_name,
+                    version=self.model_version,
+                    bundle_hash=self.bundle_hash,
+                    status="CANCELLED",
+                    detail="the call was cancelled by the client before its verdict",
+                )
+            raise
+        if not verdict.accepted and not self.config.reveal_rejected_details:
+            verdict = verdict.without_class_details()
         result = Result(
             verdict=verdict,
             request_id=request_id,
@@ -351,6 +423,14 @@ class DataPlane:
         Any invalid input fails the whole request (:class:`InvalidRequest` naming the item).
         """
         base = request_id or new_request_id()
+        limit = self.max_images_per_request
+        if len(inputs) > limit:
+            message = (
+                f"{len(inputs)} images in one request; at most {limit} fit in the server's queue "
+                "(--max-queue-size): split the request"
+            )
+            self.record_invalid(base, protocol, message)
+            raise InvalidRequest(message)
 
         async def one(i: int, inp: dict) -> Result:
             rid = base if len(inputs) == 1 else f"{base}/{i}"
@@ -368,6 +448,11 @@ class DataPlane:
             for t in tasks:
                 if not t.done():
                     t.cancel()
+
+    @property
+    def max_images_per_request(self) -> int:
+        """Most images one request may carry: all of them must fit in the queue at once."""
+        return int(min(self.config.max_queue_size, self.batcher.max_queue_size))
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -394,6 +479,32 @@ class DataPlane:
                 policy=getattr(self.guard, "policy", None),
                 checks=getattr(self.guard, "enforced_checks", None),
                 bundle_dir=self._bundle_dir,
+            )
+
+    def record_refused(self, request_id: str, protocol: str, exc: DataPlaneError) -> None:
+        """Audit one request refused for a reason other than its input (overload, deadline, draining)."""
+        if self.audit is not None:
+            self.audit.record_refused(
+                request_id,
+                protocol=protocol,
+                model=self.model_name,
+                version=self.model_version,
+                bundle_hash=self.bundle_hash,
+                status=REFUSAL_STATUS.get(type(exc), "INTERNAL"),
+                detail=str(exc),
+            )
+
+    def record_error(self, request_id: str, protocol: str, detail: str) -> None:
+        """Audit one request that ended in an internal error (status INTERNAL)."""
+        if self.audit is not None:
+            self.audit.record_refused(
+                request_id,
+                protocol=protocol,
+                model=self.model_name,
+                version=self.model_version,
+                bundle_hash=self.bundle_hash,
+                status="INTERNAL",
+                detail=detail,
             )
 
     def record_invalid(self, request_id: str, protocol: str, message: str, *, elapsed_ms: float = 0.0) -> None:

@@ -1,8 +1,11 @@
 """``gamguard.v1.Guard``: a thin gRPC adapter over :class:`~gamguard.runtime.server.dataplane.DataPlane`.
 
-Status codes: bad input → INVALID_ARGUMENT; queue full → RESOURCE_EXHAUSTED; not loaded yet or
-draining → UNAVAILABLE; deadline passed while queued → DEADLINE_EXCEEDED. In ``VerifyStream`` a bad
-image does not end the stream: its verdict is a rejection with reason INVALID_INPUT.
+Status codes: bad input (also a malformed message, see :mod:`.wire`) → INVALID_ARGUMENT; server busy
+(queue or decode memory full) → RESOURCE_EXHAUSTED; not loaded yet or draining → UNAVAILABLE; deadline
+passed while queued → DEADLINE_EXCEEDED; anything unexpected → INTERNAL (never the exception's text).
+In ``VerifyStream`` one item never ends the stream: a bad image (or malformed item) gets a rejection
+with reason INVALID_INPUT, an item the server could not take (busy, deadline) a rejection with reason
+GUARD_ERROR whose ``detail`` starts with the status name (e.g. ``RESOURCE_EXHAUSTED: ...``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .codecs import heatmap_png, tensor_to_array
 from .dataplane import Result, new_request_id
 from .errors import DataPlaneError, InvalidRequest
 from .status import request_timeout, status_for
+from .wire import Malformed, client_request_id, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +100,13 @@ def verdict_message(
     return msg
 
 
-def invalid_verdict(request_id: str, plane, message: str) -> guard_pb2.Verdict:
-    """The in-stream answer to a bad image: a rejection with reason INVALID_INPUT, no scores."""
+def invalid_verdict(request_id: str, plane, message: str, reason: str = "INVALID_INPUT") -> guard_pb2.Verdict:
+    """The in-stream answer to an item without a verdict: a rejection with ``reason``, no scores."""
     return guard_pb2.Verdict(
         request_id=request_id,
         decision=guard_pb2.REJECTED,
         accepted=False,
-        reasons=["INVALID_INPUT"],
+        reasons=[reason],
         detail=message,
         model=_model_ref(plane),
     )
@@ -111,6 +115,7 @@ def invalid_verdict(request_id: str, plane, message: str) -> guard_pb2.Verdict:
 def model_info_message(plane) -> guard_pb2.ModelInfo:
     guard = plane.guard
     info = guard.info() if hasattr(guard, "info") else {}
+    info = {k: v for k, v in info.items() if k != "bundle_dir"}  # the server's filesystem is nobody's business
     manifest = guard.manifest
     spec = guard.spec
     cal = manifest.get("calibration") or {}
@@ -204,19 +209,23 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
 
     async def Verify(self, request, context):
         plane = await self._plane(context)
-        rid = request.request_id or new_request_id()
+        rid, error = new_request_id(), None
         try:
             try:
+                rid = client_request_id(request.request_id)
                 inp = request_input(request)
             except InvalidRequest as exc:
                 plane.record_invalid(rid, "guard", str(exc))
                 raise
             res = await plane.verify(**inp, request_id=rid, timeout_s=request_timeout(context), protocol="guard")
+            return verdict_message(
+                res, plane, heatmap_png_wanted=request.heatmap_png, heatmap_values_wanted=request.heatmap_values
+            )
         except DataPlaneError as exc:
-            await context.abort(status_for(exc), str(exc))
-        return verdict_message(
-            res, plane, heatmap_png_wanted=request.heatmap_png, heatmap_values_wanted=request.heatmap_values
-        )
+            error = status_for(exc), str(exc)
+        except Exception as exc:  # noqa: BLE001 - last-resort net: a documented status, one audit line
+            error = internal_error(plane, rid, "guard", exc)
+        await context.abort(*error)
 
     async def VerifyStream(self, request_iterator, context):
         plane = await self._plane(context)
@@ -226,21 +235,30 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
         pending: asyncio.Queue = asyncio.Queue(maxsize=max(2, 2 * plane.config.max_batch_size))
 
         async def one(req):
-            rid = req.request_id or new_request_id()
+            # every item ends with its own verdict (and one audit line): nothing here ends the stream
+            rid = new_request_id()
             try:
-                inp = request_input(req)
-            except InvalidRequest as exc:  # refused before verify: count and audit it here
-                plane.record_invalid(rid, "guard-stream", str(exc))
-                return invalid_verdict(rid, plane, str(exc))
-            try:
+                try:
+                    if isinstance(req, Malformed):
+                        raise InvalidRequest(req.message())
+                    rid = client_request_id(req.request_id)
+                    inp = request_input(req)
+                except InvalidRequest as exc:  # refused before verify: count and audit it here
+                    plane.record_invalid(rid, "guard-stream", str(exc))
+                    raise
                 res = await plane.verify(
                     **inp, request_id=rid, timeout_s=request_timeout(context), protocol="guard-stream"
                 )
-            except InvalidRequest as exc:  # verify has already counted and audited it
+                return verdict_message(
+                    res, plane, heatmap_png_wanted=req.heatmap_png, heatmap_values_wanted=req.heatmap_values
+                )
+            except InvalidRequest as exc:  # already counted and audited
                 return invalid_verdict(rid, plane, str(exc))
-            return verdict_message(
-                res, plane, heatmap_png_wanted=req.heatmap_png, heatmap_values_wanted=req.heatmap_values
-            )
+            except DataPlaneError as exc:  # busy / deadline / draining: audited by the data plane
+                return invalid_verdict(rid, plane, f"{status_for(exc).name}: {exc}", "GUARD_ERROR")
+            except Exception as exc:  # noqa: BLE001 - last-resort net
+                _, text = internal_error(plane, rid, "guard-stream", exc)
+                return invalid_verdict(rid, plane, f"INTERNAL: {text}", "GUARD_ERROR")
 
         async def reader():
             try:
@@ -255,10 +273,7 @@ class GuardServicer(guard_pb2_grpc.GuardServicer):
                 task = await pending.get()
                 if task is None:
                     break
-                try:
-                    yield await task
-                except DataPlaneError as exc:
-                    await context.abort(status_for(exc), str(exc))
+                yield await task
             await reader_task
         finally:
             reader_task.cancel()

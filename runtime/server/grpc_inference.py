@@ -16,7 +16,9 @@ What ``tritonclient.grpc`` and KServe clients see:
   classes only) **only when every image of the request was accepted** — a rejected input never
   yields a label, even partially (send one image per request to get per-image labels);
 * response ``parameters``: ``accepted`` (bool, all images), ``reasons`` (comma-separated union),
-  ``scores`` (JSON: an object for one image, a list for several), ``bundle_hash``.
+  ``scores`` (JSON: an object for one image, a list for several), ``bundle_hash``;
+* a rejected image's ``verdict`` carries nothing specific to the model's top class (no per-class
+  thresholds), unless the server runs with ``--debug-rejected-details``.
 
 Beyond the KServe core, the Triton extensions its clients call (``tritonclient.grpc``, perf_analyzer):
 
@@ -34,7 +36,9 @@ Beyond the KServe core, the Triton extensions its clients call (``tritonclient.g
   refuses them): unload stops serving (ModelReady false, health NOT_SERVING), load re-reads the bundle
   from disk, verifies and self-tests it, then swaps it in (a reload while serving keeps answering).
 
-Bad input → INVALID_ARGUMENT; unknown model → NOT_FOUND; not ready → UNAVAILABLE.
+Bad input (also a malformed message, more images than the queue holds) → INVALID_ARGUMENT; server
+busy → RESOURCE_EXHAUSTED; unknown model → NOT_FOUND; not ready → UNAVAILABLE; anything unexpected →
+INTERNAL (never the exception's text).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 import grpc
 import numpy as np
@@ -54,6 +59,7 @@ from .codecs import deserialize_bytes, little_endian_view, serialize_bytes
 from .dataplane import new_request_id
 from .errors import DataPlaneError, InvalidRequest
 from .status import request_timeout, status_for
+from .wire import Malformed, client_request_id, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +91,12 @@ def _frame_of(request, tensor) -> int | None:
     for params in (tensor.parameters, request.parameters):
         if "frame" in params:
             value = _param_value(params["frame"])
+            if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+                raise InvalidRequest(f"parameter 'frame' must be an integer, got {value!r}")
             try:
                 frame = int(value)
-            except (TypeError, ValueError):
-                raise InvalidRequest(f"parameter 'frame' must be an integer, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidRequest(f"parameter 'frame' must be an integer, got {str(value)[:40]!r}") from None
             if frame < 0:
                 raise InvalidRequest("parameter 'frame' must be >= 0")
             return frame
@@ -115,7 +123,7 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
     dtype = tensor.datatype.upper()
     if dtype == "BYTES":
         items = deserialize_bytes(raw) if raw is not None else list(tensor.contents.bytes_contents)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python ints: a forged shape cannot overflow
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
             raise InvalidRequest(f"BYTES input must have shape [N] or [N, 1], got {shape}")
         if count != len(items):
@@ -136,7 +144,7 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
         shape_n = [shape[0], shape[2], shape[3]]
     else:
         raise InvalidRequest(f"numeric input must have shape [H, W], [N, H, W] or [N, 1, H, W], got {shape}")
-    count = int(np.prod(shape_n, dtype=np.int64))
+    count = math.prod(shape_n)  # Python ints: a forged shape cannot overflow
     if count == 0:
         raise InvalidRequest(f"empty tensor (shape {shape})")
     if raw is not None:
@@ -406,9 +414,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req) -> None:
             try:
+                if isinstance(req, Malformed):  # answered in-stream like any failed request (see .wire)
+                    self._refuse_malformed(req)
                 answer = pb.ModelStreamInferResponse(infer_response=await self._infer(req, request_timeout(context)))
             except RequestFailed as exc:
-                answer = _stream_error(req, exc.message)
+                answer = _stream_error(pb.ModelInferRequest() if isinstance(req, Malformed) else req, exc.message)
             except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others' stream
                 log.exception("stream request failed")
                 answer = _stream_error(req, f"internal error: {type(exc).__name__}")
@@ -437,27 +447,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
+    def _refuse_malformed(self, bad: Malformed) -> None:
+        if self.state.plane is not None:
+            self.state.plane.record_invalid(new_request_id(), "inference-stream", bad.message())
+        raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, bad.message())
+
     async def _infer(self, request, timeout_s: float | None) -> pb.ModelInferResponse:
         """One ``ModelInferRequest`` → its response; raises :class:`RequestFailed`."""
         plane = self._resolve(request.model_name, request.model_version)
         wanted = [o.name for o in request.outputs]
         unknown = [n for n in wanted if n not in ALL_OUTPUTS]
-        if unknown:
-            raise RequestFailed(
-                grpc.StatusCode.INVALID_ARGUMENT, f"unknown output(s) {unknown}; available: {list(ALL_OUTPUTS)}"
-            )
+        rid = new_request_id()
         try:
             try:
+                rid = client_request_id(request.id)
+                if unknown:
+                    raise InvalidRequest(f"unknown output(s) {unknown}; available: {list(ALL_OUTPUTS)}")
                 inputs = request_inputs(request)
             except InvalidRequest as exc:  # refused before verify: count and audit it here
-                plane.record_invalid(request.id or new_request_id(), "inference", str(exc))
+                plane.record_invalid(rid, "inference", str(exc))
                 raise
-            results = await plane.verify_many(
-                inputs, timeout_s=timeout_s, protocol="inference", request_id=request.id or None
-            )
+            results = await plane.verify_many(inputs, timeout_s=timeout_s, protocol="inference", request_id=rid)
+            return self._response(request, plane, results, wanted)
         except DataPlaneError as exc:
             raise RequestFailed(status_for(exc), str(exc)) from None
-        return self._response(request, plane, results, wanted)
+        except RequestFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - last-resort net: a documented status, one audit line
+            raise RequestFailed(*internal_error(plane, rid, "inference", exc)) from None
 
     def _response(self, request, plane, results, wanted: list[str]) -> pb.ModelInferResponse:
         verdicts = [r.verdict for r in results]

@@ -1,0 +1,79 @@
+"""Rate-limited server logging: a client sending bad requests must not be able to fill the disk.
+
+:func:`log_limited` writes a message at most once per ``interval_s`` per key; the next line it writes
+says how many were suppressed in between. A traceback (``exc_info``) is kept only on the first line of
+a key, later ones carry the exception type alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+INTERVAL_S = 10.0
+
+_lock = threading.Lock()
+_state: dict[str, list] = {}  # key -> [last written (monotonic), suppressed since, tracebacks written]
+
+
+def log_limited(
+    logger: logging.Logger,
+    key: str,
+    msg: str,
+    *args,
+    level: int = logging.WARNING,
+    exc_info=None,
+    interval_s: float = INTERVAL_S,
+) -> bool:
+    """Log ``msg % args`` unless ``key`` was logged less than ``interval_s`` ago; returns whether it was."""
+    now = time.monotonic()
+    with _lock:
+        last, suppressed, tracebacks = _state.get(key, (None, 0, 0))
+        if last is not None and now - last < interval_s:
+            _state[key] = [last, suppressed + 1, tracebacks]
+            return False
+        _state[key] = [now, 0, tracebacks + (1 if exc_info else 0)]
+    if suppressed:
+        msg += f" ({suppressed} similar message(s) suppressed in the last {interval_s:.0f} s)"
+    logger.log(level, msg, *args, exc_info=exc_info if tracebacks == 0 else None)
+    return True
+
+
+class RateLimitFilter(logging.Filter):
+    """A logging filter with :func:`log_limited`'s policy for records a library logs by itself (one per
+    logger and level per ``interval_s``, without tracebacks, with a count of what was dropped)."""
+
+    def __init__(self, interval_s: float = INTERVAL_S, prefix: str = ""):
+        super().__init__()
+        self.interval_s = interval_s
+        self.prefix = prefix  # only records of loggers named so (e.g. "pydicom") are limited
+        self._last: dict[tuple[str, int], list] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key, now = (record.name, record.levelno), time.monotonic()
+        with _lock:
+            last, dropped = self._last.get(key, (None, 0))
+            if last is not None and now - last < self.interval_s:
+                self._last[key] = [last, dropped + 1]
+                return False
+            self._last[key] = [now, 0]
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if dropped:
+            record.msg = f"{record.getMessage()} ({dropped} similar message(s) suppressed)"
+            record.args = ()
+        return True
+
+
+def quiet_input_libraries() -> None:
+    """Keep hostile inputs from filling the server log through the libraries that parse them: pydicom
+    logs a warning (sometimes a traceback) and emits a Python warning for many malformed files."""
+    import warnings
+
+    # on the handlers: a logger's own filters do not see its children's records (pydicom.pixels...)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RateLimitFilter) for f in handler.filters):
+            handler.addFilter(RateLimitFilter(prefix="pydicom"))
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
