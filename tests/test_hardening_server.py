@@ -175,6 +175,25 @@ def test_verify_stream_answers_every_item_and_goes_on(env):
     assert len(audit_lines(env)) - before == len(items)
 
 
+def test_oip_stream_answers_a_malformed_item_and_goes_on(env):
+    good = [oip_request(env, [small_png()]) for _ in range(2)]
+    for i, req in enumerate(good):
+        req.id = f"good-{i}"
+    items = [good[0].SerializeToString(), b"\x0a\xff\xff\xff\xff\x0f", good[1].SerializeToString()]
+    stream = env["channel"].stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=None,
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    before = len(audit_lines(env))
+    answers = list(stream(iter(items), metadata=AUTH, timeout=60))
+    assert len(answers) == 3
+    errors = [a.error_message for a in answers if a.error_message]
+    assert len(errors) == 1 and "malformed request" in errors[0]
+    assert sorted(a.infer_response.id for a in answers if not a.error_message) == ["good-0", "good-1"]
+    assert len(audit_lines(env)) - before == 3
+
+
 # ----------------------------------------------------------------- 7. requests beyond the queue
 
 
