@@ -15,4 +15,4 @@ fi
   .venv/bin/python -m pip install -q torch==2.13.0
 }
 echo "bootstrap: installing gamguard[export,dev,interop] (editable)" >&2
-.venv/bin/python -m pip install -q -e '.[export,dev,interop]'
+.venv/bin/python -m pip install -q -e '.[export,dev,interop,sign]'
