@@ -14,5 +14,5 @@ fi
   echo "bootstrap: installing torch==2.13.0 (CPU build)" >&2
   .venv/bin/python -m pip install -q torch==2.13.0
 }
-echo "bootstrap: installing gamguard[export,dev,interop] (editable)" >&2
+echo "bootstrap: installing gamguard[export,dev,interop,sign] (editable)" >&2
 .venv/bin/python -m pip install -q -e '.[export,dev,interop,sign]'
