@@ -123,6 +123,21 @@ def decode_cost_bytes(width: int, height: int, samples: int, sample_bytes: int, 
     return raw + pixels * (_WORK_BYTES_COLOUR if samples > 1 else _WORK_BYTES_GRAY)
 
 
+def header_decode_cost(data: bytes) -> int | None:
+    """:func:`decode_cost_bytes` of a PNG or JPEG from its header alone, or None (another format, or a
+    header that does not parse: decoding will say why). Cheap enough to ask before queueing a decode."""
+    try:
+        if data[:8] == PNG_SIGNATURE and len(data) >= 33 and data[25] in _PNG_SAMPLES:
+            width, height = png_size(data)
+            return decode_cost_bytes(width, height, _PNG_SAMPLES[data[25]], 2 if data[24] == 16 else 1, "png")
+        if data[:3] == JPEG_SOI:
+            width, height, *_ = _jpeg_header(data)
+            return decode_cost_bytes(width, height, 1, 1, "jpeg")
+    except (DecodeError, struct.error, TypeError):
+        return None
+    return None
+
+
 class _DecodeMemory:
     """The memory one decode has claimed: refuses beyond the per-request limit, tells ``reserve``."""
 

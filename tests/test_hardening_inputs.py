@@ -18,7 +18,7 @@ import pytest
 from testlib import ood_images, phantom
 
 from gamguard.runtime import bundle as bundle_mod
-from gamguard.runtime.decode import DecodeError, decode_bytes, decode_cost_bytes
+from gamguard.runtime.decode import DecodeError, decode_bytes, decode_cost_bytes, header_decode_cost
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -139,7 +139,10 @@ def test_reserve_hook_told_before_decoding_and_may_refuse():
     data = cv2.imencode(".png", np.zeros((300, 200), np.uint8))[1].tobytes()
     seen = []
     decode_bytes(data, reserve=seen.append)
-    assert seen == [decode_cost_bytes(200, 300, 1, 1, "png")]
+    assert seen == [decode_cost_bytes(200, 300, 1, 1, "png")] == [header_decode_cost(data)]
+    jpeg = cv2.imencode(".jpg", np.zeros((300, 200, 3), np.uint8))[1].tobytes()
+    assert header_decode_cost(jpeg) == decode_cost_bytes(200, 300, 1, 1, "jpeg")
+    assert header_decode_cost(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8) is None  # no IHDR: decoding says why
 
     class Busy(Exception):
         pass

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gamguard.runtime.decode import png_size
+from gamguard.runtime.decode import header_decode_cost, png_size
 
 from .admission import BudgetExceeded, Claim, MemoryBudget
 from .batching import MicroBatcher
@@ -341,6 +341,12 @@ class DataPlane:
             raise Overloaded(
                 f"decode queue full ({self._decoding} requests waiting to be decoded); retry later "
                 "or raise --max-queue-size"
+            )
+        cost = header_decode_cost(data) if data is not None else None
+        if cost is not None and cost > self.config.max_decode_bytes:  # refused before it queues for a decoder
+            raise InvalidRequest(
+                f"the image needs about {-(-cost >> 20)} MiB to decode, above the per-request limit of "
+                f"{self.config.max_decode_bytes >> 20} MiB (--max-decode-mb; refused before decoding)"
             )
         size = len(data) if data is not None else int(np.asarray(array).nbytes)
         if size + min(self.config.max_decode_bytes, self.decode_budget.limit // 2) > self.decode_budget.limit:
