@@ -12,8 +12,8 @@ model without them (or with someone else's) would silently disable the guard.
 The recorded hash catches accidental and careless edits; someone able to write the bundle can also
 rewrite the hash. Against that, pin the identity you approved: ``gamguard serve --expect-bundle-hash
 HEX`` refuses any other bundle (and every verdict and audit line carries the served ``bundle_hash``).
-A manifest without ``bundle_hash`` (written by gamguard before it existed) is still served, under
-the hash computed from its content. The step beyond the pin is a signature by a key the operator holds
+A manifest without ``bundle_hash`` is refused (deleting the field must not bypass the check; bundles
+from before it existed must be re-calibrated anyway). The step beyond the pin is a signature by a key the operator holds
 (``bundle.sig``, :mod:`gamguard.runtime.signing`; ``gamguard serve --trusted-key``).
 
 ``bundle.json`` layout (format version 1)::
@@ -175,7 +175,13 @@ def verify_manifest_hash(bundle_dir: str | Path, manifest: dict) -> None:
     """Raise :class:`BundleError` when ``bundle.json`` records a ``bundle_hash`` its content no longer has."""
     recorded = manifest.get(HASH_FIELD)
     if recorded is None:
-        return  # written before the field existed: served under its computed hash
+        # Refused rather than served under its computed hash: deleting the field must not be a way round
+        # the check. Bundles written before the field existed need re-calibration anyway (the reference
+        # format changed in the same release), which writes it.
+        raise BundleError(
+            f"{bundle_dir}: {MANIFEST} records no {HASH_FIELD} (written by an older gamguard, or the field was "
+            "removed): re-run `gamguard calibrate` on the bundle, which re-writes the manifest with its hash"
+        )
     actual = bundle_hash(manifest)
     if recorded != actual:
         raise BundleError(

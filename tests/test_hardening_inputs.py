@@ -270,15 +270,15 @@ def test_editing_a_served_setting_is_refused(copy_bundle):
     assert bundle_mod.bundle_hash(calibrated) != bundle_mod.bundle_hash(original)
 
 
-def test_manifest_without_recorded_hash_serves_under_its_content_hash(copy_bundle):
+def test_manifest_without_recorded_hash_is_refused(copy_bundle):
+    """Deleting the field must not be a way round the check (an edit plus a deleted hash is refused)."""
     copy_bundle = copy_bundle()
     manifest = json.loads((copy_bundle / "bundle.json").read_text())
-    recorded = manifest.pop("bundle_hash")
+    manifest.pop("bundle_hash")
+    manifest["class_names"] = list(reversed(manifest["class_names"]))
     (copy_bundle / "bundle.json").write_text(json.dumps(manifest))
-    assert bundle_mod.bundle_hash(bundle_mod.load_manifest(copy_bundle)) == recorded
-    manifest["class_names"] = list(reversed(manifest["class_names"]))  # an edit without the field: new identity
-    (copy_bundle / "bundle.json").write_text(json.dumps(manifest))
-    assert bundle_mod.bundle_hash(bundle_mod.load_manifest(copy_bundle)) != recorded
+    with pytest.raises(bundle_mod.BundleError, match="records no bundle_hash"):
+        bundle_mod.load_manifest(copy_bundle)
 
 
 def test_served_overrides_change_bundle_hash_and_pin_refuses(copy_bundle, tmp_path):
