@@ -48,6 +48,7 @@ import numpy as np
 from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
 from .checks import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
+from .checks.graph import GUARD_COLUMNS, guarded_model_bytes, resolve_arithmetic, scores_from_graph
 from .engines import EngineOutput
 from .similarity import MEASURES, all_finite
 
@@ -196,20 +197,39 @@ class Guard:
 
     @classmethod
     def from_bundle(
-        cls, bundle_dir=None, *, providers=None, threads=None, policy=None, enforced_checks=None, prefer: str = "auto"
+        cls,
+        bundle_dir=None,
+        *,
+        providers=None,
+        threads=None,
+        policy=None,
+        enforced_checks=None,
+        prefer: str = "auto",
+        arithmetic: str | None = None,
     ) -> "Guard":
         """Load and check a bundle (hashes, calibration) and start its engine.
 
         Raises :class:`gamguard.runtime.bundle.BundleError` for an uncalibrated or tampered bundle.
         ``policy`` / ``enforced_checks`` override ``bundle.json``'s ``guard`` section.
+        ``arithmetic``: where the checks' per-image arithmetic runs (:data:`ARITHMETIC`; default: env
+        ``GAMGUARD_GUARD_ARITHMETIC``, else ``auto``, see :func:`resolve_arithmetic`).
         """
-        from .engines import create_engine
+        from .engines import create_engine, resolve_providers
 
         bundle_dir = bundle_mod.resolve_bundle(bundle_dir)
         manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=True)
         calibration = CalibrationData.load(bundle_dir, manifest)
         policy, key = cls.settings(manifest, policy=policy, enforced_checks=enforced_checks)
-        engine = create_engine(bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads)
+        guarded = None
+        if resolve_arithmetic(arithmetic, resolve_providers(providers)) == "graph":
+            guarded = guarded_model_bytes(bundle_dir, calibration)
+        engine = create_engine(
+            bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads, guarded=guarded
+        )
+        if guarded is not None and getattr(engine, "guarded", False) is not True:
+            log.warning(
+                "guard: engine %s runs the plain fused model; the checks' arithmetic runs on the host", engine.name
+            )
         guard = cls(bundle_dir, manifest, engine, calibration, policy=policy, enforced_checks=key)
         log.info(
             "guard: bundle %s (%s), policy %s, checks %s, alpha %s, engine %s %s",
@@ -256,8 +276,11 @@ class Guard:
         conformal cut (or the given ``checks`` / ``policy``). The one place where serving, evaluation
         and the TensorRT drift check turn engine outputs into a decision."""
         cal = self.calibration
-        s = cal.score(out.logits, out.cam, out.early)
-        pv = cal.null.pvalues(s)
+        if getattr(out, "guard", None) is not None:
+            s, pv = scores_from_graph(out.guard, out.logits, cal)
+        else:
+            s = cal.score(out.logits, out.cam, out.early)
+            pv = cal.null.pvalues(s)
         return s, pv, self.decide_pvalues(pv, checks=checks, policy=policy)
 
     def decide_pvalues(self, pv, *, checks: str | None = None, policy: str | None = None):
@@ -414,19 +437,28 @@ class Guard:
                 f"engine output shapes {out.logits.shape}, {out.cam.shape}, {out.early.shape} "
                 f"do not fit a batch of {n} and {len(self.class_names)} classes"
             )
-        if not (all_finite(out.logits) and all_finite(out.cam) and all_finite(out.early)):
-            # Fail closed per item: a NaN/Inf output rejects its own input, not its batch-mates
-            # (other clients' requests share micro-batches).
+        if out.guard is not None:
+            if out.guard.shape != (n, len(GUARD_COLUMNS)):
+                raise RuntimeError(f"engine guard output shape {out.guard.shape} does not fit a batch of {n}")
+            ok = out.guard[:, GUARD_COLUMNS.index("finite")] == 1.0  # the graph's per-image finiteness test
+        elif all_finite(out.logits) and all_finite(out.cam) and all_finite(out.early):
+            ok = None
+        else:
             ok = np.ones(n, bool)
             for a in (out.logits, out.cam, out.early):
                 ok &= np.isfinite(np.asarray(a).reshape(n, -1)).all(axis=1)
+        if ok is not None and not ok.all():
+            # Fail closed per item: a NaN/Inf output rejects its own input, not its batch-mates
+            # (other clients' requests share micro-batches).
             verdicts = [
                 None if good else Verdict.rejected("GUARD_ERROR", "the engine produced NaN/Inf for this input")
                 for good in ok
             ]
             keep = np.flatnonzero(ok)
             if keep.size:
-                part = EngineOutput(out.logits[keep], out.cam[keep], out.early[keep])
+                part = EngineOutput(
+                    out.logits[keep], out.cam[keep], out.early[keep], None if out.guard is None else out.guard[keep]
+                )
                 for i, v in zip(keep, self._judge(part, keep.size, t0, t1)):
                     verdicts[i] = v
             return verdicts

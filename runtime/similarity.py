@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 
-import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
@@ -103,8 +102,9 @@ def all_finite(arr: np.ndarray) -> bool:
 def prepare(maps, grid: int = DEFAULT_GRID) -> np.ndarray:
     """Bring one map ``[H, W]`` or a batch ``[N, H, W]`` onto the ``grid x grid`` comparison grid.
 
-    Each map is resampled with OpenCV's area interpolation (``cv2.INTER_AREA``: the mean over each
-    target cell when shrinking) and then min-max normalised to [0, 1]; a constant map (range below
+    Each map is area-resampled (:func:`area_matrix`: each target cell is the mean of the map over the
+    cell, the map seen as piecewise constant; for shrinking this is OpenCV's ``INTER_AREA``) and then
+    min-max normalised to [0, 1]; a constant map (range below
     1e-6 of its magnitude, or exactly zero) becomes all zeros. Normalising *after* resampling
     guarantees that every map the measures see spans exactly [0, 1] (or is all zero), which the 0.5
     binarisation of IoU/Dice relies on; otherwise it is the "min-max normalise and resample" of the
@@ -120,7 +120,7 @@ def prepare(maps, grid: int = DEFAULT_GRID) -> np.ndarray:
     if arr.size == 0 or arr.shape[-1] == 0 or arr.shape[-2] == 0:
         raise ValueError(f"empty map(s): shape {arr.shape}")
     if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float64)  # ints, bools, float16: types OpenCV's area resize lacks
+        arr = arr.astype(np.float64)  # ints, bools, float16
     if not all_finite(arr):
         raise ValueError("map contains NaN or infinite values")
     single = arr.ndim == 2
@@ -140,14 +140,33 @@ def prepare(maps, grid: int = DEFAULT_GRID) -> np.ndarray:
     return out[0] if single else out
 
 
-def _resize_area(batch: np.ndarray, grid: int) -> np.ndarray:
-    """Area-resample ``[N, H, W]`` to float64 ``[N, grid, grid]``, one OpenCV call per map (OpenCV's
-    area resize takes at most 4 channels, and N is small on the hot path). OpenCV accumulates a
-    float32 map's cell means in float32; the grid is float64 from there on."""
-    out = np.empty((batch.shape[0], grid, grid), dtype=np.float64)
-    for i, m in enumerate(batch):
-        out[i] = cv2.resize(np.ascontiguousarray(m), (grid, grid), interpolation=cv2.INTER_AREA)
+@functools.lru_cache(maxsize=32)
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` area-resampling weights along one axis: target cell ``i`` covers
+    ``[i s, (i + 1) s)`` of the source, ``s = n_in / n_out``, and is the mean of the source (piecewise
+    constant, one value per cell) over it: weight = overlap of the source cell with that span / ``s``.
+
+    Shrinking, this is OpenCV's ``INTER_AREA`` (whole-cell means for integer factors, fractional edge
+    weights otherwise); enlarging, it repeats source cells (the same area mean). ``A_rows @ map @
+    A_cols.T`` resamples a map; the guard graph (:mod:`gamguard.runtime.checks.graph`) builds the same
+    matrix from the map's size, so both paths resample identically.
+    """
+    s = n_in / n_out
+    i = np.arange(n_out, dtype=np.float64)[:, None]
+    h = np.arange(n_in, dtype=np.float64)[None, :]
+    overlap = np.minimum(h + 1.0, (i + 1.0) * s) - np.maximum(h, i * s)
+    out = np.maximum(overlap, 0.0) / s
+    out.setflags(write=False)
     return out
+
+
+def _resize_area(batch: np.ndarray, grid: int) -> np.ndarray:
+    """Area-resample ``[N, H, W]`` to float64 ``[N, grid, grid]`` with :func:`area_matrix` (two
+    matrix products for the whole batch; a float32 map is resampled in float32, as OpenCV does)."""
+    dtype = np.float32 if batch.dtype == np.float32 else np.float64
+    rows = area_matrix(batch.shape[1], grid).astype(dtype)
+    cols = area_matrix(batch.shape[2], grid).T.astype(dtype)
+    return (rows @ (batch @ cols)).astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------------

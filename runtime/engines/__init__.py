@@ -43,6 +43,7 @@ def create_engine(
     prefer: str = "auto",
     providers: Sequence[str] | str | None = None,
     threads: int | None = None,
+    guarded: bytes | None = None,
 ) -> Engine:
     """The single factory for engines.
 
@@ -50,6 +51,9 @@ def create_engine(
     device, otherwise ONNX Runtime with its TensorRT → CUDA → CPU chain), ``"onnxruntime"`` (alias
     ``"onnx"``) or ``"tensorrt"`` (fail unless the native plan can be used). The plan selection rule
     lives in :mod:`gamguard.runtime.engines.tensorrt`.
+    ``guarded``: the fused model with the guard subgraph (:func:`gamguard.runtime.checks.graph.guarded_model`)
+    for ONNX Runtime to run instead of ``model.onnx``; a native TensorRT plan is the plain fused model
+    (its engine returns no ``guard`` output and the host computes the checks).
     """
     bundle_dir = Path(bundle_dir)
     prefer = {"onnx": "onnxruntime", "ort": "onnxruntime", None: "auto"}.get(prefer, prefer)
@@ -64,4 +68,4 @@ def create_engine(
     model = bundle_dir / MODEL_FILE
     if not model.is_file():
         raise BundleError(f"{bundle_dir}: no {MODEL_FILE}")
-    return OnnxEngine(model, providers=providers, threads=threads)
+    return OnnxEngine(model, providers=providers, threads=threads, guarded=guarded)

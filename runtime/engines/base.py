@@ -26,6 +26,9 @@ class EngineOutput:
     logits: np.ndarray  # [N, K] float32, raw class scores (garbage class included)
     cam: np.ndarray  # [N, H, W] float32 in [0, 1], Grad-CAM of the argmax class
     early: np.ndarray  # [N, C_e, h_e, w_e] float32, early-layer activations
+    # [N, len(GUARD_COLUMNS)] float32: the checks' arithmetic computed in the graph (checks/graph.py),
+    # None when the engine runs the plain fused model and the host computes it
+    guard: np.ndarray | None = None
 
 
 @runtime_checkable

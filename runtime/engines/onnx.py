@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..checks.graph import GUARD_OUTPUT
 from .base import INPUT_NAME, OUTPUT_NAMES, EngineError, EngineOutput
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,20 @@ class OnnxEngine:
     explicit list/comma-separated string of provider names or aliases (``tensorrt``, ``cuda``, ``cpu``).
     ``threads``: intra-op threads (None: onnxruntime's default, all cores; env ``GAMGUARD_THREADS``
     overrides the default).
+    ``guarded``: the serialized fused model with the guard subgraph appended
+    (:func:`gamguard.runtime.checks.graph.guarded_model` of ``model_path``); the session then runs it
+    and :meth:`run` also returns its ``guard`` output.
     """
 
     name = "onnxruntime"
 
     def __init__(
-        self, model_path: str | Path, *, providers: Sequence[str] | str | None = None, threads: int | None = None
+        self,
+        model_path: str | Path,
+        *,
+        providers: Sequence[str] | str | None = None,
+        threads: int | None = None,
+        guarded: bytes | None = None,
     ):
         import onnxruntime as ort
 
@@ -107,33 +116,40 @@ class OnnxEngine:
         opts = session_options(threads)
         chain = resolve_providers(providers)
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=chain)
+            source = guarded if guarded is not None else str(self.model_path)
+            self.session = ort.InferenceSession(source, sess_options=opts, providers=chain)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"{self.model_path}: cannot create an ONNX Runtime session: {exc}") from exc
         self.providers = list(self.session.get_providers())
         self.threads = threads
+        self.guarded = guarded is not None
+        self._outputs = [*OUTPUT_NAMES, GUARD_OUTPUT] if self.guarded else list(OUTPUT_NAMES)
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if INPUT_NAME not in inputs or any(n not in outputs for n in OUTPUT_NAMES):
+        if INPUT_NAME not in inputs or any(n not in outputs for n in self._outputs):
             raise EngineError(
                 f"{self.model_path}: not a fused gamguard model (inputs {inputs}, outputs {outputs}; "
                 f"expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)})"
             )
         log.info(
-            "engine: onnxruntime %s, providers %s (requested chain %s), threads %s",
+            "engine: onnxruntime %s, providers %s (requested chain %s), threads %s, guard arithmetic %s",
             ort.__version__,
             self.providers,
             chain,
             threads or "default",
+            "in the graph" if self.guarded else "on the host",
         )
 
     def run(self, batch: np.ndarray) -> EngineOutput:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4:
             raise EngineError(f"engine input must be [N, C, H, W], got shape {batch.shape}")
-        logits, cam, early = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        logits, cam, early, *guard = self.session.run(self._outputs, {INPUT_NAME: batch})
         return EngineOutput(
-            logits=np.asarray(logits, np.float32), cam=np.asarray(cam, np.float32), early=np.asarray(early, np.float32)
+            logits=np.asarray(logits, np.float32),
+            cam=np.asarray(cam, np.float32),
+            early=np.asarray(early, np.float32),
+            guard=np.asarray(guard[0], np.float32) if guard else None,
         )
 
     def run_logits(self, batch: np.ndarray) -> np.ndarray:
@@ -149,4 +165,5 @@ class OnnxEngine:
             "providers": list(self.providers),
             "threads": self.threads,
             "model": self.model_path.name,
+            "guard_arithmetic": "graph" if self.guarded else "host",
         }

@@ -1,0 +1,184 @@
+"""The guard's arithmetic in the ONNX graph (runtime/checks/graph.py) against the numpy reference.
+
+Both paths must give the same scores (float32 graph vs float64 numpy, to PARITY_ATOL) and the same
+verdicts on the demo bundle, in and off distribution, at the bundle's size and at another size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from gamguard.runtime import similarity as sim
+from gamguard.runtime.checks import score_outputs
+from gamguard.runtime.checks.graph import (
+    GUARD_COLUMNS,
+    PARITY_ATOL,
+    guard_only_model,
+    resolve_arithmetic,
+    scores_from_graph,
+)
+from gamguard.runtime.demo.phantoms import HELD_OUT_KINDS, hand_phantom, ood_set
+from gamguard.runtime.engines import session_options
+from gamguard.runtime.guard import Guard
+from gamguard.runtime.preprocess import preprocess_batch
+
+M = len(sim.MEASURES)
+
+
+@pytest.fixture(scope="module")
+def guards(demo_bundle):
+    host = Guard.from_bundle(demo_bundle, providers="cpu", threads=1, prefer="onnxruntime", arithmetic="host")
+    graph = Guard.from_bundle(demo_bundle, providers="cpu", threads=1, prefer="onnxruntime", arithmetic="graph")
+    assert host.engine.describe()["guard_arithmetic"] == "host"
+    assert graph.engine.describe()["guard_arithmetic"] == "graph"
+    return host, graph
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(7)
+    inside = [hand_phantom(i % 4, rng, 256).image for i in range(24)]
+    outside, _ = ood_set(list(HELD_OUT_KINDS) + ["noise", "knee"], 3, seed=11)
+    return inside + list(outside)
+
+
+@pytest.fixture(scope="module")
+def guard_session(guards):
+    import onnxruntime as ort
+
+    cal = guards[0].calibration
+    model = guard_only_model(cal, n_classes=len(cal.class_names), early_shape=cal.feature_ref.mean.shape)
+    return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+
+
+def _borderline(pm, pf, guard, tol) -> np.ndarray:
+    """Images whose decision could flip within the float32 tolerance (a p-value next to its level)."""
+    cal = guard.calibration
+    level, mlevel = guard.level, cal.null.measure_level(guard.level)
+    pa = cal.null.attention_p(pm)
+    return (np.abs(pm - mlevel) < tol).any(axis=1) | (np.abs(pa - level) < tol) | (np.abs(pf - level) < tol)
+
+
+@pytest.mark.parametrize("size", [None, 224])
+def test_graph_matches_numpy_scores_and_verdicts(guards, images, size):
+    host, graph = guards
+    spec = host.spec if size is None else dataclasses.replace(host.spec, height=size, width=size)
+    x = preprocess_batch(images, spec)
+    out_h = host.engine.run(x)
+    out_g = graph.engine.run(x)
+    assert out_h.guard is None and out_g.guard.shape == (len(images), len(GUARD_COLUMNS))
+    np.testing.assert_allclose(out_g.logits, out_h.logits, rtol=1e-5, atol=1e-5)  # same fused model
+
+    s_h, pm_h, pf_h, d_h = host.decide_outputs(out_h)
+    s_g, pm_g, pf_g, d_g = graph.decide_outputs(out_g)
+    assert np.array_equal(s_g.pred_real, s_h.pred_real)
+    assert np.array_equal(s_g.garbage_pred, s_h.garbage_pred)
+    np.testing.assert_allclose(s_g.sims, s_h.sims, atol=PARITY_ATOL["scores"], rtol=0)
+    np.testing.assert_allclose(s_g.feature, s_h.feature, rtol=PARITY_ATOL["scores"])
+    np.testing.assert_allclose(s_g.garbage_prob, s_h.garbage_prob, atol=1e-6)
+    np.testing.assert_allclose(pm_g, pm_h, atol=PARITY_ATOL["pvalues"], rtol=0)
+    np.testing.assert_allclose(pf_g, pf_h, atol=PARITY_ATOL["pvalues"], rtol=0)
+
+    # identical decisions, except where a p-value sits within the tolerance of its level
+    sure = ~_borderline(pm_h, pf_h, host, PARITY_ATOL["pvalues"])
+    assert sure.mean() > 0.9
+    for field in ("reject", "garbage", "attention", "feature"):
+        assert np.array_equal(getattr(d_g, field)[sure], getattr(d_h, field)[sure]), field
+    if size is None:  # at the calibrated size: the decisions mean something, and the full verdicts
+        assert (~d_g.reject[:24]).mean() > 0.7 and d_g.reject[24:].mean() > 0.7
+        v_h, v_g = host.verify_tensor(x), graph.verify_tensor(x)
+        for a, b, ok in zip(v_h, v_g, sure):
+            if ok:
+                assert (a.accepted, a.label, a.reasons) == (b.accepted, b.label, b.reasons)
+            assert a.scores.keys() == b.scores.keys()
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (100, 75), (20, 24), (32, 32)])
+def test_guard_subgraph_edge_maps(guards, guard_session, shape):
+    """Non-integer and enlarging resampling, constant and all-zero maps: same scores as numpy."""
+    cal = guards[0].calibration
+    rng = np.random.default_rng(3)
+    n = 5
+    logits = rng.normal(size=(n, len(cal.class_names))).astype(np.float32)
+    early = rng.normal(size=(n, *cal.feature_ref.mean.shape)).astype(np.float32)
+    cam = rng.random((n, *shape)).astype(np.float32)
+    cam[1] = 0.0  # all zero
+    cam[2] = 0.37  # constant
+    cam[3] = 0.0
+    cam[3, : shape[0] // 3, : shape[1] // 2] = 1.0  # a hard-edged blob
+    (guard,) = guard_session.run(None, {"logits": logits, "cam": cam, "early": early})
+    assert (guard[:, GUARD_COLUMNS.index("finite")] == 1.0).all()
+    s_g, pm_g, pf_g = scores_from_graph(guard, logits, cal)
+    s_h = score_outputs(
+        logits, cam, early, garbage=cal.garbage, ref_cams=cal.ref_prepared, feature_ref=cal.feature_ref, grid=cal.grid
+    )
+    pm_h, pf_h = cal.null.pvalues(s_h)
+    np.testing.assert_allclose(s_g.sims, s_h.sims, atol=PARITY_ATOL["scores"], rtol=0)
+    np.testing.assert_allclose(s_g.feature, s_h.feature, rtol=PARITY_ATOL["scores"])
+    np.testing.assert_allclose(pm_g, pm_h, atol=PARITY_ATOL["pvalues"], rtol=0)
+    np.testing.assert_allclose(pf_g, pf_h, atol=PARITY_ATOL["pvalues"], rtol=0)
+
+
+def test_guard_subgraph_flags_non_finite_outputs_per_image(guards, guard_session):
+    cal = guards[0].calibration
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(4, len(cal.class_names))).astype(np.float32)
+    early = rng.normal(size=(4, *cal.feature_ref.mean.shape)).astype(np.float32)
+    cam = rng.random((4, 64, 64)).astype(np.float32)
+    cam[1, 10, 20] = np.nan
+    early[2, 0, 1, 1] = np.inf
+    logits[3, 0] = -np.inf
+    (guard,) = guard_session.run(None, {"logits": logits, "cam": cam, "early": early})
+    assert guard[:, GUARD_COLUMNS.index("finite")].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_graph_guard_rejects_non_finite_engine_output_per_item(guards, images):
+    """Fail closed on the serving path: a NaN from the engine rejects its own item with GUARD_ERROR."""
+    _, graph = guards
+    x = preprocess_batch(images[:3], graph.spec)
+
+    class NanEngine:
+        name, providers, guarded = "nan", ["CPUExecutionProvider"], True
+
+        def run(self, batch):
+            out = graph.engine.run(batch)
+            out.guard[1, GUARD_COLUMNS.index("finite")] = 0.0
+            return out
+
+    g = Guard(
+        graph.bundle_dir,
+        graph.manifest,
+        NanEngine(),
+        graph.calibration,
+        policy="calibrated",
+        enforced_checks=graph.enforced_checks,
+    )
+    v = g.verify_tensor(x)
+    assert v[1].reasons == ["GUARD_ERROR"] and v[1].label is None
+    assert "GUARD_ERROR" not in v[0].reasons and "GUARD_ERROR" not in v[2].reasons
+
+
+def test_resolve_arithmetic(monkeypatch):
+    monkeypatch.delenv("GAMGUARD_GUARD_ARITHMETIC", raising=False)
+    assert resolve_arithmetic(None, ["CPUExecutionProvider"]) == "host"
+    assert resolve_arithmetic("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "graph"
+    assert resolve_arithmetic("graph", ["CPUExecutionProvider"]) == "graph"
+    monkeypatch.setenv("GAMGUARD_GUARD_ARITHMETIC", "graph")
+    assert resolve_arithmetic(None, ["CPUExecutionProvider"]) == "graph"
+    with pytest.raises(ValueError, match="guard arithmetic"):
+        resolve_arithmetic("gpu", ["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("n_in", [128, 100, 77, 33])
+def test_area_matrix_is_opencv_inter_area_when_shrinking(n_in):
+    import cv2
+
+    rng = np.random.default_rng(n_in)
+    m = rng.random((n_in, n_in + 9))
+    want = cv2.resize(m, (32, 32), interpolation=cv2.INTER_AREA)
+    got = sim.area_matrix(n_in, 32) @ m @ sim.area_matrix(n_in + 9, 32).T
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    np.testing.assert_allclose(sim.area_matrix(n_in, 32).sum(axis=1), 1.0)
