@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 
+import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
@@ -161,12 +162,21 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _resize_area(batch: np.ndarray, grid: int) -> np.ndarray:
-    """Area-resample ``[N, H, W]`` to float64 ``[N, grid, grid]`` with :func:`area_matrix` (two
-    matrix products for the whole batch; a float32 map is resampled in float32, as OpenCV does)."""
-    dtype = np.float32 if batch.dtype == np.float32 else np.float64
-    rows = area_matrix(batch.shape[1], grid).astype(dtype)
-    cols = area_matrix(batch.shape[2], grid).T.astype(dtype)
-    return (rows @ (batch @ cols)).astype(np.float64)
+    """Area-resample ``[N, H, W]`` to float64 ``[N, grid, grid]`` (:func:`area_matrix`). Shrinking —
+    every map the guard sees — runs OpenCV's ``INTER_AREA``, the same weights, one single-threaded call
+    per map (OpenCV's area resize takes at most 4 channels; N is small on the hot path; a float32 map's
+    cell means are accumulated in float32); enlarging uses the matrices (OpenCV's ``INTER_AREA`` would
+    interpolate bilinearly there instead)."""
+    n, h, w = batch.shape
+    if h < grid or w < grid:
+        dtype = np.float32 if batch.dtype == np.float32 else np.float64
+        rows = area_matrix(h, grid).astype(dtype)
+        cols = area_matrix(w, grid).T.astype(dtype)
+        return (rows @ (batch @ cols)).astype(np.float64)
+    out = np.empty((n, grid, grid), dtype=np.float64)
+    for i, m in enumerate(batch):
+        out[i] = cv2.resize(np.ascontiguousarray(m), (grid, grid), interpolation=cv2.INTER_AREA)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

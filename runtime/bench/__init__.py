@@ -83,7 +83,7 @@ from .common import (
     phantom_images,
     spatial_is_dynamic,
 )
-from .overhead import default_checkpoint, measure_overhead, measure_overhead_large, measure_pytorch
+from .overhead import arithmetic_of, default_checkpoint, measure_overhead, measure_overhead_large, measure_pytorch
 from .serving import measure_grpc
 
 BENCH_FORMAT = "gamguard-bench/1"
@@ -115,6 +115,7 @@ class BenchConfig:
     repeats: int | None = None  # timed rounds per case (default: 5 quick, 30 full)
     grpc_rounds: int | None = None  # interleaved gRPC / in-process rounds per level (1 quick, 3 full)
     skip: tuple[str, ...] = ()  # sections to skip: "pytorch", "grpc"
+    arithmetic: str | None = None  # where the checks' arithmetic runs: auto (default), graph, host
     progress: Callable[[str], None] | None = None  # progress lines (the CLI prints them to stderr)
 
     @property
@@ -140,7 +141,18 @@ def run_bench(cfg: BenchConfig) -> dict:
     progress(
         f"bundle {bundle_dir}, providers {providers}, threads {cfg.threads}, {'quick' if cfg.quick else 'full'} run"
     )
-    guard = Guard.from_bundle(bundle_dir, providers=providers, threads=cfg.threads, prefer="onnxruntime")
+    guard = Guard.from_bundle(
+        bundle_dir, providers=providers, threads=cfg.threads, prefer="onnxruntime", arithmetic=cfg.arithmetic
+    )
+    used = arithmetic_of(guard)
+    # the same bundle with the checks' arithmetic on the other side, timed alongside (see guard_arithmetic)
+    alternative = Guard.from_bundle(
+        bundle_dir,
+        providers=providers,
+        threads=cfg.threads,
+        prefer="onnxruntime",
+        arithmetic="host" if used == "graph" else "graph",
+    )
     facts["providers_used"] = list(guard.engine.providers)
     if any(p != "CPUExecutionProvider" for p in guard.engine.providers):
         facts["gpu"] = gpu_name()
@@ -167,7 +179,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     if diff > 1e-4:
         raise RuntimeError(f"the logits-only model disagrees with the fused model (max diff {diff:.3g})")
 
-    overhead, measures = measure_overhead(guard, logits_session, images, sizes, cfg.batches, cfg.n_repeats, progress)
+    overhead, measures = measure_overhead(
+        guard, logits_session, images, sizes, cfg.batches, cfg.n_repeats, progress, alternative=alternative
+    )
+    del alternative
     result = {
         "format": BENCH_FORMAT,
         "quick": cfg.quick,
@@ -178,6 +193,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "machine": facts,
         "goals": dict(GOALS),
         "guard_overhead": overhead,
+        "guard_arithmetic": arithmetic_summary(used, cfg.arithmetic, providers, overhead),
         "measures_cost": measures,
     }
     if cfg.large:
@@ -203,6 +219,28 @@ def run_bench(cfg: BenchConfig) -> dict:
     return result
 
 
+def arithmetic_summary(used: str, requested: str | None, providers: list[str], overhead: list[dict]) -> dict:
+    """``guard_arithmetic``: which side computed the checks' arithmetic in ``guard_overhead`` (and in
+    every other section), why, and which side was faster per case in this run."""
+    from gamguard.runtime.checks.graph import ARITHMETIC_ENV
+
+    how = requested or os.environ.get(ARITHMETIC_ENV) or "auto"
+    faster = {
+        f"{r['size']}x{r['batch']}": (
+            r["arithmetic"] if r["guarded_ms"] <= r["alternative_ms"] else r["alternative_arithmetic"]
+        )
+        for r in overhead
+        if "alternative_ms" in r
+    }
+    return {
+        "used": used,
+        "requested": how,
+        "providers": list(providers),
+        "rule": "auto: host (numpy) when the provider chain starts with CPUExecutionProvider, graph otherwise",
+        "faster_in_this_run": faster,
+    }
+
+
 def format_tables(result: dict) -> str:
     """Human-readable tables of a :func:`run_bench` result."""
 
@@ -210,7 +248,7 @@ def format_tables(result: dict) -> str:
         return (
             f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r['guarded_ms']:>11.2f} "
             f"{r['logits_only_ms']:>10.2f} {r['fused_engine_ms']:>9.2f} {r['checks_ms']:>10.2f} "
-            f"{r['decision_ms']:>12.2f}"
+            f"{r['decision_ms']:>12.2f}" + (f" {r['alternative_ratio']:>9.3f}" if "alternative_ratio" in r else "")
         )
 
     m = result["machine"]
@@ -225,9 +263,20 @@ def format_tables(result: dict) -> str:
         f"Guard overhead (goal ≤ {GOALS['guard_overhead_max']:.2f}×): full guarded call / logits-only ORT",
         "  (fused = the fused engine alone; checks = 7 measures + feature score; decision = the rest: "
         "p-values, decision, verdicts)",
-        f"{'size':>6} {'batch':>5} {'ratio':>7} {'guarded ms':>11} {'logits ms':>10} {'fused ms':>9} "
-        f"{'checks ms':>10} {'decision ms':>12}",
     ]
+    arith = result.get("guard_arithmetic")
+    if arith:
+        other = "host" if arith["used"] == "graph" else "graph"
+        lines.append(
+            f"  checks' arithmetic: {arith['used']} ({arith['requested']}; {arith['rule']}); "
+            f"'{other} ratio' = the same call with the arithmetic on the {other} side; faster in this run: "
+            + ", ".join(f"{k}: {v}" for k, v in arith["faster_in_this_run"].items())
+        )
+    lines.append(
+        f"{'size':>6} {'batch':>5} {'ratio':>7} {'guarded ms':>11} {'logits ms':>10} {'fused ms':>9} "
+        f"{'checks ms':>10} {'decision ms':>12}"
+        + (f" {('graph' if arith['used'] == 'host' else 'host') + ' ratio':>11}" if arith else "")
+    )
     lines += [overhead_row(r) for r in result["guard_overhead"]]
     large = result.get("guard_overhead_large")
     if large is not None:

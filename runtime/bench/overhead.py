@@ -24,14 +24,26 @@ from .common import (
 )
 
 
-def measure_overhead(guard, logits_session, images, sizes, batches, repeats, progress) -> tuple[list, list]:
-    """``guard_overhead`` and ``measures_cost`` rows, from one interleaved loop per case."""
+def arithmetic_of(guard) -> str:
+    """Where ``guard`` computes the checks' arithmetic: ``graph`` (in the engine) or ``host`` (numpy)."""
+    return "graph" if getattr(guard.engine, "guarded", False) else "host"
+
+
+def measure_overhead(
+    guard, logits_session, images, sizes, batches, repeats, progress, alternative=None
+) -> tuple[list, list]:
+    """``guard_overhead`` and ``measures_cost`` rows, from one interleaved loop per case.
+
+    ``alternative``: the same bundle loaded with the checks' arithmetic on the other side (graph vs
+    host, :mod:`gamguard.runtime.checks.graph`), timed in the same interleaved loop; each row then
+    also says what the guarded call costs that way (``alternative_ms``, ``alternative_ratio``)."""
     from gamguard.runtime.similarity import batch_scores
 
     cal = guard.calibration
     overhead, measures = [], []
     for size in sizes:
         g = guard_at_size(guard, size)
+        alt = guard_at_size(alternative, size) if alternative is not None else None
         for n in batches:
             x = batch_at(images, guard.spec, size, n)
             out = guard.engine.run(x)
@@ -42,34 +54,41 @@ def measure_overhead(guard, logits_session, images, sizes, batches, repeats, pro
             errors = [v.detail for v in verdicts if "GUARD_ERROR" in v.reasons or "INVALID_INPUT" in v.reasons]
             if errors:
                 raise RuntimeError(f"guarded call failed at {size}x{size}, batch {n}: {errors[0]}")
-            t = interleaved(
-                {
-                    "logits_only": lambda: logits_session.run(["logits"], {"image": x}),
-                    "guarded": lambda: g.verify_tensor(x),
-                    "engine": lambda: guard.engine.run(x),
-                    "measures": lambda: batch_scores(out.cam, refs, grid=cal.grid),
-                    "feature": lambda: cal.feature_ref.score(out.early),
-                },
-                repeats,
-            )
+            variants = {
+                "logits_only": lambda: logits_session.run(["logits"], {"image": x}),
+                "guarded": lambda: g.verify_tensor(x),
+                "engine": lambda: guard.engine.run(x),
+                "measures": lambda: batch_scores(out.cam, refs, grid=cal.grid),
+                "feature": lambda: cal.feature_ref.score(out.early),
+            }
+            if alt is not None:
+                variants["alternative"] = lambda: alt.verify_tensor(x)
+            t = interleaved(variants, repeats)
             ms = {k: median_ms(v) for k, v in t.items()}
             ratio = ms["guarded"] / ms["logits_only"]
             checks = ms["measures"] + ms["feature"]
-            overhead.append(
-                {
-                    "batch": n,
-                    "size": size,
-                    "ratio": round(ratio, 4),
-                    "guarded_ms": round(ms["guarded"], 3),
-                    "logits_only_ms": round(ms["logits_only"], 3),
-                    "fused_engine_ms": round(ms["engine"], 3),
-                    "fused_engine_ratio": round(ms["engine"] / ms["logits_only"], 4),
-                    # the rest of the guarded call: p-values, decision, verdict objects
-                    "checks_ms": round(checks, 3),
-                    "decision_ms": round(ms["guarded"] - ms["engine"] - checks, 3),
-                    "repeats": repeats,
-                }
-            )
+            row = {
+                "batch": n,
+                "size": size,
+                "ratio": round(ratio, 4),
+                "arithmetic": arithmetic_of(guard),
+                "guarded_ms": round(ms["guarded"], 3),
+                "logits_only_ms": round(ms["logits_only"], 3),
+                "fused_engine_ms": round(ms["engine"], 3),
+                "fused_engine_ratio": round(ms["engine"] / ms["logits_only"], 4),
+                # host arithmetic: the numpy measures + feature score alone (in-graph: not part of the call)
+                "checks_ms": round(checks, 3),
+                # the rest of the guarded call: p-values, decision, verdict objects (host arithmetic)
+                "decision_ms": round(ms["guarded"] - ms["engine"] - checks, 3),
+                "repeats": repeats,
+            }
+            if alt is not None:
+                row.update(
+                    alternative_arithmetic=arithmetic_of(alternative),
+                    alternative_ms=round(ms["alternative"], 3),
+                    alternative_ratio=round(ms["alternative"] / ms["logits_only"], 4),
+                )
+            overhead.append(row)
             measures.append(
                 {
                     "batch": n,
@@ -81,8 +100,14 @@ def measure_overhead(guard, logits_session, images, sizes, batches, repeats, pro
                 }
             )
             progress(
-                f"{size}x{size} batch {n}: guarded {ms['guarded']:.2f} ms, logits-only "
-                f"{ms['logits_only']:.2f} ms (x{ratio:.3f}); measures+feature {checks:.3f} ms"
+                f"{size}x{size} batch {n}: guarded ({row['arithmetic']} arithmetic) {ms['guarded']:.2f} ms, "
+                f"logits-only {ms['logits_only']:.2f} ms (x{ratio:.3f}); measures+feature {checks:.3f} ms"
+                + (
+                    f"; {row['alternative_arithmetic']} arithmetic {ms['alternative']:.2f} ms "
+                    f"(x{row['alternative_ratio']:.3f})"
+                    if alt is not None
+                    else ""
+                )
             )
     return overhead, measures
 

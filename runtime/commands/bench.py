@@ -8,7 +8,9 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
   guard_overhead              full guarded call (fused engine + every check + decision, what the
                               server runs per batch) / a logits-only ONNX Runtime session of the same
                               model (cut out of model.onnx), batch 1 and 8, at 224² and 512²
-                              (goal <= 1.10; a bundle without dynamic H/W: its own size only)
+                              (goal <= 1.10; a bundle without dynamic H/W: its own size only);
+                              the checks' arithmetic runs where --arithmetic says, and each case is
+                              also timed with it on the other side (in-graph vs host numpy)
   measures_cost               7 similarity measures + early-feature check per image / engine time
   speedup_vs_pytorch_gradcam  PyTorch eager forward+backward Grad-CAM (pytorch-grad-cam semantics, CAM
                               only) / gamguard's guarded call, smallest over the cases (goal >= 4);
@@ -47,6 +49,13 @@ def add_arguments(parser):
         default="cpu",
         help="ONNX Runtime providers for the guard and the logits-only baseline, e.g. cpu, "
         "cuda, tensorrt,cuda (default: cpu)",
+    )
+    parser.add_argument(
+        "--arithmetic",
+        choices=("auto", "graph", "host"),
+        help="where the guard computes its checks: in the engine's graph, on the host (numpy), or auto "
+        "(host on the CPU provider, graph on GPU providers; env GAMGUARD_GUARD_ARITHMETIC). "
+        "Both are timed either way; this picks the one every section uses",
     )
     parser.add_argument("--quick", action="store_true", help="few repeats (well under a minute); for smoke tests")
     parser.add_argument("--repeats", type=int, help="timed rounds per case (default 5 with --quick, else 30)")
@@ -105,6 +114,7 @@ def run(args) -> int:
         clients=_ints(args.clients, "--clients"),
         skip=tuple(args.skip),
         large=args.large,
+        arithmetic=args.arithmetic,
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
     )
     try:
