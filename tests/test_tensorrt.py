@@ -114,6 +114,14 @@ def test_stale_plan_and_untagged_plan_are_refused():
         check_plan_compatibility(None, ORIN, "abc")
 
 
+def test_guard_graph_plan_is_stale_after_recalibration():
+    section = dict(tag_section(), guard_graph=True, reference_sha256="ref-old")
+    check_plan_compatibility(section, ORIN, "abc", "ref-old")  # same calibration: fine
+    with pytest.raises(PlanMismatch, match="earlier calibration"):
+        check_plan_compatibility(section, ORIN, "abc", "ref-new")
+    check_plan_compatibility(tag_section(), ORIN, "abc", "ref-new")  # a plain plan does not depend on it
+
+
 def test_same_architecture_other_board_is_allowed_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         check_plan_compatibility(
@@ -162,6 +170,8 @@ def test_plan_status_explains_why_a_plan_is_not_usable(tmp_path):
     assert not ok and "no 'tensorrt' tag" in why
     m2 = dict(m2, tensorrt=tag_section(onnx="stale"))
     assert plan_status(d2, m2) == (False, "model.plan was built from another model.onnx (stale)")
+    m3 = dict(m2, tensorrt=dict(tag_section(onnx=m2["files"]["model.onnx"]), guard_graph=True, reference_sha256="x"))
+    assert plan_status(d2, m3) == (False, "model.plan carries the guard subgraph of an earlier calibration (stale)")
 
 
 def test_selection_prefers_a_tagged_plan_and_falls_back_to_onnxruntime(tmp_path):

@@ -12,6 +12,12 @@ cuda-python: pip install 'gamguard[gpu]' on x86-64, JetPack's TensorRT on a Jets
 The batch axis gets an optimisation profile MIN:OPT:MAX; height and width stay fixed at the bundle's
 input size unless the model was exported with dynamic spatial axes and --spatial gives a range.
 
+--guard-graph builds the plan from the fused model with the guard's arithmetic appended (the seven
+measures, the feature score and their p-values against the calibrated tables; see
+runtime/checks/graph.py), so the checks run on the GPU as well and the host reads a few numbers per
+image. The plan then belongs to this calibration: recalibrating makes it stale (it is refused and
+must be rebuilt; --alpha re-derivations do not).
+
 --check-drift DIR runs the TensorRT engine and ONNX Runtime FP32 (CPU) over in-distribution images in
 DIR (PNG/JPEG/DICOM, searched recursively; use images not used to build the references) and reports
 how far logits, CAM and early features drift, and whether the calibrated false-rejection rate still
@@ -20,7 +26,7 @@ holds on the TensorRT engine.
 examples:
   gamguard build-engine --bundle bundles/wrist --fp16
   gamguard build-engine --bundle /ro/bundle --out /var/lib/gamguard/bundle --fp16 --batch 1:8:32
-  gamguard build-engine --bundle bundles/wrist --fp16 --check-drift data/calib --json
+  gamguard build-engine --bundle bundles/wrist --fp16 --guard-graph --check-drift data/calib --json
   gamguard build-engine --bundle bundles/wrist --no-build --check-drift data/calib --json
 """
 
@@ -43,6 +49,12 @@ def add_arguments(parser):
         "--workspace-mb", type=int, default=1024, metavar="MB", help="TensorRT builder workspace limit (default 1024)"
     )
     parser.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    parser.add_argument(
+        "--guard-graph",
+        action="store_true",
+        help="also put the guard's arithmetic (measures, feature score, p-values) in the plan "
+        "(needs a calibrated bundle)",
+    )
     parser.add_argument(
         "--out", metavar="DIR", help="write a copy of the bundle with the plan here instead of modifying --bundle"
     )
@@ -131,6 +143,7 @@ def run(args):
                 workspace_mb=args.workspace_mb,
                 out_dir=args.out,
                 device=args.device,
+                guard_graph=args.guard_graph,
             )
             bundle_dir = Path(args.out) if args.out else bundle_dir
             result.update(bundle=str(bundle_dir), tensorrt=section)

@@ -16,6 +16,8 @@ The plan's facts go into ``bundle.json`` under ``"tensorrt"``::
       "precision": "fp16" | "fp32",
       "profile": {"input": "image", "min": [N,C,H,W], "opt": [...], "max": [...]},
       "onnx_sha256": "...",                  # the model.onnx it was built from (stale-plan check)
+      "guard_graph": true,                   # built with the guard subgraph (build-engine --guard-graph):
+      "reference_sha256": "...",             #   the reference.npz its constants came from (stale check)
       "built_at": "2026-11-27T12:00:00Z"
     }
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +36,14 @@ from pathlib import Path
 from ..bundle import (
     MODEL_FILE,
     PLAN_FILE,
+    REFERENCE_FILE,
     BundleError,
     InputSpec,
     load_manifest,
     sha256_file,
     write_manifest,
 )
+from ..checks.graph import GUARD_OUTPUT
 from .base import INPUT_NAME, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -174,7 +179,9 @@ def make_profile(
     return ShapeProfile((lo, c, h, w), (opt, c, h, w), (hi, c, h, w))
 
 
-def check_plan_compatibility(section: dict | None, device: DeviceTag, onnx_sha256: str | None) -> None:
+def check_plan_compatibility(
+    section: dict | None, device: DeviceTag, onnx_sha256: str | None, reference_sha256: str | None = None
+) -> None:
     """Raise :class:`PlanMismatch` unless the plan tag matches this device and this model.
 
     TensorRT engines are not portable across TensorRT versions or GPU architectures (compute
@@ -206,6 +213,15 @@ def check_plan_compatibility(section: dict | None, device: DeviceTag, onnx_sha25
         raise PlanMismatch(
             "model.plan was built from a different model.onnx than the one in this bundle "
             "(stale plan); rebuild it with `gamguard build-engine`"
+        )
+    if (
+        section.get("guard_graph")
+        and reference_sha256 is not None
+        and section.get("reference_sha256") != reference_sha256
+    ):
+        raise PlanMismatch(
+            "model.plan carries the guard subgraph of an earlier calibration (reference.npz changed since); "
+            "rebuild it with `gamguard build-engine --guard-graph`"
         )
     if built.gpu != device.gpu:
         log.warning(
@@ -294,15 +310,16 @@ def build_plan_bytes(
         raise BundleError(f"TensorRT could not parse {onnx_path}: {errors}")
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     net_outputs = {network.get_output(i).name for i in range(network.num_outputs)}
+    known = OUTPUT_NAMES + ((GUARD_OUTPUT,) if GUARD_OUTPUT in net_outputs else ())
     if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= net_outputs:
         raise BundleError(
             f"{onnx_path}: expected input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
             f"found inputs {sorted(inputs)} and outputs {sorted(net_outputs)}"
         )
     wanted = tuple(outputs)
-    unknown = [n for n in wanted if n not in OUTPUT_NAMES]
+    unknown = [n for n in wanted if n not in known]
     if unknown or not wanted:
-        raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_NAMES}, got {wanted}")
+        raise ValueError(f"outputs must be a non-empty subset of {known}, got {wanted}")
     for i in reversed(range(network.num_outputs)):  # e.g. a logits-only baseline plan
         tensor = network.get_output(i)
         if tensor.name not in wanted:
@@ -335,11 +352,15 @@ def build_engine_for_bundle(
     workspace_mb: int = 1024,
     out_dir: str | Path | None = None,
     device: int = 0,
+    guard_graph: bool = False,
 ) -> dict:
     """Build ``model.plan`` for a bundle on this device and record its tag in ``bundle.json``.
 
     With ``out_dir`` the bundle is copied there first and the source is left untouched (useful when
-    the bundle is mounted read-only). Returns the ``tensorrt`` manifest section written.
+    the bundle is mounted read-only). ``guard_graph``: build from the fused model with the guard
+    subgraph (:func:`gamguard.runtime.checks.graph.guarded_model`, constants from the calibrated
+    ``reference.npz``), so the plan computes the checks' arithmetic on the GPU too; such a plan is
+    stale once the bundle is recalibrated. Returns the ``tensorrt`` manifest section written.
     """
     src = Path(bundle_dir)
     manifest = load_manifest(src, require_calibration=False)
@@ -350,9 +371,16 @@ def build_engine_for_bundle(
             raise BundleError(f"{target}: output directory exists and is not empty")
         shutil.copytree(src, target, dirs_exist_ok=True)
     spec = InputSpec.from_manifest(manifest["input"])
-    plan, profile = build_plan_bytes(
-        target / MODEL_FILE, spec, precision=precision, batch=batch, spatial=spatial, workspace_mb=workspace_mb
-    )
+    with tempfile.TemporaryDirectory(prefix="gamguard-plan-") as tmpdir:  # never inside the bundle (hashed)
+        source = target / MODEL_FILE
+        outputs = OUTPUT_NAMES
+        if guard_graph:
+            source = Path(tmpdir) / "model.guarded.onnx"
+            source.write_bytes(_guarded_model_bytes(target, manifest))
+            outputs = (*OUTPUT_NAMES, GUARD_OUTPUT)
+        plan, profile = build_plan_bytes(
+            source, spec, precision=precision, batch=batch, spatial=spatial, workspace_mb=workspace_mb, outputs=outputs
+        )
     tmp = target / (PLAN_FILE + ".tmp")
     tmp.write_bytes(plan)
     tmp.replace(target / PLAN_FILE)
@@ -364,6 +392,8 @@ def build_engine_for_bundle(
         "onnx_sha256": sha256_file(target / MODEL_FILE),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if guard_graph:
+        section.update(guard_graph=True, reference_sha256=sha256_file(target / REFERENCE_FILE))
     calibration = manifest.get("calibration")
     if calibration:
         # The references are numbers of the engine that calibrated them; say which one that was so
@@ -378,3 +408,13 @@ def build_engine_for_bundle(
     manifest[SECTION] = section
     write_manifest(target, manifest)
     return section
+
+
+def _guarded_model_bytes(bundle_dir: Path, manifest: dict) -> bytes:
+    """The fused model with the guard subgraph of this (calibrated) bundle."""
+    from ..checks import CalibrationData
+    from ..checks.graph import guarded_model_bytes
+
+    if not manifest.get("calibration"):
+        raise BundleError(f"{bundle_dir}: --guard-graph needs a calibrated bundle (the graph's constants come from it)")
+    return guarded_model_bytes(bundle_dir, CalibrationData.load(bundle_dir, manifest))

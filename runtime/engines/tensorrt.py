@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import MODEL_FILE, PLAN_FILE, BundleError
+from ..bundle import MODEL_FILE, PLAN_FILE, REFERENCE_FILE, BundleError
 from .base import INPUT_NAME, OUTPUT_NAMES, EngineOutput
 from .plan import (
+    GUARD_OUTPUT,
     SECTION,
     PlanMismatch,
     ShapeProfile,
@@ -50,6 +51,8 @@ def plan_status(bundle_dir: str | Path, manifest: dict) -> tuple[bool, str]:
         return False, "model.plan has no 'tensorrt' tag in bundle.json"
     if section.get("onnx_sha256") != files.get(MODEL_FILE):
         return False, "model.plan was built from another model.onnx (stale)"
+    if section.get("guard_graph") and section.get("reference_sha256") != files.get(REFERENCE_FILE):
+        return False, "model.plan carries the guard subgraph of an earlier calibration (stale)"
     return True, (
         f"model.plan ({section.get('precision')}, TensorRT {section.get('tensorrt_version')}, "
         f"{section.get('gpu')} sm {section.get('compute_capability')})"
@@ -118,7 +121,7 @@ class PlanRunner:
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         if INPUT_NAME not in names:
             raise BundleError(f"the plan has no input {INPUT_NAME!r} (tensors {names})")
-        self.output_names = tuple(n for n in OUTPUT_NAMES if n in names)
+        self.output_names = tuple(n for n in (*OUTPUT_NAMES, GUARD_OUTPUT) if n in names)
         lo, opt, hi = (tuple(int(v) for v in s) for s in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
         self.profile = ShapeProfile(lo, opt, hi)
         self.max_batch = hi[0]
@@ -224,10 +227,13 @@ class TensorRTEngine:
         self.bundle_dir = bundle_dir
         self.section = dict(manifest.get(SECTION) or {})
         self.device_tag = current_device_tag(device)
-        check_plan_compatibility(self.section, self.device_tag, (manifest.get("files") or {}).get(MODEL_FILE))
+        files = manifest.get("files") or {}
+        check_plan_compatibility(self.section, self.device_tag, files.get(MODEL_FILE), files.get(REFERENCE_FILE))
         self._runner = PlanRunner((bundle_dir / PLAN_FILE).read_bytes(), device=device)
-        if self._runner.output_names != OUTPUT_NAMES:
+        if self._runner.output_names[:3] != OUTPUT_NAMES:
             raise BundleError(f"model.plan has outputs {self._runner.output_names}, expected {OUTPUT_NAMES}")
+        # a plan built with --guard-graph also computes the checks' arithmetic (checks/graph.py)
+        self.guarded = GUARD_OUTPUT in self._runner.output_names
         self.profile = self._runner.profile
         self.max_batch = self._runner.max_batch
         self.providers = ["TensorRT (native plan)"]
@@ -241,7 +247,7 @@ class TensorRTEngine:
 
     def run(self, batch: np.ndarray):
         out = self._runner.run(batch)
-        return self._EngineOutput(logits=out["logits"], cam=out["cam"], early=out["early"])
+        return self._EngineOutput(logits=out["logits"], cam=out["cam"], early=out["early"], guard=out.get(GUARD_OUTPUT))
 
     def describe(self) -> dict:
         return {
@@ -254,6 +260,7 @@ class TensorRTEngine:
             "compute_capability": self.device_tag.compute_capability,
             "profile": self.profile.to_manifest(),
             "built_at": self.section.get("built_at"),
+            "guard_arithmetic": "graph" if self.guarded else "host",
         }
 
     def close(self) -> None:
