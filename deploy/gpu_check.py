@@ -8,7 +8,10 @@
    against the calibrated alpha (gamguard.runtime.engines.drift);
 3. throughput, images per second: the full guarded call (gamguard.runtime.guard.Guard.verify_tensor:
    engine + attention/feature scoring + decision) vs the logits-only call, for TensorRT FP16 and
-   ONNX Runtime CUDA, at batch 1 and 32;
+   ONNX Runtime CUDA, at batch 1 and 32 — each with the checks' arithmetic on the host (numpy) and in
+   the graph (runtime/checks/graph.py: an FP16 plan built with --guard-graph, and an ONNX Runtime CUDA
+   session over the guarded model), plus how far the in-graph scores and p-values are from the host's
+   on the same engine outputs;
 and prints one table (and --json FILE for the numbers). Sized to finish in a few minutes.
 """
 
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
 
     from gamguard.runtime.bundle import MODEL_FILE, InputSpec, load_manifest, resolve_bundle
     from gamguard.runtime.checks import CalibrationData
+    from gamguard.runtime.checks.graph import guarded_model_bytes, scores_from_graph
     from gamguard.runtime.engines import OnnxEngine
     from gamguard.runtime.engines.drift import OrtCpuReference, drift_report, guard_decider
     from gamguard.runtime.engines.plan import build_engine_for_bundle, build_plan_bytes, current_device_tag
@@ -113,6 +117,19 @@ def main(argv=None) -> int:
             build_engine_for_bundle(src, precision=prec, batch=(1, min(8, max_b), max_b), out_dir=work / prec)
             built[prec] = time.perf_counter() - t0
             print(f"gpu_check: built {prec} plan in {built[prec]:.1f} s", file=sys.stderr)
+        calibration = CalibrationData.load(src, manifest)
+        t0 = time.perf_counter()
+        guard_plan_error = None
+        try:  # the in-graph guard: does TensorRT take the subgraph, and what does it cost?
+            build_engine_for_bundle(
+                src, precision="fp16", batch=(1, min(8, max_b), max_b), out_dir=work / "fp16-graph", guard_graph=True
+            )
+            built["fp16-graph"] = time.perf_counter() - t0
+            print(f"gpu_check: built fp16 plan with the guard graph in {built['fp16-graph']:.1f} s", file=sys.stderr)
+        except Exception as exc:  # reported in the table, the rest of the check still runs
+            guard_plan_error = f"{type(exc).__name__}: {exc}"
+            print(f"gpu_check: FP16 plan with the guard graph failed: {guard_plan_error}", file=sys.stderr)
+        res["guard_graph_plan_error"] = guard_plan_error
         t0 = time.perf_counter()
         logits_plan, _ = build_plan_bytes(
             src / MODEL_FILE, spec, precision="fp16", batch=(1, min(8, max_b), max_b), outputs=("logits",)
@@ -126,7 +143,12 @@ def main(argv=None) -> int:
             "TensorRT FP32": TensorRTEngine(work / "fp32"),
             "TensorRT FP16": TensorRTEngine(work / "fp16"),
             "ORT CUDA": OnnxEngine(src / MODEL_FILE, providers="cuda"),
+            "ORT CUDA graph": OnnxEngine(
+                src / MODEL_FILE, providers="cuda", guarded=guarded_model_bytes(src, calibration)
+            ),
         }
+        if guard_plan_error is None:
+            engines["TensorRT FP16 graph"] = TensorRTEngine(work / "fp16-graph")
         if engines["ORT CUDA"].providers[0] != "CUDAExecutionProvider":
             sys.exit(f"gpu_check: ORT session fell back to {engines['ORT CUDA'].providers}")
         decide, alpha = guard_decider(src, manifest)
@@ -142,18 +164,35 @@ def main(argv=None) -> int:
                 alpha=alpha,
                 calibrated_frr=(manifest.get("calibration") or {}).get("measured_false_rejection_rate"),
             )
-        calibration = CalibrationData.load(src, manifest)
+        # in-graph scores vs the host's numpy scores on the very same engine outputs
+        res["graph_vs_host"] = {}
+        for name in ("ORT CUDA graph", "TensorRT FP16 graph"):
+            if name not in engines:
+                continue
+            diffs = {"scores": 0.0, "pvalues": 0.0}
+            for i in range(0, x.shape[0], 32):
+                out = engines[name].run(x[i : i + 32])
+                s_g, pm_g, pf_g = scores_from_graph(out.guard, out.logits, calibration)
+                s_h = calibration.score(out.logits, out.cam, out.early)
+                pm_h, pf_h = calibration.null.pvalues(s_h)
+                diffs["scores"] = max(diffs["scores"], float(np.abs(s_g.sims - s_h.sims).max()))
+                diffs["pvalues"] = max(
+                    diffs["pvalues"], float(np.abs(pm_g - pm_h).max()), float(np.abs(pf_g - pf_h).max())
+                )
+            res["graph_vs_host"][name] = diffs
         section = manifest.get("guard") or {}
         key = parse_checks(section.get("enforced_checks") or "all")
         policy = section.get("policy") or "calibrated"
+        timed = [n for n in ("TensorRT FP16", "TensorRT FP16 graph", "ORT CUDA", "ORT CUDA graph") if n in engines]
         guards = {
-            name: Guard(src, manifest, engines[name], calibration, policy=policy, enforced_checks=key)
-            for name in ("TensorRT FP16", "ORT CUDA")
+            name: Guard(src, manifest, engines[name], calibration, policy=policy, enforced_checks=key) for name in timed
         }
         logits_runner = PlanRunner(logits_plan)
         logits_only = {
             "TensorRT FP16": lambda b: logits_runner.run(b)["logits"],
+            "TensorRT FP16 graph": lambda b: logits_runner.run(b)["logits"],
             "ORT CUDA": engines["ORT CUDA"].run_logits,
+            "ORT CUDA graph": engines["ORT CUDA"].run_logits,
         }
         res["throughput"] = {}
         for name in guards:
@@ -177,19 +216,24 @@ def main(argv=None) -> int:
 
 
 def _print_table(res: dict, batches) -> None:
-    cols = ["TensorRT FP32", "TensorRT FP16", "ORT CUDA"]
+    cols = [
+        c
+        for c in ("TensorRT FP32", "TensorRT FP16", "TensorRT FP16 graph", "ORT CUDA", "ORT CUDA graph")
+        if c in res["parity"]
+    ]
 
     def row(label, values):
-        print(f"| {label:<38} | " + " | ".join(f"{v:>14}" for v in values) + " |")
+        print(f"| {label:<38} | " + " | ".join(f"{v:>19}" for v in values) + " |")
 
     print(
         f"\ngamguard GPU check: {res['gpu']} (sm {res['compute_capability']}), TensorRT {res['tensorrt']}, "
         f"onnxruntime {res['onnxruntime']}, {res['n_images']} images, {res['wall_s']:.0f} s\n"
     )
     row("", cols)
-    print("|" + "-" * 40 + "|" + "|".join("-" * 16 for _ in cols) + "|")
+    print("|" + "-" * 40 + "|" + "|".join("-" * 21 for _ in cols) + "|")
     build = res["build_s"]
-    row("plan build time (s)", [f"{build['fp32']:.1f}", f"{build['fp16']:.1f}", "-"])
+    plan_of = {"TensorRT FP32": "fp32", "TensorRT FP16": "fp16", "TensorRT FP16 graph": "fp16-graph"}
+    row("plan build time (s)", [f"{build[plan_of[c]]:.1f}" if c in plan_of else "-" for c in cols])
     p = res["parity"]
     for out in ("logits", "cam", "early"):
         row(f"max |diff| {out} vs ORT CPU FP32", [f"{p[c]['drift'][out]['max_abs']:.2e}" for c in cols])
@@ -201,11 +245,19 @@ def _print_table(res: dict, batches) -> None:
     )
     row("calibrated FRR holds", ["yes" if p[c]["frr"]["candidate"]["holds"] else "NO" for c in cols])
     row("guard decisions equal to ORT CPU's", [f"{p[c]['frr']['decision_agreement']:.4f}" for c in cols])
+    gh = res.get("graph_vs_host", {})
+    row("in-graph vs host: max |diff| scores", [f"{gh[c]['scores']:.1e}" if c in gh else "-" for c in cols])
+    row("in-graph vs host: max |diff| p-values", [f"{gh[c]['pvalues']:.1e}" if c in gh else "-" for c in cols])
     t = res["throughput"]
     for b in batches:
         for kind, label in (("guarded_ips", "guarded img/s"), ("logits_ips", "logits-only img/s")):
-            row(f"batch {b}: {label}", ["-"] + [f"{t[f'{c} b{b}'][kind]:.0f}" for c in cols[1:]])
-        row(f"batch {b}: guarded time / logits-only", ["-"] + [f"{t[f'{c} b{b}']['ratio']:.2f}" for c in cols[1:]])
+            row(f"batch {b}: {label}", [f"{t[f'{c} b{b}'][kind]:.0f}" if f"{c} b{b}" in t else "-" for c in cols])
+        row(
+            f"batch {b}: guarded time / logits-only",
+            [f"{t[f'{c} b{b}']['ratio']:.2f}" if f"{c} b{b}" in t else "-" for c in cols],
+        )
+    if res.get("guard_graph_plan_error"):
+        print(f"\nTensorRT plan with the guard graph: FAILED: {res['guard_graph_plan_error']}")
     print()
 
 
