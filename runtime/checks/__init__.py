@@ -9,7 +9,9 @@ One module per check and one for their combination:
 * :mod:`.attention` — the Grad-CAM attention check (``ATTENTION_MISMATCH``);
 * :mod:`.feature` — the early-feature check (``FEATURE_MISMATCH``), :class:`FeatureReference`;
 * :mod:`.combine` — the checks' p-values combined and cut conformally (:func:`decide`);
-* :mod:`.reference` — :class:`CalibrationData`, everything the above loads from ``reference.npz``.
+* :mod:`.reference` — :class:`CalibrationData`, everything the above loads from ``reference.npz``;
+* :mod:`.graph` — the same per-image arithmetic (measures, feature score, p-values) as an ONNX
+  subgraph appended to the fused model, so the engine can compute it where it runs.
 
 The offline job that produces ``reference.npz`` is :mod:`gamguard.runtime.calibration`.
 """

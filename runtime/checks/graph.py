@@ -190,9 +190,8 @@ def scores_from_graph(guard: np.ndarray, logits: np.ndarray, calibration):
         garbage_prob=g[:, col("garbage_prob")],
         garbage_pred=garbage_pred,
     )
-    pm = np.nan_to_num(g[:, m : 2 * m], nan=0.0)
-    pf = np.nan_to_num(g[:, col("feature.p")], nan=0.0)
-    return scores, pm, pf
+    # fmax(NaN, 0) is 0: a p-value that is not a number rejects (p-values are never negative)
+    return scores, np.fmax(g[:, m : 2 * m], 0.0), np.fmax(g[:, col("feature.p")], 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
