@@ -50,16 +50,22 @@ def guard_session(guards):
     import onnxruntime as ort
 
     cal = guards[0].calibration
-    model = guard_only_model(cal, n_classes=len(cal.class_names), early_shape=cal.feature_ref.mean.shape)
+    model = guard_only_model(cal, n_classes=len(cal.class_names), early_shape=cal.feature_ref.shape)
     return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
 
 
-def _borderline(pm, pf, guard, tol) -> np.ndarray:
+def _borderline(pv, guard, tol) -> np.ndarray:
     """Images whose decision could flip within the float32 tolerance (a p-value next to its level)."""
-    cal = guard.calibration
-    level, mlevel = guard.level, cal.null.measure_level(guard.level)
-    pa = cal.null.attention_p(pm)
-    return (np.abs(pm - mlevel) < tol).any(axis=1) | (np.abs(pa - level) < tol) | (np.abs(pf - level) < tol)
+    level, mlevel = guard.level, guard.calibration.null.measure_level(guard.level)
+    near = (np.abs(pv.measures - mlevel) < tol).any(axis=1)
+    for p in (pv.attention, pv.feature, pv.garbage):
+        near |= np.abs(p - level) < tol
+    return near
+
+
+def _assert_pvalues_close(pv_g, pv_h):
+    for field in ("measures", "attention", "feature", "garbage"):
+        np.testing.assert_allclose(getattr(pv_g, field), getattr(pv_h, field), atol=PARITY_ATOL["pvalues"], rtol=0)
 
 
 @pytest.mark.parametrize("size", [None, 224])
@@ -72,18 +78,18 @@ def test_graph_matches_numpy_scores_and_verdicts(guards, images, size):
     assert out_h.guard is None and out_g.guard.shape == (len(images), len(GUARD_COLUMNS))
     np.testing.assert_allclose(out_g.logits, out_h.logits, rtol=1e-5, atol=1e-5)  # same fused model
 
-    s_h, pm_h, pf_h, d_h = host.decide_outputs(out_h)
-    s_g, pm_g, pf_g, d_g = graph.decide_outputs(out_g)
+    s_h, pv_h, d_h = host.decide_outputs(out_h)
+    s_g, pv_g, d_g = graph.decide_outputs(out_g)
     assert np.array_equal(s_g.pred_real, s_h.pred_real)
     assert np.array_equal(s_g.garbage_pred, s_h.garbage_pred)
     np.testing.assert_allclose(s_g.sims, s_h.sims, atol=PARITY_ATOL["scores"], rtol=0)
     np.testing.assert_allclose(s_g.feature, s_h.feature, rtol=PARITY_ATOL["scores"])
     np.testing.assert_allclose(s_g.garbage_prob, s_h.garbage_prob, atol=1e-6)
-    np.testing.assert_allclose(pm_g, pm_h, atol=PARITY_ATOL["pvalues"], rtol=0)
-    np.testing.assert_allclose(pf_g, pf_h, atol=PARITY_ATOL["pvalues"], rtol=0)
+    np.testing.assert_allclose(s_g.garbage_margin, s_h.garbage_margin, atol=1e-5)
+    _assert_pvalues_close(pv_g, pv_h)
 
     # identical decisions, except where a p-value sits within the tolerance of its level
-    sure = ~_borderline(pm_h, pf_h, host, PARITY_ATOL["pvalues"])
+    sure = ~_borderline(pv_h, host, PARITY_ATOL["pvalues"])
     assert sure.mean() > 0.9
     for field in ("reject", "garbage", "attention", "feature"):
         assert np.array_equal(getattr(d_g, field)[sure], getattr(d_h, field)[sure]), field
@@ -103,7 +109,7 @@ def test_guard_subgraph_edge_maps(guards, guard_session, shape):
     rng = np.random.default_rng(3)
     n = 5
     logits = rng.normal(size=(n, len(cal.class_names))).astype(np.float32)
-    early = rng.normal(size=(n, *cal.feature_ref.mean.shape)).astype(np.float32)
+    early = rng.normal(size=(n, *cal.feature_ref.shape)).astype(np.float32)
     cam = rng.random((n, *shape)).astype(np.float32)
     cam[1] = 0.0  # all zero
     cam[2] = 0.37  # constant
@@ -111,22 +117,21 @@ def test_guard_subgraph_edge_maps(guards, guard_session, shape):
     cam[3, : shape[0] // 3, : shape[1] // 2] = 1.0  # a hard-edged blob
     (guard,) = guard_session.run(None, {"logits": logits, "cam": cam, "early": early})
     assert (guard[:, GUARD_COLUMNS.index("finite")] == 1.0).all()
-    s_g, pm_g, pf_g = scores_from_graph(guard, logits, cal)
+    s_g, pv_g = scores_from_graph(guard, logits, cal)
     s_h = score_outputs(
         logits, cam, early, garbage=cal.garbage, ref_cams=cal.ref_prepared, feature_ref=cal.feature_ref, grid=cal.grid
     )
-    pm_h, pf_h = cal.null.pvalues(s_h)
     np.testing.assert_allclose(s_g.sims, s_h.sims, atol=PARITY_ATOL["scores"], rtol=0)
     np.testing.assert_allclose(s_g.feature, s_h.feature, rtol=PARITY_ATOL["scores"])
-    np.testing.assert_allclose(pm_g, pm_h, atol=PARITY_ATOL["pvalues"], rtol=0)
-    np.testing.assert_allclose(pf_g, pf_h, atol=PARITY_ATOL["pvalues"], rtol=0)
+    np.testing.assert_allclose(s_g.garbage_margin, s_h.garbage_margin, atol=1e-5)
+    _assert_pvalues_close(pv_g, cal.null.pvalues(s_h))
 
 
 def test_guard_subgraph_flags_non_finite_outputs_per_image(guards, guard_session):
     cal = guards[0].calibration
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(4, len(cal.class_names))).astype(np.float32)
-    early = rng.normal(size=(4, *cal.feature_ref.mean.shape)).astype(np.float32)
+    early = rng.normal(size=(4, *cal.feature_ref.shape)).astype(np.float32)
     cam = rng.random((4, 64, 64)).astype(np.float32)
     cam[1, 10, 20] = np.nan
     early[2, 0, 1, 1] = np.inf

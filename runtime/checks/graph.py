@@ -5,7 +5,8 @@ computes it where it runs (GPU providers, TensorRT) and the host reads a few num
 one output, ``guard`` ``[N, len(GUARD_COLUMNS)]`` float32, computed from ``logits``, ``cam`` and
 ``early`` with the bundle's references as constants of the graph:
 
-* the predicted real class (ArgMax over the real classes) and the garbage probability (Softmax);
+* the predicted real class (ArgMax over the real classes), the garbage probability (Softmax) and the
+  garbage margin (garbage logit minus the largest real-class logit);
 * :func:`gamguard.runtime.similarity.prepare` of the CAM: area resampling to the comparison grid as two
   MatMuls with :func:`~gamguard.runtime.similarity.area_matrix` (built in the graph from the CAM's
   dynamic size, same formula) and the same min-max normalisation;
@@ -14,8 +15,9 @@ one output, ``guard`` ``[N, len(GUARD_COLUMNS)]`` float32, computed from ``logit
   matrices the numpy kernel uses), cosine, Pearson, KL, sliced Wasserstein (the directions' sort orders
   are a Gather, the cumulative sums block-wise MatMuls);
 * the early-feature score (:func:`_feature_score`, a thin function of :class:`FeatureReference`'s
-  arrays);
-* the p-value of every measure (per predicted class) and of the feature score: :class:`TailPValue`'s
+  arrays: ``min_k |x W - m_k|^2``);
+* the p-value of every measure (per predicted class), of the feature score and of the garbage margin:
+  :class:`TailPValue`'s
   interpolation between sorted knots (a count of knots below the value, GatherElements) and its
   exponential tail;
 * ``finite``: 1 when every logit, early feature and resampled CAM cell is finite (a NaN/Inf anywhere in
@@ -47,6 +49,8 @@ GUARD_COLUMNS = (
     "feature",
     "feature.p",
     "garbage_prob",
+    "garbage_margin",
+    "garbage.p",
     "reference_position",  # predicted class as a position among the real classes (exact small integer)
     "finite",  # 1.0 when every engine output of the image is finite, else 0.0
 )
@@ -171,27 +175,38 @@ def guarded_model_bytes(bundle_dir, calibration) -> bytes:
 
 
 def scores_from_graph(guard: np.ndarray, logits: np.ndarray, calibration):
-    """``(ScoreSet, pm [N, M], pf [N])`` from the ``guard`` output, as :func:`score_outputs` and
-    :meth:`NullModel.pvalues` give them on the host. A p-value that is not a number is 0 (fail closed)."""
-    from .garbage import garbage_prediction
+    """``(ScoreSet, PValues)`` from the ``guard`` output, as :func:`score_outputs` and
+    :meth:`NullModel.pvalues` give them on the host (the attention p-value is computed here from the
+    per-measure p-values: one table lookup). A p-value that is not a number is 0 (fail closed)."""
+    from .combine import PValues
     from .scores import ScoreSet
 
     g = np.asarray(guard, np.float64)
     m = len(MEASURES)
     col = GUARD_COLUMNS.index
     logits = np.asarray(logits, np.float64)
-    _, garbage_pred = garbage_prediction(logits, calibration.garbage)
+    pred = logits.argmax(axis=1)
+    garbage_pred = pred == calibration.garbage
     pos = np.rint(g[:, col("reference_position")]).astype(np.int64)
     scores = ScoreSet(
         sims=g[:, :m],
         feature=g[:, col("feature")],
-        pred=logits.argmax(axis=1),
+        pred=pred,
         pred_real=calibration.real[pos],
         garbage_prob=g[:, col("garbage_prob")],
         garbage_pred=garbage_pred,
+        garbage_margin=g[:, col("garbage_margin")],
     )
     # fmax(NaN, 0) is 0: a p-value that is not a number rejects (p-values are never negative)
-    return scores, np.fmax(g[:, m : 2 * m], 0.0), np.fmax(g[:, col("feature.p")], 0.0)
+    pm = np.fmax(g[:, m : 2 * m], 0.0)
+    pvalues = PValues(
+        measures=pm,
+        attention=calibration.null.attention_p(pm),
+        feature=np.fmax(g[:, col("feature.p")], 0.0),
+        garbage=np.fmax(g[:, col("garbage.p")], 0.0),
+        garbage_pred=garbage_pred,
+    )
+    return scores, pvalues
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +222,11 @@ def _build(b: _Builder, logits: str, cam: str, early: str, cal) -> str:
         "Cast", b.op("Equal", b.op("Unsqueeze", pos, b.i64([1])), b.i64(np.arange(kr)[None])), to=TensorProto.FLOAT
     )  # [N, Kr]
     garbage_prob = b.op("Gather", b.op("Softmax", logits, axis=1), b.i64([cal.garbage]), axis=1)  # [N, 1]
+    garbage_margin = b.op(
+        "Sub",
+        b.op("Gather", logits, b.i64([cal.garbage]), axis=1),
+        b.op("ReduceMax", b.op("Gather", logits, b.i64(cal.real), axis=1), b.i64([1]), keepdims=1),
+    )  # [N, 1]
 
     xr = _resample(b, cam, grid)  # [N, D]
     # x*0 is NaN exactly where x is NaN/Inf: one pass per output proves an image's outputs finite
@@ -220,14 +240,18 @@ def _build(b: _Builder, logits: str, cam: str, early: str, cal) -> str:
 
     sims = _measures(b, x, onehot, cal.ref_prepared.reshape(kr, d).astype(np.float64), grid)  # [N, 7]
     feature = _feature_score(b, early, cal.feature_ref)  # [N, 1]
-    sign = np.array([-1.0 if HIGHER_IS_SIMILAR[m] else 1.0 for m in MEASURES] + [1.0])
-    dissimilarity = b.op("Mul", b.op("Concat", sims, feature, axis=1), b.const(sign))  # [N, 8]
-    tables = [list(cal.null.tables_for(int(c))) + [cal.null.feature] for c in cal.real]
-    p = _tail_pvalues(b, dissimilarity, onehot, tables)  # [N, 8]
-    pm = b.op("Slice", p, b.i64([0]), b.i64([len(MEASURES)]), b.i64([1]))
-    pf = b.op("Slice", p, b.i64([len(MEASURES)]), b.i64([len(MEASURES) + 1]), b.i64([1]))
+    # one lookup for every p-value: the measures' tables of the predicted class, then the feature and
+    # garbage-margin tables (pooled: the same for every class)
+    m = len(MEASURES)
+    sign = np.array([-1.0 if HIGHER_IS_SIMILAR[name] else 1.0 for name in MEASURES] + [1.0, 1.0])
+    dissimilarity = b.op("Mul", b.op("Concat", sims, feature, garbage_margin, axis=1), b.const(sign))  # [N, M+2]
+    tables = [list(cal.null.tables_for(int(c))) + [cal.null.feature, cal.null.garbage] for c in cal.real]
+    p = _tail_pvalues(b, dissimilarity, onehot, tables)  # [N, M+2]
+    pm, pf, pg = b.op("Split", p, b.i64([m, 1, 1]), axis=1, outputs=3)
     posf = b.op("Cast", b.op("Unsqueeze", pos, b.i64([1])), to=TensorProto.FLOAT)
-    return b.op("Concat", sims, pm, feature, pf, garbage_prob, posf, finite, axis=1, name=GUARD_OUTPUT)
+    return b.op(
+        "Concat", sims, pm, feature, pf, garbage_prob, garbage_margin, pg, posf, finite, axis=1, name=GUARD_OUTPUT
+    )
 
 
 def _area_matrix(b: _Builder, size: str, grid: int) -> str:
@@ -262,7 +286,8 @@ def _minmax(b: _Builder, x: str) -> str:
 
 
 def _measures(b: _Builder, x: str, onehot: str, y: np.ndarray, grid: int) -> str:
-    """The seven measures ``[N, 7]`` (MEASURES order) of prepared maps ``x`` ``[N, D]`` against the
+    """The seven measures ``[N, 7]`` (MEASURES order; a measure this graph does not know is a KeyError) of
+    prepared maps ``x`` ``[N, D]`` against the
     predicted class's prepared reference (rows of ``y`` ``[Kr, D]``, float64, selected by ``onehot``)."""
     from onnx import TensorProto
 
@@ -346,8 +371,16 @@ def _measures(b: _Builder, x: str, onehot: str, y: np.ndarray, grid: int) -> str
     den = b.op("Mul", b.op("Add", sq, b.const(c1)), b.op("Add", b.op("Sub", b.op("Add", uxx, uyy), sq), b.const(c2)))
     ssim = b.op("ReduceMean", b.op("Div", num, den), b.i64([1]), keepdims=1)
 
-    wasserstein = _sliced_wasserstein(b, x, sx, mass_y, grid)
-    return b.op("Concat", iou, dice, ssim, cosine, pearson, kl, wasserstein, axis=1)
+    by_name = {
+        "iou": iou,
+        "dice": dice,
+        "ssim": ssim,
+        "cosine": cosine,
+        "pearson": pearson,
+        "kl_divergence": kl,
+        "sliced_wasserstein": _sliced_wasserstein(b, x, sx, mass_y, grid),
+    }
+    return b.op("Concat", *(by_name[name] for name in MEASURES), axis=1)
 
 
 def _sliced_wasserstein(b: _Builder, x: str, sx: str, mass_y: str, grid: int) -> str:
@@ -381,21 +414,17 @@ def _sliced_wasserstein(b: _Builder, x: str, sx: str, mass_y: str, grid: int) ->
 
 
 def _feature_score(b: _Builder, early: str, ref) -> str:
-    """:meth:`FeatureReference.score` ``[N, 1]`` from its arrays (PCA Mahalanobis + residual)."""
-    mean = np.asarray(ref.mean, np.float64).reshape(-1)
-    sd = np.asarray(ref.sd, np.float64).reshape(-1)
-    comps = np.asarray(ref.components, np.float64)
-    k, dim = comps.shape
-    z = b.op("Add", b.op("Mul", b.op("Reshape", early, b.i64([-1, dim])), b.const(1.0 / sd)), b.const(-mean / sd))
-    proj = b.op("MatMul", z, b.const(comps.T))
-    proj_sq = b.op("Mul", proj, proj)
-    inside = b.op("MatMul", proj_sq, b.const((1.0 / (np.asarray(ref.variances, np.float64) * k))[:, None]))
-    resid = b.op("Relu", b.op("Sub", b.sum(b.op("Mul", z, z), [1]), b.sum(proj_sq, [1])))
-    return b.op("Add", inside, b.op("Mul", resid, b.const(1.0 / (float(ref.residual_variance) * (dim - k)))))
+    """:meth:`FeatureReference.score` ``[N, 1]`` from its arrays: ``min_k |x W - m_k|^2`` (whitener ``W``,
+    whitened class means ``m_k``)."""
+    w = np.asarray(ref.whitener, np.float32)
+    means = np.asarray(ref.means_white, np.float32)  # [K, D]
+    z = b.op("MatMul", b.op("Reshape", early, b.i64([-1, w.shape[0]])), b.const(w))  # [N, D]
+    diff = b.op("Sub", b.op("Unsqueeze", z, b.i64([1])), b.const(means[None]))  # [N, K, D]
+    return b.op("ReduceMin", b.op("ReduceSumSquare", diff, b.i64([2]), keepdims=0), b.i64([1]), keepdims=1)
 
 
 def _tail_pvalues(b: _Builder, v: str, onehot: str, tables) -> str:
-    """:class:`TailPValue` of ``v`` ``[N, M]``; ``tables[c][j]`` is column j's table for real class position c."""
+    """:class:`TailPValue` of ``v`` ``[N, J]``; ``tables[c][j]`` is column j's table for real class position c."""
     from onnx import TensorProto
 
     kr, ms = len(tables), len(tables[0])
