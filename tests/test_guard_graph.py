@@ -16,6 +16,7 @@ from gamguard.runtime.checks import score_outputs
 from gamguard.runtime.checks.graph import (
     GUARD_COLUMNS,
     PARITY_ATOL,
+    attention_step_tolerance,
     guard_only_model,
     resolve_arithmetic,
     scores_from_graph,
@@ -54,18 +55,21 @@ def guard_session(guards):
     return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
 
 
-def _borderline(pv, guard, tol) -> np.ndarray:
+def _borderline(pv, guard) -> np.ndarray:
     """Images whose decision could flip within the float32 tolerance (a p-value next to its level)."""
+    tol = PARITY_ATOL["pvalues"]
     level, mlevel = guard.level, guard.calibration.null.measure_level(guard.level)
     near = (np.abs(pv.measures - mlevel) < tol).any(axis=1)
-    for p in (pv.attention, pv.feature, pv.garbage):
+    near |= np.abs(pv.attention - level) < attention_step_tolerance(guard.calibration)
+    for p in (pv.feature, pv.garbage):
         near |= np.abs(p - level) < tol
     return near
 
 
-def _assert_pvalues_close(pv_g, pv_h):
-    for field in ("measures", "attention", "feature", "garbage"):
+def _assert_pvalues_close(pv_g, pv_h, calibration):
+    for field in ("measures", "feature", "garbage"):
         np.testing.assert_allclose(getattr(pv_g, field), getattr(pv_h, field), atol=PARITY_ATOL["pvalues"], rtol=0)
+    np.testing.assert_allclose(pv_g.attention, pv_h.attention, atol=attention_step_tolerance(calibration), rtol=0)
 
 
 @pytest.mark.parametrize("size", [None, 224])
@@ -86,10 +90,10 @@ def test_graph_matches_numpy_scores_and_verdicts(guards, images, size):
     np.testing.assert_allclose(s_g.feature, s_h.feature, rtol=PARITY_ATOL["scores"])
     np.testing.assert_allclose(s_g.garbage_prob, s_h.garbage_prob, atol=1e-6)
     np.testing.assert_allclose(s_g.garbage_margin, s_h.garbage_margin, atol=1e-5)
-    _assert_pvalues_close(pv_g, pv_h)
+    _assert_pvalues_close(pv_g, pv_h, host.calibration)
 
     # identical decisions, except where a p-value sits within the tolerance of its level
-    sure = ~_borderline(pv_h, host, PARITY_ATOL["pvalues"])
+    sure = ~_borderline(pv_h, host)
     assert sure.mean() > 0.9
     for field in ("reject", "garbage", "attention", "feature"):
         assert np.array_equal(getattr(d_g, field)[sure], getattr(d_h, field)[sure]), field
@@ -124,7 +128,7 @@ def test_guard_subgraph_edge_maps(guards, guard_session, shape):
     np.testing.assert_allclose(s_g.sims, s_h.sims, atol=PARITY_ATOL["scores"], rtol=0)
     np.testing.assert_allclose(s_g.feature, s_h.feature, rtol=PARITY_ATOL["scores"])
     np.testing.assert_allclose(s_g.garbage_margin, s_h.garbage_margin, atol=1e-5)
-    _assert_pvalues_close(pv_g, cal.null.pvalues(s_h))
+    _assert_pvalues_close(pv_g, cal.null.pvalues(s_h), cal)
 
 
 def test_guard_subgraph_flags_non_finite_outputs_per_image(guards, guard_session):

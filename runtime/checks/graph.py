@@ -54,8 +54,17 @@ GUARD_COLUMNS = (
     "reference_position",  # predicted class as a position among the real classes (exact small integer)
     "finite",  # 1.0 when every engine output of the image is finite, else 0.0
 )
-#: Agreement of the graph with the numpy reference (float32 vs float64), on the demo bundle's inputs.
+#: Agreement of the graph with the numpy reference (float32 vs float64). The attention p-value's table
+#: has steps (tied null values: the null images' own per-measure p-values sit on the same grid), so a
+#: rounding difference that crosses one moves ``attention.p`` by one step, ``1 / (n_null + 1)``; a
+#: decision can differ only where a p-value is that close to its level (``attention_step_tolerance``).
 PARITY_ATOL = {"scores": 1e-4, "pvalues": 1e-4}
+
+
+def attention_step_tolerance(calibration) -> float:
+    """How far the in-graph ``attention.p`` may be from the host's: one step of its table (see PARITY_ATOL)."""
+    return 1.0 / (calibration.null.n + 1) + PARITY_ATOL["pvalues"]
+
 
 #: Where the checks' per-image arithmetic runs: ``graph`` (in the engine, :func:`guarded_model`),
 #: ``host`` (numpy, :func:`gamguard.runtime.checks.score_outputs`) or ``auto`` (see :func:`resolve_arithmetic`).
