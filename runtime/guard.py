@@ -214,14 +214,14 @@ class Guard:
         ``arithmetic``: where the checks' per-image arithmetic runs (:data:`ARITHMETIC`; default: env
         ``GAMGUARD_GUARD_ARITHMETIC``, else ``auto``, see :func:`resolve_arithmetic`).
         """
-        from .engines import create_engine, resolve_providers
+        from .engines import create_engine
 
         bundle_dir = bundle_mod.resolve_bundle(bundle_dir)
         manifest = bundle_mod.load_manifest(bundle_dir, require_calibration=True)
         calibration = CalibrationData.load(bundle_dir, manifest)
         policy, key = cls.settings(manifest, policy=policy, enforced_checks=enforced_checks)
         guarded = None
-        if resolve_arithmetic(arithmetic, resolve_providers(providers)) == "graph":
+        if resolve_arithmetic(arithmetic) == "graph":
             guarded = guarded_model_bytes(bundle_dir, calibration)
         engine = create_engine(
             bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads, guarded=guarded

@@ -236,7 +236,7 @@ def arithmetic_summary(used: str, requested: str | None, providers: list[str], o
         "used": used,
         "requested": how,
         "providers": list(providers),
-        "rule": "auto: host (numpy) when the provider chain starts with CPUExecutionProvider, graph otherwise",
+        "rule": "auto = graph on every provider (host = the numpy reference)",
         "faster_in_this_run": faster,
     }
 

@@ -53,9 +53,9 @@ def add_arguments(parser):
     parser.add_argument(
         "--arithmetic",
         choices=("auto", "graph", "host"),
-        help="where the guard computes its checks: in the engine's graph, on the host (numpy), or auto "
-        "(host on the CPU provider, graph on GPU providers; env GAMGUARD_GUARD_ARITHMETIC). "
-        "Both are timed either way; this picks the one every section uses",
+        help="where the guard computes its checks: in the engine's graph or on the host (numpy); auto "
+        "(default, env GAMGUARD_GUARD_ARITHMETIC) is graph. Both are timed either way; this picks the one "
+        "every section uses",
     )
     parser.add_argument("--quick", action="store_true", help="few repeats (well under a minute); for smoke tests")
     parser.add_argument("--repeats", type=int, help="timed rounds per case (default 5 with --quick, else 30)")
