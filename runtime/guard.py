@@ -440,7 +440,8 @@ class Guard:
         if out.guard is not None:
             if out.guard.shape != (n, len(GUARD_COLUMNS)):
                 raise RuntimeError(f"engine guard output shape {out.guard.shape} does not fit a batch of {n}")
-            ok = out.guard[:, GUARD_COLUMNS.index("finite")] == 1.0  # the graph's per-image finiteness test
+            # the graph's per-image finiteness test (logits, CAM, early); the logits the host reads too
+            ok = (out.guard[:, GUARD_COLUMNS.index("finite")] == 1.0) & np.isfinite(out.logits).all(axis=1)
         elif all_finite(out.logits) and all_finite(out.cam) and all_finite(out.early):
             ok = None
         else:
