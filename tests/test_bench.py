@@ -60,6 +60,11 @@ def test_guard_overhead_rows(quick_result):
         assert row["ratio"] == pytest.approx(row["guarded_ms"] / row["logits_only_ms"], rel=0.01)
         # the guarded call runs the whole logits graph and more: far below 1 would be a measuring bug
         assert row["ratio"] > 0.5, row
+        # both places for the checks' arithmetic are timed, the one the run used is named
+        assert {row["arithmetic"], row["alternative_arithmetic"]} == {"graph", "host"}
+        assert _finite_positive(row["alternative_ratio"]) and _finite_positive(row["graph_engine_ms"])
+    arith = r["guard_arithmetic"]
+    assert arith["used"] == rows[0]["arithmetic"] and set(arith["faster_in_this_run"].values()) <= {"graph", "host"}
     for row in r["measures_cost"]:
         assert _finite_positive(row["measures_ms_per_image"]) and _finite_positive(row["engine_ms_per_image"])
         assert row["fraction_of_engine"] == pytest.approx(

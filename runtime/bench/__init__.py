@@ -244,11 +244,15 @@ def arithmetic_summary(used: str, requested: str | None, providers: list[str], o
 def format_tables(result: dict) -> str:
     """Human-readable tables of a :func:`run_bench` result."""
 
+    def ms(v) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     def overhead_row(r: dict) -> str:  # a guard_overhead / guard_overhead_large row
         return (
             f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r['guarded_ms']:>11.2f} "
-            f"{r['logits_only_ms']:>10.2f} {r['fused_engine_ms']:>9.2f} {r['checks_ms']:>10.2f} "
-            f"{r['decision_ms']:>12.2f}" + (f" {r['alternative_ratio']:>9.3f}" if "alternative_ratio" in r else "")
+            f"{r['logits_only_ms']:>10.2f} {ms(r.get('fused_engine_ms')):>9} {ms(r.get('graph_ms')):>9} "
+            f"{r['checks_ms']:>10.2f} {r['decision_ms']:>12.2f}"
+            + (f" {r['alternative_ratio']:>11.3f}" if "alternative_ratio" in r else "")
         )
 
     m = result["machine"]
@@ -261,8 +265,9 @@ def format_tables(result: dict) -> str:
         f"bundle {result['bundle']} (input {result['bundle_input_size'][0]}²); {result['sizes_note']}",
         "",
         f"Guard overhead (goal ≤ {GOALS['guard_overhead_max']:.2f}×): full guarded call / logits-only ORT",
-        "  (fused = the fused engine alone; checks = 7 measures + feature score; decision = the rest: "
-        "p-values, decision, verdicts)",
+        "  (fused = the fused engine alone; graph = what the guard subgraph adds to it; checks = numpy's 7 "
+        "measures + feature score (part of the call with host arithmetic); decision = the rest: p-values, "
+        "decision, verdicts)",
     ]
     arith = result.get("guard_arithmetic")
     if arith:
@@ -274,7 +279,7 @@ def format_tables(result: dict) -> str:
         )
     lines.append(
         f"{'size':>6} {'batch':>5} {'ratio':>7} {'guarded ms':>11} {'logits ms':>10} {'fused ms':>9} "
-        f"{'checks ms':>10} {'decision ms':>12}"
+        f"{'graph ms':>9} {'checks ms':>10} {'decision ms':>12}"
         + (f" {('graph' if arith['used'] == 'host' else 'host') + ' ratio':>11}" if arith else "")
     )
     lines += [overhead_row(r) for r in result["guard_overhead"]]
