@@ -149,3 +149,11 @@ def test_bad_flags_are_user_errors(capsys, tmp_path):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["bench", "--sizes", "224,x"]) == 2
     assert "--sizes" in capsys.readouterr().err
+
+
+def test_demo_bundle_has_its_torch_checkpoint(demo_bundle):
+    """The PyTorch comparison of the demo bundle must not be skipped for want of its checkpoint."""
+    from gamguard.runtime.bench.overhead import default_checkpoint
+
+    ckpt = default_checkpoint(demo_bundle)
+    assert ckpt is not None and ckpt.is_file() and ckpt.name == "demo.ckpt"

@@ -162,7 +162,7 @@ def default_checkpoint(bundle_dir: Path) -> Path | None:
     from gamguard.runtime.bundle import default_bundle_dir
 
     if Path(bundle_dir).resolve() == default_bundle_dir().resolve():
-        ckpt = Path(__file__).resolve().parents[1] / "exporter" / "demo.ckpt"
+        ckpt = Path(__file__).resolve().parents[2] / "exporter" / "demo.ckpt"  # gamguard/exporter
         return ckpt if ckpt.is_file() else None
     return None
 
