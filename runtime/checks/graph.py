@@ -16,22 +16,23 @@ one output, ``guard`` ``[N, len(GUARD_COLUMNS)]`` float32, computed from ``logit
   are a Gather, the cumulative sums block-wise MatMuls);
 * the early-feature score (:func:`_feature_score`, a thin function of :class:`FeatureReference`'s
   arrays: ``min_k |x W - m_k|^2``);
-* the p-value of every measure (per predicted class), of the feature score and of the garbage margin:
-  :class:`TailPValue`'s
-  interpolation between sorted knots (a count of knots below the value, GatherElements) and its
-  exponential tail;
+* the p-value of every measure (per predicted class), of the feature score and of the garbage margin,
+  in one lookup: :class:`TailPValue`'s interpolation between sorted knots (a count of knots below the
+  value, GatherElements) and its exponential tail;
 * ``finite``: 1 when every logit, early feature and resampled CAM cell is finite (a NaN/Inf anywhere in
   the CAM reaches the resampled grid: every source cell has a positive weight).
 
 The graph is built when a bundle loads (a pure function of ``model.onnx`` and ``reference.npz``, both
-covered by the bundle's hashes; tens of milliseconds), never stored. The numpy implementation
+covered by the bundle's hashes; a fraction of a second), never stored in the bundle; ``gamguard
+build-engine --guard-graph`` bakes it into a TensorRT plan. The numpy implementation
 (:mod:`.scores`, :mod:`gamguard.runtime.similarity`, :class:`NullModel`) is the reference; the graph
 computes the same numbers in float32 (tests/test_guard_graph.py holds them to the tolerances in
 :data:`PARITY_ATOL`). The attention p-value (from the per-measure p-values), the conformal cut and the
 verdict stay on the host: they are a handful of scalars and depend on the serve-time policy.
 
-Only standard opset-18 operators are used (no custom domains), so ONNX Runtime CPU/CUDA and TensorRT
-run it; whether it is faster than the numpy path depends on the provider (``gamguard bench``).
+Only standard opset-18 operators are used (no custom domains), meant for ONNX Runtime CPU/CUDA and
+TensorRT alike (TensorRT's parser is exercised by ``deploy/gpu-check.sh``); ``gamguard bench`` times
+the graph against the numpy path on the provider it runs on.
 """
 
 from __future__ import annotations
