@@ -33,6 +33,7 @@ COMMANDS = (
     "suitability",
     "drift",
     "serve",
+    "dicom-node",
     "predict",
     "bench",
     "evaluate",

@@ -126,6 +126,12 @@ class AuditLog:
             }
         )
 
+    def record_event(self, event: str, **fields) -> None:
+        """A transport event (e.g. a DICOM association accepted or rejected): ``time``, ``event`` and the
+        caller's fields (AE titles, peer addresses, reasons; never dataset contents). Event lines carry
+        no ``decision``, so readers of verdicts skip them."""
+        self._write({"time": self._now(), "event": event, **fields})
+
     def reopen(self) -> None:
         """Close and reopen the file (after logrotate moved it; ``gamguard serve`` does this on SIGHUP)."""
         if not self._owned:

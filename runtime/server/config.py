@@ -245,7 +245,7 @@ def _field_names() -> set[str]:
     return {f.name for f in fields(ServeConfig)}
 
 
-def load_config_file(path: str | Path) -> dict:
+def _read_mapping(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config: {p}: no such file")
@@ -263,9 +263,30 @@ def load_config_file(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {p}: expected a mapping of option names to values")
+    return data
+
+
+# Sections of the same file that belong to other commands: ``dicom:`` holds gamguard dicom-node's options.
+SECTIONS = ("dicom",)
+
+
+def load_config_section(path: str | Path, section: str) -> dict:
+    """The ``section:`` mapping of a config file ({} when absent)."""
+    data = _read_mapping(path).get(section) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path}: '{section}' must be a mapping of option names to values")
+    return data
+
+
+def load_config_file(path: str | Path) -> dict:
+    """The serve options of a config file (other commands' sections left out)."""
+    p = Path(path)
+    data = _read_mapping(p)
     out = {}
     known = _field_names()
     for key, value in data.items():
+        if key in SECTIONS:
+            continue
         name = str(key).replace("-", "_")
         if name not in known:
             raise ConfigError(
@@ -285,6 +306,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
+    return serve_config_from_values(values).validate()
+
+
+def serve_config_from_values(values: dict) -> ServeConfig:
+    """A ServeConfig from option values, config-file values coerced to the declared types (not validated)."""
     try:
         cfg = ServeConfig(**values)
         for f in fields(ServeConfig):  # coerce config-file values to the declared types
@@ -314,4 +340,4 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                 setattr(cfg, f.name, str(v))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad configuration value: {exc}") from None
-    return cfg.validate()
+    return cfg

@@ -68,6 +68,7 @@ class Result:
     queue_ms: float = 0.0
     total_ms: float = 0.0
     batch_size: int = 1
+    decoded: Any = None  # the DecodedImage, for transports that render the input (the DICOM node's overlay)
 
     @functools.cached_property  # read by the metrics, the audit and the transports: built once
     def stages_ms(self) -> dict[str, float]:
@@ -412,6 +413,7 @@ class DataPlane:
             queue_ms=queued_s * 1000.0,
             total_ms=(time.perf_counter() - t0) * 1000.0,
             batch_size=batch_size,
+            decoded=decoded,
         )
         self._record(result, protocol)
         return result

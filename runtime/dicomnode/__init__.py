@@ -1,0 +1,17 @@
+"""``gamguard dicom-node``: X-ray consoles send images by C-STORE, the archive receives guarded results.
+
+The request path (docs/dicom-node.md has the settings, the SR template and the operations)::
+
+    console --C-STORE--> scp (allow-list, SOP class check) --> DataPlane.verify (shared micro-batches)
+            <-- 0x0000 once journaled --  journal (durable: image + verdict + overlay inputs)
+                                             |  results builder (between associations)
+                                             v
+                      results: SR (TID 1500) + Secondary Capture overlay, deterministic UIDs
+                                             |
+                                          outbox/<destination>/  --forwarder (retries, backoff)--> PACS
+
+Modules: :mod:`.sopclasses` (what is accepted), :mod:`.access` (calling AE allow-list), :mod:`.scp`
+(the pynetdicom handlers), :mod:`.journal` and :mod:`.outbox` (on-disk queues, :mod:`.durable` for
+crash-safe writes), :mod:`.results` (highdicom SR/SC builders), :mod:`.forwarder`, :mod:`.metrics`,
+:mod:`.config`, :mod:`.node` (assembly), :mod:`.archive` (a small receiving SCP for the demo and bench).
+"""

@@ -1,0 +1,47 @@
+"""The outbox: result objects (and forwarded originals) waiting for each destination, on disk.
+
+One folder per destination, one Part 10 file per object named after its SOP Instance UID. An object is
+removed from a destination's folder only after that destination answered its C-STORE with success (or
+a warning); until then it stays on disk across restarts. With no destination configured, results go to
+``kept/`` and stay there (the node then works as a local results store).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .durable import fsync_dir, remove_stale_temporaries, safe_name, write_durably
+
+SUFFIX = ".dcm"
+KEPT = "kept"
+
+
+class Outbox:
+    def __init__(self, folder: str | Path, destinations: list[str]):
+        self.folder = Path(folder)
+        self.destinations = list(destinations) or [KEPT]
+        for name in self.destinations:
+            (self.folder / name).mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.folder / name)
+
+    def put(self, sop_instance_uid: str, data: bytes) -> None:
+        """Queue one object for every destination (durably; replaces a queued copy with the same UID)."""
+        name = f"{safe_name(sop_instance_uid)}{SUFFIX}"
+        for dest in self.destinations:
+            write_durably(self.folder / dest / name, data)
+
+    def pending(self, destination: str) -> list[Path]:
+        """Queued objects of one destination, oldest first."""
+        paths = list((self.folder / destination).glob(f"*{SUFFIX}"))
+        return sorted(paths, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    def depth(self, destination: str) -> int:
+        return sum(1 for _ in (self.folder / destination).glob(f"*{SUFFIX}"))
+
+    def delivered(self, path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)

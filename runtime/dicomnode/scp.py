@@ -1,0 +1,252 @@
+"""The Storage and Verification SCP: pynetdicom handlers over the data plane and the journal.
+
+Association (PS3.8): the calling AE title (and, if pinned, the peer address) must be on the allow-list
+and the called AE title must be the node's, otherwise the association is rejected ("calling/called AE
+title not recognized"); beyond ``max_associations`` it is rejected as "local limit exceeded". Presentation
+contexts are accepted only for Verification and the storage classes of :mod:`.sopclasses`.
+
+C-STORE, in the association's own thread:
+
+1. the dataset arrives as sent (``event.encoded_dataset()``, never re-encoded);
+2. its header must name the SOP class of the context and the SOP Instance UID of the request and carry
+   the UIDs a result needs — else ``0xA900`` (does not match SOP class) / ``0xC000`` (cannot understand);
+3. the data plane decodes and verifies it (micro-batched with every other association and with gRPC
+   requests) — undecodable pixel data is ``0xC000`` with the reason in Error Comment, a full queue or a
+   node not ready ``0xA700`` (out of resources: retry later);
+4. the received dataset, its verdict and the overlay's inputs are written durably to the journal;
+5. only then ``0x0000`` Success. The SR and Secondary Capture are built from the journal afterwards.
+
+No handler raises into pynetdicom: anything unexpected is ``0x0110`` (processing failure) and the
+association, and the node, carry on. Logs and error comments name UIDs and pixel-module facts only,
+never patient attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import uuid
+
+from .journal import Job, thumbnail
+from .results import ResultError, check_source
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognized
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE title not recognized
+REJECT_BUSY = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+
+
+def status_dataset(status: int, comment: str = ""):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.Status = status
+    if comment:
+        ds.ErrorComment = comment.replace("\\", "/")[:64]  # LO: 64 characters
+    return ds
+
+
+class StorageSCP:
+    """The handlers of one node. ``plane()`` returns the ready DataPlane or None; ``loop`` is its event loop."""
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        allow_list,
+        sop_classes: dict,
+        plane,
+        loop: asyncio.AbstractEventLoop,
+        journal,
+        metrics=None,
+        audit=None,
+        on_stored=None,
+        verify_timeout_s: float = 120.0,
+    ):
+        self.ae_title = ae_title
+        self.allow_list = allow_list
+        self.sop_classes = sop_classes
+        self.plane = plane
+        self.loop = loop
+        self.journal = journal
+        self.metrics = metrics
+        self.audit = audit
+        self.on_stored = on_stored
+        self.verify_timeout_s = verify_timeout_s
+        self._active: set[int] = set()
+        self._lock = threading.Lock()
+        self.draining = False  # set on shutdown: new associations are turned away
+
+    @property
+    def active_associations(self) -> int:
+        return len(self._active)
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def handlers(self) -> list:
+        from pynetdicom import evt
+
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_CONN_CLOSE, self.on_closed),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+    @staticmethod
+    def _peer(event) -> tuple[str, str]:
+        rq = event.assoc.requestor
+        return str(rq.ae_title or "").strip(), str(rq.address or "")
+
+    def _count(self, metric_name: str, *labels: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, metric_name).labels(*labels).inc()
+
+    def _audit(self, event: str, **fields) -> None:
+        if self.audit is not None:
+            self.audit.record_event(event, protocol="dicom", **fields)
+
+    def on_requested(self, event) -> None:
+        """Allow-list check before negotiation (pynetdicom's own check cannot pin peer addresses)."""
+        primitive = event.assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title or "").strip()
+        called = str(primitive.called_ae_title or "").strip()
+        address = str(event.assoc.requestor.address or "")
+        reason = None
+        if self.draining:
+            reason, rsd = "node shutting down", REJECT_BUSY
+        elif not self.allow_list.admits(calling, address):
+            reason, rsd = "calling AE title not allowed", REJECT_CALLING_AE
+        elif called != self.ae_title:
+            reason, rsd = f"called AE title {called!r} is not this node's ({self.ae_title!r})", REJECT_CALLED_AE
+        if reason is not None:
+            log.warning("association from %s@%s rejected: %s", calling, address, reason)
+            self._audit("association_rejected", calling_ae=calling, peer=address, reason=reason)
+            event.assoc.acse.send_reject(*rsd)
+            event.assoc.kill()  # as pynetdicom does after its own rejections: waits until the A-ASSOCIATE-RJ is out
+            self._count("associations", "rejected")
+
+    def on_accepted(self, event) -> None:
+        calling, address = self._peer(event)
+        with self._lock:
+            self._active.add(id(event.assoc))
+        if self.metrics is not None:
+            self.metrics.active.set(len(self._active))
+        self._count("associations", "accepted")
+        self._audit("association_accepted", calling_ae=calling, peer=address)
+        log.info("association from %s@%s accepted", calling, address)
+
+    def on_rejected(self, event) -> None:  # rejections by pynetdicom itself (e.g. too many associations)
+        calling, address = self._peer(event)
+        self._count("associations", "rejected")
+        self._audit("association_rejected", calling_ae=calling, peer=address, reason="association limit reached")
+
+    def on_released(self, event) -> None:
+        self._count("associations", "released")
+
+    def on_aborted(self, event) -> None:
+        self._count("associations", "aborted")
+
+    def on_closed(self, event) -> None:
+        with self._lock:
+            was_active = id(event.assoc) in self._active
+            self._active.discard(id(event.assoc))
+        if self.metrics is not None:
+            self.metrics.active.set(len(self._active))
+        if was_active and self.on_stored is not None:
+            self.on_stored()  # an idle node builds results
+
+    # -- services ----------------------------------------------------------------------------------
+
+    def on_echo(self, event) -> int:
+        self._count("requests", "echo", "success")
+        return SUCCESS
+
+    def on_store(self, event):
+        try:
+            status, comment, outcome = self._store(event)
+        except Exception as exc:  # noqa: BLE001 - never into pynetdicom, never down the node
+            log.exception("C-STORE failed unexpectedly")
+            status, comment, outcome = PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", "error"
+        self._count("requests", "store", outcome)
+        return status if not comment else status_dataset(status, comment)
+
+    def _store(self, event) -> tuple[int, str, str]:
+        import pydicom
+
+        from gamguard.runtime.server.errors import DeadlineExpired, InvalidRequest, NotReady, Overloaded
+
+        context_class = str(event.context.abstract_syntax)
+        if context_class not in self.sop_classes:  # cannot happen through negotiation; kept as a guard
+            return SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted by this node", "refused"
+        data = event.encoded_dataset()
+        request_id = uuid.uuid4().hex
+        try:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            check_source(header)
+            sop_class, sop_uid = str(header.SOPClassUID), str(header.SOPInstanceUID)
+        except ResultError as exc:
+            return self._invalid(request_id, CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot parse
+            return self._invalid(request_id, CANNOT_UNDERSTAND, f"cannot parse the dataset ({type(exc).__name__})")
+        if sop_class != context_class:
+            return self._invalid(
+                request_id,
+                DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Class UID of the dataset differs from the presentation context",
+            )
+        if sop_uid != str(event.request.AffectedSOPInstanceUID or "").strip():
+            return self._invalid(
+                request_id, DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID of the dataset differs from the request"
+            )
+        plane = self.plane()
+        if plane is None:
+            return OUT_OF_RESOURCES, "node not ready (loading the bundle); retry", "not_ready"
+        try:
+            result = asyncio.run_coroutine_threadsafe(
+                plane.verify(data=data, request_id=request_id, protocol="dicom", timeout_s=self.verify_timeout_s),
+                self.loop,
+            ).result(self.verify_timeout_s + 10)
+        except InvalidRequest as exc:  # already counted and audited by the data plane
+            return CANNOT_UNDERSTAND, str(exc), "invalid"
+        except (Overloaded, DeadlineExpired) as exc:
+            return OUT_OF_RESOURCES, f"busy: {exc}", "overloaded"
+        except NotReady:
+            return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
+        job = Job(
+            sop_instance_uid=sop_uid,
+            source=data,
+            verdict=result.verdict,
+            thumbnail=thumbnail(result.decoded.pixels),
+            calling_ae=self._peer(event)[0],
+        )
+        try:
+            self.journal.put(job)
+        except OSError as exc:
+            log.error("cannot write the journal (%s): answering out of resources", exc.strerror or exc)
+            return OUT_OF_RESOURCES, "cannot store the image on disk", "error"
+        if self.on_stored is not None:
+            self.on_stored()
+        return SUCCESS, "", "success"
+
+    def _invalid(self, request_id: str, status: int, message: str) -> tuple[int, str, str]:
+        plane = self.plane()
+        if plane is not None:
+            plane.record_invalid(request_id, "dicom", message)
+        log.warning("C-STORE refused (0x%04X): %s", status, message)
+        return status, message, "invalid"

@@ -1,0 +1,527 @@
+"""gamguard dicom-node: results as DICOM, the on-disk queues, and the node driven by real DICOM tools.
+
+The tool tests use third-party software only on the DICOM side: dcmtk's echoscu/storescu send, Orthanc
+(its own config, loopback ports, a temporary storage folder) is the PACS, dicom3tools' dciodvfy
+validates. Each skips naming the package when it is missing. The node itself is real: the demo bundle,
+the data plane, pynetdicom on a loopback port.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicomlib import (
+    Orthanc,
+    dciodvfy_errors,
+    free_port,
+    phantom_dicom,
+    relabelled,
+    require_tool,
+    rgb_secondary_capture,
+    truncated_pixels,
+)
+from pydicom.uid import DigitalXRayImageStorageForPresentation as DX
+
+from gamguard.runtime.demo.phantoms import CLASS_NAMES
+from gamguard.runtime.dicomnode.archive import ReceivingArchive
+from gamguard.runtime.dicomnode.config import DicomNodeConfig, parse_destination
+from gamguard.runtime.dicomnode.node import BackgroundNode
+from gamguard.runtime.dicomnode.results import (
+    NOT_FOR_DIAGNOSIS,
+    ModelIdentity,
+    overlay_sc,
+    read_verdict_sr,
+    result_uid,
+    verdict_sr,
+)
+from gamguard.runtime.server.config import ConfigError, ServeConfig
+
+SEED = 7_140_001
+
+
+@pytest.fixture(scope="module")
+def guard(demo_bundle):
+    from gamguard.runtime.guard import Guard
+
+    return Guard.from_bundle(demo_bundle)
+
+
+def model_identity(guard) -> ModelIdentity:
+    m = guard.manifest["model"]
+    return ModelIdentity(str(m["name"]), str(m["version"]), guard.bundle_hash, tuple(guard.class_names))
+
+
+def judged(guard, path: Path):
+    from gamguard.runtime.decode import decode_file
+
+    decoded = decode_file(path)
+    return decoded, guard.verify_images([decoded.pixels])[0]
+
+
+def accepted_phantoms(guard, folder: Path, n: int, *, start_seed: int = SEED) -> dict[Path, str]:
+    """``n`` phantom DICOMs the guard accepts with their true class (seeds tried in order, classes in turn)."""
+    out: dict[Path, str] = {}
+    seed = start_seed
+    while len(out) < n:
+        stage = len(out) % len(CLASS_NAMES)
+        path = phantom_dicom(folder / f"id_{seed}.dcm", stage, seed)
+        _, v = judged(guard, path)
+        if v.accepted and v.label == CLASS_NAMES[stage]:
+            out[path] = CLASS_NAMES[stage]
+        else:
+            path.unlink()
+        seed += 1
+        assert seed < start_seed + 50 * n, "the demo model accepts too few of its own phantoms"
+    return out
+
+
+# ---------------------------------------------------------------------------------- results as DICOM
+
+
+def test_result_uids_are_deterministic_per_image_kind_and_bundle():
+    a = result_uid("sr", "hash1", "1.2.3.4")
+    assert a == result_uid("sr", "hash1", "1.2.3.4")
+    assert (
+        len(
+            {
+                a,
+                result_uid("sc", "hash1", "1.2.3.4"),
+                result_uid("sr", "hash2", "1.2.3.4"),
+                result_uid("sr", "hash1", "1.2.3.5"),
+            }
+        )
+        == 4
+    )
+    assert a.startswith("2.25.") and len(a) <= 64
+
+
+def test_accepted_sr_and_overlay_carry_label_source_and_study(guard, tmp_path):
+    import highdicom as hd
+
+    ((path, truth),) = accepted_phantoms(guard, tmp_path, 1).items()
+    decoded, verdict = judged(guard, path)
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    model = model_identity(guard)
+    sr = verdict_sr(source, verdict, model)
+    back = pydicom.dcmread(io.BytesIO(_encode(sr)))
+    assert back.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
+    assert back.StudyInstanceUID == source.StudyInstanceUID and back.PatientID == source.PatientID
+    assert back.SeriesInstanceUID != source.SeriesInstanceUID
+    assert back.SOPInstanceUID == result_uid("sr", guard.bundle_hash, source.SOPInstanceUID)
+    assert back.CompletionFlag == "COMPLETE" and back.VerificationFlag == "UNVERIFIED"
+    evidence = back.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    hd.sr.ComprehensiveSR.from_dataset(back)  # highdicom reads it back as a valid SR document
+    said = read_verdict_sr(back)
+    assert said["accepted"] is True and said["label"] == truth == verdict.label and not said["reasons"]
+    assert said["source_sop_instance_uid"] == source.SOPInstanceUID
+    assert set(said["probabilities"]) == set(verdict.probabilities)
+    finite = {k for k, v in verdict.scores.items() if np.isfinite(v)}
+    assert set(said["scores"]) == finite and {"feature.p", "combined_p", "attention.p"} <= finite
+    assert said["algorithm"]["name"] == model.name and said["algorithm"]["version"] == model.version
+    assert f"bundle_sha256={guard.bundle_hash}" in said["algorithm"]["parameters"]
+
+    sc = pydicom.dcmread(io.BytesIO(_encode(overlay_sc(source, decoded.pixels, verdict, model))))
+    assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientName == source.PatientName
+    assert sc.BurnedInAnnotation == "YES" and list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.ImageComments == NOT_FOR_DIAGNOSIS and "not for primary diagnosis" in sc.SeriesDescription.lower()
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.std() > 5  # a picture, not a blank
+
+
+def test_rejected_sr_has_reasons_and_no_label_or_probabilities(guard, tmp_path):
+    from gamguard.runtime.demo.phantoms import ood_image
+    from gamguard.runtime.demo.synth import write_dicom
+
+    path = write_dicom(tmp_path / "knee.dcm", ood_image("knee", np.random.default_rng(SEED)))
+    decoded, verdict = judged(guard, path)
+    assert not verdict.accepted
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    said = read_verdict_sr(pydicom.dcmread(io.BytesIO(_encode(verdict_sr(source, verdict, model_identity(guard))))))
+    assert said["accepted"] is False and said["label"] is None and said["probabilities"] == {}
+    assert said["reasons"] == list(verdict.reasons) and said["failed_measures"] == list(verdict.failed_measures)
+    assert said["scores"]  # every check's score and p-value, also when rejected
+
+
+def _encode(ds) -> bytes:
+    from gamguard.runtime.dicomnode.results import encode
+
+    return encode(ds)
+
+
+# ----------------------------------------------------------------------------------- queues, config
+
+
+def test_journal_and_outbox_survive_reopening(guard, tmp_path):
+    from gamguard.runtime.dicomnode.journal import Job, Journal, thumbnail
+    from gamguard.runtime.dicomnode.outbox import Outbox
+
+    ((path, _),) = accepted_phantoms(guard, tmp_path, 1).items()
+    decoded, verdict = judged(guard, path)
+    data = path.read_bytes()
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    Journal(tmp_path / "q" / "journal").put(Job(uid, data, verdict, thumbnail(decoded.pixels), "CONSOLE"))
+    (tmp_path / "q" / "journal" / ".tmp-leftover-of-a-crash").write_bytes(b"partial")
+    journal = Journal(tmp_path / "q" / "journal")  # a restarted node
+    assert not list(journal.folder.glob(".tmp-*")) and len(journal) == 1
+    job = journal.load(journal.pending()[0])
+    assert job.source == data and job.calling_ae == "CONSOLE" and job.verdict.label == verdict.label
+    assert job.verdict.scores == pytest.approx(verdict.scores) and job.verdict.cam.shape == verdict.cam.shape
+
+    outbox = Outbox(tmp_path / "q" / "outbox", ["PACS@h_104", "VNA@h_11112"])
+    outbox.put("1.2.3", b"x")
+    outbox.put("1.2.3", b"y")  # the same object again (a resend): replaced, not duplicated
+    again = Outbox(tmp_path / "q" / "outbox", ["PACS@h_104", "VNA@h_11112"])
+    assert again.depth("PACS@h_104") == again.depth("VNA@h_11112") == 1
+    again.delivered(again.pending("PACS@h_104")[0])
+    assert again.depth("PACS@h_104") == 0 and again.pending("VNA@h_11112")[0].read_bytes() == b"y"
+    with pytest.raises(ValueError):
+        outbox.put("../../etc/passwd", b"x")
+
+
+def test_backoff_doubles_up_to_the_cap_and_warnings_count_as_stored():
+    from gamguard.runtime.dicomnode.forwarder import backoff_s, is_stored
+
+    assert [backoff_s(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert is_stored(0x0000) and is_stored(0xB000) and is_stored(0xB007)
+    assert not is_stored(0xA700) and not is_stored(0xC000) and not is_stored(0x0110)
+
+
+def test_config_file_dicom_section_flags_and_errors(tmp_path):
+    import argparse
+
+    from gamguard.runtime.dicomnode.config import add_dicom_node_arguments, node_config_from_args
+    from gamguard.runtime.server.config import add_serve_arguments, config_from_args
+
+    cfg_file = tmp_path / "gamguard.yaml"
+    cfg_file.write_text(
+        "max-batch-size: 4\nport: 8001\ninsecure: true\n"
+        "dicom:\n  port: 11112\n  ae-title: NODE1\n  allow-ae: [DX1, CR2@127.0.0.1]\n"
+        "  forward: [PACS@10.0.0.5:104]\n"
+    )
+    p = argparse.ArgumentParser()
+    add_dicom_node_arguments(p)
+    node, serve = node_config_from_args(p.parse_args(["--config", str(cfg_file), "--port", "104"]))
+    assert (node.port, node.ae_title, node.allow_ae) == (104, "NODE1", ["DX1", "CR2@127.0.0.1"])
+    assert [str(d) for d in node.destinations] == ["PACS@10.0.0.5:104"] and serve.max_batch_size == 4
+    allow = node.allow_list()
+    assert allow.admits("DX1", "10.9.9.9") and allow.admits("CR2", "127.0.0.1")
+    assert not allow.admits("CR2", "10.9.9.9") and not allow.admits("dx1", "10.9.9.9")
+    # the same file still configures `gamguard serve` (the dicom section is the node's)
+    s = argparse.ArgumentParser()
+    add_serve_arguments(s)
+    assert config_from_args(s.parse_args(["--config", str(cfg_file)])).port == 8001
+    with pytest.raises(ConfigError, match="allow-ae"):
+        DicomNodeConfig().validate()
+    for bad in ("PACS@host", "PACS:104", "A_TITLE_LONGER_THAN_16@h:104", "PACS@h:0"):
+        with pytest.raises(ConfigError):
+            parse_destination(bad)
+    with pytest.raises(SystemExit):  # argparse refuses a non-integer port
+        p.parse_args(["--port", "x"])
+
+
+# ------------------------------------------------------------- the node with pynetdicom (no apt tools)
+
+
+def _node(tmp_path, demo_bundle, forward: list[str], **kw) -> BackgroundNode:
+    cfg = DicomNodeConfig(
+        host="127.0.0.1",
+        port=0,
+        ae_title="GAMGUARD",
+        allow_ae=["TESTSCU", "STORESCU", "ECHOSCU"],
+        forward=forward,
+        queue_dir=str(tmp_path / "queue"),
+        retry_initial_s=0.2,
+        retry_max_s=1.0,
+        **kw,
+    )
+    return BackgroundNode(cfg.validate(), ServeConfig(bundle=str(demo_bundle), insecure=True, port=0))
+
+
+def _scu_store(port: int, paths: list[Path], *, calling: str = "TESTSCU") -> list[int | None]:
+    from pynetdicom import AE, StoragePresentationContexts
+
+    ae = AE(ae_title=calling)
+    ae.requested_contexts = StoragePresentationContexts[:120]
+    assoc = ae.associate("127.0.0.1", port, ae_title="GAMGUARD")
+    if not assoc.is_established:
+        return [None] * len(paths)
+    statuses = []
+    for p in paths:
+        rsp = assoc.send_c_store(p)
+        statuses.append(int(rsp.Status) if rsp is not None and "Status" in rsp else None)
+    assoc.release()
+    return statuses
+
+
+def test_node_stores_forwards_and_a_resend_does_not_duplicate(guard, demo_bundle, tmp_path):
+    phantoms = accepted_phantoms(guard, tmp_path, 2)
+    paths = list(phantoms)
+    ct = relabelled(Path(pydicom.data.get_testdata_file("CT_small.dcm")), tmp_path / "ct_as_dx.dcm", DX)
+    with ReceivingArchive(tmp_path / "archive") as archive, _node(tmp_path, demo_bundle, [archive.address]) as node:
+        assert _scu_store(node.port, paths + [ct]) == [0, 0, 0]
+        assert archive.wait_for(6, timeout=60), f"only {len(archive.instances())} objects arrived"
+        first = sorted(p.name for p in archive.instances())
+        assert _scu_store(node.port, paths[:1]) == [0]  # the console resends an image
+        assert node.node.wait_results_built(30)
+        time.sleep(1.0)
+        assert sorted(p.name for p in archive.instances()) == first  # same SOP Instance UIDs: no duplicates
+        assert archive.stores >= 7
+        srs = [pydicom.dcmread(p) for p in archive.instances()]
+        verdicts = {
+            d.CurrentRequestedProcedureEvidenceSequence[0]
+            .ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence[0]
+            .ReferencedSOPInstanceUID: read_verdict_sr(d)
+            for d in srs
+            if d.Modality == "SR"
+        }
+        by_uid = {pydicom.dcmread(p).SOPInstanceUID: label for p, label in phantoms.items()}
+        for uid, label in by_uid.items():
+            assert verdicts[uid]["accepted"] and verdicts[uid]["label"] == label
+        ct_uid = pydicom.dcmread(ct).SOPInstanceUID
+        assert verdicts[ct_uid]["accepted"] is False and verdicts[ct_uid]["label"] is None
+        metrics = node.node.metrics.exposition().decode()
+        assert 'gamguard_dicom_requests_total{service="store",status="success"} 4.0' in metrics
+        assert "gamguard_dicom_forwarded_total" in metrics and "Test^Patient" not in metrics
+
+
+def test_node_refuses_other_sop_classes_unknown_callers_and_bad_pixel_data(guard, demo_bundle, tmp_path):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    ((good, _),) = accepted_phantoms(guard, tmp_path, 1).items()
+    bad = truncated_pixels(good, tmp_path / "bad.dcm")
+    with _node(tmp_path, demo_bundle, []) as node:
+        assert _scu_store(node.port, [good], calling="INTRUDER") == [None]  # association rejected
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+        assert assoc.is_established
+        assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [Verification]  # CT refused
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert _scu_store(node.port, [bad, good]) == [0xC000, 0]  # the node carries on after bad data
+        assert node.node.wait_results_built(30)
+        kept = list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))
+        assert len(kept) == 2  # no forward destination: SR + SC of the good image kept on disk
+
+
+# ----------------------------------------------------------------- third-party tools: dcmtk, Orthanc
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    archive = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield archive
+    archive.stop()
+
+
+@pytest.fixture(scope="module")
+def tool_node(demo_bundle, orthanc, tmp_path_factory):
+    require_tool("storescu", "dcmtk")
+    with _node(tmp_path_factory.mktemp("node"), demo_bundle, [orthanc.address]) as node:
+        yield node
+
+
+def _storescu(port: int, paths, *, calling: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["storescu", "-aet", calling, "-aec", "GAMGUARD", "127.0.0.1", str(port), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _orthanc_verdicts(orthanc) -> dict[str, dict]:
+    out = {}
+    for ds in orthanc.datasets("SR"):
+        said = read_verdict_sr(ds)
+        out[said["source_sop_instance_uid"]] = said
+    return out
+
+
+def test_echoscu_succeeds_and_an_unknown_calling_ae_is_rejected(tool_node):
+    echoscu = require_tool("echoscu", "dcmtk")
+    ok = subprocess.run(
+        [echoscu, "-aet", "ECHOSCU", "-aec", "GAMGUARD", "127.0.0.1", str(tool_node.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    no = subprocess.run(
+        [echoscu, "-aet", "STRANGER", "-aec", "GAMGUARD", "127.0.0.1", str(tool_node.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no.returncode != 0 and "Calling AE Title Not Recognized" in no.stderr
+
+
+def test_storescu_phantoms_arrive_in_orthanc_as_accepted_srs_with_label_and_overlay(
+    guard, tool_node, orthanc, tmp_path
+):
+    phantoms = accepted_phantoms(guard, tmp_path, 4)
+    run = _storescu(tool_node.port, phantoms)
+    assert run.returncode == 0, run.stderr
+    uids = {pydicom.dcmread(p).SOPInstanceUID: label for p, label in phantoms.items()}
+    deadline = time.monotonic() + 90
+    while not set(uids) <= set(verdicts := _orthanc_verdicts(orthanc)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for uid, label in uids.items():
+        assert verdicts[uid]["accepted"] is True and verdicts[uid]["label"] == label
+        assert verdicts[uid]["reasons"] == [] and set(verdicts[uid]["probabilities"]) == set(CLASS_NAMES)
+    overlays = {ds.SourceImageSequence[0].ReferencedSOPInstanceUID: ds for ds in orthanc.datasets("OT")}
+    for uid in uids:
+        assert overlays[uid].BurnedInAnnotation == "YES"
+
+
+def test_off_distribution_dicoms_get_rejected_srs_with_reasons_and_no_label(tool_node, orthanc, tmp_path):
+    from pydicom.data import get_testdata_file
+    from skimage.data import astronaut
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    files = [
+        relabelled(ct, tmp_path / "ct_as_dx.dcm", DX),
+        relabelled(Path(get_testdata_file("MR_small.dcm")), tmp_path / "mr_as_dx.dcm", DX),
+        rgb_secondary_capture(tmp_path / "photo_sc.dcm", astronaut()),
+    ]
+    run = _storescu(tool_node.port, files)
+    assert run.returncode == 0, run.stderr
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in files]
+    deadline = time.monotonic() + 90
+    while not set(uids) <= set(verdicts := _orthanc_verdicts(orthanc)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for uid in uids:
+        said = verdicts[uid]
+        assert said["accepted"] is False and said["reasons"] and said["label"] is None and not said["probabilities"]
+    # the CT file as it is (CT Image Storage) is refused at association: no presentation context, no result
+    refused = _storescu(tool_node.port, [ct])
+    assert refused.returncode != 0 and "presentation context" in refused.stderr.lower()
+
+
+def test_malformed_dataset_gets_a_failure_status_and_the_node_stays_up(guard, tool_node, tmp_path):
+    ((good, _),) = accepted_phantoms(guard, tmp_path, 1, start_seed=SEED + 500).items()
+    bad = truncated_pixels(good, tmp_path / "truncated.dcm")
+    run = subprocess.run(
+        ["storescu", "-v", "-aec", "GAMGUARD", "127.0.0.1", str(tool_node.port), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "CannotUnderstand" in run.stdout + run.stderr
+    assert _storescu(tool_node.port, [good]).returncode == 0  # still serving
+
+
+def test_dciodvfy_passes_every_sr_and_overlay_in_orthanc(guard, tool_node, orthanc, tmp_path):
+    require_tool("dciodvfy", "dicom3tools")
+    if len(orthanc.instance_ids("SR")) < 2:  # run alone: store an accepted and a rejected image first
+        from gamguard.runtime.demo.phantoms import ood_image
+        from gamguard.runtime.demo.synth import write_dicom
+
+        files = [
+            *accepted_phantoms(guard, tmp_path, 1),
+            write_dicom(tmp_path / "knee.dcm", ood_image("knee", np.random.default_rng(SEED))),
+        ]
+        assert _storescu(tool_node.port, files).returncode == 0
+        assert orthanc.wait_for("SR", 2, timeout=90) >= 2
+    checked = 0
+    for modality in ("SR", "OT"):
+        for i, instance in enumerate(orthanc.instance_ids(modality)):
+            path = tmp_path / f"{modality}_{i}.dcm"
+            path.write_bytes(orthanc.file(instance))
+            assert dciodvfy_errors(path) == [], f"{modality} instance {instance}"
+            checked += 1
+    assert checked >= 4
+
+
+def _start_node_process(tmp_path: Path, demo_bundle: Path, port: int, forward: str, log_name: str):
+    cmd = [
+        sys.executable,
+        "-m",
+        "gamguard.runtime.cli",
+        "dicom-node",
+        "--bundle",
+        str(demo_bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ae-title",
+        "GAMGUARD",
+        "--allow-ae",
+        "STORESCU",
+        "--allow-ae",
+        "ECHOSCU",
+        "--forward",
+        forward,
+        "--queue-dir",
+        str(tmp_path / "queue"),
+        "--retry-initial-s",
+        "0.5",
+        "--retry-max-s",
+        "2",
+    ]
+    log = open(tmp_path / log_name, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / log_name).read_text()
+        echo = subprocess.run(["echoscu", "-aec", "GAMGUARD", "127.0.0.1", str(port)], capture_output=True, timeout=30)
+        if echo.returncode == 0:
+            return proc
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("the node did not answer C-ECHO within 90 s")
+
+
+def test_forwarding_loses_nothing_with_the_archive_down_and_a_node_crash(guard, demo_bundle, tmp_path):
+    """200 images while the archive is down, the node killed (SIGKILL) once in between and 10 images resent
+    after the crash; then the archive comes up: exactly 200 SRs (one per image) and 200 overlays arrive."""
+    require_tool("storescu", "dcmtk")
+    require_tool("echoscu", "dcmtk")
+    archive = Orthanc(tmp_path / "orthanc")
+    base = list(accepted_phantoms(guard, tmp_path, 4))
+    files = []
+    for i in range(200):  # 200 distinct instances (new UIDs) of a few phantoms
+        ds = pydicom.dcmread(base[i % len(base)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = i + 1
+        files.append(tmp_path / f"img_{i:03d}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    port = free_port()
+    node = _start_node_process(tmp_path, demo_bundle, port, archive.address, "node1.log")
+    try:
+        assert _storescu(port, files[:100]).returncode == 0
+        node.send_signal(signal.SIGKILL)  # a crash: whatever was being built or sent is cut off
+        node.wait(30)
+        node = _start_node_process(tmp_path, demo_bundle, port, archive.address, "node2.log")
+        assert _storescu(port, files[100:] + files[:10]).returncode == 0  # + a resend after the crash
+        archive.start()
+        n_sr = archive.wait_for("SR", 200, timeout=240)
+        n_ot = archive.wait_for("OT", 200, timeout=60)
+        time.sleep(2.0)  # anything still in flight would show up now
+        srs = archive.instance_ids("SR")
+        assert (n_sr, n_ot, len(srs), len(archive.instance_ids("OT"))) == (200, 200, 200, 200)
+        sources = {read_verdict_sr(ds)["source_sop_instance_uid"] for ds in archive.datasets("SR")}
+        assert sources == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+        assert not list((tmp_path / "queue" / "outbox").rglob("*.dcm"))  # the outbox drained
+    finally:
+        node.terminate()
+        try:
+            node.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        archive.stop()
