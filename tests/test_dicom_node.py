@@ -525,3 +525,43 @@ def test_forwarding_loses_nothing_with_the_archive_down_and_a_node_crash(guard, 
         except subprocess.TimeoutExpired:
             node.kill()
         archive.stop()
+
+
+# --------------------------------------------------------------------------------------------- deploy
+
+
+def _deployed_node_commands() -> dict[str, list[str]]:
+    import shlex
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    compose = yaml.safe_load((deploy / "docker-compose.yml").read_text())
+    runs = {"docker-compose.yml": [str(a) for a in compose["services"]["gamguard-dicom"]["command"]]}
+    unit = (deploy / "systemd" / "gamguard-dicom-node.service").read_text()
+    exec_start = next(line.partition("=")[2] for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = shlex.split(exec_start)
+    assert argv[0] == "/opt/gamguard/bin/gamguard"
+    runs["gamguard-dicom-node.service"] = argv[1:]
+    docs = [d for d in yaml.safe_load_all((deploy / "k8s/base/dicom-node.yaml").read_text()) if d]
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    runs["k8s/base/dicom-node.yaml"] = [str(a) for a in sts["spec"]["template"]["spec"]["containers"][0]["args"]]
+    assert "dicom-node.yaml" in (deploy / "k8s/base/kustomization.yaml").read_text()
+    return runs
+
+
+@pytest.mark.parametrize("where", sorted(_deployed_node_commands()))
+def test_deployed_dicom_node_command_is_the_real_cli(where):
+    import argparse
+    import re
+
+    from gamguard.runtime.dicomnode.config import add_dicom_node_arguments, node_config_from_args
+
+    argv = [re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", a) for a in _deployed_node_commands()[where]]  # compose defaults
+    assert argv[0] == "dicom-node"
+    parser = argparse.ArgumentParser(prog="gamguard dicom-node")
+    add_dicom_node_arguments(parser)
+    node, serve = node_config_from_args(parser.parse_args(argv[1:]))
+    assert node.host == "0.0.0.0" and node.port == 11112 and node.ae_title == "GAMGUARD"
+    assert node.allow_ae and node.destinations and node.queue_dir.startswith("/var/lib/gamguard")
+    assert serve.metrics_port and serve.bundle

@@ -58,6 +58,10 @@ Sections of the result (``run_bench`` returns one JSON-able dict, format :data:`
   ``grpc_mean_batch``) are counted over the timed requests only: the client process signals when its
   channels are connected and warm, and waits for the go.
 
+* ``dicom_efficiency`` — images per second over C-STORE (``gamguard dicom-node``, pynetdicom SCUs in
+  a spawned process, 1 and 4 concurrent associations) over the same DICOM images through gRPC
+  ``Verify`` at the same concurrency; goal ratio >= 0.7. See :mod:`gamguard.runtime.dicomnode.bench`.
+
 GPU: ``providers`` (e.g. ``"cuda"``, ``"tensorrt,cuda"``) selects the ONNX Runtime provider chain for
 the guard and the logits-only session alike; the providers actually used are recorded in ``machine``.
 """
@@ -96,6 +100,7 @@ BATCHES = (1, 8)
 
 
 CLIENT_LEVELS = (1, 4, 16)
+DICOM_LEVELS = (1, 4)  # concurrent associations of dicom_efficiency (consoles send one image at a time)
 
 
 GOALS = {"guard_overhead_max": 1.10, "speedup_vs_pytorch_gradcam_min": 4.0, "grpc_efficiency_min_at_16": 0.85}
@@ -114,7 +119,7 @@ class BenchConfig:
     clients: tuple[int, ...] = CLIENT_LEVELS
     repeats: int | None = None  # timed rounds per case (default: 5 quick, 30 full)
     grpc_rounds: int | None = None  # interleaved gRPC / in-process rounds per level (1 quick, 3 full)
-    skip: tuple[str, ...] = ()  # sections to skip: "pytorch", "grpc"
+    skip: tuple[str, ...] = ()  # sections to skip: "pytorch", "grpc", "dicom"
     arithmetic: str | None = None  # where the checks' arithmetic runs: auto (default), graph, host
     progress: Callable[[str], None] | None = None  # progress lines (the CLI prints them to stderr)
 
@@ -214,6 +219,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         grpc = measure_grpc(guard, bundle_dir, images, cfg.clients, cfg.n_grpc_rounds, cfg.quick, progress)
         result["grpc_efficiency"] = grpc.pop("rows")
         result["grpc"] = grpc
+    if "dicom" in cfg.skip:
+        result["dicom_efficiency"] = []
+        result["dicom"] = {"status": "skipped"}
+    else:
+        from gamguard.runtime.dicomnode.bench import measure_dicom
+
+        dicom = measure_dicom(guard, bundle_dir, images, DICOM_LEVELS, cfg.quick, progress)
+        result["dicom_efficiency"] = dicom.pop("rows")
+        result["dicom"] = dicom
     facts["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
@@ -354,6 +368,21 @@ def format_tables(result: dict) -> str:
                 f"{r.get('same_batches_cpu_ms_per_request', float('nan')):.2f}/"
                 f"{r['client_cpu_ms_per_request']:.2f}"
             )
+    else:
+        lines.append("  skipped")
+    lines += ["", "DICOM node efficiency (goal ≥ 0.70): C-STORE images/s / gRPC Verify images/s, same DICOM images"]
+    if result.get("dicom_efficiency"):
+        lines.append(f"{'assocs':>7} {'ratio':>7} {'C-STORE img/s':>14} {'gRPC img/s':>11} {'p50 ms C/g':>12}")
+        for r in result["dicom_efficiency"]:
+            lines.append(
+                f"{r['associations']:>7} {r['ratio']:>7.3f} {r['cstore_ips']:>14.1f} {r['grpc_ips']:>11.1f} "
+                f"{r['cstore_p50_ms']:>6.1f}/{r['grpc_p50_ms']:<5.1f}"
+            )
+        d = result["dicom"]
+        lines.append(
+            f"  durable journal write (file + folder fsync) {d['durable_write_ms']:.1f} ms per image on this disk; "
+            f"SR + overlay built after the association: {d['results_ms_per_image']} ms per image"
+        )
     else:
         lines.append("  skipped")
     lines.append(f"\n({result['seconds']} s)")

@@ -20,6 +20,8 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
   grpc_efficiency             gRPC server throughput (1, 4, 16 concurrent clients in another process)
                               / in-process guarded calls on the very batches the server formed;
                               also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
+  dicom_efficiency            C-STORE images/s to the DICOM node over gRPC Verify images/s (1, 4 associations;
+                              goal >= 0.7)
 
 Progress goes to stderr; --json prints one JSON object on stdout. Benchmarks are not tests: the
 numbers depend on the machine and its load (recorded in "machine").
@@ -63,7 +65,7 @@ def add_arguments(parser):
     parser.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     parser.add_argument("--clients", default="1,4,16", help="concurrent gRPC clients (default 1,4,16)")
     parser.add_argument(
-        "--skip", action="append", choices=("pytorch", "grpc"), default=[], help="skip a section (repeatable)"
+        "--skip", action="append", choices=("pytorch", "grpc", "dicom"), default=[], help="skip a section (repeatable)"
     )
     parser.add_argument(
         "--large",

@@ -13,11 +13,16 @@ The whole runtime in one command:
   3. send them through a real gRPC client (gamguard.v1.Guard: a VerifyStream for the study, unary
      Verify for the rest) and print the verdict table;
   4. write heatmap overlays (input + Grad-CAM, beside the class's reference map) to --out;
-  5. drain and shut the server down.
+  5. drain and shut the server down;
+  6. with --dicom, also the DICOM path: a `gamguard dicom-node` in-process forwarding to a small
+     receiving archive (a pynetdicom Storage SCP on loopback), a console sending DX phantoms,
+     off-distribution images, a colour photo (secondary capture), a CT file and a malformed DX by
+     C-STORE, and the table of what the console was told and what the SRs at the archive say.
 
 Examples:
   gamguard demo
   gamguard demo --out /tmp/demo --json
+  gamguard demo --dicom
 """
 
 
@@ -31,6 +36,11 @@ def add_arguments(parser):
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the generated inputs (default 7)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    parser.add_argument(
+        "--dicom",
+        action="store_true",
+        help="also send DICOMs to a DICOM node by C-STORE and show the SR verdicts arriving at an archive",
+    )
 
 
 def _class_names():
@@ -252,11 +262,17 @@ def run(args):
             "rejected": sum(1 for r in rows if r.get("request_id") and not r.get("accepted")),
             "refused": sum(1 for r in rows if not r.get("request_id")),
         }
+    dicom = None
+    if args.dicom:
+        from gamguard.runtime.dicomnode.demo import run_dicom_demo
+
+        dicom = run_dicom_demo(bundle_dir, out_dir, args.seed, say)
     elapsed = time.perf_counter() - t_start
     if args.json:
         print(
             json.dumps(
                 {
+                    **({"dicom": dicom} if dicom is not None else {}),
                     "model": result["model"],
                     "results": [dict(r, group=g) for r, g in zip(records, groups)],
                     "open_inference": result["open_inference"],
@@ -284,4 +300,10 @@ def run(args):
         f"malformed inputs refused (INVALID_ARGUMENT): {bad['refused']}/{bad['n']}"
     )
     print(f"heatmap overlays: {overlay_dir}/   audit log: {out_dir / 'audit.jsonl'}   ({elapsed:.1f} s)")
+    if dicom is not None:
+        from gamguard.runtime.dicomnode.demo import format_rows
+
+        print("\nDICOM: console --C-STORE--> gamguard dicom-node --SR + overlay--> archive")
+        print(format_rows(dicom["rows"]))
+        print(f"archive: {dicom['archive']}/   overlays (PNG): {dicom['overlays']}/   ({dicom['seconds']} s)")
     return 0

@@ -58,3 +58,21 @@ def remove_stale_temporaries(folder: Path) -> int:
         except OSError:
             pass
     return n
+
+
+def list_files(folder: Path, suffix: str) -> list[Path]:
+    """Complete files ending in ``suffix``, oldest first (temporaries of writes in progress left out; a file
+    removed while listing is simply not listed)."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.startswith(TMP_PREFIX) or not entry.name.endswith(suffix):
+            continue
+        try:
+            found.append((entry.stat().st_mtime_ns, entry.name))
+        except FileNotFoundError:
+            continue
+    return [Path(folder) / name for _, name in sorted(found)]

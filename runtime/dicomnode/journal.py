@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .durable import fsync_dir, remove_stale_temporaries, safe_name, write_durably
+from .durable import fsync_dir, list_files, remove_stale_temporaries, safe_name, write_durably
 
 SUFFIX = ".job"
 THUMBNAIL_SIDE = 256  # the overlay panel side (gamguard.runtime.overlays.PANEL)
@@ -113,11 +113,10 @@ class Journal:
 
     def pending(self) -> list[Path]:
         """Job files, oldest first."""
-        paths = [p for p in self.folder.glob(f"*{SUFFIX}")]
-        return sorted(paths, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return list_files(self.folder, SUFFIX)
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.folder.glob(f"*{SUFFIX}"))
+        return len(list_files(self.folder, SUFFIX))
 
     def done(self, path: Path) -> None:
         try:

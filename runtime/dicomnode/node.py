@@ -107,22 +107,29 @@ class ResultsBuilder:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pending = self.journal.pending()
-            if self.metrics is not None:
-                self.metrics.results_pending.set(len(pending))
-            if not pending:
-                self._idle.set()
-            elif not self.is_busy() or len(pending) >= self.backlog:
-                self._idle.clear()
+            try:
+                self._pass()
+            except Exception:  # noqa: BLE001 - the builder thread must outlive any one failure
+                log.exception("results builder: unexpected error; retrying in 1 s")
+                self._stop.wait(1.0)
+
+    def _pass(self) -> None:
+        """Build what is due, or wait (at most 1 s) for news: a stored image, an association closing."""
+        pending = self.journal.pending()
+        if self.metrics is not None:
+            self.metrics.results_pending.set(len(pending))
+        if not pending:
+            self._idle.set()
+        else:
+            self._idle.clear()
+            if not self.is_busy() or len(pending) >= self.backlog:
                 for path in pending:
                     if self._stop.is_set() or (self.is_busy() and len(pending) < self.backlog):
                         break
                     self.build(path)
-                continue
-            else:
-                self._idle.clear()
-            self._wake.wait(1.0)
-            self._wake.clear()
+                return
+        self._wake.wait(1.0)
+        self._wake.clear()
 
     def build(self, path: Path) -> None:
         import pydicom
@@ -228,6 +235,11 @@ class DicomNode:
         cfg = self.config
         allow = cfg.allow_list()
         tls = _tls_context(cfg)
+        # pynetdicom and highdicom log every PDU / copied module at INFO: a line or ten per image, and
+        # the log costs CPU on the C-STORE path. Our own log says what happened; theirs only on -v debug.
+        if not logging.getLogger("gamguard").isEnabledFor(logging.DEBUG):
+            for name in ("pynetdicom", "highdicom"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self.plane = await self._load_plane()
         self.dicom_metrics = DicomMetrics(self.metrics.registry)
         guard = self.plane.guard

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .durable import fsync_dir, remove_stale_temporaries, safe_name, write_durably
+from .durable import fsync_dir, list_files, remove_stale_temporaries, safe_name, write_durably
 
 SUFFIX = ".dcm"
 KEPT = "kept"
@@ -33,11 +33,10 @@ class Outbox:
 
     def pending(self, destination: str) -> list[Path]:
         """Queued objects of one destination, oldest first."""
-        paths = list((self.folder / destination).glob(f"*{SUFFIX}"))
-        return sorted(paths, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return list_files(self.folder / destination, SUFFIX)
 
     def depth(self, destination: str) -> int:
-        return sum(1 for _ in (self.folder / destination).glob(f"*{SUFFIX}"))
+        return len(list_files(self.folder / destination, SUFFIX))
 
     def delivered(self, path: Path) -> None:
         try:
