@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -565,3 +566,71 @@ def test_deployed_dicom_node_command_is_the_real_cli(where):
     assert node.host == "0.0.0.0" and node.port == 11112 and node.ae_title == "GAMGUARD"
     assert node.allow_ae and node.destinations and node.queue_dir.startswith("/var/lib/gamguard")
     assert serve.metrics_port and serve.bundle
+
+
+# ------------------------------------------------------------------------- TLS, gRPC beside, the demo
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
+def test_dicom_tls_with_client_certificates(guard, demo_bundle, tmp_path):
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    from testlib import make_ca, make_cert
+
+    ca = make_ca(tmp_path, "ca")
+    server_crt, server_key = make_cert(tmp_path, "node", ca, server=True)
+    client_crt, client_key = make_cert(tmp_path, "console", ca, server=False)
+    with _node(
+        tmp_path, demo_bundle, [], tls_cert=str(server_crt), tls_key=str(server_key), tls_client_ca=str(ca[0])
+    ) as node:
+
+        def echo(with_cert: bool) -> bool:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca[0]))
+            if with_cert:
+                ctx.load_cert_chain(str(client_crt), str(client_key))
+            ae = AE(ae_title="TESTSCU")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD", tls_args=(ctx, "localhost"))
+            ok = assoc.is_established and assoc.send_c_echo().Status == 0
+            if assoc.is_established:
+                assoc.release()
+            return ok
+
+        assert echo(with_cert=True)
+        assert not echo(with_cert=False)  # mutual TLS: no client certificate, no association
+        # and plaintext DICOM does not get through a TLS port
+        assert _scu_store(node.port, list(accepted_phantoms(guard, tmp_path, 1))) == [None]
+
+
+def test_grpc_beside_the_dicom_node_shares_the_data_plane(guard, demo_bundle, tmp_path):
+    from gamguard.runtime.server.client import GuardClient
+
+    ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
+    with _node(tmp_path, demo_bundle, [], grpc_port=0, grpc_insecure=True) as node:
+        server = node.node.grpc_server
+        assert server is not None and server.state.plane is node.node.plane
+        with GuardClient(server.target, timeout=60) as client:
+            v = client.verify(path.read_bytes())
+        assert v.accepted and v.prediction.label == label
+        assert _scu_store(node.port, [path]) == [0]
+        metrics = node.node.metrics.exposition().decode()
+        assert 'gamguard_verdicts_total{decision="accepted"} 2.0' in metrics  # one plane, both transports
+
+
+def test_demo_dicom_shows_verdicts_arriving_at_the_archive(demo_bundle, tmp_path):
+    from gamguard.runtime.dicomnode.demo import format_rows, run_dicom_demo
+
+    result = run_dicom_demo(demo_bundle, tmp_path, seed=7, say=lambda *a: None)
+    rows = result["rows"]
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r)
+    ind = by_group["in-distribution"]
+    assert sum(r["sr"] == "accepted" and r["label"] == r["truth"] for r in ind) >= len(ind) - 1
+    assert all(r["sr"] == "rejected" and r["label"] is None and r["reasons"] for r in by_group["off-distribution"])
+    assert all(r["sr"] is None and not r["c_store"].startswith("0x0000") for r in by_group["malformed"])
+    assert by_group["refused at association"][0]["c_store"].startswith("refused")
+    assert all(r["overlay"] and Path(r["overlay"]).is_file() for r in rows if r["sr"])
+    assert "accepted" in format_rows(rows)

@@ -372,11 +372,16 @@ def format_tables(result: dict) -> str:
         lines.append("  skipped")
     lines += ["", "DICOM node efficiency (goal ≥ 0.70): C-STORE images/s / gRPC Verify images/s, same DICOM images"]
     if result.get("dicom_efficiency"):
-        lines.append(f"{'assocs':>7} {'ratio':>7} {'C-STORE img/s':>14} {'gRPC img/s':>11} {'p50 ms C/g':>12}")
+        lines.append("  CPU ratio = gRPC server CPU per image / DICOM node CPU per image (clients excluded)")
+        lines.append(
+            f"{'assocs':>7} {'ratio':>7} {'CPU ratio':>9} {'C-STORE img/s':>14} {'gRPC img/s':>11} "
+            f"{'p50 ms C/g':>12} {'CPU ms/img C/g':>15}"
+        )
         for r in result["dicom_efficiency"]:
             lines.append(
-                f"{r['associations']:>7} {r['ratio']:>7.3f} {r['cstore_ips']:>14.1f} {r['grpc_ips']:>11.1f} "
-                f"{r['cstore_p50_ms']:>6.1f}/{r['grpc_p50_ms']:<5.1f}"
+                f"{r['associations']:>7} {r['ratio']:>7.3f} {r['cpu_ratio']:>9.3f} {r['cstore_ips']:>14.1f} "
+                f"{r['grpc_ips']:>11.1f} {r['cstore_p50_ms']:>6.1f}/{r['grpc_p50_ms']:<5.1f} "
+                f"{r['cstore_cpu_ms']:>7.2f}/{r['grpc_cpu_ms']:<6.2f}"
             )
         d = result["dicom"]
         lines.append(

@@ -126,14 +126,15 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
                 pool.submit(_grpc_round, server.target, payloads, n, 2).result(600)
                 node.node.wait_results_built(600)
                 cstore, grpc_ = [], []
+                file_list = [str(p) for p in paths]
                 for r in range(2):  # alternate the order so drift in machine load hits both
-                    order = ("dicom", "grpc") if r % 2 == 0 else ("grpc", "dicom")
-                    for which in order:
+                    for which in ("dicom", "grpc") if r % 2 == 0 else ("grpc", "dicom"):
+                        # this process hosts both servers, the clients are in the other one: its CPU time
+                        # per image is the server side's own cost
+                        c0 = time.process_time()
                         if which == "dicom":
-                            ips, lat = pool.submit(_cstore_round, node.port, [str(p) for p in paths], n, per).result(
-                                600
-                            )
-                            cstore.append((ips, lat))
+                            ips, lat = pool.submit(_cstore_round, node.port, file_list, n, per).result(600)
+                            cstore.append((ips, lat, (time.process_time() - c0) * 1e3 / (n * per)))
                             t0 = time.perf_counter()
                             node.node.wait_results_built(600)  # results are built after the associations
                             built = node.node.builder.built
@@ -141,8 +142,8 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
                             results_n += built - built_before
                             built_before = built
                         else:
-                            ips, lat, _cpu = pool.submit(_grpc_round, server.target, payloads, n, per).result(600)
-                            grpc_.append((ips, lat))
+                            ips, lat, _ = pool.submit(_grpc_round, server.target, payloads, n, per).result(600)
+                            grpc_.append((ips, lat, (time.process_time() - c0) * 1e3 / (n * per)))
                 c_ips = float(np.median([c[0] for c in cstore]))
                 g_ips = float(np.median([g[0] for g in grpc_]))
                 row = {
@@ -152,7 +153,11 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
                     "grpc_ips": round(g_ips, 1),
                     "cstore_p50_ms": round(float(np.median([v for c in cstore for v in c[1]])), 2),
                     "grpc_p50_ms": round(float(np.median([v for g in grpc_ for v in g[1]])), 2),
+                    # server-side CPU per image (the node vs the gRPC server, clients excluded)
+                    "cstore_cpu_ms": round(float(np.median([c[2] for c in cstore])), 2),
+                    "grpc_cpu_ms": round(float(np.median([g[2] for g in grpc_])), 2),
                 }
+                row["cpu_ratio"] = round(row["grpc_cpu_ms"] / row["cstore_cpu_ms"], 3)
                 rows.append(row)
                 progress(
                     f"dicom: {n} association(s): C-STORE {c_ips:.1f} img/s, gRPC Verify {g_ips:.1f} img/s, "
