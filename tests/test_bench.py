@@ -110,6 +110,19 @@ def test_grpc_efficiency_rows(quick_result):
         )
 
 
+def test_dicom_efficiency_rows(quick_result):
+    rows = quick_result["dicom_efficiency"]
+    assert [row["associations"] for row in rows] == [1, 4]
+    for row in rows:
+        for key in ("ratio", "cstore_ips", "grpc_ips", "cstore_p50_ms", "grpc_p50_ms", "cstore_cpu_ms", "grpc_cpu_ms"):
+            assert _finite_positive(row[key]), (key, row)
+        assert row["ratio"] == pytest.approx(row["cstore_ips"] / row["grpc_ips"], rel=0.02)
+        assert row["cpu_ratio"] == pytest.approx(row["grpc_cpu_ms"] / row["cstore_cpu_ms"], rel=0.02)
+    dicom = quick_result["dicom"]
+    assert dicom["goal_min_ratio"] == 0.7
+    assert _finite_positive(dicom["durable_write_ms"]) and _finite_positive(dicom["results_ms_per_image"])
+
+
 def test_machine_facts_recorded(quick_result):
     m = quick_result["machine"]
     assert m["threads"] == 1 and m["cpu_count"] >= 1 and m["onnxruntime"]

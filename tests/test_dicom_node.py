@@ -234,7 +234,7 @@ def test_config_file_dicom_section_flags_and_errors(tmp_path):
 # ------------------------------------------------------------- the node with pynetdicom (no apt tools)
 
 
-def _node(tmp_path, demo_bundle, forward: list[str], **kw) -> BackgroundNode:
+def _node(tmp_path, demo_bundle, forward: list[str], audit_log: str | None = None, **kw) -> BackgroundNode:
     cfg = DicomNodeConfig(
         host="127.0.0.1",
         port=0,
@@ -246,7 +246,8 @@ def _node(tmp_path, demo_bundle, forward: list[str], **kw) -> BackgroundNode:
         retry_max_s=1.0,
         **kw,
     )
-    return BackgroundNode(cfg.validate(), ServeConfig(bundle=str(demo_bundle), insecure=True, port=0))
+    serve = ServeConfig(bundle=str(demo_bundle), insecure=True, port=0, audit_log=audit_log)
+    return BackgroundNode(cfg.validate(), serve)
 
 
 def _scu_store(port: int, paths: list[Path], *, calling: str = "TESTSCU") -> list[int | None]:
@@ -295,6 +296,45 @@ def test_node_stores_forwards_and_a_resend_does_not_duplicate(guard, demo_bundle
         metrics = node.node.metrics.exposition().decode()
         assert 'gamguard_dicom_requests_total{service="store",status="success"} 4.0' in metrics
         assert "gamguard_dicom_forwarded_total" in metrics and "Test^Patient" not in metrics
+
+
+def test_originals_forwarded_association_limit_and_an_audit_without_phi(guard, demo_bundle, tmp_path):
+    import json
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ((path, _),) = accepted_phantoms(guard, tmp_path, 1).items()
+    audit = tmp_path / "audit.jsonl"
+    with (
+        ReceivingArchive(tmp_path / "archive") as archive,
+        _node(
+            tmp_path,
+            demo_bundle,
+            [archive.address],
+            audit_log=str(audit),
+            forward_originals="accepted",
+            max_associations=1,
+        ) as node,
+    ):
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+        second = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+        assert first.is_established and second.is_rejected  # beyond --max-associations
+        first.release()
+        assert _scu_store(node.port, [path]) == [0]
+        assert archive.wait_for(3, timeout=60)  # SR, overlay and the accepted original
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        forwarded = pydicom.dcmread(archive.folder / f"{uid}.dcm")
+        assert forwarded.PixelData == pydicom.dcmread(path).PixelData  # the original, as received
+    lines = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert any(
+        x.get("decision") == "accepted" and x["sop_instance_uid"] == uid and x["protocol"] == "dicom" for x in lines
+    )
+    assert any(x.get("event") == "association_accepted" and x["calling_ae"] == "TESTSCU" for x in lines)
+    text = audit.read_text()
+    assert "Test^Patient" not in text and "GG-TEST-1" not in text
 
 
 def test_node_refuses_other_sop_classes_unknown_callers_and_bad_pixel_data(guard, demo_bundle, tmp_path):
