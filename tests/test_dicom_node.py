@@ -173,11 +173,16 @@ def test_journal_and_outbox_survive_reopening(guard, tmp_path):
     uid = pydicom.dcmread(path).SOPInstanceUID
     Journal(tmp_path / "q" / "journal").put(Job(uid, data, verdict, thumbnail(decoded.pixels), "CONSOLE"))
     (tmp_path / "q" / "journal" / ".tmp-leftover-of-a-crash").write_bytes(b"partial")
+    Journal(tmp_path / "q" / "journal").put_source("1.2.99", data)  # a crash before its verdict was written
     journal = Journal(tmp_path / "q" / "journal")  # a restarted node
-    assert not list(journal.folder.glob(".tmp-*")) and len(journal) == 1
-    job = journal.load(journal.pending()[0])
+    assert not list(journal.folder.glob(".tmp-*")) and len(journal) == 2
+    jobs = {Path(p).name: journal.load(p) for p in journal.pending()}
+    job = jobs[f"{uid}.dcm"]
     assert job.source == data and job.calling_ae == "CONSOLE" and job.verdict.label == verdict.label
     assert job.verdict.scores == pytest.approx(verdict.scores) and job.verdict.cam.shape == verdict.cam.shape
+    assert jobs["1.2.99.dcm"].verdict is None and jobs["1.2.99.dcm"].source == data  # verdict derived again
+    journal.done(journal.pending()[0])
+    assert len(journal) == 1 and len(list(journal.folder.iterdir())) == 1
 
     outbox = Outbox(tmp_path / "q" / "outbox", ["PACS@h_104", "VNA@h_11112"])
     outbox.put("1.2.3", b"x")
@@ -188,6 +193,19 @@ def test_journal_and_outbox_survive_reopening(guard, tmp_path):
     assert again.depth("PACS@h_104") == 0 and again.pending("VNA@h_11112")[0].read_bytes() == b"y"
     with pytest.raises(ValueError):
         outbox.put("../../etc/passwd", b"x")
+
+
+def test_a_journaled_image_without_its_verdict_gets_results_after_a_restart(guard, demo_bundle, tmp_path):
+    from gamguard.runtime.dicomnode.journal import Journal
+
+    ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    Journal(tmp_path / "queue" / "journal").put_source(uid, path.read_bytes())  # acknowledged, then a crash
+    with _node(tmp_path, demo_bundle, []) as node:
+        assert node.node.wait_results_built(60)
+    kept = [pydicom.dcmread(p) for p in (tmp_path / "queue" / "outbox" / "kept").glob("*.dcm")]
+    said = [read_verdict_sr(d) for d in kept if d.Modality == "SR"]
+    assert len(kept) == 2 and said[0]["source_sop_instance_uid"] == uid and said[0]["label"] == label
 
 
 def test_backoff_doubles_up_to_the_cap_and_warnings_count_as_stored():

@@ -3,7 +3,7 @@
 The request path (docs/dicom-node.md has the settings, the SR template and the operations)::
 
     console --C-STORE--> scp (allow-list, SOP class check) --> DataPlane.verify (shared micro-batches)
-            <-- 0x0000 once journaled --  journal (durable: image + verdict + overlay inputs)
+            <-- 0x0000 once journaled --  journal (the image durable, written while verifying; its verdict)
                                              |  results builder (between associations)
                                              v
                       results: SR (TID 1500) + Secondary Capture overlay, deterministic UIDs

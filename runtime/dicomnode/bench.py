@@ -9,7 +9,7 @@ The same DICOM files (phantoms, DX, 12 bits) go to
 
 both with the same guard and data-plane settings, the clients in one spawned process (as real
 consoles and clients are other processes). ``ratio`` = C-STORE images/s over gRPC images/s, one run.
-A C-STORE is answered once the image and its verdict are journaled, so ``cstore_ips`` is the rate at
+A C-STORE is answered once the image is durable in the journal and its verdict written, so ``cstore_ips`` is the rate at
 which a console gets its images acknowledged; the SR and overlay are built after the association
 (``results_ms_per_image``, reported beside: it bounds the sustained rate of results, not the console).
 """
@@ -172,6 +172,6 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
         "durable_write_ms": round(fsync_ms, 2),
         "goal_min_ratio": GOAL_MIN_RATIO,
         "results_ms_per_image": round(1e3 * results_s / results_n, 1) if results_n else None,
-        "note": "C-STORE is acknowledged once the image and its verdict are journaled; the SR and overlay are "
+        "note": "C-STORE is acknowledged once the image is durable in the journal and its verdict written; the SR and overlay are "
         "built after the association (results_ms_per_image, wall time while idle)",
     }

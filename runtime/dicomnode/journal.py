@@ -1,16 +1,22 @@
-"""The journal: received images whose results are not built yet, one durable file per image.
+"""The journal: received images whose results are not built yet.
 
-The C-STORE handler acknowledges an image only after :meth:`Journal.put` returned, i.e. after the
-received dataset (byte for byte as sent), its verdict and the small maps the overlay needs are on
-stable storage. Building the SR and Secondary Capture (:mod:`.results`, ~0.1 s of CPU per image with
-highdicom) happens afterwards, from the journal, so it never holds up the console; after a crash or a
-restart the node simply builds what the journal still holds. A job file is named after the source SOP
-Instance UID: a resend of the same image replaces its job, and the results' UIDs are deterministic, so
-nothing is duplicated either way.
+Per image, named after its SOP Instance UID:
 
-A job file is an uncompressed ``.npz``: ``source`` (the received Part 10 bytes), ``verdict`` (JSON),
-``thumbnail`` (uint8, the decoded image at overlay size) and the Grad-CAM maps. It holds PHI (the
-received dataset): the journal folder needs the same protection as the archive.
+* ``<uid>.dcm`` — the received dataset, byte for byte as sent, written durably (temporary name, fsync,
+  rename, folder fsync). The C-STORE handler writes it *while* the data plane verifies the image and
+  acknowledges only after both finished: the image is on stable storage before the console hears
+  "success". It first lands as ``<uid>.incoming`` and becomes ``<uid>.dcm`` once its verdict is
+  written, so the builder never takes an image whose verdict is still on its way;
+* ``<uid>.verdict`` — the verdict and the small maps the overlay needs (an uncompressed ``.npz``:
+  ``verdict`` JSON, ``thumbnail``, Grad-CAM maps, calling AE title). Written atomically but not
+  fsync'd: after a crash it may be missing, and the verdict is then derived again from the image (same
+  bundle, same verdict), which costs one inference instead of an fsync on every C-STORE.
+
+Building the SR and Secondary Capture (:mod:`.results`, ~0.1–0.2 s of CPU per image with highdicom)
+happens afterwards, from the journal, so it never holds up the console; after a crash or a restart
+the node builds what the journal still holds (``.incoming`` files found at start are taken as
+received: at worst a console resends an image it got no answer for, and the deterministic result UIDs
+make that harmless). The journal holds PHI (received datasets): protect it like the archive.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .durable import fsync_dir, list_files, remove_stale_temporaries, safe_name, write_durably
+from .durable import TMP_PREFIX, fsync_dir, list_files, remove_stale_temporaries, safe_name, write_durably
 
-SUFFIX = ".job"
+SUFFIX = ".dcm"  # a received image ready for its results
+INCOMING = ".incoming"  # a received image whose verdict is not written yet
+VERDICT = ".verdict"
 THUMBNAIL_SIDE = 256  # the overlay panel side (gamguard.runtime.overlays.PANEL)
 
 
@@ -33,8 +41,8 @@ THUMBNAIL_SIDE = 256  # the overlay panel side (gamguard.runtime.overlays.PANEL)
 class Job:
     sop_instance_uid: str
     source: bytes  # the received dataset, DICOM Part 10
-    verdict: object  # gamguard.runtime.guard.Verdict, with cam / reference_cam
-    thumbnail: np.ndarray  # uint8, THUMBNAIL_SIDE² grey, MONOCHROME2
+    verdict: object  # gamguard.runtime.guard.Verdict with cam / reference_cam; None: derive it again
+    thumbnail: np.ndarray | None  # uint8, THUMBNAIL_SIDE² grey, MONOCHROME2; None with verdict None
     calling_ae: str = ""
 
 
@@ -78,17 +86,30 @@ class Journal:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.folder)
+        for p in list_files(self.folder, INCOMING):  # received before a crash: kept (see the module doc)
+            os.replace(p, p.with_suffix(SUFFIX))
 
-    def path_of(self, sop_instance_uid: str) -> Path:
-        return self.folder / f"{safe_name(sop_instance_uid)}{SUFFIX}"
+    def _path(self, sop_instance_uid: str, suffix: str) -> Path:
+        return self.folder / f"{safe_name(sop_instance_uid)}{suffix}"
 
-    def put(self, job: Job) -> Path:
-        v = job.verdict
+    def put_source(self, sop_instance_uid: str, data: bytes) -> Path:
+        """The received dataset, durably, as ``<uid>.incoming`` (see :meth:`put_verdict`)."""
+        return write_durably(self._path(sop_instance_uid, INCOMING), data)
+
+    def discard_source(self, sop_instance_uid: str) -> None:
+        """Drop an incoming image the node refused (its C-STORE is answered with a failure)."""
+        try:
+            os.unlink(self._path(sop_instance_uid, INCOMING))
+        except FileNotFoundError:
+            pass
+
+    def put_verdict(self, sop_instance_uid: str, verdict, thumbnail_u8: np.ndarray, calling_ae: str = "") -> None:
+        """The verdict beside its image (atomic, not fsync'd), then the image becomes ready for building."""
+        v = verdict
         arrays = {
-            "source": np.frombuffer(job.source, np.uint8),
             "verdict": np.frombuffer(json.dumps(_verdict_fields(v)).encode(), np.uint8),
-            "calling_ae": np.frombuffer(job.calling_ae.encode(), np.uint8),
-            "thumbnail": job.thumbnail,
+            "calling_ae": np.frombuffer(calling_ae.encode(), np.uint8),
+            "thumbnail": np.asarray(thumbnail_u8, np.uint8),
         }
         if v.cam is not None:
             arrays["cam"] = np.asarray(v.cam, np.float16)
@@ -96,31 +117,46 @@ class Journal:
             arrays["reference_cam"] = np.asarray(v.reference_cam, np.float16)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        return write_durably(self.path_of(job.sop_instance_uid), buf.getvalue())
+        path = self._path(sop_instance_uid, VERDICT)
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+        os.replace(self._path(sop_instance_uid, INCOMING), self._path(sop_instance_uid, SUFFIX))
+
+    def put(self, job: Job) -> None:
+        """Both at once (tests, tools): the image durably, then its verdict."""
+        self.put_source(job.sop_instance_uid, job.source)
+        self.put_verdict(job.sop_instance_uid, job.verdict, job.thumbnail, job.calling_ae)
 
     def load(self, path: Path) -> Job:
-        with np.load(path, allow_pickle=False) as z:
-            cam = z["cam"].astype(np.float32) if "cam" in z else None
-            ref = z["reference_cam"].astype(np.float32) if "reference_cam" in z else None
-            verdict = _verdict_from(json.loads(z["verdict"].tobytes()), cam, ref)
-            return Job(
-                sop_instance_uid=Path(path).name[: -len(SUFFIX)],
-                source=z["source"].tobytes(),
-                verdict=verdict,
-                thumbnail=z["thumbnail"],
-                calling_ae=z["calling_ae"].tobytes().decode(),
-            )
+        """The job of a ready image; ``verdict`` None when its verdict file is missing or unreadable."""
+        path = Path(path)
+        uid = path.name[: -len(SUFFIX)]
+        verdict, thumb, calling_ae = None, None, ""
+        try:
+            with np.load(path.with_suffix(VERDICT), allow_pickle=False) as z:
+                cam = z["cam"].astype(np.float32) if "cam" in z else None
+                ref = z["reference_cam"].astype(np.float32) if "reference_cam" in z else None
+                verdict = _verdict_from(json.loads(z["verdict"].tobytes()), cam, ref)
+                thumb, calling_ae = z["thumbnail"], z["calling_ae"].tobytes().decode()
+        except (OSError, ValueError, KeyError):  # missing after a crash, or torn: derive it again
+            verdict, thumb = None, None
+        return Job(
+            sop_instance_uid=uid, source=path.read_bytes(), verdict=verdict, thumbnail=thumb, calling_ae=calling_ae
+        )
 
     def pending(self) -> list[Path]:
-        """Job files, oldest first."""
+        """Images ready for their results, oldest first."""
         return list_files(self.folder, SUFFIX)
 
     def __len__(self) -> int:
         return len(list_files(self.folder, SUFFIX))
 
     def done(self, path: Path) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
+        path = Path(path)
+        for p in (path.with_suffix(VERDICT), path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
         fsync_dir(self.folder)

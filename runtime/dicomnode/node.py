@@ -20,6 +20,7 @@ import io
 import logging
 import ssl
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,7 @@ class ResultsBuilder:
         outbox: Outbox,
         model: ModelIdentity,
         *,
+        reverify,
         forward_originals: str,
         is_busy,
         backlog: int,
@@ -75,6 +77,7 @@ class ResultsBuilder:
     ):
         self.journal = journal
         self.outbox = outbox
+        self.reverify = reverify  # source bytes -> (verdict, thumbnail), through the data plane
         self.model = model
         self.forward_originals = forward_originals
         self.is_busy = is_busy
@@ -136,13 +139,17 @@ class ResultsBuilder:
 
         try:
             job = self.journal.load(path)
+            if job.verdict is None:  # its verdict file was lost in a crash: the same bundle gives it again
+                job.verdict, job.thumbnail = self.reverify(job.source)
             source = pydicom.dcmread(io.BytesIO(job.source), stop_before_pixels=True)
             sr = verdict_sr(source, job.verdict, self.model)
             sc = overlay_sc(source, job.thumbnail.astype(np.float32) / 255.0, job.verdict, self.model)
             objects = [("sr", sr.SOPInstanceUID, encode(sr)), ("sc", sc.SOPInstanceUID, encode(sc))]
         except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
             self.failed_dir.mkdir(exist_ok=True)
-            path.replace(self.failed_dir / path.name)
+            for p in (path.with_suffix(".verdict"), path):
+                if p.exists():
+                    p.replace(self.failed_dir / p.name)
             log.error(
                 "cannot build the results of %s (%s: %s); job moved to %s",
                 path.stem,
@@ -267,7 +274,7 @@ class DicomNode:
         for f in self.forwarders:
             f.start()
         sop_classes = storage_sop_classes(guard.manifest)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.scp = StorageSCP(
             ae_title=cfg.ae_title,
             allow_list=allow,
@@ -283,6 +290,7 @@ class DicomNode:
             journal,
             outbox,
             model,
+            reverify=self._reverify,
             forward_originals=cfg.forward_originals,
             is_busy=lambda: self.scp.active_associations > 0,
             backlog=cfg.build_backlog,
@@ -319,6 +327,14 @@ class DicomNode:
         )
         return self.port
 
+    def _reverify(self, data: bytes):
+        from .journal import thumbnail
+
+        result = asyncio.run_coroutine_threadsafe(
+            self.plane.verify(data=data, protocol="dicom", request_id=f"journal-{uuid.uuid4().hex}"), self._loop
+        ).result(300)
+        return result.verdict, thumbnail(result.decoded.pixels)
+
     def _on_stored(self) -> None:
         if self.builder is not None:
             self.builder.wake()
@@ -340,6 +356,7 @@ class DicomNode:
                 await asyncio.sleep(0.05)
             self._server.shutdown()  # aborts what is still open after the grace period
             self._server = None
+            self.scp.close()
         if self.builder is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.builder.stop, grace_s)
         for f in self.forwarders:

@@ -13,7 +13,8 @@ C-STORE, in the association's own thread:
 3. the data plane decodes and verifies it (micro-batched with every other association and with gRPC
    requests) — undecodable pixel data is ``0xC000`` with the reason in Error Comment, a full queue or a
    node not ready ``0xA700`` (out of resources: retry later);
-4. the received dataset, its verdict and the overlay's inputs are written durably to the journal;
+4. meanwhile the received dataset is written durably to the journal; then its verdict and the
+   overlay's inputs beside it (:mod:`.journal`);
 5. only then ``0x0000`` Success. The SR and Secondary Capture are built from the journal afterwards.
 
 No handler raises into pynetdicom: anything unexpected is ``0x0110`` (processing failure) and the
@@ -24,12 +25,13 @@ never patient attributes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import logging
 import threading
 import uuid
 
-from .journal import Job, thumbnail
+from .journal import thumbnail
 from .results import ResultError, check_source
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,11 @@ class StorageSCP:
         self._active: set[int] = set()
         self._lock = threading.Lock()
         self.draining = False  # set on shutdown: new associations are turned away
+        # durable writes of received images, overlapping their verification (one per association at most)
+        self._writer = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="gamguard-journal")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
 
     @property
     def active_associations(self) -> int:
@@ -217,32 +224,44 @@ class StorageSCP:
         plane = self.plane()
         if plane is None:
             return OUT_OF_RESOURCES, "node not ready (loading the bundle); retry", "not_ready"
+        # The image goes to disk while the data plane verifies it: the fsync (milliseconds on most disks)
+        # overlaps the inference instead of adding to the console's wait.
+        written = self._writer.submit(self.journal.put_source, sop_uid, data)
         try:
             result = asyncio.run_coroutine_threadsafe(
                 plane.verify(data=data, request_id=request_id, protocol="dicom", timeout_s=self.verify_timeout_s),
                 self.loop,
             ).result(self.verify_timeout_s + 10)
         except InvalidRequest as exc:  # already counted and audited by the data plane
+            self._discard(written, sop_uid)
             return CANNOT_UNDERSTAND, str(exc), "invalid"
         except (Overloaded, DeadlineExpired) as exc:
+            self._discard(written, sop_uid)
             return OUT_OF_RESOURCES, f"busy: {exc}", "overloaded"
         except NotReady:
+            self._discard(written, sop_uid)
             return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
-        job = Job(
-            sop_instance_uid=sop_uid,
-            source=data,
-            verdict=result.verdict,
-            thumbnail=thumbnail(result.decoded.pixels),
-            calling_ae=self._peer(event)[0],
-        )
+        except BaseException:
+            self._discard(written, sop_uid)
+            raise
         try:
-            self.journal.put(job)
+            written.result()
+            self.journal.put_verdict(sop_uid, result.verdict, thumbnail(result.decoded.pixels), self._peer(event)[0])
         except OSError as exc:
+            self._discard(written, sop_uid)
             log.error("cannot write the journal (%s): answering out of resources", exc.strerror or exc)
             return OUT_OF_RESOURCES, "cannot store the image on disk", "error"
         if self.on_stored is not None:
             self.on_stored()
         return SUCCESS, "", "success"
+
+    def _discard(self, written, sop_uid: str) -> None:
+        """A refused image leaves no trace in the journal (after its write finished, whatever its outcome)."""
+        try:
+            written.result()
+        except Exception:  # noqa: BLE001 - the write failing is fine here: the image is refused anyway
+            pass
+        self.journal.discard_source(sop_uid)
 
     def _invalid(self, request_id: str, status: int, message: str) -> tuple[int, str, str]:
         plane = self.plane()
