@@ -15,7 +15,7 @@ the PACS), in the image's own patient and study, as two new series:
 
 Accepted: Digital X-Ray (for presentation/processing), CR and secondary capture images (mammography only
 if the bundle says so) in any transfer syntax pydicom can decode here; every other SOP class is refused
-at association. An image is acknowledged (status 0x0000) only once it and its verdict are on disk in
+at association. An image is acknowledged (status 0x0000) only once it is safely on disk (fsync) in
 --queue-dir; undecodable images get 0xC000 with the reason, a busy node 0xA700 (retry).
 
 Store-and-forward: results wait in --queue-dir/outbox until each destination has stored them; a

@@ -172,6 +172,6 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
         "durable_write_ms": round(fsync_ms, 2),
         "goal_min_ratio": GOAL_MIN_RATIO,
         "results_ms_per_image": round(1e3 * results_s / results_n, 1) if results_n else None,
-        "note": "C-STORE is acknowledged once the image is durable in the journal and its verdict written; the SR and overlay are "
-        "built after the association (results_ms_per_image, wall time while idle)",
+        "note": "C-STORE is acknowledged once the image is durable in the journal and its verdict written; "
+        "the SR and overlay are built after the association (results_ms_per_image, wall time while idle)",
     }
