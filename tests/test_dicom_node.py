@@ -208,6 +208,19 @@ def test_a_journaled_image_without_its_verdict_gets_results_after_a_restart(guar
     assert len(kept) == 2 and said[0]["source_sop_instance_uid"] == uid and said[0]["label"] == label
 
 
+def test_the_same_instance_from_concurrent_associations_is_stored_once(guard, demo_bundle, tmp_path):
+    import concurrent.futures
+
+    ((path, _),) = accepted_phantoms(guard, tmp_path, 1).items()
+    with _node(tmp_path, demo_bundle, []) as node:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: _scu_store(node.port, [path] * 6), range(3)))
+        assert answers == [[0] * 6] * 3
+        assert node.node.wait_results_built(60)
+    assert len(list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))) == 2  # one SR, one overlay
+    assert not list((tmp_path / "queue" / "journal").iterdir())
+
+
 def test_backoff_doubles_up_to_the_cap_and_warnings_count_as_stored():
     from gamguard.runtime.dicomnode.forwarder import backoff_s, is_stored
 

@@ -5,7 +5,7 @@ Per image, named after its SOP Instance UID:
 * ``<uid>.dcm`` — the received dataset, byte for byte as sent, written durably (temporary name, fsync,
   rename, folder fsync). The C-STORE handler writes it *while* the data plane verifies the image and
   acknowledges only after both finished: the image is on stable storage before the console hears
-  "success". It first lands as ``<uid>.incoming`` and becomes ``<uid>.dcm`` once its verdict is
+  "success". It first lands as ``<uid>.<token>.incoming`` and becomes ``<uid>.dcm`` once its verdict is
   written, so the builder never takes an image whose verdict is still on its way;
 * ``<uid>.verdict`` — the verdict and the small maps the overlay needs (an uncompressed ``.npz``:
   ``verdict`` JSON, ``thumbnail``, Grad-CAM maps, calling AE title). Written atomically but not
@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,23 +88,29 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.folder)
         for p in list_files(self.folder, INCOMING):  # received before a crash: kept (see the module doc)
-            os.replace(p, p.with_suffix(SUFFIX))
+            os.replace(p, self._path(p.name.rsplit(".", 2)[0], SUFFIX))
 
     def _path(self, sop_instance_uid: str, suffix: str) -> Path:
         return self.folder / f"{safe_name(sop_instance_uid)}{suffix}"
 
     def put_source(self, sop_instance_uid: str, data: bytes) -> Path:
-        """The received dataset, durably, as ``<uid>.incoming`` (see :meth:`put_verdict`)."""
-        return write_durably(self._path(sop_instance_uid, INCOMING), data)
+        """The received dataset, durably, as ``<uid>.<token>.incoming``; returns that path for
+        :meth:`put_verdict` / :meth:`discard_source`. The token keeps two associations sending the same
+        instance at the same time from renaming each other's file."""
+        name = f"{safe_name(sop_instance_uid)}.{uuid.uuid4().hex}{INCOMING}"
+        return write_durably(self.folder / name, data)
 
-    def discard_source(self, sop_instance_uid: str) -> None:
+    @staticmethod
+    def discard_source(incoming: Path) -> None:
         """Drop an incoming image the node refused (its C-STORE is answered with a failure)."""
         try:
-            os.unlink(self._path(sop_instance_uid, INCOMING))
+            os.unlink(incoming)
         except FileNotFoundError:
             pass
 
-    def put_verdict(self, sop_instance_uid: str, verdict, thumbnail_u8: np.ndarray, calling_ae: str = "") -> None:
+    def put_verdict(
+        self, sop_instance_uid: str, incoming: Path, verdict, thumbnail_u8: np.ndarray, calling_ae: str = ""
+    ) -> None:
         """The verdict beside its image (atomic, not fsync'd), then the image becomes ready for building."""
         v = verdict
         arrays = {
@@ -121,12 +128,12 @@ class Journal:
         tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
-        os.replace(self._path(sop_instance_uid, INCOMING), self._path(sop_instance_uid, SUFFIX))
+        os.replace(incoming, self._path(sop_instance_uid, SUFFIX))
 
     def put(self, job: Job) -> None:
         """Both at once (tests, tools): the image durably, then its verdict."""
-        self.put_source(job.sop_instance_uid, job.source)
-        self.put_verdict(job.sop_instance_uid, job.verdict, job.thumbnail, job.calling_ae)
+        incoming = self.put_source(job.sop_instance_uid, job.source)
+        self.put_verdict(job.sop_instance_uid, incoming, job.verdict, job.thumbnail, job.calling_ae)
 
     def load(self, path: Path) -> Job:
         """The job of a ready image; ``verdict`` None when its verdict file is missing or unreadable."""

@@ -96,6 +96,7 @@ class ResultsBuilder:
         self._thread.start()
 
     def wake(self) -> None:
+        self._idle.clear()  # news (an image stored, an association closed): idle again only after a pass
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -233,35 +233,36 @@ class StorageSCP:
                 self.loop,
             ).result(self.verify_timeout_s + 10)
         except InvalidRequest as exc:  # already counted and audited by the data plane
-            self._discard(written, sop_uid)
+            self._discard(written)
             return CANNOT_UNDERSTAND, str(exc), "invalid"
         except (Overloaded, DeadlineExpired) as exc:
-            self._discard(written, sop_uid)
+            self._discard(written)
             return OUT_OF_RESOURCES, f"busy: {exc}", "overloaded"
         except NotReady:
-            self._discard(written, sop_uid)
+            self._discard(written)
             return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
         except BaseException:
-            self._discard(written, sop_uid)
+            self._discard(written)
             raise
         try:
-            written.result()
-            self.journal.put_verdict(sop_uid, result.verdict, thumbnail(result.decoded.pixels), self._peer(event)[0])
+            incoming = written.result()
+            self.journal.put_verdict(
+                sop_uid, incoming, result.verdict, thumbnail(result.decoded.pixels), self._peer(event)[0]
+            )
         except OSError as exc:
-            self._discard(written, sop_uid)
+            self._discard(written)
             log.error("cannot write the journal (%s): answering out of resources", exc.strerror or exc)
             return OUT_OF_RESOURCES, "cannot store the image on disk", "error"
         if self.on_stored is not None:
             self.on_stored()
         return SUCCESS, "", "success"
 
-    def _discard(self, written, sop_uid: str) -> None:
+    def _discard(self, written) -> None:
         """A refused image leaves no trace in the journal (after its write finished, whatever its outcome)."""
         try:
-            written.result()
+            self.journal.discard_source(written.result())
         except Exception:  # noqa: BLE001 - the write failing is fine here: the image is refused anyway
             pass
-        self.journal.discard_source(sop_uid)
 
     def _invalid(self, request_id: str, status: int, message: str) -> tuple[int, str, str]:
         plane = self.plane()
