@@ -125,7 +125,7 @@ class Journal:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         path = self._path(sop_instance_uid, VERDICT)
-        tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+        tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")  # unique: same-UID writers race
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
         os.replace(incoming, self._path(sop_instance_uid, SUFFIX))
