@@ -31,6 +31,7 @@ import logging
 import threading
 import uuid
 
+from .durable import safe_name
 from .journal import thumbnail
 from .results import ResultError, check_source
 
@@ -211,6 +212,10 @@ class StorageSCP:
             return self._invalid(request_id, CANNOT_UNDERSTAND, str(exc))
         except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot parse
             return self._invalid(request_id, CANNOT_UNDERSTAND, f"cannot parse the dataset ({type(exc).__name__})")
+        try:
+            safe_name(sop_uid)  # the journal names files after it: digits and dots only
+        except ValueError:
+            return self._invalid(request_id, CANNOT_UNDERSTAND, "the SOP Instance UID is not a valid UID")
         if sop_class != context_class:
             return self._invalid(
                 request_id,
