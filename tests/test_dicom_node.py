@@ -455,7 +455,11 @@ def test_storescu_phantoms_arrive_in_orthanc_as_accepted_srs_with_label_and_over
     for uid, label in uids.items():
         assert verdicts[uid]["accepted"] is True and verdicts[uid]["label"] == label
         assert verdicts[uid]["reasons"] == [] and set(verdicts[uid]["probabilities"]) == set(CLASS_NAMES)
-    overlays = {ds.SourceImageSequence[0].ReferencedSOPInstanceUID: ds for ds in orthanc.datasets("OT")}
+    while True:  # the overlay is queued right after its SR: it may still be on its way
+        overlays = {ds.SourceImageSequence[0].ReferencedSOPInstanceUID: ds for ds in orthanc.datasets("OT")}
+        if set(uids) <= set(overlays) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     for uid in uids:
         assert overlays[uid].BurnedInAnnotation == "YES"
 
