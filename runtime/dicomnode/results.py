@@ -13,7 +13,7 @@ Two objects per received image, each in its own new series of the source study:
 * :func:`overlay_sc` — a Secondary Capture (RGB) of the heatmap overlay: the X-ray with its Grad-CAM
   beside the class's reference map, captions burned in. ``BurnedInAnnotation`` YES, ``ImageType``
   DERIVED\\SECONDARY and comments/descriptions saying it is not for primary diagnosis. For a rejected
-  image the class names are withheld from the picture too.
+  image nothing class-specific is drawn: no class name, no reference map.
 
 UIDs are deterministic (:func:`result_uid`): a function of the bundle hash and the source SOP Instance
 (or Study) UID. A console that resends an image after a crash, or a node that re-sends its queue after
@@ -215,10 +215,11 @@ def verdict_sr(source, verdict, model: ModelIdentity):
 
 
 def _withheld(verdict):
-    """The verdict as the overlay may show it: a rejected image's predicted class is never shown."""
+    """The verdict as the overlay may show it: nothing class-specific for a rejected image — neither
+    the predicted class nor its reference map (which would identify it); the image's own map stays."""
     if verdict.accepted:
         return verdict
-    return dataclasses.replace(verdict, predicted_index=None, reference_index=None)
+    return dataclasses.replace(verdict, predicted_index=None, reference_index=None, reference_cam=None)
 
 
 def overlay_sc(source, image: np.ndarray, verdict, model: ModelIdentity):

@@ -242,9 +242,11 @@ class StorageSCP:
             return CANNOT_UNDERSTAND, str(exc), "invalid"
         except (Overloaded, DeadlineExpired) as exc:
             self._discard(written)
+            plane.record_refused(request_id, "dicom", exc)
             return OUT_OF_RESOURCES, f"busy: {exc}", "overloaded"
-        except NotReady:
+        except NotReady as exc:
             self._discard(written)
+            plane.record_refused(request_id, "dicom", exc)
             return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
         except BaseException:
             self._discard(written)
