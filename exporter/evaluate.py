@@ -19,8 +19,8 @@ Preset ``pneumoniamnist`` (the only one so far) builds everything from ``../shar
 
 AUROC and FPR at 95 % TPR come from scikit-learn, with in-distribution as the positive class and each
 method's "in-distribution-ness" as the score (so FPR95 is the fraction of an OOD set that passes when
-95 % of the test split passes). The guard's score is its combined p-value (``combined_p``: the minimum
-of the enforced checks' p-values, 0 for inputs predicted as garbage); the guard's *decision* uses the
+95 % of the test split passes). The guard's score is its combined p-value (``combined_p``: the weighted
+minimum ``min_i p_i / w_i`` of the enforced checks' p-values, the bundle's weights); the guard's *decision* uses the
 calibrated conformal cut on that statistic, and its rejection rate per set is reported alongside.
 """
 
@@ -229,7 +229,6 @@ def penultimate_features(model: nn.Module, x: np.ndarray, batch: int = 256) -> n
 
 
 def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tuple[nn.Module, dict]:
-    from gamguard.runtime.calibration import calibrate_bundle
 
     from .export import export_bundle
     from .model import build_model
@@ -276,12 +275,22 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
         model_name="pneumoniamnist-guardnet",
         model_version="1",
     )
+    calibrate_preset(bundle_dir, data, cfg, progress)
+    return model, {"seconds": round(train_seconds, 1), "history": history}
+
+
+def calibrate_preset(bundle_dir: Path, data: dict, cfg: "EvalConfig", progress) -> dict:
+    """Calibrate the preset's bundle: references from the training split, p-values and the conformal cut
+    from the validation split (the default combination weights). Returns the manifest."""
+    from gamguard.runtime.calibration import calibrate_bundle
+
+    x_id, y_id = data["train"]
     x_val, y_val = data["val"]
     progress(
         f"calibrating: references from the training split ({len(x_id)} images), p-values and the "
         f"conformal cut from the validation split ({len(x_val)} images), alpha {cfg.alpha}"
     )
-    calibrate_bundle(
+    return calibrate_bundle(
         bundle_dir,
         images=lambda i: x_val[i],
         labels=y_val,
@@ -295,7 +304,6 @@ def train_and_bundle(data: dict, workdir: Path, cfg: EvalConfig, progress) -> tu
         reference=(lambda i: x_id[i], y_id, {"kind": "pneumoniamnist-train", "n": int(len(x_id))}),
         progress=progress,
     )
-    return model, {"seconds": round(train_seconds, 1), "history": history}
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -371,7 +379,7 @@ def ablation(guard, id_scores, ood_scores: dict) -> tuple[dict, dict]:
         table[check] = {}
         for name, scores in ood_scores.items():
             pv = cal.null.pvalues(scores)
-            roc = _roc(combined_p(pv_id, key), combined_p(pv, key))
+            roc = _roc(combined_p(pv_id, key, cal.combination), combined_p(pv, key, cal.combination))
             table[check][name] = {"auroc": roc["auroc"], "rejection_rate": float(rejects(pv).mean())}
     return table, id_rates
 
@@ -443,7 +451,8 @@ def site_protocol(
             row = {}
             for label, cal in (("guard_before", guard.calibration), ("guard_after", site_cal)):
                 pid, pood = cal.null.pvalues(test_scores.take(measured)), cal.null.pvalues(scores)
-                row[label] = _roc(combined_p(pid, key), combined_p(pood, key))["auroc"]
+                w = cal.combination
+                row[label] = _roc(combined_p(pid, key, w), combined_p(pood, key, w))["auroc"]
             if baselines:
                 row["best_baseline"] = max(
                     _roc(b_id[measured], b_ood[name])["auroc"] for b_id, b_ood in baselines.values()

@@ -55,11 +55,13 @@ from .checks import (
     DEFAULT_ALPHA,
     CalibrationData,
     CalibrationError,
+    Combination,
     ConformalCut,
     FeatureReference,
     NullModel,
     ScoreSet,
     all_check_sets,
+    check_levels,
     checks_key,
     combined_statistic,
     decide,
@@ -113,8 +115,12 @@ def run_engine(
             next_report = done / total + 0.1
 
 
-def crossfit_rates(held: ScoreSet, n_classes: int, alpha: float, seed: int) -> dict:
-    """Cross-fitted false-rejection rates on the held-out part, for every check set and policy."""
+def crossfit_rates(
+    held: ScoreSet, n_classes: int, alpha: float, seed: int, combination: Combination | None = None
+) -> dict:
+    """Cross-fitted false-rejection rates on the held-out part, for every check set and policy
+    (``combination``: the weights the guard will combine with; default :meth:`Combination.default`)."""
+    combination = combination or Combination.default()
     rng = np.random.default_rng(seed + 7919)
     n = held.feature.size
     folds = np.array_split(rng.permutation(n), CROSSFIT_FOLDS)
@@ -128,7 +134,7 @@ def crossfit_rates(held: ScoreSet, n_classes: int, alpha: float, seed: int) -> d
         pv_b = null.pvalues(held.take(b))
         pv = null.pvalues(held.take(fold))
         for key in all_check_sets():
-            cut = ConformalCut(combined_statistic(pv_b, key), alpha, null)
+            cut = ConformalCut(combined_statistic(pv_b, key, combination), alpha, null, combination)
             for policy in ("calibrated", "strict"):
                 d = decide(pv, checks=key, policy=policy, alpha=alpha, cut=cut)
                 counts[key][policy] += [d.reject.sum(), d.garbage.sum(), d.attention.sum(), d.feature.sum()]
@@ -149,15 +155,14 @@ def _record_thresholds(manifest: dict, arrays) -> None:
     class_names = manifest["class_names"]
     data = CalibrationData(arrays, manifest)
     default_key = checks_key(manifest["guard"]["enforced_checks"])
+    levels = check_levels(data.combination, default_key, data.cuts[default_key].threshold)
     cal["thresholds"] = {
         "conformal_t": {key: cut.threshold for key, cut in data.cuts.items()},
+        "check_levels_at_default_t": levels,
         "conformal_n": int(data.conformal_scores.feature.size),
         "null_per_class": {class_names[c]: int(c in data.null.per_class) for c in data.real},
         "raw_at_default_t": {
-            class_names[c]: {
-                k: (v if math.isfinite(v) else None)
-                for k, v in data.raw_thresholds(c, data.cuts[default_key].threshold).items()
-            }
+            class_names[c]: {k: (v if math.isfinite(v) else None) for k, v in data.raw_thresholds(c, levels).items()}
             for c in data.real
         },
     }
@@ -202,7 +207,8 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[
             f"{math.ceil(2.0 / alpha)}: recalibrate with more images"
         )
     held = ScoreSet.concat([ScoreSet.from_arrays(arrays, "null_"), ScoreSet.from_arrays(arrays, "conformal_")])
-    rates = crossfit_rates(held, len(manifest["class_names"]), alpha, int(cal.get("seed", 0)))
+    combination = Combination.from_arrays(arrays, cal.get("combination"))  # kept
+    rates = crossfit_rates(held, len(manifest["class_names"]), alpha, int(cal.get("seed", 0)), combination)
     cal["alpha"] = float(alpha)
     cal["realpha_from"] = cal.get("realpha_from") or cal.get("created")
     cal["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -390,6 +396,7 @@ def calibrate_bundle(
     providers=None,
     threads: int | None = None,
     reference: tuple[Callable[[int], np.ndarray], Sequence[int], dict] | None = None,
+    combination: Combination | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Calibrate ``bundle_dir`` in place on in-distribution images.
@@ -402,6 +409,9 @@ def calibrate_bundle(
     plentiful where held-out images are scarce — and then *all* calibration images are held out,
     split 50/50 into the null and conformal parts. The p-values and the false-rejection bound still
     come only from images the references never saw.
+
+    ``combination``: the weights of the combined statistic, recorded in ``calibration.combination``
+    (default :meth:`Combination.default`, the documented :data:`DEFAULT_WEIGHTS`).
 
     Steps: :func:`split_images` → :func:`build_references` → :func:`score_held_out` →
     :func:`crossfit_rates` → thresholds and facts into the manifest → :func:`write_reference_file`.
@@ -434,8 +444,10 @@ def calibrate_bundle(
     held_idx = np.concatenate([split.null_idx, split.conf_idx])
     held = score_held_out(engine, images, labels, held_idx, spec, refs, garbage, grid, progress)
     n_null = len(split.null_idx)
+    combination = combination or Combination.default()
     arrays = {
         "measures": np.array(MEASURES),
+        **combination.to_arrays(),
         "ref_cam": refs.cam,
         "ref_count": refs.counts,
         **refs.feature.to_arrays(),
@@ -444,7 +456,7 @@ def calibrate_bundle(
     }
     if progress:
         progress("cross-fitting the measured false-rejection rate")
-    rates = crossfit_rates(held, len(class_names), alpha, seed)
+    rates = crossfit_rates(held, len(class_names), alpha, seed, combination)
 
     guard_section = dict(manifest.get("guard") or {})
     guard_section.setdefault("policy", "calibrated")
@@ -464,6 +476,7 @@ def calibrate_bundle(
         "heldout_garbage_rate": float(np.mean(held.garbage_pred)),
         "policy": guard_section["policy"],
         "enforced_checks": guard_section["enforced_checks"],
+        "combination": combination.to_facts(),
         "engine": engine.describe(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -580,8 +593,10 @@ def calibrate_site(
     if progress:
         progress(f"site calibration: {n} images, alpha {alpha}, references and model kept")
     scores = score_images(bundle_dir, images, n, providers=providers, threads=threads, progress=progress)
-    arrays, n_null, n_conf = site_arrays(read_reference_arrays(bundle_dir), scores, seed)
-    rates = crossfit_rates(scores, len(manifest["class_names"]), alpha, seed)
+    base_arrays = read_reference_arrays(bundle_dir)
+    arrays, n_null, n_conf = site_arrays(base_arrays, scores, seed)
+    combination = Combination.from_arrays(base_arrays, cal.get("combination"))  # the base calibration's, kept
+    rates = crossfit_rates(scores, len(manifest["class_names"]), alpha, seed, combination)
     base = cal.get("site", {}).get("base") or {
         k: cal.get(k) for k in ("dataset", "split", "n", "alpha", "measured_false_rejection_rate", "created")
     }

@@ -16,14 +16,15 @@ Checks (each can be enforced or not; ``bundle.json`` ``guard.enforced_checks``, 
 
 Policies:
 
-* ``calibrated`` (default): ``combined_p`` = the minimum p-value of the enforced checks (``garbage.p``,
-  ``attention.p``, ``feature.p``; see :mod:`gamguard.runtime.checks.combine`); the input is
+* ``calibrated`` (default): ``combined_p`` = the weighted Bonferroni minimum ``min_i p_i / w_i`` of the
+  enforced checks' p-values (``garbage.p``, ``attention.p``, ``feature.p``; weights from the bundle's
+  ``calibration.combination``, see :mod:`gamguard.runtime.checks.combine`); the input is
   rejected when its split-conformal p-value ``conformal_p`` against the calibration's conformal part is
   ``<= alpha``, which bounds the in-distribution false-rejection rate (garbage-class rejections
-  included) at ``alpha``. Equivalently every check fails whose p-value is below the calibrated level
-  ``t*`` (``thresholds["combined_p"]``); those are the reasons, and for the attention check the
-  measures whose own p-value is below the equivalent per-measure level
-  (``thresholds["attention.<measure>.p"]``) are ``failed_measures``.
+  included) at ``alpha``. Equivalently every check fails whose share crosses the calibrated level
+  ``t*`` (``thresholds["combined_p"]``), i.e. whose p-value is below ``w_i t*`` (``thresholds["<check>.p"]``);
+  those are the reasons, and for the attention check the measures whose own p-value is below the
+  equivalent per-measure level (``thresholds["attention.<measure>.p"]``) are ``failed_measures``.
 * ``strict``: a check fails as soon as its own p-value is ``<= alpha`` (any attention measure counts);
   more rejections than ``alpha`` on in-distribution data, by design.
 
@@ -47,7 +48,7 @@ import numpy as np
 
 from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
-from .checks import CHECKS, CalibrationData, checks_key, combined_statistic, decide, softmax
+from .checks import CHECKS, CalibrationData, check_levels, checks_key, combined_statistic, decide, softmax
 from .checks.graph import GUARD_COLUMNS, guarded_model_bytes, resolve_arithmetic, scores_from_graph
 from .engines import EngineOutput
 from .similarity import MEASURES, all_finite
@@ -173,10 +174,16 @@ class Guard:
         self.alpha = calibration.alpha
         self.cut = calibration.cuts[enforced_checks]
         self.level = self.cut.threshold if policy == "calibrated" else self.alpha
-        self._raw_thresholds = {int(c): calibration.raw_thresholds(int(c), self.level) for c in calibration.real}
+        # each check's own p-value level: its share w_i t* of the cut (calibrated), alpha (strict)
+        self.check_levels = (
+            check_levels(calibration.combination, enforced_checks, self.level)
+            if policy == "calibrated"
+            else {c: self.alpha for c in CHECKS}
+        )
+        self._raw_thresholds = {int(c): calibration.raw_thresholds(int(c), self.check_levels) for c in calibration.real}
         # Everything a verdict carries that does not depend on the input, built once (hot path):
         # the score names in verdict order and, per predicted real class, the full thresholds dict.
-        self._measure_level = calibration.null.measure_level(self.level)
+        self._measure_level = calibration.null.measure_level(self.check_levels["attention"])
         self._score_keys = (
             ["garbage_prob", "garbage_margin", "garbage.p"]
             + [k for m in MEASURES for k in (f"attention.{m}", f"attention.{m}.p")]
@@ -189,8 +196,9 @@ class Guard:
             for m in MEASURES:
                 t[f"attention.{m}"] = raw[f"attention.{m}"]
                 t[f"attention.{m}.p"] = self._measure_level
-            t.update({"garbage_margin": raw["garbage_margin"], "garbage.p": self.level})
-            t.update({"attention.p": self.level, "feature": raw["feature"], "feature.p": self.level})
+            lv = self.check_levels
+            t.update({"garbage_margin": raw["garbage_margin"], "garbage.p": lv["garbage"]})
+            t.update({"attention.p": lv["attention"], "feature": raw["feature"], "feature.p": lv["feature"]})
             if policy == "calibrated":
                 t.update({"combined_p": self.level, "conformal_p": self.alpha})
             self._thresholds[c] = t
@@ -310,6 +318,7 @@ class Guard:
                 "alpha": self.alpha,
                 "measured_false_rejection_rate": cal.get("measured_false_rejection_rate"),
                 "measured_per_check": cal.get("measured_per_check"),
+                "combination": self.calibration.combination.to_facts(),
                 "created": cal.get("created"),
             },
             "alpha": self.alpha,

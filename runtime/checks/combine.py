@@ -1,17 +1,27 @@
 """The combined decision: every enforced check's p-value → one statistic → a split-conformal cut.
 
 Each check gives a one-sided p-value against the null part: ``garbage.p`` (garbage margin),
-``attention.p`` and ``feature.p``. The combined statistic is their minimum over the enforced checks,
-``combined_p = min(p of the enforced checks)``, and ``s = combined_p`` except ``s = 0`` for an input
-predicted as the garbage class when the garbage check is enforced. The minimum was chosen on
-validation data (docs/architecture.md, "Decision"): it ranked off-distribution inputs best of the
-rules tried (Fisher's ``-2 Σ log p``, weighted Fisher, a learned logistic weighting) and keeps a
-one-line explanation — a rejected input names every check whose p-value is below the cut.
+``attention.p`` and ``feature.p``. They are combined by a **weighted Bonferroni minimum**,
+
+    ``combined_p = min over the enforced checks i of p_i / w_i``,
+
+with weights ``w_i > 0`` that sum to 1 over the enforced checks (the bundle's weights, renormalised
+over the enforced subset). ``min(1, combined_p)`` is itself a valid p-value (weighted Bonferroni:
+``P(min p_i/w_i <= t) <= sum w_i t = t``); a check with a larger weight gets a larger share of the
+false-rejection budget. The conformal statistic is ``s = combined_p``, or ``s = 0`` for an input
+predicted as the garbage class when the garbage check is enforced. The weights are a calibration fact
+(``combination_weights`` in ``reference.npz``, so hashed with the bundle, repeated as
+``calibration.combination`` in ``bundle.json``; :class:`Combination`):
+new calibrations record :data:`DEFAULT_WEIGHTS`, chosen on validation data with benign acquisition
+shift (docs/architecture.md, "The guard decision"); a bundle calibrated before the weights existed
+gets :data:`LEGACY_WEIGHTS` (equal weights: the plain minimum it was calibrated with, same ranking
+and same decisions). The rule keeps a one-line explanation: a rejected input names every check whose
+own share crosses the cut, ``p_i / w_i < t*``, i.e. ``p_i < w_i t*``.
 
 An input is rejected when its conformal p-value ``(1 + #{b in B: s_b <= s}) / (|B| + 1)`` is
 ``<= alpha`` (``B``: the conformal part of the calibration set); by exchangeability (split conformal
-inference) the in-distribution false-rejection rate is then at most ``alpha``, garbage-class
-rejections of in-distribution images included. Equivalently: reject when ``s < t*`` with
+inference) the in-distribution false-rejection rate is then at most ``alpha`` whatever the weights,
+garbage-class rejections of in-distribution images included. Equivalently: reject when ``s < t*`` with
 ``t* = s_(k+1)``, ``k = floor(alpha (|B| + 1)) - 1``. ``t*`` is computed for every subset of
 enforced checks, so checks can be switched at serve time without losing the guarantee.
 """
@@ -33,6 +43,20 @@ from .scores import ScoreSet
 
 CHECKS = ("garbage", "attention", "feature")
 
+#: the combination rule's name, as recorded in ``calibration.combination.rule``
+COMBINATION_RULE = "weighted_bonferroni_min"
+
+#: weights new calibrations record: chosen on validation data only (the PneumoniaMNIST validation split,
+#: clean and under benign acquisition changes, against synthetic kinds and severe transforms no test
+#: set uses; docs/architecture.md "The guard decision"). Garbage and feature get most of the budget:
+#: on benign acquisition shift the attention check false-alarms as often as the others but separates
+#: off-distribution inputs less well.
+DEFAULT_WEIGHTS = {"garbage": 0.5, "attention": 0.1, "feature": 0.4}
+
+#: weights of a bundle whose calibration facts record none (calibrated before weights existed): equal
+#: weights, i.e. the plain minimum of the p-values it was calibrated with
+LEGACY_WEIGHTS = {c: 1.0 / len(CHECKS) for c in CHECKS}
+
 
 def checks_key(checks: Iterable[str]) -> str:
     """Canonical name of a set of enforced checks, e.g. ``"garbage+attention+feature"``."""
@@ -43,6 +67,83 @@ def checks_key(checks: Iterable[str]) -> str:
     if not checks:
         raise ValueError("at least one check must be enforced")
     return "+".join(c for c in CHECKS if c in checks)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How the checks' p-values become one statistic: ``min_i p_i / w_i`` over the enforced checks."""
+
+    weights: dict  # check -> weight > 0, over all CHECKS
+    source: str = "default"
+
+    def __post_init__(self):
+        w = self.weights
+        if set(w) != set(CHECKS):
+            raise CalibrationError(f"combination weights must name exactly {list(CHECKS)}, got {sorted(w)}")
+        if not all(math.isfinite(float(v)) and float(v) > 0 for v in w.values()):
+            raise CalibrationError(f"combination weights must be finite and > 0, got {w}")
+
+    def for_checks(self, checks: str) -> dict[str, float]:
+        """The weights renormalised to sum to 1 over the enforced checks ``checks`` (a :func:`checks_key`)."""
+        names = checks.split("+")
+        total = sum(float(self.weights[c]) for c in names)
+        return {c: float(self.weights[c]) / total for c in names}
+
+    def to_facts(self) -> dict:
+        return {"rule": COMBINATION_RULE, "weights": {c: float(self.weights[c]) for c in CHECKS}, "source": self.source}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The weights as ``reference.npz`` arrays (hashed with the bundle; ``bundle.json`` repeats them)."""
+        return {
+            "combination_rule": np.array(COMBINATION_RULE),
+            "combination_weights": np.array([float(self.weights[c]) for c in CHECKS], np.float64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays, facts: dict | None = None) -> "Combination":
+        """From ``reference.npz`` (no ``combination_weights``: calibrated before weights existed →
+        :data:`LEGACY_WEIGHTS`); ``facts`` (``calibration.combination``) must agree with the arrays."""
+        if "combination_weights" not in arrays:
+            out = cls(dict(LEGACY_WEIGHTS), "legacy: equal weights (plain minimum)")
+        else:
+            rule = str(np.asarray(arrays["combination_rule"]))
+            if rule != COMBINATION_RULE:
+                raise CalibrationError(
+                    f"unknown combination rule {rule!r} (this gamguard knows {COMBINATION_RULE!r}); "
+                    "re-calibrate the bundle"
+                )
+            w = np.asarray(arrays["combination_weights"], np.float64).reshape(-1)
+            if w.size != len(CHECKS):
+                raise CalibrationError(f"combination_weights has {w.size} entries, expected {len(CHECKS)}")
+            out = cls(dict(zip(CHECKS, w.tolist())), str((facts or {}).get("source", "")))
+        if facts is not None:
+            stated = cls.from_facts(facts).weights
+            if any(not math.isclose(stated[c], out.weights[c], rel_tol=1e-9) for c in CHECKS):
+                raise CalibrationError(
+                    f"bundle.json calibration.combination {stated} does not match reference.npz {out.weights}; "
+                    "re-calibrate the bundle"
+                )
+        return out
+
+    @classmethod
+    def default(cls) -> "Combination":
+        return cls(dict(DEFAULT_WEIGHTS), "gamguard default (docs/architecture.md, The guard decision)")
+
+    @classmethod
+    def from_facts(cls, facts: dict | None) -> "Combination":
+        """From ``calibration.combination``; ``None`` (a bundle calibrated before weights existed) gives
+        :data:`LEGACY_WEIGHTS`."""
+        if not facts:
+            return cls(dict(LEGACY_WEIGHTS), "legacy: equal weights (plain minimum)")
+        if facts.get("rule") != COMBINATION_RULE:
+            raise CalibrationError(
+                f"unknown combination rule {facts.get('rule')!r} (this gamguard knows {COMBINATION_RULE!r}); "
+                "re-calibrate the bundle"
+            )
+        return cls({c: float(v) for c, v in facts["weights"].items()}, str(facts.get("source", "")))
+
+
+EQUAL = Combination(dict(LEGACY_WEIGHTS), "equal weights")
 
 
 def all_check_sets() -> list[str]:
@@ -104,15 +205,17 @@ class PValues:
         return getattr(self, check)
 
 
-def combined_p(pv: PValues, checks: str) -> np.ndarray:
-    """``min`` of the enforced checks' p-values: the guard's ranking score (``combined_p``)."""
-    return np.minimum.reduce([np.asarray(pv.of(c), np.float64) for c in checks.split("+")])
+def combined_p(pv: PValues, checks: str, combination: Combination = EQUAL) -> np.ndarray:
+    """``min_i p_i / w_i`` over the enforced checks: the guard's ranking score (``combined_p``; above 1
+    means no evidence against the input at all)."""
+    w = combination.for_checks(checks)
+    return np.minimum.reduce([np.asarray(pv.of(c), np.float64) / w[c] for c in w])
 
 
-def combined_statistic(pv: PValues, checks: str) -> np.ndarray:
+def combined_statistic(pv: PValues, checks: str, combination: Combination = EQUAL) -> np.ndarray:
     """The conformal statistic ``s``: :func:`combined_p`, and 0 for inputs predicted as garbage when
     that check is enforced (they are always rejected)."""
-    s = combined_p(pv, checks)
+    s = combined_p(pv, checks, combination)
     if "garbage" in checks.split("+"):
         s = np.where(pv.garbage_pred, 0.0, s)
     return s
@@ -122,12 +225,20 @@ class ConformalCut:
     """Split-conformal rejection rule on the combined statistic (see module docstring).
 
     ``null``: the :class:`NullModel` the statistics were computed with (so :func:`decide` can turn
-    per-measure p-values into the attention p-value the cut was calibrated on)."""
+    per-measure p-values into the attention p-value the cut was calibrated on); ``combination``: the
+    weights the statistics were combined with (so :func:`decide` gives each check its share of ``t*``)."""
 
-    def __init__(self, stats: np.ndarray, alpha: float, null: "NullModel | None" = None):
+    def __init__(
+        self,
+        stats: np.ndarray,
+        alpha: float,
+        null: "NullModel | None" = None,
+        combination: Combination = EQUAL,
+    ):
         self.stats = np.sort(np.asarray(stats, np.float64))
         self.alpha = float(alpha)
         self.null = null
+        self.combination = combination
         n = self.stats.size
         k = int(math.floor(alpha * (n + 1) + 1e-9)) - 1  # number of calibration stats a rejected s may be >=
         self.threshold = float(self.stats[k]) if 0 <= k < n else 0.0  # reject iff s < threshold
@@ -146,10 +257,11 @@ class Decisions:
     attention: np.ndarray  # [N] bool, ATTENTION_MISMATCH fired
     feature: np.ndarray  # [N] bool, FEATURE_MISMATCH fired
     failed_measures: np.ndarray  # [N, M] bool
-    level: float  # the p-value level a check is compared with (t* or alpha)
+    level: float  # the level the combined statistic is compared with (t*), or alpha under strict
     attention_p: np.ndarray  # [N] the attention check's p-value
-    combined_p: np.ndarray  # [N] min of the enforced checks' p-values
-    measure_level: float  # the per-measure p-value level equivalent to ``level``
+    combined_p: np.ndarray  # [N] min_i p_i / w_i over the enforced checks
+    measure_level: float  # the per-measure p-value level equivalent to the attention check's level
+    check_levels: dict  # check -> the level its own p-value is compared with (w_i t*, or alpha under strict)
 
 
 def decide(
@@ -163,28 +275,31 @@ def decide(
 ) -> Decisions:
     """Vectorised decision for a batch (``null`` defaults to ``cut.null``).
 
-    ``calibrated``: a check fails when its p-value is below the conformal level t* (so the combined
-    rule rejects exactly when some enforced check fails; the garbage check also fails on a garbage
-    argmax); ``strict``: a check fails when its own p-value is <= alpha (no sharing of the budget
-    between checks: more false rejections, by design). The failed measures of an attention failure
-    are those whose own p-value is below the per-measure level equivalent to the check's level (at
-    least the smallest one)."""
+    ``calibrated``: a check fails when its share of the combined statistic crosses the conformal level,
+    ``p_i / w_i < t*`` (so the combined rule rejects exactly when some enforced check fails; the garbage
+    check also fails on a garbage argmax); ``strict``: a check fails when its own p-value is <= alpha
+    (no sharing of the budget between checks: more false rejections, by design). The failed measures
+    of an attention failure are those whose own p-value is below the per-measure level equivalent to
+    the check's level (at least the smallest one)."""
     null = null if null is not None else getattr(cut, "null", None)
     if null is None:
         raise ValueError("decide needs the null model (pass null= or a cut built with one)")
     enforced = set(checks.split("+"))
+    combination = cut.combination if cut is not None else EQUAL
     if policy == "calibrated":
         if cut is None:
             raise ValueError("calibrated policy needs a conformal cut")
         level = cut.threshold
-        att, feat = pv.attention < level, pv.feature < level
+        levels = check_levels(combination, checks, level)
+        att, feat = pv.attention < levels["attention"], pv.feature < levels["feature"]
     elif policy == "strict":
         level = alpha
+        levels = {c: level for c in CHECKS}
         att, feat = pv.attention <= level, pv.feature <= level
     else:
         raise ValueError(f"unknown policy {policy!r} (calibrated, strict)")
-    garbage = garbage_fires(pv.garbage_pred, pv.garbage, level, enforced, strict=policy == "strict")
-    mlevel = null.measure_level(level)
+    garbage = garbage_fires(pv.garbage_pred, pv.garbage, levels["garbage"], enforced, strict=policy == "strict")
+    mlevel = null.measure_level(levels["attention"])
     if "attention" not in enforced:
         att = np.zeros_like(att)
     if "feature" not in enforced:
@@ -198,6 +313,14 @@ def decide(
         failed_measures=failed,
         level=float(level),
         attention_p=pv.attention,
-        combined_p=combined_p(pv, checks),
+        combined_p=combined_p(pv, checks, combination),
         measure_level=mlevel,
+        check_levels=levels,
     )
+
+
+def check_levels(combination: Combination, checks: str, level: float) -> dict[str, float]:
+    """Each check's own p-value level under the calibrated policy: ``w_i t*`` for an enforced check (its
+    share of the cut ``level``); a check that is not enforced is reported at ``level`` (it never fires)."""
+    w = combination.for_checks(checks)
+    return {c: w[c] * level if c in w else level for c in CHECKS}

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..bundle import REFERENCE_FILE, BundleError
 from ..similarity import DEFAULT_GRID, HIGHER_IS_SIMILAR, MEASURES, prepare
-from .combine import ConformalCut, NullModel, all_check_sets, combined_statistic
+from .combine import Combination, ConformalCut, NullModel, all_check_sets, combined_statistic
+from .errors import CalibrationError
 from .feature import FeatureReference
 from .scores import ScoreSet, real_class_indices, score_outputs
 
@@ -25,6 +26,10 @@ class CalibrationData:
     def __init__(self, arrays, manifest: dict):
         cal = manifest.get("calibration") or {}
         self.alpha = float(cal.get("alpha", DEFAULT_ALPHA))
+        try:
+            self.combination = Combination.from_arrays(arrays, cal.get("combination"))
+        except CalibrationError as exc:
+            raise BundleError(str(exc)) from exc
         self.grid = int(cal.get("grid", DEFAULT_GRID))
         self.class_names = list(manifest["class_names"])
         self.garbage = int(manifest["garbage_class"])
@@ -42,7 +47,10 @@ class CalibrationData:
         self.conformal_scores = ScoreSet.from_arrays(arrays, "conformal_")
         self.null = NullModel(self.null_scores, len(self.class_names))
         pv = self.null.pvalues(self.conformal_scores)
-        self.cuts = {key: ConformalCut(combined_statistic(pv, key), self.alpha, self.null) for key in all_check_sets()}
+        self.cuts = {
+            key: ConformalCut(combined_statistic(pv, key, self.combination), self.alpha, self.null, self.combination)
+            for key in all_check_sets()
+        }
 
     @classmethod
     def load(cls, bundle_dir: str | Path, manifest: dict) -> "CalibrationData":
@@ -68,15 +76,16 @@ class CalibrationData:
             refs_prepared=True,
         )
 
-    def raw_thresholds(self, cls_index: int, level: float) -> dict[str, float]:
-        """Score values at which each check's p-value equals ``level`` for predictions of ``cls_index``."""
+    def raw_thresholds(self, cls_index: int, levels: dict[str, float]) -> dict[str, float]:
+        """Score values at which each check's p-value equals its level (``levels[check]``, see
+        :func:`~gamguard.runtime.checks.combine.check_levels`) for predictions of ``cls_index``."""
         out = {}
-        mlevel = self.null.measure_level(level)
+        mlevel = self.null.measure_level(levels["attention"])
         for m, table in zip(MEASURES, self.null.tables_for(cls_index)):
             d = table.inverse(mlevel) if mlevel > 0 else math.inf
             out[f"attention.{m}"] = -d if HIGHER_IS_SIMILAR[m] else d
-        out["feature"] = self.null.feature.inverse(level)
-        out["garbage_margin"] = self.null.garbage.inverse(level)
+        out["feature"] = self.null.feature.inverse(levels["feature"])
+        out["garbage_margin"] = self.null.garbage.inverse(levels["garbage"])
         return out
 
 
