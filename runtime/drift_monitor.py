@@ -13,9 +13,9 @@ Two sequential tests follow the stream of verdicts, one verdict at a time, and r
    on exchangeable data is in control. Each check's rejections get the same CUSUM, for diagnosis: a
    check fires only when the verdict is a rejection, so its statistic never exceeds the overall one
    and costs no false alarms of its own.
-2. **Score shift** — the combined statistic ``s`` of each verdict (``combined_p``, the minimum
-   p-value of the enforced checks; 0 for the garbage class: what the conformal cut thresholds) is
-   ranked among the calibration's conformal scores *and every earlier score of the stream*. While
+2. **Score shift** — the combined statistic ``s`` of each verdict (``combined_p``, the weighted
+   minimum ``min_i p_i / w_i`` of the enforced checks' p-values; 0 for the garbage class: what the
+   conformal cut thresholds) is ranked among the calibration's conformal scores *and every earlier score of the stream*. While
    calibration and stream are exchangeable these online conformal p-values are independent and
    (conservatively) uniform (Vovk, Gammerman & Shafer, *Algorithmic Learning in a Random World*,
    2005, ch. 7), so ``log f(u)`` with the power calibrator ``f(u) = kappa u^(kappa - 1)`` is the
