@@ -15,11 +15,12 @@ Two sequential tests follow the stream of verdicts, one verdict at a time, and r
    and costs no false alarms of its own.
 2. **Score shift** — the combined statistic ``s`` of each verdict (``combined_p``, the weighted
    minimum ``min_i p_i / w_i`` of the enforced checks' p-values; 0 for the garbage class: what the
-   conformal cut thresholds) is ranked among the calibration's conformal scores *and every earlier score of the stream*. While
-   calibration and stream are exchangeable these online conformal p-values are independent and
-   (conservatively) uniform (Vovk, Gammerman & Shafer, *Algorithmic Learning in a Random World*,
-   2005, ch. 7), so ``log f(u)`` with the power calibrator ``f(u) = kappa u^(kappa - 1)`` is the
-   log of a test-martingale factor, and its CUSUM is the score-shift statistic. It sees a stream
+   conformal cut thresholds) is ranked among the calibration's conformal scores *and every earlier
+   score of the stream*. While calibration and stream are exchangeable these online conformal
+   p-values are independent and (conservatively) uniform (Vovk, Gammerman & Shafer, *Algorithmic
+   Learning in a Random World*, 2005, ch. 7), so ``log f(u)`` with the power calibrator
+   ``f(u) = kappa u^(kappa - 1)`` is the log of a test-martingale factor, and its CUSUM is the
+   score-shift statistic. It sees a stream
    whose scores are all a little less typical than calibration, not only the rejections.
 
 Why a CUSUM and not a windowed exact binomial test: the CUSUM's false-alarm probability has a
