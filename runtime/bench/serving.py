@@ -112,9 +112,10 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
 
     import cv2
 
+    from gamguard.runtime.server.app import plane_config
     from gamguard.runtime.server.background import BackgroundServer
     from gamguard.runtime.server.config import ServeConfig
-    from gamguard.runtime.server.dataplane import DataPlane, DataPlaneConfig
+    from gamguard.runtime.server.dataplane import DataPlane
 
     payloads = []
     for im in images:
@@ -123,13 +124,7 @@ def measure_grpc(guard, bundle_dir: Path, images, levels, rounds: int, quick: bo
             raise RuntimeError("cannot encode a benchmark PNG")
         payloads.append(buf.tobytes())
     cfg = ServeConfig(bundle=str(bundle_dir), insecure=True, port=0, threads=getattr(guard.engine, "threads", None))
-    plane_cfg = DataPlaneConfig(
-        max_batch_size=cfg.max_batch_size,
-        max_queue_delay_ms=cfg.max_queue_delay_ms,
-        max_queue_size=cfg.max_queue_size,
-        max_pixels=cfg.max_pixels,
-        decode_workers=cfg.decode_workers,
-    )
+    plane_cfg = plane_config(cfg)  # the very settings the server below runs with
     # The in-process data plane lives on its own event loop thread, like the server's.
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True, name="gamguard-bench-inproc")

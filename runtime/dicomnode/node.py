@@ -195,9 +195,10 @@ class DicomNode:
         self.metrics_port: int | None = None
 
     async def _load_plane(self):
-        from gamguard.runtime.server.app import GuardServer, default_guard_factory
+        from gamguard.runtime.drift_monitor import DriftMonitor
+        from gamguard.runtime.server.app import GuardServer, default_guard_factory, plane_config
         from gamguard.runtime.server.audit import AuditLog
-        from gamguard.runtime.server.dataplane import DataPlane, DataPlaneConfig
+        from gamguard.runtime.server.dataplane import DataPlane
         from gamguard.runtime.server.metrics import Metrics
 
         cfg = self.serve_config
@@ -214,16 +215,12 @@ class DicomNode:
         guard = await asyncio.get_running_loop().run_in_executor(None, factory)
         plane = DataPlane(
             guard,
-            DataPlaneConfig(
-                max_batch_size=cfg.max_batch_size,
-                max_queue_delay_ms=cfg.max_queue_delay_ms,
-                max_queue_size=cfg.max_queue_size,
-                max_pixels=cfg.max_pixels,
-                decode_workers=cfg.decode_workers,
-            ),
+            plane_config(cfg),
             metrics=self.metrics,
             audit=self.audit,
+            drift=DriftMonitor.for_guard(guard),
         )
+        self.metrics.watch_drift(plane.drift)
         await plane.start()
         try:
             await plane.self_test()

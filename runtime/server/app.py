@@ -282,6 +282,20 @@ def default_guard_factory(config: ServeConfig) -> Callable[[], object]:
     return load
 
 
+def plane_config(cfg: ServeConfig) -> DataPlaneConfig:
+    """The data plane's settings from the serving configuration (``serve`` and ``dicom-node`` alike)."""
+    return DataPlaneConfig(
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_ms=cfg.max_queue_delay_ms,
+        max_queue_size=cfg.max_queue_size,
+        max_pixels=cfg.max_pixels,
+        decode_workers=cfg.decode_workers,
+        max_decode_bytes=cfg.max_decode_mb << 20,
+        decode_memory_bytes=cfg.decode_memory_mb << 20,
+        reveal_rejected_details=bool(cfg.debug_rejected_details),
+    )
+
+
 class GuardServer:
     """One gamguard server. ``guard_factory`` returns a loaded Guard (default: from ``config.bundle``)."""
 
@@ -381,19 +395,9 @@ class GuardServer:
         loop = asyncio.get_running_loop()
         guard = await loop.run_in_executor(None, self.guard_factory)
         self.state.expected_model_name = str(guard.manifest.get("model", {}).get("name", ""))
-        cfg = self.config
         plane = DataPlane(
             guard,
-            DataPlaneConfig(
-                max_batch_size=cfg.max_batch_size,
-                max_queue_delay_ms=cfg.max_queue_delay_ms,
-                max_queue_size=cfg.max_queue_size,
-                max_pixels=cfg.max_pixels,
-                decode_workers=cfg.decode_workers,
-                max_decode_bytes=cfg.max_decode_mb << 20,
-                decode_memory_bytes=cfg.decode_memory_mb << 20,
-                reveal_rejected_details=bool(cfg.debug_rejected_details),
-            ),
+            plane_config(self.config),
             metrics=self.metrics,
             audit=self.audit,
             drift=await loop.run_in_executor(None, self._drift_monitor_for, guard),
