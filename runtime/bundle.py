@@ -171,9 +171,13 @@ def bundle_hash(manifest: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def verify_manifest_hash(bundle_dir: str | Path, manifest: dict) -> None:
-    """Raise :class:`BundleError` when ``bundle.json`` records a ``bundle_hash`` its content no longer has."""
+def verify_manifest_hash(bundle_dir: str | Path, manifest: dict, *, allow_missing: bool = False) -> None:
+    """Raise :class:`BundleError` when ``bundle.json`` records a ``bundle_hash`` its content no longer has, or
+    records none. ``allow_missing``: for the commands that re-write the manifest (``calibrate``), which is how
+    a bundle from before the field existed gets one; nothing serves such a bundle."""
     recorded = manifest.get(HASH_FIELD)
+    if recorded is None and allow_missing:
+        return
     if recorded is None:
         # Refused rather than served under its computed hash: deleting the field must not be a way round
         # the check. Bundles written before the field existed need re-calibration anyway (the reference
@@ -198,7 +202,7 @@ def load_manifest(bundle_dir: str | Path, *, require_calibration: bool = True) -
     if not d.is_dir():
         raise BundleError(f"{d}: bundle directory does not exist")
     manifest = read_manifest(d)
-    verify_manifest_hash(d, manifest)
+    verify_manifest_hash(d, manifest, allow_missing=not require_calibration)
     verify_hashes(d, manifest)
     if require_calibration:
         if not manifest.get("calibration"):
