@@ -32,6 +32,9 @@ from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 
 from .gradcam import FusedGradCAM
 from .onnx_checks import (  # noqa: F401  (ExportError, check_onnx_graph, onnx_op_types: public here too)
+    CAM_ATOL,
+    EARLY_RTOL,
+    LOGITS_RTOL,
     ExportError,
     as_mean_std,
     check_onnx_graph,
@@ -44,11 +47,6 @@ from .onnx_checks import (  # noqa: F401  (ExportError, check_onnx_graph, onnx_o
 )
 
 log = logging.getLogger(__name__)
-
-#: Parity between ONNX Runtime and the torch wrapper checked at export time.
-LOGITS_RTOL = 1e-4  # max |diff| relative to max |logit|
-CAM_ATOL = 1e-3
-EARLY_RTOL = 1e-4  # max |diff| relative to max |feature|
 
 
 @contextlib.contextmanager

@@ -21,6 +21,12 @@ _DERIVED_FILES = (bundle_mod.PLAN_FILE, bundle_mod.REFERENCE_FILE)
 _OWN_FILES = (bundle_mod.MANIFEST, bundle_mod.MODEL_FILE, bundle_mod.MANIFEST + ".tmp") + _DERIVED_FILES
 
 
+#: Parity between ONNX Runtime and the reference (torch wrapper or original ONNX model) checked at export time.
+LOGITS_RTOL = 1e-4  # max |diff| relative to max |logit|
+CAM_ATOL = 1e-3
+EARLY_RTOL = 1e-4  # max |diff| relative to max |feature|
+
+
 class ExportError(RuntimeError):
     """The export produced a model that is invalid or does not reproduce the torch outputs."""
 

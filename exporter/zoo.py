@@ -196,7 +196,7 @@ class SqueezeExcitation(nn.Module):
 def _conv_bn_act(cin, cout, k, stride=1, groups=1, act=nn.SiLU):
     layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
     if act is not None:
-        layers.append(act(inplace=True) if act in (nn.SiLU, nn.ReLU, nn.Hardswish) else act())
+        layers.append(act())
     return nn.Sequential(*layers)
 
 
