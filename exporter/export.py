@@ -30,7 +30,7 @@ from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 
-from .gradcam import FusedGradCAM
+from .gradcam import FusedGradCAM, unexportable_head_error
 from .onnx_checks import (  # noqa: F401  (ExportError, check_onnx_graph, onnx_op_types: public here too)
     CAM_ATOL,
     EARLY_RTOL,
@@ -244,10 +244,20 @@ def export_bundle(
             tmp_model = Path(tmp) / bundle_mod.MODEL_FILE
             log.info("exporting ONNX opset %d ...", opset)
             t0 = time.perf_counter()
-            with torch.no_grad():
-                exporter = export_onnx(
-                    wrapper, tmp_model, example, output_names=OUTPUT_NAMES, opset=opset, dynamic_spatial=dynamic_spatial
-                )
+            try:
+                with torch.no_grad():
+                    exporter = export_onnx(
+                        wrapper,
+                        tmp_model,
+                        example,
+                        output_names=OUTPUT_NAMES,
+                        opset=opset,
+                        dynamic_spatial=dynamic_spatial,
+                    )
+            except Exception as exc:  # the exporters raise many types
+                if wrapper.head_kind != "traced":
+                    raise
+                raise unexportable_head_error(model, wrapper, target_layer, early_layer, example, exc) from exc
             export_seconds = time.perf_counter() - t0
             op_types = check_onnx_graph(tmp_model)
             session = ort_session(tmp_model)

@@ -647,7 +647,8 @@ class FusedGradCAM(nn.Module):
             except Exception as exc:  # make_fx raises many types
                 raise UnsupportedHeadError(
                     f"cannot export Grad-CAM: torch cannot trace the backward of the head after "
-                    f"{target_layer!r} ({' → '.join(self.plan.origins)}): {type(exc).__name__}: {exc}"
+                    f"{target_layer!r} ({' → '.join(self.plan.origins)}): {type(exc).__name__}: {exc}. "
+                    + suggest_target_layers(model, target_layer, early_layer, example)
                 ) from exc
 
     def channel_weights(self, acts: torch.Tensor, logits: torch.Tensor, saved) -> torch.Tensor:
@@ -701,3 +702,38 @@ class FusedGradCAM(nn.Module):
             else:
                 early = adaptive_avg_pool2d_exportable(early, self.early_pool)
         return logits, cam, early
+
+
+def suggest_target_layers(model: nn.Module, target_layer: str, early_layer: str, example, limit: int = 2) -> str:
+    """A sentence naming target layers (after ``early_layer``) whose head has an exact hand-written
+    backward — the layers an export will certainly accept. Tries the modules from the last one back."""
+    found, tried = [], 0
+    for name, _ in reversed(list(model.named_modules())):
+        if not name or name == target_layer or tried >= 20 or len(found) >= limit:
+            continue
+        if name == early_layer or early_layer.startswith(name + "."):
+            break  # no target before the early layer
+        tried += 1
+        try:
+            plan = plan_head(model, name, early_layer, example)
+        except (ValueError, UnsupportedHeadError):
+            continue
+        if plan.kind != "traced":
+            found.append(name)
+    if not found:
+        return "Choose a later target_layer (the input of the global pooling usually works)."
+    return "Target layers whose head exports: " + ", ".join(repr(n) for n in found) + "."
+
+
+def unexportable_head_error(model, wrapper, target_layer, early_layer, example, exc) -> UnsupportedHeadError:
+    """The ONNX exporter failed on a traced head backward: name the operator it could not translate."""
+    import re
+
+    text = f"{exc} {exc.__cause__ or ''} {getattr(exc.__cause__, '__cause__', '') or ''}"
+    ops = re.findall(r"OpOverload\(op='([\w.]+)'", text) or re.findall(r"torch\.ops\.([\w.]+)", text)
+    what = f"the operator {ops[0]}" if ops else f"an operator ({type(exc).__name__})"
+    return UnsupportedHeadError(
+        f"cannot export Grad-CAM: the backward of the head after {target_layer!r} "
+        f"({' → '.join(wrapper.plan.origins)}) uses {what}, which the ONNX exporter cannot translate "
+        "to standard ONNX ops. " + suggest_target_layers(model, target_layer, early_layer, example)
+    )

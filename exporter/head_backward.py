@@ -109,6 +109,11 @@ def _max_pool2d_grad(grad, inp, kernel_size, stride, padding, dilation, ceil_mod
     return flat.reshape(inp.shape)
 
 
+def _adaptive_max_pool2d_grad(grad, inp, indices):
+    """Adaptive max pooling's indices are per-plane argmax positions too: the same scatter-add."""
+    return _max_pool2d_grad(grad, inp, None, None, None, None, None, indices)
+
+
 def backward_decompositions() -> dict:
     table = dict(core_aten_decompositions())
     table[aten.convolution_backward.default] = _conv_input_grad
@@ -116,6 +121,7 @@ def backward_decompositions() -> dict:
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_grad
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_grad
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_grad
+    table[aten.adaptive_max_pool2d_backward.default] = _adaptive_max_pool2d_grad
     # keep these forward ops whole: the ONNX exporter has direct translations
     for op in (aten.max_pool2d_with_indices.default,):
         table.pop(op, None)
