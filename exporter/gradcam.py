@@ -730,10 +730,20 @@ def unexportable_head_error(model, wrapper, target_layer, early_layer, example, 
     import re
 
     text = f"{exc} {exc.__cause__ or ''} {getattr(exc.__cause__, '__cause__', '') or ''}"
-    ops = re.findall(r"OpOverload\(op='([\w.]+)'", text) or re.findall(r"torch\.ops\.([\w.]+)", text)
-    what = f"the operator {ops[0]}" if ops else f"an operator ({type(exc).__name__})"
+    ops = (
+        re.findall(r"OpOverload\(op='([\w.]+)'", text)
+        or re.findall(r"torch\.ops\.([\w.]+)", text)
+        or re.findall(r"operator '([\w:.]+)'", text)
+    )
+    what = f"the operator {ops[0]}" if ops else f"an operator ({type(exc).__name__}: {str(exc)[:200]})"
+    legacy = (
+        " The legacy TorchScript exporter (opset 17) translates fewer ops than the default opset-18 exporter: "
+        "export with opset 18, or pick a target layer whose head has a hand-written backward."
+        if type(exc).__name__ == "UnsupportedOperatorError"
+        else ""
+    )
     return UnsupportedHeadError(
         f"cannot export Grad-CAM: the backward of the head after {target_layer!r} "
         f"({' → '.join(wrapper.plan.origins)}) uses {what}, which the ONNX exporter cannot translate "
-        "to standard ONNX ops. " + suggest_target_layers(model, target_layer, early_layer, example)
+        f"to standard ONNX ops.{legacy} " + suggest_target_layers(model, target_layer, early_layer, example)
     )
