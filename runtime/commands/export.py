@@ -146,6 +146,20 @@ def run(args) -> int:
 
     if args.early_pool < 0:
         raise CommandError("--early-pool must be 0 (no pooling) or a positive grid size")
+    onnx_only = {
+        "--target-tensor": args.target_tensor,
+        "--early-tensor": args.early_tensor,
+        "--class-names": args.class_names,
+        "--garbage-class": args.garbage_class,
+        "--input-shape": args.input_shape,
+        "--mean": args.mean != "0",
+        "--std": args.std != "1",
+    }
+    if args.onnx and (args.opset != 18 or args.dynamic_spatial):
+        raise CommandError("--opset and --dynamic-spatial apply to --checkpoint exports only")
+    if args.checkpoint and any(onnx_only.values()):
+        given = ", ".join(flag for flag, value in onnx_only.items() if value)
+        raise CommandError(f"{given}: only with --onnx (a checkpoint carries its own layers, classes and input spec)")
     if args.onnx:
         manifest = _run_onnx(args)
         facts = manifest["export"]
