@@ -8,6 +8,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "export_bundle": "export",
+    "export_onnx_bundle": "onnx_fuse",
     "ExportError": "export",
     "UnsupportedHeadError": "gradcam",
     "FusedGradCAM": "gradcam",
