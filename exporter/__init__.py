@@ -1,13 +1,15 @@
 """gamguard exporter: the torch side (demo model, garbage class, fused Grad-CAM ONNX export).
 
-Importing a name from this package requires the ``[export]`` extra (torch, onnx, onnxscript); the
-package itself imports lazily so ``gamguard --help`` works without torch.
+Importing a name from this package requires the ``[export]`` extra (torch, onnx, onnxscript) —
+except ``export_onnx_bundle`` (guard an ONNX-only classifier: numpy, onnx, onnxruntime); the package
+itself imports lazily so ``gamguard --help`` works without torch.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
     "export_bundle": "export",
+    "export_onnx_bundle": "onnx_fuse",
     "ExportError": "export",
     "UnsupportedHeadError": "gradcam",
     "FusedGradCAM": "gradcam",

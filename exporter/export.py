@@ -30,97 +30,23 @@ from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 
-from .gradcam import FusedGradCAM
+from .gradcam import FusedGradCAM, unexportable_head_error
+from .onnx_checks import (  # noqa: F401  (ExportError, check_onnx_graph, onnx_op_types: public here too)
+    CAM_ATOL,
+    EARLY_RTOL,
+    LOGITS_RTOL,
+    ExportError,
+    as_mean_std,
+    check_onnx_graph,
+    check_out_dir,
+    chw,
+    max_rel,
+    onnx_op_types,
+    ort_session,
+    prepare_out_dir,
+)
 
 log = logging.getLogger(__name__)
-
-#: Files a previous export or calibration may have left; they belong to the old model.
-_DERIVED_FILES = (bundle_mod.PLAN_FILE, bundle_mod.REFERENCE_FILE)
-_OWN_FILES = (bundle_mod.MANIFEST, bundle_mod.MODEL_FILE, bundle_mod.MANIFEST + ".tmp") + _DERIVED_FILES
-
-#: Parity between ONNX Runtime and the torch wrapper checked at export time.
-LOGITS_RTOL = 1e-4  # max |diff| relative to max |logit|
-CAM_ATOL = 1e-3
-EARLY_RTOL = 1e-4  # max |diff| relative to max |feature|
-
-
-class ExportError(RuntimeError):
-    """The export produced a model that is invalid or does not reproduce the torch outputs."""
-
-
-def _as_mean_std(normalization, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``{"mean": .., "std": ..}`` or ``(mean, std)``; scalars broadcast to every channel."""
-    if isinstance(normalization, dict):
-        mean, std = normalization.get("mean"), normalization.get("std")
-    else:
-        mean, std = normalization
-    mean = np.atleast_1d(np.asarray(mean, np.float64)).tolist()
-    std = np.atleast_1d(np.asarray(std, np.float64)).tolist()
-    if len(mean) == 1:
-        mean = mean * channels
-    if len(std) == 1:
-        std = std * channels
-    if len(mean) != channels or len(std) != channels or min(std) <= 0:
-        raise ValueError(
-            f"normalization needs {channels} means and {channels} positive stds, got mean={mean} std={std}"
-        )
-    return tuple(mean), tuple(std)
-
-
-def _chw(input_shape) -> tuple[int, int, int]:
-    shape = tuple(int(v) for v in input_shape)
-    if len(shape) == 4:
-        shape = shape[1:]
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
-    return shape  # type: ignore[return-value]
-
-
-def onnx_op_types(model_path: str | Path) -> list[str]:
-    """Sorted ``domain::OpType`` names (plain ``OpType`` for the default domain) used in the graph."""
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    types = set()
-
-    def visit(graph):
-        for node in graph.node:
-            types.add(f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type)
-            for attr in node.attribute:
-                if attr.g is not None and attr.g.node:
-                    visit(attr.g)
-                for g in attr.graphs:
-                    visit(g)
-
-    visit(proto.graph)
-    for fn in proto.functions:
-        for node in fn.node:
-            types.add(node.op_type)
-    return sorted(types)
-
-
-def check_onnx_graph(model_path: str | Path) -> list[str]:
-    """``onnx.checker`` plus gamguard's rules: standard domain only, no gradient/training ops.
-
-    Returns the op types. Raises :class:`ExportError` when a rule is broken.
-    """
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(model_path), full_check=True)
-    except Exception as exc:
-        raise ExportError(f"{model_path}: onnx.checker rejected the model: {exc}") from exc
-    proto = onnx.load(str(model_path), load_external_data=False)
-    domains = {o.domain for o in proto.opset_import} - {"", "ai.onnx"}
-    if domains:
-        raise ExportError(
-            f"{model_path}: non-standard operator domains {sorted(domains)} (only the default ONNX domain is allowed)"
-        )
-    ops = onnx_op_types(model_path)
-    bad = [op for op in ops if "::" in op or op in ("Gradient", "Momentum", "Adagrad", "Adam") or op.endswith("Grad")]
-    if bad:
-        raise ExportError(f"{model_path}: training/gradient or custom ops in the graph: {bad}")
-    return ops
 
 
 @contextlib.contextmanager
@@ -190,18 +116,6 @@ def export_onnx(
         return "torchscript"
 
 
-def _ort_session(path: str | Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12)) if b.size else 0.0
-
-
 def compare_fused(session, wrapper: nn.Module, x: torch.Tensor) -> dict:
     """Run ONNX Runtime and the torch wrapper on ``x``; return the worst differences per output.
 
@@ -215,10 +129,10 @@ def compare_fused(session, wrapper: nn.Module, x: torch.Tensor) -> dict:
     cam_diff = float(np.max(np.abs(got[1][same_class] - ref[1][same_class]))) if same_class.any() else 0.0
     return {
         "batch": int(x.shape[0]),
-        "logits_max_rel": _max_rel(got[0], ref[0]),
+        "logits_max_rel": max_rel(got[0], ref[0]),
         "cam_max_abs": cam_diff,
         "cam_range": [float(got[1].min()), float(got[1].max())],
-        "early_max_rel": _max_rel(got[2], ref[2]),
+        "early_max_rel": max_rel(got[2], ref[2]),
         "argmax_ties": int((~same_class).sum()),
         "shapes": [list(a.shape) for a in got],
     }
@@ -239,28 +153,6 @@ def _check_parity(result: dict) -> None:
         raise ExportError(
             f"ONNX Runtime does not reproduce the torch outputs at batch {result['batch']}: " + "; ".join(problems)
         )
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a directory")
-    foreign = [p.name for p in out_dir.iterdir() if p.name not in _OWN_FILES] if out_dir.is_dir() else []
-    if foreign:
-        # write_manifest hashes every file in the directory into the bundle; refuse to adopt them.
-        raise ValueError(
-            f"{out_dir} contains files that are not part of a gamguard bundle "
-            f"({', '.join(sorted(foreign))}); export into an empty directory"
-        )
-
-
-def _prepare_out_dir(out_dir: Path) -> None:
-    _check_out_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in _DERIVED_FILES:
-        stale = out_dir / name
-        if stale.exists():
-            log.warning("removing %s: it was built for the previous model", stale)
-            stale.unlink()
 
 
 def export_bundle(
@@ -307,8 +199,8 @@ def export_bundle(
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
-    c, h, w = _chw(input_shape)
-    mean, std = _as_mean_std(normalization, c)
+    c, h, w = chw(input_shape)
+    mean, std = as_mean_std(normalization, c)
     spec = InputSpec(channels=c, height=h, width=w, mean=mean, std=std, resize=resize, photometric=photometric)
     class_names = [str(n) for n in class_names]
     if isinstance(garbage_class, str):
@@ -318,7 +210,7 @@ def export_bundle(
     garbage_class = int(garbage_class)
     if not 0 <= garbage_class < len(class_names):
         raise ValueError(f"garbage_class {garbage_class} is out of range for {len(class_names)} classes")
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     if int(opset) < 13:
         raise ValueError(f"unsupported opset {opset}: use 18 (default) or 17 (TensorRT 8.x)")
     opset = int(opset)
@@ -346,19 +238,29 @@ def export_bundle(
             raise ValueError(
                 f"the model has {logits.shape[1]} outputs but {len(class_names)} class names were given: {class_names}"
             )
-        log.info("head after %r: %s (%s)", target_layer, wrapper.head_kind, " → ".join(s.origin for s in wrapper.steps))
+        log.info("head after %r: %s (%s)", target_layer, wrapper.head_kind, " → ".join(wrapper.plan.origins))
 
         with tempfile.TemporaryDirectory(prefix="gamguard-export-") as tmp:
             tmp_model = Path(tmp) / bundle_mod.MODEL_FILE
             log.info("exporting ONNX opset %d ...", opset)
             t0 = time.perf_counter()
-            with torch.no_grad():
-                exporter = export_onnx(
-                    wrapper, tmp_model, example, output_names=OUTPUT_NAMES, opset=opset, dynamic_spatial=dynamic_spatial
-                )
+            try:
+                with torch.no_grad():
+                    exporter = export_onnx(
+                        wrapper,
+                        tmp_model,
+                        example,
+                        output_names=OUTPUT_NAMES,
+                        opset=opset,
+                        dynamic_spatial=dynamic_spatial,
+                    )
+            except Exception as exc:  # the exporters raise many types
+                if wrapper.head_kind != "traced":
+                    raise
+                raise unexportable_head_error(model, wrapper, target_layer, early_layer, example, exc) from exc
             export_seconds = time.perf_counter() - t0
             op_types = check_onnx_graph(tmp_model)
-            session = _ort_session(tmp_model)
+            session = ort_session(tmp_model)
             parity = []
             gen = torch.Generator().manual_seed(1)
             checks = [example, torch.randn(3, c, h, w, generator=gen), torch.randn(1, c, h, w, generator=gen)]
@@ -369,7 +271,7 @@ def export_bundle(
                 _check_parity(result)
                 parity.append(result)
             del session
-            _prepare_out_dir(out_dir)
+            prepare_out_dir(out_dir)
             shutil.copyfile(tmp_model, out_dir / bundle_mod.MODEL_FILE)
     finally:
         model.train(was_training)
@@ -385,7 +287,7 @@ def export_bundle(
             "opset": int(opset),
             "exporter": exporter,
             "head_kind": wrapper.head_kind,
-            "head": [s.origin for s in wrapper.steps],
+            "head": list(wrapper.plan.origins),
             "early_pool": list(wrapper.early_pool) if wrapper.early_pool else None,
             "dynamic_batch": True,
             "dynamic_spatial": bool(dynamic_spatial),

@@ -1,8 +1,9 @@
 """Give an existing N-class classifier a garbage class (check 1 of the guard).
 
-Two steps, usable on any ``torch.nn.Module`` whose last layer is an ``nn.Linear``:
+Two steps, usable on any ``torch.nn.Module`` whose classifier layer is an ``nn.Linear`` or a 1×1
+``nn.Conv2d`` (SqueezeNet-style class maps):
 
-* :func:`add_garbage_class` widens that Linear by one output. The N existing rows of weight and bias
+* :func:`add_garbage_class` widens that layer by one output. The N existing rows of weight and bias
   are copied bit for bit, so the first N logits of the extended model equal the original logits; the
   new row (the garbage class, index N) starts from ``init``.
 * :func:`finetune_with_garbage` trains the model so off-distribution ("garbage") images go to the new
@@ -36,39 +37,70 @@ def balanced_class_weight(y: torch.Tensor, k: int, dtype: torch.dtype = torch.fl
     return torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), torch.zeros_like(counts))
 
 
+def _is_conv1x1(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def find_classifier(model: nn.Module, classifier: str | None = None) -> tuple[str, nn.Linear]:
-    """Return ``(name, module)`` of the classifier layer.
+def _classifier_candidates(model: nn.Module) -> str:
+    names = _linear_names(model) + [name for name, m in model.named_modules() if _is_conv1x1(m)][-3:]
+    return ", ".join(names) or "(none)"
+
+
+def find_classifier(model: nn.Module, classifier: str | None = None) -> tuple[str, nn.Module]:
+    """Return ``(name, module)`` of the classifier layer (an ``nn.Linear`` or a 1×1 ``nn.Conv2d``).
 
     ``classifier`` names it (a ``dict(model.named_modules())`` key); when omitted the last
     ``nn.Linear`` in module registration order is taken, which is the final layer of the usual
-    ``... → pool → flatten → fc`` classifiers (torchvision ResNets, :class:`GuardNet`).
+    ``... → pool → flatten → fc`` classifiers (torchvision ResNets, EfficientNet, MobileNetV3,
+    ConvNeXt, VGG, :class:`GuardNet`); a model without any Linear falls back to its last 1×1 conv.
     """
     modules = dict(model.named_modules())
     if classifier is None:
-        names = _linear_names(model)
+        names = _linear_names(model) or [name for name, m in model.named_modules() if _is_conv1x1(m)]
         if not names:
             raise ValueError(
-                "add_garbage_class: the model has no nn.Linear layer; the garbage class is added by "
-                "widening the final nn.Linear classifier (name it with classifier=...)"
+                "add_garbage_class: the model has no nn.Linear or 1x1 nn.Conv2d layer; the garbage class is "
+                "added by widening the final classifier layer (name it with classifier=...)"
             )
         classifier = names[-1]
     if classifier not in modules:
         raise ValueError(
             f"add_garbage_class: the model has no module named {classifier!r}; "
-            f"its nn.Linear layers are: {', '.join(_linear_names(model)) or '(none)'}"
+            f"classifier candidates: {_classifier_candidates(model)}"
         )
     layer = modules[classifier]
-    if not isinstance(layer, nn.Linear):
+    if not (isinstance(layer, nn.Linear) or _is_conv1x1(layer)):
         raise ValueError(
-            f"add_garbage_class: module {classifier!r} is a {type(layer).__name__}, not an nn.Linear; "
-            "only a final nn.Linear classifier can be widened by one output "
-            f"(nn.Linear layers in this model: {', '.join(_linear_names(model)) or '(none)'})"
+            f"add_garbage_class: module {classifier!r} is a {type(layer).__name__}, not an nn.Linear or a 1x1 "
+            "nn.Conv2d; only a final classifier layer can be widened by one output "
+            f"(candidates in this model: {_classifier_candidates(model)})"
         )
     return classifier, layer
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _widened(old: nn.Module) -> nn.Module:
+    """An untrained copy of ``old`` with one more output."""
+    kw = dict(bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    if isinstance(old, nn.Linear):
+        return nn.Linear(old.in_features, old.out_features + 1, **kw)
+    return nn.Conv2d(
+        old.in_channels,
+        old.out_channels + 1,
+        1,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        padding_mode=old.padding_mode,
+        **kw,
+    )
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -78,11 +110,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def add_garbage_class(model: nn.Module, *, classifier: str | None = None, init: str = "mean") -> nn.Module:
-    """Widen the classifier ``nn.Linear`` of ``model`` by one output (the garbage class, index N).
+    """Widen the classifier layer of ``model`` by one output (the garbage class, index N).
 
     Args:
         model: an N-class classifier; modified in place and returned.
-        classifier: module name of its final ``nn.Linear``; default: the last ``nn.Linear``.
+        classifier: module name of its final ``nn.Linear`` or 1×1 ``nn.Conv2d``; default: the last
+            ``nn.Linear`` (see :func:`find_classifier`).
         init: how the new row starts. ``"mean"``: the mean of the N existing weight rows and biases
             (the garbage logit starts at the average class score, below the winning class, so
             predictions are unchanged until fine-tuning); ``"zeros"``: weight and bias 0;
@@ -94,8 +127,8 @@ def add_garbage_class(model: nn.Module, *, classifier: str | None = None, init: 
     if init not in INITS:
         raise ValueError(f"add_garbage_class: unknown init {init!r} (expected one of {', '.join(INITS)})")
     name, old = find_classifier(model, classifier)
-    n = old.out_features
-    new = nn.Linear(old.in_features, n + 1, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    n = _out_features(old)
+    new = _widened(old)
     with torch.no_grad():
         new.weight[:n].copy_(old.weight)
         if old.bias is not None:
@@ -108,7 +141,7 @@ def add_garbage_class(model: nn.Module, *, classifier: str | None = None, init: 
             new.weight[n].zero_()
             if old.bias is not None:
                 new.bias[n].zero_()
-        # "random": keep nn.Linear's own initialisation of row n.
+        # "random": keep the layer's own initialisation of row n.
     new.train(old.training)
     new.weight.requires_grad_(old.weight.requires_grad)
     if old.bias is not None:
@@ -184,7 +217,7 @@ def finetune_with_garbage(
     Returns the model, in eval mode.
     """
     name, layer = find_classifier(model, classifier)
-    k = layer.out_features
+    k = _out_features(layer)
     garbage_class = k - 1 if garbage_class is None else int(garbage_class)
     if not 0 <= garbage_class < k:
         raise ValueError(f"garbage_class {garbage_class} is outside the {k} outputs of {name!r}")

@@ -27,6 +27,7 @@ min-max normalisation ``(x - min) / (1e-7 + max)`` **before** the bilinear resiz
 
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+log = logging.getLogger(__name__)
 
 #: Same epsilon as pytorch-grad-cam's ``scale_cam_image``.
 CAM_EPS = 1e-7
@@ -79,23 +82,37 @@ def _unsupported(origin: str, why: str = "") -> UnsupportedHeadError:
 
 
 class _LayerTracer(fx.Tracer):
-    """fx tracer that keeps ``target_layer``/``early_layer`` as opaque calls.
+    """fx tracer that keeps ``target_layer``/``early_layer`` visible in the graph.
 
-    Their ancestors are traced through (so the layers appear as nodes); everything else follows
-    fx's default (torch.nn built-ins are leaves, custom modules are traced through, so a custom
-    head module is inspected op by op instead of being accepted blindly).
+    A kept layer is an opaque call (a ``call_module`` node) unless another kept layer lives inside it
+    (``early_layer="features.2"`` with ``target_layer="features"``): then it is traced through and
+    its output node is recorded in :attr:`outputs`. Every call of a kept layer is recorded, so a
+    module called twice is detected. The ancestors of kept layers are traced through; everything
+    else follows fx's default (torch.nn built-ins are leaves, custom modules are traced through, so a
+    custom head module is inspected op by op instead of being accepted blindly).
     """
 
     def __init__(self, keep: set[str]):
         super().__init__()
         self.keep = keep
+        self.outputs: dict[str, list[fx.Node]] = {k: [] for k in keep}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if any(k.startswith(qualname + ".") or (qualname == "" and k) for k in self.keep):
+            return False
         if qualname in self.keep:
             return True
-        if any(k.startswith(qualname + ".") for k in self.keep):
-            return False
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        out = super().call_module(m, forward, args, kwargs)
+        if qualname in self.keep:
+            node = out.node if isinstance(out, fx.Proxy) else None
+            if node is None:
+                raise ValueError(f"layer {qualname!r} does not return a single tensor")
+            self.outputs[qualname].append(node)
+        return out
 
 
 def _meta_shape(node) -> tuple[int, ...] | None:
@@ -222,18 +239,24 @@ class HeadPlan:
 
     body: fx.GraphModule
     steps: list[HeadStep]
-    kind: str  # "gap_linear" (closed form) or "generic" (hand-written backward)
+    kind: str  # "gap_linear" (closed form), "generic" (hand-written backward) or "traced"
     target_shape: tuple[int, ...]
     early_shape: tuple[int, ...]
     logits_shape: tuple[int, ...]
+    head: fx.GraphModule | None = None  # "traced": target activations -> logits
+    origins: list[str] = field(default_factory=list)  # the head's ops, for messages and the manifest
 
 
-def _node_for_module(graph: fx.Graph, name: str, role: str) -> fx.Node:
-    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+def _node_for_module(tracer: _LayerTracer, name: str, role: str) -> fx.Node:
+    nodes = tracer.outputs[name]
     if not nodes:
         raise ValueError(f"{role} {name!r} is never called by the model's forward")
     if len(nodes) > 1:
-        raise ValueError(f"{role} {name!r} is called {len(nodes)} times in forward; pick a layer used once")
+        raise ValueError(
+            f"{role} {name!r} is called {len(nodes)} times in forward (a module shared between several "
+            "places, e.g. one activation module reused in a block); Grad-CAM needs the output of one "
+            "call: pick a layer called once (its parent block, or the next layer)"
+        )
     return nodes[0]
 
 
@@ -249,8 +272,9 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
         if not name or name not in modules:
             near = ", ".join(k for k in modules if k)[:400]
             raise ValueError(f"{role} {name!r} is not a module of the model (modules: {near})")
+    tracer = _LayerTracer({target_layer, early_layer})
     try:
-        graph = _LayerTracer({target_layer, early_layer}).trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types on data-dependent control flow
         raise ValueError(
             f"cannot trace the model's forward with torch.fx to find the head after "
@@ -267,8 +291,8 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
     logits_node = out_node.args[0]
     if not isinstance(logits_node, fx.Node) or _meta_shape(logits_node) is None:
         raise ValueError("the model's forward must return a single logits tensor [N, K]")
-    target_node = _node_for_module(graph, target_layer, "target_layer")
-    early_node = _node_for_module(graph, early_layer, "early_layer")
+    target_node = _node_for_module(tracer, target_layer, "target_layer")
+    early_node = _node_for_module(tracer, early_layer, "early_layer")
 
     # Head = the nodes between target_layer and the logits (descendants of target that the
     # logits depend on).
@@ -298,19 +322,25 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
             "layer; choose a later target_layer"
         )
 
-    # The head must be a chain: each tensor op consumes the previous tensor value. Tensor.size
-    # calls (for x.view(x.size(0), -1)) are auxiliary integer nodes.
-    steps: list[HeadStep] = []
+    # The hand-written rules need a chain of whitelisted single-input ops (Tensor.size calls for
+    # x.view(x.size(0), -1) are auxiliary integer nodes); any other head gets a traced backward.
+    steps: list[HeadStep] | None = []
     prev = target_node
+    unsupported = None
     for n in head_nodes:
         if n.op == "call_method" and n.target == "size":
             continue
         tensor_inputs = [a for a in n.all_input_nodes if _meta_shape(a) is not None]
-        if tensor_inputs != [prev]:
-            raise _unsupported(_origin_of(n, gm), "it combines several tensors; only a chain of single-input ops")
-        steps.append(_classify(n, gm, _meta_shape(prev)))
+        try:
+            if tensor_inputs != [prev]:
+                raise _unsupported(_origin_of(n, gm), "it combines several tensors; only a chain of single-input ops")
+            steps.append(_classify(n, gm, _meta_shape(prev)))
+        except UnsupportedHeadError as exc:
+            unsupported = exc
+            steps = None
+            break
         prev = n
-    if prev is not logits_node:
+    if steps is not None and prev is not logits_node:
         raise ValueError("internal error: the head chain does not end at the logits")
 
     target_shape = _meta_shape(target_node)
@@ -339,11 +369,78 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
     body_graph.output((env[target_node], env[early_node]))
     body = fx.GraphModule(gm, body_graph)
 
-    core = [s.kind for s in steps if s.kind not in ("identity", "reshape")]
-    kind = "gap_linear" if core == ["gap", "linear"] else "generic"
+    head = None
+    if steps is None:
+        kind = "traced"
+        head = _head_module(gm, head_nodes, target_node, logits_node)
+        steps = []
+        origins = [
+            _origin_of(n, gm)
+            for n in head_nodes
+            if n.op in ("call_module", "call_function", "call_method")
+            and not (n.op == "call_method" and n.target == "size")
+        ]
+        log.debug(
+            "head after %r is outside the hand-written rules (%s); using a traced backward", target_layer, unsupported
+        )
+    else:
+        core = [s.kind for s in steps if s.kind not in ("identity", "reshape")]
+        kind = "gap_linear" if core == ["gap", "linear"] else "generic"
+        origins = [s.origin for s in steps]
     return HeadPlan(
-        body=body, steps=steps, kind=kind, target_shape=target_shape, early_shape=early_shape, logits_shape=logits_shape
+        body=body,
+        steps=steps,
+        kind=kind,
+        target_shape=target_shape,
+        early_shape=early_shape,
+        logits_shape=logits_shape,
+        head=head,
+        origins=origins,
     )
+
+
+def _head_module(gm: fx.GraphModule, head_nodes, target_node, logits_node) -> fx.GraphModule:
+    """The head as its own module: target activations → logits (the nodes in between, copied)."""
+    graph = fx.Graph()
+    env = {target_node: graph.placeholder("acts")}
+    for n in head_nodes:
+        for a in n.all_input_nodes:
+            if a not in env and a.op == "get_attr":
+                env[a] = graph.node_copy(a, lambda x: env[x])
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[logits_node])
+    head = fx.GraphModule(gm, graph)
+    # A view of a non-contiguous tensor (Flatten after ConvNeXt's permuted LayerNorm) has, under
+    # symbolic shapes, an as_strided backward that ONNX cannot express; viewing a contiguous copy
+    # instead gives a plain reshape backward (the copy is a no-op for contiguous tensors).
+    for n in list(head.graph.nodes):
+        pool_size = None
+        if n.op == "call_module" and isinstance(head.get_submodule(n.target), nn.AdaptiveAvgPool2d):
+            pool_size = head.get_submodule(n.target).output_size
+        elif n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
+            pool_size = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
+        if pool_size is not None:
+            # torch's adaptive_avg_pool2d re-strides its output with as_strided_ (no ONNX backward)
+            with head.graph.inserting_before(n):
+                plain = head.graph.call_function(adaptive_avg_pool2d_plain, (n.args[0], pool_size))
+            n.replace_all_uses_with(plain)
+            head.graph.erase_node(n)
+            continue
+        is_view = (
+            (n.op == "call_method" and n.target in _VIEW_METHODS)
+            or (n.op == "call_function" and n.target in _VIEW_FUNCTIONS)
+            or (n.op == "call_module" and isinstance(head.get_submodule(n.target), (nn.Flatten, nn.Unflatten)))
+        )
+        if is_view and isinstance(n.args[0], fx.Node):
+            with head.graph.inserting_before(n):
+                c = head.graph.call_method("contiguous", (n.args[0],))
+            n.replace_input_with(n.args[0], c)
+    head.recompile()
+    return head
+
+
+_VIEW_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten")
+_VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 
 
 def _run_step(step: HeadStep, x: torch.Tensor) -> torch.Tensor:
@@ -463,6 +560,20 @@ def adaptive_avg_pool2d_exportable(x: torch.Tensor, out_hw: tuple[int, int]) -> 
     return _pool_with_matrices(x, rows, cols.transpose(0, 1))
 
 
+def _pool_size_2d(size, x):
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return tuple(x.shape[-2 + i] if s is None else int(s) for i, s in enumerate(size))
+
+
+def adaptive_avg_pool2d_plain(x: torch.Tensor, output_size) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` written with a mean (global pooling) or averaging matrices: ops whose
+    backward, as traced by torch, is plain too."""
+    oh, ow = _pool_size_2d(output_size, x)
+    if oh == 1 and ow == 1:
+        return x.mean(dim=(-2, -1), keepdim=True)
+    return adaptive_avg_pool2d_exportable(x, (oh, ow))
+
+
 def _pool_with_matrices(x: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
     """``rows @ x @ cols_t`` for x [N, C, H, W], rows [oh, H], cols_t [W, ow], in the cheap order.
 
@@ -524,6 +635,21 @@ class FusedGradCAM(nn.Module):
         self.register_buffer("_interp_cols", interp_cols, persistent=False)
         if self.head_kind == "gap_linear":
             self.fc_weight_owner = next(s.module for s in self.steps if s.kind == "linear")
+        self.head_traced = self.joint = None
+        if self.head_kind == "traced":
+            from .head_backward import trace_joint
+
+            self.head_traced = self.plan.head
+            with torch.no_grad():
+                acts, _ = self.body(example)
+            try:
+                self.joint = trace_joint(self.head_traced, acts, self.plan.logits_shape[1])
+            except Exception as exc:  # make_fx raises many types
+                raise UnsupportedHeadError(
+                    f"cannot export Grad-CAM: torch cannot trace the backward of the head after "
+                    f"{target_layer!r} ({' → '.join(self.plan.origins)}): {type(exc).__name__}: {exc}. "
+                    + suggest_target_layers(model, target_layer, early_layer, example)
+                ) from exc
 
     def channel_weights(self, acts: torch.Tensor, logits: torch.Tensor, saved) -> torch.Tensor:
         """Grad-CAM channel weights [N, C] for the argmax class of each row."""
@@ -541,6 +667,11 @@ class FusedGradCAM(nn.Module):
 
     def forward(self, image: torch.Tensor):
         acts, early = self.body(image)
+        if self.joint is not None:
+            from .head_backward import head_state
+
+            logits, grad = self.joint(head_state(self.head_traced), acts)
+            return self._outputs(image, acts, logits, grad.mean(dim=(2, 3)), early)
         saved = []
         x = acts
         for step in self.steps:
@@ -548,7 +679,9 @@ class FusedGradCAM(nn.Module):
             saved.append((x, y))
             x = y
         logits = x
-        weights = self.channel_weights(acts, logits, saved)
+        return self._outputs(image, acts, logits, self.channel_weights(acts, logits, saved), early)
+
+    def _outputs(self, image, acts, logits, weights, early):
         out_hw = (image.shape[-2], image.shape[-1])
         interp = None
         if self._interp_rows is not None and (
@@ -569,3 +702,48 @@ class FusedGradCAM(nn.Module):
             else:
                 early = adaptive_avg_pool2d_exportable(early, self.early_pool)
         return logits, cam, early
+
+
+def suggest_target_layers(model: nn.Module, target_layer: str, early_layer: str, example, limit: int = 2) -> str:
+    """A sentence naming target layers (after ``early_layer``) whose head has an exact hand-written
+    backward — the layers an export will certainly accept. Tries the modules from the last one back."""
+    found, tried = [], 0
+    for name, _ in reversed(list(model.named_modules())):
+        if not name or name == target_layer or tried >= 20 or len(found) >= limit:
+            continue
+        if name == early_layer or early_layer.startswith(name + "."):
+            break  # no target before the early layer
+        tried += 1
+        try:
+            plan = plan_head(model, name, early_layer, example)
+        except (ValueError, UnsupportedHeadError):
+            continue
+        if plan.kind != "traced":
+            found.append(name)
+    if not found:
+        return "Choose a later target_layer (the input of the global pooling usually works)."
+    return "Target layers whose head exports: " + ", ".join(repr(n) for n in found) + "."
+
+
+def unexportable_head_error(model, wrapper, target_layer, early_layer, example, exc) -> UnsupportedHeadError:
+    """The ONNX exporter failed on a traced head backward: name the operator it could not translate."""
+    import re
+
+    text = f"{exc} {exc.__cause__ or ''} {getattr(exc.__cause__, '__cause__', '') or ''}"
+    ops = (
+        re.findall(r"OpOverload\(op='([\w.]+)'", text)
+        or re.findall(r"torch\.ops\.([\w.]+)", text)
+        or re.findall(r"operator '([\w:.]+)'", text)
+    )
+    what = f"the operator {ops[0]}" if ops else f"an operator ({type(exc).__name__}: {str(exc)[:200]})"
+    legacy = (
+        " The legacy TorchScript exporter (opset 17) translates fewer ops than the default opset-18 exporter: "
+        "export with opset 18, or pick a target layer whose head has a hand-written backward."
+        if type(exc).__name__ == "UnsupportedOperatorError"
+        else ""
+    )
+    return UnsupportedHeadError(
+        f"cannot export Grad-CAM: the backward of the head after {target_layer!r} "
+        f"({' → '.join(wrapper.plan.origins)}) uses {what}, which the ONNX exporter cannot translate "
+        f"to standard ONNX ops.{legacy} " + suggest_target_layers(model, target_layer, early_layer, example)
+    )

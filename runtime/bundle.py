@@ -53,6 +53,10 @@ HASH_FIELD = "bundle_hash"
 SIGNATURE_FILE = "bundle.sig"  # optional operator signature (see gamguard.runtime.signing)
 
 
+#: Known ways of feeding the model's input channels from a grey image (see InputSpec.channel_source).
+CHANNEL_SOURCES = ("grey-replicated",)
+
+
 class BundleError(Exception):
     """The bundle is missing, malformed, tampered with or not calibrated."""
 
@@ -68,11 +72,15 @@ class InputSpec:
     std: tuple[float, ...]
     resize: str = "stretch"
     photometric: str = "MONOCHROME2"
+    #: How the ``channels`` model inputs come from the decoded grey radiograph. ``grey-replicated``:
+    #: the same grey pixels in every channel, each channel normalised with its own mean/std — how an
+    #: ImageNet-style RGB backbone fine-tuned on X-rays is fed (and, trivially, a 1-channel model).
+    channel_source: str = "grey-replicated"
 
     @classmethod
     def from_manifest(cls, spec: dict) -> "InputSpec":
         try:
-            return cls(
+            out = cls(
                 channels=int(spec["channels"]),
                 height=int(spec["height"]),
                 width=int(spec["width"]),
@@ -80,9 +88,20 @@ class InputSpec:
                 std=tuple(float(v) for v in spec["std"]),
                 resize=str(spec.get("resize", "stretch")),
                 photometric=str(spec.get("photometric", "MONOCHROME2")),
+                channel_source=str(spec.get("channel_source", "grey-replicated")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"bundle.json: bad 'input' section: {exc}") from exc
+        if out.channel_source not in CHANNEL_SOURCES:
+            raise BundleError(
+                f"bundle.json: unknown input channel_source {out.channel_source!r} (this gamguard knows "
+                f"{', '.join(CHANNEL_SOURCES)})"
+            )
+        if len(out.mean) not in (1, out.channels) or len(out.std) not in (1, out.channels):
+            raise BundleError(
+                f"bundle.json: input has {out.channels} channels but {len(out.mean)} means and {len(out.std)} stds"
+            )
+        return out
 
     def to_manifest(self) -> dict:
         return {
@@ -93,6 +112,7 @@ class InputSpec:
             "std": list(self.std),
             "resize": self.resize,
             "photometric": self.photometric,
+            "channel_source": self.channel_source,
         }
 
 

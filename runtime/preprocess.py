@@ -56,6 +56,9 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     x = resize_image(np.clip(image, 0.0, 1.0).astype(np.float32, copy=False), spec.height, spec.width, spec.resize)
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
     std = np.asarray(spec.std, np.float32)[:, None, None]
+    if spec.channel_source != "grey-replicated":
+        raise InvalidInput(f"unsupported input channel_source {spec.channel_source!r}")
+    # grey-replicated: every model channel sees the grey pixels, normalised with its own mean/std
     x = np.broadcast_to(x, (spec.channels, spec.height, spec.width))
     return ((x - mean) / std).astype(np.float32, copy=False)
 

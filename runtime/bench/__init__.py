@@ -114,6 +114,8 @@ class BenchConfig:
     providers: str | None = None  # ONNX Runtime provider chain (None: "cpu")
     quick: bool = False
     large: bool = False  # also guard_overhead_large: a realistic-size model (needs torch; slow)
+    zoo: bool = False  # also zoo_overhead: fused / logits-only for common architectures (needs torch; slow)
+    zoo_width: float | None = None  # width factor of the zoo models (None: each architecture's default)
     sizes: tuple[int, ...] = SIZES
     batches: tuple[int, ...] = BATCHES
     clients: tuple[int, ...] = CLIENT_LEVELS
@@ -203,6 +205,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     }
     if cfg.large:
         result["guard_overhead_large"] = measure_overhead_large(cfg, list(guard.engine.providers), progress)
+    if cfg.zoo:
+        result["zoo_overhead"] = measure_zoo_overhead(cfg, list(guard.engine.providers), progress)
     if "pytorch" in cfg.skip:
         pt = {"status": "skipped", "reason": "--skip pytorch"}
     else:
@@ -253,6 +257,17 @@ def arithmetic_summary(used: str, requested: str | None, providers: list[str], o
         "rule": "auto = graph on every provider (host = the numpy reference)",
         "faster_in_this_run": faster,
     }
+
+
+def measure_zoo_overhead(cfg: BenchConfig, providers: list[str], progress) -> dict:
+    """Fused / logits-only ONNX Runtime time for every architecture of the exporter's zoo, at the
+    first bench size (224 by default); torch exports the models, so this needs the exporter extra."""
+    try:
+        from gamguard.exporter.bench_zoo import measure_zoo  # torch lives on the exporter side
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"needs the exporter extra (torch): {exc}", "rows": []}
+    repeats = cfg.repeats or 10  # each round runs seven models
+    return measure_zoo(cfg.sizes[0], cfg.batches, repeats, cfg.threads, providers, cfg.zoo_width, progress)
 
 
 def format_tables(result: dict) -> str:
@@ -308,6 +323,24 @@ def format_tables(result: dict) -> str:
             else f"Guard overhead, realistic-size model: not measured: {large.get('reason')}",
         ]
         lines += [overhead_row(r) for r in large.get("rows", [])]
+    zoo = result.get("zoo_overhead")
+    if zoo is not None:
+        lines += [
+            "",
+            f"Zoo: fused / logits-only ONNX Runtime call (goal ≤ {GOALS['guard_overhead_max']:.2f}×), "
+            f"{zoo.get('weights', '')}",
+        ]
+        if zoo.get("status") == "measured":
+            lines.append(
+                f"{'model':<20} {'head':<10} {'size':>5} {'batch':>5} {'ratio':>7} {'fused ms':>9} {'logits ms':>10}"
+            )
+            for r in zoo["rows"]:
+                lines.append(
+                    f"{r['model']:<20} {r['head_kind']:<10} {r['size']:>5} {r['batch']:>5} {r['ratio']:>7.3f} "
+                    f"{r['fused_ms']:>9.2f} {r['logits_only_ms']:>10.2f}"
+                )
+        else:
+            lines.append(f"  not measured: {zoo.get('reason')}")
     lines += [
         "",
         "Measures cost per image (7 similarity measures + early-feature check) / fused engine time",

@@ -17,6 +17,9 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
                               null without torch or without the bundle's torch --checkpoint
   guard_overhead_large        (--large) the same ratio on a realistic-size model (GuardNet 64/128/256,
                               2 blocks per stage, random weights, exported and calibrated on the fly)
+  zoo_overhead                (--zoo) fused / logits-only ONNX Runtime call for the exporter's zoo
+                              (ResNet-18/50, DenseNet-121, EfficientNet-B0, MobileNetV3-Small,
+                              ConvNeXt-T, VGG-11-BN; random weights; first --sizes entry; needs torch)
   grpc_efficiency             gRPC server throughput (1, 4, 16 concurrent clients in another process)
                               / in-process guarded calls on the very batches the server formed;
                               also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
@@ -73,6 +76,18 @@ def add_arguments(parser):
         help="also measure guard overhead on a realistic-size model (random weights, exported "
         "and calibrated on the fly; needs torch; about a minute)",
     )
+    parser.add_argument(
+        "--zoo",
+        action="store_true",
+        help="also measure fused / logits-only for common architectures (exported on the fly; needs torch; minutes)",
+    )
+    parser.add_argument(
+        "--zoo-width",
+        type=float,
+        default=None,
+        metavar="F",
+        help="channel-width factor of the zoo models (default: each architecture's reduced test width; 1 = full)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -117,6 +132,8 @@ def run(args) -> int:
         skip=tuple(args.skip),
         large=args.large,
         arithmetic=args.arithmetic,
+        zoo=args.zoo,
+        zoo_width=args.zoo_width,
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
     )
     try:

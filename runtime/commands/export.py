@@ -1,8 +1,9 @@
-"""`gamguard export`: a trained checkpoint → bundle directory with the fused Grad-CAM ONNX model."""
+"""`gamguard export`: a trained checkpoint, or an ONNX classifier, → bundle directory with the fused
+Grad-CAM ONNX model."""
 
 from __future__ import annotations
 
-HELP = "export a checkpoint as a bundle: ONNX model with logits, Grad-CAM map and early features"
+HELP = "export a checkpoint or an ONNX classifier as a bundle: ONNX model with logits, Grad-CAM map and early features"
 
 DESCRIPTION = """\
 Export a checkpoint written by `gamguard train` as a gamguard bundle directory:
@@ -17,16 +18,41 @@ any disagreement is an error. The bundle has no calibration yet: run `gamguard c
 
 Needs the exporter extra (torch): pip install 'gamguard[export]'.
 
+--onnx guards an ONNX classifier (one NCHW float input, logits output) without torch: name the
+tensor of the Grad-CAM layer (--target-tensor, [N,C,h,w]; typically the input of the global
+pooling) and of an early feature map (--early-tensor); look the names up in Netron. The head's
+gradient is written into the graph with ONNX ops; the fused model is checked against the original
+with ONNX Runtime. A 3-channel (RGB) model is fed the grey X-ray replicated to its channels, with
+per-channel --mean/--std.
+
 examples:
   gamguard export --checkpoint runs/demo/model.pt --out bundles/demo
   gamguard export --checkpoint model.pt --out bundle-trt8 --opset 17      # TensorRT 8.x
   gamguard export --checkpoint model.pt --out bench --dynamic-spatial --json
+  gamguard export --onnx classifier.onnx --target-tensor relu_16 --early-tensor relu_3 \
+      --class-names normal,pneumonia,garbage --garbage-class garbage --out bundles/vendor
+  gamguard export --onnx rgb.onnx --target-tensor t --early-tensor e --class-names a,b,garbage \
+      --garbage-class 2 --input-shape 3,224,224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --out b
 """
 
 
 def add_arguments(parser):
-    parser.add_argument(
-        "--checkpoint", required=True, metavar="CKPT", help="checkpoint file written by `gamguard train`"
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="CKPT", help="checkpoint file written by `gamguard train`")
+    source.add_argument("--onnx", metavar="MODEL.onnx", help="an ONNX classifier to guard (no torch needed)")
+    onnx_args = parser.add_argument_group("--onnx options")
+    onnx_args.add_argument("--target-tensor", metavar="NAME", help="tensor of the Grad-CAM layer, [N,C,h,w]")
+    onnx_args.add_argument("--early-tensor", metavar="NAME", help="tensor of the early feature layer")
+    onnx_args.add_argument("--class-names", metavar="A,B,...", help="comma-separated class names, garbage included")
+    onnx_args.add_argument("--garbage-class", metavar="NAME|INDEX", help="the garbage class, by name or index")
+    onnx_args.add_argument(
+        "--input-shape", metavar="C,H,W", help="input size; needed only when the model's H/W are dynamic"
+    )
+    onnx_args.add_argument(
+        "--mean", default="0", metavar="M[,M,M]", help="normalisation mean of pixels in [0,1] (default 0)"
+    )
+    onnx_args.add_argument(
+        "--std", default="1", metavar="S[,S,S]", help="normalisation std of pixels in [0,1] (default 1)"
     )
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="bundle directory to write (created; must hold no foreign files)"
@@ -57,6 +83,59 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    from gamguard.runtime.cli import CommandError
+
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise CommandError(f"{flag}: expected comma-separated numbers, got {text!r}") from exc
+
+
+def _run_onnx(args) -> dict:
+    """`--onnx`: guard an ONNX classifier (torch-free)."""
+    from gamguard.exporter.onnx_checks import ExportError
+    from gamguard.exporter.onnx_fuse import UnsupportedOnnxOpError, export_onnx_bundle
+    from gamguard.runtime.cli import CommandError
+
+    missing = [
+        flag
+        for flag, value in (
+            ("--target-tensor", args.target_tensor),
+            ("--early-tensor", args.early_tensor),
+            ("--class-names", args.class_names),
+            ("--garbage-class", args.garbage_class),
+        )
+        if not value
+    ]
+    if missing:
+        raise CommandError(f"--onnx needs {', '.join(missing)}")
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise CommandError(f"--input-shape: expected C,H,W (e.g. 3,224,224), got {args.input_shape!r}")
+    try:
+        return export_onnx_bundle(
+            args.onnx,
+            args.out,
+            target_tensor=args.target_tensor,
+            early_tensor=args.early_tensor,
+            class_names=[n.strip() for n in args.class_names.split(",") if n.strip()],
+            garbage_class=args.garbage_class,
+            input_shape=shape,
+            normalization=(_floats(args.mean, "--mean"), _floats(args.std, "--std")),
+            model_name=args.name,
+            model_version=args.version,
+            early_pool=(args.early_pool, args.early_pool) if args.early_pool else None,
+        )
+    except (ValueError, UnsupportedOnnxOpError, ExportError) as exc:
+        raise CommandError(str(exc)) from exc
+
+
 def run(args) -> int:
     import json
     import logging
@@ -64,6 +143,39 @@ def run(args) -> int:
 
     from gamguard.runtime.bundle import BundleError, InputSpec
     from gamguard.runtime.cli import CommandError, require_export_extra
+
+    if args.early_pool < 0:
+        raise CommandError("--early-pool must be 0 (no pooling) or a positive grid size")
+    onnx_only = {
+        "--target-tensor": args.target_tensor,
+        "--early-tensor": args.early_tensor,
+        "--class-names": args.class_names,
+        "--garbage-class": args.garbage_class,
+        "--input-shape": args.input_shape,
+        "--mean": args.mean != "0",
+        "--std": args.std != "1",
+    }
+    if args.onnx and (args.opset != 18 or args.dynamic_spatial):
+        raise CommandError("--opset and --dynamic-spatial apply to --checkpoint exports only")
+    if args.checkpoint and any(onnx_only.values()):
+        given = ", ".join(flag for flag, value in onnx_only.items() if value)
+        raise CommandError(f"{given}: only with --onnx (a checkpoint carries its own layers, classes and input spec)")
+    if args.onnx:
+        manifest = _run_onnx(args)
+        facts = manifest["export"]
+        parity = facts["parity"]
+        print(f"ONNX op types ({len(facts['op_types'])}): {', '.join(facts['op_types'])}", file=sys.stderr)
+        print(
+            f"fused {args.onnx} in {facts['seconds']:.2f} s; head: {' → '.join(facts['head'])}; ONNX Runtime vs "
+            f"the original: logits {parity['logits_max_rel']:.1e} rel, early {parity['early_max_rel']:.1e} rel "
+            f"(batches {parity['batches']})",
+            file=sys.stderr,
+        )
+        if args.json:
+            print(json.dumps(manifest, indent=2))
+        else:
+            print(f"wrote {args.out} (model.onnx + bundle.json); next: gamguard calibrate --bundle {args.out}")
+        return 0
 
     require_export_extra()
     from gamguard.exporter.export import ExportError, export_bundle
@@ -76,8 +188,6 @@ def run(args) -> int:
         spec = InputSpec.from_manifest(ckpt["input"])
     except (ValueError, BundleError) as exc:
         raise CommandError(str(exc)) from exc
-    if args.early_pool < 0:
-        raise CommandError("--early-pool must be 0 (no pooling) or a positive grid size")
     log.info(
         "exporting %s (%d classes, target %s, early %s) to %s, opset %d",
         args.checkpoint,

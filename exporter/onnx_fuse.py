@@ -1,0 +1,944 @@
+"""Guard an ONNX classifier without torch: build the fused graph (logits, Grad-CAM, early) in ONNX.
+
+Many clinical models come as ONNX only (from TensorFlow/Keras, from a vendor). Given the classifier
+(one NCHW input, logits output) and two tensor names — ``target`` (the Grad-CAM layer, [N, C, h, w])
+and ``early`` (an early feature map) — :func:`fuse_onnx_model` appends to the graph:
+
+* the **backward of the head** (every node between ``target`` and the logits), written op by op
+  with forward ONNX ops: the gradient of the argmax logit flows back through the head in reverse
+  topological order, summed where a tensor has several consumers (see :data:`BACKWARD_RULES` for
+  the ops covered; any other op is an :class:`UnsupportedOnnxOpError` naming the node);
+* the **Grad-CAM** of pytorch-grad-cam's ``GradCAM`` from the activations and that gradient
+  (weights = spatial mean of the gradient, ReLU of the weighted sum, min-max, bilinear resize to the
+  input size as constant-matrix products, min-max again — the same numbers as the torch export);
+* the **early features** average-pooled to a fixed grid (constant averaging matrices).
+
+The input is renamed ``image`` and the outputs are ``logits``, ``cam`` and ``early``, the names of
+every gamguard bundle. Only ``numpy``, ``onnx`` and ``onnxruntime`` are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+CAM_EPS = 1e-7
+
+
+class UnsupportedOnnxOpError(ValueError):
+    """A node of the head has no backward rule here."""
+
+
+# ---------------------------------------------------------------------------------------------
+# constant matrices (numpy versions of gradcam.bilinear_matrix / _bin_matrix)
+# ---------------------------------------------------------------------------------------------
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` 1-D bilinear resampling with half-pixel centres (``align_corners=False``,
+    negative source coordinates clamped to 0), the weights of torch's ``F.interpolate`` and
+    ``cv2.resize``'s INTER_LINEAR."""
+    m = np.zeros((n_out, n_in), np.float64)
+    scale = n_in / n_out
+    for i in range(n_out):
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        lam = src - i0
+        m[i, i0] += 1.0 - lam
+        m[i, i1] += lam
+    return m.astype(np.float32)
+
+
+def bin_matrix(size: int, bins: int) -> np.ndarray:
+    """``[bins, size]`` averaging matrix of adaptive average pooling (torch's bins)."""
+    j = np.arange(size)[None, :]
+    i = np.arange(bins)[:, None]
+    inside = ((i * size < (j + 1) * bins) & (j * bins < (i + 1) * size)).astype(np.float64)
+    return (inside / inside.sum(1, keepdims=True)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# graph building
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Builder:
+    """Appends nodes and constant initializers with unique names."""
+
+    graph: object
+    opset: int = 18
+    prefix: str = "gg_"
+    counter: int = 0
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+
+    def name(self, hint: str) -> str:
+        self.counter += 1
+        return f"{self.prefix}{hint}_{self.counter}"
+
+    def op(self, op_type: str, inputs, hint: str | None = None, n_out: int = 1, **attrs):
+        from onnx import helper
+
+        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name(op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, hint: str = "c", dtype=np.float32) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def ints(self, values, hint: str = "i") -> str:
+        return self.const(np.asarray(values, np.int64), hint, np.int64)
+
+    def reduce(self, op_type: str, x: str, axes, keepdims: int = 1) -> str:
+        """ReduceMean/Min/Max/Sum over ``axes``: axes as an input from opset 18 (13 for ReduceSum),
+        as an attribute before."""
+        axes = [int(a) for a in axes]
+        if self.opset >= (13 if op_type == "ReduceSum" else 18):
+            return self.op(op_type, [x, self.ints(axes)], keepdims=keepdims)
+        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
+
+
+@dataclass
+class _Graph:
+    """What the backward rules need to know about the original graph."""
+
+    model: object
+    constants: dict  # name -> numpy array (initializers, Constant nodes, constant-folded)
+    shapes: dict  # name -> tuple of int | str | None (from shape inference)
+    elem_types: dict  # name -> onnx elem type
+    differentiable: set  # tensors that depend on the target and carry a float gradient
+
+    def const(self, name: str, what: str, node) -> np.ndarray:
+        if name not in self.constants:
+            raise UnsupportedOnnxOpError(
+                f"node {node.name!r} ({node.op_type}): its {what} ({name!r}) is not a constant; "
+                "only constant weights are supported in the head"
+            )
+        return self.constants[name]
+
+    def shape(self, name: str, node) -> tuple:
+        shape = self.shapes.get(name)
+        if shape is None:
+            raise UnsupportedOnnxOpError(
+                f"node {node.name!r} ({node.op_type}): the shape of {name!r} is unknown after ONNX shape "
+                "inference; give --input-shape so every head shape is static"
+            )
+        return shape
+
+    def static_dims(self, name: str, node, axes) -> list[int]:
+        shape = self.shape(name, node)
+        dims = [shape[a] for a in axes]
+        if not all(isinstance(d, int) for d in dims):
+            raise UnsupportedOnnxOpError(
+                f"node {node.name!r} ({node.op_type}): dimensions {list(axes)} of {name!r} are not static "
+                f"({shape}); give --input-shape"
+            )
+        return dims
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unbroadcast(b: _Builder, g: _Graph, grad: str, x: str, y: str, node) -> str:
+    """Sum ``grad`` (shaped like ``y``) over the axes along which ``x`` was broadcast."""
+    xs, ys = g.shape(x, node), g.shape(y, node)
+    lead = len(ys) - len(xs)
+    axes = list(range(lead)) + [lead + i for i, d in enumerate(xs) if d == 1 and ys[lead + i] != 1]
+    if not axes:
+        return grad
+    summed = b.reduce("ReduceSum", grad, axes)
+    if lead:
+        summed = b.op("Reshape", [summed, b.op("Shape", [x])])
+    return summed
+
+
+def _rule_identity(b, g, node, gouts):
+    return {node.input[0]: gouts[0]}
+
+
+def _rule_reshape_like_input(b, g, node, gouts):
+    return {node.input[0]: b.op("Reshape", [gouts[0], b.op("Shape", [node.input[0]])])}
+
+
+def _rule_relu(b, g, node, gouts):
+    y = node.output[0]
+    zero = b.const(0.0)
+    return {node.input[0]: b.op("Where", [b.op("Greater", [y, zero]), gouts[0], zero])}
+
+
+def _rule_leaky_relu(b, g, node, gouts):
+    alpha = float(_attrs(node).get("alpha", 0.01))
+    x = node.input[0]
+    return {x: b.op("Where", [b.op("Greater", [x, b.const(0.0)]), gouts[0], b.op("Mul", [gouts[0], b.const(alpha)])])}
+
+
+def _rule_sigmoid(b, g, node, gouts):
+    y = node.output[0]
+    dy = b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])
+    return {node.input[0]: b.op("Mul", [gouts[0], dy])}
+
+
+def _rule_tanh(b, g, node, gouts):
+    y = node.output[0]
+    return {node.input[0]: b.op("Mul", [gouts[0], b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])])}
+
+
+def _rule_hard_sigmoid(b, g, node, gouts):
+    a = _attrs(node)
+    alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+    x = node.input[0]
+    lin = b.op("Add", [b.op("Mul", [x, b.const(alpha)]), b.const(beta)])
+    inside = b.op("And", [b.op("Greater", [lin, b.const(0.0)]), b.op("Less", [lin, b.const(1.0)])])
+    return {x: b.op("Where", [inside, b.op("Mul", [gouts[0], b.const(alpha)]), b.const(0.0)])}
+
+
+def _rule_hard_swish(b, g, node, gouts):
+    # torch's hardswish_backward: 0 for x < -3, g·(x/3 + 0.5) for x <= 3, g above
+    x, gy = node.input[0], gouts[0]
+    mid = b.op("Mul", [gy, b.op("Add", [b.op("Div", [x, b.const(3.0)]), b.const(0.5)])])
+    upper = b.op("Where", [b.op("LessOrEqual", [x, b.const(3.0)]), mid, gy])
+    return {x: b.op("Where", [b.op("Less", [x, b.const(-3.0)]), b.const(0.0), upper])}
+
+
+def _rule_clip(b, g, node, gouts):
+    x = node.input[0]
+    a = _attrs(node)
+    lo = float(g.const(node.input[1], "min", node)) if len(node.input) > 1 and node.input[1] else a.get("min")
+    hi = float(g.const(node.input[2], "max", node)) if len(node.input) > 2 and node.input[2] else a.get("max")
+    keep = None
+    for bound, cmp in ((lo, "Greater"), (hi, "Less")):
+        if bound is not None:
+            c = b.op(cmp, [x, b.const(float(bound))])
+            keep = c if keep is None else b.op("And", [keep, c])
+    return {x: gouts[0] if keep is None else b.op("Where", [keep, gouts[0], b.const(0.0)])}
+
+
+def _rule_erf(b, g, node, gouts):
+    x = node.input[0]
+    d = b.op("Mul", [b.op("Exp", [b.op("Neg", [b.op("Mul", [x, x])])]), b.const(2.0 / np.sqrt(np.pi))])
+    return {x: b.op("Mul", [gouts[0], d])}
+
+
+def _rule_exp(b, g, node, gouts):
+    return {node.input[0]: b.op("Mul", [gouts[0], node.output[0]])}
+
+
+def _rule_sqrt(b, g, node, gouts):
+    return {node.input[0]: b.op("Div", [gouts[0], b.op("Mul", [node.output[0], b.const(2.0)])])}
+
+
+def _rule_reciprocal(b, g, node, gouts):
+    y = node.output[0]
+    return {node.input[0]: b.op("Neg", [b.op("Mul", [gouts[0], b.op("Mul", [y, y])])])}
+
+
+def _rule_neg(b, g, node, gouts):
+    return {node.input[0]: b.op("Neg", [gouts[0]])}
+
+
+def _rule_pow(b, g, node, gouts):
+    x, e = node.input[0], node.input[1]
+    if e in g.differentiable:
+        raise UnsupportedOnnxOpError(f"node {node.name!r} (Pow): a non-constant exponent")
+    ev = float(np.asarray(g.const(e, "exponent", node)).reshape(-1)[0])
+    d = b.op("Mul", [b.op("Pow", [x, b.const(ev - 1.0)]), b.const(ev)])
+    return {x: _unbroadcast(b, g, b.op("Mul", [gouts[0], d]), x, node.output[0], node)}
+
+
+def _rule_add_sub(b, g, node, gouts):
+    out, gy = node.output[0], gouts[0]
+    res = {}
+    for i, x in enumerate(node.input[:2]):
+        if x in g.differentiable:
+            gx = gy if (node.op_type == "Add" or i == 0) else b.op("Neg", [gy])
+            res[x] = _unbroadcast(b, g, gx, x, out, node)
+    return res
+
+
+def _rule_mul(b, g, node, gouts):
+    a, c = node.input[0], node.input[1]
+    out, gy = node.output[0], gouts[0]
+    res = {}
+    if a in g.differentiable:
+        res[a] = _unbroadcast(b, g, b.op("Mul", [gy, c]), a, out, node)
+    if c in g.differentiable:
+        res[c] = _unbroadcast(b, g, b.op("Mul", [gy, a]), c, out, node)
+    if a == c and a in g.differentiable:  # x * x
+        res[a] = b.op("Mul", [b.op("Mul", [gy, a]), b.const(2.0)])
+    return res
+
+
+def _rule_div(b, g, node, gouts):
+    a, c = node.input[0], node.input[1]
+    out, gy = node.output[0], gouts[0]
+    res = {}
+    if a in g.differentiable:
+        res[a] = _unbroadcast(b, g, b.op("Div", [gy, c]), a, out, node)
+    if c in g.differentiable:
+        res[c] = _unbroadcast(b, g, b.op("Neg", [b.op("Div", [b.op("Mul", [gy, out]), c])]), c, out, node)
+    return res
+
+
+def _swap_last2(rank: int) -> list[int]:
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return perm
+
+
+def _rule_matmul(b, g, node, gouts):
+    a, c = node.input[0], node.input[1]
+    out, gy = node.output[0], gouts[0]
+    ra, rc = len(g.shape(a, node)), len(g.shape(c, node))
+    if ra < 2 or rc < 2:
+        raise UnsupportedOnnxOpError(f"node {node.name!r} (MatMul): 1-D operands")
+    res = {}
+    if a in g.differentiable:
+        res[a] = _unbroadcast(b, g, b.op("MatMul", [gy, b.op("Transpose", [c], perm=_swap_last2(rc))]), a, out, node)
+    if c in g.differentiable:
+        res[c] = _unbroadcast(b, g, b.op("MatMul", [b.op("Transpose", [a], perm=_swap_last2(ra)), gy]), c, out, node)
+    return res
+
+
+def _rule_gemm(b, g, node, gouts):
+    at = _attrs(node)
+    alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
+    ta, tb = int(at.get("transA", 0)), int(at.get("transB", 0))
+    a, w = node.input[0], node.input[1]
+    gy = gouts[0]
+    if alpha != 1.0:
+        gy = b.op("Mul", [gy, b.const(alpha)])
+    res = {}
+    # Y = A' B' (+ C), A' = A^T if transA, B' = B^T if transB: dA' = dY B'^T, dB' = A'^T dY
+    if a in g.differentiable:
+        ga = b.op("Gemm", [gy, w], transB=0 if tb else 1)  # dY @ B'^T
+        res[a] = b.op("Transpose", [ga], perm=[1, 0]) if ta else ga
+    if w in g.differentiable:
+        gw = b.op("Gemm", [a, gy], transA=0 if ta else 1)  # A'^T @ dY
+        res[w] = b.op("Transpose", [gw], perm=[1, 0]) if tb else gw
+    if len(node.input) > 2 and node.input[2] in g.differentiable:
+        gc = gouts[0] if beta == 1.0 else b.op("Mul", [gouts[0], b.const(beta)])
+        res[node.input[2]] = _unbroadcast(b, g, gc, node.input[2], node.output[0], node)
+    return res
+
+
+def _rule_transpose(b, g, node, gouts):
+    perm = list(_attrs(node).get("perm") or reversed(range(len(g.shape(node.input[0], node)))))
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return {node.input[0]: b.op("Transpose", [gouts[0]], perm=inv)}
+
+
+def _expand_mean_grad(b, g, node, gy, x, axes, keepdims, mean: bool):
+    """Gradient of a ReduceMean/ReduceSum/GlobalAveragePool over ``axes``: broadcast back."""
+    rank = len(g.shape(x, node))
+    axes = sorted(a % rank for a in axes)
+    if not keepdims:
+        gy = b.op("Unsqueeze", [gy, b.ints(axes)])
+    gx = b.op("Expand", [gy, b.op("Shape", [x])])
+    if mean:
+        count = int(np.prod(g.static_dims(x, node, axes)))
+        gx = b.op("Div", [gx, b.const(float(count))])
+    return gx
+
+
+def _reduce_axes(g, node) -> tuple[list[int], int]:
+    at = _attrs(node)
+    keepdims = int(at.get("keepdims", 1))
+    if "axes" in at:
+        axes = list(at["axes"])
+    elif len(node.input) > 1 and node.input[1]:
+        axes = [int(v) for v in np.asarray(g.const(node.input[1], "axes", node)).reshape(-1)]
+    else:
+        if int(at.get("noop_with_empty_axes", 0)):
+            axes = []
+        else:
+            axes = list(range(len(g.shape(node.input[0], node))))
+    return axes, keepdims
+
+
+def _rule_reduce_mean(b, g, node, gouts):
+    axes, keepdims = _reduce_axes(g, node)
+    x = node.input[0]
+    return {x: _expand_mean_grad(b, g, node, gouts[0], x, axes, keepdims, node.op_type == "ReduceMean")}
+
+
+def _rule_global_average_pool(b, g, node, gouts):
+    x = node.input[0]
+    rank = len(g.shape(x, node))
+    return {x: _expand_mean_grad(b, g, node, gouts[0], x, list(range(2, rank)), 1, True)}
+
+
+def _rule_batchnorm(b, g, node, gouts):
+    at = _attrs(node)
+    if int(at.get("training_mode", 0)):
+        raise UnsupportedOnnxOpError(f"node {node.name!r} (BatchNormalization) in training mode")
+    eps = float(at.get("epsilon", 1e-5))
+    scale = g.const(node.input[1], "scale", node).astype(np.float64)
+    var = g.const(node.input[4], "variance", node).astype(np.float64)
+    x = node.input[0]
+    rank = len(g.shape(x, node))
+    factor = (scale / np.sqrt(var + eps)).reshape([1, -1] + [1] * (rank - 2))
+    return {x: b.op("Mul", [gouts[0], b.const(factor)])}
+
+
+def _rule_layernorm(b, g, node, gouts):
+    at = _attrs(node)
+    eps = float(at.get("epsilon", 1e-5))
+    x = node.input[0]
+    rank = len(g.shape(x, node))
+    axis = int(at.get("axis", -1)) % rank
+    axes = list(range(axis, rank))
+    mu = b.reduce("ReduceMean", x, axes)
+    xc = b.op("Sub", [x, mu])
+    var = b.reduce("ReduceMean", b.op("Mul", [xc, xc]), axes)
+    rstd = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps)])])])
+    xhat = b.op("Mul", [xc, rstd])
+    gy = gouts[0]
+    if len(node.input) > 1 and node.input[1]:
+        gy = b.op("Mul", [gy, node.input[1]])  # γ (broadcast over the normalised axes)
+    # dx = rstd · (gŷ − mean(gŷ) − x̂ · mean(gŷ · x̂))
+    m1 = b.reduce("ReduceMean", gy, axes)
+    m2 = b.reduce("ReduceMean", b.op("Mul", [gy, xhat]), axes)
+    inner = b.op("Sub", [b.op("Sub", [gy, m1]), b.op("Mul", [xhat, m2])])
+    return {x: b.op("Mul", [rstd, inner])}
+
+
+def _rule_conv(b, g, node, gouts):
+    at = _attrs(node)
+    x, w = node.input[0], node.input[1]
+    if w in g.differentiable:
+        raise UnsupportedOnnxOpError(f"node {node.name!r} (Conv): non-constant weights")
+    wv = g.const(w, "weight", node)
+    k = list(wv.shape[2:])
+    nd = len(k)
+    strides = list(at.get("strides", [1] * nd))
+    dil = list(at.get("dilations", [1] * nd))
+    group = int(at.get("group", 1))
+    auto_pad = at.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    in_sp = g.static_dims(x, node, range(2, 2 + nd))
+    out_sp = g.static_dims(node.output[0], node, range(2, 2 + nd))
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads_begin, pads_end = [], []
+        for i in range(nd):
+            total = max((out_sp[i] - 1) * strides[i] + dil[i] * (k[i] - 1) + 1 - in_sp[i], 0)
+            small, big = total // 2, total - total // 2
+            pads_begin.append(small if auto_pad == "SAME_UPPER" else big)
+            pads_end.append(big if auto_pad == "SAME_UPPER" else small)
+    elif auto_pad == "VALID":
+        pads_begin = pads_end = [0] * nd
+    else:
+        pads = list(at.get("pads", [0] * (2 * nd)))
+        pads_begin, pads_end = pads[:nd], pads[nd:]
+    # ConvTranspose output = (out-1)·s + dil·(k-1) + 1 − pads_begin − pads_end + output_padding
+    out_pad = []
+    for i in range(nd):
+        reached = (out_sp[i] - 1) * strides[i] + dil[i] * (k[i] - 1) + 1 - pads_begin[i] - pads_end[i]
+        out_pad.append(in_sp[i] - reached)
+    if min(out_pad) < 0:
+        raise UnsupportedOnnxOpError(f"node {node.name!r} (Conv): cannot invert its output size")
+    return {
+        x: b.op(
+            "ConvTranspose",
+            [gouts[0], w],
+            strides=strides,
+            dilations=dil,
+            group=group,
+            pads=pads_begin + pads_end,
+            output_padding=out_pad,
+        )
+    }
+
+
+#: op type → backward rule ``(builder, graph, node, output grads) -> {input name: grad name}``.
+BACKWARD_RULES = {
+    "Identity": _rule_identity,
+    "Dropout": _rule_identity,
+    "Cast": _rule_identity,
+    "Flatten": _rule_reshape_like_input,
+    "Reshape": _rule_reshape_like_input,
+    "Squeeze": _rule_reshape_like_input,
+    "Unsqueeze": _rule_reshape_like_input,
+    "Transpose": _rule_transpose,
+    "Relu": _rule_relu,
+    "LeakyRelu": _rule_leaky_relu,
+    "Sigmoid": _rule_sigmoid,
+    "Tanh": _rule_tanh,
+    "HardSigmoid": _rule_hard_sigmoid,
+    "HardSwish": _rule_hard_swish,
+    "Clip": _rule_clip,
+    "Erf": _rule_erf,
+    "Exp": _rule_exp,
+    "Sqrt": _rule_sqrt,
+    "Reciprocal": _rule_reciprocal,
+    "Neg": _rule_neg,
+    "Pow": _rule_pow,
+    "Add": _rule_add_sub,
+    "Sub": _rule_add_sub,
+    "Mul": _rule_mul,
+    "Div": _rule_div,
+    "MatMul": _rule_matmul,
+    "Gemm": _rule_gemm,
+    "GlobalAveragePool": _rule_global_average_pool,
+    "ReduceMean": _rule_reduce_mean,
+    "ReduceSum": _rule_reduce_mean,
+    "BatchNormalization": _rule_batchnorm,
+    "LayerNormalization": _rule_layernorm,
+    "Conv": _rule_conv,
+}
+
+#: Ops whose outputs carry no gradient (integer shape arithmetic on the way to a Reshape).
+_NON_DIFFERENTIABLE = {
+    "Shape",
+    "Size",
+    "ArgMax",
+    "ArgMin",
+    "Equal",
+    "Greater",
+    "Less",
+    "Not",
+    "And",
+    "Or",
+    "ConstantOfShape",
+    "NonZero",
+    "Range",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the fuse
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FuseInfo:
+    """Facts about a fused model, for the manifest."""
+
+    input_name: str
+    logits_name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    target_shape: tuple
+    early_shape: tuple
+    early_hw: tuple[int, int]
+    head_ops: list[str]
+
+
+def _shape_of(value_info) -> tuple | None:
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = []
+    for d in t.shape.dim:
+        dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
+    return tuple(dims)
+
+
+def _fold_constants(model) -> dict:
+    """Initializers, Constant nodes, and nodes computed from them only (evaluated with the reference
+    evaluator), so weights behind a Transpose/Reshape/Cast are recognised as constants."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = ReferenceEvaluator(_single_node_model(node, [], model)).run(None, {})[0]
+        elif (
+            node.input
+            and all((not i) or i in consts for i in node.input)
+            and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike")
+        ):
+            try:
+                outs = ReferenceEvaluator(_single_node_model(node, [i for i in node.input if i], model)).run(
+                    None, {i: consts[i] for i in node.input if i}
+                )
+            except Exception:  # an op the reference evaluator lacks: treat as non-constant
+                continue
+            consts.update(zip(node.output, outs))
+    return consts
+
+
+def _single_node_model(node, inputs, model):
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [node],
+        "one",
+        [helper.make_tensor_value_info(i, 0, None) for i in inputs],
+        [helper.make_tensor_value_info(o, 0, None) for o in node.output],
+    )
+    return helper.make_model(graph, opset_imports=list(model.opset_import))
+
+
+def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_pool=(8, 8)):
+    """Return ``(fused ModelProto, FuseInfo)`` for an ONNX classifier (see the module docstring).
+
+    Args:
+        model: ``onnx.ModelProto``: one NCHW float input, first output the logits ``[N, K]``.
+        target / early: tensor names of the Grad-CAM activations and of the early features.
+        input_shape: ``(C, H, W)``; required when the input's spatial dims are not static.
+        early_pool: average-pool the early features to this grid in-graph (``None``: keep them).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never modify the caller's model
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < 13:
+        raise ValueError(f"the model's ONNX opset is {opset}; opset 13 or later is needed (convert it first)")
+    init_names = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init_names]
+    if len(inputs) != 1:
+        raise ValueError(f"the model must have one input tensor (NCHW image), it has {[i.name for i in inputs]}")
+    if not graph.output:
+        raise ValueError("the model has no outputs")
+    inp, logits_name = inputs[0], graph.output[0].name
+    if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ValueError(f"input {inp.name!r} must be float32")
+    shape = _shape_of(inp)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"input {inp.name!r} must be 4-D NCHW, its shape is {shape}")
+    if input_shape is not None:
+        c, h, w = (int(v) for v in input_shape)
+        for axis, (have, want) in enumerate(zip(shape[1:], (c, h, w)), start=1):
+            if isinstance(have, int) and have != want:
+                raise ValueError(f"--input-shape {c},{h},{w} disagrees with the model's input {shape} (axis {axis})")
+    else:
+        if not all(isinstance(d, int) for d in shape[1:]):
+            raise ValueError(f"the model's input {inp.name!r} has dynamic dims {shape}: give --input-shape C,H,W")
+        c, h, w = shape[1:]
+    dims = inp.type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_param = "batch"
+    for d, v in zip(dims[1:], (c, h, w)):
+        d.Clear()
+        d.dim_value = v
+
+    names = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    taken = [n for n in (INPUT_NAME, *OUTPUT_NAMES[1:]) if n in names and n != inp.name]
+    if taken or (OUTPUT_NAMES[0] in names and OUTPUT_NAMES[0] != logits_name):
+        raise ValueError(
+            f"the model already has tensors named {taken or [OUTPUT_NAMES[0]]}; gamguard needs "
+            "those names for its input and outputs (rename them first)"
+        )
+    for role, name in (("target", target), ("early", early)):
+        if name not in names:
+            raise ValueError(f"{role} tensor {name!r} is not produced in the graph (look the names up in Netron)")
+
+    # shapes of every tensor (value_info dropped first: stale batch sizes would contradict "batch")
+    del graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise ValueError(f"ONNX shape inference failed on the model: {exc}") from exc
+    shapes, elem_types = {}, {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        shapes[vi.name] = _shape_of(vi)
+        elem_types[vi.name] = vi.type.tensor_type.elem_type
+    for role, name in (("target", target), ("early", early)):
+        s = shapes.get(name)
+        if s is None or len(s) != 4 or not all(isinstance(v, int) for v in s[1:]):
+            raise ValueError(f"{role} tensor {name!r} must be [N, C, h, w] with static C, h, w; its shape is {s}")
+    logits_shape = shapes.get(logits_name)
+    if logits_shape is None or len(logits_shape) != 2 or not isinstance(logits_shape[1], int):
+        raise ValueError(f"the first output {logits_name!r} must be logits [N, K], its shape is {logits_shape}")
+
+    constants = _fold_constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+
+    # head: nodes that depend on target and that the logits depend on
+    depends = {target}
+    for n in graph.node:  # ONNX graphs are topologically sorted
+        if any(i in depends for i in n.input):
+            depends.update(n.output)
+    if logits_name not in depends:
+        raise ValueError(f"the logits {logits_name!r} do not depend on the target tensor {target!r}")
+    if early in depends and early != target:
+        raise ValueError(f"early tensor {early!r} is computed from the target tensor {target!r}; pick an earlier one")
+    needed, stack = set(), [logits_name]
+    while stack:
+        t = stack.pop()
+        if t in needed or t == target:
+            continue
+        needed.add(t)
+        if t in producer:
+            stack.extend(i for i in producer[t].input if i)
+    head = [n for n in graph.node if any(o in needed for o in n.output) and any(o in depends for o in n.output)]
+    # a head input that is neither from target nor constant: a skip connection around the target
+    for n in head:
+        for i in n.input:
+            if i and i not in depends and i not in constants and elem_types.get(i) == TensorProto.FLOAT:
+                raise UnsupportedOnnxOpError(
+                    f"node {n.name!r} ({n.op_type}) after the target also reads {i!r}, computed before or beside "
+                    f"the target tensor {target!r} (a skip connection around it); choose a later target tensor"
+                )
+    differentiable = {t for t in depends if elem_types.get(t) in (TensorProto.FLOAT, None) and t not in constants}
+    for n in head:
+        if n.op_type in _NON_DIFFERENTIABLE:
+            differentiable.difference_update(n.output)
+    g = _Graph(model, constants, shapes, elem_types, differentiable)
+    b = _Builder(graph, opset)
+
+    # seed: one-hot of the argmax logit (first index on ties, as torch's argmax)
+    k = logits_shape[1]
+    cls = b.op("ArgMax", [logits_name], axis=1, keepdims=1)  # [N, 1] int64
+    onehot = b.op("Cast", [b.op("Equal", [b.ints(np.arange(k)[None, :]), cls])], to=TensorProto.FLOAT)
+    grads: dict[str, list[str]] = {logits_name: [onehot]}
+    for n in reversed(head):
+        gouts = []
+        for o in n.output:
+            gs = grads.get(o)
+            if not gs:
+                gouts.append(None)
+            elif len(gs) == 1:
+                gouts.append(gs[0])
+            else:
+                gouts.append(b.op("Sum", gs))
+        if gouts[0] is None or not any(i in differentiable for i in n.input):
+            continue
+        rule = BACKWARD_RULES.get(n.op_type)
+        if rule is None:
+            raise UnsupportedOnnxOpError(
+                f"node {n.name!r} ({n.op_type}) in the head after {target!r} has no backward rule here "
+                f"(supported: {', '.join(sorted(BACKWARD_RULES))}); choose a later target tensor, e.g. the "
+                "input of the global pooling"
+            )
+        for name, gx in rule(b, g, n, gouts).items():
+            if name in differentiable:
+                grads.setdefault(name, []).append(gx)
+    if not grads.get(target):
+        raise ValueError(f"no gradient reaches the target tensor {target!r}")
+    gt = grads[target]
+    grad = gt[0] if len(gt) == 1 else b.op("Sum", gt)
+
+    # Grad-CAM (same sequence as gradcam.gradcam_map)
+    _, ct, ht, wt = shapes[target]
+    weights = b.reduce("ReduceMean", grad, [2, 3], keepdims=0)  # [N, C]
+    acts = b.op("Reshape", [target, b.ints([-1, ct, ht * wt])])
+    cam = b.op("MatMul", [b.op("Unsqueeze", [weights, b.ints([1])]), acts])  # [N, 1, hw]
+    cam = b.op("Relu", [b.op("Reshape", [cam, b.ints([-1, ht, wt])])])
+    cam = b.op("Sub", [cam, b.reduce("ReduceMin", cam, [1, 2])])
+    cam = b.op("Div", [cam, b.op("Add", [b.const(CAM_EPS), b.reduce("ReduceMax", cam, [1, 2])])])
+    rows = b.const(bilinear_matrix(ht, h), "interp_rows")
+    cols_t = b.const(bilinear_matrix(wt, w).T.copy(), "interp_cols")
+    cam = b.op("MatMul", [rows, b.op("MatMul", [cam, cols_t])])
+    lo = b.reduce("ReduceMin", cam, [1, 2])
+    hi = b.reduce("ReduceMax", cam, [1, 2])
+    cam_out = b.op("Div", [b.op("Sub", [cam, lo]), b.op("Add", [b.const(CAM_EPS), b.op("Sub", [hi, lo])])])
+
+    _, ce, he, we = shapes[early]
+    if early_pool is not None:
+        pr = b.const(bin_matrix(he, int(early_pool[0])), "pool_rows")
+        pc = b.const(bin_matrix(we, int(early_pool[1])).T.copy(), "pool_cols")
+        early_out = b.op("MatMul", [pr, b.op("MatMul", [early, pc])])
+        early_shape = (ce, int(early_pool[0]), int(early_pool[1]))
+    else:
+        early_out = b.op("Identity", [early])
+        early_shape = (ce, he, we)
+
+    # wire: input renamed `image`, outputs logits / cam / early
+    old_in = inp.name
+    for n in list(graph.node) + b.nodes:
+        for i, name in enumerate(n.input):
+            if name == old_in:
+                n.input[i] = INPUT_NAME
+    if target == old_in or early == old_in:
+        raise ValueError("the target and early tensors must be computed by the model, not its input")
+    inp.name = INPUT_NAME
+    graph.node.extend(b.nodes)
+    graph.initializer.extend(b.inits)
+    final = {}
+    for out_name, src in zip(OUTPUT_NAMES, (logits_name, cam_out, early_out)):
+        if src == out_name:
+            final[out_name] = src
+            continue
+        graph.node.append(helper.make_node("Identity", [src], [out_name], name=f"gg_out_{out_name}"))
+    del graph.output[:]
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.FLOAT, ["batch", k]),
+            helper.make_tensor_value_info(OUTPUT_NAMES[1], TensorProto.FLOAT, ["batch", h, w]),
+            helper.make_tensor_value_info(OUTPUT_NAMES[2], TensorProto.FLOAT, ["batch", *early_shape]),
+        ]
+    )
+    info = FuseInfo(
+        input_name=old_in,
+        logits_name=logits_name,
+        input_shape=(c, h, w),
+        num_classes=k,
+        target_shape=tuple(shapes[target][1:]),
+        early_shape=early_shape,
+        early_hw=(he, we),
+        head_ops=[f"{n.op_type} {n.name}" for n in head],
+    )
+    return model, info
+
+
+def resolve_garbage_class(class_names, garbage_class) -> int:
+    """``garbage_class`` as an index into ``class_names`` (given as a name or an index)."""
+    if isinstance(garbage_class, str) and not garbage_class.lstrip("-").isdigit():
+        if garbage_class not in class_names:
+            raise ValueError(f"garbage class {garbage_class!r} is not one of {class_names}")
+        return class_names.index(garbage_class)
+    index = int(garbage_class)
+    if not 0 <= index < len(class_names):
+        raise ValueError(f"garbage class index {index} is out of range for {len(class_names)} classes")
+    return index
+
+
+def export_onnx_bundle(
+    onnx_path,
+    out_dir,
+    *,
+    target_tensor: str,
+    early_tensor: str,
+    class_names,
+    garbage_class,
+    input_shape=None,
+    normalization=None,
+    model_name: str | None = None,
+    model_version: str = "1",
+    early_pool=(8, 8),
+    resize: str = "stretch",
+    photometric: str = "MONOCHROME2",
+    seed: int = 0,
+) -> dict:
+    """Guard an ONNX classifier: write ``out_dir/model.onnx`` (fused) and ``bundle.json``; no torch.
+
+    The fused model is checked with ``onnx.checker`` and gamguard's graph rules, and run with ONNX
+    Runtime against the original at batches 2, 3 and 1: the logits must agree (relative 1e-4), the
+    early features must equal the original's tensor, the map must lie in [0, 1]. Returns the manifest.
+    ``normalization`` is ``(mean, std)`` (scalars or per channel) applied to pixels in [0, 1]; default
+    mean 0, std 1. A 3-channel model is fed the grey image replicated to every channel.
+    """
+    import shutil
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    from gamguard.runtime import bundle as bundle_mod
+    from gamguard.runtime.bundle import InputSpec
+
+    from .onnx_checks import (
+        LOGITS_RTOL,
+        ExportError,
+        as_mean_std,
+        check_onnx_graph,
+        check_out_dir,
+        max_rel,
+        ort_session,
+        prepare_out_dir,
+    )
+
+    t_start = time.perf_counter()
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    if not onnx_path.is_file():
+        raise ValueError(f"{onnx_path} does not exist")
+    check_out_dir(out_dir)
+    class_names = [str(n) for n in class_names]
+    garbage_index = resolve_garbage_class(class_names, garbage_class)
+    try:
+        original = onnx.load(str(onnx_path))
+    except Exception as exc:
+        raise ValueError(f"{onnx_path}: not a readable ONNX model: {exc}") from exc
+    fused, info = fuse_onnx_model(original, target_tensor, early_tensor, input_shape=input_shape, early_pool=early_pool)
+    if info.num_classes != len(class_names):
+        raise ValueError(f"the model has {info.num_classes} outputs but {len(class_names)} class names were given")
+    c, h, w = info.input_shape
+    mean, std = as_mean_std(normalization if normalization is not None else (0.0, 1.0), c)
+    spec = InputSpec(channels=c, height=h, width=w, mean=mean, std=std, resize=resize, photometric=photometric)
+
+    # the original with the early tensor exposed: the reference for the parity check
+    reference = onnx.ModelProto.FromString(original.SerializeToString())
+    reference.graph.output.extend([onnx.helper.make_tensor_value_info(early_tensor, onnx.TensorProto.FLOAT, None)])
+    ref_input = info.input_name
+    pool = None
+    if early_pool is not None:
+        he, we = info.early_hw
+        pool = (bin_matrix(he, early_pool[0]), bin_matrix(we, early_pool[1]))
+
+    with tempfile.TemporaryDirectory(prefix="gamguard-export-") as tmp:
+        tmp_model = Path(tmp) / bundle_mod.MODEL_FILE
+        onnx.save(fused, str(tmp_model))
+        op_types = check_onnx_graph(tmp_model)
+        session = ort_session(tmp_model)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        ref_session = ort.InferenceSession(reference.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(seed)
+        parity = []
+        for batch in (2, 3, 1):
+            x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
+            logits, cam, early = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+            ref_out = ref_session.run(None, {ref_input: x})
+            ref_logits, ref_early = ref_out[0], ref_out[-1]
+            if pool is not None:
+                ref_early = pool[0] @ ref_early @ pool[1].T
+            result = {
+                "batch": batch,
+                "logits_max_rel": max_rel(logits, ref_logits),
+                "early_max_rel": max_rel(early, ref_early),
+                "cam_range": [float(cam.min()), float(cam.max())],
+            }
+            problems = []
+            if result["logits_max_rel"] > LOGITS_RTOL:
+                problems.append(f"logits differ from the original model by {result['logits_max_rel']:.2e}")
+            if result["early_max_rel"] > 1e-4:
+                problems.append(f"early features differ by {result['early_max_rel']:.2e}")
+            if not (-1e-6 <= cam.min() and cam.max() <= 1 + 1e-6) or not np.isfinite(cam).all():
+                problems.append(f"cam outside [0, 1]: {result['cam_range']}")
+            if problems:
+                raise ExportError(
+                    f"the fused model does not reproduce the original at batch {batch}: " + "; ".join(problems)
+                )
+            parity.append(result)
+        del session, ref_session
+        prepare_out_dir(out_dir)
+        shutil.copyfile(tmp_model, out_dir / bundle_mod.MODEL_FILE)
+
+    manifest = {
+        "model": {"name": str(model_name or onnx_path.stem), "version": str(model_version)},
+        "class_names": class_names,
+        "garbage_class": garbage_index,
+        "input": spec.to_manifest(),
+        "layers": {"target": target_tensor, "early": early_tensor},
+        "outputs": {"cam": [h, w], "early": list(info.early_shape)},
+        "export": {
+            "opset": int(next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx"))),
+            "exporter": "onnx-fuse",
+            "source": onnx_path.name,
+            "head_kind": "onnx",
+            "head": info.head_ops,
+            "early_pool": list(early_pool) if early_pool else None,
+            "dynamic_batch": True,
+            "dynamic_spatial": False,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "seconds": round(time.perf_counter() - t_start, 3),
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "op_types": op_types,
+            "parity": {
+                "logits_max_rel": max(p["logits_max_rel"] for p in parity),
+                "early_max_rel": max(p["early_max_rel"] for p in parity),
+                "batches": [p["batch"] for p in parity],
+            },
+        },
+        "calibration": None,
+        "guard": {"policy": "calibrated", "enforced_checks": ["garbage", "attention", "feature"]},
+    }
+    return bundle_mod.write_manifest(out_dir, manifest)

@@ -1,0 +1,303 @@
+"""Every architecture of the zoo exports, and its fused map is autograd Grad-CAM.
+
+The zoo (``gamguard.exporter.zoo``) holds small but structurally faithful ResNet-18/50, DenseNet-121,
+EfficientNet-B0, MobileNetV3-Small, ConvNeXt-T and VGG-11-BN classifiers. Each is trained for a few
+steps on the blob task of ``test_export`` (so batch-norm statistics move off their initial values and
+the maps have structure), exported, and compared with the autograd Grad-CAM reference (pytorch-grad-cam's
+semantics): CAM max |diff| <= 1e-3, logits <= 1e-4 relative, early features equal.
+
+The ONNX-only route is checked the same way: the torch model is first exported to a plain ONNX
+classifier (no gamguard involved), then guarded from that file alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("cv2")
+
+import torch.nn.functional as F  # noqa: E402
+from test_export import blobs, early_reference, reference_gradcam  # noqa: E402
+
+from gamguard.exporter.export import export_bundle  # noqa: E402
+from gamguard.exporter.zoo import ZOO  # noqa: E402
+from gamguard.runtime import bundle as bundle_mod  # noqa: E402
+
+SIZE = 64
+CLASSES = ["round", "bar", "garbage"]
+# The 1-channel variant of every architecture runs by default, the 3-channel variant (an RGB backbone
+# fed replicated grey) of two of them; GAMGUARD_ZOO_FULL=1 adds the other five 3-channel variants
+# (about 5 more minutes on two cores).
+FULL = os.environ.get("GAMGUARD_ZOO_FULL") == "1"
+CASES = [pytest.param(name, 1, id=f"{name}-1ch") for name in ZOO] + [
+    pytest.param(
+        name,
+        3,
+        id=f"{name}-3ch",
+        marks=()
+        if FULL or name in ("resnet18", "efficientnet_b0")
+        else pytest.mark.skip(reason="3-channel variant: set GAMGUARD_ZOO_FULL=1"),
+    )
+    for name in ZOO
+]
+
+
+def _data(n, channels, seed):
+    x, y, _ = blobs(n, SIZE, SIZE, seed)
+    return x.repeat(1, channels, 1, 1), y
+
+
+@functools.lru_cache(maxsize=None)
+def trained_zoo_model(name, channels, steps=40, seed=0):
+    """A zoo model trained briefly on the blob task (eval mode; cached: callers must not modify it)."""
+    torch.manual_seed(seed)
+    model, target, early = ZOO[name](len(CLASSES), channels)
+    x, y = _data(512, channels, seed + 100)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), target, early
+
+
+def _bn_moved(model) -> bool:
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    return all(not torch.allclose(m.running_var, torch.ones_like(m.running_var)) for m in bns)
+
+
+def _check_against_reference(model, target, early, run, channels):
+    worst = {"cam": 0.0, "logits": 0.0, "early": 0.0}
+    structured = 0
+    for batch, seed in ((1, 7), (3, 8)):
+        x, _ = _data(batch, channels, 1000 + seed)
+        logits, cam, feats = run(x)
+        cam_ref, logits_ref = reference_gradcam(model, target, x)
+        assert cam.shape == (batch, SIZE, SIZE)
+        structured += int(np.sum(cam_ref.max(axis=(1, 2)) - cam_ref.min(axis=(1, 2)) > 0.5))
+        same = logits.argmax(1) == logits_ref.argmax(1)
+        worst["cam"] = max(worst["cam"], float(np.abs(cam[same] - cam_ref[same]).max()) if same.any() else 0.0)
+        worst["logits"] = max(worst["logits"], float(np.abs(logits - logits_ref).max() / np.abs(logits_ref).max()))
+        feats_ref = early_reference(model, early, x)
+        worst["early"] = max(worst["early"], float(np.abs(feats - feats_ref).max() / np.abs(feats_ref).max()))
+    assert structured >= 2, "the reference maps are blank: the parity check would be vacuous"
+    assert worst["cam"] <= 1e-3, worst
+    assert worst["logits"] <= 1e-4, worst
+    assert worst["early"] <= 1e-5, worst
+    return worst
+
+
+@pytest.mark.parametrize("name, channels", CASES)
+def test_zoo_exports_with_gradcam_parity(name, channels, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, target, early = trained_zoo_model(name, channels)
+        assert _bn_moved(model)
+        norm = ([0.5] * channels, [0.25] * channels)
+        manifest = export_bundle(
+            model,
+            tmp_path / "b",
+            class_names=CLASSES,
+            garbage_class="garbage",
+            target_layer=target,
+            early_layer=early,
+            input_shape=(channels, SIZE, SIZE),
+            normalization=norm,
+            model_name=name,
+        )
+        assert manifest["input"]["channels"] == channels
+        sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+        worst = _check_against_reference(
+            model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), channels
+        )
+        print(f"\n{name} {channels}ch ({manifest['export']['head_kind']}): {worst}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Taps(torch.nn.Module):
+    """The model, returning its target and early activations too (to learn their ONNX tensor names)."""
+
+    def __init__(self, model, target, early):
+        super().__init__()
+        self.model, self.store = model, {}
+        mods = dict(model.named_modules())
+        mods[target].register_forward_hook(lambda m, i, o: self.store.__setitem__("target", o))
+        mods[early].register_forward_hook(lambda m, i, o: self.store.__setitem__("early", o))
+
+    def forward(self, x):
+        return self.model(x), self.store["target"], self.store["early"]
+
+
+def torch_to_plain_onnx(model, target, early, path, channels):
+    """A plain ONNX classifier (input ``input``, output ``output``) in which the target and early
+    activations are the tensors ``tgt`` and ``erl``: what a user finds by name in Netron."""
+    with torch.no_grad():
+        torch.onnx.export(
+            _Taps(model, target, early).eval(),
+            (torch.randn(2, channels, SIZE, SIZE),),
+            str(path),
+            dynamo=True,
+            input_names=["input"],
+            output_names=["output", "tgt", "erl"],
+            opset_version=18,
+            external_data=False,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
+        )
+    proto = onnx.load(str(path))
+    del proto.graph.output[1:]
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small"])
+def test_onnx_only_export_parity(name, tmp_path):
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, target, early = trained_zoo_model(name, 1)
+        torch_to_plain_onnx(model, target, early, tmp_path / "plain.onnx", 1)
+        manifest = export_onnx_bundle(
+            tmp_path / "plain.onnx",
+            tmp_path / "b",
+            target_tensor="tgt",
+            early_tensor="erl",
+            class_names=CLASSES,
+            garbage_class="garbage",
+            normalization=(0.5, 0.25),
+        )
+        assert manifest["export"]["exporter"] == "onnx-fuse" and manifest["garbage_class"] == 2
+        bundle_mod.verify_hashes(tmp_path / "b", bundle_mod.read_manifest(tmp_path / "b"))
+        proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
+        assert [i.name for i in proto.graph.input] == ["image"]
+        assert [o.name for o in proto.graph.output] == ["logits", "cam", "early"]
+        assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+        sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+        worst = _check_against_reference(
+            model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
+        )
+        print(f"\nONNX-only {name}: {worst}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cli_export_onnx_without_torch(tmp_path):
+    """`gamguard export --onnx` in a process where torch cannot be imported; a 3-channel model with
+    per-channel normalisation, served from grey images replicated to its channels."""
+    model, target, early = trained_zoo_model("resnet18", 3)
+    torch_to_plain_onnx(model, target, early, tmp_path / "rgb.onnx", 3)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from gamguard.runtime.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    args = [
+        "export",
+        "--onnx",
+        str(tmp_path / "rgb.onnx"),
+        "--target-tensor",
+        "tgt",
+        "--early-tensor",
+        "erl",
+        "--out",
+        str(tmp_path / "b"),
+        "--class-names",
+        ",".join(CLASSES),
+        "--garbage-class",
+        "garbage",
+        "--mean",
+        "0.485,0.456,0.406",
+        "--std",
+        "0.229,0.224,0.225",
+        "--json",
+    ]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert manifest["input"]["channels"] == 3 and manifest["input"]["channel_source"] == "grey-replicated"
+    assert manifest["input"]["mean"] == [0.485, 0.456, 0.406] and manifest["garbage_class"] == 2
+    assert manifest["export"]["exporter"] == "onnx-fuse" and "ONNX Runtime vs the original" in done.stderr
+
+    # the runtime's preprocessing feeds the grey image to every channel, normalised per channel
+    from gamguard.runtime.bundle import InputSpec
+    from gamguard.runtime.preprocess import preprocess
+
+    spec = InputSpec.from_manifest(manifest["input"])
+    grey = np.random.default_rng(0).uniform(0, 1, (80, 70)).astype(np.float32)
+    x = preprocess(grey, spec)
+    assert x.shape == (3, SIZE, SIZE)
+    back = x * np.asarray(spec.std, np.float32)[:, None, None] + np.asarray(spec.mean, np.float32)[:, None, None]
+    np.testing.assert_allclose(back[0], back[1], atol=1e-5)
+    np.testing.assert_allclose(back[1], back[2], atol=1e-5)
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, cam, _ = sess.run(["logits", "cam", "early"], {"image": x[None]})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(torch.from_numpy(x[None])).numpy(), rtol=1e-4, atol=1e-4)
+
+    bad = subprocess.run([sys.executable, "-c", code, *args[:6], "nope", *args[7:-1]], capture_output=True, text=True)
+    assert bad.returncode == 2 and "early tensor 'nope' is not produced in the graph" in bad.stderr
+
+
+def test_onnx_only_unsupported_op_is_named(tmp_path):
+    """A head op without a backward rule (ConvNeXt's LayerNorm2d exported through a Gather) is refused
+    by name, with a hint."""
+    from gamguard.exporter.onnx_fuse import UnsupportedOnnxOpError, export_onnx_bundle
+
+    model, target, early = ZOO["convnext_tiny"](len(CLASSES), 1)
+    torch_to_plain_onnx(model.eval(), target, early, tmp_path / "m.onnx", 1)
+    with pytest.raises(
+        UnsupportedOnnxOpError, match=r"\((Gather|Slice)\) in the head after 'tgt' has no backward rule"
+    ):
+        export_onnx_bundle(
+            tmp_path / "m.onnx",
+            tmp_path / "b",
+            target_tensor="tgt",
+            early_tensor="erl",
+            class_names=CLASSES,
+            garbage_class=2,
+        )
+    assert not (tmp_path / "b").exists()
+
+
+def test_garbage_class_for_zoo_heads():
+    """add_garbage_class widens MobileNetV3's last Linear and a SqueezeNet-style final 1x1 conv;
+    finetune_with_garbage trains the new class; the first N logits are unchanged."""
+    from torch import nn
+
+    from gamguard.exporter.garbage import add_garbage_class, finetune_with_garbage
+
+    torch.manual_seed(0)
+    mobilenet, _, _ = ZOO["mobilenet_v3_small"](2, 1)
+    squeeze = nn.Sequential(
+        nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    x, y = _data(48, 1, 5)
+    keep = y < 2
+    x_id, y_id, x_garbage = x[keep], y[keep], x[~keep]
+    for model, layer in ((mobilenet.eval(), "classifier.3"), (squeeze.eval(), "2")):
+        with torch.no_grad():
+            before = model(x_id)
+        add_garbage_class(model)
+        widened = dict(model.named_modules())[layer]
+        assert (widened.out_features if isinstance(widened, nn.Linear) else widened.out_channels) == 3
+        with torch.no_grad():
+            torch.testing.assert_close(model(x_id)[:, :2], before, rtol=1e-5, atol=1e-5)
+        finetune_with_garbage(model, x_id, y_id, x_garbage, epochs=40, lr=3e-2)
+        with torch.no_grad():
+            assert (model(x_garbage).argmax(1) == 2).float().mean() > 0.5
