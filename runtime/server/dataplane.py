@@ -390,16 +390,9 @@ class DataPlane:
             self.record_refused(request_id, protocol, exc)
             raise
         except asyncio.CancelledError:  # the client went away (or its deadline passed) mid-request
-            if self.audit is not None:
-                self.audit.record_refused(
-                    request_id,
-                    protocol=protocol,
-                    model=self.model_name,
-                    version=self.model_version,
-                    bundle_hash=self.bundle_hash,
-                    status="CANCELLED",
-                    detail="the call was cancelled by the client before its verdict",
-                )
+            self._audit_refusal(
+                request_id, protocol, "CANCELLED", "the call was cancelled by the client before its verdict"
+            )
             raise
         if not verdict.accepted and not self.config.reveal_rejected_details:
             verdict = verdict.without_class_details()
@@ -489,8 +482,7 @@ class DataPlane:
                 bundle_dir=self._bundle_dir,
             )
 
-    def record_refused(self, request_id: str, protocol: str, exc: DataPlaneError) -> None:
-        """Audit one request refused for a reason other than its input (overload, deadline, draining)."""
+    def _audit_refusal(self, request_id: str, protocol: str, status: str, detail: str) -> None:
         if self.audit is not None:
             self.audit.record_refused(
                 request_id,
@@ -498,22 +490,17 @@ class DataPlane:
                 model=self.model_name,
                 version=self.model_version,
                 bundle_hash=self.bundle_hash,
-                status=REFUSAL_STATUS.get(type(exc), "INTERNAL"),
-                detail=str(exc),
+                status=status,
+                detail=detail,
             )
+
+    def record_refused(self, request_id: str, protocol: str, exc: DataPlaneError) -> None:
+        """Audit one request refused for a reason other than its input (overload, deadline, draining)."""
+        self._audit_refusal(request_id, protocol, REFUSAL_STATUS.get(type(exc), "INTERNAL"), str(exc))
 
     def record_error(self, request_id: str, protocol: str, detail: str) -> None:
         """Audit one request that ended in an internal error (status INTERNAL)."""
-        if self.audit is not None:
-            self.audit.record_refused(
-                request_id,
-                protocol=protocol,
-                model=self.model_name,
-                version=self.model_version,
-                bundle_hash=self.bundle_hash,
-                status="INTERNAL",
-                detail=detail,
-            )
+        self._audit_refusal(request_id, protocol, "INTERNAL", detail)
 
     def record_invalid(self, request_id: str, protocol: str, message: str, *, elapsed_ms: float = 0.0) -> None:
         """Count and audit one invalid input; also called by the protocol adapters for inputs they
