@@ -216,10 +216,8 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[
     _set_measured(cal, rates, checks_key(guard_section["enforced_checks"]), guard_section["policy"])
     if cal.get("site"):  # the stored null and conformal parts are the site's images
         cal["measured_method"] = f"{CROSSFIT_FOLDS}-fold cross-fitted on the site images"
-    manifest["calibration"] = cal
-    _record_thresholds(manifest, arrays)
-    _check_cut_is_usable(manifest, checks_key(guard_section["enforced_checks"]), alpha)
-    manifest = bundle_mod.write_manifest(bundle_dir, manifest)
+    key = checks_key(guard_section["enforced_checks"])
+    manifest = _commit_calibration(bundle_dir, manifest, cal, arrays, key, alpha, write_references=False)
     if progress:
         progress(f"alpha {alpha}: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f}")
     return manifest
@@ -372,6 +370,20 @@ def score_held_out(
     return ScoreSet.concat(parts)
 
 
+def _commit_calibration(
+    bundle_dir: Path, manifest: dict, cal: dict, arrays: dict, key: str, alpha: float, *, write_references: bool = True
+) -> dict:
+    """The last step of every calibration: thresholds rebuilt from the arrays as serving will, the cut
+    checked, then ``reference.npz`` (unless unchanged: ``write_references=False``) and the re-hashed manifest
+    written. Returns the written manifest."""
+    manifest["calibration"] = cal
+    _record_thresholds(manifest, arrays)
+    _check_cut_is_usable(manifest, key, alpha)
+    if write_references:
+        write_reference_file(Path(bundle_dir), arrays)
+    return bundle_mod.write_manifest(bundle_dir, manifest)
+
+
 def write_reference_file(bundle_dir: Path, arrays: dict) -> None:
     """Write ``reference.npz`` next to the bundle, then move it in: a failure before this point leaves the
     old calibration intact (the manifest is re-hashed after)."""
@@ -482,12 +494,8 @@ def calibrate_bundle(
     }
     _set_measured(cal, rates, default_key, guard_section["policy"])
     manifest = dict(manifest)
-    manifest["calibration"] = cal
     manifest["guard"] = guard_section
-    _record_thresholds(manifest, arrays)  # rebuilds the tables from the arrays, as serving will
-    _check_cut_is_usable(manifest, default_key, alpha)
-    write_reference_file(bundle_dir, arrays)
-    manifest = bundle_mod.write_manifest(bundle_dir, manifest)
+    manifest = _commit_calibration(bundle_dir, manifest, cal, arrays, default_key, alpha)
     if progress:
         progress(
             f"done: measured held-out false-rejection rate {cal['measured_false_rejection_rate']:.3f} "
@@ -617,11 +625,7 @@ def calibrate_site(
     key = checks_key(guard_section["enforced_checks"])
     _set_measured(cal, rates, key, guard_section["policy"])
     cal["measured_method"] = f"{CROSSFIT_FOLDS}-fold cross-fitted on the site images"
-    manifest["calibration"] = cal
-    _record_thresholds(manifest, arrays)
-    _check_cut_is_usable(manifest, key, alpha)
-    write_reference_file(bundle_dir, arrays)
-    manifest = bundle_mod.write_manifest(bundle_dir, manifest)
+    manifest = _commit_calibration(bundle_dir, manifest, cal, arrays, key, alpha)
     if progress:
         progress(
             f"done: site {site.get('name', '?')!r}, measured false-rejection rate on the site images "

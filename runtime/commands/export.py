@@ -137,7 +137,6 @@ def _run_onnx(args) -> dict:
 
 
 def run(args) -> int:
-    import json
     import logging
     import sys
 
@@ -171,11 +170,7 @@ def run(args) -> int:
             f"(batches {parity['batches']})",
             file=sys.stderr,
         )
-        if args.json:
-            print(json.dumps(manifest, indent=2))
-        else:
-            print(f"wrote {args.out} (model.onnx + bundle.json); next: gamguard calibrate --bundle {args.out}")
-        return 0
+        return _print_result(args, manifest)
 
     require_export_extra()
     from gamguard.exporter.export import ExportError, export_bundle
@@ -232,6 +227,12 @@ def run(args) -> int:
         f"(batches {parity['batches']})",
         file=sys.stderr,
     )
+    return _print_result(args, manifest)
+
+
+def _print_result(args, manifest: dict) -> int:
+    import json
+
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:

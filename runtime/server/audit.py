@@ -71,12 +71,7 @@ class AuditLog:
         v = result.verdict
         self._write(
             {
-                "time": self._now(),
-                "request_id": result.request_id,
-                "protocol": protocol,
-                "model": model,
-                "version": version,
-                "bundle_hash": bundle_hash,
+                **self._request(result.request_id, protocol, model, version, bundle_hash),
                 "decision": "accepted" if v.accepted else "rejected",
                 "reasons": list(v.reasons or []),
                 "failed_measures": list(v.failed_measures or []),
@@ -91,17 +86,23 @@ class AuditLog:
             }
         )
 
+    def _request(self, request_id: str, protocol: str, model: str, version: str, bundle_hash: str) -> dict:
+        """The fields every request's line starts with."""
+        return {
+            "time": self._now(),
+            "request_id": request_id,
+            "protocol": protocol,
+            "model": model,
+            "version": version,
+            "bundle_hash": bundle_hash,
+        }
+
     def record_invalid(
         self, request_id: str, *, protocol: str, model: str, version: str, bundle_hash: str, detail: str
     ) -> None:
         self._write(
             {
-                "time": self._now(),
-                "request_id": request_id,
-                "protocol": protocol,
-                "model": model,
-                "version": version,
-                "bundle_hash": bundle_hash,
+                **self._request(request_id, protocol, model, version, bundle_hash),
                 "decision": "invalid",
                 "reasons": ["INVALID_INPUT"],
                 "detail": detail[:500],
@@ -113,12 +114,7 @@ class AuditLog:
     ) -> None:
         self._write(
             {
-                "time": self._now(),
-                "request_id": request_id,
-                "protocol": protocol,
-                "model": model,
-                "version": version,
-                "bundle_hash": bundle_hash,
+                **self._request(request_id, protocol, model, version, bundle_hash),
                 "decision": "error" if status == "INTERNAL" else "refused",
                 "reasons": [],
                 "status": status,
