@@ -34,7 +34,8 @@ class AttentionNull:
             sel = null.pred_real == c
             if sel.sum() >= MIN_NULL_PER_CLASS:
                 self.per_class[c] = [TailPValue(dissimilarity(m, null.sims[sel, j])) for j, m in enumerate(MEASURES)]
-        self.combined = TailPValue(neglog(self.measure_pvalues(null).min(axis=1)))
+        # min_scale 1: beyond the null, the check's p-value falls no faster than its smallest measure's
+        self.combined = TailPValue(neglog(self.measure_pvalues(null).min(axis=1)), min_scale=1.0)
 
     def tables_for(self, cls: int) -> list[TailPValue]:
         return self.per_class.get(int(cls), self.pooled)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import gammaincinv
 
 from ..similarity import HIGHER_IS_SIMILAR
 from .errors import CalibrationError
 
 TAIL_FRACTION = 0.1
+#: the tail scale is the upper confidence bound of the exponential scale at this level (see TailPValue)
+TAIL_CONFIDENCE = 0.95
 
 
 def dissimilarity(measure: str, values: np.ndarray) -> np.ndarray:
@@ -28,14 +31,26 @@ class TailPValue:
     Inside the null's range: linear interpolation of ``(1 + #{null >= x}) / (n + 1)`` between the
     sorted null values (1 below the minimum). Beyond the null maximum the rank p-value would stick at
     its floor ``~1/(n+1)``, so ties among all far-off inputs would make a conformal cut impossible;
-    there the p-value decays exponentially, ``p_max · exp(-(x - x_max) / scale)``, with ``scale`` the
-    mean excess of the top ``TAIL_FRACTION`` of the null over its ``1 - TAIL_FRACTION`` quantile (an
-    exponential tail, i.e. a generalised Pareto tail with shape 0). Non-finite ``x`` gives 0.
+    there the p-value decays exponentially, ``p_max · exp(-(x - x_max) / scale)`` (an exponential tail,
+    i.e. a generalised Pareto tail with shape 0). Non-finite ``x`` gives 0.
+
+    ``scale`` is a *conservative* estimate: the one-sided upper ``TAIL_CONFIDENCE`` (95 %) confidence
+    bound of the exponential scale from the ``k`` excesses of the top ``TAIL_FRACTION`` of the null over
+    its ``1 - TAIL_FRACTION`` quantile. Their sum is ``Gamma(k, scale)``-distributed, so the bound is
+    ``sum / Q_Gamma(k)(1 - TAIL_CONFIDENCE)`` — 2.5× the mean excess at ``k = 5``, 1.6× at ``k = 14``,
+    → 1 for large nulls. Why: everything beyond the null's maximum is extrapolated from a handful of
+    points, and the guard combines the checks by their smallest p-value, so an extrapolation that is
+    too steep (a mean excess that happened to be small) lets one check claim evidence (``p`` of 1e-9 and
+    below) on in-distribution images from a new site that the data never showed; that single check
+    then outranks every other check's evidence on truly off-distribution inputs. The wider tail keeps
+    every check's order of its own scores and keeps extrapolated p-values within what the null part
+    can support. ``min_scale`` floors the scale (for a score that is itself ``-log p``: 1, so that a
+    re-calibration never reports stronger evidence than the p-value it re-calibrates).
     The validity of the guard's false-rejection bound does not rest on this smoothing: the final cut
     is conformal on a separate part.
     """
 
-    def __init__(self, null: np.ndarray):
+    def __init__(self, null: np.ndarray, min_scale: float = 0.0):
         x = np.sort(np.asarray(null, np.float64)[np.isfinite(null)])
         if x.size < 2:
             raise CalibrationError(f"need at least 2 finite null scores for a p-value table, got {x.size}")
@@ -44,8 +59,10 @@ class TailPValue:
         self.pvals = (n - np.arange(n) + 1.0) / (n + 1.0)  # 1 at the minimum
         q = np.quantile(x, 1.0 - TAIL_FRACTION)
         top = x[-max(5, int(math.ceil(TAIL_FRACTION * n))) :]
+        excess = np.maximum(top - q, 0.0)
+        upper = float(excess.sum()) / float(gammaincinv(top.size, 1.0 - TAIL_CONFIDENCE))
         spread = float(x[-1] - x[0])
-        self.scale = max(float(np.mean(top - q)), 1e-3 * spread, 1e-9)
+        self.scale = max(upper, 1e-3 * spread, float(min_scale), 1e-9)
         self.n = n
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
