@@ -31,8 +31,13 @@ GOAL_MIN_RATIO = 0.7
 def _cstore_round(port: int, paths: list[str], associations: int, per_association: int) -> tuple[float, list[float]]:
     """``associations`` threads, each with its own association, each storing ``per_association`` files.
     Returns (images per second, latencies in ms). Runs in the client process."""
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
     from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    # a lean SCU, as the gRPC clients are: each file's bytes sent as they are (not decoded and encoded
+    # again), and no log lines formatted for every PDU
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.LOG_HANDLER_LEVEL = "none"
 
     ae = AE(ae_title="BENCHSCU")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation)

@@ -9,8 +9,9 @@ Per image, named after its SOP Instance UID:
   written, so the builder never takes an image whose verdict is still on its way;
 * ``<uid>.verdict`` — the verdict and the small maps the overlay needs (an uncompressed ``.npz``:
   ``verdict`` JSON, ``thumbnail``, Grad-CAM maps, calling AE title). Written atomically but not
-  fsync'd: after a crash it may be missing, and the verdict is then derived again from the image (same
-  bundle, same verdict), which costs one inference instead of an fsync on every C-STORE.
+  fsync'd, and after the C-STORE was answered: after a crash it may be missing, and the verdict is then
+  derived again from the image (same bundle, same verdict), which costs one inference instead of an
+  fsync and a file write on every C-STORE's path.
 
 Building the SR and Secondary Capture (:mod:`.results`, ~0.1–0.2 s of CPU per image with highdicom)
 happens afterwards, from the journal, so it never holds up the console; after a crash or a restart
@@ -128,6 +129,10 @@ class Journal:
         tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")  # unique: same-UID writers race
         tmp.write_bytes(buf.getvalue())
         os.replace(tmp, path)
+        self.release_source(sop_instance_uid, incoming)
+
+    def release_source(self, sop_instance_uid: str, incoming: Path) -> None:
+        """An incoming image becomes ready for its results (with or without its verdict file)."""
         os.replace(incoming, self._path(sop_instance_uid, SUFFIX))
 
     def put(self, job: Job) -> None:

@@ -20,6 +20,7 @@ import io
 import logging
 import ssl
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class ResultsBuilder:
         forward_originals: str,
         is_busy,
         backlog: int,
+        in_flight=lambda: 0,
         metrics=None,
         on_queued=None,
     ):
@@ -82,6 +84,7 @@ class ResultsBuilder:
         self.forward_originals = forward_originals
         self.is_busy = is_busy
         self.backlog = backlog
+        self.in_flight = in_flight  # acknowledged images not in the journal's ready list yet
         self.metrics = metrics
         self.on_queued = on_queued
         self.failed_dir = journal.folder / "failed"
@@ -89,6 +92,7 @@ class ResultsBuilder:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_listing = 0.0
         self.built = 0
 
     def start(self) -> None:
@@ -118,12 +122,22 @@ class ResultsBuilder:
                 self._stop.wait(1.0)
 
     def _pass(self) -> None:
-        """Build what is due, or wait (at most 1 s) for news: a stored image, an association closing."""
+        """Build what is due, or wait (at most 1 s) for news: a stored image, an association closing.
+
+        While associations are open the journal is listed once a second (for the backlog), not at every
+        stored image: listing a growing folder costs CPU that the consoles' C-STOREs are waiting for."""
+        now = time.monotonic()
+        if self.is_busy() and now < self._next_listing:
+            self._wake.wait(self._next_listing - now)
+            self._wake.clear()
+            return
+        self._next_listing = now + 1.0
         pending = self.journal.pending()
         if self.metrics is not None:
             self.metrics.results_pending.set(len(pending))
         if not pending:
-            self._idle.set()
+            if not self.in_flight():
+                self._idle.set()
         else:
             self._idle.clear()
             if not self.is_busy() or len(pending) >= self.backlog:
@@ -242,9 +256,14 @@ class DicomNode:
         tls = _tls_context(cfg)
         # pynetdicom and highdicom log every PDU / copied module at INFO: a line or ten per image, and
         # the log costs CPU on the C-STORE path. Our own log says what happened; theirs only on -v debug.
+        # pynetdicom's "standard" handlers format those lines for every PDU and DIMSE message whatever the
+        # log level (copying each received dataset once more): off too, unless debugging.
         if not logging.getLogger("gamguard").isEnabledFor(logging.DEBUG):
+            from pynetdicom import _config as pynetdicom_config
+
             for name in ("pynetdicom", "highdicom"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+            pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         self.plane = await self._load_plane()
         self.dicom_metrics = DicomMetrics(self.metrics.registry)
         guard = self.plane.guard
@@ -292,6 +311,7 @@ class DicomNode:
             forward_originals=cfg.forward_originals,
             is_busy=lambda: self.scp.active_associations > 0,
             backlog=cfg.build_backlog,
+            in_flight=lambda: self.scp.finishing,
             metrics=self.dicom_metrics,
             on_queued=self._on_queued,
         )
