@@ -174,8 +174,10 @@ def test_journal_and_outbox_survive_reopening(guard, tmp_path):
     Journal(tmp_path / "q" / "journal").put(Job(uid, data, verdict, thumbnail(decoded.pixels), "CONSOLE"))
     (tmp_path / "q" / "journal" / ".tmp-leftover-of-a-crash").write_bytes(b"partial")
     Journal(tmp_path / "q" / "journal").put_source("1.2.99", data)  # a crash before its verdict was written
+    cut = Journal(tmp_path / "q" / "journal").put_source("1.2.98", data)  # a crash in the middle of its write:
+    cut.write_bytes(data[: len(data) // 2])  # never acknowledged, so dropped at the restart
     journal = Journal(tmp_path / "q" / "journal")  # a restarted node
-    assert not list(journal.folder.glob(".tmp-*")) and len(journal) == 2
+    assert not list(journal.folder.glob(".tmp-*")) and not list(journal.folder.glob("1.2.98*")) and len(journal) == 2
     jobs = {Path(p).name: journal.load(p) for p in journal.pending()}
     job = jobs[f"{uid}.dcm"]
     assert job.source == data and job.calling_ae == "CONSOLE" and job.verdict.label == verdict.label

@@ -2,11 +2,12 @@
 
 Per image, named after its SOP Instance UID:
 
-* ``<uid>.dcm`` — the received dataset, byte for byte as sent, written durably (temporary name, fsync,
-  rename, folder fsync). The C-STORE handler writes it *while* the data plane verifies the image and
-  acknowledges only after both finished: the image is on stable storage before the console hears
-  "success". It first lands as ``<uid>.<token>.incoming`` and becomes ``<uid>.dcm`` once its verdict is
-  written, so the builder never takes an image whose verdict is still on its way;
+* ``<uid>.dcm`` — the received dataset, byte for byte as sent, written durably. The C-STORE handler
+  writes it *while* the data plane verifies the image and acknowledges only after both finished: the
+  image is on stable storage before the console hears "success". It first lands as
+  ``<uid>.<token>-<crc32>.incoming`` (:func:`.durable.write_checked`: file and folder fsync'd at the same
+  time, the folder's fsync shared by concurrent associations) and becomes ``<uid>.dcm`` once its verdict
+  is written, so the builder never takes an image whose verdict is still on its way;
 * ``<uid>.verdict`` — the verdict and the small maps the overlay needs (an uncompressed ``.npz``:
   ``verdict`` JSON, ``thumbnail``, Grad-CAM maps, calling AE title). Written atomically but not
   fsync'd, and after the C-STORE was answered: after a crash it may be missing, and the verdict is then
@@ -15,15 +16,17 @@ Per image, named after its SOP Instance UID:
 
 Building the SR and Secondary Capture (:mod:`.results`, ~0.1–0.2 s of CPU per image with highdicom)
 happens afterwards, from the journal, so it never holds up the console; after a crash or a restart
-the node builds what the journal still holds (``.incoming`` files found at start are taken as
-received: at worst a console resends an image it got no answer for, and the deterministic result UIDs
-make that harmless). The journal holds PHI (received datasets): protect it like the archive.
+the node builds what the journal still holds (complete ``.incoming`` files found at start are taken
+as received: at worst a console resends an image it got no answer for, and the deterministic result
+UIDs make that harmless; one whose checksum does not match was cut short by the crash, so never
+acknowledged, and is deleted). The journal holds PHI (received datasets): protect it like the archive.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -31,7 +34,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .durable import TMP_PREFIX, fsync_dir, list_files, remove_stale_temporaries, safe_name, write_durably
+from .durable import (
+    TMP_PREFIX,
+    FolderSync,
+    checked_name,
+    fsync_dir,
+    is_complete,
+    list_files,
+    remove_stale_temporaries,
+    safe_name,
+    write_checked,
+)
+
+log = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"  # a received image ready for its results
 INCOMING = ".incoming"  # a received image whose verdict is not written yet
@@ -88,18 +103,26 @@ class Journal:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.folder)
-        for p in list_files(self.folder, INCOMING):  # received before a crash: kept (see the module doc)
-            os.replace(p, self._path(p.name.rsplit(".", 2)[0], SUFFIX))
+        for p in list_files(self.folder, INCOMING):  # received before a crash: kept if complete (module doc)
+            if is_complete(p):
+                os.replace(p, self._path(p.name.rsplit(".", 2)[0], SUFFIX))
+            else:
+                log.warning("journal: %s was cut short by a crash before its C-STORE was answered; deleted", p.name)
+                p.unlink()
+        self._folder_sync = FolderSync(self.folder)
+
+    def close(self) -> None:
+        self._folder_sync.close()
 
     def _path(self, sop_instance_uid: str, suffix: str) -> Path:
         return self.folder / f"{safe_name(sop_instance_uid)}{suffix}"
 
     def put_source(self, sop_instance_uid: str, data: bytes) -> Path:
-        """The received dataset, durably, as ``<uid>.<token>.incoming``; returns that path for
+        """The received dataset, durably, as ``<uid>.<token>-<crc32>.incoming``; returns that path for
         :meth:`put_verdict` / :meth:`discard_source`. The token keeps two associations sending the same
         instance at the same time from renaming each other's file."""
-        name = f"{safe_name(sop_instance_uid)}.{uuid.uuid4().hex}{INCOMING}"
-        return write_durably(self.folder / name, data)
+        name = checked_name(safe_name(sop_instance_uid), data, INCOMING)
+        return write_checked(self.folder / name, data, self._folder_sync)
 
     @staticmethod
     def discard_source(incoming: Path) -> None:

@@ -202,6 +202,7 @@ class DicomNode:
         self.dicom_metrics: DicomMetrics | None = None
         self.scp: StorageSCP | None = None
         self.builder: ResultsBuilder | None = None
+        self.journal: Journal | None = None
         self.forwarders: list[Forwarder] = []
         self._server = None  # pynetdicom ThreadedAssociationServer
         self._own_plane = False
@@ -271,7 +272,7 @@ class DicomNode:
             self.plane.model_name, self.plane.model_version, self.plane.bundle_hash, tuple(self.plane.class_names)
         )
         queue = Path(cfg.queue_dir)
-        journal = Journal(queue / "journal")
+        journal = self.journal = Journal(queue / "journal")
         destinations = cfg.destinations
         outbox = Outbox(queue / "outbox", [d.name for d in destinations])
         if not destinations:
@@ -377,6 +378,8 @@ class DicomNode:
             self.scp.close()
         if self.builder is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.builder.stop, grace_s)
+        if self.journal is not None:
+            self.journal.close()
         for f in self.forwarders:
             await asyncio.get_running_loop().run_in_executor(None, f.stop, grace_s)
         if self.grpc_server is not None:
