@@ -61,7 +61,13 @@ class ResultsBuilder:
     verify path keeps the CPU while a console is sending — unless ``backlog`` images are waiting,
     then it runs regardless. A job whose results cannot be built (a dataset highdicom refuses) is
     moved to ``journal/failed/`` and counted, never retried forever or dropped.
+
+    The verdicts of the C-STOREs (with the overlay's thumbnail, ~0.2 MB each) are kept in memory for
+    the build, at most ``KEPT_VERDICTS``; an image without one (after a restart, or beyond that many)
+    gets its verdict derived again through the data plane: same bundle, same verdict.
     """
+
+    KEPT_VERDICTS = 256
 
     def __init__(
         self,
@@ -93,7 +99,14 @@ class ResultsBuilder:
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_listing = 0.0
+        self._verdicts: dict[str, tuple] = {}  # SOP Instance UID -> (verdict, thumbnail)
+        self._verdicts_lock = threading.Lock()
         self.built = 0
+
+    def keep_verdict(self, sop_instance_uid: str, verdict, thumbnail_u8) -> None:
+        with self._verdicts_lock:
+            if len(self._verdicts) < self.KEPT_VERDICTS or sop_instance_uid in self._verdicts:
+                self._verdicts[sop_instance_uid] = (verdict, thumbnail_u8)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="gamguard-results", daemon=True)
@@ -154,7 +167,11 @@ class ResultsBuilder:
 
         try:
             job = self.journal.load(path)
-            if job.verdict is None:  # its verdict file was lost in a crash: the same bundle gives it again
+            with self._verdicts_lock:
+                kept = self._verdicts.pop(job.sop_instance_uid, None)
+            if kept is not None:
+                job.verdict, job.thumbnail = kept
+            else:  # received before a restart, or more were waiting than kept: the same bundle gives it again
                 job.verdict, job.thumbnail = self.reverify(job.source)
             source = pydicom.dcmread(io.BytesIO(job.source), stop_before_pixels=True)
             sr = verdict_sr(source, job.verdict, self.model)
@@ -162,9 +179,8 @@ class ResultsBuilder:
             objects = [("sr", sr.SOPInstanceUID, encode(sr)), ("sc", sc.SOPInstanceUID, encode(sc))]
         except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
             self.failed_dir.mkdir(exist_ok=True)
-            for p in (path.with_suffix(".verdict"), path):
-                if p.exists():
-                    p.replace(self.failed_dir / p.name)
+            if path.exists():
+                path.replace(self.failed_dir / path.name)
             log.error(
                 "cannot build the results of %s (%s: %s); job moved to %s",
                 path.stem,
@@ -303,6 +319,7 @@ class DicomNode:
             metrics=self.dicom_metrics,
             audit=self.audit,
             on_stored=self._on_stored,
+            on_verdict=lambda *kept: self.builder.keep_verdict(*kept),
         )
         self.builder = ResultsBuilder(
             journal,

@@ -14,9 +14,9 @@ C-STORE, in the association's own thread:
    requests) — undecodable pixel data is ``0xC000`` with the reason in Error Comment, a full queue or a
    node not ready ``0xA700`` (out of resources: retry later);
 4. meanwhile the received dataset is written durably to the journal (:mod:`.journal`);
-5. once both have finished, ``0x0000`` Success. The verdict and the overlay's inputs are written beside
-   the image after the answer (they are derived data: lost in a crash, they are derived again from the
-   image), and the SR and Secondary Capture are built from the journal afterwards.
+5. once both have finished, ``0x0000`` Success. After the answer the verdict and the overlay's inputs go
+   to the results builder (in memory: derived data, derived again from the image after a restart) and
+   the image becomes ready in the journal; the SR and Secondary Capture are built from there.
 
 No handler raises into pynetdicom: anything unexpected is ``0x0110`` (processing failure) and the
 association, and the node, carry on. Logs and error comments name UIDs and pixel-module facts only,
@@ -76,6 +76,7 @@ class StorageSCP:
         metrics=None,
         audit=None,
         on_stored=None,
+        on_verdict=None,
         verify_timeout_s: float = 120.0,
     ):
         self.ae_title = ae_title
@@ -87,20 +88,21 @@ class StorageSCP:
         self.metrics = metrics
         self.audit = audit
         self.on_stored = on_stored
+        self.on_verdict = on_verdict  # (sop_uid, verdict, thumbnail): the verdict for the results builder
         self.verify_timeout_s = verify_timeout_s
         self._active: set[int] = set()
         self._lock = threading.Lock()
         self.draining = False  # set on shutdown: new associations are turned away
         # durable writes of received images, overlapping their verification (one per association at most)
         self._writer = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="gamguard-journal")
-        self._finishing = 0  # verdicts being written after their C-STORE was answered
+        self._finishing = 0  # images answered whose verdict is not handed over yet
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
 
     @property
     def finishing(self) -> int:
-        """Acknowledged images whose verdict is still being written (not yet ready for their results)."""
+        """Acknowledged images not yet ready for their results."""
         return self._finishing
 
     @property
@@ -264,26 +266,26 @@ class StorageSCP:
             self._discard(written)
             log.error("cannot write the journal (%s): answering out of resources", exc.strerror or exc)
             return OUT_OF_RESOURCES, "cannot store the image on disk", "error"
-        # Durable and verified: the console may hear "success" now. The verdict file is written after the
-        # answer, off the console's wait (it is derived data, see the module doc).
+        # Durable and verified: the console may hear "success" now; the rest is done after the answer
         with self._lock:
             self._finishing += 1
-        self._writer.submit(self._finish, sop_uid, incoming, result, self._peer(event)[0])
+        self._writer.submit(self._finish, sop_uid, incoming, result)
         if self.on_stored is not None:
             self.on_stored()  # before the answer: whoever waits for the results after it waits for this one
         return SUCCESS, "", "success"
 
-    def _finish(self, sop_uid: str, incoming, result, calling_ae: str) -> None:
-        """The verdict beside its image, which then becomes ready for its results. Should that fail, the
-        image is made ready anyway: the results builder derives its verdict again."""
+    def _finish(self, sop_uid: str, incoming, result) -> None:
+        """The verdict to the results builder, then the image ready in the journal. Without its verdict
+        (an error here) the builder derives it again."""
         try:
-            self.journal.put_verdict(sop_uid, incoming, result.verdict, thumbnail(result.decoded.pixels), calling_ae)
-        except Exception as exc:  # noqa: BLE001 - the image is durable; only its derived data is missing
-            log.error("cannot write the verdict of %s (%s); it will be derived again", sop_uid, exc)
-            try:
-                self.journal.release_source(sop_uid, incoming)
-            except OSError as exc2:
-                log.error("cannot release %s in the journal (%s); it is taken at the next start", sop_uid, exc2)
+            if self.on_verdict is not None:
+                self.on_verdict(sop_uid, result.verdict, thumbnail(result.decoded.pixels))
+        except Exception:  # noqa: BLE001 - derived data only; the image is durable
+            log.exception("cannot keep the verdict of %s; it will be derived again", sop_uid)
+        try:
+            self.journal.release_source(sop_uid, incoming)
+        except OSError as exc:
+            log.error("cannot release %s in the journal (%s); it is taken at the next start", sop_uid, exc)
         finally:
             with self._lock:
                 self._finishing -= 1
