@@ -8,9 +8,9 @@ one, never a partial file. Temporary files start with ``.tmp-`` and are ignored 
 :func:`write_checked`: the fast form for the C-STORE path. The file is created under its final name,
 whose checksum lets a reader tell a complete file from one a crash cut short, so no rename has to wait
 for the data: the file's fsync and its folder's fsync run at the same time, and one folder fsync
-(:class:`FolderSync`) serves every file created while the previous one ran. Two fsyncs in turn cost two
-journal commits; these cost one (measured on ext4: ~4 ms instead of ~8 ms per image when each commit
-waits a 4 ms tick, and the same ~0.5 ms when the disk answers at once).
+(:class:`FolderSync`) serves every file created while the previous one ran. Two fsyncs in turn wait for
+two journal commits, these for one (on the development machine's ext4, in a loop: 0.5–3 ms instead of
+~8 ms when each commit waits ~4 ms; the same ~0.6 ms when the disk answers at once).
 """
 
 from __future__ import annotations
