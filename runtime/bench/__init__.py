@@ -428,7 +428,7 @@ def format_tables(result: dict) -> str:
         d = result["dicom"]
         lines.append(
             f"  journal write (file + folder fsync, overlapped with the verification) {d['durable_write_ms']:.1f} ms "
-            f"per image on this disk; verdict file, SR + overlay written after the answer: "
+            f"per image on this disk; SR + overlay built after the association: "
             f"{d['results_ms_per_image']} ms per image"
         )
     else:

@@ -15,8 +15,8 @@ three interleaved round by round so that drift in machine load hits all of them.
 images/s over gRPC images/s (medians of the rounds).
 
 A C-STORE is answered once the image is durable in the journal and verified, so ``cstore_ips`` is the
-rate at which a console gets its images acknowledged; the verdict file, SR and overlay are written
-after the answer (``results_ms_per_image``, reported beside: it bounds the sustained rate of results,
+rate at which a console gets its images acknowledged; the SR and overlay are built after the
+association (``results_ms_per_image``, reported beside: it bounds the sustained rate of results,
 not the console). ``ratio_if_node_free`` = ``1 / (1 + grpc_ips / null_scp_ips)`` estimates the ratio
 if the node added nothing to pynetdicom's transport and the data plane's verification: one image's
 time = the do-nothing SCP's time per image + gRPC ``Verify``'s (in turn at one association, on the same
@@ -240,8 +240,8 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
         "durable_write_ms": round(fsync_ms, 2),
         "goal_min_ratio": GOAL_MIN_RATIO,
         "results_ms_per_image": round(1e3 * results_s / results_n, 1) if results_n else None,
-        "note": "C-STORE is answered once the image is durable in the journal and verified; the verdict file, "
-        "SR and overlay are written after the answer (results_ms_per_image, wall time while idle). "
+        "note": "C-STORE is answered once the image is durable in the journal and verified; the SR and "
+        "overlay are built after the association (results_ms_per_image, wall time while idle). "
         "ratio_if_node_free: estimated ratio if the node added nothing to pynetdicom's transport "
         "(null_scp_ips) and the verification (grpc_ips)",
     }
