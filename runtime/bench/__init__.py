@@ -408,10 +408,8 @@ def format_tables(result: dict) -> str:
     lines += ["", "DICOM node efficiency (goal ≥ 0.70): C-STORE images/s / gRPC Verify images/s, same DICOM images"]
     if result.get("dicom_efficiency"):
         lines.append("  CPU ratio = gRPC server CPU per image / DICOM node CPU per image (clients excluded)")
-        lines.append(
-            "  pynetdicom alone = a do-nothing pynetdicom SCP, same SCU; if node free = estimated ratio "
-            "if the node added nothing to it and to the verification"
-        )
+        lines.append("  pynetdicom alone = img/s of a do-nothing pynetdicom SCP with the same SCUs")
+        lines.append("  if node free = estimated ratio if the node added nothing to that and to the verification")
         lines.append(
             f"{'assocs':>7} {'ratio':>7} {'if node free':>12} {'CPU ratio':>9} {'C-STORE img/s':>14} "
             f"{'gRPC img/s':>11} {'pynetdicom alone':>16} {'p50 ms C/g':>12} {'CPU ms/img C/g':>15} "
