@@ -114,9 +114,23 @@ def test_dicom_efficiency_rows(quick_result):
     rows = quick_result["dicom_efficiency"]
     assert [row["associations"] for row in rows] == [1, 4]
     for row in rows:
-        for key in ("ratio", "cstore_ips", "grpc_ips", "cstore_p50_ms", "grpc_p50_ms", "cstore_cpu_ms", "grpc_cpu_ms"):
+        for key in (
+            "ratio",
+            "cstore_ips",
+            "grpc_ips",
+            "null_scp_ips",
+            "cstore_p50_ms",
+            "grpc_p50_ms",
+            "null_scp_p50_ms",
+            "cstore_cpu_ms",
+            "grpc_cpu_ms",
+            "cstore_client_cpu_ms",
+            "grpc_client_cpu_ms",
+        ):
             assert _finite_positive(row[key]), (key, row)
         assert row["ratio"] == pytest.approx(row["cstore_ips"] / row["grpc_ips"], rel=0.02)
+        assert row["ratio_if_node_free"] == pytest.approx(1 / (1 + row["grpc_ips"] / row["null_scp_ips"]), rel=0.02)
+        assert len(row["rounds_ratio"]) == quick_result["dicom"]["rounds"] >= 2
         assert row["cpu_ratio"] == pytest.approx(row["grpc_cpu_ms"] / row["cstore_cpu_ms"], rel=0.02)
     dicom = quick_result["dicom"]
     assert dicom["goal_min_ratio"] == 0.7

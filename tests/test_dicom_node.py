@@ -164,23 +164,22 @@ def _encode(ds) -> bytes:
 
 
 def test_journal_and_outbox_survive_reopening(guard, tmp_path):
-    from gamguard.runtime.dicomnode.journal import Job, Journal, thumbnail
+    from gamguard.runtime.dicomnode.journal import Journal
     from gamguard.runtime.dicomnode.outbox import Outbox
 
     ((path, _),) = accepted_phantoms(guard, tmp_path, 1).items()
-    decoded, verdict = judged(guard, path)
     data = path.read_bytes()
     uid = pydicom.dcmread(path).SOPInstanceUID
-    Journal(tmp_path / "q" / "journal").put(Job(uid, data, verdict, thumbnail(decoded.pixels), "CONSOLE"))
+    Journal(tmp_path / "q" / "journal").put(uid, data)
     (tmp_path / "q" / "journal" / ".tmp-leftover-of-a-crash").write_bytes(b"partial")
-    Journal(tmp_path / "q" / "journal").put_source("1.2.99", data)  # a crash before its verdict was written
+    Journal(tmp_path / "q" / "journal").put_source("1.2.99", data)  # a crash before its C-STORE was answered
+    cut = Journal(tmp_path / "q" / "journal").put_source("1.2.98", data)  # a crash in the middle of its write:
+    cut.write_bytes(data[: len(data) // 2])  # never acknowledged, so dropped at the restart
     journal = Journal(tmp_path / "q" / "journal")  # a restarted node
-    assert not list(journal.folder.glob(".tmp-*")) and len(journal) == 2
+    assert not list(journal.folder.glob(".tmp-*")) and not list(journal.folder.glob("1.2.98*")) and len(journal) == 2
     jobs = {Path(p).name: journal.load(p) for p in journal.pending()}
-    job = jobs[f"{uid}.dcm"]
-    assert job.source == data and job.calling_ae == "CONSOLE" and job.verdict.label == verdict.label
-    assert job.verdict.scores == pytest.approx(verdict.scores) and job.verdict.cam.shape == verdict.cam.shape
-    assert jobs["1.2.99.dcm"].verdict is None and jobs["1.2.99.dcm"].source == data  # verdict derived again
+    assert jobs[f"{uid}.dcm"].source == data and jobs["1.2.99.dcm"].source == data
+    assert all(job.verdict is None for job in jobs.values())  # verdicts are derived again after a restart
     journal.done(journal.pending()[0])
     assert len(journal) == 1 and len(list(journal.folder.iterdir())) == 1
 

@@ -6,12 +6,22 @@ The same DICOM files (phantoms, DX, 12 bits) go to
   SCUs — ``associations`` concurrent associations, one thread each;
 * a :class:`~gamguard.runtime.server.background.BackgroundServer` (gRPC ``Verify``), sent by as many
   concurrent :class:`~gamguard.runtime.server.client.GuardClient` threads;
+* a do-nothing pynetdicom Storage SCP (answers Success, looks at nothing), sent by the same SCUs: the
+  cost of pynetdicom's transport alone, on both ends, which no work in the node can remove;
 
-both with the same guard and data-plane settings, the clients in one spawned process (as real
-consoles and clients are other processes). ``ratio`` = C-STORE images/s over gRPC images/s, one run.
-A C-STORE is answered once the image is durable in the journal and its verdict written, so ``cstore_ips`` is the rate at
-which a console gets its images acknowledged; the SR and overlay are built after the association
-(``results_ms_per_image``, reported beside: it bounds the sustained rate of results, not the console).
+both servers with the same guard and data-plane settings, the node with its defaults (no debug
+logging), the clients in one spawned process (as real consoles and clients are other processes), the
+three interleaved round by round so that drift in machine load hits all of them. ``ratio`` = C-STORE
+images/s over gRPC images/s (medians of the rounds).
+
+A C-STORE is answered once the image is durable in the journal and verified, so ``cstore_ips`` is the
+rate at which a console gets its images acknowledged; the SR and overlay are built after the
+association (``results_ms_per_image``, reported beside: it bounds the sustained rate of results,
+not the console). ``ratio_if_node_free`` = ``1 / (1 + grpc_ips / null_scp_ips)`` estimates the ratio
+if the node added nothing to pynetdicom's transport and the data plane's verification: one image's
+time = the do-nothing SCP's time per image + gRPC ``Verify``'s (in turn at one association, on the same
+CPUs at four). An estimate, not a bound: both times include the client threads and the loopback, so
+on a loaded machine the measured ratio can come out above it.
 """
 
 from __future__ import annotations
@@ -28,11 +38,19 @@ import numpy as np
 GOAL_MIN_RATIO = 0.7
 
 
-def _cstore_round(port: int, paths: list[str], associations: int, per_association: int) -> tuple[float, list[float]]:
+def _cstore_round(
+    port: int, paths: list[str], associations: int, per_association: int
+) -> tuple[float, list[float], float]:
     """``associations`` threads, each with its own association, each storing ``per_association`` files.
-    Returns (images per second, latencies in ms). Runs in the client process."""
-    from pynetdicom import AE
+    Returns (images per second, latencies in ms, this process's CPU ms per image). Runs in the client
+    process."""
+    from pynetdicom import AE, _config
     from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    # a lean SCU, as the gRPC clients are: each file's bytes sent as they are (not decoded and encoded
+    # again), and no log lines formatted for every PDU
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.LOG_HANDLER_LEVEL = "none"
 
     ae = AE(ae_title="BENCHSCU")
     ae.add_requested_context(DigitalXRayImageStorageForPresentation)
@@ -44,6 +62,7 @@ def _cstore_round(port: int, paths: list[str], associations: int, per_associatio
     latencies: list[list[float]] = [[] for _ in range(associations)]
     errors: list[str] = []
     barrier = threading.Barrier(associations + 1)
+    cpu0 = time.process_time()
 
     def work(k: int) -> None:
         barrier.wait()
@@ -63,11 +82,13 @@ def _cstore_round(port: int, paths: list[str], associations: int, per_associatio
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     for a in assocs:
         a.release()
     if errors:
         raise RuntimeError(errors[0])
-    return associations * per_association / wall, [v for lat in latencies for v in lat]
+    n = associations * per_association
+    return n / wall, [v for lat in latencies for v in lat], cpu * 1e3 / n
 
 
 def _write_payloads(folder: Path, images) -> list[Path]:
@@ -80,21 +101,45 @@ def _write_payloads(folder: Path, images) -> list[Path]:
     return paths
 
 
-def durable_write_ms(folder: Path, size: int, n: int = 20) -> float:
-    """Mean time of one crash-safe write (:func:`.durable.write_durably`) of ``size`` bytes: the floor the
-    journal puts under every acknowledged C-STORE on this disk."""
-    from .durable import write_durably
+def durable_write_ms(folder: Path, payloads: list[bytes], n: int = 20) -> float:
+    """Mean time of one journal write (:meth:`.journal.Journal.put_source`, as a C-STORE does it) of the
+    benchmark's images, one after the other: the disk's share of an acknowledged C-STORE (the node
+    overlaps it with the verification)."""
+    from .journal import Journal
 
-    folder.mkdir(parents=True, exist_ok=True)
-    data = b"\0" * size
-    t0 = time.perf_counter()
-    for i in range(n):
-        write_durably(folder / f"probe_{i}", data)
-    return (time.perf_counter() - t0) * 1e3 / n
+    journal = Journal(folder)
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            journal.put_source(f"1.2.{i + 1}", payloads[i % len(payloads)])
+        return (time.perf_counter() - t0) * 1e3 / n
+    finally:
+        journal.close()
+
+
+class NullStorageSCP:
+    """A pynetdicom Storage SCP that answers Success to every C-STORE and does nothing else: pynetdicom's
+    own cost per image, for ``ratio_if_node_free``."""
+
+    def __init__(self, max_pdu: int):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+        from .sopclasses import decodable_transfer_syntaxes
+
+        ae = AE(ae_title="GAMGUARD")
+        ae.maximum_pdu_size = max_pdu
+        ae.add_supported_context(DigitalXRayImageStorageForPresentation, decodable_transfer_syntaxes())
+        self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+        self.port = int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
 
 
 def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress) -> dict:
-    """Rows ``{associations, ratio, cstore_ips, grpc_ips, cstore_p50_ms, grpc_p50_ms}`` and the results cost."""
+    """Rows ``{associations, ratio, cstore_ips, grpc_ips, null_scp_ips, ratio_if_node_free, ...}`` and the
+    journal and results costs."""
     from gamguard.runtime.bench.serving import _grpc_round
     from gamguard.runtime.server.background import BackgroundServer
     from gamguard.runtime.server.config import ServeConfig
@@ -105,6 +150,7 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
     tmp = tempfile.TemporaryDirectory(prefix="gamguard-bench-dicom-")
     folder = Path(tmp.name)
     paths = _write_payloads(folder, images)
+    file_list = [str(p) for p in paths]
     payloads = [p.read_bytes() for p in paths]
     threads = getattr(guard.engine, "threads", None)
     serve_cfg = ServeConfig(bundle=str(bundle_dir), insecure=True, port=0, threads=threads)
@@ -112,66 +158,90 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
         host="127.0.0.1", port=0, allow_any_ae=True, queue_dir=str(folder / "queue"), build_backlog=10**6
     ).validate()
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    rounds = 2 if quick else 3
     rows = []
+    null_scp = None
     try:
         with (
             BackgroundServer(serve_cfg, guard_factory=lambda: guard) as server,
             BackgroundNode(node_cfg, serve_cfg, guard_factory=lambda: guard) as node,
         ):
+            null_scp = NullStorageSCP(node_cfg.max_pdu)
             built_before = 0
             results_s, results_n = 0.0, 0
             for n in levels:
                 per = max(6 if quick else 16, (24 if quick else 96) // n)
-                pool.submit(_cstore_round, node.port, [str(p) for p in paths], n, 2).result(600)  # warm
+                pool.submit(_cstore_round, node.port, file_list, n, 2).result(600)  # warm
+                pool.submit(_cstore_round, null_scp.port, file_list, n, 2).result(600)
                 pool.submit(_grpc_round, server.target, payloads, n, 2).result(600)
                 node.node.wait_results_built(600)
-                cstore, grpc_ = [], []
-                file_list = [str(p) for p in paths]
-                for r in range(2):  # alternate the order so drift in machine load hits both
-                    for which in ("dicom", "grpc") if r % 2 == 0 else ("grpc", "dicom"):
-                        # this process hosts both servers, the clients are in the other one: its CPU time
+                measured: dict[str, list] = {"dicom": [], "grpc": [], "null": []}
+                for r in range(rounds):  # alternate the order so drift in machine load hits all three
+                    order = ("dicom", "grpc", "null") if r % 2 == 0 else ("null", "grpc", "dicom")
+                    for which in order:
+                        # this process hosts the servers, the clients are in the other one: its CPU time
                         # per image is the server side's own cost
                         c0 = time.process_time()
+                        if which == "grpc":
+                            ips, lat, client_cpu = pool.submit(_grpc_round, server.target, payloads, n, per).result(600)
+                        else:
+                            port = node.port if which == "dicom" else null_scp.port
+                            ips, lat, client_cpu = pool.submit(_cstore_round, port, file_list, n, per).result(600)
+                        measured[which].append((ips, lat, (time.process_time() - c0) * 1e3 / (n * per), client_cpu))
                         if which == "dicom":
-                            ips, lat = pool.submit(_cstore_round, node.port, file_list, n, per).result(600)
-                            cstore.append((ips, lat, (time.process_time() - c0) * 1e3 / (n * per)))
                             t0 = time.perf_counter()
                             node.node.wait_results_built(600)  # results are built after the associations
                             built = node.node.builder.built
                             results_s += time.perf_counter() - t0
                             results_n += built - built_before
                             built_before = built
-                        else:
-                            ips, lat, _ = pool.submit(_grpc_round, server.target, payloads, n, per).result(600)
-                            grpc_.append((ips, lat, (time.process_time() - c0) * 1e3 / (n * per)))
-                c_ips = float(np.median([c[0] for c in cstore]))
-                g_ips = float(np.median([g[0] for g in grpc_]))
+
+                def median(which: str, k: int) -> float:
+                    return float(np.median([m[k] for m in measured[which]]))
+
+                def p50(which: str) -> float:
+                    return round(float(np.median([v for m in measured[which] for v in m[1]])), 2)
+
+                c_ips, g_ips, null_ips = median("dicom", 0), median("grpc", 0), median("null", 0)
                 row = {
                     "associations": n,
                     "ratio": round(c_ips / g_ips, 3),
                     "cstore_ips": round(c_ips, 1),
                     "grpc_ips": round(g_ips, 1),
-                    "cstore_p50_ms": round(float(np.median([v for c in cstore for v in c[1]])), 2),
-                    "grpc_p50_ms": round(float(np.median([v for g in grpc_ for v in g[1]])), 2),
+                    "null_scp_ips": round(null_ips, 1),
+                    "ratio_if_node_free": round(1.0 / (1.0 + g_ips / null_ips), 3),
+                    "rounds_ratio": [round(d[0] / g[0], 3) for d, g in zip(measured["dicom"], measured["grpc"])],
+                    "cstore_p50_ms": p50("dicom"),
+                    "grpc_p50_ms": p50("grpc"),
+                    "null_scp_p50_ms": p50("null"),
                     # server-side CPU per image (the node vs the gRPC server, clients excluded)
-                    "cstore_cpu_ms": round(float(np.median([c[2] for c in cstore])), 2),
-                    "grpc_cpu_ms": round(float(np.median([g[2] for g in grpc_])), 2),
+                    "cstore_cpu_ms": round(median("dicom", 2), 2),
+                    "grpc_cpu_ms": round(median("grpc", 2), 2),
+                    # the clients' CPU per image (pynetdicom SCU vs gRPC client), on the same machine
+                    "cstore_client_cpu_ms": round(median("dicom", 3), 2),
+                    "grpc_client_cpu_ms": round(median("grpc", 3), 2),
                 }
                 row["cpu_ratio"] = round(row["grpc_cpu_ms"] / row["cstore_cpu_ms"], 3)
                 rows.append(row)
                 progress(
                     f"dicom: {n} association(s): C-STORE {c_ips:.1f} img/s, gRPC Verify {g_ips:.1f} img/s, "
-                    f"ratio {row['ratio']:.3f}"
+                    f"ratio {row['ratio']:.3f} (pynetdicom alone {null_ips:.1f} img/s; "
+                    f"ratio if the node added nothing {row['ratio_if_node_free']:.3f})"
                 )
-        fsync_ms = durable_write_ms(folder / "probe", len(payloads[0]))
+        fsync_ms = durable_write_ms(folder / "probe", payloads)
     finally:
+        if null_scp is not None:
+            null_scp.close()
         pool.shutdown()
         tmp.cleanup()
     return {
         "rows": rows,
+        "rounds": rounds,
         "durable_write_ms": round(fsync_ms, 2),
         "goal_min_ratio": GOAL_MIN_RATIO,
         "results_ms_per_image": round(1e3 * results_s / results_n, 1) if results_n else None,
-        "note": "C-STORE is acknowledged once the image is durable in the journal and its verdict written; "
-        "the SR and overlay are built after the association (results_ms_per_image, wall time while idle)",
+        "note": "C-STORE is answered once the image is durable in the journal and verified; the SR and "
+        "overlay are built after the association (results_ms_per_image, wall time while idle). "
+        "ratio_if_node_free: estimated ratio if the node added nothing to pynetdicom's transport "
+        "(null_scp_ips) and the verification (grpc_ips)",
     }

@@ -20,6 +20,7 @@ import io
 import logging
 import ssl
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -60,7 +61,13 @@ class ResultsBuilder:
     verify path keeps the CPU while a console is sending — unless ``backlog`` images are waiting,
     then it runs regardless. A job whose results cannot be built (a dataset highdicom refuses) is
     moved to ``journal/failed/`` and counted, never retried forever or dropped.
+
+    The verdicts of the C-STOREs (with the overlay's thumbnail, ~0.2 MB each) are kept in memory for
+    the build, at most ``KEPT_VERDICTS``; an image without one (after a restart, or beyond that many)
+    gets its verdict derived again through the data plane: same bundle, same verdict.
     """
+
+    KEPT_VERDICTS = 256
 
     def __init__(
         self,
@@ -72,6 +79,7 @@ class ResultsBuilder:
         forward_originals: str,
         is_busy,
         backlog: int,
+        in_flight=lambda: 0,
         metrics=None,
         on_queued=None,
     ):
@@ -82,6 +90,7 @@ class ResultsBuilder:
         self.forward_originals = forward_originals
         self.is_busy = is_busy
         self.backlog = backlog
+        self.in_flight = in_flight  # acknowledged images not in the journal's ready list yet
         self.metrics = metrics
         self.on_queued = on_queued
         self.failed_dir = journal.folder / "failed"
@@ -89,7 +98,15 @@ class ResultsBuilder:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_listing = 0.0
+        self._verdicts: dict[str, tuple] = {}  # SOP Instance UID -> (verdict, thumbnail)
+        self._verdicts_lock = threading.Lock()
         self.built = 0
+
+    def keep_verdict(self, sop_instance_uid: str, verdict, thumbnail_u8) -> None:
+        with self._verdicts_lock:
+            if len(self._verdicts) < self.KEPT_VERDICTS or sop_instance_uid in self._verdicts:
+                self._verdicts[sop_instance_uid] = (verdict, thumbnail_u8)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="gamguard-results", daemon=True)
@@ -118,12 +135,22 @@ class ResultsBuilder:
                 self._stop.wait(1.0)
 
     def _pass(self) -> None:
-        """Build what is due, or wait (at most 1 s) for news: a stored image, an association closing."""
+        """Build what is due, or wait (at most 1 s) for news: a stored image, an association closing.
+
+        While associations are open the journal is listed once a second (for the backlog), not at every
+        stored image: listing a growing folder costs CPU that the consoles' C-STOREs are waiting for."""
+        now = time.monotonic()
+        if self.is_busy() and now < self._next_listing:
+            self._wake.wait(self._next_listing - now)
+            self._wake.clear()
+            return
+        self._next_listing = now + 1.0
         pending = self.journal.pending()
         if self.metrics is not None:
             self.metrics.results_pending.set(len(pending))
         if not pending:
-            self._idle.set()
+            if not self.in_flight():
+                self._idle.set()
         else:
             self._idle.clear()
             if not self.is_busy() or len(pending) >= self.backlog:
@@ -140,7 +167,11 @@ class ResultsBuilder:
 
         try:
             job = self.journal.load(path)
-            if job.verdict is None:  # its verdict file was lost in a crash: the same bundle gives it again
+            with self._verdicts_lock:
+                kept = self._verdicts.pop(job.sop_instance_uid, None)
+            if kept is not None:
+                job.verdict, job.thumbnail = kept
+            else:  # received before a restart, or more were waiting than kept: the same bundle gives it again
                 job.verdict, job.thumbnail = self.reverify(job.source)
             source = pydicom.dcmread(io.BytesIO(job.source), stop_before_pixels=True)
             sr = verdict_sr(source, job.verdict, self.model)
@@ -148,9 +179,8 @@ class ResultsBuilder:
             objects = [("sr", sr.SOPInstanceUID, encode(sr)), ("sc", sc.SOPInstanceUID, encode(sc))]
         except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
             self.failed_dir.mkdir(exist_ok=True)
-            for p in (path.with_suffix(".verdict"), path):
-                if p.exists():
-                    p.replace(self.failed_dir / p.name)
+            if path.exists():
+                path.replace(self.failed_dir / path.name)
             log.error(
                 "cannot build the results of %s (%s: %s); job moved to %s",
                 path.stem,
@@ -188,6 +218,7 @@ class DicomNode:
         self.dicom_metrics: DicomMetrics | None = None
         self.scp: StorageSCP | None = None
         self.builder: ResultsBuilder | None = None
+        self.journal: Journal | None = None
         self.forwarders: list[Forwarder] = []
         self._server = None  # pynetdicom ThreadedAssociationServer
         self._own_plane = False
@@ -242,9 +273,14 @@ class DicomNode:
         tls = _tls_context(cfg)
         # pynetdicom and highdicom log every PDU / copied module at INFO: a line or ten per image, and
         # the log costs CPU on the C-STORE path. Our own log says what happened; theirs only on -v debug.
+        # pynetdicom's "standard" handlers format those lines for every PDU and DIMSE message whatever the
+        # log level (copying each received dataset once more): off too, unless debugging.
         if not logging.getLogger("gamguard").isEnabledFor(logging.DEBUG):
+            from pynetdicom import _config as pynetdicom_config
+
             for name in ("pynetdicom", "highdicom"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+            pynetdicom_config.LOG_HANDLER_LEVEL = "none"
         self.plane = await self._load_plane()
         self.dicom_metrics = DicomMetrics(self.metrics.registry)
         guard = self.plane.guard
@@ -252,7 +288,7 @@ class DicomNode:
             self.plane.model_name, self.plane.model_version, self.plane.bundle_hash, tuple(self.plane.class_names)
         )
         queue = Path(cfg.queue_dir)
-        journal = Journal(queue / "journal")
+        journal = self.journal = Journal(queue / "journal")
         destinations = cfg.destinations
         outbox = Outbox(queue / "outbox", [d.name for d in destinations])
         if not destinations:
@@ -283,6 +319,7 @@ class DicomNode:
             metrics=self.dicom_metrics,
             audit=self.audit,
             on_stored=self._on_stored,
+            on_verdict=lambda *kept: self.builder.keep_verdict(*kept),
         )
         self.builder = ResultsBuilder(
             journal,
@@ -292,6 +329,7 @@ class DicomNode:
             forward_originals=cfg.forward_originals,
             is_busy=lambda: self.scp.active_associations > 0,
             backlog=cfg.build_backlog,
+            in_flight=lambda: self.scp.finishing,
             metrics=self.dicom_metrics,
             on_queued=self._on_queued,
         )
@@ -357,6 +395,8 @@ class DicomNode:
             self.scp.close()
         if self.builder is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.builder.stop, grace_s)
+        if self.journal is not None:
+            self.journal.close()
         for f in self.forwarders:
             await asyncio.get_running_loop().run_in_executor(None, f.stop, grace_s)
         if self.grpc_server is not None:

@@ -13,9 +13,10 @@ C-STORE, in the association's own thread:
 3. the data plane decodes and verifies it (micro-batched with every other association and with gRPC
    requests) — undecodable pixel data is ``0xC000`` with the reason in Error Comment, a full queue or a
    node not ready ``0xA700`` (out of resources: retry later);
-4. meanwhile the received dataset is written durably to the journal; then its verdict and the
-   overlay's inputs beside it (:mod:`.journal`);
-5. only then ``0x0000`` Success. The SR and Secondary Capture are built from the journal afterwards.
+4. meanwhile the received dataset is written durably to the journal (:mod:`.journal`);
+5. once both have finished, ``0x0000`` Success. After the answer the verdict and the overlay's inputs go
+   to the results builder (in memory: derived data, derived again from the image after a restart) and
+   the image becomes ready in the journal; the SR and Secondary Capture are built from there.
 
 No handler raises into pynetdicom: anything unexpected is ``0x0110`` (processing failure) and the
 association, and the node, carry on. Logs and error comments name UIDs and pixel-module facts only,
@@ -75,6 +76,7 @@ class StorageSCP:
         metrics=None,
         audit=None,
         on_stored=None,
+        on_verdict=None,
         verify_timeout_s: float = 120.0,
     ):
         self.ae_title = ae_title
@@ -86,15 +88,22 @@ class StorageSCP:
         self.metrics = metrics
         self.audit = audit
         self.on_stored = on_stored
+        self.on_verdict = on_verdict  # (sop_uid, verdict, thumbnail): the verdict for the results builder
         self.verify_timeout_s = verify_timeout_s
         self._active: set[int] = set()
         self._lock = threading.Lock()
         self.draining = False  # set on shutdown: new associations are turned away
         # durable writes of received images, overlapping their verification (one per association at most)
         self._writer = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="gamguard-journal")
+        self._finishing = 0  # images answered whose verdict is not handed over yet
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+
+    @property
+    def finishing(self) -> int:
+        """Acknowledged images not yet ready for their results."""
+        return self._finishing
 
     @property
     def active_associations(self) -> int:
@@ -253,16 +262,35 @@ class StorageSCP:
             raise
         try:
             incoming = written.result()
-            self.journal.put_verdict(
-                sop_uid, incoming, result.verdict, thumbnail(result.decoded.pixels), self._peer(event)[0]
-            )
         except OSError as exc:
             self._discard(written)
             log.error("cannot write the journal (%s): answering out of resources", exc.strerror or exc)
             return OUT_OF_RESOURCES, "cannot store the image on disk", "error"
+        # Durable and verified: the console may hear "success" now; the rest is done after the answer
+        with self._lock:
+            self._finishing += 1
+        self._writer.submit(self._finish, sop_uid, incoming, result)
         if self.on_stored is not None:
-            self.on_stored()
+            self.on_stored()  # before the answer: whoever waits for the results after it waits for this one
         return SUCCESS, "", "success"
+
+    def _finish(self, sop_uid: str, incoming, result) -> None:
+        """The verdict to the results builder, then the image ready in the journal. Without its verdict
+        (an error here) the builder derives it again."""
+        try:
+            if self.on_verdict is not None:
+                self.on_verdict(sop_uid, result.verdict, thumbnail(result.decoded.pixels))
+        except Exception:  # noqa: BLE001 - derived data only; the image is durable
+            log.exception("cannot keep the verdict of %s; it will be derived again", sop_uid)
+        try:
+            self.journal.release_source(sop_uid, incoming)
+        except OSError as exc:
+            log.error("cannot release %s in the journal (%s); it is taken at the next start", sop_uid, exc)
+        finally:
+            with self._lock:
+                self._finishing -= 1
+            if self.on_stored is not None:
+                self.on_stored()
 
     def _discard(self, written) -> None:
         """A refused image leaves no trace in the journal (after its write finished, whatever its outcome)."""
