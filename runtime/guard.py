@@ -494,7 +494,10 @@ class Guard:
             combined[:, None],
         ]
         if self.policy == "calibrated":
-            cols.append(self.cut.p_value(combined_statistic(pv, self.enforced_checks))[:, None])  # conformal_p
+            stat = combined_statistic(
+                pv, self.enforced_checks, self.cut.combination
+            )  # the weights the cut was built with
+            cols.append(self.cut.p_value(stat)[:, None])  # conformal_p
         score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
         prob_rows = real_probs.tolist()
         real_names = [self.class_names[c] for c in real]
