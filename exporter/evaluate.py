@@ -775,6 +775,11 @@ def _site_auroc_html(site: dict) -> str:
     )
 
 
+def _fmt(value, digits: int = 3) -> str:
+    """A number for the report, rounded for reading (``n/a`` when there is none)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _img_tag(path: Path) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
 
@@ -852,8 +857,8 @@ table{{border-collapse:collapse}}img{{max-width:100%}}</style>
 <h1>Guard efficacy: PneumoniaMNIST model</h1>
 <p>In-distribution test split: n={results["n_test"]}, false rejection {results["id_false_rejection_rate"]:.3f}
 (alpha {results["alpha"]}, calibrated {results["calibrated_false_rejection_rate"]:.3f}), accuracy of accepted
-predictions {results["accepted_accuracy"]}. Garbage class trained on: {", ".join(results["garbage_training_sets"])}
-(no real images); none of the sets below was seen in training.</p>
+predictions {_fmt(results["accepted_accuracy"])}. Garbage class trained on:
+{", ".join(results["garbage_training_sets"])} (no real images); none of the sets below was seen in training.</p>
 <table><tr><th>set</th><th>n</th><th>guard rejection</th><th>guard AUROC</th><th>guard FPR95</th>{heads}</tr>
 {rows}</table>
 {_ablation_html(results)}
