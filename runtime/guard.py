@@ -494,9 +494,8 @@ class Guard:
             combined[:, None],
         ]
         if self.policy == "calibrated":
-            stat = combined_statistic(
-                pv, self.enforced_checks, self.cut.combination
-            )  # the weights the cut was built with
+            # ranked with the weights the cut was built with (the bundle's, not equal ones)
+            stat = combined_statistic(pv, self.enforced_checks, self.cut.combination)
             cols.append(self.cut.p_value(stat)[:, None])  # conformal_p
         score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
         prob_rows = real_probs.tolist()

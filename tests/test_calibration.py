@@ -39,6 +39,27 @@ def test_tail_pvalue_is_a_monotone_valid_pvalue():
     assert p(np.array([np.nan, np.inf]))[0] == 0.0 and p(np.array([np.inf]))[0] == 0.0
 
 
+def test_tail_pvalue_extrapolation_is_conservative_for_small_nulls():
+    # An exponential null (the tail model itself) of the size a null part has (67 images): the
+    # extrapolated p-value at the null's true 1e-6 quantile must rarely claim more evidence than 1e-6.
+    # With the plain mean-excess scale it does so about half the time; the 95 % upper bound of the
+    # scale keeps it near 5 %.
+    rng = np.random.default_rng(3)
+    x_true = -math.log(1e-6)  # P(X > x_true) = 1e-6 for Exp(1)
+    too_small = [float(TailPValue(rng.exponential(size=67))(np.array([x_true]))[0]) < 1e-6 for _ in range(400)]
+    assert np.mean(too_small) < 0.12
+
+
+def test_tail_pvalue_min_scale_bounds_the_decay():
+    # min_scale 1 on a -log p score: one more unit of -log p beyond the null never costs more than a factor e
+    null = np.random.default_rng(4).exponential(scale=0.2, size=100)  # a steep null: its own scale < 1
+    p = TailPValue(null, min_scale=1.0)
+    assert p.scale >= 1.0 and TailPValue(null).scale < 1.0
+    far = null.max() + np.array([1.0, 2.0])
+    ratio = p(far[:1])[0] / p(far[1:])[0]
+    assert ratio == pytest.approx(math.e ** (1.0 / p.scale)) and ratio <= math.e + 1e-9
+
+
 def test_tail_pvalue_inverse_round_trips():
     p = TailPValue(np.random.default_rng(1).gamma(2.0, size=300))
     for level in (0.5, 0.1, 0.01, 1e-4):
