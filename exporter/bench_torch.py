@@ -145,7 +145,7 @@ def measure_pytorch(guard, checkpoint: Path | None, images, sizes, batches, repe
             # same model: the checkpoint must give the bundle's logits
             with torch.no_grad():
                 ref = model(xt).numpy()
-            got = guard.engine.run(x).logits
+            got = g.engine.run(x).logits
             if not np.allclose(ref, got, rtol=1e-3, atol=1e-3):
                 return {
                     "status": "skipped",

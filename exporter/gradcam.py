@@ -439,6 +439,43 @@ def _head_module(gm: fx.GraphModule, head_nodes, target_node, logits_node) -> fx
     return head
 
 
+def _is_global_pool(n: fx.Node) -> bool:
+    """``n`` averages its input over both spatial axes (the forms :func:`_head_module` leaves)."""
+    if n.op == "call_function" and n.target is adaptive_avg_pool2d_plain:
+        size = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
+        return _is_gap_output(size)
+    if (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean):
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return dims is not None and not isinstance(dims, int) and sorted(int(d) % 4 for d in dims) == [2, 3]
+    return False
+
+
+def split_global_pool(head: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+    """``(pool, rest)`` when the head's only use of the activations is a global average pool, else None.
+
+    Then d(score)/dA is d(score)/d(pooled) / (h·w) at every position, and Grad-CAM's channel weights
+    (its spatial mean) are that same value: tracing the backward of ``rest`` alone (pooled → logits)
+    avoids broadcasting the gradient to [N, C, h, w] and averaging it back, two passes over a
+    target-sized tensor in the exported graph.
+    """
+    acts = next(n for n in head.graph.nodes if n.op == "placeholder")
+    users = list(acts.users)
+    if len(users) != 1 or not _is_global_pool(users[0]):
+        return None
+    gap = users[0]
+    pool_graph = fx.Graph()
+    env = {acts: pool_graph.placeholder("acts")}
+    pool_graph.output(pool_graph.node_copy(gap, lambda a: env[a]))
+    rest_graph = fx.Graph()
+    env = {gap: rest_graph.placeholder("pooled")}
+    for n in head.graph.nodes:
+        if n.op == "output":
+            rest_graph.output(fx.map_arg(n.args[0], lambda a: env[a]))
+        elif n not in (acts, gap):
+            env[n] = rest_graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(head, pool_graph), fx.GraphModule(head, rest_graph)
+
+
 _VIEW_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten")
 _VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 
@@ -496,7 +533,37 @@ def bilinear_matrix(n_in, n_out, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(eye[None, None], size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
 
 
-def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, interp=None) -> torch.Tensor:
+@dataclass
+class CamResize:
+    """Constant matrices of the CAM's bilinear resize for a static input size.
+
+    ``rows`` [H, h] and ``cols_t`` [w, W] resample the map; ``rows_ext`` / ``cols_ext_t`` are their
+    rows / columns at the samples where the resampled map can take its extremes
+    (:func:`~gamguard.exporter.onnx_fuse.extreme_samples`).
+    """
+
+    rows: torch.Tensor
+    cols_t: torch.Tensor
+    rows_ext: torch.Tensor
+    cols_ext_t: torch.Tensor
+
+    @classmethod
+    def build(cls, hw_in, hw_out, like: torch.Tensor) -> "CamResize":
+        from .onnx_fuse import extreme_samples
+
+        rows = bilinear_matrix(hw_in[0], hw_out[0], like)  # [H, h]
+        cols = bilinear_matrix(hw_in[1], hw_out[1], like)  # [W, w]
+        r_ext = torch.as_tensor(extreme_samples(rows.numpy()), dtype=torch.long)
+        c_ext = torch.as_tensor(extreme_samples(cols.numpy()), dtype=torch.long)
+        return cls(
+            rows=rows,
+            cols_t=cols.transpose(0, 1).contiguous(),
+            rows_ext=rows[r_ext].contiguous(),
+            cols_ext_t=cols[c_ext].transpose(0, 1).contiguous(),
+        )
+
+
+def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, resize: CamResize | None = None) -> torch.Tensor:
     """Grad-CAM map [N, H, W] in [0, 1] from activations [N, C, h, w] and channel weights [N, C].
 
     Numerically pytorch-grad-cam's sequence (weighted sum → ReLU → min-max → bilinear resize → ReLU
@@ -505,16 +572,22 @@ def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, interp=None) 
 
     * the weighted channel sum is one batched MatMul ``[N,1,C] @ [N,C,h·w]`` (no [N,C,h,w] temporary);
     * the bilinear resize is separable and linear, so it is two MatMuls with the 1-D interpolation
-      matrices (:func:`bilinear_matrix`; ``interp`` = precomputed ``(rows [H,h], cols_t [w,W])`` for
-      a static input size): ``rows @ (cam @ cols_t)``, the first product on the small map. ONNX
-      Runtime's Resize is a gather per output pixel; the GEMM form is several times cheaper.
+      matrices (:func:`bilinear_matrix`): ``rows @ (cam @ cols_t)``, the first product on the small
+      map. ONNX Runtime's Resize is a gather per output pixel; the GEMM form is several times cheaper.
       Every output is a sum of two non-negative weighted terms (the other weights are exact zeros),
       i.e. the same convex combination the Resize computes, up to float rounding;
     * the second ReLU is dropped: that convex combination of the min-max-normalised map (>= 0) is
       >= 0 exactly (products and sums of non-negative floats), so the ReLU is a no-op;
-    * the second min-max reads the resized map twice (min, max) and writes it once:
-      ``(x - min) / (eps + (max - min))`` equals ``(x - min) / (eps + max(x - min))`` up to one
-      rounding of ``max - min``;
+    * static size (``resize`` given): the second min-max is applied to the *small* map before the
+      resize. The resize is a convex combination (rows of both matrices sum to 1), so it commutes
+      with ``x -> (x - lo) / (eps + hi - lo)``; ``lo`` / ``hi`` (the min and max of the full-size
+      map) are read from the map resampled at the few rows and columns where its extremes can be
+      (:class:`CamResize`). The full-size map is then written once by the last MatMul and clamped to
+      [0, 1] (float rounding of that convex combination can leave [0, 1] by an ulp) in one more pass,
+      instead of being read twice for min/max and rewritten twice;
+    * dynamic size: the matrices are built in the graph and the second min-max runs on the full map,
+      ``(x - min) / (eps + (max - min))`` (equal to ``(x - min) / (eps + max(x - min))`` up to one
+      rounding of ``max - min``);
     * the map stays ``[N, h, w]`` → ``[N, H, W]`` throughout: no reshape or indexing copy of the
       full-size map before it becomes the graph output.
     """
@@ -523,11 +596,14 @@ def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, interp=None) 
     cam = torch.relu(cam)
     cam = cam - torch.amin(cam, dim=(1, 2), keepdim=True)
     cam = cam / (CAM_EPS + torch.amax(cam, dim=(1, 2), keepdim=True))
-    if interp is None:
-        rows = bilinear_matrix(h, out_hw[0], cam)
-        cols_t = bilinear_matrix(w, out_hw[1], cam).transpose(0, 1)
-    else:
-        rows, cols_t = interp
+    if resize is not None:
+        ext = torch.matmul(resize.rows_ext, torch.matmul(cam, resize.cols_ext_t))
+        lo = torch.amin(ext, dim=(1, 2), keepdim=True)
+        hi = torch.amax(ext, dim=(1, 2), keepdim=True)
+        cam = (cam - lo) / (CAM_EPS + (hi - lo))
+        return torch.clamp(torch.matmul(resize.rows, torch.matmul(cam, resize.cols_t)), 0.0, 1.0)
+    rows = bilinear_matrix(h, out_hw[0], cam)
+    cols_t = bilinear_matrix(w, out_hw[1], cam).transpose(0, 1)
     cam = torch.matmul(rows, torch.matmul(cam, cols_t))  # [N, H, W]: no reshape of the full map
     lo = torch.amin(cam, dim=(1, 2), keepdim=True)
     hi = torch.amax(cam, dim=(1, 2), keepdim=True)
@@ -574,6 +650,29 @@ def adaptive_avg_pool2d_plain(x: torch.Tensor, output_size) -> torch.Tensor:
     return adaptive_avg_pool2d_exportable(x, (oh, ow))
 
 
+@dataclass(frozen=True)
+class PoolWindow:
+    """Adaptive average pooling of a ``size`` map whose sides are multiples of the output grid: every bin
+    is a ``kernel`` window at stride ``kernel`` (torch's adaptive bins are then exactly these windows)."""
+
+    size: tuple[int, int]
+    kernel: tuple[int, int]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        # An AveragePool node: ONNX Runtime runs it in the convolutions' blocked (NCHWc) layout, so
+        # the full-size early activations are read once and never reordered to plain NCHW.
+        return F.avg_pool2d(x, self.kernel, self.kernel)
+
+
+def static_pool_window(size, grid) -> PoolWindow | None:
+    """The :class:`PoolWindow` that pools a static ``size`` (h, w) to ``grid``, or None when a side
+    is not a multiple of the grid (then the bins differ in size or overlap: averaging matrices)."""
+    (h, w), (oh, ow) = (int(v) for v in size), (int(v) for v in grid)
+    if h % oh or w % ow:
+        return None
+    return PoolWindow((h, w), (h // oh, w // ow))
+
+
 def _pool_with_matrices(x: torch.Tensor, rows: torch.Tensor, cols_t: torch.Tensor) -> torch.Tensor:
     """``rows @ x @ cols_t`` for x [N, C, H, W], rows [oh, H], cols_t [W, ow], in the cheap order.
 
@@ -618,30 +717,38 @@ class FusedGradCAM(nn.Module):
         self.early_pool = tuple(int(v) for v in early_pool) if early_pool is not None else None
         self.dynamic_spatial = bool(dynamic_spatial)
         rows = cols = None
+        self._pool_window = None
         if self.early_pool is not None and not self.dynamic_spatial:
             h_e, w_e = self.plan.early_shape[-2:]
-            rows = _bin_matrix(h_e, self.early_pool[0], example)  # [oh, h_e]
-            cols = _bin_matrix(w_e, self.early_pool[1], example).transpose(0, 1).contiguous()
+            self._pool_window = static_pool_window((h_e, w_e), self.early_pool)
+            if self._pool_window is None:
+                rows = _bin_matrix(h_e, self.early_pool[0], example)  # [oh, h_e]
+                cols = _bin_matrix(w_e, self.early_pool[1], example).transpose(0, 1).contiguous()
         self.register_buffer("_class_ids", torch.arange(self.plan.logits_shape[1]), persistent=False)
         self.register_buffer("_pool_rows", rows, persistent=False)
         self.register_buffer("_pool_cols", cols, persistent=False)
         # Static size: the CAM's bilinear interpolation matrices are constants of the graph too.
-        interp_rows = interp_cols = None
+        resize = None
         if not self.dynamic_spatial:
-            (h_t, w_t), (h_i, w_i) = self.plan.target_shape[-2:], example.shape[-2:]
-            interp_rows = bilinear_matrix(h_t, h_i, example)  # [H, h]
-            interp_cols = bilinear_matrix(w_t, w_i, example).transpose(0, 1).contiguous()  # [w, W]
-        self.register_buffer("_interp_rows", interp_rows, persistent=False)
-        self.register_buffer("_interp_cols", interp_cols, persistent=False)
+            resize = CamResize.build(self.plan.target_shape[-2:], example.shape[-2:], example)
+        for name in CamResize.__dataclass_fields__:  # buffers: they follow the module's .to()
+            self.register_buffer(f"_cam_{name}", getattr(resize, name, None), persistent=False)
         if self.head_kind == "gap_linear":
             self.fc_weight_owner = next(s.module for s in self.steps if s.kind == "linear")
-        self.head_traced = self.joint = None
+        self.head_traced = self.joint = self.head_pool = None
         if self.head_kind == "traced":
             from .head_backward import trace_joint
 
             self.head_traced = self.plan.head
             with torch.no_grad():
                 acts, _ = self.body(example)
+            # A head that starts with global average pooling: differentiate only what follows it
+            # (see split_global_pool); the joint then works on [N, C] instead of [N, C, h, w].
+            split = split_global_pool(self.plan.head)
+            if split is not None:
+                self.head_pool, self.head_traced = split
+                with torch.no_grad():
+                    acts = self.head_pool(acts)
             try:
                 self.joint = trace_joint(self.head_traced, acts, self.plan.logits_shape[1])
             except Exception as exc:  # make_fx raises many types
@@ -670,6 +777,11 @@ class FusedGradCAM(nn.Module):
         if self.joint is not None:
             from .head_backward import head_state
 
+            if self.head_pool is not None:
+                logits, grad = self.joint(head_state(self.head_traced), self.head_pool(acts))
+                # d(score)/dA[k, i, j] = d(score)/d(pooled_k) / (h·w) at every position: that is its mean
+                weights = grad.reshape(acts.shape[0], acts.shape[1]) / (acts.shape[-2] * acts.shape[-1])
+                return self._outputs(image, acts, logits, weights, early)
             logits, grad = self.joint(head_state(self.head_traced), acts)
             return self._outputs(image, acts, logits, grad.mean(dim=(2, 3)), early)
         saved = []
@@ -683,25 +795,33 @@ class FusedGradCAM(nn.Module):
 
     def _outputs(self, image, acts, logits, weights, early):
         out_hw = (image.shape[-2], image.shape[-1])
-        interp = None
-        if self._interp_rows is not None and (
+        resize = None
+        if self._cam_rows is not None and (
             # a static export is at the example's size (its input shape is fixed); in eager
             # mode another size computes its own matrices instead of reusing wrong ones
             torch.onnx.is_in_onnx_export()
             or (
-                tuple(self._interp_rows.shape) == (out_hw[0], acts.shape[-2])
-                and tuple(self._interp_cols.shape) == (acts.shape[-1], out_hw[1])
+                tuple(self._cam_rows.shape) == (out_hw[0], acts.shape[-2])
+                and tuple(self._cam_cols_t.shape) == (acts.shape[-1], out_hw[1])
             )
         ):
-            interp = (self._interp_rows, self._interp_cols)
-        cam = gradcam_map(acts, weights, out_hw, interp)
+            resize = CamResize(**{k: getattr(self, f"_cam_{k}") for k in CamResize.__dataclass_fields__})
+        cam = gradcam_map(acts, weights, out_hw, resize)
         if self.early_pool is not None:
-            if self._pool_rows is not None:
-                # Static size: constant matrices (a different input size fails in the MatMul).
-                early = _pool_with_matrices(early, self._pool_rows, self._pool_cols)
-            else:
-                early = adaptive_avg_pool2d_exportable(early, self.early_pool)
+            early = self._pool_early(early)
         return logits, cam, early
+
+    def _pool_early(self, early: torch.Tensor) -> torch.Tensor:
+        """The early activations average-pooled to ``early_pool``, in the cheapest exact form the size allows."""
+        if self._pool_window is not None and tuple(early.shape[-2:]) == self._pool_window.size:
+            return self._pool_window.pool(early)
+        if self._pool_rows is not None and (
+            torch.onnx.is_in_onnx_export()
+            or (self._pool_rows.shape[1], self._pool_cols.shape[0]) == tuple(early.shape[-2:])
+        ):
+            # Static size: constant matrices (a different input size fails in the MatMul).
+            return _pool_with_matrices(early, self._pool_rows, self._pool_cols)
+        return adaptive_avg_pool2d_exportable(early, self.early_pool)
 
 
 def suggest_target_layers(model: nn.Module, target_layer: str, early_layer: str, example, limit: int = 2) -> str:

@@ -54,6 +54,25 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
+def extreme_samples(interp: np.ndarray) -> np.ndarray:
+    """Indices of the output samples of a 1-D interpolation matrix ``[n_out, n_in]`` (at most two taps a
+    row, as :func:`bilinear_matrix`) at which a resampled map can take its extreme values.
+
+    Between two neighbouring source samples the interpolated values are linear in the position, and
+    the output samples between them form one run of rows with the same first tap: the smallest and
+    largest value of the run are at its ends. In 2-D the bilinear map of a cell is linear along each
+    axis, so its extremes over the sampled grid lie on (run-end rows) × (run-end columns): the min
+    and max of the full-size map are those of the map resampled at these rows and columns only.
+    """
+    first_tap = np.argmax(np.asarray(interp) != 0, axis=1)
+    keep = np.zeros(first_tap.size, bool)
+    keep[0] = keep[-1] = True
+    change = first_tap[1:] != first_tap[:-1]
+    keep[1:] |= change
+    keep[:-1] |= change
+    return np.flatnonzero(keep)
+
+
 def bin_matrix(size: int, bins: int) -> np.ndarray:
     """``[bins, size]`` averaging matrix of adaptive average pooling (torch's bins)."""
     j = np.arange(size)[None, :]
@@ -696,6 +715,8 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
     cls = b.op("ArgMax", [logits_name], axis=1, keepdims=1)  # [N, 1] int64
     onehot = b.op("Cast", [b.op("Equal", [b.ints(np.arange(k)[None, :]), cls])], to=TensorProto.FLOAT)
     grads: dict[str, list[str]] = {logits_name: [onehot]}
+    pool = _global_pool_of(g, head, target)
+    weights = None
     for n in reversed(head):
         gouts = []
         for o in n.output:
@@ -708,6 +729,9 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
                 gouts.append(b.op("Sum", gs))
         if gouts[0] is None or not any(i in differentiable for i in n.input):
             continue
+        if n is pool:
+            weights = _pooled_channel_weights(b, gouts[0], shapes[target])
+            continue
         rule = BACKWARD_RULES.get(n.op_type)
         if rule is None:
             raise UnsupportedOnnxOpError(
@@ -718,35 +742,16 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         for name, gx in rule(b, g, n, gouts).items():
             if name in differentiable:
                 grads.setdefault(name, []).append(gx)
-    if not grads.get(target):
-        raise ValueError(f"no gradient reaches the target tensor {target!r}")
-    gt = grads[target]
-    grad = gt[0] if len(gt) == 1 else b.op("Sum", gt)
+    if weights is None:
+        if not grads.get(target):
+            raise ValueError(f"no gradient reaches the target tensor {target!r}")
+        gt = grads[target]
+        grad = gt[0] if len(gt) == 1 else b.op("Sum", gt)
+        weights = b.reduce("ReduceMean", grad, [2, 3], keepdims=0)  # [N, C]
 
-    # Grad-CAM (same sequence as gradcam.gradcam_map)
-    _, ct, ht, wt = shapes[target]
-    weights = b.reduce("ReduceMean", grad, [2, 3], keepdims=0)  # [N, C]
-    acts = b.op("Reshape", [target, b.ints([-1, ct, ht * wt])])
-    cam = b.op("MatMul", [b.op("Unsqueeze", [weights, b.ints([1])]), acts])  # [N, 1, hw]
-    cam = b.op("Relu", [b.op("Reshape", [cam, b.ints([-1, ht, wt])])])
-    cam = b.op("Sub", [cam, b.reduce("ReduceMin", cam, [1, 2])])
-    cam = b.op("Div", [cam, b.op("Add", [b.const(CAM_EPS), b.reduce("ReduceMax", cam, [1, 2])])])
-    rows = b.const(bilinear_matrix(ht, h), "interp_rows")
-    cols_t = b.const(bilinear_matrix(wt, w).T.copy(), "interp_cols")
-    cam = b.op("MatMul", [rows, b.op("MatMul", [cam, cols_t])])
-    lo = b.reduce("ReduceMin", cam, [1, 2])
-    hi = b.reduce("ReduceMax", cam, [1, 2])
-    cam_out = b.op("Div", [b.op("Sub", [cam, lo]), b.op("Add", [b.const(CAM_EPS), b.op("Sub", [hi, lo])])])
-
+    cam_out = _gradcam_nodes(b, target, weights, shapes[target], (h, w))
     _, ce, he, we = shapes[early]
-    if early_pool is not None:
-        pr = b.const(bin_matrix(he, int(early_pool[0])), "pool_rows")
-        pc = b.const(bin_matrix(we, int(early_pool[1])).T.copy(), "pool_cols")
-        early_out = b.op("MatMul", [pr, b.op("MatMul", [early, pc])])
-        early_shape = (ce, int(early_pool[0]), int(early_pool[1]))
-    else:
-        early_out = b.op("Identity", [early])
-        early_shape = (ce, he, we)
+    early_out, early_shape = _early_pool_nodes(b, early, (ce, he, we), early_pool)
 
     # wire: input renamed `image`, outputs logits / cam / early
     old_in = inp.name
@@ -784,6 +789,71 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         head_ops=[f"{n.op_type} {n.name}" for n in head],
     )
     return model, info
+
+
+def _global_pool_of(g: _Graph, head, target: str):
+    """The head node that averages ``target`` over its spatial axes, when that is the head's only use
+    of ``target`` (GlobalAveragePool, or ReduceMean over axes 2 and 3); else None."""
+    users = [n for n in head if target in n.input]
+    if len(users) != 1 or users[0].input[0] != target:
+        return None
+    n = users[0]
+    if n.op_type == "GlobalAveragePool":
+        return n
+    if n.op_type == "ReduceMean":
+        axes, _ = _reduce_axes(g, n)
+        rank = len(g.shape(target, n))
+        if rank == 4 and sorted(a % rank for a in axes) == [2, 3]:
+            return n
+    return None
+
+
+def _pooled_channel_weights(b: _Builder, grad_pooled: str, target_shape) -> str:
+    """Grad-CAM channel weights ``[N, C]`` from the gradient at the global pool's output: d(score)/dA is
+    that gradient / (h·w) at every position, and the weights are its spatial mean — the same value,
+    without broadcasting it to [N, C, h, w] and averaging it back."""
+    _, c, h, w = target_shape
+    flat = b.op("Reshape", [grad_pooled, b.ints([-1, c])])
+    return b.op("Div", [flat, b.const(float(h * w))])
+
+
+def _gradcam_nodes(b: _Builder, target: str, weights: str, target_shape, out_hw) -> str:
+    """The CAM ``[N, H, W]`` from the activations and channel weights, the sequence of
+    :func:`gamguard.exporter.gradcam.gradcam_map` for a static size: the second min-max applied to the
+    small map, with min and max read at the resampled map's possible extremes (:func:`extreme_samples`),
+    so that the full-size map is written once (by the resize) and clamped to [0, 1]."""
+    _, ct, ht, wt = target_shape
+    h, w = out_hw
+    acts = b.op("Reshape", [target, b.ints([-1, ct, ht * wt])])
+    cam = b.op("MatMul", [b.op("Unsqueeze", [weights, b.ints([1])]), acts])  # [N, 1, hw]
+    cam = b.op("Relu", [b.op("Reshape", [cam, b.ints([-1, ht, wt])])])
+    cam = b.op("Sub", [cam, b.reduce("ReduceMin", cam, [1, 2])])
+    cam = b.op("Div", [cam, b.op("Add", [b.const(CAM_EPS), b.reduce("ReduceMax", cam, [1, 2])])])
+    rows, cols = bilinear_matrix(ht, h), bilinear_matrix(wt, w)
+    rows_ext, cols_ext = rows[extreme_samples(rows)], cols[extreme_samples(cols)]
+    ext = b.op("MatMul", [b.const(rows_ext, "interp_rows_ext"), b.op("MatMul", [cam, b.const(cols_ext.T.copy())])])
+    lo = b.reduce("ReduceMin", ext, [1, 2])
+    hi = b.reduce("ReduceMax", ext, [1, 2])
+    cam = b.op("Div", [b.op("Sub", [cam, lo]), b.op("Add", [b.const(CAM_EPS), b.op("Sub", [hi, lo])])])
+    full = b.op("MatMul", [b.const(rows, "interp_rows"), b.op("MatMul", [cam, b.const(cols.T.copy(), "interp_cols")])])
+    return b.op("Clip", [full, b.const(0.0), b.const(1.0)])
+
+
+def _early_pool_nodes(b: _Builder, early: str, early_chw, early_pool) -> tuple[str, tuple[int, int, int]]:
+    """``(tensor, shape)`` of the early features average-pooled to ``early_pool`` (adaptive pooling's
+    bins): an AveragePool when the sides are multiples of the grid (ONNX Runtime runs it in the
+    convolutions' blocked layout, without reordering the full-size map), else constant averaging
+    matrices; ``early_pool=None`` keeps them whole."""
+    ce, he, we = early_chw
+    if early_pool is None:
+        return b.op("Identity", [early]), (ce, he, we)
+    oh, ow = int(early_pool[0]), int(early_pool[1])
+    if he % oh == 0 and we % ow == 0:
+        kernel = [he // oh, we // ow]
+        return b.op("AveragePool", [early], kernel_shape=kernel, strides=kernel), (ce, oh, ow)
+    pr = b.const(bin_matrix(he, oh), "pool_rows")
+    pc = b.const(bin_matrix(we, ow).T.copy(), "pool_cols")
+    return b.op("MatMul", [pr, b.op("MatMul", [early, pc])]), (ce, oh, ow)
 
 
 def resolve_garbage_class(class_names, garbage_class) -> int:

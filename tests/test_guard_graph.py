@@ -6,12 +6,11 @@ verdicts on the demo bundle, in and off distribution, at the bundle's size and a
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from gamguard.runtime import similarity as sim
+from gamguard.runtime.bench.common import guard_at_size
 from gamguard.runtime.checks import score_outputs
 from gamguard.runtime.checks.graph import (
     GUARD_COLUMNS,
@@ -75,8 +74,9 @@ def _assert_pvalues_close(pv_g, pv_h, calibration):
 @pytest.mark.parametrize("size", [None, 224])
 def test_graph_matches_numpy_scores_and_verdicts(guards, images, size):
     host, graph = guards
-    spec = host.spec if size is None else dataclasses.replace(host.spec, height=size, width=size)
-    x = preprocess_batch(images, spec)
+    if size is not None:  # the guards at another size (a dynamic-H/W model: engines fixed to that size)
+        host, graph = guard_at_size(host, size), guard_at_size(graph, size)
+    x = preprocess_batch(images, host.spec)
     out_h = host.engine.run(x)
     out_g = graph.engine.run(x)
     assert out_h.guard is None and out_g.guard.shape == (len(images), len(GUARD_COLUMNS))

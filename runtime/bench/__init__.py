@@ -71,7 +71,6 @@ the guard and the logits-only session alike; the providers actually used are rec
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,13 +80,12 @@ import numpy as np
 
 from .common import (
     BenchError,
+    LogitsOnly,
     batch_at,
     gpu_name,
-    logits_only_model,
+    guard_at_size,
     machine_facts,
-    ort_session,
     phantom_images,
-    spatial_is_dynamic,
 )
 from .overhead import arithmetic_of, default_checkpoint, measure_overhead, measure_overhead_large, measure_pytorch
 from .serving import measure_grpc
@@ -165,13 +163,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     facts["providers_used"] = list(guard.engine.providers)
     if any(p != "CPUExecutionProvider" for p in guard.engine.providers):
         facts["gpu"] = gpu_name()
-    with tempfile.TemporaryDirectory(prefix="gamguard-bench-") as tmp:
-        logits_path = logits_only_model(guard.engine.model_path, Path(tmp))
-        logits_session = ort_session(logits_path, list(guard.engine.providers), cfg.threads)
-    facts["logits_only_providers"] = list(logits_session.get_providers())
+    logits_only = LogitsOnly(guard.engine.model_path, list(guard.engine.providers), cfg.threads)
+    facts["logits_only_providers"] = list(logits_only.session(guard.spec.height).get_providers())
 
     bundle_size = guard.spec.height
-    if spatial_is_dynamic(guard.engine.session):
+    if logits_only.dynamic:
         sizes, sizes_note = tuple(cfg.sizes), "input height/width are dynamic: measured at the requested sizes"
     else:
         sizes = (bundle_size,)
@@ -184,12 +180,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     images = phantom_images(max(max(cfg.batches), 16))
     # the logits-only model must be the fused model's classifier, exactly
     x = batch_at(images, guard.spec, sizes[0], 2)
-    diff = float(np.abs(logits_session.run(["logits"], {"image": x})[0] - guard.engine.run(x).logits).max())
+    got = guard_at_size(guard, sizes[0]).engine.run(x).logits
+    diff = float(np.abs(logits_only.session(sizes[0]).run(["logits"], {"image": x})[0] - got).max())
     if diff > 1e-4:
         raise RuntimeError(f"the logits-only model disagrees with the fused model (max diff {diff:.3g})")
 
     overhead, measures = measure_overhead(
-        guard, logits_session, images, sizes, cfg.batches, cfg.n_repeats, progress, alternative=alternative
+        guard, logits_only, images, sizes, cfg.batches, cfg.n_repeats, progress, alternative=alternative
     )
     del alternative
     result = {

@@ -127,6 +127,40 @@ def ort_session(path: Path, providers: list[str], threads: int | None):
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
 
 
+class LogitsOnly:
+    """The unguarded baseline: the fused model's classifier (:func:`logits_only_model`), with one ONNX
+    Runtime session per input size. A dynamic-H/W model is specialised to each size the way the
+    guard's engine is (:mod:`gamguard.runtime.engines.specialize`), so both sides run static shapes."""
+
+    def __init__(self, fused_model: Path, providers: list[str], threads: int | None):
+        import tempfile
+
+        import onnx
+
+        from gamguard.runtime.engines.specialize import is_spatially_dynamic
+
+        with tempfile.TemporaryDirectory(prefix="gamguard-bench-") as tmp:
+            self.model = onnx.load(str(logits_only_model(fused_model, Path(tmp))))
+        self.dynamic = is_spatially_dynamic(self.model)
+        self.providers, self.threads = list(providers), threads
+        self._sessions: dict = {}
+
+    def session(self, size: int | None = None):
+        """The session for ``size`` x ``size`` inputs (a static model: its own size, whatever ``size``)."""
+        import onnxruntime as ort
+
+        from gamguard.runtime.engines import session_options
+        from gamguard.runtime.engines.specialize import specialize_spatial
+
+        key = size if self.dynamic else None
+        if key not in self._sessions:
+            model = self.model if key is None else specialize_spatial(self.model, key, key)
+            self._sessions[key] = ort.InferenceSession(
+                model.SerializeToString(), sess_options=session_options(self.threads), providers=self.providers
+            )
+        return self._sessions[key]
+
+
 def spatial_is_dynamic(session) -> bool:
     shape = session.get_inputs()[0].shape  # e.g. ['batch', 1, 's73', 's6'] or ['batch', 1, 128, 128]
     return len(shape) == 4 and not isinstance(shape[2], int) and not isinstance(shape[3], int)
@@ -141,11 +175,16 @@ def phantom_images(n: int, seed: int = 1234, size: int = 256) -> list[np.ndarray
 
 
 def guard_at_size(guard, size: int):
-    """The guard as a shallow copy whose input spec says ``size`` x ``size`` (see module docstring)."""
+    """The guard serving ``size`` x ``size`` inputs: a shallow copy whose input spec says that size and,
+    when its ONNX Runtime engine is fixed to the bundle's size (a dynamic-H/W model, see
+    :mod:`gamguard.runtime.engines.specialize`), with an engine fixed to ``size`` — what a bundle at
+    that size would run."""
     if (guard.spec.height, guard.spec.width) == (size, size):
         return guard
     g = copy.copy(guard)
     g.spec = dataclasses.replace(guard.spec, height=size, width=size)
+    if getattr(guard.engine, "input_hw", None) is not None:
+        g.engine = guard.engine.at_size((size, size))
     return g
 
 

@@ -14,12 +14,11 @@ import numpy as np
 from .common import (
     LARGE_CASES,
     LARGE_MODEL,
+    LogitsOnly,
     batch_at,
     guard_at_size,
     interleaved,
-    logits_only_model,
     median_ms,
-    ort_session,
     phantom_images,
 )
 
@@ -30,9 +29,13 @@ def arithmetic_of(guard) -> str:
 
 
 def measure_overhead(
-    guard, logits_session, images, sizes, batches, repeats, progress, alternative=None
+    guard, logits_only, images, sizes, batches, repeats, progress, alternative=None
 ) -> tuple[list, list]:
     """``guard_overhead`` and ``measures_cost`` rows, from one interleaved loop per case.
+
+    ``logits_only``: the baseline (:class:`~.common.LogitsOnly`). At every size both sides run a
+    session for that size (:func:`~.common.guard_at_size`): a dynamic-H/W bundle's engine is fixed to
+    the size it serves, as a bundle exported at that size would be.
 
     ``alternative``: the same bundle loaded with the checks' arithmetic on the other side (graph vs
     host, :mod:`gamguard.runtime.checks.graph`), timed in the same interleaved loop; each row then
@@ -44,9 +47,10 @@ def measure_overhead(
     for size in sizes:
         g = guard_at_size(guard, size)
         alt = guard_at_size(alternative, size) if alternative is not None else None
+        logits_session = logits_only.session(size)
         for n in batches:
             x = batch_at(images, guard.spec, size, n)
-            out = guard.engine.run(x)
+            out = g.engine.run(x)
             real = cal.real
             pred_real_pos = np.asarray(out.logits, np.float64)[:, real].argmax(axis=1)
             refs = cal.ref_prepared[pred_real_pos]
@@ -56,9 +60,9 @@ def measure_overhead(
                 raise RuntimeError(f"guarded call failed at {size}x{size}, batch {n}: {errors[0]}")
             mode = arithmetic_of(guard)
             # the plain fused model and, with the graph arithmetic, the fused model + guard subgraph
-            engines = {mode: guard.engine}
+            engines = {mode: g.engine}
             if alt is not None:
-                engines[arithmetic_of(alternative)] = alternative.engine
+                engines[arithmetic_of(alternative)] = alt.engine
             variants = {
                 "logits_only": lambda: logits_session.run(["logits"], {"image": x}),
                 "guarded": lambda: g.verify_tensor(x),
@@ -133,15 +137,13 @@ def measure_overhead_large(cfg, providers: list[str], progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="gamguard-bench-large-") as tmp:
         bundle = build_large_bundle(Path(tmp), cfg.threads, progress)
         guard = Guard.from_bundle(bundle, providers=providers, threads=cfg.threads, prefer="onnxruntime")
-        logits_session = ort_session(
-            logits_only_model(guard.engine.model_path, Path(tmp)), list(guard.engine.providers), cfg.threads
-        )
+        logits_only = LogitsOnly(guard.engine.model_path, list(guard.engine.providers), cfg.threads)
         images = phantom_images(max(b for _, b in LARGE_CASES))
         rows = []
         for size, n in LARGE_CASES:
             if size not in cfg.sizes or n not in cfg.batches:
                 continue
-            part, _ = measure_overhead(guard, logits_session, images, (size,), (n,), min(cfg.n_repeats, 5), progress)
+            part, _ = measure_overhead(guard, logits_only, images, (size,), (n,), min(cfg.n_repeats, 5), progress)
             rows += part
     return {
         "status": "measured",

@@ -124,7 +124,7 @@ def guarded_model(fused, calibration):
     model = onnx.ModelProto()
     model.CopyFrom(fused)
     b = _Builder()
-    _build(b, "logits", "cam", "early", calibration)
+    _build(b, "logits", "cam", "early", calibration, _cam_size_source(fused))
     model.graph.node.extend(b.nodes)
     model.graph.initializer.extend(b.inits)
     model.graph.output.append(
@@ -140,7 +140,7 @@ def guard_only_model(calibration, *, n_classes: int, early_shape):
     from onnx import TensorProto, helper
 
     b = _Builder()
-    _build(b, "logits", "cam", "early", calibration)
+    _build(b, "logits", "cam", "early", calibration, ("cam", 1))
     graph = helper.make_graph(
         b.nodes,
         "gamguard-guard",
@@ -219,7 +219,22 @@ def scores_from_graph(guard: np.ndarray, logits: np.ndarray, calibration):
 
 
 # --------------------------------------------------------------------------------------------------
-def _build(b: _Builder, logits: str, cam: str, early: str, cal) -> str:
+def _cam_size_source(fused):
+    """Where the guard reads the CAM's height and width (the fused model's input size, by its contract):
+    ``(H, W)`` ints for a static input — the resampling matrices are then constants — or
+    ``(INPUT_NAME, 2)``, the input's dims 2 and 3 read with ``Shape``: an engine that fixes the size
+    (:mod:`gamguard.runtime.engines.specialize`) turns that ``Shape`` into a constant and ONNX Runtime
+    folds the matrices."""
+    from ..engines.base import INPUT_NAME
+    from ..engines.specialize import spatial_dims
+
+    dims = spatial_dims(fused)
+    if dims is not None and all(isinstance(d, int) and d > 0 for d in dims):
+        return tuple(dims)
+    return (INPUT_NAME, 2)
+
+
+def _build(b: _Builder, logits: str, cam: str, early: str, cal, size_source) -> str:
     from onnx import TensorProto
 
     grid = cal.grid
@@ -237,7 +252,7 @@ def _build(b: _Builder, logits: str, cam: str, early: str, cal) -> str:
         b.op("ReduceMax", b.op("Gather", logits, b.i64(cal.real), axis=1), b.i64([1]), keepdims=1),
     )  # [N, 1]
 
-    xr = _resample(b, cam, grid)  # [N, D]
+    xr = _resample(b, cam, grid, size_source)  # [N, D]
     # x*0 is NaN exactly where x is NaN/Inf: one pass per output proves an image's outputs finite
     probe = b.op(
         "Add",
@@ -275,10 +290,17 @@ def _area_matrix(b: _Builder, size: str, grid: int) -> str:
     return b.op("Div", b.op("Relu", b.op("Sub", hi, lo)), s)
 
 
-def _resample(b: _Builder, cam: str, grid: int) -> str:
-    shape = b.op("Shape", cam)
-    rows = _area_matrix(b, b.op("Slice", shape, b.i64([1]), b.i64([2])), grid)  # [g, H]
-    cols = _area_matrix(b, b.op("Slice", shape, b.i64([2]), b.i64([3])), grid)  # [g, W]
+def _resample(b: _Builder, cam: str, grid: int, size_source) -> str:
+    """``cam`` ``[N, H, W]`` area-resampled to ``[N, grid * grid]``. ``size_source``: ``(H, W)`` ints
+    (constant matrices, :func:`gamguard.runtime.similarity.area_matrix`) or ``(tensor, axis)``: H and W
+    are that tensor's dims ``axis`` and ``axis + 1``, and the matrices are built in the graph."""
+    if isinstance(size_source[0], int):
+        h, w = size_source
+        x = b.op("MatMul", b.const(sim.area_matrix(h, grid)), b.op("MatMul", cam, b.const(sim.area_matrix(w, grid).T)))
+        return b.op("Reshape", x, b.i64([-1, grid * grid]))
+    tensor, axis = size_source
+    rows = _area_matrix(b, b.op("Shape", tensor, start=axis, end=axis + 1), grid)  # [g, H]
+    cols = _area_matrix(b, b.op("Shape", tensor, start=axis + 1, end=axis + 2), grid)  # [g, W]
     x = b.op("MatMul", rows, b.op("MatMul", cam, b.op("Transpose", cols, perm=[1, 0])))  # [N, g, g]
     return b.op("Reshape", x, b.i64([-1, grid * grid]))
 

@@ -51,6 +51,8 @@ def create_engine(
     device, otherwise ONNX Runtime with its TensorRT → CUDA → CPU chain), ``"onnxruntime"`` (alias
     ``"onnx"``) or ``"tensorrt"`` (fail unless the native plan can be used). The plan selection rule
     lives in :mod:`gamguard.runtime.engines.tensorrt`.
+    An ONNX Runtime engine serves the manifest's input size (``input.height`` x ``input.width``): a
+    model with dynamic H/W is specialised to it (:mod:`.specialize`).
     ``guarded``: the fused model with the guard subgraph (:func:`gamguard.runtime.checks.graph.guarded_model`)
     for ONNX Runtime to run instead of ``model.onnx``; a native TensorRT plan is the plain fused model
     (its engine returns no ``guard`` output and the host computes the checks).
@@ -68,4 +70,7 @@ def create_engine(
     model = bundle_dir / MODEL_FILE
     if not model.is_file():
         raise BundleError(f"{bundle_dir}: no {MODEL_FILE}")
-    return OnnxEngine(model, providers=providers, threads=threads, guarded=guarded)
+    spec = (manifest if manifest is not None else read_manifest(bundle_dir)).get("input") or {}
+    # the guard serves the input spec's size only: a dynamic-H/W model is specialised to it
+    input_hw = (int(spec["height"]), int(spec["width"])) if spec.get("height") and spec.get("width") else None
+    return OnnxEngine(model, providers=providers, threads=threads, guarded=guarded, input_hw=input_hw)

@@ -94,6 +94,9 @@ class OnnxEngine:
     ``guarded``: the serialized fused model with the guard subgraph appended
     (:func:`gamguard.runtime.checks.graph.guarded_model` of ``model_path``); the session then runs it
     and :meth:`run` also returns its ``guard`` output.
+    ``input_hw``: the one input size this engine serves; a model with dynamic H/W is specialised to it
+    (:mod:`.specialize`: ONNX Runtime then folds the size-dependent matrices into constants) and a
+    batch of another size is refused. None: run the model as it is (any size a dynamic model takes).
     """
 
     name = "onnxruntime"
@@ -105,6 +108,7 @@ class OnnxEngine:
         providers: Sequence[str] | str | None = None,
         threads: int | None = None,
         guarded: bytes | None = None,
+        input_hw: tuple[int, int] | None = None,
     ):
         import onnxruntime as ort
 
@@ -115,8 +119,13 @@ class OnnxEngine:
             threads = int(os.environ["GAMGUARD_THREADS"])
         opts = session_options(threads)
         chain = resolve_providers(providers)
+        self._guarded_source = guarded
+        self._requested_providers = providers
+        self.input_hw = None
+        source = guarded if guarded is not None else str(self.model_path)
+        if input_hw is not None:
+            source, self.input_hw = _specialized(source, self.model_path, input_hw)
         try:
-            source = guarded if guarded is not None else str(self.model_path)
             self.session = ort.InferenceSession(source, sess_options=opts, providers=chain)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"{self.model_path}: cannot create an ONNX Runtime session: {exc}") from exc
@@ -132,18 +141,35 @@ class OnnxEngine:
                 f"expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)})"
             )
         log.info(
-            "engine: onnxruntime %s, providers %s (requested chain %s), threads %s, guard arithmetic %s",
+            "engine: onnxruntime %s, providers %s (requested chain %s), threads %s, guard arithmetic %s%s",
             ort.__version__,
             self.providers,
             chain,
             threads or "default",
             "in the graph" if self.guarded else "on the host",
+            f", dynamic H/W fixed to {self.input_hw[0]}x{self.input_hw[1]}" if self.input_hw else "",
+        )
+
+    def at_size(self, input_hw: tuple[int, int]) -> "OnnxEngine":
+        """The same model, providers, threads and guard arithmetic, served at another input size
+        (a dynamic-H/W model only; benchmarks at sizes other than the bundle's)."""
+        return OnnxEngine(
+            self.model_path,
+            providers=self._requested_providers,
+            threads=self.threads,
+            guarded=self._guarded_source,
+            input_hw=input_hw,
         )
 
     def run(self, batch: np.ndarray) -> EngineOutput:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4:
             raise EngineError(f"engine input must be [N, C, H, W], got shape {batch.shape}")
+        if self.input_hw is not None and tuple(batch.shape[2:]) != self.input_hw:
+            raise EngineError(
+                f"this engine serves {self.input_hw[0]}x{self.input_hw[1]} inputs, "
+                f"got {batch.shape[2]}x{batch.shape[3]}"
+            )
         logits, cam, early, *guard = self.session.run(self._outputs, {INPUT_NAME: batch})
         return EngineOutput(
             logits=np.asarray(logits, np.float32),
@@ -166,4 +192,23 @@ class OnnxEngine:
             "threads": self.threads,
             "model": self.model_path.name,
             "guard_arithmetic": "graph" if self.guarded else "host",
+            "input_size": list(self.input_hw) if self.input_hw else None,
         }
+
+
+def _specialized(source, model_path: Path, input_hw) -> tuple[bytes | str, tuple[int, int] | None]:
+    """``(session source, fixed size)``: ``source`` (a path or serialized model) specialised to
+    ``input_hw`` when its input has dynamic H/W (see :mod:`.specialize`), else unchanged with no fixed
+    size (a static model serves its own size; a mismatch surfaces as ONNX Runtime's shape error)."""
+    import onnx
+
+    from .specialize import is_spatially_dynamic, specialize_spatial
+
+    h, w = (int(v) for v in input_hw)
+    try:
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+    except Exception as exc:  # onnx raises DecodeError and others
+        raise EngineError(f"{model_path}: cannot read the ONNX model: {exc}") from exc
+    if not is_spatially_dynamic(model):
+        return source, None
+    return specialize_spatial(model, h, w).SerializeToString(), (h, w)
