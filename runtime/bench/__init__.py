@@ -115,7 +115,7 @@ class BenchConfig:
     quick: bool = False
     large: bool = False  # also guard_overhead_large: a realistic-size model (needs torch; slow)
     zoo: bool = False  # also zoo_overhead: fused / logits-only for common architectures (needs torch; slow)
-    zoo_width: float | None = None  # width factor of the zoo models (None: each architecture's default)
+    zoo_width: float | None = 1.0  # width factor of the zoo models (1: real widths; None: reduced test widths)
     sizes: tuple[int, ...] = SIZES
     batches: tuple[int, ...] = BATCHES
     clients: tuple[int, ...] = CLIENT_LEVELS
@@ -327,16 +327,24 @@ def format_tables(result: dict) -> str:
         lines += [
             "",
             f"Zoo: fused / logits-only ONNX Runtime call (goal ≤ {GOALS['guard_overhead_max']:.2f}×), "
-            f"{zoo.get('weights', '')}",
+            f"{zoo.get('weights', '')}; "
+            + (
+                "real widths"
+                if zoo.get("width") == 1
+                else "REDUCED test widths (tiny models: pessimistic ratios)"
+                if zoo.get("width") is None
+                else f"width factor {zoo.get('width')}"
+            ),
         ]
         if zoo.get("status") == "measured":
             lines.append(
-                f"{'model':<20} {'head':<10} {'size':>5} {'batch':>5} {'ratio':>7} {'fused ms':>9} {'logits ms':>10}"
+                f"{'model':<20} {'head':<10} {'params':>7} {'size':>5} {'batch':>5} {'ratio':>7} {'fused ms':>9} "
+                f"{'logits ms':>10}"
             )
             for r in zoo["rows"]:
                 lines.append(
-                    f"{r['model']:<20} {r['head_kind']:<10} {r['size']:>5} {r['batch']:>5} {r['ratio']:>7.3f} "
-                    f"{r['fused_ms']:>9.2f} {r['logits_only_ms']:>10.2f}"
+                    f"{r['model']:<20} {r['head_kind']:<10} {r['params'] / 1e6:>6.1f}M {r['size']:>5} {r['batch']:>5} "
+                    f"{r['ratio']:>7.3f} {r['fused_ms']:>9.2f} {r['logits_only_ms']:>10.2f}"
                 )
         else:
             lines.append(f"  not measured: {zoo.get('reason')}")

@@ -19,7 +19,8 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
                               2 blocks per stage, random weights, exported and calibrated on the fly)
   zoo_overhead                (--zoo) fused / logits-only ONNX Runtime call for the exporter's zoo
                               (ResNet-18/50, DenseNet-121, EfficientNet-B0, MobileNetV3-Small,
-                              ConvNeXt-T, VGG-11-BN; random weights; first --sizes entry; needs torch)
+                              ConvNeXt-T, VGG-11-BN; real widths unless --zoo-width says otherwise;
+                              random weights; first --sizes entry; needs torch)
   grpc_efficiency             gRPC server throughput (1, 4, 16 concurrent clients in another process)
                               / in-process guarded calls on the very batches the server formed;
                               also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
@@ -83,12 +84,29 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--zoo-width",
-        type=float,
-        default=None,
+        type=_zoo_width,
+        default=1.0,
         metavar="F",
-        help="channel-width factor of the zoo models (default: each architecture's reduced test width; 1 = full)",
+        help="channel-width factor of the zoo models (default 1: the architectures' real widths, a few minutes; "
+        "'reduced': each architecture's reduced test width, a fast option whose ratios are pessimistic because "
+        "the models are tiny)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _zoo_width(text: str) -> float | None:
+    """``--zoo-width``: a positive factor, or ``reduced`` (None: each architecture's test width)."""
+    import argparse
+
+    if text.strip().lower() == "reduced":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'reduced', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'reduced', got {text!r}")
+    return value
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:

@@ -1,0 +1,50 @@
+"""The cheap forms of the fused graph's CAM and early pooling equal the plain ones (exporter/gradcam.py,
+exporter/onnx_fuse.py): min/max of a bilinear resize read at the run ends, the second min-max on the
+small map, adaptive pooling as an AveragePool when the grid divides the map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from gamguard.exporter.gradcam import CamResize, PoolWindow, gradcam_map, static_pool_window  # noqa: E402
+from gamguard.exporter.onnx_fuse import bilinear_matrix, extreme_samples  # noqa: E402
+
+SIZES = [(7, 224), (28, 224), (16, 128), (14, 100), (9, 33), (64, 48), (5, 5), (3, 512)]
+
+
+@pytest.mark.parametrize("n_in, n_out", SIZES)
+def test_resized_map_extremes_are_at_run_ends(n_in, n_out):
+    rng = np.random.default_rng(n_in * 1000 + n_out)
+    rows, cols = bilinear_matrix(n_in, n_out).astype(np.float64), bilinear_matrix(n_in + 2, n_out).astype(np.float64)
+    r, c = extreme_samples(rows), extreme_samples(cols)
+    assert r.size <= 2 * n_in + 2 and r[0] == 0 and r[-1] == n_out - 1
+    for _ in range(20):
+        small = np.maximum(rng.standard_normal((n_in, n_in + 2)), 0.0)  # ReLU'd: flat zero regions too
+        full = rows @ small @ cols.T
+        ext = rows[r] @ small @ cols[c].T
+        assert np.isclose(ext.min(), full.min(), rtol=0, atol=1e-12)
+        assert np.isclose(ext.max(), full.max(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("hw, out", [((7, 7), (224, 224)), ((28, 20), (224, 160)), ((9, 11), (100, 90))])
+def test_static_cam_equals_the_full_size_min_max(hw, out):
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(4, 16, *hw, generator=gen)
+    weights = torch.randn(4, 16, generator=gen)
+    plain = gradcam_map(acts, weights, out)  # matrices built on the fly, min-max on the full map
+    cheap = gradcam_map(acts, weights, out, CamResize.build(hw, out, acts))
+    assert float((plain - cheap).abs().max()) < 1e-6
+    assert float(cheap.min()) >= 0.0 and float(cheap.max()) <= 1.0
+    assert np.allclose(cheap.amax(dim=(1, 2)).numpy(), 1.0, atol=1e-6)
+
+
+def test_average_pool_when_the_grid_divides_the_map():
+    x = torch.randn(2, 8, 56, 48)
+    window = static_pool_window((56, 48), (8, 8))
+    assert window == PoolWindow((56, 48), (7, 6))
+    assert torch.allclose(window.pool(x), F.adaptive_avg_pool2d(x, (8, 8)), atol=1e-6)
+    assert static_pool_window((50, 48), (8, 8)) is None  # uneven bins: averaging matrices instead
