@@ -476,6 +476,77 @@ def split_global_pool(head: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphMod
     return fx.GraphModule(head, pool_graph), fx.GraphModule(head, rest_graph)
 
 
+def _keeps_channel_sums(n: fx.Node, head: fx.GraphModule) -> bool:
+    """``n`` is a parameter-free step whose backward keeps each channel's gradient sum: every output
+    value's gradient goes, whole, to inputs of its own channel (max pooling: to its argmax; average
+    pooling without padding: spread with weights summing to 1), or the step only reshapes or is an
+    eval-mode dropout."""
+    if n.op == "call_module":
+        m = head.get_submodule(n.target)
+        if isinstance(m, nn.AvgPool2d):
+            no_pad = m.padding in (0, (0, 0)) or not m.count_include_pad
+            return no_pad and not m.ceil_mode and m.divisor_override is None
+        if isinstance(m, nn.Flatten):
+            return m.start_dim == 1 and m.end_dim == -1
+        return isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity))
+    if n.op == "call_function":
+        if n.target is adaptive_avg_pool2d_plain:
+            return True
+        if n.target is torch.flatten:
+            return tuple(n.args[1:]) in ((1,), (1, -1)) and not n.kwargs
+        return False
+    if n.op == "call_method":
+        if n.target == "contiguous":
+            return True
+        return n.target == "flatten" and tuple(n.args[1:]) in ((1,), (1, -1)) and not n.kwargs
+    return False
+
+
+def split_pooled_linear(head: fx.GraphModule):
+    """``(pre, linear, rest)`` when the head is: steps that keep channel gradient sums (pooling,
+    flatten, dropout: :func:`_keeps_channel_sums`) → an ``nn.Linear`` on the flattened channels → at
+    least one more op; else None. VGG's MaxPool → AdaptiveAvgPool(7) → flatten → Linear-ReLU-… head.
+
+    Grad-CAM needs only each channel's *spatial sum* of d(score)/dA. Through such steps that is the
+    sum of the gradient at the Linear's input over the channel's block of features, i.e.
+    ``v @ W_pooled[:, k]`` with ``v`` = d(score)/d(Linear output) and ``W_pooled`` the Linear's weight
+    summed over each channel's block. The exported backward then multiplies by a ``[out, C]`` matrix
+    instead of the full ``[out, C·s]`` weight (for VGG-11, 8 MB instead of 411 MB read per call) and
+    needs no max-pooling indices.
+    """
+    acts = next(n for n in head.graph.nodes if n.op == "placeholder")
+    chain, n = [], acts
+    while True:
+        users = list(n.users)
+        if len(users) != 1:
+            return None
+        n = users[0]
+        if n.op == "call_module" and isinstance(head.get_submodule(n.target), nn.Linear):
+            break
+        if not _keeps_channel_sums(n, head):
+            return None
+        chain.append(n)
+    linear_node = n
+    if not chain or linear_node.args[0] is not chain[-1] or len(linear_node.users) != 1:
+        return None
+    if next(iter(linear_node.users)).op == "output":
+        return None  # nothing after the Linear: the hand-written rules or the closed form apply
+    pre_graph = fx.Graph()
+    env = {acts: pre_graph.placeholder("acts")}
+    for c in chain:
+        env[c] = pre_graph.node_copy(c, lambda a: env[a])
+    pre_graph.output(env[chain[-1]])
+    rest_graph = fx.Graph()
+    env = {linear_node: rest_graph.placeholder("z")}
+    skip = {acts, linear_node, *chain}
+    for node in head.graph.nodes:
+        if node.op == "output":
+            rest_graph.output(fx.map_arg(node.args[0], lambda a: env[a]))
+        elif node not in skip:
+            env[node] = rest_graph.node_copy(node, lambda a: env[a])
+    return fx.GraphModule(head, pre_graph), head.get_submodule(linear_node.target), fx.GraphModule(head, rest_graph)
+
+
 _VIEW_METHODS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten")
 _VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
 
@@ -735,20 +806,34 @@ class FusedGradCAM(nn.Module):
             self.register_buffer(f"_cam_{name}", getattr(resize, name, None), persistent=False)
         if self.head_kind == "gap_linear":
             self.fc_weight_owner = next(s.module for s in self.steps if s.kind == "linear")
-        self.head_traced = self.joint = self.head_pool = None
+        self.head_traced = self.joint = self.head_pool = self.head_linear = None
+        self.register_buffer("_pooled_weight", None, persistent=False)
         if self.head_kind == "traced":
             from .head_backward import trace_joint
 
             self.head_traced = self.plan.head
             with torch.no_grad():
                 acts, _ = self.body(example)
-            # A head that starts with global average pooling: differentiate only what follows it
-            # (see split_global_pool); the joint then works on [N, C] instead of [N, C, h, w].
-            split = split_global_pool(self.plan.head)
-            if split is not None:
-                self.head_pool, self.head_traced = split
+            # Differentiate only the part of the head that needs it: after channel-sum-keeping
+            # pooling and the first Linear (split_pooled_linear), or after a global average pool
+            # (split_global_pool; the joint then works on [N, C] instead of [N, C, h, w]).
+            pooled_linear = split_pooled_linear(self.plan.head)
+            if pooled_linear is not None:
                 with torch.no_grad():
-                    acts = self.head_pool(acts)
+                    flat = pooled_linear[0](acts)
+                c = acts.shape[1]
+                weight = pooled_linear[1].weight.detach()
+                if flat.dim() == 2 and flat.shape[1] % c == 0 and weight.shape[1] == flat.shape[1]:
+                    self.head_pool, self.head_linear, self.head_traced = pooled_linear
+                    self._pooled_weight = weight.reshape(weight.shape[0], c, -1).sum(dim=2).contiguous()
+                    with torch.no_grad():
+                        acts = self.head_linear(flat)
+            if self.head_pool is None:
+                split = split_global_pool(self.plan.head)
+                if split is not None:
+                    self.head_pool, self.head_traced = split
+                    with torch.no_grad():
+                        acts = self.head_pool(acts)
             try:
                 self.joint = trace_joint(self.head_traced, acts, self.plan.logits_shape[1])
             except Exception as exc:  # make_fx raises many types
@@ -777,10 +862,16 @@ class FusedGradCAM(nn.Module):
         if self.joint is not None:
             from .head_backward import head_state
 
+            area = acts.shape[-2] * acts.shape[-1]
+            if self.head_linear is not None:
+                z = self.head_linear(self.head_pool(acts))
+                logits, v = self.joint(head_state(self.head_traced), z)
+                # each channel's spatial gradient sum is v @ (the Linear's weight summed per channel)
+                return self._outputs(image, acts, logits, torch.matmul(v, self._pooled_weight) / area, early)
             if self.head_pool is not None:
                 logits, grad = self.joint(head_state(self.head_traced), self.head_pool(acts))
                 # d(score)/dA[k, i, j] = d(score)/d(pooled_k) / (h·w) at every position: that is its mean
-                weights = grad.reshape(acts.shape[0], acts.shape[1]) / (acts.shape[-2] * acts.shape[-1])
+                weights = grad.reshape(acts.shape[0], acts.shape[1]) / area
                 return self._outputs(image, acts, logits, weights, early)
             logits, grad = self.joint(head_state(self.head_traced), acts)
             return self._outputs(image, acts, logits, grad.mean(dim=(2, 3)), early)

@@ -48,3 +48,38 @@ def test_average_pool_when_the_grid_divides_the_map():
     assert window == PoolWindow((56, 48), (7, 6))
     assert torch.allclose(window.pool(x), F.adaptive_avg_pool2d(x, (8, 8)), atol=1e-6)
     assert static_pool_window((50, 48), (8, 8)) is None  # uneven bins: averaging matrices instead
+
+
+def test_pooled_linear_head_weights_equal_autograd():
+    """VGG-style head (max pool → adaptive average pool → flatten → Linear-ReLU-Linear): the channel
+    weights come from the Linear's weight summed per channel (split_pooled_linear), equal to autograd's."""
+    from torch import nn
+
+    from gamguard.exporter.gradcam import FusedGradCAM
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d((3, 3)),
+        nn.Flatten(),
+        nn.Linear(6 * 9, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    ).eval()
+    x = torch.randn(4, 1, 24, 24)
+    wrapper = FusedGradCAM(model, "3", "1", x).eval()
+    assert wrapper.head_linear is model[7] and tuple(wrapper._pooled_weight.shape) == (16, 6)
+    with torch.no_grad():
+        logits, cam, _ = wrapper(x)
+    # autograd Grad-CAM weights: spatial mean of d(argmax logit)/d(target activations)
+    acts = model[:4](x).detach().requires_grad_(True)
+    out = model[4:](acts)
+    out.gather(1, out.argmax(1, keepdim=True)).sum().backward()
+    weights = acts.grad.mean(dim=(2, 3))
+    expected = gradcam_map(acts.detach(), weights, (24, 24), CamResize.build((24, 24), (24, 24), x))
+    assert torch.allclose(logits, out.detach(), atol=1e-6)
+    assert float((cam - expected).abs().max()) < 1e-5
