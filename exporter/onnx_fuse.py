@@ -10,8 +10,10 @@ and ``early`` (an early feature map) — :func:`fuse_onnx_model` appends to the 
   the ops covered; any other op is an :class:`UnsupportedOnnxOpError` naming the node);
 * the **Grad-CAM** of pytorch-grad-cam's ``GradCAM`` from the activations and that gradient
   (weights = spatial mean of the gradient, ReLU of the weighted sum, min-max, bilinear resize to the
-  input size as constant-matrix products, min-max again — the same numbers as the torch export);
-* the **early features** average-pooled to a fixed grid (constant averaging matrices).
+  input size as constant-matrix products, min-max again — the same sequence as the torch export,
+  :func:`_gradcam_nodes`);
+* the **early features** average-pooled to a fixed grid (an AveragePool when the grid divides them,
+  else constant averaging matrices, :func:`_early_pool_nodes`).
 
 The input is renamed ``image`` and the outputs are ``logits``, ``cam`` and ``early``, the names of
 every gamguard bundle. Only ``numpy``, ``onnx`` and ``onnxruntime`` are needed.
