@@ -904,7 +904,10 @@ class FusedGradCAM(nn.Module):
 
     def _pool_early(self, early: torch.Tensor) -> torch.Tensor:
         """The early activations average-pooled to ``early_pool``, in the cheapest exact form the size allows."""
-        if self._pool_window is not None and tuple(early.shape[-2:]) == self._pool_window.size:
+        if self._pool_window is not None and (
+            # a static export is at the example's size; eager calls at other sizes fall through
+            torch.onnx.is_in_onnx_export() or tuple(early.shape[-2:]) == self._pool_window.size
+        ):
             return self._pool_window.pool(early)
         if self._pool_rows is not None and (
             torch.onnx.is_in_onnx_export()

@@ -70,7 +70,12 @@ def create_engine(
     model = bundle_dir / MODEL_FILE
     if not model.is_file():
         raise BundleError(f"{bundle_dir}: no {MODEL_FILE}")
-    spec = (manifest if manifest is not None else read_manifest(bundle_dir)).get("input") or {}
-    # the guard serves the input spec's size only: a dynamic-H/W model is specialised to it
-    input_hw = (int(spec["height"]), int(spec["width"])) if spec.get("height") and spec.get("width") else None
+    manifest = manifest if manifest is not None else read_manifest(bundle_dir)
+    spec = manifest.get("input") or {}
+    # the guard serves the input spec's size only: a model exported with dynamic H/W is specialised to it
+    # (a static model is left alone, without reading the file twice)
+    dynamic = bool((manifest.get("export") or {}).get("dynamic_spatial"))
+    input_hw = (
+        (int(spec["height"]), int(spec["width"])) if dynamic and spec.get("height") and spec.get("width") else None
+    )
     return OnnxEngine(model, providers=providers, threads=threads, guarded=guarded, input_hw=input_hw)
