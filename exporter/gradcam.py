@@ -624,8 +624,8 @@ class CamResize:
 
         rows = bilinear_matrix(hw_in[0], hw_out[0], like)  # [H, h]
         cols = bilinear_matrix(hw_in[1], hw_out[1], like)  # [W, w]
-        r_ext = torch.as_tensor(extreme_samples(rows.numpy()), dtype=torch.long)
-        c_ext = torch.as_tensor(extreme_samples(cols.numpy()), dtype=torch.long)
+        r_ext = torch.as_tensor(extreme_samples(rows.cpu().numpy()), dtype=torch.long)
+        c_ext = torch.as_tensor(extreme_samples(cols.cpu().numpy()), dtype=torch.long)
         return cls(
             rows=rows,
             cols_t=cols.transpose(0, 1).contiguous(),
