@@ -31,6 +31,8 @@ from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 log = logging.getLogger(__name__)
 
 CAM_EPS = 1e-7
+#: Same rule as :data:`gamguard.exporter.gradcam.POOL_CHANNEL_BLOCK` (kept here: this module is torch-free).
+POOL_CHANNEL_BLOCK = 16
 
 
 class UnsupportedOnnxOpError(ValueError):
@@ -843,14 +845,14 @@ def _gradcam_nodes(b: _Builder, target: str, weights: str, target_shape, out_hw)
 
 def _early_pool_nodes(b: _Builder, early: str, early_chw, early_pool) -> tuple[str, tuple[int, int, int]]:
     """``(tensor, shape)`` of the early features average-pooled to ``early_pool`` (adaptive pooling's
-    bins): an AveragePool when the sides are multiples of the grid (ONNX Runtime runs it in the
-    convolutions' blocked layout, without reordering the full-size map), else constant averaging
-    matrices; ``early_pool=None`` keeps them whole."""
+    bins): an AveragePool when the sides are multiples of the grid and the channels of
+    :data:`POOL_CHANNEL_BLOCK` (ONNX Runtime runs it in the convolutions' blocked layout, without
+    reordering the full-size map), else constant averaging matrices; ``early_pool=None`` keeps them whole."""
     ce, he, we = early_chw
     if early_pool is None:
         return b.op("Identity", [early]), (ce, he, we)
     oh, ow = int(early_pool[0]), int(early_pool[1])
-    if he % oh == 0 and we % ow == 0:
+    if he % oh == 0 and we % ow == 0 and ce % POOL_CHANNEL_BLOCK == 0:
         kernel = [he // oh, we // ow]
         return b.op("AveragePool", [early], kernel_shape=kernel, strides=kernel), (ce, oh, ow)
     pr = b.const(bin_matrix(he, oh), "pool_rows")

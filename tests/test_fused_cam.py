@@ -44,10 +44,11 @@ def test_static_cam_equals_the_full_size_min_max(hw, out):
 
 def test_average_pool_when_the_grid_divides_the_map():
     x = torch.randn(2, 8, 56, 48)
-    window = static_pool_window((56, 48), (8, 8))
+    window = static_pool_window((56, 48), (8, 8), channels=32)
     assert window == PoolWindow((56, 48), (7, 6))
     assert torch.allclose(window.pool(x), F.adaptive_avg_pool2d(x, (8, 8)), atol=1e-6)
     assert static_pool_window((50, 48), (8, 8)) is None  # uneven bins: averaging matrices instead
+    assert static_pool_window((56, 48), (8, 8), channels=24) is None  # not ORT's blocked layout
 
 
 def test_pooled_linear_head_weights_equal_autograd():
