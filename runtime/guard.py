@@ -48,7 +48,7 @@ import numpy as np
 
 from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
-from .checks import CHECKS, CalibrationData, check_levels, checks_key, combined_statistic, decide, softmax
+from .checks import CHECKS, CalibrationData, check_levels, checks_key, conformal_statistic, decide, softmax
 from .checks.graph import GUARD_COLUMNS, guarded_model_bytes, resolve_arithmetic, scores_from_graph
 from .engines import EngineOutput
 from .similarity import MEASURES, all_finite
@@ -494,8 +494,7 @@ class Guard:
             combined[:, None],
         ]
         if self.policy == "calibrated":
-            # ranked with the weights the cut was built with (the bundle's, not equal ones)
-            stat = combined_statistic(pv, self.enforced_checks, self.cut.combination)
+            stat = conformal_statistic(combined, pv, self.enforced_checks)  # combined: the cut's weights
             cols.append(self.cut.p_value(stat)[:, None])  # conformal_p
         score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
         prob_rows = real_probs.tolist()

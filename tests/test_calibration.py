@@ -175,9 +175,9 @@ def test_decide_reasons_follow_the_failing_pvalues():
     pv_strict = _pv(null, pm, pf * 0 + 0.04, garbage * False)
     d = decide(pv_strict, checks="feature", policy="strict", alpha=0.05, cut=None, null=null)
     assert d.reject.all() and d.level == 0.05
-    # calibrated: rejection <=> combined statistic below the cut; with the (default-argument) equal
-    # weights the ranking score is the plain minimum times the number of checks (Bonferroni)
-    s = combined_statistic(pv, "garbage+attention+feature")
+    # calibrated: rejection <=> combined statistic below the cut; with equal weights (the cut's) the
+    # ranking score is the plain minimum times the number of checks (Bonferroni)
+    s = combined_statistic(pv, "garbage+attention+feature", cut.combination)
     d = decide(pv, checks="garbage+attention+feature", policy="calibrated", alpha=0.05, cut=cut)
     assert np.array_equal(d.reject, s < cut.threshold)
     assert s[3] == 0.0 and d.combined_p[3] == pytest.approx(1.5)

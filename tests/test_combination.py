@@ -11,6 +11,7 @@ from testlib import id_phantoms
 from gamguard.runtime.checks import (
     CHECKS,
     DEFAULT_WEIGHTS,
+    EQUAL,
     LEGACY_WEIGHTS,
     CalibrationError,
     Combination,
@@ -76,14 +77,14 @@ def test_weighted_statistic_is_the_weighted_minimum():
     p = np.stack([pv.garbage, pv.attention, pv.feature], 1)
     assert np.allclose(combined_p(pv, ALL, SKEWED), (p / [0.5, 0.1, 0.4]).min(1))
     # equal weights rank exactly like the plain minimum (the legacy rule), up to the factor 3
-    assert np.allclose(combined_p(pv, ALL), 3 * p.min(1))
+    assert np.allclose(combined_p(pv, ALL, EQUAL), 3 * p.min(1))
     assert np.allclose(combined_p(pv, "attention+feature", SKEWED), np.minimum(p[:, 1] / 0.2, p[:, 2] / 0.8))
     s = combined_statistic(pv, ALL, SKEWED)
     assert np.all(s[pv.garbage_pred] == 0) and np.allclose(
         s[~pv.garbage_pred], combined_p(pv, ALL, SKEWED)[~pv.garbage_pred]
     )
     # the weights change the ranking (otherwise storing them would be pointless)
-    assert not np.array_equal(np.argsort(combined_p(pv, ALL, SKEWED)), np.argsort(combined_p(pv, ALL)))
+    assert not np.array_equal(np.argsort(combined_p(pv, ALL, SKEWED)), np.argsort(combined_p(pv, ALL, EQUAL)))
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.10])

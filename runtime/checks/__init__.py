@@ -21,6 +21,7 @@ from __future__ import annotations
 from .combine import (
     CHECKS,
     DEFAULT_WEIGHTS,
+    EQUAL,
     LEGACY_WEIGHTS,
     Combination,
     ConformalCut,
@@ -32,6 +33,7 @@ from .combine import (
     checks_key,
     combined_p,
     combined_statistic,
+    conformal_statistic,
     decide,
 )
 from .errors import CalibrationError
@@ -44,6 +46,7 @@ __all__ = [
     "CHECKS",
     "DEFAULT_ALPHA",
     "DEFAULT_WEIGHTS",
+    "EQUAL",
     "LEGACY_WEIGHTS",
     "SCORE_FIELDS",
     "CalibrationData",
@@ -61,6 +64,7 @@ __all__ = [
     "checks_key",
     "combined_p",
     "combined_statistic",
+    "conformal_statistic",
     "decide",
     "dissimilarity",
     "read_reference_arrays",

@@ -206,20 +206,25 @@ class PValues:
         return getattr(self, check)
 
 
-def combined_p(pv: PValues, checks: str, combination: Combination = EQUAL) -> np.ndarray:
+def combined_p(pv: PValues, checks: str, combination: Combination) -> np.ndarray:
     """``min_i p_i / w_i`` over the enforced checks: the guard's ranking score (``combined_p``; above 1
-    means no evidence against the input at all)."""
+    means no evidence against the input at all). ``combination`` has no default on purpose: ranking with
+    other weights than the cut was built with gives wrong conformal p-values."""
     w = combination.for_checks(checks)
     return np.minimum.reduce([np.asarray(pv.of(c), np.float64) / w[c] for c in w])
 
 
-def combined_statistic(pv: PValues, checks: str, combination: Combination = EQUAL) -> np.ndarray:
+def combined_statistic(pv: PValues, checks: str, combination: Combination) -> np.ndarray:
     """The conformal statistic ``s``: :func:`combined_p`, and 0 for inputs predicted as garbage when
     that check is enforced (they are always rejected)."""
-    s = combined_p(pv, checks, combination)
+    return conformal_statistic(combined_p(pv, checks, combination), pv, checks)
+
+
+def conformal_statistic(combined: np.ndarray, pv: PValues, checks: str) -> np.ndarray:
+    """:func:`combined_statistic` from an already computed ``combined_p``."""
     if "garbage" in checks.split("+"):
-        s = np.where(pv.garbage_pred, 0.0, s)
-    return s
+        return np.where(pv.garbage_pred, 0.0, combined)
+    return combined
 
 
 class ConformalCut:
