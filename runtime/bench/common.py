@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -196,3 +197,40 @@ def batch_at(images: list[np.ndarray], spec, size: int, n: int) -> np.ndarray:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, np.float64), q)) if values else math.nan
+
+
+def concurrent_round(
+    clients: int, per_client: int, call: Callable[[int, int], None]
+) -> tuple[float, list[float], float]:
+    """``clients`` threads released together, thread ``k`` making ``call(k, j)`` for ``j < per_client``
+    in turn (a closed-loop load, as concurrent clients make). Returns (calls per second, every call's
+    latency in ms, this process's CPU ms per call). A thread stops at its first error; the first error
+    of any thread is raised once all have finished."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def work(k: int) -> None:
+        try:
+            barrier.wait()
+            for j in range(per_client):
+                t0 = time.perf_counter()
+                call(k, j)
+                latencies[k].append((time.perf_counter() - t0) * 1e3)
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    cpu0 = time.process_time()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    if errors:
+        raise errors[0]
+    n = clients * per_client
+    return n / wall, [v for lat in latencies for v in lat], cpu * 1e3 / n

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import percentile
+from .common import concurrent_round, percentile
 
 
 def _grpc_round(
@@ -35,37 +35,19 @@ def _grpc_round(
         warm.set()
         if not go.wait(120):
             raise RuntimeError("the benchmark never started the timed round")
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(clients + 1)
-    cpu0 = time.process_time()
 
-    def work(k: int) -> None:
-        try:
-            barrier.wait()
-            for j in range(per_client):
-                t0 = time.perf_counter()
-                v = conns[k].verify(payloads[(k * per_client + j) % len(payloads)])
-                latencies[k].append((time.perf_counter() - t0) * 1e3)
-                if "GUARD_ERROR" in list(v.reasons):
-                    raise RuntimeError(f"server answered GUARD_ERROR: {v.detail}")
-        except BaseException as exc:  # reported to the caller
-            errors.append(exc)
+    def call(k: int, j: int) -> None:
+        v = conns[k].verify(payloads[(k * per_client + j) % len(payloads)])
+        if "GUARD_ERROR" in list(v.reasons):
+            raise RuntimeError(f"server answered GUARD_ERROR: {v.detail}")
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    for c in conns:
-        c.close()
-    if errors:
-        raise RuntimeError(f"gRPC client failed: {errors[0]}")
-    return clients * per_client / wall, [v for lat in latencies for v in lat], cpu * 1e3 / (clients * per_client)
+    try:
+        return concurrent_round(clients, per_client, call)
+    except Exception as exc:
+        raise RuntimeError(f"gRPC client failed: {exc}") from exc
+    finally:
+        for c in conns:
+            c.close()
 
 
 async def _inprocess_round(plane, payloads: list[bytes], clients: int, per_client: int) -> tuple[float, list[float]]:

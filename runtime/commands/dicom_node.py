@@ -48,9 +48,9 @@ def add_arguments(parser):
 def run(args):
     import asyncio
     import logging
-    import signal
 
     from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.commands.signals import stop_event_on_signals
     from gamguard.runtime.dicomnode.config import node_config_from_args
     from gamguard.runtime.server.config import ConfigError
 
@@ -69,15 +69,7 @@ def run(args):
         except (OSError, RuntimeError, ValueError) as exc:
             await node.stop(grace_s=0)
             raise CommandError(f"cannot start the DICOM node: {exc}") from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-                pass
-        if node.audit is not None and hasattr(signal, "SIGHUP"):
-            loop.add_signal_handler(signal.SIGHUP, node.audit.reopen)
+        stop = stop_event_on_signals(node.audit)
         print(
             f"gamguard: DICOM node {config.ae_title} on {config.host}:{node.port}"
             + (f", gRPC on :{node.grpc_server.port}" if node.grpc_server else "")

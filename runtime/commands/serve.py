@@ -48,9 +48,9 @@ def add_arguments(parser):
 def run(args):
     import asyncio
     import logging
-    import signal
 
     from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.commands.signals import stop_event_on_signals
     from gamguard.runtime.server.config import ConfigError, config_from_args
 
     try:
@@ -67,15 +67,7 @@ def run(args):
             await server.start()
         except (OSError, RuntimeError, ValueError) as exc:
             raise CommandError(f"cannot start the server: {exc}") from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-                pass
-        if server.audit is not None and hasattr(signal, "SIGHUP"):  # logrotate: reopen the audit log
-            loop.add_signal_handler(signal.SIGHUP, server.audit.reopen)
+        stop = stop_event_on_signals(server.audit)
         # a SIGTERM while the bundle is still loading stops at once
         ready, stopping = asyncio.ensure_future(server.ready.wait()), asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -47,6 +46,8 @@ def _cstore_round(
     from pynetdicom import AE, _config
     from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
+    from gamguard.runtime.bench.common import concurrent_round
+
     # a lean SCU, as the gRPC clients are: each file's bytes sent as they are (not decoded and encoded
     # again), and no log lines formatted for every PDU
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -59,36 +60,17 @@ def _cstore_round(
         raise RuntimeError("the DICOM node refused a benchmark association")
     for a in assocs:  # warm: one store each
         a.send_c_store(paths[0])
-    latencies: list[list[float]] = [[] for _ in range(associations)]
-    errors: list[str] = []
-    barrier = threading.Barrier(associations + 1)
-    cpu0 = time.process_time()
 
-    def work(k: int) -> None:
-        barrier.wait()
-        for j in range(per_association):
-            t0 = time.perf_counter()
-            rsp = assocs[k].send_c_store(paths[(k * per_association + j) % len(paths)])
-            latencies[k].append((time.perf_counter() - t0) * 1e3)
-            if rsp is None or int(rsp.get("Status", -1)) != 0:
-                errors.append(f"C-STORE status {rsp.get('Status') if rsp is not None else 'none'}")
-                return
+    def call(k: int, j: int) -> None:
+        rsp = assocs[k].send_c_store(paths[(k * per_association + j) % len(paths)])
+        if rsp is None or int(rsp.get("Status", -1)) != 0:
+            raise RuntimeError(f"C-STORE status {rsp.get('Status') if rsp is not None else 'none'}")
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(associations)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    for a in assocs:
-        a.release()
-    if errors:
-        raise RuntimeError(errors[0])
-    n = associations * per_association
-    return n / wall, [v for lat in latencies for v in lat], cpu * 1e3 / n
+    try:
+        return concurrent_round(associations, per_association, call)
+    finally:
+        for a in assocs:
+            a.release()
 
 
 def _write_payloads(folder: Path, images) -> list[Path]:
