@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -64,6 +65,11 @@ def test_contract_fields_and_artifacts(results):
         assert all(0 <= v["auroc"] <= 1 and 0 <= v["rejection_rate"] <= 1 for v in per_set.values())
     for name, v in r["ood"].items():  # "combined" is the guard as served
         assert r["ablation"]["combined"][name]["rejection_rate"] == pytest.approx(v["rejection_rate"])
+    for name, v in r["ood"].items():  # guard minus the best baseline, paired bootstrap
+        d = v["vs_best_baseline"]
+        assert d["baseline"] in r["baselines"]
+        assert d["delta"] == pytest.approx(v["auroc"] - r["baselines"][d["baseline"]][name]["auroc"], abs=1e-9)
+        assert d["ci95"][0] <= d["ci95"][1] and 0 <= d["share_ge_0"] <= 1
     w = r["wasserstein_check"]
     assert w["n"] > 0 and w["relative_error_max"] < 0.05 and w["spearman"] > 0.5  # sliced: a lower bound
     # the garbage class is trained on generated images only: no evaluated set is among them
@@ -107,3 +113,24 @@ def test_cli_text_output_when_nothing_is_accepted(monkeypatch, capsys):
     )
     assert cmd.run(args) == 0
     assert "accepted accuracy n/a" in capsys.readouterr().out
+
+
+def test_auroc_difference_paired_bootstrap():
+    """Known answers: the Mann-Whitney AUROC equals scikit-learn's (ties included); a detector against
+    itself differs by exactly 0 in every resample; a clearly better detector's interval excludes 0."""
+    from sklearn.metrics import roc_auc_score
+
+    from gamguard.exporter.evaluate import _auroc_rows, auroc_difference
+
+    rng = np.random.default_rng(0)
+    id_s, ood_s = rng.normal(1.0, 1.0, 300), rng.normal(-1.0, 1.0, 40)
+    id_s[:10] = ood_s[:10]  # ties across the sides
+    expected = roc_auc_score(np.r_[np.ones(300), np.zeros(40)], np.r_[id_s, ood_s])
+    assert _auroc_rows(id_s[None], ood_s[None])[0] == pytest.approx(expected, abs=1e-12)
+    same = auroc_difference(id_s, ood_s, id_s, ood_s, seed=1, resamples=200)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0] and same["share_ge_0"] == 1.0
+    worse_id, worse_ood = id_s + rng.normal(0, 2.0, 300), ood_s + rng.normal(0, 2.0, 40)  # noisier copy
+    better = auroc_difference(id_s, ood_s, worse_id, worse_ood, seed=1, resamples=300)
+    assert better["delta"] > 0 and better["ci95"][0] > 0 and better["share_ge_0"] > 0.97
+    flipped = auroc_difference(worse_id, worse_ood, id_s, ood_s, seed=1, resamples=300)
+    assert flipped["delta"] == pytest.approx(-better["delta"]) and flipped["ci95"][1] < 0
