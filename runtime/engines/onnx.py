@@ -202,7 +202,7 @@ def _specialized(source, model_path: Path, input_hw) -> tuple[bytes | str, tuple
     size (a static model serves its own size; a mismatch surfaces as ONNX Runtime's shape error)."""
     import onnx
 
-    from .specialize import is_spatially_dynamic, specialize_spatial
+    from .specialize import is_spatially_dynamic, pool_early_with_average_pool, specialize_spatial
 
     h, w = (int(v) for v in input_hw)
     try:
@@ -211,4 +211,11 @@ def _specialized(source, model_path: Path, input_hw) -> tuple[bytes | str, tuple
         raise EngineError(f"{model_path}: cannot read the ONNX model: {exc}") from exc
     if not is_spatially_dynamic(model):
         return source, None
-    return specialize_spatial(model, h, w).SerializeToString(), (h, w)
+    fixed = specialize_spatial(model, h, w)
+    try:
+        fixed, pooled = pool_early_with_average_pool(fixed)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise EngineError(f"{model_path}: cannot create an ONNX Runtime session at {h}x{w}: {exc}") from exc
+    if pooled:
+        log.debug("early features pooled by one AveragePool at %dx%d", h, w)
+    return fixed.SerializeToString(), (h, w)
