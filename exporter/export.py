@@ -30,7 +30,7 @@ from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 
-from .gradcam import FusedGradCAM, unexportable_head_error
+from .gradcam import FusedGradCAM, UnsupportedHeadError, unexportable_head_error
 from .onnx_checks import (  # noqa: F401  (ExportError, check_onnx_graph, onnx_op_types: public here too)
     CAM_ATOL,
     EARLY_RTOL,
@@ -239,6 +239,15 @@ def export_bundle(
                 f"the model has {logits.shape[1]} outputs but {len(class_names)} class names were given: {class_names}"
             )
         log.info("head after %r: %s (%s)", target_layer, wrapper.head_kind, " → ".join(wrapper.plan.origins))
+        if wrapper.head_kind == "traced" and opset < 18:
+            # The legacy exporter re-traces the make_fx graph at the example's batch size and bakes
+            # it into the backward's reshapes: a graph that fails at any other batch size.
+            raise UnsupportedHeadError(
+                f"cannot export Grad-CAM with opset {opset}: the head after {target_layer!r} "
+                f"({' → '.join(wrapper.plan.origins)}) needs a traced backward, which only the opset-18 exporter "
+                "keeps batch-independent. Export with opset 18, or pick a target layer whose head has a "
+                "hand-written backward (GAP → Linear, ReLU, BatchNorm, 1×1 Conv, Flatten, Dropout)."
+            )
 
         with tempfile.TemporaryDirectory(prefix="gamguard-export-") as tmp:
             tmp_model = Path(tmp) / bundle_mod.MODEL_FILE

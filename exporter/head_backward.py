@@ -135,17 +135,58 @@ def head_state(head: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def split_last_linear(head: nn.Module) -> tuple[fx.GraphModule, str] | None:
+    """``(body, name)`` when the head's logits are the output of an ``nn.Linear`` module ``name`` applied
+    to what ``body`` computes from the activations (the head minus that last Linear); else None."""
+    if not isinstance(head, fx.GraphModule):
+        return None
+    out = next(n for n in head.graph.nodes if n.op == "output")
+    last = out.args[0]
+    if not (
+        isinstance(last, fx.Node)
+        and last.op == "call_module"
+        and isinstance(head.get_submodule(last.target), nn.Linear)
+        and len(last.args) == 1
+        and not last.kwargs
+        and isinstance(last.args[0], fx.Node)
+        and len(last.users) == 1
+    ):
+        return None
+    graph = fx.Graph()
+    env = {}
+    for n in head.graph.nodes:
+        if n is last:
+            break
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[last.args[0]])
+    return fx.GraphModule(head, graph), str(last.target)
+
+
 def trace_joint(head: nn.Module, acts: torch.Tensor, num_classes: int) -> fx.GraphModule:
     """Trace ``(state, acts) -> (logits, d logits[n, argmax_n] / d acts)`` into ATen forward ops.
 
     ``head`` maps target activations to logits (eval mode). The gradient is that of the sum over the
     batch of each row's argmax logit — each row's gradient is its own class score's, as in Grad-CAM.
+
+    When the head ends with an ``nn.Linear`` (:func:`split_last_linear`), only the part before it is
+    differentiated: the gradient of logit ``c`` at that Linear's input is row ``c`` of its weight, a
+    row lookup (one Gather in ONNX) instead of a one-hot vector times the weight (argmax → Unsqueeze →
+    Equal → Cast → MatMul). Exactly the same values: the one-hot product adds only exact zeros.
     """
     state = {k: v.detach() for k, v in head_state(head).items()}
+    split = split_last_linear(head)
 
     def joint(state, acts):
         # clone: a head that starts with an in-place op (DenseNet's F.relu(inplace=True)) must not
         # modify the activations the CAM is computed from
+        if split is not None:
+            body, name = split
+            body_state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
+            feats, vjp = torch.func.vjp(lambda a: torch.func.functional_call(body, body_state, (a.clone(),)), acts)
+            weight = state[name + ".weight"]
+            logits = F.linear(feats, weight, state.get(name + ".bias"))
+            (grad,) = vjp(F.embedding(logits.argmax(1), weight))
+            return logits, grad
         logits, vjp = torch.func.vjp(lambda a: torch.func.functional_call(head, state, (a.clone(),)), acts)
         # one-hot without F.one_hot: compare with the class ids
         onehot = (torch.arange(num_classes, device=logits.device).unsqueeze(0) == logits.argmax(1).unsqueeze(1)).to(

@@ -451,6 +451,23 @@ def test_unexportable_head_is_a_clear_error(cls, pattern, tmp_path):
     assert not (tmp_path / "b" / "model.onnx").exists()
 
 
+def test_traced_head_with_the_legacy_exporter_is_refused(tmp_path):
+    """opset 17 (TorchScript exporter) would bake the example batch size into a traced backward."""
+    with pytest.raises(UnsupportedHeadError, match=r"opset 17.*traced backward.*Export with opset 18"):
+        export_bundle(
+            GeluHead().eval(),
+            tmp_path / "b",
+            class_names=CLASSES,
+            garbage_class=2,
+            target_layer="layer2",
+            early_layer="layer1",
+            input_shape=(1, TRAIN_SIZE, TRAIN_SIZE),
+            normalization=NORM,
+            opset=17,
+        )
+    assert not (tmp_path / "b" / "model.onnx").exists()
+
+
 class SharedRelu(nn.Module):
     """One ReLU module used twice, and an early layer inside the target Sequential."""
 

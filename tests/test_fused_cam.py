@@ -84,3 +84,38 @@ def test_pooled_linear_head_weights_equal_autograd():
     expected = gradcam_map(acts.detach(), weights, (24, 24), CamResize.build((24, 24), (24, 24), x))
     assert torch.allclose(logits, out.detach(), atol=1e-6)
     assert float((cam - expected).abs().max()) < 1e-5
+
+
+def _autograd_grad(head, acts):
+    a = acts.clone().requires_grad_(True)
+    out = head(a)
+    out.gather(1, out.argmax(1, keepdim=True)).sum().backward()
+    return out.detach(), a.grad
+
+
+def test_traced_head_ending_in_linear_reads_the_weight_row():
+    """A traced head ending in an nn.Linear is differentiated only up to that Linear: the gradient at
+    its input is the argmax row of its weight (no one-hot product), and the result equals autograd's.
+    A head ending otherwise keeps the one-hot seed."""
+    from torch import fx, nn
+
+    from gamguard.exporter.head_backward import head_state, split_last_linear, trace_joint, traced_ops
+
+    torch.manual_seed(0)
+    acts = torch.randn(5, 12)
+    head = fx.symbolic_trace(nn.Sequential(nn.Linear(12, 20), nn.Hardswish(), nn.Dropout(), nn.Linear(20, 4)).eval())
+    assert split_last_linear(head)[1] == "3"
+    joint = trace_joint(head, acts, 4)
+    ops = traced_ops(joint)
+    assert "aten.embedding.default" in ops and "aten.eq.Tensor" not in ops, ops
+    logits, grad = joint(head_state(head), acts)
+    want_logits, want_grad = _autograd_grad(head, acts)
+    assert torch.equal(logits, want_logits)
+    assert torch.allclose(grad, want_grad, atol=1e-6)
+
+    other = fx.symbolic_trace(nn.Sequential(nn.Linear(12, 4), nn.Hardswish()).eval())
+    assert split_last_linear(other) is None
+    logits, grad = trace_joint(other, acts, 4)(head_state(other), acts)
+    want_logits, want_grad = _autograd_grad(other, acts)
+    assert torch.equal(logits, want_logits)
+    assert torch.allclose(grad, want_grad, atol=1e-6)
