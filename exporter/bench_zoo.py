@@ -17,6 +17,23 @@ import numpy as np
 
 from gamguard.runtime.bench.common import interleaved, logits_only_model, median_ms, ort_session
 
+# A 2 ms model timed in 15 rounds gives a median ratio that moves by several per cent between runs:
+# each case is timed for at least `repeats` rounds and about this many seconds (capped).
+MIN_CASE_SECONDS = 1.0
+MAX_ROUNDS = 1000
+
+
+def rounds_for(variants: dict, repeats: int) -> int:
+    """Interleaved rounds for one case: at least ``repeats``, and enough for about
+    :data:`MIN_CASE_SECONDS` of calls (one round timed after a warm-up round), at most :data:`MAX_ROUNDS`."""
+    for call in variants.values():
+        call()
+    t0 = time.perf_counter()
+    for call in variants.values():
+        call()
+    per_round = time.perf_counter() - t0
+    return max(repeats, min(MAX_ROUNDS, int(MIN_CASE_SECONDS / max(per_round, 1e-9))))
+
 
 def _randomise_batchnorm(model, seed: int) -> None:
     import torch
@@ -32,8 +49,9 @@ def _randomise_batchnorm(model, seed: int) -> None:
 def measure_zoo(
     size: int, batches, repeats: int, threads: int, providers: list[str], width: float | None, progress
 ) -> dict:
-    """Rows ``{model, head_kind, size, batch, fused_ms, logits_only_ms, ratio, ratio_of_minima}`` for every
-    zoo model (``ratio``: of the medians; ``ratio_of_minima``: of the fastest calls, less sensitive to load)."""
+    """Rows ``{model, head_kind, size, batch, fused_ms, logits_only_ms, ratio, ratio_of_minima, rounds}`` for
+    every zoo model (``ratio``: of the medians; ``ratio_of_minima``: of the fastest calls, less sensitive to
+    load; ``rounds``: interleaved rounds timed, at least ``repeats``, more for fast models: :func:`rounds_for`)."""
     import torch
 
     from gamguard.exporter.export import export_bundle
@@ -67,13 +85,12 @@ def measure_zoo(
             params = sum(p.numel() for p in model.parameters())
             for n in batches:
                 x = rng.standard_normal((n, 1, size, size)).astype(np.float32)
-                times = interleaved(
-                    {
-                        "fused": lambda: fused.run(None, {"image": x}),
-                        "logits": lambda: logits_only.run(["logits"], {"image": x}),
-                    },
-                    repeats,
-                )
+                variants = {
+                    "fused": lambda: fused.run(None, {"image": x}),
+                    "logits": lambda: logits_only.run(["logits"], {"image": x}),
+                }
+                rounds = rounds_for(variants, repeats)
+                times = interleaved(variants, rounds)
                 f, lo = median_ms(times["fused"]), median_ms(times["logits"])
                 # load from other processes only adds time: the ratio of the fastest calls is the
                 # noise check on the median ratio (both from the same interleaved rounds)
@@ -90,11 +107,12 @@ def measure_zoo(
                         "logits_only_ms": round(lo, 3),
                         "ratio": round(f / lo, 4),
                         "ratio_of_minima": round(ratio_min, 4),
+                        "rounds": rounds,
                     }
                 )
                 progress(
                     f"zoo: {name} batch {n}: fused {f:.1f} ms, logits-only {lo:.1f} ms, ratio {f / lo:.3f} "
-                    f"(fastest calls: {ratio_min:.3f})"
+                    f"(fastest calls: {ratio_min:.3f}; {rounds} rounds)"
                 )
     return {
         "status": "measured",

@@ -169,6 +169,20 @@ def test_interleaved_alternates_order():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
+def test_zoo_cases_get_rounds_for_about_a_second(monkeypatch):
+    """Fast models are timed in more rounds than --repeats (capped); slow ones in --repeats rounds."""
+    import time
+
+    from gamguard.exporter import bench_zoo
+
+    calls = []
+    fast = {"fused": lambda: calls.append(1), "logits": lambda: None}
+    assert bench_zoo.rounds_for(fast, 15) == bench_zoo.MAX_ROUNDS
+    assert len(calls) == 2  # a warm-up round, then the timed round
+    monkeypatch.setattr(bench_zoo, "MIN_CASE_SECONDS", 0.01)
+    assert bench_zoo.rounds_for({"fused": lambda: time.sleep(0.02)}, 7) == 7
+
+
 def test_bad_flags_are_user_errors(capsys, tmp_path):
     from gamguard.runtime.cli import main
 

@@ -20,7 +20,8 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
   zoo_overhead                (--zoo) fused / logits-only ONNX Runtime call for the exporter's zoo
                               (ResNet-18/50, DenseNet-121, EfficientNet-B0, MobileNetV3-Small,
                               ConvNeXt-T, VGG-11-BN; real widths unless --zoo-width says otherwise;
-                              random weights; first --sizes entry; needs torch)
+                              random weights; first --sizes entry; each case at least --repeats
+                              rounds and about 1 s of calls; needs torch)
   grpc_efficiency             gRPC server throughput (1, 4, 16 concurrent clients in another process)
                               / in-process guarded calls on the very batches the server formed;
                               also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
