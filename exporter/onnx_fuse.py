@@ -714,11 +714,8 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
     g = _Graph(model, constants, shapes, elem_types, differentiable)
     b = _Builder(graph, opset)
 
-    # seed: one-hot of the argmax logit (first index on ties, as torch's argmax)
     k = logits_shape[1]
-    cls = b.op("ArgMax", [logits_name], axis=1, keepdims=1)  # [N, 1] int64
-    onehot = b.op("Cast", [b.op("Equal", [b.ints(np.arange(k)[None, :]), cls])], to=TensorProto.FLOAT)
-    grads: dict[str, list[str]] = {logits_name: [onehot]}
+    grads = _seed_gradient(b, g, producer.get(logits_name), logits_name, k)
     pool = _global_pool_of(g, head, target)
     weights = None
     for n in reversed(head):
@@ -793,6 +790,29 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         head_ops=[f"{n.op_type} {n.name}" for n in head],
     )
     return model, info
+
+
+def _seed_gradient(b: _Builder, g: _Graph, last, logits_name: str, k: int) -> dict[str, list[str]]:
+    """The gradient of each row's argmax logit (first index on ties, as torch's argmax) to start the
+    backward from. When the logits come straight from a Gemm with a constant weight (a final Linear),
+    the gradient at that Gemm's input is the weight's argmax row: one Gather, where the Gemm's rule
+    applied to a one-hot would need Equal → Cast → Gemm (the same values: the one-hot adds exact zeros)."""
+    from onnx import TensorProto
+
+    if last is not None and last.op_type == "Gemm":
+        at = _attrs(last)
+        a, w = last.input[0], last.input[1]
+        if not int(at.get("transA", 0)) and w in g.constants and a in g.differentiable:
+            cls = b.op("ArgMax", [logits_name], axis=1, keepdims=0)  # [N] int64
+            if int(at.get("transB", 0)):
+                row = b.op("Gather", [w, cls], axis=0)  # weight [K, F]
+            else:
+                row = b.op("Transpose", [b.op("Gather", [w, cls], axis=1)], perm=[1, 0])  # weight [F, K]
+            alpha = float(at.get("alpha", 1.0))
+            return {a: [row if alpha == 1.0 else b.op("Mul", [row, b.const(alpha)])]}
+    cls = b.op("ArgMax", [logits_name], axis=1, keepdims=1)  # [N, 1] int64
+    onehot = b.op("Cast", [b.op("Equal", [b.ints(np.arange(k)[None, :]), cls])], to=TensorProto.FLOAT)
+    return {logits_name: [onehot]}
 
 
 def _global_pool_of(g: _Graph, head, target: str):

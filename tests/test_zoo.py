@@ -188,6 +188,9 @@ def test_onnx_only_export_parity(name, tmp_path):
         assert [i.name for i in proto.graph.input] == ["image"]
         assert [o.name for o in proto.graph.output] == ["logits", "cam", "early"]
         assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+        # the logits come from the last Linear's Gemm: the backward starts from its weight's argmax row
+        ops = {n.op_type for n in proto.graph.node}
+        assert "Gather" in ops and "Equal" not in ops
         sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
         worst = _check_against_reference(
             model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
