@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from gamguard.runtime.engines.specialize import POOL_CHANNEL_BLOCK  # one rule for exporter and engines
+
 log = logging.getLogger(__name__)
 
 #: Same epsilon as pytorch-grad-cam's ``scale_cam_image``.
@@ -733,14 +735,6 @@ class PoolWindow:
         # An AveragePool node: ONNX Runtime runs it in the convolutions' blocked (NCHWc) layout, so
         # the full-size early activations are read once and never reordered to plain NCHW.
         return F.avg_pool2d(x, self.kernel, self.kernel)
-
-
-#: Channel counts the AveragePool form is used for: ONNX Runtime's CPU convolutions keep activations
-#: in a blocked layout of 8 (AVX2) or 16 (AVX-512) channels and pool them there only when the channel
-#: count is a multiple of the block; otherwise the pool runs on plain NCHW after a reorder, and its
-#: plain kernel is slow for large windows (28x28 windows of an 8-channel 224² map: 5 ms at batch 8),
-#: where the two averaging-matrix products are cheaper.
-POOL_CHANNEL_BLOCK = 16
 
 
 def static_pool_window(size, grid, channels: int | None = None) -> PoolWindow | None:

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
+from gamguard.runtime.engines.specialize import POOL_CHANNEL_BLOCK
 
 log = logging.getLogger(__name__)
 
 CAM_EPS = 1e-7
-#: Same rule as :data:`gamguard.exporter.gradcam.POOL_CHANNEL_BLOCK` (kept here: this module is torch-free).
-POOL_CHANNEL_BLOCK = 16
 
 
 class UnsupportedOnnxOpError(ValueError):

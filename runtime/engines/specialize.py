@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 #: blocked layout of 8 (AVX2) or 16 (AVX-512) channels and pool them there only when the channel count
 #: is a multiple of the block; otherwise the pool runs on plain NCHW after a reorder, and its plain
 #: kernel is slow for large windows (28x28 windows of an 8-channel 224² map: 5 ms at batch 8), where
-#: the two averaging-matrix products are cheaper. The exporter applies the same rule to static sizes.
+#: the two averaging-matrix products are cheaper. The exporter imports this rule for static sizes.
 POOL_CHANNEL_BLOCK = 16
 
 
