@@ -41,7 +41,12 @@ def free_port() -> int:
 class Orthanc:
     """Orthanc with its own config, storage folder and loopback HTTP port (no system service, no plugins)."""
 
-    def __init__(self, folder: Path, *, dicom_port: int | None = None, ae_title: str = "ARCHIVE"):
+    def __init__(
+        self, folder: Path, *, dicom_port: int | None = None, ae_title: str = "ARCHIVE", tls: dict | None = None
+    ):
+        """``tls``: DICOM TLS on the DICOM port, ``{"cert", "key", "ca"}`` PEM paths (Orthanc then requires
+        a client certificate signed by ``ca``)."""
+        self.tls = tls
         self.folder = Path(folder)
         self.http_port = free_port()
         self.dicom_port = dicom_port or free_port()
@@ -72,6 +77,14 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "StorageCompression": False,
         }
+        if self.tls:
+            config.update(
+                DicomTlsEnabled=True,
+                DicomTlsCertificate=str(self.tls["cert"]),
+                DicomTlsPrivateKey=str(self.tls["key"]),
+                DicomTlsTrustedCertificates=str(self.tls["ca"]),
+                DicomTlsRemoteCertificateRequired=True,
+            )
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(config))
         self.log = open(self.folder / "orthanc.log", "ab")

@@ -259,6 +259,23 @@ def test_config_file_dicom_section_flags_and_errors(tmp_path):
             parse_destination(bad)
     with pytest.raises(SystemExit):  # argparse refuses a non-integer port
         p.parse_args(["--port", "x"])
+    # TLS towards the destinations: flags or config keys, each refusal names what is missing
+    pem = tmp_path / "ca.pem"
+    pem.write_text("not checked here: loaded when the node starts")
+    (tmp_path / "tls.yaml").write_text(
+        f"dicom:\n  allow-any-ae: true\n  forward: [PACS@pacs:2762]\n  forward-tls-ca: {pem}\n"
+    )
+    node, _ = node_config_from_args(p.parse_args(["--config", str(tmp_path / "tls.yaml")]))
+    assert node.forward_tls_ca == str(pem) and node.forward_tls_cert is None
+    base = dict(allow_any_ae=True, forward=["PACS@pacs:2762"])
+    for kw, message in (
+        (dict(forward_tls_cert=str(pem)), "--forward-tls-key"),
+        (dict(forward_tls_cert=str(pem), forward_tls_key=str(pem)), "need --forward-tls-ca"),
+        (dict(forward_tls_ca=str(tmp_path / "missing.pem")), "missing.pem: no such file"),
+        (dict(forward_tls_ca=str(pem), forward=[]), "without a --forward destination"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            DicomNodeConfig(**{**base, **kw}).validate()
 
 
 # ------------------------------------------------------------- the node with pynetdicom (no apt tools)
@@ -676,6 +693,62 @@ def test_dicom_tls_with_client_certificates(guard, demo_bundle, tmp_path):
         assert not echo(with_cert=False)  # mutual TLS: no client certificate, no association
         # and plaintext DICOM does not get through a TLS port
         assert _scu_store(node.port, list(accepted_phantoms(guard, tmp_path, 1))) == [None]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
+def test_results_forwarded_to_orthanc_over_dicom_tls(guard, demo_bundle, tmp_path):
+    """The PACS speaks DICOM TLS and wants a client certificate: with --forward-tls-ca/-cert/-key the SR
+    arrives; a node that does not trust the PACS's certificate sends nothing and keeps the result queued."""
+    from testlib import make_ca, make_cert
+
+    ca = make_ca(tmp_path, "ca")
+    pacs_crt, pacs_key = make_cert(tmp_path, "pacs", ca, server=True)
+    node_crt, node_key = make_cert(tmp_path, "gamguard", ca, server=False)
+    other_ca = make_ca(tmp_path, "other-ca")
+    archive = Orthanc(tmp_path / "orthanc", tls={"cert": pacs_crt, "key": pacs_key, "ca": ca[0]}).start()
+    destination = [f"{archive.ae_title}@localhost:{archive.dicom_port}"]  # the name in the PACS's certificate
+    ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
+    try:
+        with _node(
+            tmp_path / "distrusting",
+            demo_bundle,
+            destination,
+            forward_tls_ca=str(other_ca[0]),
+            forward_tls_cert=str(node_crt),
+            forward_tls_key=str(node_key),
+        ) as node:
+            assert _scu_store(node.port, [path]) == [0]
+            node.node.wait_results_built(120)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not _forward_failures(node, "connect"):
+                time.sleep(0.2)
+            assert _forward_failures(node, "connect") >= 1  # the PACS's certificate is not trusted
+            assert list((tmp_path / "distrusting" / "queue" / "outbox").rglob("*.dcm"))  # kept for a retry
+        assert archive.instance_ids("SR") == []
+        with _node(
+            tmp_path / "trusting",
+            demo_bundle,
+            destination,
+            forward_tls_ca=str(ca[0]),
+            forward_tls_cert=str(node_crt),
+            forward_tls_key=str(node_key),
+        ) as node:
+            assert _scu_store(node.port, [path]) == [0]
+            assert archive.wait_for("SR", 1, timeout=120) == 1
+        (sr,) = archive.datasets("SR")
+        verdict = read_verdict_sr(sr)
+        assert verdict["accepted"] and verdict["label"] == label
+    finally:
+        archive.stop()
+
+
+def _forward_failures(node, kind: str) -> float:
+    text = node.node.metrics.exposition().decode()  # the node's DICOM metrics share the server's registry
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gamguard_dicom_forward_failures_total") and f'kind="{kind}"' in line
+    )
 
 
 def test_grpc_beside_the_dicom_node_shares_the_data_plane(guard, demo_bundle, tmp_path):

@@ -84,6 +84,9 @@ class DicomNodeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    forward_tls_ca: str | None = None
+    forward_tls_cert: str | None = None
+    forward_tls_key: str | None = None
     retry_initial_s: float = 1.0
     retry_max_s: float = 60.0
     build_backlog: int = 256
@@ -123,7 +126,15 @@ class DicomNodeConfig:
             raise ConfigError("DICOM TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca needs --tls-cert/--tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        if bool(self.forward_tls_cert) != bool(self.forward_tls_key):
+            raise ConfigError(
+                "a client certificate for the destinations needs both --forward-tls-cert and --forward-tls-key"
+            )
+        if self.forward_tls_cert and not self.forward_tls_ca:
+            raise ConfigError("--forward-tls-cert/--forward-tls-key need --forward-tls-ca (TLS to the destinations)")
+        if self.forward_tls_ca and not self.destinations:
+            raise ConfigError("--forward-tls-ca without a --forward destination")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "forward_tls_ca", "forward_tls_cert", "forward_tls_key"):
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"--{name.replace('_', '-')}: {value}: no such file")
@@ -154,6 +165,18 @@ _FLAGS = (
     ("--tls-cert", str, "DICOM TLS: server certificate chain (PEM); without it the port is plaintext DICOM"),
     ("--tls-key", str, "DICOM TLS: private key (PEM)"),
     ("--tls-client-ca", str, "DICOM TLS: require client certificates signed by this CA (PEM)"),
+    (
+        "--forward-tls-ca",
+        str,
+        "DICOM TLS to every --forward destination: verify its certificate (and its host name as written in "
+        "--forward) against this CA (PEM); without it results are sent in plaintext",
+    ),
+    (
+        "--forward-tls-cert",
+        str,
+        "with --forward-tls-ca: client certificate chain (PEM) for destinations that ask for one",
+    ),
+    ("--forward-tls-key", str, "with --forward-tls-cert: its private key (PEM)"),
     ("--retry-initial-s", float, "first retry delay after a failed forward; doubles up to --retry-max-s (default 1)"),
     ("--retry-max-s", float, "longest delay between forward retries (default 60); objects are never dropped"),
     (

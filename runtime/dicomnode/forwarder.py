@@ -50,8 +50,10 @@ class Forwarder:
         retry_initial_s: float = 1.0,
         retry_max_s: float = 60.0,
         timeout_s: float = 30.0,
+        tls=None,
     ):
         self.destination = destination
+        self.tls = tls  # ssl.SSLContext for DICOM TLS to the destination (host name checked), or None
         self.outbox = outbox
         self.calling_ae = calling_ae
         self.metrics = metrics
@@ -160,7 +162,8 @@ class Forwarder:
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
         d = self.destination
-        assoc = ae.associate(d.host, d.port, contexts=contexts, ae_title=d.ae_title)
+        tls_args = (self.tls, d.host) if self.tls is not None else None
+        assoc = ae.associate(d.host, d.port, contexts=contexts, ae_title=d.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             self._destination_failed("connect")
             return

@@ -40,6 +40,21 @@ from .sopclasses import decodable_transfer_syntaxes, storage_sop_classes
 log = logging.getLogger(__name__)
 
 
+def _forward_tls_context(cfg: DicomNodeConfig) -> ssl.SSLContext | None:
+    """The client-side TLS context for the --forward destinations (certificate and host name verified
+    against --forward-tls-ca; the node's own certificate when a destination asks for one), or None."""
+    if not cfg.forward_tls_ca:
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.forward_tls_ca)
+        if cfg.forward_tls_cert:
+            ctx.load_cert_chain(cfg.forward_tls_cert, cfg.forward_tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        given = [f"--{k.replace('_', '-')} {v}" for k, v in vars(cfg).items() if k.startswith("forward_tls") and v]
+        raise OSError(f"forward TLS files unusable ({', '.join(given)}): {exc}") from None
+    return ctx
+
+
 def _tls_context(cfg: DicomNodeConfig) -> ssl.SSLContext | None:
     if not cfg.tls_cert:
         return None
@@ -293,11 +308,13 @@ class DicomNode:
         outbox = Outbox(queue / "outbox", [d.name for d in destinations])
         if not destinations:
             log.warning("no --forward destination: results are kept in %s", queue / "outbox" / "kept")
+        forward_tls = _forward_tls_context(cfg)
         self.forwarders = [
             Forwarder(
                 d,
                 outbox,
                 calling_ae=cfg.ae_title,
+                tls=forward_tls,
                 metrics=self.dicom_metrics,
                 retry_initial_s=cfg.retry_initial_s,
                 retry_max_s=cfg.retry_max_s,
@@ -359,7 +376,9 @@ class DicomNode:
             "TLS" if tls else "plaintext",
             allow.describe(),
             ", ".join(sorted(sop_classes.values())),
-            ", ".join(map(str, destinations)) or "nobody (kept)",
+            (", ".join(map(str, destinations)) + (" over DICOM TLS" if cfg.forward_tls_ca else " in plaintext"))
+            if destinations
+            else "nobody (kept)",
         )
         return self.port
 
