@@ -708,15 +708,19 @@ def test_results_forwarded_to_orthanc_over_dicom_tls(guard, demo_bundle, tmp_pat
     archive = Orthanc(tmp_path / "orthanc", tls={"cert": pacs_crt, "key": pacs_key, "ca": ca[0]}).start()
     destination = [f"{archive.ae_title}@localhost:{archive.dicom_port}"]  # the name in the PACS's certificate
     ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
-    try:
-        with _node(
-            tmp_path / "distrusting",
+
+    def node_trusting(name: str, trusted_ca):
+        return _node(
+            tmp_path / name,
             demo_bundle,
             destination,
-            forward_tls_ca=str(other_ca[0]),
+            forward_tls_ca=str(trusted_ca[0]),
             forward_tls_cert=str(node_crt),
             forward_tls_key=str(node_key),
-        ) as node:
+        )
+
+    try:
+        with node_trusting("distrusting", other_ca) as node:
             assert _scu_store(node.port, [path]) == [0]
             node.node.wait_results_built(120)
             deadline = time.monotonic() + 30
@@ -725,14 +729,7 @@ def test_results_forwarded_to_orthanc_over_dicom_tls(guard, demo_bundle, tmp_pat
             assert _forward_failures(node, "connect") >= 1  # the PACS's certificate is not trusted
             assert list((tmp_path / "distrusting" / "queue" / "outbox").rglob("*.dcm"))  # kept for a retry
         assert archive.instance_ids("SR") == []
-        with _node(
-            tmp_path / "trusting",
-            demo_bundle,
-            destination,
-            forward_tls_ca=str(ca[0]),
-            forward_tls_cert=str(node_crt),
-            forward_tls_key=str(node_key),
-        ) as node:
+        with node_trusting("trusting", ca) as node:
             assert _scu_store(node.port, [path]) == [0]
             assert archive.wait_for("SR", 1, timeout=120) == 1
         (sr,) = archive.datasets("SR")
