@@ -357,14 +357,12 @@ def auroc_difference(
     1993, ch. 13); ``share_ge_0`` is the fraction of resamples where the guard is not worse. With ten
     images in a set the interval is wide: a difference inside it is not evidence either way.
     """
+    g_id, g_ood, b_id, b_ood = (np.asarray(a, np.float64) for a in (guard_id, guard_ood, base_id, base_ood))
     rng = np.random.default_rng(seed)
-    i = rng.integers(0, len(guard_id), (resamples, len(guard_id)))
-    o = rng.integers(0, len(guard_ood), (resamples, len(guard_ood)))
-    g = _auroc_rows(np.asarray(guard_id, np.float64)[i], np.asarray(guard_ood, np.float64)[o])
-    b = _auroc_rows(np.asarray(base_id, np.float64)[i], np.asarray(base_ood, np.float64)[o])
-    d = g - b
-    point = _auroc_rows(np.asarray(guard_id, np.float64)[None], np.asarray(guard_ood, np.float64)[None])[0]
-    point -= _auroc_rows(np.asarray(base_id, np.float64)[None], np.asarray(base_ood, np.float64)[None])[0]
+    i = rng.integers(0, len(g_id), (resamples, len(g_id)))
+    o = rng.integers(0, len(g_ood), (resamples, len(g_ood)))
+    d = _auroc_rows(g_id[i], g_ood[o]) - _auroc_rows(b_id[i], b_ood[o])
+    point = _auroc_rows(g_id[None], g_ood[None])[0] - _auroc_rows(b_id[None], b_ood[None])[0]
     lo, hi = np.percentile(d, [2.5, 97.5])
     return {
         "delta": float(point),

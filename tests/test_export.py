@@ -429,41 +429,32 @@ def test_heads_outside_the_rules_get_a_traced_backward(cls, target, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cls, pattern",
+    "cls, target, early, opset, pattern",
     [
-        (SkipAroundTarget, r"F\.avg_pool2d.*skip connection"),
-        (MedianHead, r"uses the operator aten\.median.*cannot translate.*Choose a later target_layer"),
+        (SkipAroundTarget, "features", "stem", 18, r"F\.avg_pool2d.*skip connection"),
+        (
+            MedianHead,
+            "features",
+            "stem",
+            18,
+            r"uses the operator aten\.median.*cannot translate.*Choose a later target_layer",
+        ),
+        # opset 17 (TorchScript exporter) would bake the example batch size into a traced backward
+        (GeluHead, "layer2", "layer1", 17, r"opset 17.*traced backward.*Export with opset 18"),
     ],
 )
-def test_unexportable_head_is_a_clear_error(cls, pattern, tmp_path):
-    model = cls().eval()
+def test_unexportable_head_is_a_clear_error(cls, target, early, opset, pattern, tmp_path):
     with pytest.raises(UnsupportedHeadError, match=pattern):
         export_bundle(
-            model,
+            cls().eval(),
             tmp_path / "b",
             class_names=CLASSES,
             garbage_class=2,
-            target_layer="features",
-            early_layer="stem",
+            target_layer=target,
+            early_layer=early,
             input_shape=(1, TRAIN_SIZE, TRAIN_SIZE),
             normalization=NORM,
-        )
-    assert not (tmp_path / "b" / "model.onnx").exists()
-
-
-def test_traced_head_with_the_legacy_exporter_is_refused(tmp_path):
-    """opset 17 (TorchScript exporter) would bake the example batch size into a traced backward."""
-    with pytest.raises(UnsupportedHeadError, match=r"opset 17.*traced backward.*Export with opset 18"):
-        export_bundle(
-            GeluHead().eval(),
-            tmp_path / "b",
-            class_names=CLASSES,
-            garbage_class=2,
-            target_layer="layer2",
-            early_layer="layer1",
-            input_shape=(1, TRAIN_SIZE, TRAIN_SIZE),
-            normalization=NORM,
-            opset=17,
+            opset=opset,
         )
     assert not (tmp_path / "b" / "model.onnx").exists()
 

@@ -117,12 +117,17 @@ def pool_early_with_average_pool(model, output: str = "early"):
     """``model`` (static size, e.g. from :func:`specialize_spatial`) with ONNX Runtime's constant folding
     applied and ``output`` computed by one ``AveragePool`` when it is ``rows @ (x @ cols)`` with constant
     equal-window averaging matrices and ``x`` has a multiple of :data:`POOL_CHANNEL_BLOCK` channels (see
-    the module docstring). Returns ``(model, rewritten)``; a model without that pattern comes back
-    folded and unchanged otherwise. The average is the same up to float rounding (summation order)."""
+    the module docstring). Returns ``(model, rewritten)``; a model without that pattern comes back as
+    it was. The average is the same up to float rounding (summation order)."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
+    # Folding costs a session start: only a model whose output is a product of two MatMuls pays it.
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outer = producer.get(output)
+    if outer is None or outer.op_type != "MatMul" or getattr(producer.get(outer.input[1]), "op_type", "") != "MatMul":
+        return model, False
     with tempfile.TemporaryDirectory(prefix="gamguard-fold-") as tmp:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # folding, no layouts
@@ -138,10 +143,10 @@ def pool_early_with_average_pool(model, output: str = "early"):
             consumers[i] = consumers.get(i, 0) + 1
     outer = producer.get(output)
     if outer is None or outer.op_type != "MatMul" or outer.input[0] not in inits:
-        return folded, False
+        return model, False
     inner = producer.get(outer.input[1])
     if inner is None or inner.op_type != "MatMul" or inner.input[1] not in inits or consumers.get(inner.output[0]) != 1:
-        return folded, False
+        return model, False
     kh = _averaging_bins(numpy_helper.to_array(inits[outer.input[0]]), axis=0)
     kw = _averaging_bins(numpy_helper.to_array(inits[inner.input[1]]), axis=1)
     source = inner.input[0]
@@ -152,10 +157,10 @@ def pool_early_with_average_pool(model, output: str = "early"):
     }
     dims = shapes.get(source)
     if kh is None or kw is None or dims is None or len(dims) != 4 or dims[1] is None:
-        return folded, False
+        return model, False
     if dims[1] % POOL_CHANNEL_BLOCK:
         log.debug("early pooling kept as averaging matrices: %d channels", dims[1])
-        return folded, False
+        return model, False
     pool = helper.make_node(
         "AveragePool", [source], [output], name="gamguard/early_average_pool", kernel_shape=[kh, kw], strides=[kh, kw]
     )
