@@ -191,3 +191,38 @@ def test_area_matrix_is_opencv_inter_area_when_shrinking(n_in):
     got = sim.area_matrix(n_in, 32) @ m @ sim.area_matrix(n_in + 9, 32).T
     np.testing.assert_allclose(got, want, atol=1e-9)
     np.testing.assert_allclose(sim.area_matrix(n_in, 32).sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("triangular", [True, False])
+def test_feature_score_graph_matches_reference_for_any_whitener(guards, triangular):
+    """The graph splits a lower-triangular whitener into column blocks; any other whitener is used whole.
+    Both give FeatureReference.score."""
+    import dataclasses
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from gamguard.runtime.checks.graph import _Builder, _feature_score
+
+    ref = guards[0].calibration.feature_ref
+    d = ref.whitener.shape[0]
+    rng = np.random.default_rng(3)
+    w = np.tril(ref.whitener) if triangular else ref.whitener + rng.normal(0, 1e-3, (d, d)).astype(np.float32)
+    assert triangular == (not np.triu(w, 1).any())
+    ref = dataclasses.replace(ref, whitener=w, means_white=(ref.means @ w).astype(np.float32))
+    b = _Builder()
+    out = _feature_score(b, "early", ref)
+    graph = helper.make_graph(
+        b.nodes,
+        "feature",
+        [helper.make_tensor_value_info("early", TensorProto.FLOAT, [None, *ref.shape])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, 1])],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    early = rng.normal(0, 1, (5, *ref.shape)).astype(np.float32)
+    got = session.run(None, {"early": early})[0][:, 0]
+    want = ref.score(early)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert sum(n.op_type == "MatMul" for n in b.nodes) == (4 if triangular else 1)
