@@ -207,6 +207,54 @@ def test_a_journaled_image_without_its_verdict_gets_results_after_a_restart(guar
     assert len(kept) == 2 and said[0]["source_sop_instance_uid"] == uid and said[0]["label"] == label
 
 
+def test_the_console_is_answered_before_the_verdict_and_the_results_follow(demo_bundle, tmp_path):
+    """A C-STORE is answered once the image is durable and queued for the engine, not after the engine:
+    with the engine held, the console still gets Success for every image, and the SRs (right labels)
+    follow once the engine runs."""
+    import threading
+
+    from pynetdicom import AE, StoragePresentationContexts
+
+    from gamguard.runtime.guard import Guard
+
+    held = Guard.from_bundle(demo_bundle, threads=1)
+    phantoms = accepted_phantoms(held, tmp_path, 3)
+    holding, release, entered = threading.Event(), threading.Event(), threading.Event()
+    run = held.engine.run
+
+    def held_run(x):
+        if holding.is_set():
+            entered.set()
+            if not release.wait(60):
+                raise RuntimeError("the test never released the engine")
+        return run(x)
+
+    held.engine.run = held_run
+    cfg = DicomNodeConfig(
+        host="127.0.0.1", port=0, allow_ae=["TESTSCU"], queue_dir=str(tmp_path / "queue"), build_backlog=10**6
+    )
+    serve = ServeConfig(bundle=str(demo_bundle), insecure=True, port=0)
+    with BackgroundNode(cfg.validate(), serve, guard_factory=lambda: held) as node:
+        holding.set()  # from here (the node's self-test is behind it) the engine waits for release
+        ae = AE(ae_title="TESTSCU")
+        ae.requested_contexts = StoragePresentationContexts[:120]
+        ae.dimse_timeout = 20  # an answer that waited for the engine would time out here
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+        try:
+            statuses = [int(assoc.send_c_store(p).Status) for p in phantoms]
+        finally:
+            assoc.release()
+        assert statuses == [0, 0, 0]
+        assert entered.is_set() and node.node.scp.finishing == 3  # answered, verdicts still to come
+        release.set()
+        assert node.node.wait_results_built(60)
+    kept = [pydicom.dcmread(p) for p in (tmp_path / "queue" / "outbox" / "kept").glob("*.dcm")]
+    said = {
+        d["source_sop_instance_uid"]: d["label"] for d in map(read_verdict_sr, (k for k in kept if k.Modality == "SR"))
+    }
+    assert said == {pydicom.dcmread(p).SOPInstanceUID: label for p, label in phantoms.items()}
+
+
 def test_the_same_instance_from_concurrent_associations_is_stored_once(guard, demo_bundle, tmp_path):
     import concurrent.futures
 

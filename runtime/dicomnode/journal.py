@@ -1,12 +1,13 @@
 """The journal: received images whose results are not built yet.
 
 Per image, named after its SOP Instance UID, ``<uid>.dcm``: the received dataset, byte for byte as
-sent, written durably. The C-STORE handler writes it *while* the data plane verifies the image and
-answers only after both finished: the image is on stable storage before the console hears "success".
+sent, written durably. The C-STORE handler writes it *while* the data plane decodes the image and
+queues it for the engine, and answers only after both finished: the image is on stable storage before
+the console hears "success" (its verdict may come after the answer).
 It first lands as ``<uid>.<token>-<crc32>.incoming`` (:func:`.durable.write_checked`: file and folder
 fsync'd at the same time, the folder's fsync shared by concurrent associations) and becomes
-``<uid>.dcm`` after the answer, once its verdict is handed to the results builder, so the builder never
-takes an image whose verdict is still on its way.
+``<uid>.dcm`` after the answer, once its verification has finished and its verdict is handed to the
+results builder, so the builder never takes an image whose verdict is still on its way.
 
 The verdict itself (and the small maps the overlay needs) is kept in memory by the results builder,
 not written: it is derived data, and deriving it again from the image (same bundle, same verdict; one

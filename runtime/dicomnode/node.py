@@ -407,8 +407,8 @@ class DicomNode:
             self.scp.draining = True
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace_s
-            while self.scp.active_associations and loop.time() < deadline:
-                await asyncio.sleep(0.05)
+            while (self.scp.active_associations or self.scp.finishing) and loop.time() < deadline:
+                await asyncio.sleep(0.05)  # answered images still waiting for their verdicts included
             self._server.shutdown()  # aborts what is still open after the grace period
             self._server = None
             self.scp.close()

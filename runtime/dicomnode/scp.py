@@ -10,13 +10,16 @@ C-STORE, in the association's own thread:
 1. the dataset arrives as sent (``event.encoded_dataset()``, never re-encoded);
 2. its header must name the SOP class of the context and the SOP Instance UID of the request and carry
    the UIDs a result needs — else ``0xA900`` (does not match SOP class) / ``0xC000`` (cannot understand);
-3. the data plane decodes and verifies it (micro-batched with every other association and with gRPC
-   requests) — undecodable pixel data is ``0xC000`` with the reason in Error Comment, a full queue or a
-   node not ready ``0xA700`` (out of resources: retry later);
+3. the data plane decodes it and queues it for the engine (micro-batched with every other association
+   and with gRPC requests) — undecodable pixel data is ``0xC000`` with the reason in Error Comment, a
+   full queue or a node not ready ``0xA700`` (out of resources: retry later);
 4. meanwhile the received dataset is written durably to the journal (:mod:`.journal`);
-5. once both have finished, ``0x0000`` Success. After the answer the verdict and the overlay's inputs go
-   to the results builder (in memory: derived data, derived again from the image after a restart) and
-   the image becomes ready in the journal; the SR and Secondary Capture are built from there.
+5. once the image is durable and queued, ``0x0000`` Success — before its verdict, so that the console
+   sends the next image while this one is inferred. When the verdict comes it goes, with the overlay's
+   inputs, to the results builder (in memory: derived data) and the image becomes ready in the
+   journal; the SR and Secondary Capture are built from there. An answered image whose verification
+   fails (or whose node stops first) keeps no verdict: the builder derives it again from the journal,
+   as it does for an image received before a restart.
 
 No handler raises into pynetdicom: anything unexpected is ``0x0110`` (processing failure) and the
 association, and the node, carry on. Logs and error comments name UIDs and pixel-module facts only,
@@ -49,6 +52,14 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE title not recognized
 REJECT_BUSY = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+
+
+def _settle(future: concurrent.futures.Future, value) -> None:
+    """Set ``future``'s result unless it has one (the admission signal is settled by whichever comes first)."""
+    try:
+        future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def status_dataset(status: int, comment: str = ""):
@@ -238,14 +249,28 @@ class StorageSCP:
         plane = self.plane()
         if plane is None:
             return OUT_OF_RESOURCES, "node not ready (loading the bundle); retry", "not_ready"
-        # The image goes to disk while the data plane verifies it: the fsync (milliseconds on most disks)
-        # overlaps the inference instead of adding to the console's wait.
+        # The image goes to disk while the data plane decodes it and queues it for the engine; the
+        # console is answered once the image is durable and admitted (decodable, room in the queue), and
+        # the verdict follows after the answer: the console sends its next image while this one is
+        # inferred (micro-batched with it), instead of waiting for the engine image by image.
         written = self._writer.submit(self.journal.put_source, sop_uid, data)
+        admitted = concurrent.futures.Future()
+        admitted.set_running_or_notify_cancel()
+        verifying = asyncio.run_coroutine_threadsafe(
+            plane.verify(
+                data=data,
+                request_id=request_id,
+                protocol="dicom",
+                timeout_s=self.verify_timeout_s,
+                on_admitted=lambda: _settle(admitted, True),
+            ),
+            self.loop,
+        )
+        verifying.add_done_callback(lambda _: _settle(admitted, False))
         try:
-            result = asyncio.run_coroutine_threadsafe(
-                plane.verify(data=data, request_id=request_id, protocol="dicom", timeout_s=self.verify_timeout_s),
-                self.loop,
-            ).result(self.verify_timeout_s + 10)
+            if not admitted.result(self.verify_timeout_s + 10):
+                verifying.result(0)  # refused before the queue: raises why
+                raise RuntimeError("the data plane finished without admitting the image")
         except InvalidRequest as exc:  # already counted and audited by the data plane
             self._discard(written)
             return CANNOT_UNDERSTAND, str(exc), "invalid"
@@ -258,30 +283,44 @@ class StorageSCP:
             plane.record_refused(request_id, "dicom", exc)
             return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
         except BaseException:
+            verifying.cancel()
             self._discard(written)
             raise
         try:
             incoming = written.result()
         except OSError as exc:
+            verifying.cancel()
             self._discard(written)
             log.error("cannot write the journal (%s): answering out of resources", exc.strerror or exc)
             return OUT_OF_RESOURCES, "cannot store the image on disk", "error"
-        # Durable and verified: the console may hear "success" now; the rest is done after the answer
+        # Durable and admitted: the console may hear "success" now; its verdict and the rest follow
         with self._lock:
             self._finishing += 1
-        self._writer.submit(self._finish, sop_uid, incoming, result)
+        verifying.add_done_callback(lambda done: self._after_verdict(sop_uid, incoming, done))
         if self.on_stored is not None:
             self.on_stored()  # before the answer: whoever waits for the results after it waits for this one
         return SUCCESS, "", "success"
 
-    def _finish(self, sop_uid: str, incoming, result) -> None:
-        """The verdict to the results builder, then the image ready in the journal. Without its verdict
-        (an error here) the builder derives it again."""
+    def _after_verdict(self, sop_uid: str, incoming, done: concurrent.futures.Future) -> None:
+        """The verification of an answered image finished: hand over on the writer threads (not in the
+        event loop, which ran this callback)."""
         try:
+            self._writer.submit(self._finish, sop_uid, incoming, done)
+        except RuntimeError:  # the node is closing: the image stays in the journal, taken at the next start
+            with self._lock:
+                self._finishing -= 1
+
+    def _finish(self, sop_uid: str, incoming, done: concurrent.futures.Future) -> None:
+        """The verdict to the results builder, then the image ready in the journal. Without its verdict
+        (the verification failed after the answer, or an error here) the builder derives it again."""
+        try:
+            result = done.result(0)
             if self.on_verdict is not None:
                 self.on_verdict(sop_uid, result.verdict, thumbnail(result.decoded.pixels))
-        except Exception:  # noqa: BLE001 - derived data only; the image is durable
-            log.exception("cannot keep the verdict of %s; it will be derived again", sop_uid)
+        except Exception as exc:  # noqa: BLE001 - derived data only; the image is durable
+            log.warning(
+                "no verdict kept for %s (%s); the results builder derives it again", sop_uid, type(exc).__name__
+            )
         try:
             self.journal.release_source(sop_uid, incoming)
         except OSError as exc:

@@ -113,6 +113,11 @@ class MicroBatcher:
 
     async def submit(self, x: np.ndarray, *, deadline: float | None = None) -> tuple[Any, int, float]:
         """Queue one input; returns ``(result, batch_size, seconds_queued)``."""
+        return await self.enqueue(x, deadline=deadline)
+
+    def enqueue(self, x: np.ndarray, *, deadline: float | None = None) -> asyncio.Future:
+        """Queue one input now (raises :class:`NotReady` / :class:`Overloaded` at once, in the event loop's
+        thread); the future gives ``(result, batch_size, seconds_queued)``."""
         if self._task is None or self._closing:
             raise NotReady("the server is not accepting requests (starting or draining)")
         if len(self._items) >= self.max_queue_size:
@@ -124,7 +129,7 @@ class MicroBatcher:
         self._items.append(item)
         self._report_depth()
         self._wakeup.set()
-        return await item.future
+        return item.future
 
     def _report_depth(self) -> None:
         if self._on_depth is not None:

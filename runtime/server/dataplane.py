@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -305,9 +305,14 @@ class DataPlane:
         request_id: str | None = None,
         timeout_s: float | None = None,
         protocol: str = "guard",
+        on_admitted: Callable[[], None] | None = None,
     ) -> Result:
         """Verify one input (encoded ``data`` or a numeric ``array``). Raises a
-        :class:`~gamguard.runtime.server.errors.DataPlaneError`."""
+        :class:`~gamguard.runtime.server.errors.DataPlaneError`.
+
+        ``on_admitted``: called (in the event loop) once the input is decoded and queued for the engine,
+        i.e. once every refusal that does not depend on the model — undecodable, too large, queue full,
+        not ready — is behind it. A caller that answers before the verdict (the DICOM node) waits for it."""
         if (data is None) == (array is None):
             raise InvalidRequest("exactly one of an encoded image or a tensor is required")
         if self._stopped:
@@ -319,7 +324,7 @@ class DataPlane:
         if self._active > self._peak_active:
             self._peak_active = self._active
         try:
-            return await self._verify(data, array, frame, request_id, timeout_s, protocol, loop, t0)
+            return await self._verify(data, array, frame, request_id, timeout_s, protocol, loop, t0, on_admitted)
         except (Overloaded, DeadlineExpired, NotReady):  # invalid inputs are counted by record_invalid
             self.statistics.observe_failure((time.perf_counter() - t0) * 1000.0)
             raise
@@ -360,7 +365,7 @@ class DataPlane:
         except BudgetExceeded as exc:
             raise Overloaded(str(exc)) from None
 
-    async def _verify(self, data, array, frame, request_id, timeout_s, protocol, loop, t0) -> Result:
+    async def _verify(self, data, array, frame, request_id, timeout_s, protocol, loop, t0, on_admitted) -> Result:
         deadline = loop.time() + timeout_s if timeout_s is not None else None
         claim = Claim(self.decode_budget)
         try:
@@ -382,7 +387,10 @@ class DataPlane:
                         self._decoding -= 1
             finally:
                 claim.release()  # the decoded image is now a small model input
-            verdict, batch_size, queued_s = await self.batcher.submit(x, deadline=deadline)
+            queued = self.batcher.enqueue(x, deadline=deadline)
+            if on_admitted is not None:
+                on_admitted()
+            verdict, batch_size, queued_s = await queued
         except InvalidRequest as exc:
             self.record_invalid(request_id, protocol, str(exc), elapsed_ms=(time.perf_counter() - t0) * 1000.0)
             raise
