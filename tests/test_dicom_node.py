@@ -245,7 +245,7 @@ def test_the_console_is_answered_before_the_verdict_and_the_results_follow(demo_
         finally:
             assoc.release()
         assert statuses == [0, 0, 0]
-        assert entered.is_set() and node.node.scp.finishing == 3  # answered, verdicts still to come
+        assert entered.wait(30) and node.node.scp.finishing == 3  # answered, verdicts still to come
         release.set()
         assert node.node.wait_results_built(60)
     kept = [pydicom.dcmread(p) for p in (tmp_path / "queue" / "outbox" / "kept").glob("*.dcm")]
@@ -253,6 +253,82 @@ def test_the_console_is_answered_before_the_verdict_and_the_results_follow(demo_
         d["source_sop_instance_uid"]: d["label"] for d in map(read_verdict_sr, (k for k in kept if k.Modality == "SR"))
     }
     assert said == {pydicom.dcmread(p).SOPInstanceUID: label for p, label in phantoms.items()}
+
+
+def test_a_console_waits_for_verdicts_instead_of_filling_the_engine_queue(demo_bundle, tmp_path):
+    """Answering before the verdict must not let one console fill the engine's queue (shared with gRPC
+    clients) and get 0xA700: with the engine held and a queue of 4, eight images are all stored, because
+    beyond two outstanding verdicts each answer waits for its own."""
+    import concurrent.futures
+    import threading
+
+    from gamguard.runtime.guard import Guard
+
+    held = Guard.from_bundle(demo_bundle, threads=1)
+    paths = list(accepted_phantoms(held, tmp_path, 8))
+    holding, release = threading.Event(), threading.Event()
+    run = held.engine.run
+
+    def held_run(x):
+        if holding.is_set() and not release.wait(60):
+            raise RuntimeError("the test never released the engine")
+        return run(x)
+
+    held.engine.run = held_run
+    cfg = DicomNodeConfig(
+        host="127.0.0.1", port=0, allow_ae=["TESTSCU"], queue_dir=str(tmp_path / "queue"), build_backlog=10**6
+    )
+    serve = ServeConfig(bundle=str(demo_bundle), insecure=True, port=0, max_queue_size=4, max_batch_size=1)
+    with BackgroundNode(cfg.validate(), serve, guard_factory=lambda: held) as node:
+        holding.set()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(_scu_store, node.port, paths)
+            deadline = time.monotonic() + 30
+            while node.node.scp.finishing < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)  # a node that answered regardless would now run into the full queue
+            assert node.node.scp.finishing == 3 and not sending.done()  # the third answer waits
+            release.set()
+            assert sending.result(60) == [0] * 8
+        assert node.node.wait_results_built(60)
+    assert len(list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))) == 16  # an SR and overlay each
+
+
+def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp_path):
+    """The results builder derives a missing verdict through the data plane; a busy data plane (queue
+    full) is a reason to try again later, not to move the image to failed/."""
+    from gamguard.runtime.dicomnode.journal import Journal, thumbnail
+    from gamguard.runtime.dicomnode.node import ResultsBuilder
+    from gamguard.runtime.dicomnode.outbox import Outbox
+    from gamguard.runtime.server.errors import Overloaded
+
+    ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    journal = Journal(tmp_path / "journal")
+    journal.release_source(uid, journal.put_source(uid, path.read_bytes()))  # answered; no verdict kept
+    calls = []
+
+    def reverify(data: bytes):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise Overloaded("request queue full")
+        decoded, verdict = judged(guard, path)
+        return verdict, thumbnail(decoded.pixels)
+
+    builder = ResultsBuilder(
+        journal,
+        Outbox(tmp_path / "outbox", []),
+        model_identity(guard),
+        reverify=reverify,
+        forward_originals="none",
+        is_busy=lambda: False,
+        backlog=1,
+    )
+    assert builder.build(journal.pending()[0]) is False  # busy: the job stays
+    assert len(journal) == 1 and not (tmp_path / "journal" / "failed").exists()
+    assert builder.build(journal.pending()[0]) is True and len(journal) == 0 and len(calls) == 2
+    kept = [pydicom.dcmread(p) for p in (tmp_path / "outbox" / "kept").glob("*.dcm")]
+    assert [read_verdict_sr(d)["label"] for d in kept if d.Modality == "SR"] == [label]
 
 
 def test_the_same_instance_from_concurrent_associations_is_stored_once(guard, demo_bundle, tmp_path):

@@ -46,7 +46,7 @@ from .durable import (
 log = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"  # a received image ready for its results
-INCOMING = ".incoming"  # a received image whose C-STORE is not answered yet
+INCOMING = ".incoming"  # a received image whose C-STORE is not answered yet, or whose verdict is on its way
 THUMBNAIL_SIDE = 256  # the overlay panel side (gamguard.runtime.overlays.PANEL)
 
 

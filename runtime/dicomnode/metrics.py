@@ -8,6 +8,8 @@ All prefixed ``gamguard_dicom_``; labels carry AE-level facts only (outcome, sta
 * ``requests_total{service,status}`` — C-ECHO and C-STORE answers by outcome (success, invalid,
   overloaded, not_ready, refused, error);
 * ``results_pending`` — received images whose SR/SC are not built yet (the journal);
+* ``verdicts_deferred_total`` — answered images whose verification failed after the answer (overload,
+  deadline, shutdown): the results builder derives their verdicts again from the journal;
 * ``results_built_total{kind}`` — SRs and Secondary Captures written to the outbox;
 * ``forward_queue_depth{destination}`` — objects waiting for a destination;
 * ``forwarded_total{destination}`` / ``forward_failures_total{destination,kind}`` — C-STOREs to
@@ -34,6 +36,11 @@ class DicomMetrics:
         )
         self.results_pending = Gauge(
             "gamguard_dicom_results_pending", "Received images whose SR/SC are not built yet", registry=r
+        )
+        self.verdicts_deferred = Counter(
+            "gamguard_dicom_verdicts_deferred",
+            "Answered images whose verdict is derived again from the journal (verification failed after the answer)",
+            registry=r,
         )
         self.results_built = Counter(
             "gamguard_dicom_results_built", "Result objects written to the outbox", ["kind"], registry=r

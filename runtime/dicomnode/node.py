@@ -78,11 +78,14 @@ class ResultsBuilder:
     moved to ``journal/failed/`` and counted, never retried forever or dropped.
 
     The verdicts of the C-STOREs (with the overlay's thumbnail, ~0.2 MB each) are kept in memory for
-    the build, at most ``KEPT_VERDICTS``; an image without one (after a restart, or beyond that many)
-    gets its verdict derived again through the data plane: same bundle, same verdict.
+    the build, at most ``KEPT_VERDICTS``; an image without one (after a restart, beyond that many, or
+    whose verification failed after its C-STORE was answered) gets its verdict derived again through
+    the data plane: same bundle, same verdict. When the data plane cannot give it now (queue full,
+    stopping, too slow) the job stays in the journal and the builder tries again after a backoff.
     """
 
     KEPT_VERDICTS = 256
+    RETRY_INITIAL_S, RETRY_MAX_S = 0.5, 30.0  # a verdict that cannot be derived now: wait, doubling
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class ResultsBuilder:
         self._verdicts: dict[str, tuple] = {}  # SOP Instance UID -> (verdict, thumbnail)
         self._verdicts_lock = threading.Lock()
         self.built = 0
+        self._retry_s = self.RETRY_INITIAL_S
 
     def keep_verdict(self, sop_instance_uid: str, verdict, thumbnail_u8) -> None:
         with self._verdicts_lock:
@@ -160,11 +164,12 @@ class ResultsBuilder:
             self._wake.clear()
             return
         self._next_listing = now + 1.0
+        in_flight = self.in_flight()  # before listing: an image handed over in between is then listed
         pending = self.journal.pending()
         if self.metrics is not None:
             self.metrics.results_pending.set(len(pending))
         if not pending:
-            if not self.in_flight():
+            if not in_flight:
                 self._idle.set()
         else:
             self._idle.clear()
@@ -172,13 +177,23 @@ class ResultsBuilder:
                 for path in pending:
                     if self._stop.is_set() or (self.is_busy() and len(pending) < self.backlog):
                         break
-                    self.build(path)
+                    if not self.build(path):  # the data plane cannot judge it now: later, with backoff
+                        self._stop.wait(self._retry_s)
+                        self._retry_s = min(2 * self._retry_s, self.RETRY_MAX_S)
+                        return
+                    self._retry_s = self.RETRY_INITIAL_S
                 return
         self._wake.wait(1.0)
         self._wake.clear()
 
-    def build(self, path: Path) -> None:
+    def build(self, path: Path) -> bool:
+        """Build and queue one job's results; False when its verdict cannot be derived now (the data
+        plane busy, stopping or too slow): the job stays in the journal for a later pass."""
+        import concurrent.futures
+
         import pydicom
+
+        from gamguard.runtime.server.errors import DataPlaneError, InvalidRequest
 
         try:
             job = self.journal.load(path)
@@ -186,8 +201,18 @@ class ResultsBuilder:
                 kept = self._verdicts.pop(job.sop_instance_uid, None)
             if kept is not None:
                 job.verdict, job.thumbnail = kept
-            else:  # received before a restart, or more were waiting than kept: the same bundle gives it again
-                job.verdict, job.thumbnail = self.reverify(job.source)
+            else:  # received before a restart, more were waiting than kept, or its verification failed
+                try:
+                    job.verdict, job.thumbnail = self.reverify(job.source)
+                except (DataPlaneError, concurrent.futures.TimeoutError) as exc:
+                    if isinstance(exc, InvalidRequest):
+                        raise
+                    log.warning(
+                        "results of %s wait: its verdict cannot be derived now (%s); retrying",
+                        path.stem,
+                        type(exc).__name__,
+                    )
+                    return False
             source = pydicom.dcmread(io.BytesIO(job.source), stop_before_pixels=True)
             sr = verdict_sr(source, job.verdict, self.model)
             sc = overlay_sc(source, job.thumbnail.astype(np.float32) / 255.0, job.verdict, self.model)
@@ -205,7 +230,7 @@ class ResultsBuilder:
             )
             if self.metrics is not None:
                 self.metrics.results_built.labels("failed").inc()
-            return
+            return True
         forward_original = self.forward_originals == "all" or (
             self.forward_originals == "accepted" and job.verdict.accepted
         )
@@ -219,6 +244,7 @@ class ResultsBuilder:
         self.built += 1
         if self.on_queued is not None:
             self.on_queued()
+        return True
 
 
 class DicomNode:

@@ -15,11 +15,13 @@ C-STORE, in the association's own thread:
    full queue or a node not ready ``0xA700`` (out of resources: retry later);
 4. meanwhile the received dataset is written durably to the journal (:mod:`.journal`);
 5. once the image is durable and queued, ``0x0000`` Success — before its verdict, so that the console
-   sends the next image while this one is inferred. When the verdict comes it goes, with the overlay's
+   sends the next image while this one is inferred (while ``max_unjudged`` answered images, at most
+   half the engine queue, wait for their verdicts, the next answer waits for its own: one console
+   cannot fill the queue that gRPC clients share). When the verdict comes it goes, with the overlay's
    inputs, to the results builder (in memory: derived data) and the image becomes ready in the
    journal; the SR and Secondary Capture are built from there. An answered image whose verification
    fails (or whose node stops first) keeps no verdict: the builder derives it again from the journal,
-   as it does for an image received before a restart.
+   as it does for an image received before a restart, and retries while the data plane is busy.
 
 No handler raises into pynetdicom: anything unexpected is ``0x0110`` (processing failure) and the
 association, and the node, carry on. Logs and error comments name UIDs and pixel-module facts only,
@@ -89,6 +91,7 @@ class StorageSCP:
         on_stored=None,
         on_verdict=None,
         verify_timeout_s: float = 120.0,
+        max_unjudged: int = 16,
     ):
         self.ae_title = ae_title
         self.allow_list = allow_list
@@ -101,6 +104,10 @@ class StorageSCP:
         self.on_stored = on_stored
         self.on_verdict = on_verdict  # (sop_uid, verdict, thumbnail): the verdict for the results builder
         self.verify_timeout_s = verify_timeout_s
+        # answered images whose verdict may be outstanding at once; beyond, an answer waits for its
+        # verdict (as it did before answering first): one fast console cannot fill the engine's queue
+        # (which gRPC clients share) or hold more decoded images in memory than this
+        self.max_unjudged = max_unjudged
         self._active: set[int] = set()
         self._lock = threading.Lock()
         self.draining = False  # set on shutdown: new associations are turned away
@@ -256,18 +263,19 @@ class StorageSCP:
         written = self._writer.submit(self.journal.put_source, sop_uid, data)
         admitted = concurrent.futures.Future()
         admitted.set_running_or_notify_cancel()
-        verifying = asyncio.run_coroutine_threadsafe(
-            plane.verify(
-                data=data,
-                request_id=request_id,
-                protocol="dicom",
-                timeout_s=self.verify_timeout_s,
-                on_admitted=lambda: _settle(admitted, True),
-            ),
-            self.loop,
-        )
-        verifying.add_done_callback(lambda _: _settle(admitted, False))
+        verifying = None
         try:
+            verifying = asyncio.run_coroutine_threadsafe(
+                plane.verify(
+                    data=data,
+                    request_id=request_id,
+                    protocol="dicom",
+                    timeout_s=self.verify_timeout_s,
+                    on_admitted=lambda: _settle(admitted, True),
+                ),
+                self.loop,
+            )
+            verifying.add_done_callback(lambda _: _settle(admitted, False))
             if not admitted.result(self.verify_timeout_s + 10):
                 verifying.result(0)  # refused before the queue: raises why
                 raise RuntimeError("the data plane finished without admitting the image")
@@ -283,7 +291,8 @@ class StorageSCP:
             plane.record_refused(request_id, "dicom", exc)
             return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
         except BaseException:
-            verifying.cancel()
+            if verifying is not None:
+                verifying.cancel()
             self._discard(written)
             raise
         try:
@@ -296,30 +305,43 @@ class StorageSCP:
         # Durable and admitted: the console may hear "success" now; its verdict and the rest follow
         with self._lock:
             self._finishing += 1
-        verifying.add_done_callback(lambda done: self._after_verdict(sop_uid, incoming, done))
+            # (at most half the engine queue, whatever --max-queue-size says)
+            backlog = self._finishing > min(self.max_unjudged, max(1, plane.config.max_queue_size // 2))
+        if backlog:  # enough verdicts outstanding: this answer waits for its own (whatever it is)
+            concurrent.futures.wait([verifying], timeout=self.verify_timeout_s + 10)
+        verifying.add_done_callback(lambda done: self._after_verdict(sop_uid, incoming, request_id, done))
         if self.on_stored is not None:
             self.on_stored()  # before the answer: whoever waits for the results after it waits for this one
         return SUCCESS, "", "success"
 
-    def _after_verdict(self, sop_uid: str, incoming, done: concurrent.futures.Future) -> None:
+    def _after_verdict(self, sop_uid: str, incoming, request_id: str, done: concurrent.futures.Future) -> None:
         """The verification of an answered image finished: hand over on the writer threads (not in the
         event loop, which ran this callback)."""
         try:
-            self._writer.submit(self._finish, sop_uid, incoming, done)
+            self._writer.submit(self._finish, sop_uid, incoming, request_id, done)
         except RuntimeError:  # the node is closing: the image stays in the journal, taken at the next start
             with self._lock:
                 self._finishing -= 1
 
-    def _finish(self, sop_uid: str, incoming, done: concurrent.futures.Future) -> None:
+    def _finish(self, sop_uid: str, incoming, request_id: str, done: concurrent.futures.Future) -> None:
         """The verdict to the results builder, then the image ready in the journal. Without its verdict
         (the verification failed after the answer, or an error here) the builder derives it again."""
+        from gamguard.runtime.server.errors import DataPlaneError
+
         try:
             result = done.result(0)
             if self.on_verdict is not None:
                 self.on_verdict(sop_uid, result.verdict, thumbnail(result.decoded.pixels))
         except Exception as exc:  # noqa: BLE001 - derived data only; the image is durable
+            if self.metrics is not None:
+                self.metrics.verdicts_deferred.inc()
             log.warning(
-                "no verdict kept for %s (%s); the results builder derives it again", sop_uid, type(exc).__name__
+                "request %s (%s): answered, but its verification failed (%s); the results builder derives "
+                "the verdict again from the journal",
+                request_id,
+                sop_uid,
+                f"{type(exc).__name__}: {exc}" if isinstance(exc, DataPlaneError) else type(exc).__name__,
+                exc_info=not isinstance(exc, (DataPlaneError, concurrent.futures.CancelledError)),
             )
         try:
             self.journal.release_source(sop_uid, incoming)
