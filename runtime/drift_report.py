@@ -195,9 +195,9 @@ td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}
 <p class="verdict">{verdict}</p>
 {alarm_html}
 <p>Audit log: {esc(result["audit_log"])} — {result["n"]} verdicts of bundle {esc(result["bundle"]["hash"][:12])}
-({esc(result["bundle"]["dir"])}); {result["n_skipped"]} skipped (invalid input, guard errors),
-{result["other_bundle"]} lines of other bundles. Policy {esc(result["policy"])}, checks
-{esc(", ".join(result["checks"]))}, alpha {result["alpha"]:g}.</p>
+({esc(result["bundle"]["dir"])}); not counted: {result["invalid_inputs"]} invalid inputs, {result["n_skipped"]} guard
+errors or verdicts without scores, {result["other_bundle"]} lines of other bundles.
+Policy {esc(result["policy"])}, checks {esc(", ".join(result["checks"]))}, alpha {result["alpha"]:g}.</p>
 <h2>Rejections</h2>
 <p>Overall: {pct(result["rejection_rate"])} of {result["n"]} verdicts
 (last {result["window"]}: {pct(result["window_rejection_rate"])});

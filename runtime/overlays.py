@@ -79,6 +79,22 @@ def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: 
     return np.hstack([left, np.full((left.shape[0], 4, 3), 40, np.uint8), right])
 
 
+def overlay_path(folder: str | Path, source: str | Path, taken: set, suffix: str = ".overlay.png") -> Path:
+    """Where the overlay of ``source`` goes in ``folder``: ``<stem><suffix>``, or — when another input of
+    the same run already took that name (``hand.png`` and ``hand.jpg``; ``0000.png`` in two folders) —
+    ``<folder>-<stem>-<extension><suffix>``, numbered as a last resort. ``taken`` (names used so far in
+    this run) is extended."""
+    p = Path(source)
+    names = [p.stem, "-".join(x for x in (p.parent.name, p.stem, p.suffix.lstrip(".")) if x)]
+    name = next((n for n in names if n not in taken), None)
+    k = 2
+    while name is None:
+        name = f"{names[-1]}-{k}" if f"{names[-1]}-{k}" not in taken else None
+        k += 1
+    taken.add(name)
+    return Path(folder) / f"{name}{suffix}"
+
+
 def write_overlay(path: str | Path, image: np.ndarray, verdict, class_names: list[str], *, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

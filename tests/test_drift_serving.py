@@ -101,8 +101,10 @@ def test_drift_command_replays_the_audit_log(served, capsys):
     assert out["rejection_rate"] == pytest.approx(live["rejection_rate"])
     assert set(out["per_check"]) == {"garbage", "attention", "feature"}
     html = (report / "index.html").read_text()
-    assert "DRIFT" in html and "drift.png" in html
+    assert "DRIFT" in html and "drift.png" in html and "not counted: 1 invalid inputs" in html
     assert (report / "drift.png").stat().st_size > 10_000
+    assert cli_main(["drift", "--audit-log", str(served["audit"])]) == 0  # the text says the same
+    assert "not counted: 1 invalid inputs" in capsys.readouterr().out
 
 
 def test_drift_command_refuses_a_log_of_another_bundle(served, tmp_path, capsys):

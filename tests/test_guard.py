@@ -215,22 +215,25 @@ def test_verify_command_json_overlays_and_bad_files(demo_bundle, tmp_path):
     from gamguard.runtime.demo.synth import write_dicom
 
     write_dicom(tmp_path / "hand_m1.dcm", ids[2], photometric="MONOCHROME1")  # inverted storage, decoded back
+    (tmp_path / "more").mkdir()
+    cv2.imwrite(str(tmp_path / "more" / "hand.jpg"), (ids[3] * 255).astype(np.uint8))  # the same stem again
     ov = tmp_path / "ov"
     out = _cli("verify", "--bundle", str(demo_bundle), "--json", "--overlays", str(ov), str(tmp_path))
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     by = {r["file"].rsplit("/", 1)[-1]: r for r in lines}
-    assert set(by) == {"hand.png", "hand16.png", "chest.jpg", "broken.png", "hand_m1.dcm"}
+    assert set(by) == {"hand.png", "hand16.png", "chest.jpg", "broken.png", "hand_m1.dcm", "hand.jpg"}
     for r in lines:
         assert {"file", "accepted", "label", "reasons", "scores", "thresholds", "failed_measures"} <= set(r)
         assert (r["label"] is None) == (not r["accepted"])
     assert by["broken.png"]["reasons"] == ["INVALID_INPUT"] and by["broken.png"]["label"] is None
     assert not by["chest.jpg"]["accepted"]
-    assert sorted(p.name for p in ov.iterdir()) == [
+    assert sorted(p.name for p in ov.iterdir()) == [  # one overlay per input: none overwrites another
         "chest.overlay.png",
         "hand.overlay.png",
         "hand16.overlay.png",
         "hand_m1.overlay.png",
+        "more-hand-jpg.overlay.png",
     ]
     # the 12-bit MONOCHROME1 DICOM is judged like the image itself (decoder inversion and bit depth handled)
     direct = load_guard(str(demo_bundle)).verify_images([ids[2]])[0]
@@ -253,6 +256,10 @@ def test_verify_command_json_overlays_and_bad_files(demo_bundle, tmp_path):
     assert out.returncode == 1 and "REJECT" in out.stdout and "INVALID_INPUT" in out.stdout
     out = _cli("verify", "--bundle", str(demo_bundle), "--checks", "colour", str(tmp_path / "hand.png"))
     assert out.returncode == 2 and "unknown check" in out.stderr
+    # a path that does not exist is a usage error (exit 2), after the inputs that do exist are verified
+    out = _cli("verify", "--bundle", str(demo_bundle), str(tmp_path / "hand.png"), str(tmp_path / "typo.png"))
+    assert out.returncode == 2 and "no such file or directory" in out.stderr
+    assert f"{tmp_path / 'hand.png'} " in out.stdout  # the existing input still got its verdict
 
 
 def test_enforced_checks_and_policy_overrides(demo_bundle, guard):

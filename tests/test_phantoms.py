@@ -222,9 +222,19 @@ def test_cli_data_synth_writes_layout_and_manifest(tmp_path, capsys):
         assert entry["params"]["n_carpals"] >= 1
         with np.load(out / entry["masks"]) as m:
             assert set(phantoms.MASK_NAMES) <= set(m.files) and m["bone"].any()
-    # refuses to overwrite silently
+    # refuses to overwrite silently; --overwrite replaces the earlier dataset (no stale files left)
     assert cli.main(["data", "synth", "--out", str(out), "--per-class", "1", "--seed", "7"]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert cli.main(["data", "synth", "--out", str(out), "--per-class", "1", "--seed", "8", "--overwrite"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
+        ["manifest.json"] + [f"{c}/0000.png" for c in CLASS_NAMES]
+    )
+    # a folder with anything else in it is never emptied
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["data", "synth", "--out", str(other), "--per-class", "1", "--seed", "7", "--overwrite"]) == 2
+    assert "no dataset written by data synth" in capsys.readouterr().err and (other / "notes.txt").exists()
 
 
 def test_cli_data_synth_kinds_and_dicom(tmp_path, capsys):

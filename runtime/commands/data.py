@@ -38,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --overwrite)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (must be empty or absent, or hold an earlier data synth dataset with --overwrite)",
+    )
     p.add_argument(
         "--per-class", type=int, required=True, metavar="N", help="images per maturity stage (or per kind with --kind)"
     )
@@ -68,7 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write each phantom's masks as <class>/NNNN.masks.npz (hand phantoms only)",
     )
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset that data synth wrote into --out before (its files are deleted first; a "
+        "folder holding anything else is still refused)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 

@@ -143,6 +143,7 @@ def run(args):
 
     from gamguard.runtime.bundle import BundleError, load_manifest, resolve_bundle
     from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.overlays import overlay_path
     from gamguard.runtime.server.app import GuardServer
     from gamguard.runtime.server.client import GuardClient, format_table, verdict_record, write_verdict_overlay
     from gamguard.runtime.server.config import ServeConfig
@@ -158,6 +159,7 @@ def run(args):
     out_dir = Path(args.out)
     overlay_dir = out_dir / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
+    overlay_names: set[str] = set()
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
 
     items = _inputs(out_dir, args.seed)
@@ -204,7 +206,11 @@ def run(args):
                         continue
                 rec = verdict_record(name, verdict)
                 out = write_verdict_overlay(
-                    overlay_dir / f"{Path(name).stem}.png", data, verdict, class_names, title=name
+                    overlay_path(overlay_dir, name, overlay_names, suffix=".png"),
+                    data,
+                    verdict,
+                    class_names,
+                    title=name,
                 )
                 rec["overlay"] = str(out) if out else None
                 records.append(rec)

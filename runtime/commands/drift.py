@@ -134,11 +134,11 @@ def run(args):
     alarm = result["alarm"]
     print(
         "DRIFT" if result["drift"] else "no drift",
-        f"(flag raised at verdict {alarm['at']} by {' and '.join(alarm['by'])})" if alarm else "",
+        *([f"(flag raised at verdict {alarm['at']} by {' and '.join(alarm['by'])})"] if alarm else []),
     )
     print(
-        f"{result['n']} verdicts of bundle {bundle_hash[:12]} ({result['n_skipped']} skipped: invalid input / guard "
-        f"error; {rep.other_bundle} lines of other bundles)"
+        f"{result['n']} verdicts of bundle {bundle_hash[:12]} (not counted: {rep.invalid} invalid inputs, "
+        f"{result['n_skipped']} guard errors or verdicts without scores; {rep.other_bundle} lines of other bundles)"
     )
     print(
         f"rejection rate {pct(result['rejection_rate'])} (last {result['window']}: "

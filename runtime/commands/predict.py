@@ -41,6 +41,7 @@ def run(args):
     import grpc
 
     from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.overlays import overlay_path
     from gamguard.runtime.server.client import GuardClient, format_table, verdict_record, write_verdict_overlay
 
     try:
@@ -61,6 +62,7 @@ def run(args):
     except (ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
     records, refused = [], 0
+    overlay_names: set[str] = set()
     with client:
         class_names = None
         for name in args.files:
@@ -93,7 +95,7 @@ def run(args):
                 if class_names is None:
                     class_names = list(client.model_info().class_names)
                 out = write_verdict_overlay(
-                    Path(args.overlays) / f"{path.stem}.overlay.png",
+                    overlay_path(args.overlays, path, overlay_names),
                     data,
                     verdict,
                     class_names,

@@ -7,16 +7,19 @@ DESCRIPTION = """\
 Decodes each file (PNG, JPEG, 16-bit PNG, DICOM; directories are searched for images), runs the
 bundle's engine and guard, and prints one verdict per input.
 
-With --json: one JSON object per input per line on stdout, with file, accepted, label (null when
-rejected), reasons, failed_measures, scores, thresholds, predicted (argmax class name, also when
-rejected — never a served label) and detail. Without --json: a readable table.
+With --json: one JSON object per input per line on stdout, with file, accepted, label and
+label_index (null when rejected), probabilities (null when rejected), reasons, failed_measures,
+scores, thresholds, detail and timings_ms. A rejected input carries no class at all. Without --json:
+a readable table (prob = the accepted label's probability).
 
 Undecodable files give an INVALID_INPUT verdict, not a crash. Exit status: 0 when every input got a
 verdict (accepted or rejected); 1 with --fail-on-reject when any input was rejected; 2 for usage or
-bundle errors (uncalibrated or modified bundle).
+bundle errors (uncalibrated or modified bundle) and when a path given does not exist (the others are
+still verified).
 
---overlays DIR writes <file stem>.overlay.png per input: the X-ray with its Grad-CAM blended in
-colour, and the predicted class's reference map beside it.
+--overlays DIR writes <file stem>.overlay.png per input (<folder>-<stem>-<extension>.overlay.png when
+two inputs share a stem): the X-ray with its Grad-CAM blended in colour, and the predicted class's
+reference map beside it.
 
 examples:
   gamguard verify hand.png
@@ -74,7 +77,7 @@ def expand_paths(paths) -> list:
 def _row(name, v, class_names) -> str:
     if v.accepted:
         conf = max(v.probabilities.values()) if v.probabilities else float("nan")
-        return f"{name:<40} ACCEPT  {v.label:<12} p={conf:.3f}"
+        return f"{name:<40} ACCEPT  {v.label:<12} prob={conf:.3f}"
     why = ",".join(v.reasons)
     if v.failed_measures:
         why += f" [{','.join(v.failed_measures)}]"
@@ -108,6 +111,7 @@ def run(args):
         raise CommandError(str(exc)) from exc
     if not files:
         raise CommandError("no image files found in the given paths")
+    missing = [str(p) for p in args.paths if not Path(p).exists()]
     overlay_dir = Path(args.overlays) if args.overlays else None
     rejected = 0
     if not args.json:
@@ -115,21 +119,17 @@ def run(args):
             f"bundle {guard.bundle_dir} ({guard.bundle_hash[:12]}), policy {guard.policy}, "
             f"checks {guard.enforced_checks}, alpha {guard.alpha}"
         )
-    used_stems: dict[str, int] = {}
+    used_names: set[str] = set()
     for start in range(0, len(files), BATCH):
         chunk = files[start : start + BATCH]
         for f, (pixels, v) in zip(chunk, guard.verify_files(chunk, frame=args.frame)):
             rejected += not v.accepted
             name = str(f)
             if overlay_dir is not None and v.cam is not None:
-                from gamguard.runtime.overlays import write_overlay
+                from gamguard.runtime.overlays import overlay_path, write_overlay
 
-                stem = Path(f).stem
-                used_stems[stem] = used_stems.get(stem, 0) + 1
-                suffix = "" if used_stems[stem] == 1 else f"-{used_stems[stem]}"
-                write_overlay(
-                    overlay_dir / f"{stem}{suffix}.overlay.png", pixels, v, guard.class_names, title=Path(f).name
-                )
+                target = overlay_path(overlay_dir, f, used_names)
+                write_overlay(target, pixels, v, guard.class_names, title=str(f))
             if args.json:
                 # to_dict carries no class for a rejected input (label null, no argmax): never a prediction
                 print(json.dumps({"file": name, **v.to_dict()}), flush=True)
@@ -137,4 +137,7 @@ def run(args):
                 print(_row(name, v, guard.class_names), flush=True)
     if not args.json:
         print(f"{len(files)} input(s): {len(files) - rejected} accepted, {rejected} rejected", file=sys.stderr)
+    if missing:
+        print(f"error: no such file or directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
     return 1 if (args.fail_on_reject and rejected) else 0

@@ -153,7 +153,8 @@ def synth_dataset(
     ``kind=None`` writes hand phantoms, ``per_class`` per maturity stage; otherwise ``kind`` (an
     off-distribution kind, a list of kinds, or ``all`` / ``all-garbage`` / ``all-held-out``) writes
     ``per_class`` images per kind. ``progress(done, total)`` is called after each file.
-    Refuses a non-empty ``out_dir`` unless ``overwrite``.
+    Refuses a non-empty ``out_dir``; with ``overwrite`` an earlier dataset of this function there is
+    replaced (its files deleted first), anything else is still refused.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -172,8 +173,10 @@ def synth_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} is not empty (pass overwrite=True, or --overwrite on the command line)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} is not empty (--overwrite replaces a dataset written there by data synth)")
+        _remove_earlier_dataset(out)
 
     groups = list(phantoms.CLASS_NAMES) if kinds is None else kinds
     for g in groups:
@@ -248,6 +251,32 @@ def synth_dataset(
         "masks": bool(masks),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _remove_earlier_dataset(out: Path) -> None:
+    """Delete what an earlier :func:`synth_dataset` wrote into ``out`` (the files its manifest lists, the
+    manifest, then its folders if empty), so that the new dataset is the only one there. A folder that
+    holds no such manifest is refused: ``overwrite`` never deletes files this module did not write."""
+    manifest_path = out / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        ours = manifest.get("generator") == "gamguard.runtime.demo.phantoms"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{out} is not empty and holds no dataset written by data synth: use a new or empty folder")
+    root = out.resolve()
+    for entry in manifest.get("files", []):
+        for key in ("file", "masks"):
+            rel = entry.get(key)
+            target = (out / rel).resolve() if isinstance(rel, str) else None
+            if target is not None and target.is_relative_to(root) and target.is_file():
+                target.unlink()
+    manifest_path.unlink()
+    for group in manifest.get("classes", []):
+        folder = (out / str(group)).resolve()
+        if folder.is_relative_to(root) and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def stderr_progress(prefix: str = "synth"):

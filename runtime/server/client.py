@@ -185,7 +185,9 @@ def verdict_record(
 
 def format_table(records: list[dict], *, extra: dict[str, list[str]] | None = None) -> str:
     """A plain-text verdict table (one line per record)."""
-    head = ["file", "decision", "label", "reasons", "garbage_p", "combined_p", "ms"]
+    # garbage_prob: the garbage class's probability; combined_p: min(1, combined statistic), the p-value
+    # the checks combine to (docs/architecture.md, "The guard decision")
+    head = ["file", "decision", "label", "reasons", "garbage_prob", "combined_p", "ms"]
     if extra:
         head = [head[0]] + list(extra) + head[1:]
     rows = []
@@ -196,8 +198,8 @@ def format_table(records: list[dict], *, extra: dict[str, list[str]] | None = No
             decision, reasons = ("ACCEPTED" if r["accepted"] else "REJECTED"), ",".join(r["reasons"]) or "-"
         s = r.get("scores") or {}
 
-        def num(key):
-            return f"{s[key]:.3f}" if key in s else "-"
+        def num(key, upper=float("inf")):
+            return f"{min(s[key], upper):.3f}" if key in s else "-"
 
         row = [r["file"]]
         if extra:
@@ -207,7 +209,7 @@ def format_table(records: list[dict], *, extra: dict[str, list[str]] | None = No
             r.get("label") or "-",
             reasons,
             num("garbage_prob"),
-            num("combined_p"),
+            num("combined_p", upper=1.0),
             f"{r['timing_ms']['total']:.0f}" if r.get("timing_ms") else "-",
         ]
         rows.append(row)
