@@ -271,14 +271,31 @@ def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *,
         new = np.array([it.verdict.scores.get(name, np.nan) for it in scored], np.float64)
         new = new[np.isfinite(new)]
         ref = reference[name][np.isfinite(reference[name])]
-        both = np.concatenate([new, ref]) if new.size else ref
-        lo_, hi_ = np.quantile(both, [0.0, 0.99]) if both.size else (0, 1)
-        bins = np.linspace(lo_, hi_ if hi_ > lo_ else lo_ + 1, 30)
-        ax.hist(np.clip(ref, bins[0], bins[-1]), bins=bins, density=True, alpha=0.55, label="calibration held-out")
-        if new.size:
-            ax.hist(np.clip(new, bins[0], bins[-1]), bins=bins, density=True, alpha=0.55, label="this dataset")
+        # the range covers all of the new data (a few images: each one counts) and the bulk of the
+        # calibration part (thousands of scores: its extreme tail would squash the axis); bars are the
+        # fraction of each sample per bin, so a small sample stays visible beside a large one
+        lows = ([float(np.quantile(ref, 0.005))] if ref.size else []) + ([float(new.min())] if new.size else [])
+        highs = ([float(np.quantile(ref, 0.995))] if ref.size else []) + ([float(new.max())] if new.size else [])
+        lo_, hi_ = (min(lows), max(highs)) if lows else (0.0, 1.0)
+        hi_ = hi_ if hi_ > lo_ else lo_ + 1.0
+        # an unbounded positive score spanning orders of magnitude (the feature distance): log axis
+        log_x = lo_ > 0 and hi_ > 1 and hi_ / lo_ > 100
+        bins = np.geomspace(lo_, hi_, 30) if log_x else np.linspace(lo_, hi_, 30)
+        for values, label in ((ref, "calibration held-out"), (new, "this dataset")):
+            if values.size:
+                ax.hist(
+                    np.clip(values, bins[0], bins[-1]),
+                    bins=bins,
+                    weights=np.full(values.size, 1.0 / values.size),
+                    alpha=0.55,
+                    label=label,
+                )
+        if log_x:
+            ax.set_xscale("log")
         s = result["shift"].get(name)
         ax.set_title(f"{name}" + (f"  KS={s['ks']:.2f}" if s else ""), fontsize=9)
+        ax.set_xlabel("score" + (" (log scale)" if log_x else ""), fontsize=7)
+        ax.set_ylabel("fraction of images", fontsize=7)
         ax.tick_params(labelsize=7)
     for ax in axes.ravel()[len(names) :]:
         ax.axis("off")
@@ -292,7 +309,7 @@ def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *,
     obs = [result["rejection"]["rate"] or 0.0] + [c["rate"] or 0.0 for c in result["per_check"].values()]
     cis = [result["rejection"]["ci"]] + [c["ci"] for c in result["per_check"].values()]
     calib = [result["rejection"]["calibrated_rate"]] + [c["calibrated_rate"] for c in result["per_check"].values()]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
     x = np.arange(len(labels))
     err = np.array([[o - c[0] for o, c in zip(obs, cis)], [c[1] - o for o, c in zip(obs, cis)]])
     ax.bar(x - 0.2, obs, 0.4, yerr=np.maximum(err, 0), capsize=3, label="this dataset")
@@ -301,7 +318,7 @@ def write_report(out_dir: str | Path, result: dict, guard, items: list[Item], *,
     ax.set_xticks(x, labels)
     ax.set_ylabel("rejection rate")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(out / "rejections.png", dpi=90)
     plt.close(fig)
