@@ -45,10 +45,40 @@ def blend(image: np.ndarray, cam: np.ndarray | None, side: int = PANEL) -> np.nd
     return cv2.addWeighted(grey, 1.0 - BLEND, _heat(cam, side), BLEND, 0.0)
 
 
-def _caption(panel: np.ndarray, lines: list[str], colour=(255, 255, 255)) -> np.ndarray:
-    bar = np.zeros((18 * len(lines) + 6, panel.shape[1], 3), np.uint8)
-    for k, text in enumerate(lines):
-        cv2.putText(bar, text[:64], (4, 16 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.36, colour, 1, cv2.LINE_AA)
+_FONT, _SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.36
+
+
+def _text_width(text: str) -> int:
+    return cv2.getTextSize(text, _FONT, _SCALE, 1)[0][0]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` broken after its spaces into lines at most ``width`` pixels wide (a word longer than a
+    line is cut to fit)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if line and _text_width(candidate) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    lines.append(line)
+    fitted = []
+    for ln in lines:
+        while len(ln) > 1 and _text_width(ln) > width:
+            ln = ln[:-1]
+        fitted.append(ln)
+    return fitted
+
+
+def _caption(panel: np.ndarray, lines: list[str], colour=(255, 255, 255), rows: int | None = None) -> np.ndarray:
+    """``lines`` (each wrapped to the panel's width) above ``panel``, in a bar of ``rows`` text rows (at least
+    as many as the wrapped lines need)."""
+    wrapped = [w for text in lines for w in _wrap(text, panel.shape[1] - 8)]
+    rows = max(rows or 0, len(wrapped))
+    bar = np.zeros((18 * rows + 6, panel.shape[1], 3), np.uint8)
+    for k, text in enumerate(wrapped):
+        cv2.putText(bar, text, (4, 16 + 18 * k), _FONT, _SCALE, colour, 1, cv2.LINE_AA)
     return np.vstack([bar, panel])
 
 
@@ -65,17 +95,17 @@ def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: 
         status = ["REJECTED: " + ", ".join(short), ""]
         if verdict.failed_measures:
             status[1] = "measures: " + ", ".join(verdict.failed_measures)
-    left = _caption(
-        blend(image, verdict.cam),
-        [title or "input + Grad-CAM", *status],
-        (120, 255, 120) if verdict.accepted else (90, 90, 255),
-    )
+    left_lines = [title or "input + Grad-CAM", *status]
     ref_label = "reference" if verdict.reference_cam is not None else "no reference"
     ref = verdict.reference_index
     ref_name = class_names[ref] if ref is not None and 0 <= ref < len(class_names) else "(class withheld)"
-    right = _caption(
-        blend(image, verdict.reference_cam), [f"{ref_label} map: {ref_name}", f"model argmax: {pred_name}", ""]
+    right_lines = [f"{ref_label} map: {ref_name}", f"model argmax: {pred_name}", ""]
+    width = PANEL - 8
+    rows = max(sum(len(_wrap(t, width)) for t in left_lines), sum(len(_wrap(t, width)) for t in right_lines))
+    left = _caption(
+        blend(image, verdict.cam), left_lines, (120, 255, 120) if verdict.accepted else (90, 90, 255), rows=rows
     )
+    right = _caption(blend(image, verdict.reference_cam), right_lines, rows=rows)
     return np.hstack([left, np.full((left.shape[0], 4, 3), 40, np.uint8), right])
 
 

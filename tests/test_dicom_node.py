@@ -122,6 +122,7 @@ def test_accepted_sr_and_overlay_carry_label_source_and_study(guard, tmp_path):
     evidence = back.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     hd.sr.ComprehensiveSR.from_dataset(back)  # highdicom reads it back as a valid SR document
+    assert "99GAMGUARD" in {c.CodingSchemeDesignator for c in back.CodingSchemeIdentificationSequence}
     said = read_verdict_sr(back)
     assert said["accepted"] is True and said["label"] == truth == verdict.label and not said["reasons"]
     assert said["source_sop_instance_uid"] == source.SOPInstanceUID
@@ -176,6 +177,8 @@ def test_journal_and_outbox_survive_reopening(guard, tmp_path):
     cut = Journal(tmp_path / "q" / "journal").put_source("1.2.98", data)  # a crash in the middle of its write:
     cut.write_bytes(data[: len(data) // 2])  # never acknowledged, so dropped at the restart
     journal = Journal(tmp_path / "q" / "journal")  # a restarted node
+    assert (journal.folder.stat().st_mode & 0o777) == 0o700  # received images are patient data: owner only
+    assert {p.stat().st_mode & 0o777 for p in journal.folder.iterdir() if p.is_file()} == {0o600}
     assert not list(journal.folder.glob(".tmp-*")) and not list(journal.folder.glob("1.2.98*")) and len(journal) == 2
     jobs = {Path(p).name: journal.load(p) for p in journal.pending()}
     assert jobs[f"{uid}.dcm"].source == data and jobs["1.2.99.dcm"].source == data
@@ -450,6 +453,12 @@ def test_node_stores_forwards_and_a_resend_does_not_duplicate(guard, demo_bundle
         time.sleep(1.0)
         assert sorted(p.name for p in archive.instances()) == first  # same SOP Instance UIDs: no duplicates
         assert archive.stores >= 7
+        # a PACS routing the node's own overlay back: refused, not judged again (no result about a result)
+        overlay = next(p for p in archive.instances() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "OT")
+        assert _scu_store(node.port, [overlay]) == [0xC000]
+        assert node.node.wait_results_built(30)
+        time.sleep(0.5)
+        assert sorted(p.name for p in archive.instances()) == first
         srs = [pydicom.dcmread(p) for p in archive.instances()]
         verdicts = {
             d.CurrentRequestedProcedureEvidenceSequence[0]

@@ -33,10 +33,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: received images and results hold patient data: readable by the node's user only
+PRIVATE_FILE, PRIVATE_FOLDER = 0o600, 0o700
+
+
+def private_folder(path: Path) -> Path:
+    """``path`` created (with its parents) if absent; the folder itself owner-only, as is any it creates."""
+    path = Path(path)
+    if not path.is_dir():
+        path.mkdir(PRIVATE_FOLDER, parents=True, exist_ok=True)
+    return path
+
+
 def write_durably(path: Path, data: bytes) -> Path:
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    with open(tmp, "wb") as fh:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -122,7 +134,7 @@ def write_checked(path: Path, data: bytes, folder_sync: FolderSync) -> Path:
     :func:`is_complete` tells apart; on an error the file is removed."""
     path = Path(path)
     try:
-        with open(path, "xb") as fh:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as fh:
             fh.write(data)
             fh.flush()
             entry = folder_sync.request()  # the entry exists: this folder fsync covers it

@@ -38,6 +38,7 @@ from .durable import (
     fsync_dir,
     is_complete,
     list_files,
+    private_folder,
     remove_stale_temporaries,
     safe_name,
     write_checked,
@@ -68,7 +69,7 @@ def thumbnail(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
 class Journal:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.folder)
         remove_stale_temporaries(self.folder)
         for p in list_files(self.folder, INCOMING):  # received before a crash: kept if complete (module doc)
             if is_complete(p):

@@ -29,6 +29,7 @@ import numpy as np
 from gamguard.runtime.server.config import ServeConfig
 
 from .config import DicomNodeConfig
+from .durable import private_folder
 from .forwarder import Forwarder
 from .journal import Journal
 from .metrics import DicomMetrics
@@ -218,7 +219,7 @@ class ResultsBuilder:
             sc = overlay_sc(source, job.thumbnail.astype(np.float32) / 255.0, job.verdict, self.model)
             objects = [("sr", sr.SOPInstanceUID, encode(sr)), ("sc", sc.SOPInstanceUID, encode(sc))]
         except Exception as exc:  # noqa: BLE001 - one bad job must not stop the others
-            self.failed_dir.mkdir(exist_ok=True)
+            private_folder(self.failed_dir)
             if path.exists():
                 path.replace(self.failed_dir / path.name)
             log.error(
@@ -328,7 +329,7 @@ class DicomNode:
         model = ModelIdentity(
             self.plane.model_name, self.plane.model_version, self.plane.bundle_hash, tuple(self.plane.class_names)
         )
-        queue = Path(cfg.queue_dir)
+        queue = private_folder(Path(cfg.queue_dir))  # received images and results: patient data
         journal = self.journal = Journal(queue / "journal")
         destinations = cfg.destinations
         outbox = Outbox(queue / "outbox", [d.name for d in destinations])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .durable import fsync_dir, list_files, remove_stale_temporaries, safe_name, write_durably
+from .durable import fsync_dir, list_files, private_folder, remove_stale_temporaries, safe_name, write_durably
 
 SUFFIX = ".dcm"
 KEPT = "kept"
@@ -22,7 +22,7 @@ class Outbox:
         self.folder = Path(folder)
         self.destinations = list(destinations) or [KEPT]
         for name in self.destinations:
-            (self.folder / name).mkdir(parents=True, exist_ok=True)
+            private_folder(self.folder / name)
             remove_stale_temporaries(self.folder / name)
 
     def put(self, sop_instance_uid: str, data: bytes) -> None:

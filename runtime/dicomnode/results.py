@@ -73,6 +73,16 @@ def result_uid(kind: str, bundle_hash: str, source_uid: str) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
+def is_own_result(ds) -> bool:
+    """Whether ``ds`` is a result this node (any gamguard node) wrote: its verdict SR or overlay series.
+    A PACS that routes new objects back to the node would otherwise have them judged again, forever."""
+    try:
+        series = int(ds.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        return False
+    return str(ds.get("Manufacturer") or "") == MANUFACTURER and series in (SR_SERIES_NUMBER, SC_SERIES_NUMBER)
+
+
 def check_source(ds) -> None:
     """Raise :class:`ResultError` when ``ds`` lacks what the results need."""
     missing = [k for k in REQUIRED_SOURCE_ATTRIBUTES if not str(ds.get(k, "") or "").strip()]
@@ -211,6 +221,13 @@ def verdict_sr(source, verdict, model: ModelIdentity):
         is_complete=True,
         series_description=SR_SERIES_DESCRIPTION,
     )
+    from pydicom.dataset import Dataset
+
+    scheme = Dataset()  # the private scheme's codes are ours: say so (SOP Common, Coding Scheme Identification)
+    scheme.CodingSchemeDesignator = CODING_SCHEME
+    scheme.CodingSchemeName = "gamguard guard verdict concepts"
+    scheme.CodingSchemeResponsibleOrganization = "gamguard"
+    sr.CodingSchemeIdentificationSequence = [*(sr.get("CodingSchemeIdentificationSequence") or []), scheme]
     return sr
 
 

@@ -39,7 +39,7 @@ import uuid
 
 from .durable import safe_name
 from .journal import thumbnail
-from .results import ResultError, check_source
+from .results import ResultError, check_source, is_own_result
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class StorageSCP:
         calling, address = self._peer(event)
         self._count("associations", "rejected")
         self._audit("association_rejected", calling_ae=calling, peer=address, reason="association limit reached")
+        log.warning("association from %s@%s rejected: association limit reached", calling, address)
 
     def on_released(self, event) -> None:
         self._count("associations", "released")
@@ -239,6 +240,8 @@ class StorageSCP:
             return self._invalid(request_id, CANNOT_UNDERSTAND, str(exc))
         except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot parse
             return self._invalid(request_id, CANNOT_UNDERSTAND, f"cannot parse the dataset ({type(exc).__name__})")
+        if is_own_result(header):
+            return self._invalid(request_id, CANNOT_UNDERSTAND, "a gamguard result (verdict or overlay): not judged")
         try:
             safe_name(sop_uid)  # the journal names files after it: digits and dots only
         except ValueError:
@@ -281,14 +284,20 @@ class StorageSCP:
                 raise RuntimeError("the data plane finished without admitting the image")
         except InvalidRequest as exc:  # already counted and audited by the data plane
             self._discard(written)
-            return CANNOT_UNDERSTAND, str(exc), "invalid"
+            message = str(exc)
+            if "choose a frame" in message:  # the gRPC API's wording; a console cannot choose a frame
+                message = "multi-frame images are not accepted by this node"
+            log.warning("C-STORE %s refused (0x%04X): %s", sop_uid, CANNOT_UNDERSTAND, message)
+            return CANNOT_UNDERSTAND, message, "invalid"
         except (Overloaded, DeadlineExpired) as exc:
             self._discard(written)
             plane.record_refused(request_id, "dicom", exc)
+            log.warning("C-STORE %s refused (0x%04X): busy: %s", sop_uid, OUT_OF_RESOURCES, exc)
             return OUT_OF_RESOURCES, f"busy: {exc}", "overloaded"
         except NotReady as exc:
             self._discard(written)
             plane.record_refused(request_id, "dicom", exc)
+            log.warning("C-STORE %s refused (0x%04X): node stopping or not ready", sop_uid, OUT_OF_RESOURCES)
             return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
         except BaseException:
             if verifying is not None:
