@@ -39,7 +39,9 @@ def add_arguments(parser):
     parser.add_argument(
         "--dicom",
         action="store_true",
-        help="also send DICOMs to a DICOM node by C-STORE and show the SR verdicts arriving at an archive",
+        help="also send DICOMs to a DICOM node by C-STORE and show the SR verdicts arriving at an archive "
+        "(the DICOMs sent: OUT/dicom/inputs; what the archive received: OUT/dicom/archive; overlays: "
+        "OUT/dicom/overlays)",
     )
 
 

@@ -29,9 +29,9 @@ examples:
   gamguard export --checkpoint runs/demo/model.pt --out bundles/demo
   gamguard export --checkpoint model.pt --out bundle-trt8 --opset 17      # TensorRT 8.x
   gamguard export --checkpoint model.pt --out bench --dynamic-spatial --json
-  gamguard export --onnx classifier.onnx --target-tensor relu_16 --early-tensor relu_3 \
+  gamguard export --onnx classifier.onnx --target-tensor relu_16 --early-tensor relu_3 \\
       --class-names normal,pneumonia,garbage --garbage-class garbage --out bundles/vendor
-  gamguard export --onnx rgb.onnx --target-tensor t --early-tensor e --class-names a,b,garbage \
+  gamguard export --onnx rgb.onnx --target-tensor t --early-tensor e --class-names a,b,garbage \\
       --garbage-class 2 --input-shape 3,224,224 --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --out b
 """
 

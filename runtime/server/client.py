@@ -193,7 +193,7 @@ def format_table(records: list[dict], *, extra: dict[str, list[str]] | None = No
     rows = []
     for i, r in enumerate(records):
         if r.get("status") and r["status"] != "OK" and not r.get("request_id"):
-            decision, reasons = r["status"], (r.get("error") or "")[:60]
+            decision, reasons = r["status"], (r.get("error") or "")[:100]
         else:
             decision, reasons = ("ACCEPTED" if r["accepted"] else "REJECTED"), ",".join(r["reasons"]) or "-"
         s = r.get("scores") or {}
