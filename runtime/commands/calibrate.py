@@ -64,7 +64,11 @@ def add_arguments(parser):
     parser.add_argument("--site-name", help="name recorded for --site (default: the folder name)")
     parser.add_argument("--seed", type=int, default=0, help="split (and phantom) seed (default 0)")
     parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu (default: TensorRT→CUDA→CPU)")
-    parser.add_argument("--threads", type=int, help="engine intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="engine intra-op threads (default: env GAMGUARD_THREADS, else ONNX Runtime's: all cores)",
+    )
     parser.add_argument("--json", action="store_true", help="print the calibration section as JSON on stdout")
 
 
@@ -146,8 +150,9 @@ def run(args):
             try:
                 folder = ImageFolder(root, class_names=names)
             except ValueError as exc:  # DatasetError
+                real = [n for i, n in enumerate(names) if i != garbage]
                 raise CommandError(
-                    f"{exc} (calibration folders must be named after the bundle's real classes)"
+                    f"{exc} (calibration folders must be named after the bundle's real classes: {', '.join(real)})"
                 ) from exc
             labels = [y for _, y in folder.samples]
             if garbage in labels:

@@ -37,7 +37,7 @@ def add_arguments(parser):
     parser.add_argument("--data-root", required=True, help="the shared datasets folder")
     parser.add_argument("--workdir", required=True, help="output folder (bundle/, checkpoint.pt, report/)")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
-    parser.add_argument("--alpha", type=float, default=0.05, help="calibrated false-rejection bound")
+    parser.add_argument("--alpha", type=float, default=0.05, help="calibrated false-rejection bound (default 0.05)")
     parser.add_argument(
         "--seed",
         type=int,

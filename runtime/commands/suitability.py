@@ -36,13 +36,19 @@ def add_arguments(parser):
         default=0.05,
         help="rejection-rate excess over alpha tolerated before 'unsuitable' (default 0.05)",
     )
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    parser.add_argument(
+        "--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)"
+    )
     parser.add_argument("--policy", choices=("calibrated", "strict"), help="override the bundle's guard policy")
     parser.add_argument(
         "--checks", metavar="LIST", help="enforced checks (comma-separated subset of garbage,attention,feature)"
     )
     parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu")
-    parser.add_argument("--threads", type=int, help="engine intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="engine intra-op threads (default: env GAMGUARD_THREADS, else ONNX Runtime's: all cores)",
+    )
 
 
 def run(args):

@@ -42,7 +42,11 @@ def add_arguments(parser):
         help="enforced checks, comma-separated subset of garbage,attention,feature (or 'all')",
     )
     parser.add_argument("--providers", help="ONNX Runtime providers, e.g. cuda,cpu (default: TensorRT→CUDA→CPU)")
-    parser.add_argument("--threads", type=int, help="engine intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="engine intra-op threads (default: env GAMGUARD_THREADS, else ONNX Runtime's: all cores)",
+    )
     parser.add_argument(
         "--engine",
         choices=("auto", "onnxruntime", "tensorrt"),
