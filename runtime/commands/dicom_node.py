@@ -73,7 +73,11 @@ def run(args):
         print(
             f"gamguard: DICOM node {config.ae_title} on {config.host}:{node.port}"
             + (f", gRPC on :{node.grpc_server.port}" if node.grpc_server else "")
-            + (f", metrics on :{node.metrics_port}/metrics" if node.metrics_port else ""),
+            + (
+                f", metrics on {serve_config.metrics_bind_host}:{node.metrics_port}/metrics"
+                if node.metrics_port
+                else ""
+            ),
             flush=True,
         )
         await stop.wait()

@@ -80,7 +80,7 @@ def run(args):
             raise CommandError(f"cannot serve the bundle: {server.state.load_error}")
         print(
             f"gamguard: serving on {config.bind_host}:{server.port}"
-            + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else "")
+            + (f", metrics on {config.metrics_bind_host}:{server.metrics_port}/metrics" if server.metrics_port else "")
             + (f", health on :{server.health_port}" if server.health_port else ""),
             flush=True,
         )

@@ -167,6 +167,8 @@ class Forwarder:
         if not assoc.is_established:
             self._destination_failed("connect")
             return
+        if self._failures:
+            log.info("destination %s reachable again after %d failed attempts; sending", d, self._failures)
         self._failures = 0
         try:
             for p in paths:
