@@ -65,8 +65,12 @@ def _wrap(text: str, width: int) -> list[str]:
     lines.append(line)
     fitted = []
     for ln in lines:
-        while len(ln) > 1 and _text_width(ln) > width:
-            ln = ln[:-1]
+        if _text_width(ln) > width:  # the longest prefix that fits (binary search: a word may be very long)
+            lo, hi = 1, len(ln)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if _text_width(ln[:mid]) <= width else (lo, mid - 1)
+            ln = ln[:lo]
         fitted.append(ln)
     return fitted
 

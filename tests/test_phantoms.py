@@ -229,12 +229,17 @@ def test_cli_data_synth_writes_layout_and_manifest(tmp_path, capsys):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
         ["manifest.json"] + [f"{c}/0000.png" for c in CLASS_NAMES]
     )
-    # a folder with anything else in it is never emptied
+    # a folder with anything else in it is refused and left as it was: no manifest of ours, or a foreign
+    # file beside one (which would otherwise end up in the "new" dataset)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     assert cli.main(["data", "synth", "--out", str(other), "--per-class", "1", "--seed", "7", "--overwrite"]) == 2
-    assert "no dataset written by data synth" in capsys.readouterr().err and (other / "notes.txt").exists()
+    assert "more than a dataset written by data synth" in capsys.readouterr().err and (other / "notes.txt").exists()
+    (out / CLASS_NAMES[0] / "9999.png").write_bytes(b"a foreign image")
+    before = sorted(p.name for p in out.rglob("*"))
+    assert cli.main(["data", "synth", "--out", str(out), "--per-class", "1", "--seed", "9", "--overwrite"]) == 2
+    assert "more than a dataset" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
 
 
 def test_cli_data_synth_kinds_and_dicom(tmp_path, capsys):

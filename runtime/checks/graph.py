@@ -257,7 +257,8 @@ def _build(b: _Builder, logits: str, cam: str, early: str, cal, size_source) -> 
     probe = b.op(
         "Add",
         b.op("Add", b.sum(b.op("Mul", xr, zero), [1]), b.sum(b.op("Mul", logits, zero), [1])),
-        b.sum(b.op("Mul", b.op("Reshape", early, b.i64([0, -1])), zero), [1]),
+        # (the feature size is known: [0, -1] could not be inferred for an empty batch)
+        b.sum(b.op("Mul", b.op("Reshape", early, b.i64([-1, int(np.prod(cal.feature_ref.shape))])), zero), [1]),
     )
     finite = b.op("Cast", b.op("Not", b.op("IsNaN", probe)), to=TensorProto.FLOAT)  # [N, 1]
     x = _minmax(b, xr)

@@ -9,8 +9,8 @@ bundle's engine and guard, and prints one verdict per input.
 
 With --json: one JSON object per input per line on stdout, with file, accepted, label and
 label_index (null when rejected), probabilities (null when rejected), reasons, failed_measures,
-scores, thresholds, detail and timings_ms. A rejected input carries no class at all. Without --json:
-a readable table (prob = the accepted label's probability).
+scores, thresholds, detail and timings_ms. A rejected input carries no label, index or probabilities.
+Without --json: a readable table (prob = the accepted label's probability).
 
 Undecodable files give an INVALID_INPUT verdict, not a crash. Exit status: 0 when every input got a
 verdict (accepted or rejected); 1 with --fail-on-reject when any input was rejected; 2 for usage or
@@ -133,7 +133,8 @@ def run(args):
                 from gamguard.runtime.overlays import overlay_path, write_overlay
 
                 target = overlay_path(overlay_dir, f, used_names)
-                write_overlay(target, pixels, v, guard.class_names, title=str(f))
+                title = f"{Path(f).parent.name}/{Path(f).name}" if Path(f).parent.name else Path(f).name
+                write_overlay(target, pixels, v, guard.class_names, title=title)
             if args.json:
                 # to_dict carries no class for a rejected input (label null, no argmax): never a prediction
                 print(json.dumps({"file": name, **v.to_dict()}), flush=True)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -183,6 +185,15 @@ def synth_dataset(
         (out / g).mkdir(parents=True, exist_ok=True)
     total = per_class * len(groups)
     ext = "png" if fmt == "png" else "dcm"
+    # a provisional manifest first: a run that stops half-way leaves a folder --overwrite can replace
+    planned = [
+        {"file": f"{g}/{j:04d}.{ext}", **({"masks": f"{g}/{j:04d}.masks.npz"} if masks else {})}
+        for g in groups
+        for j in range(per_class)
+    ]
+    (out / "manifest.json").write_text(
+        json.dumps({"generator": _GENERATOR, "complete": False, "classes": groups, "files": planned}, indent=1)
+    )
     entries: list[dict] = []
     t0 = time.perf_counter()
 
@@ -220,7 +231,8 @@ def synth_dataset(
                 progress(i + 1, total)
 
     manifest = {
-        "generator": "gamguard.runtime.demo.phantoms",
+        "generator": _GENERATOR,
+        "complete": True,
         "generator_version": phantoms.GENERATOR_VERSION,
         "gamguard_version": package_version(),
         "seed": seed,
@@ -253,29 +265,46 @@ def synth_dataset(
     }
 
 
+_GENERATOR = "gamguard.runtime.demo.phantoms"
+_SYNTH_FILE = re.compile(r"^[A-Za-z0-9_.-]+/[0-9]{4,}\.(png|dcm|masks\.npz)$")
+
+
 def _remove_earlier_dataset(out: Path) -> None:
-    """Delete what an earlier :func:`synth_dataset` wrote into ``out`` (the files its manifest lists, the
-    manifest, then its folders if empty), so that the new dataset is the only one there. A folder that
-    holds no such manifest is refused: ``overwrite`` never deletes files this module did not write."""
+    """Delete an earlier :func:`synth_dataset` in ``out`` — the files its manifest lists (names of the
+    form ``<group>/NNNN.<ext>``), the manifest, then its group folders — so that the new dataset is the
+    only one there. Refused, deleting nothing, when ``out`` holds no such manifest or holds anything
+    else (``overwrite`` never deletes or keeps a file this module did not write)."""
+    refuse = f"{out} is not empty and holds more than a dataset written by data synth: use a new or empty folder"
     manifest_path = out / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-        ours = manifest.get("generator") == "gamguard.runtime.demo.phantoms"
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ValueError(f"{out} is not empty and holds no dataset written by data synth: use a new or empty folder")
-    root = out.resolve()
-    for entry in manifest.get("files", []):
-        for key in ("file", "masks"):
-            rel = entry.get(key)
-            target = (out / rel).resolve() if isinstance(rel, str) else None
-            if target is not None and target.is_relative_to(root) and target.is_file():
-                target.unlink()
+    except (OSError, ValueError):
+        raise ValueError(refuse) from None
+    if not isinstance(manifest, dict) or manifest.get("generator") != _GENERATOR:
+        raise ValueError(refuse)
+    groups = {str(g) for g in manifest.get("classes") or []}
+    listed = {
+        rel
+        for entry in manifest.get("files") or []
+        if isinstance(entry, dict)
+        for rel in (entry.get("file"), entry.get("masks"))
+        if isinstance(rel, str) and _SYNTH_FILE.match(rel) and rel.split("/", 1)[0] in groups
+    }
+    present = set()
+    for folder, dirs, files in os.walk(out):  # symlinks are not followed
+        rel_folder = Path(folder).relative_to(out)
+        if len(rel_folder.parts) > 1 or (rel_folder.parts and rel_folder.parts[0] not in groups):
+            raise ValueError(refuse)
+        present.update((rel_folder / f).as_posix() for f in files)
+        present.update((rel_folder / d).as_posix() for d in dirs if (Path(folder) / d).is_symlink())
+    if not present <= listed | {"manifest.json"}:
+        raise ValueError(refuse)
+    for rel in present - {"manifest.json"}:
+        (out / rel).unlink()
     manifest_path.unlink()
-    for group in manifest.get("classes", []):
-        folder = (out / str(group)).resolve()
-        if folder.is_relative_to(root) and folder.is_dir() and not any(folder.iterdir()):
+    for group in groups:
+        folder = out / group
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
             folder.rmdir()
 
 
