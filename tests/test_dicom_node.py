@@ -892,6 +892,7 @@ def test_grpc_beside_the_dicom_node_shares_the_data_plane(guard, demo_bundle, tm
             v = client.verify(path.read_bytes())
         assert v.accepted and v.prediction.label == label
         assert _scu_store(node.port, [path]) == [0]
+        assert node.node.wait_results_built(60)  # the answer comes before the verdict: wait for it
         metrics = node.node.metrics.exposition().decode()
         assert 'gamguard_verdicts_total{decision="accepted"} 2.0' in metrics  # one plane, both transports
 
