@@ -75,13 +75,11 @@ def _wrap(text: str, width: int) -> list[str]:
     return fitted
 
 
-def _caption(panel: np.ndarray, lines: list[str], colour=(255, 255, 255), rows: int | None = None) -> np.ndarray:
-    """``lines`` (each wrapped to the panel's width) above ``panel``, in a bar of ``rows`` text rows (at least
-    as many as the wrapped lines need)."""
-    wrapped = [w for text in lines for w in _wrap(text, panel.shape[1] - 8)]
-    rows = max(rows or 0, len(wrapped))
+def _caption(panel: np.ndarray, lines: list[str], rows: int, colour=(255, 255, 255)) -> np.ndarray:
+    """``lines`` (already fitted to the panel's width, see :func:`_wrap`) above ``panel``, in a bar of
+    ``rows`` text rows (the same for both panels, so that they stack side by side)."""
     bar = np.zeros((18 * rows + 6, panel.shape[1], 3), np.uint8)
-    for k, text in enumerate(wrapped):
+    for k, text in enumerate(lines):
         cv2.putText(bar, text, (4, 16 + 18 * k), _FONT, _SCALE, colour, 1, cv2.LINE_AA)
     return np.vstack([bar, panel])
 
@@ -99,17 +97,17 @@ def overlay_image(image: np.ndarray, verdict, class_names: list[str], *, title: 
         status = ["REJECTED: " + ", ".join(short), ""]
         if verdict.failed_measures:
             status[1] = "measures: " + ", ".join(verdict.failed_measures)
-    left_lines = [title or "input + Grad-CAM", *status]
+    width = PANEL - 8
+    left_lines = [w for text in (title or "input + Grad-CAM", *status) for w in _wrap(text, width)]
     ref_label = "reference" if verdict.reference_cam is not None else "no reference"
     ref = verdict.reference_index
     ref_name = class_names[ref] if ref is not None and 0 <= ref < len(class_names) else "(class withheld)"
-    right_lines = [f"{ref_label} map: {ref_name}", f"model argmax: {pred_name}", ""]
-    width = PANEL - 8
-    rows = max(sum(len(_wrap(t, width)) for t in left_lines), sum(len(_wrap(t, width)) for t in right_lines))
-    left = _caption(
-        blend(image, verdict.cam), left_lines, (120, 255, 120) if verdict.accepted else (90, 90, 255), rows=rows
-    )
-    right = _caption(blend(image, verdict.reference_cam), right_lines, rows=rows)
+    right_lines = [
+        w for text in (f"{ref_label} map: {ref_name}", f"model argmax: {pred_name}", "") for w in _wrap(text, width)
+    ]
+    rows = max(len(left_lines), len(right_lines))
+    left = _caption(blend(image, verdict.cam), left_lines, rows, (120, 255, 120) if verdict.accepted else (90, 90, 255))
+    right = _caption(blend(image, verdict.reference_cam), right_lines, rows)
     return np.hstack([left, np.full((left.shape[0], 4, 3), 40, np.uint8), right])
 
 
@@ -121,10 +119,11 @@ def overlay_path(folder: str | Path, source: str | Path, taken: set, suffix: str
     p = Path(source)
     names = [p.stem, "-".join(x for x in (p.parent.name, p.stem, p.suffix.lstrip(".")) if x)]
     name = next((n for n in names if n not in taken), None)
-    k = 2
-    while name is None:
-        name = f"{names[-1]}-{k}" if f"{names[-1]}-{k}" not in taken else None
-        k += 1
+    if name is None:
+        k = 2
+        while f"{names[-1]}-{k}" in taken:
+            k += 1
+        name = f"{names[-1]}-{k}"
     taken.add(name)
     return Path(folder) / f"{name}{suffix}"
 

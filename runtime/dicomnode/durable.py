@@ -45,10 +45,15 @@ def private_folder(path: Path) -> Path:
     return path
 
 
+def _create_private(path: Path):
+    """A new file at ``path`` (never an existing one), owner-only, open for binary writing."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
+
+
 def write_durably(path: Path, data: bytes) -> Path:
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as fh:
+    with _create_private(tmp) as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -134,7 +139,7 @@ def write_checked(path: Path, data: bytes, folder_sync: FolderSync) -> Path:
     :func:`is_complete` tells apart; on an error the file is removed."""
     path = Path(path)
     try:
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb") as fh:
+        with _create_private(path) as fh:
             fh.write(data)
             fh.flush()
             entry = folder_sync.request()  # the entry exists: this folder fsync covers it
