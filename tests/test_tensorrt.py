@@ -16,6 +16,7 @@ import pytest
 
 from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
+from gamguard.runtime.checks.graph import GUARD_COLUMNS
 from gamguard.runtime.cli import CommandError
 from gamguard.runtime.commands import build_engine as build_engine_cmd
 from gamguard.runtime.engines.drift import DriftAccumulator, OrtCpuReference, drift_report, frr_check, frr_tolerance
@@ -115,11 +116,21 @@ def test_stale_plan_and_untagged_plan_are_refused():
 
 
 def test_guard_graph_plan_is_stale_after_recalibration():
-    section = dict(tag_section(), guard_graph=True, reference_sha256="ref-old")
+    section = dict(tag_section(), guard_graph=True, reference_sha256="ref-old", guard_columns=list(GUARD_COLUMNS))
     check_plan_compatibility(section, ORIN, "abc", "ref-old")  # same calibration: fine
     with pytest.raises(PlanMismatch, match="earlier calibration"):
         check_plan_compatibility(section, ORIN, "abc", "ref-new")
     check_plan_compatibility(tag_section(), ORIN, "abc", "ref-new")  # a plain plan does not depend on it
+
+
+def test_guard_graph_plan_of_another_version_is_stale():
+    """A plan whose guard subgraph computes other columns (an earlier gamguard's) would feed the decision
+    the wrong numbers: refused, with the rebuild command (a plan from before the columns were recorded too)."""
+    section = dict(tag_section(), guard_graph=True, reference_sha256="ref")
+    for columns in (None, list(GUARD_COLUMNS)[:-1]):
+        stale = dict(section) if columns is None else dict(section, guard_columns=columns)
+        with pytest.raises(PlanMismatch, match="another gamguard version.*--guard-graph"):
+            check_plan_compatibility(stale, ORIN, "abc", "ref")
 
 
 def test_same_architecture_other_board_is_allowed_with_a_warning(caplog):
@@ -172,6 +183,9 @@ def test_plan_status_explains_why_a_plan_is_not_usable(tmp_path):
     assert plan_status(d2, m2) == (False, "model.plan was built from another model.onnx (stale)")
     m3 = dict(m2, tensorrt=dict(tag_section(onnx=m2["files"]["model.onnx"]), guard_graph=True, reference_sha256="x"))
     assert plan_status(d2, m3) == (False, "model.plan carries the guard subgraph of an earlier calibration (stale)")
+    graph_tag = dict(tag_section(onnx=m2["files"]["model.onnx"]), guard_graph=True)
+    m4 = dict(m2, tensorrt=dict(graph_tag, reference_sha256=m2["files"].get("reference.npz")))  # no guard_columns
+    assert plan_status(d2, m4) == (False, "model.plan carries the guard subgraph of another gamguard version (stale)")
 
 
 def test_selection_prefers_a_tagged_plan_and_falls_back_to_onnxruntime(tmp_path):

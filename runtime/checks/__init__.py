@@ -8,7 +8,8 @@ One module per check and one for their combination:
 * :mod:`.garbage` — the garbage-class check (``GARBAGE_CLASS``);
 * :mod:`.attention` — the Grad-CAM attention check (``ATTENTION_MISMATCH``);
 * :mod:`.feature` — the early-feature check (``FEATURE_MISMATCH``), :class:`FeatureReference`;
-* :mod:`.combine` — the checks' p-values combined and cut conformally (:func:`decide`);
+* :mod:`.combine` — the checks' p-values combined and cut conformally (:func:`decide`, and
+  :class:`DecisionRule`, its per-image form for serving);
 * :mod:`.reference` — :class:`CalibrationData`, everything the above loads from ``reference.npz``;
 * :mod:`.graph` — the same per-image arithmetic (measures, feature score, p-values) as an ONNX
   subgraph appended to the fused model, so the engine can compute it where it runs.
@@ -25,8 +26,10 @@ from .combine import (
     LEGACY_WEIGHTS,
     Combination,
     ConformalCut,
+    DecisionRule,
     Decisions,
     NullModel,
+    OneDecision,
     PValues,
     all_check_sets,
     check_levels,
@@ -53,9 +56,11 @@ __all__ = [
     "CalibrationError",
     "Combination",
     "ConformalCut",
+    "DecisionRule",
     "Decisions",
     "FeatureReference",
     "NullModel",
+    "OneDecision",
     "PValues",
     "ScoreSet",
     "TailPValue",

@@ -28,6 +28,7 @@ enforced checks, so checks can be switched at serve time without losing the guar
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass
@@ -330,3 +331,71 @@ def check_levels(combination: Combination, checks: str, level: float) -> dict[st
     share of the cut ``level``); a check that is not enforced is reported at ``level`` (it never fires)."""
     w = combination.for_checks(checks)
     return {c: w[c] * level if c in w else level for c in CHECKS}
+
+
+@dataclass(frozen=True)
+class OneDecision:
+    """:func:`decide` for one input (:class:`DecisionRule`)."""
+
+    reject: bool
+    garbage: bool
+    attention: bool
+    feature: bool
+    failed_measures: tuple[int, ...]  # indices into MEASURES
+    combined_p: float
+    conformal_p: float | None  # calibrated policy only
+
+
+class DecisionRule:
+    """:func:`decide` for one input at a time, with everything that does not depend on the input fixed
+    at load (policy, enforced checks, levels, the cut's sorted statistics): the serving form of the
+    decision when the engine computed the checks' arithmetic (:mod:`.graph`) and the host only reads a
+    few numbers per image. Python floats instead of numpy arrays, because for the one to eight images
+    of a serving batch numpy's per-call overhead, not the arithmetic, is the cost (several hundred
+    microseconds per batch once the engine has left the CPU caches cold). Same comparisons, same
+    float64 arithmetic, same result as :func:`decide` (``tests/test_decision_rule.py`` holds them equal)."""
+
+    def __init__(self, *, checks: str, policy: str, alpha: float, cut: ConformalCut | None, null: NullModel):
+        self.enforced = frozenset(checks.split("+"))
+        self.policy = policy
+        combination = cut.combination if cut is not None else EQUAL
+        if policy == "calibrated":
+            if cut is None:
+                raise ValueError("calibrated policy needs a conformal cut")
+            self.levels = check_levels(combination, checks, cut.threshold)
+            self._stats = cut.stats.tolist()
+        elif policy == "strict":
+            self.levels = {c: float(alpha) for c in CHECKS}
+            self._stats = None
+        else:
+            raise ValueError(f"unknown policy {policy!r} (calibrated, strict)")
+        self.measure_level = null.measure_level(self.levels["attention"])
+        # combined_p's terms, in CHECKS order as combined_p takes them (the minimum is order-free anyway)
+        self._weights = list(combination.for_checks(checks).items())
+
+    def __call__(self, p: dict[str, float], garbage_pred: bool, measures: list[float]) -> OneDecision:
+        """``p``: check → p-value (never NaN: see :func:`~.graph.scores_from_graph`); ``measures``: the
+        attention measures' p-values in MEASURES order."""
+        lv, enforced = self.levels, self.enforced
+        if self.policy == "calibrated":
+            att, feat = p["attention"] < lv["attention"], p["feature"] < lv["feature"]
+            low_garbage = p["garbage"] < lv["garbage"]
+        else:
+            att, feat = p["attention"] <= lv["attention"], p["feature"] <= lv["feature"]
+            low_garbage = p["garbage"] <= lv["garbage"]
+        garbage = "garbage" in enforced and (garbage_pred or low_garbage)
+        att = att and "attention" in enforced
+        feat = feat and "feature" in enforced
+        failed: tuple[int, ...] = ()
+        if att:
+            failed = tuple(j for j, pm in enumerate(measures) if pm < self.measure_level)
+            if not failed:  # at least the weakest measure (failed_measures: the first smallest)
+                failed = (min(range(len(measures)), key=measures.__getitem__),)
+        combined = min(p[c] / w for c, w in self._weights)
+        conformal = None
+        if self._stats is not None:
+            stat = 0.0 if garbage_pred and "garbage" in enforced else combined
+            conformal = (1.0 + bisect.bisect_right(self._stats, stat)) / (len(self._stats) + 1.0)
+        return OneDecision(
+            bool(garbage or att or feat), bool(garbage), bool(att), bool(feat), failed, combined, conformal
+        )

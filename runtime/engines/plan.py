@@ -18,6 +18,7 @@ The plan's facts go into ``bundle.json`` under ``"tensorrt"``::
       "onnx_sha256": "...",                  # the model.onnx it was built from (stale-plan check)
       "guard_graph": true,                   # built with the guard subgraph (build-engine --guard-graph):
       "reference_sha256": "...",             #   the reference.npz its constants came from (stale check)
+      "guard_columns": ["attention.iou", ...],  #   the guard output's columns (checks/graph.py) it computes
       "built_at": "2026-11-27T12:00:00Z"
     }
 
@@ -43,7 +44,7 @@ from ..bundle import (
     sha256_file,
     write_manifest,
 )
-from ..checks.graph import GUARD_OUTPUT
+from ..checks.graph import GUARD_COLUMNS, GUARD_OUTPUT
 from .base import INPUT_NAME, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,11 @@ def check_plan_compatibility(
             "model.plan carries the guard subgraph of an earlier calibration (reference.npz changed since); "
             "rebuild it with `gamguard build-engine --guard-graph`"
         )
+    if section.get("guard_graph") and section.get("guard_columns") != list(GUARD_COLUMNS):
+        raise PlanMismatch(
+            "model.plan carries the guard subgraph of another gamguard version (its guard columns differ "
+            "from this version's); rebuild it with `gamguard build-engine --guard-graph`"
+        )
     if built.gpu != device.gpu:
         log.warning(
             "model.plan was built on %s, serving on %s (same compute capability %s): "
@@ -393,7 +399,11 @@ def build_engine_for_bundle(
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if guard_graph:
-        section.update(guard_graph=True, reference_sha256=sha256_file(target / REFERENCE_FILE))
+        section.update(
+            guard_graph=True,
+            reference_sha256=sha256_file(target / REFERENCE_FILE),
+            guard_columns=list(GUARD_COLUMNS),
+        )
     calibration = manifest.get("calibration")
     if calibration:
         # The references are numbers of the engine that calibrated them; say which one that was so

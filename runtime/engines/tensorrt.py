@@ -21,6 +21,7 @@ import numpy as np
 from ..bundle import MODEL_FILE, PLAN_FILE, REFERENCE_FILE, BundleError
 from .base import INPUT_NAME, OUTPUT_NAMES, EngineOutput
 from .plan import (
+    GUARD_COLUMNS,
     GUARD_OUTPUT,
     SECTION,
     PlanMismatch,
@@ -53,6 +54,8 @@ def plan_status(bundle_dir: str | Path, manifest: dict) -> tuple[bool, str]:
         return False, "model.plan was built from another model.onnx (stale)"
     if section.get("guard_graph") and section.get("reference_sha256") != files.get(REFERENCE_FILE):
         return False, "model.plan carries the guard subgraph of an earlier calibration (stale)"
+    if section.get("guard_graph") and section.get("guard_columns") != list(GUARD_COLUMNS):
+        return False, "model.plan carries the guard subgraph of another gamguard version (stale)"
     return True, (
         f"model.plan ({section.get('precision')}, TensorRT {section.get('tensorrt_version')}, "
         f"{section.get('gpu')} sm {section.get('compute_capability')})"
