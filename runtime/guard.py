@@ -211,13 +211,14 @@ class Guard:
             if policy == "calibrated":
                 t.update({"combined_p": self.level, "conformal_p": self.alpha})
             self._thresholds[c] = t
-        # the per-image form of decide() for engines that compute the checks' arithmetic (_judge_rows)
+        # the per-image form of decide() for engines that compute the checks' arithmetic (_decide_rows)
         self._rule = DecisionRule(
             checks=enforced_checks, policy=policy, alpha=self.alpha, cut=self.cut, null=calibration.null
         )
         self._real = [int(c) for c in calibration.real]
         self._real_names = [self.class_names[c] for c in self._real]
         self._ref_cams = {c: calibration.ref_cam_for(c) for c in self._real}
+        self._columns = {name: i for i, name in enumerate(GUARD_COLUMNS)}
 
     @classmethod
     def from_bundle(
@@ -463,35 +464,43 @@ class Guard:
                 f"do not fit a batch of {n} and {len(self.class_names)} classes"
             )
         if out.guard is not None:
-            if out.guard.shape != (n, len(GUARD_COLUMNS)):
-                raise RuntimeError(f"engine guard output shape {out.guard.shape} does not fit a batch of {n}")
-            # the graph's per-image finiteness test (logits, CAM, early); the logits the host reads too
-            ok = (out.guard[:, GUARD_COLUMNS.index("finite")] == 1.0) & np.isfinite(out.logits).all(axis=1)
-        elif all_finite(out.logits) and all_finite(out.cam) and all_finite(out.early):
-            ok = None
-        else:
-            ok = np.ones(n, bool)
-            for a in (out.logits, out.cam, out.early):
-                ok &= np.isfinite(np.asarray(a).reshape(n, -1)).all(axis=1)
-        if ok is not None and not ok.all():
-            # Fail closed per item: a NaN/Inf output rejects its own input, not its batch-mates
-            # (other clients' requests share micro-batches).
-            verdicts = [
-                None if good else Verdict.rejected("GUARD_ERROR", "the engine produced NaN/Inf for this input")
-                for good in ok
-            ]
-            keep = np.flatnonzero(ok)
-            if keep.size:
-                part = EngineOutput(
-                    out.logits[keep], out.cam[keep], out.early[keep], None if out.guard is None else out.guard[keep]
-                )
-                for i, v in zip(keep, self._judge_any(part, keep.size, t0, t1)):
-                    verdicts[i] = v
-            return verdicts
-        return self._judge_any(out, n, t0, t1)
+            return self._decide_rows(out, n, t0, t1)
+        if all_finite(out.logits) and all_finite(out.cam) and all_finite(out.early):
+            return self._judge(out, n, t0, t1)
+        ok = np.ones(n, bool)
+        for a in (out.logits, out.cam, out.early):
+            ok &= np.isfinite(np.asarray(a).reshape(n, -1)).all(axis=1)
+        # Fail closed per item: a NaN/Inf output rejects its own input, not its batch-mates
+        # (other clients' requests share micro-batches).
+        verdicts = [None if good else _non_finite_output() for good in ok]
+        keep = np.flatnonzero(ok)
+        if keep.size:
+            part = EngineOutput(out.logits[keep], out.cam[keep], out.early[keep])
+            for i, v in zip(keep, self._judge(part, keep.size, t0, t1)):
+                verdicts[i] = v
+        return verdicts
 
-    def _judge_any(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
-        return self._judge_rows(out, n, t0, t1) if out.guard is not None else self._judge(out, n, t0, t1)
+    def _decide_rows(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
+        """:meth:`_decide` for engine outputs with the ``guard`` columns: the engine computed the checks'
+        arithmetic, the host reads one row of numbers per image (Python floats) and decides it with
+        :class:`DecisionRule`. The same verdicts as :meth:`_judge` (tests/test_decision_rule.py), with a
+        few numpy calls per batch instead of a few dozen: for the one to eight images of a serving batch,
+        numpy's per-call overhead on the caches the engine left cold was most of the host's time."""
+        if out.guard.shape != (n, len(GUARD_COLUMNS)):
+            raise RuntimeError(f"engine guard output shape {out.guard.shape} does not fit a batch of {n}")
+        rows = np.asarray(out.guard).tolist()  # Python floats: the float32 values exactly
+        logit_rows = np.asarray(out.logits).tolist()
+        finite = GUARD_COLUMNS.index("finite")
+        verdicts: list[Verdict | None] = [None] * n
+        for i in range(n):
+            # the graph's finiteness test (logits, CAM, early); the logits the host reads too
+            if not (rows[i][finite] == 1.0 and all(map(math.isfinite, logit_rows[i]))):
+                verdicts[i] = _non_finite_output()  # its own input only, not its batch-mates
+        timings = {"engine": (t1 - t0) * 1e3, "guard": (time.perf_counter() - t1) * 1e3}
+        for i in range(n):
+            if verdicts[i] is None:
+                verdicts[i] = self._verdict_of_row(rows[i], logit_rows[i], out.cam[i], timings)
+        return verdicts  # type: ignore[return-value]
 
     def _judge(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
         """Scores, p-values and the decision for finite engine outputs of ``n`` inputs, vectorised (the
@@ -555,73 +564,60 @@ class Guard:
             )
         return verdicts
 
-    def _judge_rows(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
-        """:meth:`_judge` for engine outputs that carry the ``guard`` columns (the checks' arithmetic ran
-        in the engine): one row of numbers per image, decided by :class:`DecisionRule` in Python floats.
-        The same verdicts as :meth:`_judge` (tests/test_decision_rule.py); a few numpy calls per batch
-        instead of a few dozen, which is most of the host's time per batch once the engine ran."""
+    def _verdict_of_row(self, row: list, logits: list, cam: np.ndarray, timings: dict) -> Verdict:
+        """One image's verdict from its ``guard`` row and logits (finite), as :meth:`_judge` gives it."""
         m = len(MEASURES)
-        col = GUARD_COLUMNS.index
-        rows = np.asarray(out.guard).tolist()  # Python floats: float32 values exactly, as float64
-        logit_rows = np.asarray(out.logits).tolist()
-        i_attention_p, i_feature, i_feature_p = col("attention.p"), col("feature"), col("feature.p")
-        i_prob = col("garbage_prob")
-        i_margin, i_garbage_p, i_pos = col("garbage_margin"), col("garbage.p"), col("reference_position")
-        rule, calibrated = self._rule, self.policy == "calibrated"
-        t2 = time.perf_counter()
-        timings = {"engine": (t1 - t0) * 1e3, "guard": (t2 - t1) * 1e3}
-        verdicts = []
-        for i in range(n):
-            row, logits = rows[i], logit_rows[i]
-            pms = [_p_value(v) for v in row[m : 2 * m]]
-            pred = max(range(len(logits)), key=logits.__getitem__)  # the first largest, as argmax
-            cls_idx = self._real[int(round(row[i_pos]))]
-            p = {
-                "garbage": _p_value(row[i_garbage_p]),
-                "attention": _p_value(row[i_attention_p]),
-                "feature": _p_value(row[i_feature_p]),
-            }
-            d = rule(p, pred == self.garbage_index, pms)
-            scores = [row[i_prob], row[i_margin], p["garbage"]]
-            for j in range(m):
-                scores += (row[j], pms[j])
-            scores += (p["attention"], row[i_feature], p["feature"], d.combined_p)
-            if calibrated:
-                scores.append(d.conformal_p)
-            reasons = [r for r, f in zip(REASON_OF_CHECK, (d.garbage, d.attention, d.feature)) if f]
-            failed = [MEASURES[j] for j in d.failed_measures]
-            accepted = not d.reject
-            probabilities = None
-            if accepted:
-                real_logits = [logits[c] for c in self._real]
-                top = max(real_logits)
-                e = [math.exp(v - top) for v in real_logits]
-                total = sum(e)
-                probabilities = {name: v / total for name, v in zip(self._real_names, e)}
-            verdicts.append(
-                Verdict(
-                    accepted=accepted,
-                    label=self.class_names[cls_idx] if accepted else None,
-                    label_index=cls_idx if accepted else None,
-                    probabilities=probabilities,
-                    reasons=reasons,
-                    failed_measures=failed,
-                    scores=dict(zip(self._score_keys, scores)),
-                    thresholds=dict(self._thresholds[cls_idx]),
-                    cam=np.asarray(out.cam[i], np.float32),
-                    reference_cam=self._ref_cams[cls_idx],
-                    predicted_index=pred,
-                    reference_index=cls_idx,
-                    detail=""
-                    if accepted
-                    else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
-                    timings_ms=dict(timings),
-                )
-            )
-        return verdicts
+        c = self._columns
+        pred = max(range(len(logits)), key=logits.__getitem__)  # the first largest, as argmax
+        cls_idx = self._real[int(round(row[c["reference_position"]]))]
+        pms = [_p_value(v) for v in row[m : 2 * m]]
+        p = {
+            "garbage": _p_value(row[c["garbage.p"]]),
+            "attention": self.calibration.null.attention.p_one(pms),
+            "feature": _p_value(row[c["feature.p"]]),
+        }
+        d = self._rule(p, pred == self.garbage_index, pms)
+        scores = [row[c["garbage_prob"]], row[c["garbage_margin"]], p["garbage"]]
+        for j in range(m):
+            scores += (row[j], pms[j])
+        scores += (p["attention"], row[c["feature"]], p["feature"], d.combined_p)
+        if d.conformal_p is not None:
+            scores.append(d.conformal_p)
+        reasons = [r for r, f in zip(REASON_OF_CHECK, (d.garbage, d.attention, d.feature)) if f]
+        failed = [MEASURES[j] for j in d.failed_measures]
+        accepted = not d.reject
+        probabilities = None
+        if accepted:  # softmax over the real classes, in float64 as softmax() computes it
+            real_logits = [logits[k] for k in self._real]
+            top = max(real_logits)
+            e = [math.exp(v - top) for v in real_logits]
+            total = sum(e)
+            probabilities = {name: v / total for name, v in zip(self._real_names, e)}
+        return Verdict(
+            accepted=accepted,
+            label=self.class_names[cls_idx] if accepted else None,
+            label_index=cls_idx if accepted else None,
+            probabilities=probabilities,
+            reasons=reasons,
+            failed_measures=failed,
+            scores=dict(zip(self._score_keys, scores)),
+            thresholds=dict(self._thresholds[cls_idx]),
+            cam=np.asarray(cam, np.float32),
+            reference_cam=self._ref_cams[cls_idx],
+            predicted_index=pred,
+            reference_index=cls_idx,
+            detail=""
+            if accepted
+            else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
+            timings_ms=dict(timings),
+        )
 
 
 REASON_OF_CHECK = ("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH")
+
+
+def _non_finite_output() -> Verdict:
+    return Verdict.rejected("GUARD_ERROR", "the engine produced NaN/Inf for this input")
 
 
 def _p_value(x: float) -> float:

@@ -67,6 +67,24 @@ def test_tail_pvalue_inverse_round_trips():
         assert math.isclose(float(p(np.array([x]))[0]), level, rel_tol=1e-6)
 
 
+def test_tail_pvalue_one_equals_the_vectorised_lookup():
+    """The scalar form used per image when serving: the same p-value for every kind of value — inside the
+    null (also exactly on a knot and on tied knots), below it, beyond it, non-finite."""
+    rng = np.random.default_rng(6)
+    null = np.concatenate([rng.gamma(2.0, size=200), np.full(20, 1.5), np.round(rng.normal(3, 1, 50), 1)])
+    p = TailPValue(null)
+    values = np.concatenate(
+        [
+            rng.uniform(-1.0, null.max() + 5.0, 3000),
+            p.knots,  # exactly on every knot (ties included)
+            [p.knots[0] - 1.0, p.knots[-1], p.knots[-1] + 1e-12, 1e6, np.inf, -np.inf, np.nan],
+        ]
+    )
+    vectorised = p(values)
+    for v, expected in zip(values.tolist(), vectorised.tolist()):
+        assert p.one(v) == pytest.approx(expected, rel=1e-12, abs=1e-300), v
+
+
 def test_tail_pvalue_needs_a_null():
     from gamguard.runtime.calibration import CalibrationError
 

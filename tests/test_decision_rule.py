@@ -1,5 +1,5 @@
 """The per-image decision used when the engine computes the checks' arithmetic (``DecisionRule``,
-``Guard._judge_rows``) against the vectorised numpy reference (``decide``, ``Guard._judge``).
+``Guard._decide_rows``) against the vectorised numpy reference (``decide``, ``Guard._judge``).
 
 Both must give the same decisions on the same p-values, exactly — including p-values that sit exactly
 on a level (``<`` under the calibrated policy, ``<=`` under strict), zeros, garbage argmaxes — for every
@@ -115,7 +115,7 @@ def _assert_same_verdicts(fast, reference):
 
 @pytest.mark.parametrize("policy", ["calibrated", "strict"])
 @pytest.mark.parametrize("checks", ["garbage+attention+feature", "attention+feature", "feature"])
-def test_judge_rows_gives_the_reference_verdicts(graph_guard, graph_outputs, policy, checks):
+def test_decide_rows_gives_the_reference_verdicts(graph_guard, graph_outputs, policy, checks):
     guard = Guard(
         graph_guard.bundle_dir,
         graph_guard.manifest,
@@ -125,7 +125,7 @@ def test_judge_rows_gives_the_reference_verdicts(graph_guard, graph_outputs, pol
         enforced_checks=checks,
     )
     n = graph_outputs.logits.shape[0]
-    fast = guard._judge_rows(graph_outputs, n, 0.0, 0.0)
+    fast = guard._decide_rows(graph_outputs, n, 0.0, 0.0)
     reference = guard._judge(graph_outputs, n, 0.0, 0.0)
     _assert_same_verdicts(fast, reference)
     accepted = [v.accepted for v in fast]
@@ -133,7 +133,7 @@ def test_judge_rows_gives_the_reference_verdicts(graph_guard, graph_outputs, pol
         assert any(accepted) and not all(accepted)
 
 
-def test_judge_rows_on_extreme_engine_numbers(graph_guard, graph_outputs):
+def test_decide_rows_on_extreme_engine_numbers(graph_guard, graph_outputs):
     """p-values that are NaN, negative or 0, a garbage argmax, a p-value exactly on its level: the
     same verdicts as the reference, and none of them accepted where a check must fail."""
     out = graph_outputs
@@ -141,15 +141,23 @@ def test_judge_rows_on_extreme_engine_numbers(graph_guard, graph_outputs):
     logits = np.array(out.logits, np.float32, copy=True)
     col = GUARD_COLUMNS.index
     guard_cols[0, col("feature.p")] = np.nan
-    guard_cols[1, col("attention.p")] = -1.0
-    guard_cols[2, M] = np.nan  # one measure's p-value (reported as 0; the check reads attention.p)
+    guard_cols[1, M : 2 * M] = -1.0  # every measure's p-value
+    guard_cols[2, M] = np.nan  # one measure's p-value
     guard_cols[3, col("garbage.p")] = 0.0
     logits[4, graph_guard.garbage_index] = logits[4].max() + 5.0  # the garbage class wins
     guard_cols[5, col("feature.p")] = graph_guard.check_levels["feature"]  # exactly on the level: fails
     extreme = EngineOutput(logits, out.cam, out.early, guard_cols)
     n = logits.shape[0]
-    fast = graph_guard._judge_rows(extreme, n, 0.0, 0.0)
+    fast = graph_guard._decide_rows(extreme, n, 0.0, 0.0)
     _assert_same_verdicts(fast, graph_guard._judge(extreme, n, 0.0, 0.0))
-    assert not any(fast[i].accepted for i in (0, 1, 3, 4, 5))
-    assert fast[2].scores[f"attention.{MEASURES[0]}.p"] == 0.0
+    assert not any(fast[i].accepted for i in range(6))
+    assert fast[2].scores[f"attention.{MEASURES[0]}.p"] == 0.0 and MEASURES[0] in fast[2].failed_measures
+
+    # a non-finite logit, or the graph's finiteness flag down: that image only is a GUARD_ERROR
+    logits[6, 0] = np.nan
+    guard_cols[7, col("finite")] = 0.0
+    broken = graph_guard._decide_rows(EngineOutput(logits, out.cam, out.early, guard_cols), n, 0.0, 0.0)
+    assert [v.reasons for v in broken[6:8]] == [["GUARD_ERROR"], ["GUARD_ERROR"]]
+    assert all(v.label is None for v in broken[6:8])
+    _assert_same_verdicts(broken[:6] + broken[8:], fast[:6] + fast[8:])
     assert "GARBAGE_CLASS" in fast[4].reasons and "FEATURE_MISMATCH" in fast[5].reasons

@@ -54,6 +54,11 @@ class AttentionNull:
         """The attention check's p-value ``[N]`` from the per-measure p-values ``[N, M]``."""
         return self.combined(neglog(np.asarray(pm).min(axis=1)))
 
+    def p_one(self, pm: list[float]) -> float:
+        """:meth:`p` for one image's per-measure p-values (Python floats, never NaN)."""
+        weakest = min(pm)
+        return self.combined.one(-math.log(weakest) if weakest > 0.0 else math.inf)
+
     def measure_level(self, level: float) -> float:
         """The per-measure p-value below which :meth:`p` falls below ``level``."""
         d = self.combined.inverse(level)

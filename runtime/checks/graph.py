@@ -18,8 +18,7 @@ one output, ``guard`` ``[N, len(GUARD_COLUMNS)]`` float32, computed from ``logit
   arrays: ``min_k |x W - m_k|^2``);
 * the p-value of every measure (per predicted class), of the feature score and of the garbage margin,
   in one lookup: :class:`TailPValue`'s interpolation between sorted knots (a count of knots below the
-  value, GatherElements) and its exponential tail; then the attention check's own p-value, one more
-  lookup on ``-log`` of the smallest measure p-value (:meth:`AttentionNull.p`);
+  value, GatherElements) and its exponential tail;
 * ``finite``: 1 when every logit, early feature and resampled CAM cell is finite (a NaN/Inf anywhere in
   the CAM reaches the resampled grid: every source cell has a positive weight).
 
@@ -28,9 +27,11 @@ covered by the bundle's hashes; a fraction of a second), never stored in the bun
 build-engine --guard-graph`` bakes it into a TensorRT plan. The numpy implementation
 (:mod:`.scores`, :mod:`gamguard.runtime.similarity`, :class:`NullModel`) is the reference; the graph
 computes the same numbers in float32 (tests/test_guard_graph.py holds them to the tolerances in
-:data:`PARITY_ATOL`). The combination, the conformal cut and the verdict stay on the host: they depend on
-the serve-time policy and enforced checks, and are a few comparisons per image in Python floats
-(:class:`~.combine.DecisionRule`, held equal to the numpy :func:`~.combine.decide`).
+:data:`PARITY_ATOL`). The attention check's own p-value (one lookup on the per-measure p-values), the
+combination, the conformal cut and the verdict stay on the host: they depend on the serve-time policy
+and enforced checks, and are a few operations per image in Python floats (:class:`~.combine.DecisionRule`,
+held equal to the numpy :func:`~.combine.decide`). The attention lookup in the graph measured slower
+than on the host: ~50 more nodes, whose dispatch cost more than the lookup itself.
 
 Only standard opset-18 operators are used (no custom domains), meant for ONNX Runtime CPU/CUDA and
 TensorRT alike (TensorRT's parser is exercised by ``deploy/gpu-check.sh``); ``gamguard bench`` times
@@ -49,7 +50,6 @@ GUARD_OUTPUT = "guard"
 GUARD_COLUMNS = (
     *(f"attention.{m}" for m in MEASURES),
     *(f"attention.{m}.p" for m in MEASURES),
-    "attention.p",
     "feature",
     "feature.p",
     "garbage_prob",
@@ -188,7 +188,8 @@ def guarded_model_bytes(bundle_dir, calibration) -> bytes:
 
 def scores_from_graph(guard: np.ndarray, logits: np.ndarray, calibration):
     """``(ScoreSet, PValues)`` from the ``guard`` output, as :func:`score_outputs` and
-    :meth:`NullModel.pvalues` give them on the host. A p-value that is not a number is 0 (fail closed)."""
+    :meth:`NullModel.pvalues` give them on the host (the attention p-value is computed here from the
+    per-measure p-values: one table lookup). A p-value that is not a number is 0 (fail closed)."""
     from .combine import PValues
     from .scores import ScoreSet
 
@@ -209,9 +210,10 @@ def scores_from_graph(guard: np.ndarray, logits: np.ndarray, calibration):
         garbage_margin=g[:, col("garbage_margin")],
     )
     # fmax(NaN, 0) is 0: a p-value that is not a number rejects (p-values are never negative)
+    pm = np.fmax(g[:, m : 2 * m], 0.0)
     pvalues = PValues(
-        measures=np.fmax(g[:, m : 2 * m], 0.0),
-        attention=np.fmax(g[:, col("attention.p")], 0.0),
+        measures=pm,
+        attention=calibration.null.attention_p(pm),
         feature=np.fmax(g[:, col("feature.p")], 0.0),
         garbage=np.fmax(g[:, col("garbage.p")], 0.0),
         garbage_pred=garbage_pred,
@@ -274,12 +276,9 @@ def _build(b: _Builder, logits: str, cam: str, early: str, cal, size_source) -> 
     tables = [list(cal.null.tables_for(int(c))) + [cal.null.feature, cal.null.garbage] for c in cal.real]
     p = _tail_pvalues(b, dissimilarity, onehot, tables)  # [N, M+2]
     pm, pf, pg = b.op("Split", p, b.i64([m, 1, 1]), axis=1, outputs=3)
-    # the attention check's own p-value: its table on -log of the smallest measure p-value (AttentionNull.p)
-    weakest = b.op("Neg", b.op("Log", b.op("ReduceMin", pm, b.i64([1]), keepdims=1)))  # [N, 1]; inf for p = 0
-    pa = _tail_pvalues(b, weakest, onehot, [[cal.null.attention.combined]] * kr)
     posf = b.op("Cast", b.op("Unsqueeze", pos, b.i64([1])), to=TensorProto.FLOAT)
     return b.op(
-        "Concat", sims, pm, pa, feature, pf, garbage_prob, garbage_margin, pg, posf, finite, axis=1, name=GUARD_OUTPUT
+        "Concat", sims, pm, feature, pf, garbage_prob, garbage_margin, pg, posf, finite, axis=1, name=GUARD_OUTPUT
     )
 
 

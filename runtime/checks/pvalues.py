@@ -6,6 +6,7 @@ check uses; :func:`dissimilarity` orients a similarity measure so that higher me
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -64,6 +65,7 @@ class TailPValue:
         spread = float(x[-1] - x[0])
         self.scale = max(upper, 1e-3 * spread, float(min_scale), 1e-9)
         self.n = n
+        self._knot_list, self._pval_list = x.tolist(), self.pvals.tolist()  # for one()
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         v = np.asarray(values, np.float64)
@@ -74,6 +76,23 @@ class TailPValue:
                 p[beyond] = self.pvals[-1] * np.exp(-(v[beyond] - self.knots[-1]) / self.scale)
         p[~np.isfinite(v)] = 0.0  # fail closed: a score that cannot be judged is maximally suspicious
         return p
+
+    def one(self, value: float) -> float:
+        """:meth:`__call__` for one Python float (serving: one image at a time, without numpy's per-call
+        overhead). The same arithmetic as ``np.interp`` between the knots (``tests/test_pvalues.py``
+        holds both equal)."""
+        if not math.isfinite(value):
+            return 0.0
+        knots, last = self._knot_list, len(self._knot_list) - 1
+        if value > knots[last]:
+            return self._pval_list[last] * math.exp(-(value - knots[last]) / self.scale)
+        if value >= knots[last]:
+            return self._pval_list[last]
+        if value < knots[0]:
+            return self._pval_list[0]
+        j = bisect.bisect_right(knots, value) - 1  # knots[j] <= value < knots[j + 1]
+        p0, p1 = self._pval_list[j], self._pval_list[j + 1]
+        return (p1 - p0) / (knots[j + 1] - knots[j]) * (value - knots[j]) + p0
 
     def inverse(self, level: float) -> float:
         """The dissimilarity at which the p-value equals ``level`` (for human-readable thresholds)."""
