@@ -411,22 +411,28 @@ class Guard:
         # Fast path: one read-only pass proves the whole batch finite (see similarity.all_finite);
         # only a batch that fails it pays for the per-item test and the copy of its finite items.
         if all_finite(batch):
-            finite = np.ones(n, bool)
-        else:
-            finite = np.isfinite(batch.reshape(n, -1)).all(axis=1)
+            return self._decide_guarded(batch, range(n), [None] * n)
+        finite = np.isfinite(batch.reshape(n, -1)).all(axis=1)
         verdicts: list[Verdict | None] = [
             None if ok else Verdict.rejected("INVALID_INPUT", "input tensor contains NaN or Inf") for ok in finite
         ]
         idx = np.flatnonzero(finite)
         if idx.size:
-            try:
-                for i, v in zip(idx, self._decide(batch if idx.size == n else batch[idx])):
-                    verdicts[i] = v
-            except Exception as exc:  # fail closed: no label leaves without every check having run
-                log.exception("guard error")
-                for i in idx:
-                    verdicts[i] = Verdict.rejected("GUARD_ERROR", f"guard error: {type(exc).__name__}: {exc}")
+            return self._decide_guarded(batch[idx], idx, verdicts)
         return verdicts  # type: ignore[return-value]
+
+    def _decide_guarded(self, batch: np.ndarray, where, verdicts: list) -> list[Verdict]:
+        """``verdicts`` with the decisions on ``batch`` (the inputs at positions ``where``) filled in; any
+        exception rejects all of them with ``GUARD_ERROR`` (fail closed: no label leaves without every
+        check having run)."""
+        try:
+            for i, v in zip(where, self._decide(batch)):
+                verdicts[i] = v
+        except Exception as exc:
+            log.exception("guard error")
+            for i in where:
+                verdicts[i] = Verdict.rejected("GUARD_ERROR", f"guard error: {type(exc).__name__}: {exc}")
+        return verdicts
 
     # ------------------------------------------------------------------------------------------
     def rejections_by_checks(
