@@ -496,7 +496,7 @@ class Guard:
             raise RuntimeError(f"engine guard output shape {out.guard.shape} does not fit a batch of {n}")
         rows = np.asarray(out.guard).tolist()  # Python floats: the float32 values exactly
         logit_rows = np.asarray(out.logits).tolist()
-        finite = GUARD_COLUMNS.index("finite")
+        finite = self._columns["finite"]
         verdicts: list[Verdict | None] = [None] * n
         for i in range(n):
             # the graph's finiteness test (logits, CAM, early); the logits the host reads too

@@ -79,7 +79,7 @@ class TailPValue:
 
     def one(self, value: float) -> float:
         """:meth:`__call__` for one Python float (serving: one image at a time, without numpy's per-call
-        overhead). The same arithmetic as ``np.interp`` between the knots (``tests/test_pvalues.py``
+        overhead). The same arithmetic as ``np.interp`` between the knots (``tests/test_calibration.py``
         holds both equal)."""
         if not math.isfinite(value):
             return 0.0
