@@ -69,6 +69,7 @@ CLASS_SPECIFIC_THRESHOLDS = frozenset([f"attention.{m}" for m in MEASURES] + ["f
 log = logging.getLogger(__name__)
 
 REASONS = ("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH", "INVALID_INPUT", "GUARD_ERROR")
+REASON_OF_CHECK = REASONS[:3]  # the reason each of CHECKS gives when it fails
 POLICIES = ("calibrated", "strict")
 
 
@@ -411,22 +412,23 @@ class Guard:
         # Fast path: one read-only pass proves the whole batch finite (see similarity.all_finite);
         # only a batch that fails it pays for the per-item test and the copy of its finite items.
         if all_finite(batch):
-            return self._decide_guarded(batch, range(n), [None] * n)
+            return self._decide_guarded(batch, None, [None] * n)
         finite = np.isfinite(batch.reshape(n, -1)).all(axis=1)
         verdicts: list[Verdict | None] = [
             None if ok else Verdict.rejected("INVALID_INPUT", "input tensor contains NaN or Inf") for ok in finite
         ]
         idx = np.flatnonzero(finite)
         if idx.size:
-            return self._decide_guarded(batch[idx], idx, verdicts)
+            return self._decide_guarded(batch, idx, verdicts)
         return verdicts  # type: ignore[return-value]
 
     def _decide_guarded(self, batch: np.ndarray, where, verdicts: list) -> list[Verdict]:
-        """``verdicts`` with the decisions on ``batch`` (the inputs at positions ``where``) filled in; any
-        exception rejects all of them with ``GUARD_ERROR`` (fail closed: no label leaves without every
+        """``verdicts`` with the decisions on ``batch[where]`` (``where`` None: the whole batch) filled in;
+        any exception rejects all of them with ``GUARD_ERROR`` (fail closed: no label leaves without every
         check having run)."""
+        where = range(batch.shape[0]) if where is None else where
         try:
-            for i, v in zip(where, self._decide(batch)):
+            for i, v in zip(where, self._decide(batch if isinstance(where, range) else batch[where])):
                 verdicts[i] = v
         except Exception as exc:
             log.exception("guard error")
@@ -496,17 +498,27 @@ class Guard:
             raise RuntimeError(f"engine guard output shape {out.guard.shape} does not fit a batch of {n}")
         rows = np.asarray(out.guard).tolist()  # Python floats: the float32 values exactly
         logit_rows = np.asarray(out.logits).tolist()
-        finite = self._columns["finite"]
-        verdicts: list[Verdict | None] = [None] * n
+        finite, position = self._columns["finite"], self._columns["reference_position"]
+        verdicts: list[Verdict] = []
         for i in range(n):
+            row, logits = rows[i], logit_rows[i]
             # the graph's finiteness test (logits, CAM, early); the logits the host reads too
-            if not (rows[i][finite] == 1.0 and all(map(math.isfinite, logit_rows[i]))):
-                verdicts[i] = _non_finite_output()  # its own input only, not its batch-mates
+            if not (row[finite] == 1.0 and all(map(math.isfinite, logits))):
+                verdicts.append(_non_finite_output())  # its own input only, not its batch-mates
+                continue
+            # the graph compared the CAM with the reference of the real class its ArgMax chose: it must
+            # be the class these logits predict (the first largest real logit), or its numbers are not
+            # this image's
+            real_logits = [logits[k] for k in self._real]
+            expected = max(range(len(real_logits)), key=real_logits.__getitem__)
+            if row[position] != expected:
+                verdicts.append(Verdict.rejected("GUARD_ERROR", "the engine's guard output does not fit its logits"))
+                continue
+            verdicts.append(self._verdict_of_row(row, logits, out.cam[i], expected))
         timings = {"engine": (t1 - t0) * 1e3, "guard": (time.perf_counter() - t1) * 1e3}
-        for i in range(n):
-            if verdicts[i] is None:
-                verdicts[i] = self._verdict_of_row(rows[i], logit_rows[i], out.cam[i], timings)
-        return verdicts  # type: ignore[return-value]
+        for v in verdicts:
+            v.timings_ms = dict(timings)
+        return verdicts
 
     def _judge(self, out, n: int, t0: float, t1: float) -> list[Verdict]:
         """Scores, p-values and the decision for finite engine outputs of ``n`` inputs, vectorised (the
@@ -545,7 +557,7 @@ class Guard:
         verdicts = []
         for i in range(n):
             cls_idx = pred_real[i]
-            reasons = [r for r, f in zip(("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH"), flags[i]) if f]
+            reasons = [r for r, f in zip(REASON_OF_CHECK, flags[i]) if f]
             failed = [name for name, f in zip(MEASURES, failed_rows[i]) if f]
             accepted = not reject[i]
             verdicts.append(
@@ -570,12 +582,13 @@ class Guard:
             )
         return verdicts
 
-    def _verdict_of_row(self, row: list, logits: list, cam: np.ndarray, timings: dict) -> Verdict:
-        """One image's verdict from its ``guard`` row and logits (finite), as :meth:`_judge` gives it."""
+    def _verdict_of_row(self, row: list, logits: list, cam: np.ndarray, position: int) -> Verdict:
+        """One image's verdict from its ``guard`` row and logits (finite; ``position``: the predicted real
+        class among the real classes), as :meth:`_judge` gives it."""
         m = len(MEASURES)
         c = self._columns
         pred = max(range(len(logits)), key=logits.__getitem__)  # the first largest, as argmax
-        cls_idx = self._real[int(round(row[c["reference_position"]]))]
+        cls_idx = self._real[position]
         pms = [_p_value(v) for v in row[m : 2 * m]]
         p = {
             "garbage": _p_value(row[c["garbage.p"]]),
@@ -615,11 +628,8 @@ class Guard:
             detail=""
             if accepted
             else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
-            timings_ms=dict(timings),
         )
 
-
-REASON_OF_CHECK = ("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH")
 
 
 def _non_finite_output() -> Verdict:
@@ -627,5 +637,6 @@ def _non_finite_output() -> Verdict:
 
 
 def _p_value(x: float) -> float:
-    """A p-value read from the engine: NaN (or anything not above 0) is 0, i.e. rejects (fail closed)."""
-    return x if x > 0.0 else 0.0
+    """A p-value read from the engine, fail closed: NaN, ±Inf and anything not above 0 are 0 (reject), as
+    :func:`~gamguard.runtime.checks.graph.engine_pvalues`."""
+    return x if 0.0 < x < math.inf else 0.0

@@ -153,11 +153,53 @@ def test_decide_rows_on_extreme_engine_numbers(graph_guard, graph_outputs):
     assert not any(fast[i].accepted for i in range(6))
     assert fast[2].scores[f"attention.{MEASURES[0]}.p"] == 0.0 and MEASURES[0] in fast[2].failed_measures
 
-    # a non-finite logit, or the graph's finiteness flag down: that image only is a GUARD_ERROR
+    assert "GARBAGE_CLASS" in fast[4].reasons and "FEATURE_MISMATCH" in fast[5].reasons
+
+    # a non-finite logit, the graph's finiteness flag down, or a reference class other than the one the
+    # logits predict: that image only is a GUARD_ERROR
     logits[6, 0] = np.nan
     guard_cols[7, col("finite")] = 0.0
+    real = len(graph_guard._real)
+    guard_cols[8, col("reference_position")] = (guard_cols[8, col("reference_position")] + 1) % real
     broken = graph_guard._decide_rows(EngineOutput(logits, out.cam, out.early, guard_cols), n, 0.0, 0.0)
-    assert [v.reasons for v in broken[6:8]] == [["GUARD_ERROR"], ["GUARD_ERROR"]]
-    assert all(v.label is None for v in broken[6:8])
-    _assert_same_verdicts(broken[:6] + broken[8:], fast[:6] + fast[8:])
-    assert "GARBAGE_CLASS" in fast[4].reasons and "FEATURE_MISMATCH" in fast[5].reasons
+    assert [v.reasons for v in broken[6:9]] == [["GUARD_ERROR"]] * 3
+    assert all(v.label is None for v in broken[6:9])
+    _assert_same_verdicts(broken[:6] + broken[9:], fast[:6] + fast[9:])
+
+
+def test_engine_pvalues_that_are_not_finite_reject(graph_guard, graph_outputs):
+    """An infinite p-value is as wrong as a NaN (a p-value is at most 1): both paths reject on it."""
+    out = graph_outputs
+    n = out.logits.shape[0]
+    accepted = [i for i, v in enumerate(graph_guard._decide_rows(out, n, 0.0, 0.0)) if v.accepted]
+    assert accepted
+    col = GUARD_COLUMNS.index
+    for column in ("feature.p", "garbage.p", f"attention.{MEASURES[3]}.p"):
+        guard_cols = np.array(out.guard, np.float32, copy=True)
+        guard_cols[accepted, col(column)] = np.inf
+        bad = EngineOutput(out.logits, out.cam, out.early, guard_cols)
+        fast, reference = graph_guard._decide_rows(bad, n, 0.0, 0.0), graph_guard._judge(bad, n, 0.0, 0.0)
+        assert not any(fast[i].accepted for i in accepted), column
+        _assert_same_verdicts(fast, reference)
+
+
+def test_attention_p_one_equals_the_vectorised_p(graph_guard):
+    null = graph_guard.calibration.null.attention
+    rng = np.random.default_rng(8)
+    pm = rng.uniform(0.0, 1.0, (2000, M)) ** 4
+    pm[:50, 2] = 0.0
+    for row, expected in zip(pm.tolist(), null.p(pm).tolist()):
+        assert null.p_one(row) == pytest.approx(expected, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("policy", ["calibrated", "strict"])
+def test_decision_rule_fails_closed_on_a_nan(graph_guard, policy):
+    """Its callers never pass a NaN; if one did, the check it belongs to fails (it is written as
+    "not passing", not as "below the level")."""
+    cal = graph_guard.calibration
+    for check in CHECKS:
+        rule = DecisionRule(checks=check, policy=policy, alpha=cal.alpha, cut=cal.cuts[check], null=cal.null)
+        p = {c: 1.0 for c in CHECKS}
+        p[check] = float("nan")
+        d = rule(p, False, [1.0] * M)
+        assert d.reject and getattr(d, check), (policy, check)

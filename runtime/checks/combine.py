@@ -353,7 +353,8 @@ class DecisionRule:
     few numbers per image. Python floats instead of numpy arrays, because for the one to eight images
     of a serving batch numpy's per-call overhead, not the arithmetic, is the cost (several hundred
     microseconds per batch once the engine has left the CPU caches cold). Same comparisons, same
-    float64 arithmetic, same result as :func:`decide` (``tests/test_decision_rule.py`` holds them equal)."""
+    float64 arithmetic, the same decisions as :func:`decide` (``tests/test_decision_rule.py`` holds them
+    equal)."""
 
     def __init__(self, *, checks: str, policy: str, alpha: float, cut: ConformalCut | None, null: NullModel):
         self.enforced = frozenset(checks.split("+"))
@@ -377,12 +378,13 @@ class DecisionRule:
         """``p``: check → p-value (never NaN: see :func:`~.graph.scores_from_graph`); ``measures``: the
         attention measures' p-values in MEASURES order."""
         lv, enforced = self.levels, self.enforced
+        # written as "not passing" so that a NaN fails (decide()'s callers never pass one; fail closed anyway)
         if self.policy == "calibrated":
-            att, feat = p["attention"] < lv["attention"], p["feature"] < lv["feature"]
-            low_garbage = p["garbage"] < lv["garbage"]
+            att, feat = not p["attention"] >= lv["attention"], not p["feature"] >= lv["feature"]
+            low_garbage = not p["garbage"] >= lv["garbage"]
         else:
-            att, feat = p["attention"] <= lv["attention"], p["feature"] <= lv["feature"]
-            low_garbage = p["garbage"] <= lv["garbage"]
+            att, feat = not p["attention"] > lv["attention"], not p["feature"] > lv["feature"]
+            low_garbage = not p["garbage"] > lv["garbage"]
         garbage = "garbage" in enforced and (garbage_pred or low_garbage)
         att = att and "attention" in enforced
         feat = feat and "feature" in enforced

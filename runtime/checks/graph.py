@@ -186,6 +186,13 @@ def guarded_model_bytes(bundle_dir, calibration) -> bytes:
     return guarded_model(onnx.load(str(Path(bundle_dir) / MODEL_FILE)), calibration).SerializeToString()
 
 
+def engine_pvalues(p: np.ndarray) -> np.ndarray:
+    """p-values read from the engine, fail closed: NaN, ±Inf and anything not above 0 become 0 (reject).
+    (A p-value is never negative or infinite; an engine that says so has gone wrong.)"""
+    p = np.asarray(p, np.float64)
+    return np.where(np.isfinite(p) & (p > 0.0), p, 0.0)
+
+
 def scores_from_graph(guard: np.ndarray, logits: np.ndarray, calibration):
     """``(ScoreSet, PValues)`` from the ``guard`` output, as :func:`score_outputs` and
     :meth:`NullModel.pvalues` give them on the host (the attention p-value is computed here from the
@@ -209,13 +216,12 @@ def scores_from_graph(guard: np.ndarray, logits: np.ndarray, calibration):
         garbage_pred=garbage_pred,
         garbage_margin=g[:, col("garbage_margin")],
     )
-    # fmax(NaN, 0) is 0: a p-value that is not a number rejects (p-values are never negative)
-    pm = np.fmax(g[:, m : 2 * m], 0.0)
+    pm = engine_pvalues(g[:, m : 2 * m])
     pvalues = PValues(
         measures=pm,
         attention=calibration.null.attention_p(pm),
-        feature=np.fmax(g[:, col("feature.p")], 0.0),
-        garbage=np.fmax(g[:, col("garbage.p")], 0.0),
+        feature=engine_pvalues(g[:, col("feature.p")]),
+        garbage=engine_pvalues(g[:, col("garbage.p")]),
         garbage_pred=garbage_pred,
     )
     return scores, pvalues

@@ -79,8 +79,9 @@ class TailPValue:
 
     def one(self, value: float) -> float:
         """:meth:`__call__` for one Python float (serving: one image at a time, without numpy's per-call
-        overhead). The same arithmetic as ``np.interp`` between the knots (``tests/test_calibration.py``
-        holds both equal)."""
+        overhead). The same arithmetic as ``np.interp`` between the knots (bit-equal there); beyond the
+        last knot ``math.exp`` may differ from numpy's vectorised ``exp`` in the last bit
+        (``tests/test_calibration.py`` holds both equal to 1e-12)."""
         if not math.isfinite(value):
             return 0.0
         knots, last = self._knot_list, len(self._knot_list) - 1

@@ -226,8 +226,8 @@ def check_plan_compatibility(
         )
     if section.get("guard_graph") and section.get("guard_columns") != list(GUARD_COLUMNS):
         raise PlanMismatch(
-            "model.plan carries the guard subgraph of another gamguard version (its guard columns differ "
-            "from this version's); rebuild it with `gamguard build-engine --guard-graph`"
+            "model.plan carries a guard subgraph whose columns are not recorded (built by an earlier gamguard) "
+            "or differ from the ones this version reads; rebuild it with `gamguard build-engine --guard-graph`"
         )
     if built.gpu != device.gpu:
         log.warning(

@@ -55,7 +55,7 @@ def plan_status(bundle_dir: str | Path, manifest: dict) -> tuple[bool, str]:
     if section.get("guard_graph") and section.get("reference_sha256") != files.get(REFERENCE_FILE):
         return False, "model.plan carries the guard subgraph of an earlier calibration (stale)"
     if section.get("guard_graph") and section.get("guard_columns") != list(GUARD_COLUMNS):
-        return False, "model.plan carries the guard subgraph of another gamguard version (stale)"
+        return False, "model.plan carries a guard subgraph with unrecorded or other columns (stale)"
     return True, (
         f"model.plan ({section.get('precision')}, TensorRT {section.get('tensorrt_version')}, "
         f"{section.get('gpu')} sm {section.get('compute_capability')})"
