@@ -52,7 +52,6 @@ from .checks import (
     CHECKS,
     CalibrationData,
     DecisionRule,
-    check_levels,
     checks_key,
     conformal_statistic,
     decide,
@@ -184,16 +183,16 @@ class Guard:
         self.alpha = calibration.alpha
         self.cut = calibration.cuts[enforced_checks]
         self.level = self.cut.threshold if policy == "calibrated" else self.alpha
-        # each check's own p-value level: its share w_i t* of the cut (calibrated), alpha (strict)
-        self.check_levels = (
-            check_levels(calibration.combination, enforced_checks, self.level)
-            if policy == "calibrated"
-            else {c: self.alpha for c in CHECKS}
+        # the decision for one image (the per-image form of decide(), _decide_rows), with each check's own
+        # p-value level: its share w_i t* of the cut (calibrated), alpha (strict)
+        self._rule = DecisionRule(
+            checks=enforced_checks, policy=policy, alpha=self.alpha, cut=self.cut, null=calibration.null
         )
+        self.check_levels = dict(self._rule.levels)
         self._raw_thresholds = {int(c): calibration.raw_thresholds(int(c), self.check_levels) for c in calibration.real}
         # Everything a verdict carries that does not depend on the input, built once (hot path):
         # the score names in verdict order and, per predicted real class, the full thresholds dict.
-        self._measure_level = calibration.null.measure_level(self.check_levels["attention"])
+        self._measure_level = self._rule.measure_level
         self._score_keys = (
             ["garbage_prob", "garbage_margin", "garbage.p"]
             + [k for m in MEASURES for k in (f"attention.{m}", f"attention.{m}.p")]
@@ -212,10 +211,6 @@ class Guard:
             if policy == "calibrated":
                 t.update({"combined_p": self.level, "conformal_p": self.alpha})
             self._thresholds[c] = t
-        # the per-image form of decide() for engines that compute the checks' arithmetic (_decide_rows)
-        self._rule = DecisionRule(
-            checks=enforced_checks, policy=policy, alpha=self.alpha, cut=self.cut, null=calibration.null
-        )
         self._real = [int(c) for c in calibration.real]
         self._real_names = [self.class_names[c] for c in self._real]
         self._ref_cams = {c: calibration.ref_cam_for(c) for c in self._real}
@@ -629,7 +624,6 @@ class Guard:
             if accepted
             else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
         )
-
 
 
 def _non_finite_output() -> Verdict:
