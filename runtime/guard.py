@@ -509,7 +509,7 @@ class Guard:
             if row[position] != expected:
                 verdicts.append(Verdict.rejected("GUARD_ERROR", "the engine's guard output does not fit its logits"))
                 continue
-            verdicts.append(self._verdict_of_row(row, logits, out.cam[i], expected))
+            verdicts.append(self._verdict_of_row(row, logits, real_logits, out.cam[i], expected))
         timings = {"engine": (t1 - t0) * 1e3, "guard": (time.perf_counter() - t1) * 1e3}
         for v in verdicts:
             v.timings_ms = dict(timings)
@@ -540,7 +540,6 @@ class Guard:
             cols.append(self.cut.p_value(stat)[:, None])  # conformal_p
         score_rows = np.concatenate([np.asarray(c, np.float64) for c in cols], axis=1).tolist()
         prob_rows = real_probs.tolist()
-        real_names = [self.class_names[c] for c in real]
         pred_real = s.pred_real.tolist()
         pred = s.pred.tolist()
         reject = d.reject.tolist()
@@ -548,42 +547,49 @@ class Guard:
         failed_rows = d.failed_measures.tolist()
         t2 = time.perf_counter()
         timings = {"engine": (t1 - t0) * 1e3, "guard": (t2 - t1) * 1e3}
-
-        verdicts = []
-        for i in range(n):
-            cls_idx = pred_real[i]
-            reasons = [r for r, f in zip(REASON_OF_CHECK, flags[i]) if f]
-            failed = [name for name, f in zip(MEASURES, failed_rows[i]) if f]
-            accepted = not reject[i]
-            verdicts.append(
-                Verdict(
-                    accepted=accepted,
-                    label=self.class_names[cls_idx] if accepted else None,
-                    label_index=cls_idx if accepted else None,
-                    probabilities=dict(zip(real_names, prob_rows[i])) if accepted else None,
-                    reasons=reasons,
-                    failed_measures=failed,
-                    scores=dict(zip(self._score_keys, score_rows[i])),
-                    thresholds=dict(self._thresholds[cls_idx]),
-                    cam=np.asarray(out.cam[i], np.float32),
-                    reference_cam=cal.ref_cam_for(cls_idx),
-                    predicted_index=pred[i],
-                    reference_index=cls_idx,
-                    detail=""
-                    if accepted
-                    else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
-                    timings_ms=dict(timings),
-                )
+        return [
+            self._verdict(
+                not reject[i],
+                pred_real[i],
+                pred[i],
+                dict(zip(self._real_names, prob_rows[i])),
+                [r for r, f in zip(REASON_OF_CHECK, flags[i]) if f],
+                [name for name, f in zip(MEASURES, failed_rows[i]) if f],
+                score_rows[i],
+                out.cam[i],
+                timings,
             )
-        return verdicts
+            for i in range(n)
+        ]
 
-    def _verdict_of_row(self, row: list, logits: list, cam: np.ndarray, position: int) -> Verdict:
-        """One image's verdict from its ``guard`` row and logits (finite; ``position``: the predicted real
-        class among the real classes), as :meth:`_judge` gives it."""
+    def _verdict(self, accepted, cls_idx, pred, probabilities, reasons, failed, scores, cam, timings=None) -> Verdict:
+        """The verdict of one image from its decision: the label and probabilities only when accepted;
+        ``scores`` in :attr:`_score_keys` order."""
+        return Verdict(
+            accepted=accepted,
+            label=self.class_names[cls_idx] if accepted else None,
+            label_index=cls_idx if accepted else None,
+            probabilities=probabilities if accepted else None,
+            reasons=reasons,
+            failed_measures=failed,
+            scores=dict(zip(self._score_keys, scores)),
+            thresholds=dict(self._thresholds[cls_idx]),
+            cam=np.asarray(cam, np.float32),
+            reference_cam=self._ref_cams[cls_idx],
+            predicted_index=pred,
+            reference_index=cls_idx,
+            detail=""
+            if accepted
+            else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
+            timings_ms=dict(timings or {}),
+        )
+
+    def _verdict_of_row(self, row: list, logits: list, real_logits: list, cam: np.ndarray, position: int) -> Verdict:
+        """One image's verdict from its ``guard`` row and logits (finite; ``real_logits``: those of the real
+        classes; ``position``: the predicted real class among them), as :meth:`_judge` gives it."""
         m = len(MEASURES)
         c = self._columns
         pred = max(range(len(logits)), key=logits.__getitem__)  # the first largest, as argmax
-        cls_idx = self._real[position]
         pms = [_p_value(v) for v in row[m : 2 * m]]
         p = {
             "garbage": _p_value(row[c["garbage.p"]]),
@@ -597,32 +603,21 @@ class Guard:
         scores += (p["attention"], row[c["feature"]], p["feature"], d.combined_p)
         if d.conformal_p is not None:
             scores.append(d.conformal_p)
-        reasons = [r for r, f in zip(REASON_OF_CHECK, (d.garbage, d.attention, d.feature)) if f]
-        failed = [MEASURES[j] for j in d.failed_measures]
-        accepted = not d.reject
         probabilities = None
-        if accepted:  # softmax over the real classes, in float64 as softmax() computes it
-            real_logits = [logits[k] for k in self._real]
+        if not d.reject:  # softmax over the real classes, in float64 as softmax() computes it
             top = max(real_logits)
             e = [math.exp(v - top) for v in real_logits]
             total = sum(e)
             probabilities = {name: v / total for name, v in zip(self._real_names, e)}
-        return Verdict(
-            accepted=accepted,
-            label=self.class_names[cls_idx] if accepted else None,
-            label_index=cls_idx if accepted else None,
-            probabilities=probabilities,
-            reasons=reasons,
-            failed_measures=failed,
-            scores=dict(zip(self._score_keys, scores)),
-            thresholds=dict(self._thresholds[cls_idx]),
-            cam=np.asarray(cam, np.float32),
-            reference_cam=self._ref_cams[cls_idx],
-            predicted_index=pred,
-            reference_index=cls_idx,
-            detail=""
-            if accepted
-            else "rejected: " + ", ".join(reasons) + (f" ({', '.join(failed)})" if failed else ""),
+        return self._verdict(
+            not d.reject,
+            self._real[position],
+            pred,
+            probabilities,
+            [r for r, f in zip(REASON_OF_CHECK, (d.garbage, d.attention, d.feature)) if f],
+            [MEASURES[j] for j in d.failed_measures],
+            scores,
+            cam,
         )
 
 
