@@ -205,22 +205,41 @@ def test_decide_reasons_follow_the_failing_pvalues():
 
 
 # ---------------------------------------------------------------------------------------------- features
-def test_feature_reference_is_class_conditional_mahalanobis():
+def test_feature_reference_is_class_conditional_mahalanobis_of_the_polar_form():
     from sklearn.covariance import LedoitWolf
 
     rng = np.random.default_rng(4)
     base = rng.normal(size=(2, 4, 3, 3)).astype(np.float32)  # two classes, D = 36
     labels = rng.integers(0, 2, 400)
-    train = base[labels] + 0.3 * rng.normal(size=(400, 4, 3, 3)).astype(np.float32)
+    train = base[labels] * rng.uniform(0.8, 1.2, (400, 1, 1, 1)).astype(np.float32)
+    train += 0.3 * rng.normal(size=(400, 4, 3, 3)).astype(np.float32)
     ref = FeatureReference.fit(train, labels)
-    # the score is min over classes of (x - mu_k)^T S^-1 (x - mu_k), S sklearn's Ledoit-Wolf covariance
-    x = train.reshape(400, -1).astype(np.float64)
-    mus = np.stack([x[labels == k].mean(0) for k in (0, 1)])
-    prec = np.linalg.inv(LedoitWolf(assume_centered=True).fit(x - mus[labels]).covariance_)
+    assert ref.to_arrays()["feature_kind"] == "mahalanobis_polar_ledoit_wolf"
+
+    def parts(a):  # direction u = x / |x| and log-norm l
+        a = a.reshape(len(a), -1).astype(np.float64)
+        norm = np.linalg.norm(a, axis=1, keepdims=True)
+        return a / norm, np.log(norm[:, 0])
+
+    # score = min over classes of (u - mu_k)^T S^-1 (u - mu_k) + (l - m_k)^2 / v: S sklearn's Ledoit-Wolf
+    # covariance of the class-centred directions, v the pooled within-class variance of the log-norms
+    u, ln = parts(train)
+    mus = np.stack([u[labels == k].mean(0) for k in (0, 1)])
+    ms = np.array([ln[labels == k].mean() for k in (0, 1)])
+    prec = np.linalg.inv(LedoitWolf(assume_centered=True).fit(u - mus[labels]).covariance_)
+    v = np.mean((ln - ms[labels]) ** 2)
+
+    def want(a):
+        ua, la = parts(a)
+        d = ua[:, None] - mus[None]
+        return (np.einsum("nkd,de,nke->nk", d, prec, d) + (la[:, None] - ms[None]) ** 2 / v).min(axis=1)
+
     test = base[[0, 1, 1]] + 0.3 * rng.normal(size=(3, 4, 3, 3)).astype(np.float32)
-    d = test.reshape(3, 1, -1) - mus[None]
-    want = np.einsum("nkd,de,nke->nk", d, prec, d).min(axis=1)
-    assert np.allclose(ref.score(test), want, rtol=1e-3)
+    assert np.allclose(ref.score(test), want(test), rtol=1e-3)
+    # the overall scale of the activations moves only the log-norm term: a much weaker (nearly
+    # featureless) input with the usual layout is still far
+    assert np.allclose(ref.score(3.0 * test), want(3.0 * test), rtol=1e-3)
+    assert ref.score(0.05 * test).min() > 10 * ref.score(test).max()
     # in-distribution scores are near D (chi-square); structure changes are far above
     same = ref.score(base[labels[:50]] + 0.3 * rng.normal(size=(50, 4, 3, 3)).astype(np.float32))
     rotated = ref.score(
@@ -234,6 +253,30 @@ def test_feature_reference_is_class_conditional_mahalanobis():
     assert ref.score(bad)[0] == np.inf
     back = FeatureReference.from_arrays(ref.to_arrays())
     assert np.array_equal(back.score(train[:5]), ref.score(train[:5]))
+
+
+def test_feature_reference_of_a_bundle_calibrated_on_raw_features_is_still_served_raw():
+    """Bundles calibrated before unit length (feature_kind mahalanobis_ledoit_wolf) keep their meaning."""
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(4, 2, 2, 2)).astype(np.float32)
+    a = rng.normal(size=(8, 8))
+    w = np.linalg.cholesky(a @ a.T + 8 * np.eye(8)).astype(np.float32)
+    means = rng.normal(size=(2, 8)).astype(np.float32)
+    arrays = {
+        "feature_kind": np.asarray("mahalanobis_ledoit_wolf"),
+        "feature_whitener": w,
+        "feature_means_white": means @ w,
+        "feature_means": means,
+        "feature_shape": np.asarray([2, 2, 2]),
+        "feature_shrinkage": np.asarray(0.1),
+        "feature_n": np.asarray(300),
+    }
+    raw = FeatureReference.from_arrays(arrays)
+    assert not raw.normalize and raw.to_arrays()["feature_kind"] == "mahalanobis_ledoit_wolf"
+    x = train.reshape(4, -1) @ w
+    want = ((x[:, None] - (means @ w)[None]) ** 2).sum(2).min(1)
+    assert np.allclose(raw.score(train), want, rtol=1e-4)
+    assert not np.allclose(raw.score(3.0 * train), raw.score(train), rtol=1e-2)
 
 
 def test_old_feature_reference_is_refused_with_a_recalibrate_message():

@@ -134,7 +134,7 @@ def test_decide_rows_gives_the_reference_verdicts(graph_guard, graph_outputs, po
 
 
 def test_decide_rows_on_extreme_engine_numbers(graph_guard, graph_outputs):
-    """p-values that are NaN, negative or 0, a garbage argmax, a p-value exactly on its level: the
+    """p-values that are NaN, negative or 0, a garbage argmax, a p-value just below its level: the
     same verdicts as the reference, and none of them accepted where a check must fail."""
     out = graph_outputs
     guard_cols = np.array(out.guard, np.float32, copy=True)
@@ -145,7 +145,10 @@ def test_decide_rows_on_extreme_engine_numbers(graph_guard, graph_outputs):
     guard_cols[2, M] = np.nan  # one measure's p-value
     guard_cols[3, col("garbage.p")] = 0.0
     logits[4, graph_guard.garbage_index] = logits[4].max() + 5.0  # the garbage class wins
-    guard_cols[5, col("feature.p")] = graph_guard.check_levels["feature"]  # exactly on the level: fails
+    # the largest float32 below the feature level (rounding the level itself to float32 may go either way)
+    level32 = np.float32(graph_guard.check_levels["feature"])
+    below = level32 if level32 < graph_guard.check_levels["feature"] else np.nextafter(level32, np.float32(0))
+    guard_cols[5, col("feature.p")] = below  # just below its level: fails
     extreme = EngineOutput(logits, out.cam, out.early, guard_cols)
     n = logits.shape[0]
     fast = graph_guard._decide_rows(extreme, n, 0.0, 0.0)

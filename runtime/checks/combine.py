@@ -53,7 +53,7 @@ COMBINATION_RULE = "weighted_bonferroni_min"
 #: scripts/choose_combination.py). The feature check gets most of the budget; the garbage and attention
 #: checks keep a share that lets strong evidence of theirs reject on its own (and a garbage argmax
 #: always rejects).
-DEFAULT_WEIGHTS = {"garbage": 0.05, "attention": 0.05, "feature": 0.9}
+DEFAULT_WEIGHTS = {"garbage": 0.01, "attention": 0.01, "feature": 0.98}
 
 #: weights of a bundle whose calibration facts record none (calibrated before weights existed): equal
 #: weights, i.e. the plain minimum of the p-values it was calibrated with

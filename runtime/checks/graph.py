@@ -44,6 +44,7 @@ import numpy as np
 
 from .. import similarity as sim
 from ..similarity import HIGHER_IS_SIMILAR, MEASURES
+from .feature import NORM_EPS
 
 GUARD_OUTPUT = "guard"
 #: Columns of the ``guard`` output, in order.
@@ -463,11 +464,14 @@ _WHITENER_BLOCKS = 4
 
 def _feature_score(b: _Builder, early: str, ref) -> str:
     """:meth:`FeatureReference.score` ``[N, 1]`` from its arrays: ``min_k |x W - m_k|^2`` (whitener ``W``,
-    whitened class means ``m_k``)."""
+    whitened class means ``m_k``; ``x`` the early features, in polar form unless the reference is raw)."""
     w = np.asarray(ref.whitener, np.float32)
     means = np.asarray(ref.means_white, np.float32)  # [K, D]
     d = w.shape[0]
-    x = b.op("Reshape", early, b.i64([-1, d]))  # [N, D]
+    x = b.op("Reshape", early, b.i64([-1, int(np.prod(ref.shape))]))  # [N, D]
+    if ref.normalize:  # polar form (FeatureReference): direction and log-norm, [N, D + 1]
+        norm = b.op("Max", b.op("ReduceL2", x, b.i64([1]), keepdims=1), b.const(NORM_EPS))
+        x = b.op("Concat", b.op("Div", x, norm), b.op("Log", norm), axis=1)
     # W is lower triangular (a Cholesky factor): column block [lo, hi) of x W only needs x[:, lo:] and
     # W[lo:, lo:hi]. Four blocks read 5/8 of W; at batch 1 the product is bound by reading W (4 MiB for
     # D = 1024), and in the fused model that read comes from memory rather than cache.
