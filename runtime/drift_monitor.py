@@ -13,15 +13,19 @@ Two sequential tests follow the stream of verdicts, one verdict at a time, and r
    on exchangeable data is in control. Each check's rejections get the same CUSUM, for diagnosis: a
    check fires only when the verdict is a rejection, so its statistic never exceeds the overall one
    and costs no false alarms of its own.
-2. **Score shift** — the combined statistic ``s`` of each verdict (``combined_p``, the weighted
-   minimum ``min_i p_i / w_i`` of the enforced checks' p-values; 0 for the garbage class: what the
-   conformal cut thresholds) is ranked among the calibration's conformal scores *and every earlier
-   score of the stream*. While calibration and stream are exchangeable these online conformal
-   p-values are independent and (conservatively) uniform (Vovk, Gammerman & Shafer, *Algorithmic
-   Learning in a Random World*, 2005, ch. 7), so ``log f(u)`` with the power calibrator
+2. **Score shift** — the *monitored statistic* of each verdict, ``m = k · min_i p_i`` over the ``k``
+   enforced checks' p-values (0 for the garbage class), is ranked among the calibration's conformal
+   part's and *every earlier score of the stream*. While calibration and stream are exchangeable these
+   online conformal p-values are independent and (conservatively) uniform (Vovk, Gammerman & Shafer,
+   *Algorithmic Learning in a Random World*, 2005, ch. 7), so ``log f(u)`` with the power calibrator
    ``f(u) = kappa u^(kappa - 1)`` is the log of a test-martingale factor, and its CUSUM is the
-   score-shift statistic. It sees a stream
-   whose scores are all a little less typical than calibration, not only the rejections.
+   score-shift statistic. It sees a stream whose scores are all a little less typical than
+   calibration, not only the rejections. Why every check at equal weight and not the decision's
+   statistic (``combined_p = min_i p_i / w_i``): the decision's weights are chosen for ranking
+   off-distribution inputs and give most of the budget to one check, so a shift in what the other
+   checks see (the model looking at other places: the attention check) would barely move it; drift is
+   about any check leaving its calibrated distribution. The rejection-rate CUSUM above follows the
+   decisions themselves.
 
 Why a CUSUM and not a windowed exact binomial test: the CUSUM's false-alarm probability has a
 closed-form bound for any horizon and it needs no window: it accumulates a small excess over as many
@@ -117,6 +121,25 @@ SKIPPED_REASONS = frozenset({"INVALID_INPUT", "GUARD_ERROR"})  # faults, not dec
 REASON_OF_CHECK = {"garbage": "GARBAGE_CLASS", "attention": "ATTENTION_MISMATCH", "feature": "FEATURE_MISMATCH"}
 
 
+def monitored_statistic(reasons, scores: dict, checks) -> float | None:
+    """The score-shift CUSUM's statistic of one verdict: ``k · min_i p_i`` over the ``k`` enforced
+    ``checks`` (``scores["<check>.p"]``), 0 for a garbage-class rejection; None when a p-value is missing."""
+    if "GARBAGE_CLASS" in reasons:
+        return 0.0
+    try:
+        return len(checks) * min(float(scores[f"{c}.p"]) for c in checks)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def monitored_statistic_of_scores(calibration, scores, checks: str) -> np.ndarray:
+    """:func:`monitored_statistic` of raw calibration scores (a ScoreSet): equal weights, so
+    :func:`~gamguard.runtime.checks.combine.combined_statistic` with :data:`EQUAL`."""
+    from .checks.combine import EQUAL, combined_statistic
+
+    return np.asarray(combined_statistic(calibration.null.pvalues(scores), checks, EQUAL), np.float64)
+
+
 @dataclass(frozen=True)
 class DriftReference:
     """What the monitor compares the stream with, all from the bundle's calibration."""
@@ -124,7 +147,7 @@ class DriftReference:
     alpha: float
     policy: str
     checks: tuple[str, ...]  # enforced checks
-    conformal_stats: np.ndarray  # combined statistic of the calibration's conformal part (any order)
+    conformal_stats: np.ndarray  # monitored statistic of the calibration's conformal part (any order)
     reference_rate: float  # p0: the in-control rejection rate (an upper bound of the bundle's own)
     calibrated_per_check: dict  # the bundle's measured (cross-fitted) per-check rates, for display
     horizon: int = DEFAULT_HORIZON
@@ -153,7 +176,7 @@ class DriftReference:
         enforced-checks key the guard serves with."""
         cal = manifest.get("calibration") or {}
         alpha = float(calibration.alpha)
-        stats = np.asarray(calibration.cuts[checks].stats, np.float64)
+        stats = monitored_statistic_of_scores(calibration, calibration.conformal_scores, checks)
         measured = ((cal.get("measured_by_checks") or {}).get(checks) or {}).get(policy) or {}
         if policy == "calibrated":
             p0 = calibrated_rate_bound(alpha, stats.size)
@@ -225,7 +248,7 @@ class DriftMonitor:
         return cls(reference, **kw)
 
     def observe(self, reasons, scores: dict | None, *, time: str | None = None) -> None:
-        """One verdict: its rejection ``reasons`` (empty when accepted) and ``scores`` (``combined_p``)."""
+        """One verdict: its rejection ``reasons`` (empty when accepted) and ``scores`` (``<check>.p``)."""
         with self._lock:
             self._observe(set(reasons or ()), scores or {}, time)
 
@@ -233,9 +256,9 @@ class DriftMonitor:
         if reasons & SKIPPED_REASONS:
             self.n_skipped += 1
             return
-        s = 0.0 if "GARBAGE_CLASS" in reasons else scores.get("combined_p")
-        if s is None or not math.isfinite(float(s)):
-            self.n_skipped += 1  # a verdict without its combined statistic cannot be ranked
+        s = monitored_statistic(reasons, scores, self.reference.checks)
+        if s is None or not math.isfinite(s):
+            self.n_skipped += 1  # a verdict without its checks' p-values cannot be ranked
             return
         self.n += 1
         rejected = bool(reasons)
@@ -316,5 +339,6 @@ class DriftMonitor:
                 "false_alarm": ref.false_alarm,
                 "calibration_confidence": CALIBRATION_CONFIDENCE,
                 "method": "Bernoulli CUSUM of rejections against the calibration's rate bound; CUSUM of a "
-                "power calibrator on online conformal ranks of the combined statistic; threshold log(2T/false_alarm)",
+                "power calibrator on online conformal ranks of k·min of the enforced checks' p-values; "
+                "threshold log(2T/false_alarm)",
             }

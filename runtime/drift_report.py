@@ -1,7 +1,7 @@
 """``gamguard drift``: replay a server's audit log through the drift monitor, after the fact.
 
 Each verdict line of the audit log (:mod:`gamguard.runtime.server.audit`) carries its rejection
-``reasons`` and ``scores`` (``combined_p`` among them), the enforced ``checks`` and the
+``reasons`` and ``scores`` (every check's p-value among them), the enforced ``checks`` and the
 ``bundle_hash``; the monitor (:mod:`gamguard.runtime.drift_monitor`) is fed the lines of one bundle in file
 order — the order the server's own monitor saw them — so the replay reaches the same statistics and
 flag (as one stream: where the server restarted, and its monitor with it, the replay goes on). The
@@ -210,7 +210,8 @@ the CUSUM looks for p1 = {result["alternative_rate"]:.1%}.</p>
 <table><tr><th>statistic</th><th>now</th><th>highest</th><th>threshold</th></tr>
 <tr><td>rejection-rate CUSUM (Bernoulli, p0 → p1)</td><td>{st["rejection_rate"]:.2f}</td>
 <td>{mx["rejection_rate"]:.2f}</td><td>{result["threshold"]:.2f}</td></tr>
-<tr><td>score-shift CUSUM (online conformal ranks of the combined statistic)</td><td>{st["score_shift"]:.2f}</td>
+<tr><td>score-shift CUSUM (online conformal ranks of k · min of the checks' p-values)</td>
+<td>{st["score_shift"]:.2f}</td>
 <td>{mx["score_shift"]:.2f}</td><td>{result["threshold"]:.2f}</td></tr></table>
 <p>On in-distribution traffic the flag rises within {result["horizon"]:,} verdicts with probability at most
 {result["false_alarm"] + result["calibration_confidence"]:.1%}: {result["false_alarm"]:.1%} for the two

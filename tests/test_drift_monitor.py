@@ -10,6 +10,7 @@ from gamguard.runtime.drift_monitor import (
     DriftReference,
     alarm_threshold,
     calibrated_rate_bound,
+    monitored_statistic,
     online_conformal_pvalues,
 )
 
@@ -28,8 +29,13 @@ def _reference(conformal, **kw):
     )
 
 
+def _scores(s):
+    """Verdict scores whose monitored statistic (3 · the smallest check p-value) is ``s``."""
+    return {"garbage.p": s, "attention.p": s / 3, "feature.p": 0.9}
+
+
 def _feed(monitor, stream, garbage=None, seed=0):
-    """Serve ``stream`` (combined statistics) as the calibrated guard would: reject below the cut."""
+    """Serve ``stream`` (monitored statistics) as the calibrated guard would: reject below the cut."""
     rng = np.random.default_rng(seed)
     stats = np.sort(monitor.reference.conformal_stats)
     cut = stats[int(math.floor(ALPHA * (stats.size + 1) + 1e-9)) - 1]
@@ -40,7 +46,7 @@ def _feed(monitor, stream, garbage=None, seed=0):
             reasons = ["ATTENTION_MISMATCH"] if rng.random() < 0.5 else ["FEATURE_MISMATCH"]
         else:
             reasons = []
-        monitor.observe(reasons, {"combined_p": float(s)})
+        monitor.observe(reasons, _scores(float(s)))
     return monitor
 
 
@@ -116,6 +122,27 @@ def test_faults_are_not_counted():
     m = DriftMonitor(_reference(np.linspace(0.001, 1, 500)))
     m.observe(["INVALID_INPUT"], {})
     m.observe(["GUARD_ERROR"], {})
-    m.observe([], {"combined_p": 0.5})
+    m.observe([], _scores(0.5))
     st = m.state()
     assert (st["n"], st["n_skipped"], st["rejection_rate"]) == (1, 2, 0.0)
+
+
+def test_monitored_statistic_is_every_enforced_check_at_equal_weight():
+    """k · min_i p_i over the enforced checks, whatever weights the decision uses: a shift in one check's
+    p-values moves it (and so the score-shift CUSUM) even when that check has a small share of the decision."""
+    checks = ("garbage", "attention", "feature")
+    scores = {"garbage.p": 0.6, "attention.p": 0.02, "feature.p": 0.3, "combined_p": 0.3}
+    assert monitored_statistic([], scores, checks) == pytest.approx(3 * 0.02)
+    assert monitored_statistic([], scores, ("garbage", "feature")) == pytest.approx(2 * 0.3)
+    assert monitored_statistic(["GARBAGE_CLASS"], scores, checks) == 0.0
+    assert monitored_statistic([], {"feature.p": 0.3}, checks) is None  # cannot be ranked: skipped
+    # calibration: three independent uniform p-values; the stream: the attention check's p-values shift
+    rng = np.random.default_rng(7)
+    calib = 3 * rng.random((500, 3)).min(axis=1)
+    m = DriftMonitor(_reference(calib))
+    for i in range(3000):
+        p = rng.random(3)
+        if i >= 1000:
+            p[1] = p[1] ** 3  # attention: less typical than calibration
+        m.observe([], {"garbage.p": p[0], "attention.p": p[1], "feature.p": p[2]})
+    assert m.drift and m.alarm["at"] > 1000 and m.alarm["by"] == ["score_shift"], m.state()

@@ -13,8 +13,9 @@ GetModelInfo), and reports:
   * a rejection-rate CUSUM: the guard's rejections against the highest in-distribution rate the
     bundle's own calibration can give (p0, a Beta bound of the split-conformal cut's rate) versus
     a doubled rate;
-  * a score-shift CUSUM: each verdict's combined statistic ranked among the calibration's and
-    every earlier verdict's (online conformal p-values, uniform while the stream is exchangeable
+  * a score-shift CUSUM: each verdict's monitored statistic (k * the smallest of its k enforced
+    checks' p-values: every check at equal weight) ranked among the calibration's and every
+    earlier verdict's (online conformal p-values, uniform while the stream is exchangeable
     with the calibration), turned into evidence by a power calibrator;
   * the drift flag: raised (and kept) when either statistic reaches the threshold
     h = log(2 * horizon / false-alarm), so that in-distribution traffic raises it within --horizon
