@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +136,27 @@ def test_dicom_efficiency_rows(quick_result):
     dicom = quick_result["dicom"]
     assert dicom["goal_min_ratio"] == 0.7
     assert _finite_positive(dicom["durable_write_ms"]) and _finite_positive(dicom["results_ms_per_image"])
+    # the SCU: dcmtk's storescu where installed (as .ci/run does), else pynetdicom's
+    assert dicom["client"] == ("storescu" if shutil.which("storescu") else "pynetdicom")
+
+
+def test_dicom_client_choice_and_a_failing_storescu_round(tmp_path):
+    from gamguard.runtime.dicomnode import bench as dicom_bench
+
+    with pytest.raises(ValueError, match="unknown DICOM benchmark client"):
+        dicom_bench.resolve_client("dcmsend")
+    assert dicom_bench.resolve_client("pynetdicom") == "pynetdicom"
+    if not shutil.which("storescu"):
+        pytest.skip("storescu not installed (apt-get install dcmtk)")
+    assert dicom_bench.resolve_client("auto") == "storescu"
+    paths = [str(p) for p in dicom_bench._write_payloads(tmp_path, bench.phantom_images(1))]
+    import socket
+
+    with socket.socket() as free:  # a port nobody listens on: storescu exits non-zero, the round says so
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    with pytest.raises(RuntimeError, match="storescu exited"):
+        dicom_bench._storescu_round(port, paths, 1, 1)
 
 
 def test_machine_facts_recorded(quick_result):

@@ -58,11 +58,12 @@ Sections of the result (``run_bench`` returns one JSON-able dict, format :data:`
   ``grpc_mean_batch``) are counted over the timed requests only: the client process signals when its
   channels are connected and warm, and waits for the go.
 
-* ``dicom_efficiency`` — images per second over C-STORE (``gamguard dicom-node``, pynetdicom SCUs in
-  a spawned process, 1 and 4 concurrent associations) over the same DICOM images through gRPC
-  ``Verify`` at the same concurrency, medians of interleaved rounds; goal ratio >= 0.7. Beside it, a
-  do-nothing pynetdicom SCP with the same SCUs (``null_scp_ips``) and the ratio that leaves if the node
-  added nothing (``ratio_if_node_free``). See :mod:`gamguard.runtime.dicomnode.bench`.
+* ``dicom_efficiency`` — images per second over C-STORE (``gamguard dicom-node``; dcmtk ``storescu``
+  processes where installed, else pynetdicom SCUs, started from a spawned process; 1 and 4 concurrent
+  associations) over the same DICOM images through gRPC ``Verify`` at the same concurrency, medians of
+  interleaved rounds; goal ratio >= 0.7. Beside it, a do-nothing pynetdicom SCP with the same SCUs
+  (``null_scp_ips``) and the ratio that leaves if the node added nothing (``ratio_if_node_free``).
+  ``dicom.client`` names the SCU. See :mod:`gamguard.runtime.dicomnode.bench`.
 
 GPU: ``providers`` (e.g. ``"cuda"``, ``"tensorrt,cuda"``) selects the ONNX Runtime provider chain for
 the guard and the logits-only session alike; the providers actually used are recorded in ``machine``.
@@ -122,6 +123,7 @@ class BenchConfig:
     repeats: int | None = None  # timed rounds per case (default: 5 quick, 30 full)
     grpc_rounds: int | None = None  # interleaved gRPC / in-process rounds per level (1 quick, 3 full)
     skip: tuple[str, ...] = ()  # sections to skip: "pytorch", "grpc", "dicom"
+    dicom_client: str = "auto"  # C-STORE client of dicom_efficiency: auto (storescu if installed), storescu, pynetdicom
     arithmetic: str | None = None  # where the checks' arithmetic runs: auto (default), graph, host
     progress: Callable[[str], None] | None = None  # progress lines (the CLI prints them to stderr)
 
@@ -242,7 +244,7 @@ def _run_bench(cfg: BenchConfig) -> dict:
     else:
         from gamguard.runtime.dicomnode.bench import measure_dicom
 
-        dicom = measure_dicom(guard, bundle_dir, images, DICOM_LEVELS, cfg.quick, progress)
+        dicom = measure_dicom(guard, bundle_dir, images, DICOM_LEVELS, cfg.quick, progress, cfg.dicom_client)
         result["dicom_efficiency"] = dicom.pop("rows")
         result["dicom"] = dicom
     facts["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -434,6 +436,7 @@ def format_tables(result: dict) -> str:
     lines += ["", "DICOM node efficiency (goal ≥ 0.70): C-STORE images/s / gRPC Verify images/s, same DICOM images"]
     if result.get("dicom_efficiency"):
         lines.append("  CPU ratio = gRPC server CPU per image / DICOM node CPU per image (clients excluded)")
+        lines.append(f"  C-STORE client: {result['dicom'].get('client', '?')}")
         lines.append("  pynetdicom alone = img/s of a do-nothing pynetdicom SCP with the same SCUs")
         lines.append("  if node free = estimated ratio if the node added nothing to that and to the verification")
         lines.append(

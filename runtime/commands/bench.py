@@ -26,6 +26,7 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
                               / in-process guarded calls on the very batches the server formed;
                               also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
   dicom_efficiency            C-STORE images/s to the DICOM node over gRPC Verify images/s (1, 4 associations;
+                              dcmtk storescu as the client where installed, see --dicom-client;
                               goal >= 0.7)
 
 Progress goes to stderr; --json prints one JSON object on stdout. Benchmarks are not tests: the
@@ -71,6 +72,14 @@ def add_arguments(parser):
     parser.add_argument("--clients", default="1,4,16", help="concurrent gRPC clients (default 1,4,16)")
     parser.add_argument(
         "--skip", action="append", choices=("pytorch", "grpc", "dicom"), default=[], help="skip a section (repeatable)"
+    )
+    parser.add_argument(
+        "--dicom-client",
+        choices=("auto", "storescu", "pynetdicom"),
+        default="auto",
+        help="the C-STORE client of dicom_efficiency: dcmtk's storescu (a native DICOM stack, as consoles "
+        "have) or pynetdicom's SCU (Python; its own cost slows the C-STORE side); auto (default) = storescu "
+        "when installed",
     )
     parser.add_argument(
         "--large",
@@ -138,6 +147,13 @@ def run(args) -> int:
         raise CommandError("--repeats must be >= 1")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise CommandError(f"--checkpoint {args.checkpoint}: file not found")
+    if "dicom" not in args.skip:
+        from gamguard.runtime.dicomnode.bench import resolve_client
+
+        try:  # before minutes of other sections
+            resolve_client(args.dicom_client)
+        except ValueError as exc:
+            raise CommandError(f"--dicom-client: {exc}") from None
     cfg = BenchConfig(
         bundle=Path(args.bundle) if args.bundle else None,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
@@ -149,6 +165,7 @@ def run(args) -> int:
         batches=_ints(args.batches, "--batches"),
         clients=_ints(args.clients, "--clients"),
         skip=tuple(args.skip),
+        dicom_client=args.dicom_client,
         large=args.large,
         arithmetic=args.arithmetic,
         zoo=args.zoo,

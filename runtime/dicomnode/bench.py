@@ -2,17 +2,23 @@
 
 The same DICOM files (phantoms, DX, 12 bits) go to
 
-* a :class:`~gamguard.runtime.dicomnode.node.BackgroundNode` on loopback, sent by pynetdicom Storage
-  SCUs — ``associations`` concurrent associations, one thread each;
+* a :class:`~gamguard.runtime.dicomnode.node.BackgroundNode` on loopback, sent by Storage SCUs —
+  ``associations`` concurrent associations, each storing its files one after the other;
 * a :class:`~gamguard.runtime.server.background.BackgroundServer` (gRPC ``Verify``), sent by as many
   concurrent :class:`~gamguard.runtime.server.client.GuardClient` threads;
 * a do-nothing pynetdicom Storage SCP (answers Success, looks at nothing), sent by the same SCUs: the
-  cost of pynetdicom's transport alone, on both ends, which no work in the node can remove;
+  cost of pynetdicom's transport alone, which no work in the node can remove;
 
 both servers with the same guard and data-plane settings, the node with its defaults (no debug
 logging), the clients in one spawned process (as real consoles and clients are other processes), the
 three interleaved round by round so that drift in machine load hits all of them. ``ratio`` = C-STORE
 images/s over gRPC images/s (medians of the rounds).
+
+The SCU (``client``): dcmtk's ``storescu`` where it is installed — a native DICOM stack, as an X-ray
+console has, one process per association sending its files over one association — else pynetdicom's
+(one thread per association; a Python SCU whose reactor polls in 1 ms sleeps, so it slows the C-STORE
+side by its own cost on the same CPUs). ``--dicom-client`` picks one. With ``storescu`` the per-image
+latency is its association's time over its files (process start and association set-up included).
 
 A C-STORE is answered once the image is durable in the journal and queued for the engine, before its
 verdict; ``cstore_ips`` counts an image only when its verdict exists (a round ends when the last one
@@ -21,7 +27,7 @@ are built after the association (``results_ms_per_image``, reported beside: it b
 not the console). ``ratio_if_node_free`` = ``1 / (1 + grpc_ips / null_scp_ips)`` estimates the ratio
 if the node added nothing to pynetdicom's transport and the data plane's verification: one image's
 time = the do-nothing SCP's time per image + gRPC ``Verify``'s (in turn at one association, on the same
-CPUs at four). An estimate, not a bound: both times include the client threads and the loopback, so
+CPUs at four). An estimate, not a bound: both times include the client and the loopback, so
 on a loaded machine the measured ratio can come out above it.
 """
 
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +44,21 @@ from pathlib import Path
 import numpy as np
 
 GOAL_MIN_RATIO = 0.7
+CLIENTS = ("auto", "storescu", "pynetdicom")
+
+
+def resolve_client(client: str = "auto") -> str:
+    """``storescu`` (dcmtk) when ``auto`` finds it on PATH, else ``pynetdicom``; an explicit choice is
+    checked."""
+    if client not in CLIENTS:
+        raise ValueError(f"unknown DICOM benchmark client {client!r} (one of {', '.join(CLIENTS)})")
+    if client == "auto":
+        return "storescu" if shutil.which("storescu") else "pynetdicom"
+    if client == "storescu" and not shutil.which("storescu"):
+        raise ValueError(
+            "storescu not found on PATH: install dcmtk (apt-get install dcmtk) or use --dicom-client pynetdicom"
+        )
+    return client
 
 
 def _cstore_round(
@@ -72,6 +95,34 @@ def _cstore_round(
     finally:
         for a in assocs:
             a.release()
+
+
+def _storescu_round(
+    port: int, paths: list[str], associations: int, per_association: int
+) -> tuple[float, list[float], float]:
+    """:func:`_cstore_round` with dcmtk's ``storescu``: ``associations`` processes at once, each sending
+    ``per_association`` files over one association (it stops at the first failed store and exits
+    non-zero). Latency per image: the process's time over its files. Runs in the client process."""
+    import resource
+
+    def send(k: int) -> float:
+        files = [paths[(k * per_association + j) % len(paths)] for j in range(per_association)]
+        cmd = ["storescu", "-aet", "BENCHSCU", "-aec", "GAMGUARD", "127.0.0.1", str(port), *files]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"storescu exited {done.returncode}: {done.stderr.decode(errors='replace')[-500:]}")
+        return (time.perf_counter() - t0) * 1e3 / per_association
+
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(associations) as pool:
+        per_image_ms = list(pool.map(send, range(associations)))
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    n = associations * per_association
+    cpu_ms = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1e3 / n
+    return n / wall, [ms for ms in per_image_ms for _ in range(per_association)], cpu_ms
 
 
 def _write_payloads(folder: Path, images) -> list[Path]:
@@ -128,9 +179,9 @@ def _until_verdicts(scp, timeout_s: float = 600.0) -> float:
     return time.perf_counter() - t0
 
 
-def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress) -> dict:
+def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress, client: str = "auto") -> dict:
     """Rows ``{associations, ratio, cstore_ips, grpc_ips, null_scp_ips, ratio_if_node_free, ...}`` and the
-    journal and results costs."""
+    journal and results costs; ``client``: the SCU (:func:`resolve_client`)."""
     from gamguard.runtime.bench.serving import _grpc_round
     from gamguard.runtime.server.background import BackgroundServer
     from gamguard.runtime.server.config import ServeConfig
@@ -138,6 +189,9 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
     from .config import DicomNodeConfig
     from .node import BackgroundNode
 
+    client = resolve_client(client)
+    scu_round = _storescu_round if client == "storescu" else _cstore_round
+    progress(f"dicom: C-STORE client {client}")
     tmp = tempfile.TemporaryDirectory(prefix="gamguard-bench-dicom-")
     folder = Path(tmp.name)
     paths = _write_payloads(folder, images)
@@ -162,8 +216,8 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
             results_s, results_n = 0.0, 0
             for n in levels:
                 per = max(6 if quick else 16, (24 if quick else 96) // n)
-                pool.submit(_cstore_round, node.port, file_list, n, 2).result(600)  # warm
-                pool.submit(_cstore_round, null_scp.port, file_list, n, 2).result(600)
+                pool.submit(scu_round, node.port, file_list, n, 2).result(600)  # warm
+                pool.submit(scu_round, null_scp.port, file_list, n, 2).result(600)
                 pool.submit(_grpc_round, server.target, payloads, n, 2).result(600)
                 node.node.wait_results_built(600)
                 measured: dict[str, list] = {"dicom": [], "grpc": [], "null": []}
@@ -177,7 +231,7 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
                             ips, lat, client_cpu = pool.submit(_grpc_round, server.target, payloads, n, per).result(600)
                         else:
                             port = node.port if which == "dicom" else null_scp.port
-                            ips, lat, client_cpu = pool.submit(_cstore_round, port, file_list, n, per).result(600)
+                            ips, lat, client_cpu = pool.submit(scu_round, port, file_list, n, per).result(600)
                         acked_ips = ips
                         if which == "dicom":
                             # the node answers before the verdict: the round ends when every image
@@ -216,7 +270,7 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
                     # server-side CPU per image (the node vs the gRPC server, clients excluded)
                     "cstore_cpu_ms": round(median("dicom", 2), 2),
                     "grpc_cpu_ms": round(median("grpc", 2), 2),
-                    # the clients' CPU per image (pynetdicom SCU vs gRPC client), on the same machine
+                    # the clients' CPU per image (the SCU vs the gRPC client), on the same machine
                     "cstore_client_cpu_ms": round(median("dicom", 3), 2),
                     "grpc_client_cpu_ms": round(median("grpc", 3), 2),
                 }
@@ -235,6 +289,7 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
         tmp.cleanup()
     return {
         "rows": rows,
+        "client": client,
         "rounds": rounds,
         "durable_write_ms": round(fsync_ms, 2),
         "goal_min_ratio": GOAL_MIN_RATIO,
