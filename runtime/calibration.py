@@ -484,6 +484,7 @@ def calibrate_bundle(
         "reference_counts": {class_names[c]: int(refs.counts[p]) for p, c in enumerate(real)},
         "reference_fallback_all_images": refs.fallback,
         "reference_accuracy": refs.accuracy,
+        "feature_reference": refs.feature.facts(),
         "heldout_accuracy": float(np.mean(held.pred == held.label)),
         "heldout_garbage_rate": float(np.mean(held.garbage_pred)),
         "policy": guard_section["policy"],

@@ -374,6 +374,11 @@ def test_separate_reference_set_holds_out_every_calibration_image(copy_bundle):
     assert split["reference_set"] == {"kind": "phantoms", "seed": 6}
     with np.load(b / "reference.npz") as z:
         assert z["null_feature"].size + z["conformal_feature"].size == 80
+        # bundle.json says, for people, which feature score the arrays hold (fitted on the reference images)
+        facts = manifest["calibration"]["feature_reference"]
+        assert facts["kind"] == str(z["feature_kind"]) == "mahalanobis_polar_ledoit_wolf"
+        assert facts["n"] == 60 and facts["dimension"] == z["feature_whitener"].shape[0]
+        assert facts["dimension"] == int(np.prod(facts["early_shape"])) + 1  # direction and log-norm
     bundle_mod.load_manifest(b)  # calibrated, hashes consistent
     with pytest.raises(CalibrationError, match="reference labels"):
         calibrate_bundle(

@@ -133,6 +133,19 @@ class FeatureReference:
         out[~np.isfinite(out)] = np.inf
         return out
 
+    def facts(self) -> dict:
+        """What ``bundle.json`` says about it (``calibration.feature_reference``; the arrays are in
+        ``reference.npz``)."""
+        return {
+            "kind": self.kind,
+            "score": "min_k |(u, log|x|) W - m_k|^2, u = x/|x|" if self.normalize else "min_k |x W - m_k|^2",
+            "early_shape": list(self.shape),
+            "dimension": int(self.whitener.shape[0]),
+            "classes": int(self.means.shape[0]),
+            "ledoit_wolf_shrinkage": round(self.shrinkage, 6),
+            "n": self.n,
+        }
+
     def to_arrays(self, prefix: str = "feature_") -> dict[str, np.ndarray]:
         return {
             f"{prefix}kind": np.asarray(self.kind),
