@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,17 +138,27 @@ def test_dicom_efficiency_rows(quick_result):
     assert dicom["goal_min_ratio"] == 0.7
     assert _finite_positive(dicom["durable_write_ms"]) and _finite_positive(dicom["results_ms_per_image"])
     # the SCU: dcmtk's storescu where installed (as .ci/run does), else pynetdicom's
-    assert dicom["client"] == ("storescu" if shutil.which("storescu") else "pynetdicom")
+    from gamguard.runtime.dicomnode.bench import dcmtk_storescu
+
+    assert dicom["client"] == ("storescu" if dcmtk_storescu() else "pynetdicom")
 
 
-def test_dicom_client_choice_and_a_failing_storescu_round(tmp_path):
+def test_dicom_client_choice_and_a_failing_storescu_round(tmp_path, monkeypatch):
     from gamguard.runtime.dicomnode import bench as dicom_bench
 
     with pytest.raises(ValueError, match="unknown DICOM benchmark client"):
         dicom_bench.resolve_client("dcmsend")
     assert dicom_bench.resolve_client("pynetdicom") == "pynetdicom"
-    if not shutil.which("storescu"):
-        pytest.skip("storescu not installed (apt-get install dcmtk)")
+    # pynetdicom's own app named storescu (in this environment's bin/, first on PATH here) is never taken
+    # for dcmtk's: it answers differently and exits 0 on refused stores
+    venv_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    dicom_bench.dcmtk_storescu.cache_clear()
+    found = dicom_bench.dcmtk_storescu()
+    assert found is None or not found.startswith(str(Path(sys.prefix).resolve()))
+    if found is None:
+        pytest.skip("dcmtk's storescu not installed (apt-get install dcmtk)")
+    assert b"dcmtk" in subprocess.run([found, "--version"], capture_output=True).stdout
     assert dicom_bench.resolve_client("auto") == "storescu"
     paths = [str(p) for p in dicom_bench._write_payloads(tmp_path, bench.phantom_images(1))]
     import socket

@@ -34,8 +34,8 @@ on a loaded machine the measured ratio can come out above it.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
-import shutil
 import subprocess
 import tempfile
 import time
@@ -47,16 +47,40 @@ GOAL_MIN_RATIO = 0.7
 CLIENTS = ("auto", "storescu", "pynetdicom")
 
 
+@functools.lru_cache(maxsize=1)
+def dcmtk_storescu() -> str | None:
+    """Absolute path of dcmtk's ``storescu`` on PATH, or None. pynetdicom installs a Python app of the same
+    name (into the virtual environment, or ``/usr/local/bin``): it is skipped by its answer to
+    ``--version``, which for dcmtk's names dcmtk."""
+    import os
+    import sys
+
+    for folder in os.get_exec_path():
+        candidate = Path(folder) / "storescu"
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        if Path(sys.prefix).resolve() in candidate.resolve().parents:  # this environment's pynetdicom app
+            continue
+        try:
+            done = subprocess.run([str(candidate), "--version"], capture_output=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if b"dcmtk" in done.stdout + done.stderr:
+            return str(candidate.resolve())
+    return None
+
+
 def resolve_client(client: str = "auto") -> str:
-    """``storescu`` (dcmtk) when ``auto`` finds it on PATH, else ``pynetdicom``; an explicit choice is
+    """``storescu`` (dcmtk's) when ``auto`` finds it on PATH, else ``pynetdicom``; an explicit choice is
     checked."""
     if client not in CLIENTS:
         raise ValueError(f"unknown DICOM benchmark client {client!r} (one of {', '.join(CLIENTS)})")
     if client == "auto":
-        return "storescu" if shutil.which("storescu") else "pynetdicom"
-    if client == "storescu" and not shutil.which("storescu"):
+        return "storescu" if dcmtk_storescu() else "pynetdicom"
+    if client == "storescu" and not dcmtk_storescu():
         raise ValueError(
-            "storescu not found on PATH: install dcmtk (apt-get install dcmtk) or use --dicom-client pynetdicom"
+            "dcmtk's storescu not found on PATH (pynetdicom's app of that name does not count): install dcmtk "
+            "(apt-get install dcmtk) or use --dicom-client pynetdicom"
         )
     return client
 
@@ -102,12 +126,19 @@ def _storescu_round(
 ) -> tuple[float, list[float], float]:
     """:func:`_cstore_round` with dcmtk's ``storescu``: ``associations`` processes at once, each sending
     ``per_association`` files over one association (it stops at the first failed store and exits
-    non-zero). Latency per image: the process's time over its files. Runs in the client process."""
+    non-zero). Latency per image: the process's time over its files — its start and the association's
+    negotiation included (a few ms, against the other clients, which connect before the clock starts:
+    it counts against the C-STORE side). Runs in the client process."""
     import resource
+
+    storescu = dcmtk_storescu()
+    if storescu is None:
+        raise RuntimeError("dcmtk's storescu is not on PATH")
 
     def send(k: int) -> float:
         files = [paths[(k * per_association + j) % len(paths)] for j in range(per_association)]
-        cmd = ["storescu", "-aet", "BENCHSCU", "-aec", "GAMGUARD", "127.0.0.1", str(port), *files]
+        # -R: propose only the files' own SOP class (not every storage class), as a console would
+        cmd = [storescu, "-R", "-aet", "BENCHSCU", "-aec", "GAMGUARD", "127.0.0.1", str(port), *files]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
         if done.returncode != 0:
