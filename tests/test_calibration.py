@@ -222,12 +222,13 @@ def test_feature_reference_is_class_conditional_mahalanobis_of_the_polar_form():
         return a / norm, np.log(norm[:, 0])
 
     # score = min over classes of (u - mu_k)^T S^-1 (u - mu_k) + (l - m_k)^2 / v: S sklearn's Ledoit-Wolf
-    # covariance of the class-centred directions, v the pooled within-class variance of the log-norms
+    # covariance of the class-centred directions, m_k the class median log-norm, v the pooled within-class
+    # variance of the log-norms from their median absolute deviation
     u, ln = parts(train)
     mus = np.stack([u[labels == k].mean(0) for k in (0, 1)])
-    ms = np.array([ln[labels == k].mean() for k in (0, 1)])
+    ms = np.array([np.median(ln[labels == k]) for k in (0, 1)])
     prec = np.linalg.inv(LedoitWolf(assume_centered=True).fit(u - mus[labels]).covariance_)
-    v = np.mean((ln - ms[labels]) ** 2)
+    v = (1.4826 * np.median(np.abs(ln - ms[labels]))) ** 2
 
     def want(a):
         ua, la = parts(a)
@@ -240,6 +241,11 @@ def test_feature_reference_is_class_conditional_mahalanobis_of_the_polar_form():
     # featureless) input with the usual layout is still far
     assert np.allclose(ref.score(3.0 * test), want(3.0 * test), rtol=1e-3)
     assert ref.score(0.05 * test).min() > 10 * ref.score(test).max()
+    # a few blank reference images (zero activations) do not switch the log-norm term off
+    blank = train.copy()
+    blank[:8] = 0.0
+    robust = FeatureReference.fit(blank, labels)
+    assert robust.score(0.05 * test).min() > 10 * robust.score(test).max()
     # in-distribution scores are near D (chi-square); structure changes are far above
     same = ref.score(base[labels[:50]] + 0.3 * rng.normal(size=(50, 4, 3, 3)).astype(np.float32))
     rotated = ref.score(

@@ -194,9 +194,11 @@ def test_area_matrix_is_opencv_inter_area_when_shrinking(n_in):
 
 
 @pytest.mark.parametrize("triangular", [True, False])
-def test_feature_score_graph_matches_reference_for_any_whitener(guards, triangular):
+@pytest.mark.parametrize("polar", [True, False])
+def test_feature_score_graph_matches_reference_for_any_whitener(guards, triangular, polar):
     """The graph splits a lower-triangular whitener into column blocks; any other whitener is used whole.
-    Both give FeatureReference.score."""
+    Both give FeatureReference.score, on the polar form (what calibration fits) and on the raw features
+    (bundles calibrated before it)."""
     import dataclasses
 
     import onnxruntime as ort
@@ -205,6 +207,10 @@ def test_feature_score_graph_matches_reference_for_any_whitener(guards, triangul
     from gamguard.runtime.checks.graph import _Builder, _feature_score
 
     ref = guards[0].calibration.feature_ref
+    assert ref.normalize and ref.whitener.shape[0] == int(np.prod(ref.shape)) + 1
+    if not polar:  # the raw kind: [D, D], no direction / log-norm in the graph
+        d = int(np.prod(ref.shape))
+        ref = dataclasses.replace(ref, whitener=ref.whitener[:d, :d], means=ref.means[:, :d], normalize=False)
     d = ref.whitener.shape[0]
     rng = np.random.default_rng(3)
     w = np.tril(ref.whitener) if triangular else ref.whitener + rng.normal(0, 1e-3, (d, d)).astype(np.float32)
@@ -226,3 +232,4 @@ def test_feature_score_graph_matches_reference_for_any_whitener(guards, triangul
     want = ref.score(early)
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert sum(n.op_type == "MatMul" for n in b.nodes) == (4 if triangular else 1)
+    assert any(n.op_type == "ReduceL2" for n in b.nodes) == polar

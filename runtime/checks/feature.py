@@ -10,8 +10,10 @@ Score (Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution
 Adversarial Attacks", NeurIPS 2018 — the strongest simple detector on radiographs in Wollek et al.
 2024 — on the features in polar form): with ``x`` the flattened ``early`` output (``D = C·h·w`` values;
 the fused model average-pools the activations to a small grid), its direction ``u = x / |x|`` and
-log-norm ``l = log |x|`` (``|x|`` at least ``eps``), one mean ``(mu_k, m_k)`` per real class, ONE tied
-covariance ``S`` of the directions and one pooled within-class variance ``v`` of the log-norms,
+log-norm ``l = log |x|`` (``|x|`` at least ``eps``), per real class the mean direction ``mu_k`` and the
+median log-norm ``m_k``, ONE tied covariance ``S`` of the directions and one pooled within-class variance
+``v`` of the log-norms, estimated robustly (``v = (1.4826 · median |l - m_k|)^2``, the normal-consistent
+median absolute deviation: a few blank or faint reference images must not inflate it),
 
     feature(x) = min_k [ (u - mu_k)^T S^-1 (u - mu_k) + (l - m_k)^2 / v ]    (higher = more dissimilar)
 
@@ -61,6 +63,8 @@ KIND = "mahalanobis_polar_ledoit_wolf"
 RAW_KIND = "mahalanobis_ledoit_wolf"
 #: the smallest norm a feature vector is divided by (an all-zero vector: direction 0, log-norm log(eps))
 NORM_EPS = 1e-12
+#: the median absolute deviation of a normal distribution times this is its standard deviation
+MAD_TO_SD = 1.4826
 
 
 def polar(x: np.ndarray) -> np.ndarray:
@@ -101,9 +105,12 @@ class FeatureReference:
         x = polar(x)
         classes, y = np.unique(labels, return_inverse=True)
         means = np.stack([x[y == k].mean(axis=0) for k in range(classes.size)])
+        # the log-norm's centre and spread robustly (median, MAD): a few blank or faint reference images
+        # (log-norms far below the rest) would otherwise inflate v and switch the term off
+        means[:, -1] = [np.median(x[y == k, -1]) for k in range(classes.size)]
         centred = x - means[y]
         lw = LedoitWolf(assume_centered=True).fit(centred[:, :-1])  # the directions
-        lognorm_var = max(float(np.mean(centred[:, -1] ** 2)), 1e-12)  # pooled within-class
+        lognorm_var = max(float((MAD_TO_SD * np.median(np.abs(centred[:, -1]))) ** 2), 1e-12)  # pooled
         d = x.shape[1]
         precision = np.zeros((d, d))
         precision[:-1, :-1] = np.linalg.inv(lw.covariance_)

@@ -164,7 +164,7 @@ def guard_only_model(calibration, *, n_classes: int, early_shape):
 def resolve_arithmetic(requested: str | None = None) -> str:
     """``graph`` or ``host``. ``auto`` (the default; env ``GAMGUARD_GUARD_ARITHMETIC`` overrides it) is
     ``graph`` on every provider: on GPU providers it keeps the arithmetic on the device, and on ONNX
-    Runtime CPU it measured faster than numpy as well (the feature score's [D, D] MatMul runs in
+    Runtime CPU it measured faster than numpy as well (the feature score's whitener MatMul runs in
     ONNX Runtime's single-threaded kernels instead of numpy's threaded BLAS, and a batch needs no
     Python loop per class); ``gamguard bench`` times both sides on the chosen provider. ``host`` keeps
     the numpy reference on the hot path."""
