@@ -14,7 +14,7 @@ Two sequential tests follow the stream of verdicts, one verdict at a time, and r
    check fires only when the verdict is a rejection, so its statistic never exceeds the overall one
    and costs no false alarms of its own.
 2. **Score shift** — the *monitored statistic* of each verdict, ``m = k · min_i p_i`` over the ``k``
-   enforced checks' p-values (0 for the garbage class), is ranked among the calibration's conformal
+   enforced checks' p-values (0 for a garbage-class argmax), is ranked among the calibration's conformal
    part's and *every earlier score of the stream*. While calibration and stream are exchangeable these
    online conformal p-values are independent and (conservatively) uniform (Vovk, Gammerman & Shafer,
    *Algorithmic Learning in a Random World*, 2005, ch. 7), so ``log f(u)`` with the power calibrator
@@ -121,13 +121,18 @@ SKIPPED_REASONS = frozenset({"INVALID_INPUT", "GUARD_ERROR"})  # faults, not dec
 REASON_OF_CHECK = {"garbage": "GARBAGE_CLASS", "attention": "ATTENTION_MISMATCH", "feature": "FEATURE_MISMATCH"}
 
 
-def monitored_statistic(reasons, scores: dict, checks) -> float | None:
+def monitored_statistic(scores: dict, checks) -> float | None:
     """The score-shift CUSUM's statistic of one verdict: ``k · min_i p_i`` over the ``k`` enforced
-    ``checks`` (``scores["<check>.p"]``), 0 for a garbage-class rejection; None when a p-value is missing."""
-    if "GARBAGE_CLASS" in reasons:
-        return 0.0
+    ``checks`` (``scores["<check>.p"]``), and 0 when the garbage check is enforced and the argmax is the
+    garbage class (``garbage_margin > 0``) — the same quantity, computed the same way, as
+    :func:`monitored_statistic_of_scores` gives the calibration. None when a score is missing."""
+    from .checks.combine import EQUAL
+
     try:
-        return len(checks) * min(float(scores[f"{c}.p"]) for c in checks)
+        if "garbage" in checks and float(scores["garbage_margin"]) > 0:
+            return 0.0
+        weights = EQUAL.for_checks("+".join(checks))
+        return min(float(scores[f"{c}.p"]) / w for c, w in weights.items())
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -256,7 +261,7 @@ class DriftMonitor:
         if reasons & SKIPPED_REASONS:
             self.n_skipped += 1
             return
-        s = monitored_statistic(reasons, scores, self.reference.checks)
+        s = monitored_statistic(scores, self.reference.checks)
         if s is None or not math.isfinite(s):
             self.n_skipped += 1  # a verdict without its checks' p-values cannot be ranked
             return

@@ -184,7 +184,8 @@ def test_alert_rules_use_series_the_server_exports():
         manifest, CalibrationData.load(bundle, manifest), policy="calibrated", checks="garbage+attention+feature"
     )
     monitor = DriftMonitor(ref)
-    monitor.observe([], dict.fromkeys(("garbage.p", "attention.p", "feature.p"), 0.5))  # rates from the first verdict
+    scores = {"garbage.p": 0.5, "attention.p": 0.5, "feature.p": 0.5, "garbage_margin": -3.0}
+    monitor.observe([], scores)  # the windowed rates exist from the first verdict
     metrics = Metrics()
     metrics.watch_drift(monitor)
     exported = set(re.findall(r"^(gamguard_[a-z_]+)", metrics.exposition().decode(), re.M))

@@ -29,9 +29,9 @@ def _reference(conformal, **kw):
     )
 
 
-def _scores(s):
+def _scores(s, garbage_margin=-5.0):
     """Verdict scores whose monitored statistic (3 · the smallest check p-value) is ``s``."""
-    return {"garbage.p": s, "attention.p": s / 3, "feature.p": 0.9}
+    return {"garbage.p": s, "attention.p": s / 3, "feature.p": 0.9, "garbage_margin": garbage_margin}
 
 
 def _feed(monitor, stream, garbage=None, seed=0):
@@ -46,7 +46,7 @@ def _feed(monitor, stream, garbage=None, seed=0):
             reasons = ["ATTENTION_MISMATCH"] if rng.random() < 0.5 else ["FEATURE_MISMATCH"]
         else:
             reasons = []
-        monitor.observe(reasons, _scores(float(s)))
+        monitor.observe(reasons, _scores(0.0, 2.0) if garbage is not None and garbage[i] else _scores(float(s)))
     return monitor
 
 
@@ -131,11 +131,13 @@ def test_monitored_statistic_is_every_enforced_check_at_equal_weight():
     """k · min_i p_i over the enforced checks, whatever weights the decision uses: a shift in one check's
     p-values moves it (and so the score-shift CUSUM) even when that check has a small share of the decision."""
     checks = ("garbage", "attention", "feature")
-    scores = {"garbage.p": 0.6, "attention.p": 0.02, "feature.p": 0.3, "combined_p": 0.3}
-    assert monitored_statistic([], scores, checks) == pytest.approx(3 * 0.02)
-    assert monitored_statistic([], scores, ("garbage", "feature")) == pytest.approx(2 * 0.3)
-    assert monitored_statistic(["GARBAGE_CLASS"], scores, checks) == 0.0
-    assert monitored_statistic([], {"feature.p": 0.3}, checks) is None  # cannot be ranked: skipped
+    scores = {"garbage.p": 0.6, "attention.p": 0.02, "feature.p": 0.3, "combined_p": 0.3, "garbage_margin": -2.0}
+    assert monitored_statistic(scores, checks) == pytest.approx(3 * 0.02)
+    assert monitored_statistic(scores, ("garbage", "feature")) == pytest.approx(2 * 0.3)
+    # a garbage argmax is 0 (as in the calibration's statistic) only while the garbage check is enforced
+    assert monitored_statistic({**scores, "garbage_margin": 1.5}, checks) == 0.0
+    assert monitored_statistic({**scores, "garbage_margin": 1.5}, ("attention", "feature")) == pytest.approx(0.04)
+    assert monitored_statistic({"feature.p": 0.3}, checks) is None  # cannot be ranked: skipped
     # calibration: three independent uniform p-values; the stream: the attention check's p-values shift
     rng = np.random.default_rng(7)
     calib = 3 * rng.random((500, 3)).min(axis=1)
@@ -144,5 +146,5 @@ def test_monitored_statistic_is_every_enforced_check_at_equal_weight():
         p = rng.random(3)
         if i >= 1000:
             p[1] = p[1] ** 3  # attention: less typical than calibration
-        m.observe([], {"garbage.p": p[0], "attention.p": p[1], "feature.p": p[2]})
+        m.observe([], {"garbage.p": p[0], "attention.p": p[1], "feature.p": p[2], "garbage_margin": -1.0})
     assert m.drift and m.alarm["at"] > 1000 and m.alarm["by"] == ["score_shift"], m.state()
