@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks.combine import EQUAL, REASON_OF_CHECK, combined_statistic
+
 CALIBRATION_CONFIDENCE = 0.005  # chance that a bundle's own false-rejection rate exceeds the rate bound
 DEFAULT_HORIZON = 10_000  # verdicts the false-alarm guarantee covers
 DEFAULT_FALSE_ALARM = 0.005  # family-wise false-alarm probability of both CUSUMs over that horizon
@@ -118,31 +120,31 @@ def online_conformal_pvalues(reference, stream) -> np.ndarray:
 
 WINDOW = 200  # verdicts in the rolling (descriptive) rejection rate
 SKIPPED_REASONS = frozenset({"INVALID_INPUT", "GUARD_ERROR"})  # faults, not decisions of the calibrated checks
-REASON_OF_CHECK = {"garbage": "GARBAGE_CLASS", "attention": "ATTENTION_MISMATCH", "feature": "FEATURE_MISMATCH"}
 
 
-def monitored_statistic(scores: dict, checks) -> float | None:
-    """The score-shift CUSUM's statistic of one verdict: ``k · min_i p_i`` over the ``k`` enforced
-    ``checks`` (``scores["<check>.p"]``), and 0 when the garbage check is enforced and the argmax is the
-    garbage class (``garbage_margin > 0``) — the same quantity, computed the same way, as
-    :func:`monitored_statistic_of_scores` gives the calibration. None when a score is missing."""
-    from .checks.combine import EQUAL
+def monitored_weights(checks) -> dict[str, float]:
+    """The enforced ``checks``' weights in the monitored statistic: all equal (:data:`EQUAL`)."""
+    return EQUAL.for_checks("+".join(checks))
 
+
+def monitored_statistic(scores: dict, weights: dict[str, float]) -> float | None:
+    """The score-shift CUSUM's statistic of one verdict: ``min_i p_i / w_i = k · min_i p_i`` over the
+    ``k`` enforced checks (``weights``: :func:`monitored_weights`; ``scores["<check>.p"]``), and 0 when
+    the garbage check is enforced and the argmax is the garbage class (``garbage_margin > 0``) — the
+    quantity, computed the same way, that :func:`monitored_statistics` gives the calibration. None when
+    a score is missing."""
     try:
-        if "garbage" in checks and float(scores["garbage_margin"]) > 0:
+        if "garbage" in weights and float(scores["garbage_margin"]) > 0:
             return 0.0
-        weights = EQUAL.for_checks("+".join(checks))
         return min(float(scores[f"{c}.p"]) / w for c, w in weights.items())
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def monitored_statistic_of_scores(calibration, scores, checks: str) -> np.ndarray:
-    """:func:`monitored_statistic` of raw calibration scores (a ScoreSet): equal weights, so
-    :func:`~gamguard.runtime.checks.combine.combined_statistic` with :data:`EQUAL`."""
-    from .checks.combine import EQUAL, combined_statistic
-
-    return np.asarray(combined_statistic(calibration.null.pvalues(scores), checks, EQUAL), np.float64)
+def monitored_statistics(calibration, checks: str) -> np.ndarray:
+    """:func:`monitored_statistic` of the calibration's conformal part:
+    :func:`~gamguard.runtime.checks.combine.combined_statistic` with :data:`EQUAL` weights."""
+    return np.asarray(combined_statistic(calibration.conformal_pvalues, checks, EQUAL), np.float64)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ class DriftReference:
         enforced-checks key the guard serves with."""
         cal = manifest.get("calibration") or {}
         alpha = float(calibration.alpha)
-        stats = monitored_statistic_of_scores(calibration, calibration.conformal_scores, checks)
+        stats = monitored_statistics(calibration, checks)
         measured = ((cal.get("measured_by_checks") or {}).get(checks) or {}).get(policy) or {}
         if policy == "calibrated":
             p0 = calibrated_rate_bound(alpha, stats.size)
@@ -228,6 +230,7 @@ class DriftMonitor:
         self._up = bernoulli_llr(True, ref.reference_rate, ref.alternative_rate)
         self._down = bernoulli_llr(False, ref.reference_rate, ref.alternative_rate)
         self._bag = sorted(float(x) for x in ref.conformal_stats)
+        self._weights = monitored_weights(ref.checks)
         self._bag_room = ref.horizon
         self._lock = threading.Lock()
         self.n = 0
@@ -261,7 +264,7 @@ class DriftMonitor:
         if reasons & SKIPPED_REASONS:
             self.n_skipped += 1
             return
-        s = monitored_statistic(scores, self.reference.checks)
+        s = monitored_statistic(scores, self._weights)
         if s is None or not math.isfinite(s):
             self.n_skipped += 1  # a verdict without its checks' p-values cannot be ranked
             return

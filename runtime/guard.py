@@ -50,6 +50,7 @@ from . import bundle as bundle_mod
 from .bundle import BundleError, InputSpec
 from .checks import (
     CHECKS,
+    REASON_OF_CHECK,
     CalibrationData,
     DecisionRule,
     checks_key,
@@ -68,7 +69,7 @@ CLASS_SPECIFIC_THRESHOLDS = frozenset([f"attention.{m}" for m in MEASURES] + ["f
 log = logging.getLogger(__name__)
 
 REASONS = ("GARBAGE_CLASS", "ATTENTION_MISMATCH", "FEATURE_MISMATCH", "INVALID_INPUT", "GUARD_ERROR")
-REASON_OF_CHECK = REASONS[:3]  # the reason each of CHECKS gives when it fails
+CHECK_REASONS = tuple(REASON_OF_CHECK[c] for c in CHECKS)  # in CHECKS order, as decisions' flags come
 POLICIES = ("calibrated", "strict")
 
 
@@ -553,7 +554,7 @@ class Guard:
                 pred_real[i],
                 pred[i],
                 dict(zip(self._real_names, prob_rows[i])),
-                [r for r, f in zip(REASON_OF_CHECK, flags[i]) if f],
+                [r for r, f in zip(CHECK_REASONS, flags[i]) if f],
                 [name for name, f in zip(MEASURES, failed_rows[i]) if f],
                 score_rows[i],
                 out.cam[i],
@@ -614,7 +615,7 @@ class Guard:
             self._real[position],
             pred,
             probabilities,
-            [r for r, f in zip(REASON_OF_CHECK, (d.garbage, d.attention, d.feature)) if f],
+            [r for r, f in zip(CHECK_REASONS, (d.garbage, d.attention, d.feature)) if f],
             [MEASURES[j] for j in d.failed_measures],
             scores,
             cam,

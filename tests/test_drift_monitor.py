@@ -11,6 +11,7 @@ from gamguard.runtime.drift_monitor import (
     alarm_threshold,
     calibrated_rate_bound,
     monitored_statistic,
+    monitored_weights,
     online_conformal_pvalues,
 )
 
@@ -130,14 +131,17 @@ def test_faults_are_not_counted():
 def test_monitored_statistic_is_every_enforced_check_at_equal_weight():
     """k · min_i p_i over the enforced checks, whatever weights the decision uses: a shift in one check's
     p-values moves it (and so the score-shift CUSUM) even when that check has a small share of the decision."""
-    checks = ("garbage", "attention", "feature")
+    weights = monitored_weights(("garbage", "attention", "feature"))
+    assert weights == pytest.approx({"garbage": 1 / 3, "attention": 1 / 3, "feature": 1 / 3})
     scores = {"garbage.p": 0.6, "attention.p": 0.02, "feature.p": 0.3, "combined_p": 0.3, "garbage_margin": -2.0}
-    assert monitored_statistic(scores, checks) == pytest.approx(3 * 0.02)
-    assert monitored_statistic(scores, ("garbage", "feature")) == pytest.approx(2 * 0.3)
+    assert monitored_statistic(scores, weights) == pytest.approx(3 * 0.02)
+    assert monitored_statistic(scores, monitored_weights(("garbage", "feature"))) == pytest.approx(2 * 0.3)
     # a garbage argmax is 0 (as in the calibration's statistic) only while the garbage check is enforced
-    assert monitored_statistic({**scores, "garbage_margin": 1.5}, checks) == 0.0
-    assert monitored_statistic({**scores, "garbage_margin": 1.5}, ("attention", "feature")) == pytest.approx(0.04)
-    assert monitored_statistic({"feature.p": 0.3}, checks) is None  # cannot be ranked: skipped
+    assert monitored_statistic({**scores, "garbage_margin": 1.5}, weights) == 0.0
+    assert monitored_statistic(
+        {**scores, "garbage_margin": 1.5}, monitored_weights(("attention", "feature"))
+    ) == pytest.approx(0.04)
+    assert monitored_statistic({"feature.p": 0.3}, weights) is None  # cannot be ranked: skipped
     # calibration: three independent uniform p-values; the stream: the attention check's p-values shift
     rng = np.random.default_rng(7)
     calib = 3 * rng.random((500, 3)).min(axis=1)

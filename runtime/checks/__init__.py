@@ -24,6 +24,7 @@ from .combine import (
     DEFAULT_WEIGHTS,
     EQUAL,
     LEGACY_WEIGHTS,
+    REASON_OF_CHECK,
     Combination,
     ConformalCut,
     DecisionRule,
@@ -47,6 +48,7 @@ from .scores import SCORE_FIELDS, ScoreSet, real_class_indices, score_outputs, s
 
 __all__ = [
     "CHECKS",
+    "REASON_OF_CHECK",
     "DEFAULT_ALPHA",
     "DEFAULT_WEIGHTS",
     "EQUAL",

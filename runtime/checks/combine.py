@@ -43,6 +43,8 @@ from .pvalues import TailPValue
 from .scores import ScoreSet
 
 CHECKS = ("garbage", "attention", "feature")
+#: the rejection reason each check gives when it fails
+REASON_OF_CHECK = {"garbage": "GARBAGE_CLASS", "attention": "ATTENTION_MISMATCH", "feature": "FEATURE_MISMATCH"}
 
 #: the combination rule's name, as recorded in ``calibration.combination.rule``
 COMBINATION_RULE = "weighted_bonferroni_min"

@@ -46,7 +46,7 @@ class CalibrationData:
         self.null_scores = ScoreSet.from_arrays(arrays, "null_")
         self.conformal_scores = ScoreSet.from_arrays(arrays, "conformal_")
         self.null = NullModel(self.null_scores, len(self.class_names))
-        pv = self.null.pvalues(self.conformal_scores)
+        self.conformal_pvalues = pv = self.null.pvalues(self.conformal_scores)
         self.cuts = {
             key: ConformalCut(combined_statistic(pv, key, self.combination), self.alpha, self.null, self.combination)
             for key in all_check_sets()
