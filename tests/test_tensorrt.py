@@ -180,14 +180,24 @@ def test_plan_status_explains_why_a_plan_is_not_usable(tmp_path):
     ok, why = plan_status(d2, m2)
     assert not ok and "no 'tensorrt' tag" in why
     m2 = dict(m2, tensorrt=tag_section(onnx="stale"))
-    assert plan_status(d2, m2) == (False, "model.plan was built from another model.onnx (stale)")
+    assert plan_status(d2, m2) == (
+        False,
+        "model.plan was built from a different model.onnx than the one in this bundle (stale plan); "
+        "rebuild it with `gamguard build-engine`",
+    )
+    m2 = dict(m2, files={**m2["files"], "reference.npz": "ref-now"})  # calibrated, as a guard-graph plan needs
     m3 = dict(m2, tensorrt=dict(tag_section(onnx=m2["files"]["model.onnx"]), guard_graph=True, reference_sha256="x"))
-    assert plan_status(d2, m3) == (False, "model.plan carries the guard subgraph of an earlier calibration (stale)")
+    assert plan_status(d2, m3) == (
+        False,
+        "model.plan carries the guard subgraph of an earlier calibration (reference.npz changed since); "
+        "rebuild it with `gamguard build-engine --guard-graph`",
+    )
     graph_tag = dict(tag_section(onnx=m2["files"]["model.onnx"]), guard_graph=True)
-    m4 = dict(m2, tensorrt=dict(graph_tag, reference_sha256=m2["files"].get("reference.npz")))  # no guard_columns
+    m4 = dict(m2, tensorrt=dict(graph_tag, reference_sha256="ref-now"))  # no guard_columns
     assert plan_status(d2, m4) == (
         False,
-        "model.plan carries a guard subgraph with unrecorded or other columns (stale)",
+        "model.plan carries a guard subgraph whose columns are not recorded (built by an earlier gamguard) "
+        "or differ from the ones this version reads; rebuild it with `gamguard build-engine --guard-graph`",
     )
 
 

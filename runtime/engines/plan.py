@@ -180,6 +180,31 @@ def make_profile(
     return ShapeProfile((lo, c, h, w), (opt, c, h, w), (hi, c, h, w))
 
 
+def stale_plan_reason(section: dict, onnx_sha256: str | None, reference_sha256: str | None) -> str | None:
+    """Why a tagged plan no longer fits the bundle it sits in (None: it fits): built from another
+    ``model.onnx``, or — with the guard subgraph — from another ``reference.npz`` or computing other
+    ``guard`` columns than this gamguard reads. A digest given as None is not checked. The one rule for
+    serving (:func:`check_plan_compatibility`) and for status (:func:`~.tensorrt.plan_status`)."""
+    if onnx_sha256 is not None and section.get("onnx_sha256") != onnx_sha256:
+        return (
+            "model.plan was built from a different model.onnx than the one in this bundle "
+            "(stale plan); rebuild it with `gamguard build-engine`"
+        )
+    if not section.get("guard_graph"):
+        return None
+    if reference_sha256 is not None and section.get("reference_sha256") != reference_sha256:
+        return (
+            "model.plan carries the guard subgraph of an earlier calibration (reference.npz changed since); "
+            "rebuild it with `gamguard build-engine --guard-graph`"
+        )
+    if section.get("guard_columns") != list(GUARD_COLUMNS):
+        return (
+            "model.plan carries a guard subgraph whose columns are not recorded (built by an earlier gamguard) "
+            "or differ from the ones this version reads; rebuild it with `gamguard build-engine --guard-graph`"
+        )
+    return None
+
+
 def check_plan_compatibility(
     section: dict | None, device: DeviceTag, onnx_sha256: str | None, reference_sha256: str | None = None
 ) -> None:
@@ -210,25 +235,9 @@ def check_plan_compatibility(
             f"but this machine has {device.gpu} (compute capability {device.compute_capability}); "
             "rebuild it here with `gamguard build-engine`"
         )
-    if onnx_sha256 is not None and section.get("onnx_sha256") != onnx_sha256:
-        raise PlanMismatch(
-            "model.plan was built from a different model.onnx than the one in this bundle "
-            "(stale plan); rebuild it with `gamguard build-engine`"
-        )
-    if (
-        section.get("guard_graph")
-        and reference_sha256 is not None
-        and section.get("reference_sha256") != reference_sha256
-    ):
-        raise PlanMismatch(
-            "model.plan carries the guard subgraph of an earlier calibration (reference.npz changed since); "
-            "rebuild it with `gamguard build-engine --guard-graph`"
-        )
-    if section.get("guard_graph") and section.get("guard_columns") != list(GUARD_COLUMNS):
-        raise PlanMismatch(
-            "model.plan carries a guard subgraph whose columns are not recorded (built by an earlier gamguard) "
-            "or differ from the ones this version reads; rebuild it with `gamguard build-engine --guard-graph`"
-        )
+    stale = stale_plan_reason(section, onnx_sha256, reference_sha256)
+    if stale:
+        raise PlanMismatch(stale)
     if built.gpu != device.gpu:
         log.warning(
             "model.plan was built on %s, serving on %s (same compute capability %s): "

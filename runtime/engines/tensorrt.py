@@ -21,7 +21,6 @@ import numpy as np
 from ..bundle import MODEL_FILE, PLAN_FILE, REFERENCE_FILE, BundleError
 from .base import INPUT_NAME, OUTPUT_NAMES, EngineOutput
 from .plan import (
-    GUARD_COLUMNS,
     GUARD_OUTPUT,
     SECTION,
     PlanMismatch,
@@ -32,6 +31,7 @@ from .plan import (
     current_device_tag,
     require_cudart,
     require_tensorrt,
+    stale_plan_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,9 @@ def plan_status(bundle_dir: str | Path, manifest: dict) -> tuple[bool, str]:
         return False, "model.plan is listed but missing"
     if not section:
         return False, "model.plan has no 'tensorrt' tag in bundle.json"
-    if section.get("onnx_sha256") != files.get(MODEL_FILE):
-        return False, "model.plan was built from another model.onnx (stale)"
-    if section.get("guard_graph") and section.get("reference_sha256") != files.get(REFERENCE_FILE):
-        return False, "model.plan carries the guard subgraph of an earlier calibration (stale)"
-    if section.get("guard_graph") and section.get("guard_columns") != list(GUARD_COLUMNS):
-        return False, "model.plan carries a guard subgraph with unrecorded or other columns (stale)"
+    stale = stale_plan_reason(section, files.get(MODEL_FILE), files.get(REFERENCE_FILE))  # as serving checks it
+    if stale:
+        return False, stale
     return True, (
         f"model.plan ({section.get('precision')}, TensorRT {section.get('tensorrt_version')}, "
         f"{section.get('gpu')} sm {section.get('compute_capability')})"
