@@ -4,7 +4,8 @@
 
 EVAL_BUNDLE: a `gamguard evaluate` workdir's bundle (validation-calibrated); PHANTOM_DIR: fresh phantoms
 (`gamguard data synth --out DIR --per-class 500 --seed 424242`), judged by the demo bundle. Streams: the
-PneumoniaMNIST test split in stored order and shuffled (seed 2026), and the phantoms shuffled (seed 1).
+PneumoniaMNIST test split in stored order and shuffled (seed 2026), the phantoms shuffled (seed 1), and
+40 longer streams (3,000 verdicts each) resampled with replacement from the test split's verdicts.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def replay(guard: Guard, images: list, label: str) -> None:
     )
 
 
+def resampled(guard: Guard, images: list, streams: int = 40, length: int = 3000) -> None:
+    """How many of ``streams`` streams of ``length`` verdicts, drawn with replacement (seeds 5000, 5001, ...)
+    from the verdicts of ``images``, raise the flag, and where."""
+    x = preprocess_batch(images, guard.spec)
+    verdicts = [v for i in range(0, len(x), 64) for v in guard.verify_tensor(x[i : i + 64])]
+    flags = []
+    for k in range(streams):
+        monitor = DriftMonitor.for_guard(guard)
+        for j in np.random.default_rng(5000 + k).integers(0, len(verdicts), length):
+            monitor.observe(verdicts[j].reasons, verdicts[j].scores)
+        alarm = monitor.state().get("alarm")
+        if alarm:
+            flags.append(alarm["at"])
+    where = f", median at verdict {int(np.median(flags))}" if flags else ""
+    print(f"\n{len(flags)} of {streams} resampled streams of {length:,} test-split verdicts raise the flag{where}")
+
+
 def main(eval_bundle: Path, phantom_dir: Path) -> None:
     print("| stream | verdicts | rejected | flag | highest statistics (rate / score) |\n|---|---|---|---|---|")
     guard = Guard.from_bundle(eval_bundle)
@@ -50,6 +68,7 @@ def main(eval_bundle: Path, phantom_dir: Path) -> None:
     paths = sorted(phantom_dir.rglob("*.png"))
     paths = [paths[i] for i in np.random.default_rng(1).permutation(len(paths))]
     replay(Guard.from_bundle(None), [decode_file(p).pixels for p in paths], f"{len(paths)} phantoms, shuffled")
+    resampled(guard, test)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 # Kept in sync with gamguard.runtime.demo.phantoms by a test; not imported here so --help stays light.
-_GARBAGE = ("noise", "blobs", "text", "geometric", "knee", "cropped_hand")
+_GARBAGE = ("noise", "blobs", "text", "geometric", "knee", "cropped_hand", "flat")
 _HELD_OUT = ("chest", "rotated_hand", "inverted_hand", "noisy_hand", "texture", "photo")
 
 HELP = "generate demo data: hand radiograph phantoms or off-distribution images"

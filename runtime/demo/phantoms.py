@@ -43,6 +43,8 @@ Off-distribution generators (``ood_image``)
 * ``geometric`` — stripes, checkerboards, circles
 * ``knee`` — another anatomy: knee radiograph phantom (femur, tibia, fibula, patella)
 * ``cropped_hand`` — a badly cropped hand: a zoomed corner of a hand phantom
+* ``flat`` — a featureless frame, as from a blank exposure or a detector fault: a uniform level with a
+  smooth gain variation, noise, and sometimes a collimator edge or detector line defects
 
 ``HELD_OUT_KINDS`` are never used for garbage training; they measure whether the guard catches
 unseen kinds of wrong input:
@@ -69,7 +71,7 @@ import numpy as np
 GENERATOR_VERSION = "1"
 
 CLASS_NAMES: tuple[str, ...] = ("infant", "child", "adolescent", "adult")
-GARBAGE_TRAIN_KINDS: tuple[str, ...] = ("noise", "blobs", "text", "geometric", "knee", "cropped_hand")
+GARBAGE_TRAIN_KINDS: tuple[str, ...] = ("noise", "blobs", "text", "geometric", "knee", "cropped_hand", "flat")
 HELD_OUT_KINDS: tuple[str, ...] = ("chest", "rotated_hand", "inverted_hand", "noisy_hand", "texture", "photo")
 OOD_KINDS: tuple[str, ...] = GARBAGE_TRAIN_KINDS + HELD_OUT_KINDS
 
@@ -513,6 +515,30 @@ def _ood_geometric(rng, size):
     return (lo + (hi - lo) * x).astype(np.float32)
 
 
+def _ood_flat(rng, size):
+    """A featureless frame: blank exposure, unexposed plate or detector fault. Nothing in it is
+    anatomy, so a guard must not serve a label for it; yet it has none of the structure (edges, texture)
+    the other garbage kinds teach the garbage class."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.full((size, size), _uniform(rng, 0.03, 0.97), np.float32)
+    # smooth gain variation: a heel-effect ramp and a vignette, a few per cent of the level
+    a = _uniform(rng, 0, 2 * math.pi)
+    img += _uniform(rng, -0.08, 0.08) * ((xx - 0.5) * math.cos(a) + (yy - 0.5) * math.sin(a))
+    img -= _uniform(rng, 0, 0.1) * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
+    if rng.random() < 0.4:  # a collimator leaf: one side of a straight edge at another level
+        b = _uniform(rng, 0, 2 * math.pi)
+        side = (xx - 0.5) * math.cos(b) + (yy - 0.5) * math.sin(b) > _uniform(rng, 0.15, 0.45)
+        img[side] = _uniform(rng, 0.0, 1.0)
+    if rng.random() < 0.3:  # dead or hot detector lines
+        for _ in range(int(rng.integers(1, 4))):
+            i = int(rng.integers(size))
+            line = img[i, :] if rng.random() < 0.5 else img[:, i]
+            line[:] = _uniform(rng, 0.0, 1.0)
+    beta = float(rng.choice([0.0, 0.0, 1.0]))  # white or slightly correlated quantum noise
+    noise = _powerlaw_noise(rng, size, beta) - 0.5
+    return img + _uniform(rng, 0.0, 0.08) * noise / max(float(noise.std()), 1e-6) * 0.5
+
+
 def _xray_finish(att, rng, size):
     """Shared radiograph-like finishing for the other-anatomy phantoms."""
     img = _uniform(rng, 0.02, 0.1) + _uniform(rng, 0.8, 1.05) * att
@@ -703,8 +729,12 @@ _OOD = {
     "noisy_hand": _ood_noisy_hand,
     "texture": _ood_texture,
     "photo": _ood_photo,
+    "flat": _ood_flat,
 }
-assert tuple(_OOD) == OOD_KINDS
+assert set(_OOD) == set(OOD_KINDS)
+# The seed salt of each kind, fixed once: a kind added later gets the next number, so that it changes
+# no other kind's images (OOD_KINDS itself is ordered garbage-first, which a new garbage kind reorders).
+_SALT = {kind: 1 + i for i, kind in enumerate(_OOD)}
 
 
 def ood_image(kind: str, rng: np.random.Generator, size: int = 256) -> np.ndarray:
@@ -786,7 +816,6 @@ def iter_ood(kinds, n_per_kind: int, seed: int, size: int = 256):
     if n_per_kind < 0:
         raise ValueError(f"n_per_kind must be >= 0, got {n_per_kind}")
     for kind in resolve_kinds(kinds):
-        # salt by the kind's fixed index so adding a kind to the list does not change the others' images
-        salt = 1 + OOD_KINDS.index(kind)
+        salt = _SALT[kind]
         for rng in _child_rngs(seed, n_per_kind, salt):
             yield kind, ood_image(kind, rng, size)
