@@ -86,7 +86,11 @@ def test_model_config_describes_inputs_outputs_and_batching(env):
     outputs = {o.name: (tc.model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output}
     spec = env["offline"].spec
     n_real = len([c for c in env["offline"].class_names if c != "garbage"])
-    assert outputs["accepted"] == ("TYPE_BOOL", []) and outputs["verdict"] == ("TYPE_STRING", [])
+    # every output has dims (Triton's config validator requires them): a scalar per image is [1] → []
+    assert all(list(o.dims) for o in cfg.output)
+    scalars = {o.name for o in cfg.output if o.HasField("reshape") and list(o.reshape.shape) == []}
+    assert scalars == {"accepted", "reasons", "verdict", "label", "label_index"}
+    assert outputs["accepted"] == ("TYPE_BOOL", [1]) and outputs["verdict"] == ("TYPE_STRING", [1])
     assert outputs["probabilities"] == ("TYPE_FP32", [n_real])
     assert outputs["heatmap"] == ("TYPE_FP32", [spec.height, spec.width])
     assert cfg.WhichOneof("scheduling_choice") == "dynamic_batching"
@@ -105,6 +109,54 @@ def test_model_config_describes_inputs_outputs_and_batching(env):
     }
     with pytest.raises(tc.InferenceServerException, match="unknown model"):
         env["client"].get_model_config("no-such-model")
+
+
+def test_requests_triton_refuses_are_refused(env):
+    """What Triton answers with an error is an error here too, never silently served or ignored."""
+    client, name = env["client"], env["name"]
+    img, _ = env["accepted"]
+    png = png16(img)
+    # a model or version this server does not have is not ready (Triton answers ready=false, no error)
+    assert client.is_model_ready("no-such-model") is False
+    assert client.is_model_ready(name, "999") is False and client.is_model_ready(name) is True
+    # an input the model does not declare, alone or beside a declared one
+    with pytest.raises(tc.InferenceServerException, match="unexpected inference input"):
+        client.infer(name, [_bytes_input(png, name="imgae")])
+    with pytest.raises(tc.InferenceServerException, match="unexpected inference input"):
+        client.infer(name, [_bytes_input(png), _bytes_input(png, name="extra")])
+    # more images than the config's max_batch_size
+    many = tc.InferInput("image", [MAX_BATCH + 1, 1], "BYTES")
+    many.set_data_from_numpy(np.array([[png]] * (MAX_BATCH + 1), dtype=np.object_))
+    with pytest.raises(tc.InferenceServerException, match=f"batch-size must be <= {MAX_BATCH}"):
+        client.infer(name, [many])
+    # Triton's classification extension (class_count) is not offered: refused, not ignored
+    with pytest.raises(tc.InferenceServerException, match="class_count"):
+        client.infer(name, [_bytes_input(png)], outputs=[tc.InferRequestedOutput("probabilities", class_count=2)])
+    # the server is still serving, and a full batch is fine
+    full = tc.InferInput("image", [MAX_BATCH, 1], "BYTES")
+    full.set_data_from_numpy(np.array([[png]] * MAX_BATCH, dtype=np.object_))
+    assert client.infer(name, [full]).as_numpy("accepted").shape == (MAX_BATCH,)
+
+
+def test_health_watch_on_the_main_port(env):
+    """grpc.health.v1 Watch (what gRPC client-side health checking calls) streams the status."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(env["server"].target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        statuses = []
+        with pytest.raises(grpc.RpcError) as err:  # the stream stays open until the deadline
+            for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=1.5):
+                statuses.append(reply.status)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert statuses[:1] == [health_pb2.HealthCheckResponse.SERVING]
+        # a channel that uses client-side health checking connects and is served
+        config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}})
+    with grpc.insecure_channel(env["server"].target, options=[("grpc.service_config", config)]) as channel:
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10).live
 
 
 @pytest.mark.parametrize(

@@ -197,12 +197,23 @@ def test_oip_stream_answers_a_malformed_item_and_goes_on(env):
 # ----------------------------------------------------------------- 7. requests beyond the queue
 
 
-def test_oip_request_larger_than_the_queue_is_invalid_argument_naming_the_limit(env):
+def test_oip_request_larger_than_the_batch_or_the_queue_is_invalid_argument_naming_the_limit(env):
     png = small_png()
+    # the model config's max_batch_size (4 here) bounds one request, as in Triton
     code, details = status_of(env["oip"].ModelInfer, oip_request(env, [png] * (QUEUE + 1)), metadata=AUTH, timeout=60)
+    assert code == "INVALID_ARGUMENT" and "batch-size must be <= 4" in details
+    code, resp = status_of(env["oip"].ModelInfer, oip_request(env, [png] * 4), metadata=AUTH, timeout=120)
+    assert code == "OK" and resp.outputs[0].shape == [4]
+    # and so does the queue, where it is the smaller limit
+    plane = env["plane"]
+    batch, plane.config.max_batch_size = plane.config.max_batch_size, QUEUE + 4
+    try:
+        code, details = status_of(
+            env["oip"].ModelInfer, oip_request(env, [png] * (QUEUE + 1)), metadata=AUTH, timeout=60
+        )
+    finally:
+        plane.config.max_batch_size = batch
     assert code == "INVALID_ARGUMENT" and f"at most {QUEUE}" in details and "--max-queue-size" in details
-    code, resp = status_of(env["oip"].ModelInfer, oip_request(env, [png] * QUEUE), metadata=AUTH, timeout=120)
-    assert code == "OK" and resp.outputs[0].shape == [QUEUE]
 
 
 # ------------------------------------------------------- 2./3. decode memory, admission control

@@ -36,9 +36,13 @@ Beyond the KServe core, the Triton extensions its clients call (``tritonclient.g
   refuses them): unload stops serving (ModelReady false, health NOT_SERVING), load re-reads the bundle
   from disk, verifies and self-tests it, then swaps it in (a reload while serving keeps answering).
 
-Bad input (also a malformed message, more images than the queue holds) → INVALID_ARGUMENT; server
-busy → RESOURCE_EXHAUSTED; unknown model → NOT_FOUND; not ready → UNAVAILABLE; anything unexpected →
-INTERNAL (never the exception's text).
+What Triton refuses is refused here too, never served or ignored: an input name the model does not
+declare, more images in one request than the config's ``max_batch_size`` (or than the queue holds), a
+requested output's ``class_count`` (Triton's classification extension, not offered). ``ModelReady`` of a
+model or version this server does not have answers ``ready=false``, as Triton's does.
+
+Bad input (also a malformed message) → INVALID_ARGUMENT; server busy → RESOURCE_EXHAUSTED; unknown
+model → NOT_FOUND; not ready → UNAVAILABLE; anything unexpected → INTERNAL (never the exception's text).
 """
 
 from __future__ import annotations
@@ -107,10 +111,12 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
     """The OIP request's input tensor → data-plane inputs (one dict per image)."""
     if not request.inputs:
         raise InvalidRequest(f"no input tensor; send one of {list(INPUT_NAMES)}")
-    known = [i for i, t in enumerate(request.inputs) if t.name in INPUT_NAMES]
-    if len(known) > 1 or (not known and len(request.inputs) != 1):
+    unexpected = [t.name for t in request.inputs if t.name not in INPUT_NAMES]
+    if unexpected:  # as Triton: an input the model does not declare is an error, not ignored
+        raise InvalidRequest(f"unexpected inference input(s) {unexpected}; send one of {list(INPUT_NAMES)}")
+    if len(request.inputs) != 1:
         raise InvalidRequest(f"send exactly one of {list(INPUT_NAMES)}, got {[t.name for t in request.inputs]}")
-    index = known[0] if known else 0  # a lone input is taken whatever its name
+    index = 0
     tensor = request.inputs[index]
     expected_dtype = TENSOR_INPUTS.get(tensor.name)
     if expected_dtype and tensor.datatype.upper() != expected_dtype:
@@ -204,7 +210,13 @@ def model_config(plane) -> pb.ModelConfig:
         backend="gamguard",
         max_batch_size=cfg.max_batch_size,
         input=[pb.ModelInput(name=n, data_type=_CONFIG_TYPE[t], dims=d, optional=True) for n, t, d in inputs],
-        output=[pb.ModelOutput(name=n, data_type=_CONFIG_TYPE[t], dims=d) for n, t, d in outputs],
+        # Triton's schema needs dims: a scalar per image is dims [1] reshaped to [] (as Triton writes it)
+        output=[
+            pb.ModelOutput(name=n, data_type=_CONFIG_TYPE[t], dims=d)
+            if d
+            else pb.ModelOutput(name=n, data_type=_CONFIG_TYPE[t], dims=[1], reshape=pb.ModelTensorReshape(shape=[]))
+            for n, t, d in outputs
+        ],
         dynamic_batching=pb.ModelDynamicBatching(
             max_queue_delay_microseconds=int(round(cfg.max_queue_delay_ms * 1000)),
             # the client's gRPC deadline is honoured in the queue (expired requests are dropped)
@@ -310,7 +322,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._ready())
 
     async def ModelReady(self, request, context):
-        plane = await self._plane_for(request.name, request.version, context, need_ready=False)
+        # as Triton: a model (or version) this server does not have is simply not ready
+        try:
+            plane = self._resolve(request.name, request.version, need_ready=False)
+        except RequestFailed:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=plane is not None and self._ready())
 
     async def ServerMetadata(self, request, context):
@@ -463,7 +479,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 rid = client_request_id(request.id)
                 if unknown:
                     raise InvalidRequest(f"unknown output(s) {unknown}; available: {list(ALL_OUTPUTS)}")
+                classified = [o.name for o in request.outputs if "classification" in o.parameters]
+                if classified:  # Triton's class_count: not offered, so refused rather than ignored
+                    raise InvalidRequest(
+                        f"class_count (the classification extension) is not supported, asked for {classified}; "
+                        "request 'label' and 'probabilities' instead"
+                    )
                 inputs = request_inputs(request)
+                if len(inputs) > plane.config.max_batch_size:  # the config's max_batch_size, as Triton
+                    raise InvalidRequest(
+                        f"inference request batch-size must be <= {plane.config.max_batch_size} for "
+                        f"'{plane.model_name}', got {len(inputs)}"
+                    )
             except InvalidRequest as exc:  # refused before verify: count and audit it here
                 plane.record_invalid(rid, "inference", str(exc))
                 raise

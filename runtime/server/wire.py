@@ -12,6 +12,7 @@ about what it sent.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
@@ -94,6 +95,16 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         if not handler.request_streaming:
             inner = handler.unary_unary or handler.unary_stream
 
+            if handler.response_streaming and not inspect.isasyncgenfunction(inner):
+                # a server-streaming handler that writes with context.write (grpc_health's Watch does)
+
+                async def unary_stream_writer(request, context):
+                    if isinstance(request, Malformed):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refuse(method, request))
+                    await inner(request, context)
+
+                return grpc.unary_stream_rpc_method_handler(unary_stream_writer, **kw)
+
             if handler.response_streaming:
 
                 async def unary_stream(request, context):
@@ -125,6 +136,13 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(request, Malformed):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refuse(method, request))
                 yield request
+
+        if handler.response_streaming and not inspect.isasyncgenfunction(inner):
+
+            async def stream_stream_writer(requests, context):
+                await inner(checked(requests, context), context)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream_writer, **kw)
 
         if handler.response_streaming:
 
