@@ -207,6 +207,19 @@ def test_statistics_count_real_work(env):
     assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
     assert sum(b.batch_size * b.compute_infer.count for b in after.batch_stats) >= after.inference_count
     assert after.last_inference > 0 and after.name == env["name"]
+    # as in Triton, a request of several images counts once; its images count in inference_count
+    pngs = [png16(phantom(k % 4, 40 + k)) for k in range(3)]
+    several = tc.InferInput("image", [3, 1], "BYTES")
+    several.set_data_from_numpy(np.array([[p] for p in pngs], dtype=np.object_))
+    env["client"].infer(env["name"], [several])
+    broken = tc.InferInput("image", [2, 1], "BYTES")
+    broken.set_data_from_numpy(np.array([[pngs[0]], [b"not an image"]], dtype=np.object_))
+    with pytest.raises(tc.InferenceServerException):
+        env["client"].infer(env["name"], [broken])
+    last = _stats(env)
+    d = lambda field: getattr(last.inference_stats, field).count - getattr(after.inference_stats, field).count  # noqa: E731
+    assert last.inference_count - after.inference_count == 3
+    assert d("success") == d("queue") == d("compute_infer") == 1 and d("fail") == 1
     # all models (empty name) is the same one model
     assert [m.name for m in env["client"].get_inference_statistics().model_stats] == [env["name"]]
     with pytest.raises(tc.InferenceServerException, match="unknown model"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import logging
 import time
@@ -45,6 +46,10 @@ from .batching import MicroBatcher
 from .errors import DataPlaneError, DeadlineExpired, InvalidRequest, NotReady, Overloaded
 from .quietlog import log_limited
 from .statistics import InferenceStatistics
+
+# Triton's statistics count requests, not images: a request of several images (verify_many) counts once,
+# so the verify calls of its images leave the statistics to it (metrics and audit stay per image).
+_COUNTED_BY_REQUEST: contextvars.ContextVar[bool] = contextvars.ContextVar("counted_by_request", default=False)
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +331,8 @@ class DataPlane:
         try:
             return await self._verify(data, array, frame, request_id, timeout_s, protocol, loop, t0, on_admitted)
         except (Overloaded, DeadlineExpired, NotReady):  # invalid inputs are counted by record_invalid
-            self.statistics.observe_failure((time.perf_counter() - t0) * 1000.0)
+            if not _COUNTED_BY_REQUEST.get():
+                self.statistics.observe_failure((time.perf_counter() - t0) * 1000.0)
             raise
         finally:
             self._active -= 1
@@ -450,13 +456,33 @@ class DataPlane:
                     raise
                 raise InvalidRequest(f"input {i}: {exc}") from None
 
-        tasks = [asyncio.ensure_future(one(i, inp)) for i, inp in enumerate(inputs)]
+        t0 = time.perf_counter()
+        several = len(inputs) > 1
+        token = _COUNTED_BY_REQUEST.set(several)  # the tasks below copy the context as it is now
         try:
-            return list(await asyncio.gather(*tasks))
+            tasks = [asyncio.ensure_future(one(i, inp)) for i, inp in enumerate(inputs)]
+        finally:
+            _COUNTED_BY_REQUEST.reset(token)
+        try:
+            results = list(await asyncio.gather(*tasks))
+        except DataPlaneError:
+            if several:
+                self.statistics.observe_failure((time.perf_counter() - t0) * 1000.0)
+            raise
         finally:
             for t in tasks:
                 if not t.done():
                     t.cancel()
+        if several:
+            self.statistics.observe_request(
+                images=len(results),
+                total_ms=(time.perf_counter() - t0) * 1000.0,
+                queue_ms=max(r.queue_ms for r in results),
+                input_ms=sum(r.decode_ms for r in results),
+                infer_ms=max((r.verdict.timings_ms or {}).get("engine", 0.0) for r in results),
+                output_ms=max((r.verdict.timings_ms or {}).get("guard", 0.0) for r in results),
+            )
+        return results
 
     @property
     def max_images_per_request(self) -> int:
@@ -467,13 +493,14 @@ class DataPlane:
 
     def _record(self, result: Result, protocol: str) -> None:
         timings = result.verdict.timings_ms or {}
-        self.statistics.observe_verdict(
-            total_ms=result.total_ms,
-            queue_ms=result.queue_ms,
-            input_ms=result.decode_ms,
-            infer_ms=timings.get("engine", 0.0),
-            output_ms=timings.get("guard", 0.0),
-        )
+        if not _COUNTED_BY_REQUEST.get():
+            self.statistics.observe_verdict(
+                total_ms=result.total_ms,
+                queue_ms=result.queue_ms,
+                input_ms=result.decode_ms,
+                infer_ms=timings.get("engine", 0.0),
+                output_ms=timings.get("guard", 0.0),
+            )
         if self.metrics is not None:
             self.metrics.observe_result(result)
         if self.drift is not None:
@@ -513,7 +540,8 @@ class DataPlane:
     def record_invalid(self, request_id: str, protocol: str, message: str, *, elapsed_ms: float = 0.0) -> None:
         """Count and audit one invalid input; also called by the protocol adapters for inputs they
         refuse while parsing the request, before :meth:`verify` sees them."""
-        self.statistics.observe_failure(elapsed_ms)
+        if not _COUNTED_BY_REQUEST.get():
+            self.statistics.observe_failure(elapsed_ms)
         if self.metrics is not None:
             self.metrics.observe_invalid()
         if self.audit is not None:

@@ -2,13 +2,13 @@
 
 The data plane feeds one :class:`InferenceStatistics` per loaded model; the Open Inference Protocol
 adapter serves a :meth:`InferenceStatistics.snapshot` as ``ModelStatistics`` (what
-``tritonclient.grpc`` ``get_inference_statistics`` and perf_analyzer read). Every image is one
-inference request to the micro-batcher, so counts are per image (an OIP request with N images
-counts N), and cumulative times are nanoseconds of wall time:
+``tritonclient.grpc`` ``get_inference_statistics`` and perf_analyzer read). As in Triton, the stage
+counts are per request (an OIP request with N images counts once; ``inference_count`` counts its N
+images), and cumulative times are nanoseconds of wall time:
 
-* ``success`` — images answered with a verdict (accepted or rejected by the guard), and their time
-  from arrival in the data plane to the verdict;
-* ``fail`` — inputs that got no verdict (invalid input, queue full, deadline passed), and the
+* ``success`` — requests answered with verdicts (accepted or rejected by the guard), and their time
+  from arrival in the data plane to the last verdict;
+* ``fail`` — requests that got no verdict (invalid input, queue full, deadline passed), and the
   time spent on them;
 * ``queue`` — time waiting in the micro-batcher for an engine call;
 * ``compute_input`` — decoding and preprocessing the image;
@@ -16,6 +16,8 @@ counts N), and cumulative times are nanoseconds of wall time:
   whole call, as in Triton);
 * ``compute_output`` — the guard's checks and verdicts for that batch.
 
+The images of one request may ride in different engine calls: a request's queue, engine and guard
+times are those of its slowest image, its input time the sum of its images' decodes.
 ``inference_count`` counts images with a verdict, ``execution_count`` engine calls; ``batch_stats``
 holds, per batch size, the engine calls of that size with the time spent stacking their inputs
 (``compute_input``), in the engine (``compute_infer``) and in the guard (``compute_output``).
@@ -63,7 +65,15 @@ class InferenceStatistics:
     def observe_verdict(
         self, *, total_ms: float, queue_ms: float, input_ms: float, infer_ms: float, output_ms: float
     ) -> None:
-        """One image answered with a verdict."""
+        """One request of one image answered with its verdict."""
+        self.observe_request(
+            images=1, total_ms=total_ms, queue_ms=queue_ms, input_ms=input_ms, infer_ms=infer_ms, output_ms=output_ms
+        )
+
+    def observe_request(
+        self, *, images: int, total_ms: float, queue_ms: float, input_ms: float, infer_ms: float, output_ms: float
+    ) -> None:
+        """One request of ``images`` images answered with their verdicts."""
         with self._lock:
             s = self.stages
             s["success"].add(total_ms)
@@ -71,11 +81,11 @@ class InferenceStatistics:
             s["compute_input"].add(input_ms)
             s["compute_infer"].add(infer_ms)
             s["compute_output"].add(output_ms)
-            self.inference_count += 1
+            self.inference_count += images
             self.last_inference_ms = int(time.time() * 1000)
 
     def observe_failure(self, elapsed_ms: float) -> None:
-        """One input that got no verdict."""
+        """One request that got no verdict."""
         with self._lock:
             self.stages["fail"].add(elapsed_ms)
 
