@@ -293,7 +293,9 @@ def test_unload_then_load_the_configured_bundle(env):
     try:
         client.unload_model(name)
         assert not client.is_model_ready(name) and not client.is_server_ready()
-        assert [(m.name, m.state) for m in client.get_model_repository_index().models] == [(name, "UNAVAILABLE")]
+        version = str(env["offline"].manifest["model"]["version"])
+        index = client.get_model_repository_index().models
+        assert [(m.name, m.version, m.state, m.reason) for m in index] == [(name, version, "UNAVAILABLE", "unloaded")]
         with pytest.raises(tc.InferenceServerException, match="unloaded"):
             client.infer(name, [_bytes_input(png16(img))])
         with pytest.raises(tc.InferenceServerException, match="configured bundle"):

@@ -61,6 +61,7 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     expected_model_name: str | None = None
+    expected_model_version: str = ""  # of the last loaded bundle: the repository index lists it unloaded too
     unloaded: bool = False  # by RepositoryModelUnload
     control: "GuardServer | None" = None  # load_model / unload_model; only with --model-control explicit
 
@@ -408,6 +409,7 @@ class GuardServer:
         except BaseException:
             await plane.stop()
             raise
+        self.state.expected_model_version = plane.model_version
         return plane
 
     def _drift_monitor_for(self, guard) -> DriftMonitor | None:

@@ -359,7 +359,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):
         plane = self.state.plane
         if plane is None:
-            name, version = self.state.expected_model_name or "", ""
+            name, version = self.state.expected_model_name or "", self.state.expected_model_version
             state = "UNAVAILABLE" if (self.state.load_error or self.state.unloaded) else "LOADING"
             reason = self.state.load_error or ("unloaded" if self.state.unloaded else "")
         else:
