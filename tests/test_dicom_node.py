@@ -39,6 +39,8 @@ from gamguard.runtime.dicomnode.node import BackgroundNode
 from gamguard.runtime.dicomnode.results import (
     NOT_FOR_DIAGNOSIS,
     ModelIdentity,
+    ResultError,
+    check_source,
     overlay_sc,
     read_verdict_sr,
     result_uid,
@@ -155,6 +157,73 @@ def test_rejected_sr_has_reasons_and_no_label_or_probabilities(guard, tmp_path):
     assert said["scores"]  # every check's score and p-value, also when rejected
 
 
+# What consoles put in headers that the DICOM rules (and highdicom) do not allow in results, or that a
+# naive copy gets wrong: each must still give an SR and an overlay (an acknowledged image always gets its
+# results), with the value made conformant or left empty (unknown), and the name kept.
+ODD_HEADERS = {
+    "japanese (ISO 2022 IR 87, code extensions)": dict(
+        SpecificCharacterSet=["", "ISO 2022 IR 87"],
+        PatientName=b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B",
+    ),
+    "korean (ISO 2022 IR 149)": dict(
+        SpecificCharacterSet=["", "ISO 2022 IR 149"], PatientName=b"Hong^Gildong=\x1b$)C\xfb\xf3^\x1b$)C\xd1\xce"
+    ),
+    "empty character set": dict(SpecificCharacterSet=""),
+    "misspelled character set": dict(SpecificCharacterSet="utf-8"),
+    "ISO dates and times": dict(PatientBirthDate="1961-07-04", StudyDate="2023/01/01", StudyTime="10:30"),
+    "unparseable date": dict(StudyDate="yesterday"),
+    "sex spelled out": dict(PatientSex="female"),
+    "negative instance number": dict(InstanceNumber=-5),
+    "no modality": dict(Modality=None),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_HEADERS))
+def test_results_are_built_for_headers_consoles_really_send(guard, tmp_path, case):
+    ((path, _),) = accepted_phantoms(guard, tmp_path, 1).items()
+    decoded, verdict = judged(guard, path)
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    for keyword, value in ODD_HEADERS[case].items():
+        if value is None:
+            delattr(source, keyword)
+        elif isinstance(value, bytes):  # raw, in the declared character set, as a console sends it
+            tag = pydicom.datadict.tag_for_keyword(keyword)
+            source[tag] = pydicom.DataElement(tag, pydicom.datadict.dictionary_VR(tag), value)
+        else:
+            setattr(source, keyword, value)
+    received = _encode(source)
+    model = model_identity(guard)
+    sr, sc = verdict_sr(source, verdict, model), overlay_sc(source, decoded.pixels, verdict, model)
+    assert _encode(source) == received  # the received dataset is never changed
+    for result in (sr, sc):
+        back = pydicom.dcmread(io.BytesIO(_encode(result)))
+        assert back.SpecificCharacterSet == "ISO_IR 192"
+        assert str(back.PatientName) == str(pydicom.dcmread(io.BytesIO(received)).PatientName)
+        assert back.StudyInstanceUID == source.StudyInstanceUID and back.PatientID == source.PatientID
+        assert back.get("PatientBirthDate", "") in ("", "19610704", source.get("PatientBirthDate"))
+        assert str(back.PatientSex) in ("", "M", "F", "O") and int(back.InstanceNumber) >= 1
+    said = read_verdict_sr(pydicom.dcmread(io.BytesIO(_encode(sr))))
+    assert said["accepted"] is True and said["label"] == verdict.label
+    if case == "ISO dates and times":
+        assert (sr.PatientBirthDate, sr.StudyDate, sr.StudyTime) == ("19610704", "20230101", "1030")
+    if shutil.which("dciodvfy"):
+        for kind, result in (("sr", sr), ("sc", sc)):
+            out = tmp_path / f"{kind}.dcm"
+            out.write_bytes(_encode(result))
+            assert dciodvfy_errors(out) == [], (case, kind)
+
+
+def test_a_dataset_whose_uids_a_result_cannot_reference_is_refused():
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = DX, "1.2.3.4"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.abc", "1.2.3.5"
+    with pytest.raises(ResultError, match="StudyInstanceUID is not a valid UID") as err:
+        check_source(ds)
+    assert "abc" not in str(err.value)  # the message names the attribute, never its value
+    ds.StudyInstanceUID = "1.2.3.6"
+    check_source(ds)
+
+
 def _encode(ds) -> bytes:
     from gamguard.runtime.dicomnode.results import encode
 
@@ -191,6 +260,8 @@ def test_journal_and_outbox_survive_reopening(guard, tmp_path):
     outbox.put("1.2.3", b"y")  # the same object again (a resend): replaced, not duplicated
     again = Outbox(tmp_path / "q" / "outbox", ["PACS@h_104", "VNA@h_11112"])
     assert again.depth("PACS@h_104") == again.depth("VNA@h_11112") == 1
+    # results hold patient data too: the outbox and every folder it created are owner only
+    assert {(f.stat().st_mode & 0o777) for f in (outbox.folder, *outbox.folder.iterdir())} == {0o700}
     again.delivered(again.pending("PACS@h_104")[0])
     assert again.depth("PACS@h_104") == 0 and again.pending("VNA@h_11112")[0].read_bytes() == b"y"
     with pytest.raises(ValueError):
@@ -515,6 +586,48 @@ def test_originals_forwarded_association_limit_and_an_audit_without_phi(guard, d
     assert any(x.get("event") == "association_accepted" and x["calling_ae"] == "TESTSCU" for x in lines)
     text = audit.read_text()
     assert "Test^Patient" not in text and "GG-TEST-1" not in text
+
+
+def test_the_association_limit_counts_associations_not_connections(demo_bundle, tmp_path):
+    """Connections that never associate (a port scan, a TCP health check, garbage) hold no console's slot,
+    and consoles associating at the same instant get every slot there is."""
+    import socket
+    import threading
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    limit = 3
+    with _node(tmp_path, demo_bundle, [], max_associations=limit) as node:
+        idle = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(limit + 2)]  # say nothing
+        for s in idle[:2]:
+            s.sendall(b"\x01\x00garbage")
+        try:
+            results: list[bool] = []
+            held = threading.Event()
+
+            def console():
+                ae = AE(ae_title="TESTSCU")
+                ae.add_requested_context(Verification)
+                assoc = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+                results.append(assoc.is_established)
+                if assoc.is_established:
+                    held.wait(10)
+                    assoc.release()
+
+            threads = [threading.Thread(target=console) for _ in range(limit + 2)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while len(results) < len(threads) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            held.set()
+            for t in threads:
+                t.join(30)
+            assert sorted(results) == [False] * 2 + [True] * limit  # every slot used, none more
+        finally:
+            for s in idle:
+                s.close()
 
 
 def test_node_refuses_other_sop_classes_unknown_callers_and_bad_pixel_data(guard, demo_bundle, tmp_path):

@@ -41,7 +41,9 @@ def private_folder(path: Path) -> Path:
     """``path`` created (with its parents) if absent; the folder itself owner-only, as is any it creates."""
     path = Path(path)
     if not path.is_dir():
-        path.mkdir(PRIVATE_FOLDER, parents=True, exist_ok=True)
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        for folder in reversed(missing):  # mkdir(parents=True) would create the parents world-readable
+            folder.mkdir(PRIVATE_FOLDER, exist_ok=True)
     return path
 
 

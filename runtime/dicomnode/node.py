@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gamguard.runtime.server.config import ServeConfig
+from gamguard.runtime.server.quietlog import where_raised
 
 from .config import DicomNodeConfig
 from .durable import private_folder
@@ -150,8 +151,8 @@ class ResultsBuilder:
         while not self._stop.is_set():
             try:
                 self._pass()
-            except Exception:  # noqa: BLE001 - the builder thread must outlive any one failure
-                log.exception("results builder: unexpected error; retrying in 1 s")
+            except Exception as exc:  # noqa: BLE001 - the builder thread must outlive any one failure
+                log.error("results builder: unexpected error (%s); retrying in 1 s", where_raised(exc))
                 self._stop.wait(1.0)
 
     def _pass(self) -> None:
@@ -222,11 +223,11 @@ class ResultsBuilder:
             private_folder(self.failed_dir)
             if path.exists():
                 path.replace(self.failed_dir / path.name)
+            # the exception's type only: its text can quote the header value it choked on (a birth date)
             log.error(
-                "cannot build the results of %s (%s: %s); job moved to %s",
+                "cannot build the results of %s (%s); job moved to %s",
                 path.stem,
                 type(exc).__name__,
-                exc,
                 self.failed_dir,
             )
             if self.metrics is not None:
@@ -246,6 +247,14 @@ class ResultsBuilder:
         if self.on_queued is not None:
             self.on_queued()
         return True
+
+
+#: TCP connections pynetdicom accepts: per allowed association, and at least (connections that have not
+#: associated yet, or whose peer is gone until pynetdicom notices, count there, not against
+#: --max-associations)
+CONNECTIONS_PER_ASSOCIATION, MIN_CONNECTIONS = 8, 64
+#: seconds a new connection has to send its A-ASSOCIATE-RQ (consoles send it at once)
+NEGOTIATION_TIMEOUT_S = 10.0
 
 
 class DicomNode:
@@ -364,6 +373,7 @@ class DicomNode:
             audit=self.audit,
             on_stored=self._on_stored,
             on_verdict=lambda *kept: self.builder.keep_verdict(*kept),
+            max_associations=cfg.max_associations,
         )
         self.builder = ResultsBuilder(
             journal,
@@ -383,9 +393,13 @@ class DicomNode:
         self.builder.start()
 
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
+        # the limit itself is the SCP's (associations, not connections); pynetdicom's counts connections
+        ae.maximum_associations = max(MIN_CONNECTIONS, CONNECTIONS_PER_ASSOCIATION * cfg.max_associations)
         ae.maximum_pdu_size = cfg.max_pdu
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
+        ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
+        # ARTIM: how long a connection may take to associate (or to finish a release); a connection that
+        # says nothing is dropped after this, not after --timeout-s
+        ae.acse_timeout = min(cfg.timeout_s, NEGOTIATION_TIMEOUT_S)
         syntaxes = decodable_transfer_syntaxes()
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class, syntaxes)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -84,10 +85,16 @@ def is_own_result(ds) -> bool:
 
 
 def check_source(ds) -> None:
-    """Raise :class:`ResultError` when ``ds`` lacks what the results need."""
+    """Raise :class:`ResultError` when ``ds`` lacks what the results need: the UIDs the results reference
+    (present and valid UIDs — a result naming an invalid one would not validate, and could not be filed)."""
+    from pydicom.uid import UID
+
     missing = [k for k in REQUIRED_SOURCE_ATTRIBUTES if not str(ds.get(k, "") or "").strip()]
     if missing:
         raise ResultError(f"the dataset has no {', '.join(missing)}")
+    invalid = [k for k in REQUIRED_SOURCE_ATTRIBUTES if not UID(str(ds.get(k)).strip()).is_valid]
+    if invalid:
+        raise ResultError(f"the dataset's {', '.join(invalid)} is not a valid UID")
 
 
 # Type 2 attributes of the Patient and General Study modules: the results must carry them (empty when
@@ -103,20 +110,67 @@ _TYPE2_PATIENT_STUDY = (
     "StudyID",
     "AccessionNumber",
 )
+_SEX = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"}
 
 
-def _complete(source):
-    """``source`` with the Type 2 patient/study attributes it lacks present and empty (a copy: the caller's
-    dataset is left as it is)."""
-    missing = [k for k in _TYPE2_PATIENT_STUDY if k not in source]
-    if not missing:
-        return source
+def _conformant_date(value: str) -> str:
+    """A DA value (``YYYYMMDD``), from itself or from the ISO forms consoles write (``YYYY-MM-DD``,
+    ``YYYY/MM/DD``, ``YYYY.MM.DD``); ``""`` (unknown) for anything else."""
+    m = re.fullmatch(r"(\d{4})[-/.]?(\d{2})[-/.]?(\d{2})", value.strip())
+    if not m:
+        return ""
+    year, month, day = (int(g) for g in m.groups())
+    return "".join(m.groups()) if 1 <= month <= 12 and 1 <= day <= 31 and year >= 1 else ""
+
+
+def _conformant_time(value: str) -> str:
+    """A TM value (``HH[MM[SS[.F]]]``), also from ``HH:MM[:SS[.F]]``; ``""`` for anything else."""
+    m = re.fullmatch(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(\.\d{1,6})?)?)?", value.strip())
+    if not m:
+        return ""
+    hh, mm, ss, frac = m.groups()
+    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 60):
+        return ""
+    return hh + (mm or "") + (ss or "") + (frac or "")
+
+
+def result_source(source):
+    """The received dataset as the results copy it from: a copy (the received image is never changed)
+    whose text is decoded with the source's character set and re-declared UTF-8, with the Type 2
+    patient/study attributes present (empty when the source has none), and with values that break the
+    rules highdicom enforces made conformant or empty (unknown): dates and times in other notations,
+    a patient sex other than M/F/O, an instance number out of range, a missing modality. Consoles send
+    such values; an acknowledged image must still get its results."""
     import copy
+    import warnings
 
     out = copy.deepcopy(source)
-    for keyword in missing:
-        setattr(out, keyword, "")
+    with warnings.catch_warnings():  # an unknown character set falls back to the default repertoire
+        warnings.simplefilter("ignore")
+        out.decode()  # every text value to str, with the source's (possibly code-extended) character sets
+    out.SpecificCharacterSet = "ISO_IR 192"  # the results are written in UTF-8
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in out:
+            setattr(out, keyword, "")
+    for elem in out:  # top level: the patient, study and series attributes the results copy
+        if elem.VR in ("DA", "TM") and elem.VM == 1 and elem.value not in (None, ""):
+            text = str(elem.value)
+            elem.value = _conformant_date(text) if elem.VR == "DA" else _conformant_time(text)
+        elif elem.VR in ("DA", "TM", "DT") and elem.VM > 1:
+            elem.value = ""
+    out.PatientSex = _SEX.get(str(out.get("PatientSex") or "").strip().upper(), "")
+    if not str(out.get("Modality") or "").strip():
+        out.Modality = "OT"
     return out
+
+
+def _instance_number(source) -> int:
+    """The source's Instance Number where it is one a result may carry (1 .. 2^31 - 1), else 1."""
+    try:
+        n = int(source.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return n if 1 <= n <= 2**31 - 1 else 1
 
 
 def _code(value: str, meaning: str):
@@ -150,7 +204,7 @@ def verdict_sr(source, verdict, model: ModelIdentity):
     from pydicom.sr.codedict import codes
 
     check_source(source)
-    source = _complete(source)
+    source = result_source(source)
     unitless = CodedConcept("1", "UCUM", "no units")
     algorithm = AlgorithmIdentification(
         name=model.name, version=model.version, parameters=[f"bundle_sha256={model.bundle_hash}"]
@@ -216,7 +270,7 @@ def verdict_sr(source, verdict, model: ModelIdentity):
         series_instance_uid=result_uid("sr-series", model.bundle_hash, source.StudyInstanceUID),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=result_uid("sr", model.bundle_hash, source.SOPInstanceUID),
-        instance_number=int(source.get("InstanceNumber") or 1),
+        instance_number=_instance_number(source),
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=SR_SERIES_DESCRIPTION,
@@ -246,7 +300,7 @@ def overlay_sc(source, image: np.ndarray, verdict, model: ModelIdentity):
     from gamguard.runtime.overlays import overlay_image
 
     check_source(source)
-    source = _complete(source)
+    source = result_source(source)
     bgr = overlay_image(image, _withheld(verdict), list(model.class_names), title="gamguard: NOT FOR DIAGNOSIS")
     rgb = np.ascontiguousarray(bgr[..., ::-1])
     orientation = [str(v) for v in (source.get("PatientOrientation") or [])]
@@ -262,7 +316,7 @@ def overlay_sc(source, image: np.ndarray, verdict, model: ModelIdentity):
         series_instance_uid=result_uid("sc-series", model.bundle_hash, source.StudyInstanceUID),
         series_number=SC_SERIES_NUMBER,
         sop_instance_uid=result_uid("sc", model.bundle_hash, source.SOPInstanceUID),
-        instance_number=int(source.get("InstanceNumber") or 1),
+        instance_number=_instance_number(source),
         manufacturer=MANUFACTURER,
         patient_orientation=tuple(orientation) if known else ("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",

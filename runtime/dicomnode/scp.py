@@ -2,7 +2,8 @@
 
 Association (PS3.8): the calling AE title (and, if pinned, the peer address) must be on the allow-list
 and the called AE title must be the node's, otherwise the association is rejected ("calling/called AE
-title not recognized"); beyond ``max_associations`` it is rejected as "local limit exceeded". Presentation
+title not recognized"); beyond ``max_associations`` (associations being negotiated or established, not bare
+TCP connections) it is rejected as "local limit exceeded". Presentation
 contexts are accepted only for Verification and the storage classes of :mod:`.sopclasses`.
 
 C-STORE, in the association's own thread:
@@ -37,6 +38,8 @@ import logging
 import threading
 import uuid
 
+from gamguard.runtime.server.quietlog import where_raised
+
 from .durable import safe_name
 from .journal import thumbnail
 from .results import ResultError, check_source, is_own_result
@@ -54,6 +57,12 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE title not recognized
 REJECT_BUSY = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+
+
+def _shown(ae_title: str) -> str:
+    """An AE title as logs and audit lines show it: as sent when printable, else quoted with escapes (a
+    peer's title with a newline must not forge a log line)."""
+    return ae_title if ae_title.isprintable() else ascii(ae_title)
 
 
 def _settle(future: concurrent.futures.Future, value) -> None:
@@ -92,6 +101,7 @@ class StorageSCP:
         on_verdict=None,
         verify_timeout_s: float = 120.0,
         max_unjudged: int = 16,
+        max_associations: int | None = None,
     ):
         self.ae_title = ae_title
         self.allow_list = allow_list
@@ -109,6 +119,11 @@ class StorageSCP:
         # (which gRPC clients share) or hold more decoded images in memory than this
         self.max_unjudged = max_unjudged
         self._active: set[int] = set()
+        # The association limit counts associations being negotiated (past the allow-list) or established,
+        # not TCP connections: a port scan or a peer that connects and says nothing must not hold a
+        # console's slot (pynetdicom's own limit, which counts connections, is set higher, as a backstop).
+        self.max_associations = max_associations
+        self._negotiating: set[int] = set()
         self._lock = threading.Lock()
         self.draining = False  # set on shutdown: new associations are turned away
         # durable writes of received images, overlapping their verification (one per association at most)
@@ -146,7 +161,7 @@ class StorageSCP:
     @staticmethod
     def _peer(event) -> tuple[str, str]:
         rq = event.assoc.requestor
-        return str(rq.ae_title or "").strip(), str(rq.address or "")
+        return _shown(str(rq.ae_title or "").strip()), str(rq.address or "")
 
     def _count(self, metric_name: str, *labels: str) -> None:
         if self.metrics is not None:
@@ -159,8 +174,8 @@ class StorageSCP:
     def on_requested(self, event) -> None:
         """Allow-list check before negotiation (pynetdicom's own check cannot pin peer addresses)."""
         primitive = event.assoc.requestor.primitive
-        calling = str(primitive.calling_ae_title or "").strip()
-        called = str(primitive.called_ae_title or "").strip()
+        calling = _shown(str(primitive.calling_ae_title or "").strip())
+        called = _shown(str(primitive.called_ae_title or "").strip())
         address = str(event.assoc.requestor.address or "")
         reason = None
         if self.draining:
@@ -169,6 +184,14 @@ class StorageSCP:
             reason, rsd = "calling AE title not allowed", REJECT_CALLING_AE
         elif called != self.ae_title:
             reason, rsd = f"called AE title {called!r} is not this node's ({self.ae_title!r})", REJECT_CALLED_AE
+        else:
+            with self._lock:
+                if self.max_associations is not None and (
+                    len(self._active | self._negotiating) >= self.max_associations
+                ):
+                    reason, rsd = f"association limit reached ({self.max_associations})", REJECT_BUSY
+                else:
+                    self._negotiating.add(id(event.assoc))
         if reason is not None:
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
             self._audit("association_rejected", calling_ae=calling, peer=address, reason=reason)
@@ -179,6 +202,7 @@ class StorageSCP:
     def on_accepted(self, event) -> None:
         calling, address = self._peer(event)
         with self._lock:
+            self._negotiating.discard(id(event.assoc))
             self._active.add(id(event.assoc))
         if self.metrics is not None:
             self.metrics.active.set(len(self._active))
@@ -202,6 +226,7 @@ class StorageSCP:
         with self._lock:
             was_active = id(event.assoc) in self._active
             self._active.discard(id(event.assoc))
+            self._negotiating.discard(id(event.assoc))
         if self.metrics is not None:
             self.metrics.active.set(len(self._active))
         if was_active and self.on_stored is not None:
@@ -217,7 +242,7 @@ class StorageSCP:
         try:
             status, comment, outcome = self._store(event)
         except Exception as exc:  # noqa: BLE001 - never into pynetdicom, never down the node
-            log.exception("C-STORE failed unexpectedly")
+            log.error("C-STORE failed unexpectedly (%s)", where_raised(exc))  # no text: it may quote the header
             status, comment, outcome = PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", "error"
         self._count("requests", "store", outcome)
         return status if not comment else status_dataset(status, comment)

@@ -77,3 +77,15 @@ def quiet_input_libraries() -> None:
         if not any(isinstance(f, RateLimitFilter) for f in handler.filters):
             handler.addFilter(RateLimitFilter(prefix="pydicom"))
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
+
+
+def where_raised(exc: BaseException) -> str:
+    """``Type at file.py:123 in function``: where an exception came from, without its text — which, on the
+    DICOM paths, can quote a header value (a patient's name or birth date) that must not reach a log."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
