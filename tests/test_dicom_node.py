@@ -172,6 +172,7 @@ ODD_HEADERS = {
     "misspelled character set": dict(SpecificCharacterSet="utf-8"),
     "ISO dates and times": dict(PatientBirthDate="1961-07-04", StudyDate="2023/01/01", StudyTime="10:30"),
     "unparseable date": dict(StudyDate="yesterday"),
+    "impossible date": dict(PatientBirthDate="1961-02-30", StudyTime="10:30:60"),
     "sex spelled out": dict(PatientSex="female"),
     "negative instance number": dict(InstanceNumber=-5),
     "no modality": dict(Modality=None),
@@ -179,7 +180,13 @@ ODD_HEADERS = {
 
 
 @pytest.mark.parametrize("case", list(ODD_HEADERS))
-def test_results_are_built_for_headers_consoles_really_send(guard, tmp_path, case):
+def test_results_are_built_for_headers_consoles_really_send(guard, tmp_path, case, caplog):
+    import logging
+
+    from gamguard.runtime.server.quietlog import quiet_input_libraries
+
+    quiet_input_libraries()  # as the node and the server do at start
+    caplog.set_level(logging.DEBUG)
     ((path, _),) = accepted_phantoms(guard, tmp_path, 1).items()
     decoded, verdict = judged(guard, path)
     source = pydicom.dcmread(path, stop_before_pixels=True)
@@ -206,6 +213,13 @@ def test_results_are_built_for_headers_consoles_really_send(guard, tmp_path, cas
     assert said["accepted"] is True and said["label"] == verdict.label
     if case == "ISO dates and times":
         assert (sr.PatientBirthDate, sr.StudyDate, sr.StudyTime) == ("19610704", "20230101", "1030")
+    if case == "impossible date":
+        assert (sr.PatientBirthDate, sr.StudyTime) == ("", "")
+    # no header value reaches a log line (pydicom's value warnings quote them)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for value in ODD_HEADERS[case].values():
+        if isinstance(value, str) and len(value) >= 4:
+            assert value not in logged, value
     if shutil.which("dciodvfy"):
         for kind, result in (("sr", sr), ("sc", sc)):
             out = tmp_path / f"{kind}.dcm"
@@ -628,6 +642,45 @@ def test_the_association_limit_counts_associations_not_connections(demo_bundle, 
         finally:
             for s in idle:
                 s.close()
+
+
+def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path):
+    """pynetdicom may report a connection's close before its association request: such a peer must not
+    keep its slot (else a few of them lock every console out for good)."""
+    import socket
+    import threading
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    # a real A-ASSOCIATE-RQ, captured from pynetdicom's SCU by a listener that answers nothing
+    listener = socket.create_server(("127.0.0.1", 0))
+    captured = {}
+
+    def grab():
+        conn, _ = listener.accept()
+        captured["rq"] = conn.recv(65536)
+        conn.close()
+
+    threading.Thread(target=grab, daemon=True).start()
+    scu = AE(ae_title="TESTSCU")
+    scu.add_requested_context(Verification)
+    scu.acse_timeout = 1
+    scu.associate("127.0.0.1", listener.getsockname()[1], ae_title="GAMGUARD")
+    listener.close()
+    with _node(tmp_path, demo_bundle, [], max_associations=2) as node:
+        for _ in range(100):
+            with socket.create_connection(("127.0.0.1", node.port)) as s:
+                s.sendall(captured["rq"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the vanished peers' associations end by themselves
+            assoc = scu.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+            if assoc.is_established:
+                assoc.release()
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the node still refuses a console 30 s after 100 peers requested and vanished")
 
 
 def test_node_refuses_other_sop_classes_unknown_callers_and_bad_pixel_data(guard, demo_bundle, tmp_path):

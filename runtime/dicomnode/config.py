@@ -161,7 +161,11 @@ _FLAGS = (
     ),
     ("--max-associations", int, "most simultaneous associations; more are rejected (default 8)"),
     ("--max-pdu", int, "largest PDU accepted, bytes (default 65536; 0 = no limit)"),
-    ("--timeout-s", float, "ACSE/DIMSE/network idle timeout in seconds (default 60)"),
+    (
+        "--timeout-s",
+        float,
+        "DIMSE/network idle timeout in seconds (default 60); a new connection has at most 10 s of it to associate",
+    ),
     ("--tls-cert", str, "DICOM TLS: server certificate chain (PEM); without it the port is plaintext DICOM"),
     ("--tls-key", str, "DICOM TLS: private key (PEM)"),
     ("--tls-client-ca", str, "DICOM TLS: require client certificates signed by this CA (PEM)"),

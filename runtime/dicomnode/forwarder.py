@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from gamguard.runtime.server.quietlog import where_raised
+
 from .config import Destination
 from .outbox import Outbox
 
@@ -118,8 +120,8 @@ class Forwarder:
                 if due:
                     try:
                         self._send_pass(due)
-                    except Exception:  # noqa: BLE001 - never let the forwarder thread die
-                        log.exception("forwarding to %s failed unexpectedly", self.destination)
+                    except Exception as exc:  # noqa: BLE001 - never let the forwarder thread die
+                        log.error("forwarding to %s failed unexpectedly (%s)", self.destination, where_raised(exc))
                         self._destination_failed("error")
                     continue
                 wait = None if soonest is None else max(0.0, soonest - now)
@@ -177,7 +179,7 @@ class Forwarder:
                 try:
                     rsp = assoc.send_c_store(p)
                 except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this object
-                    log.warning("destination %s: cannot send %s: %s", d, p.name, exc)
+                    log.warning("destination %s: cannot send %s (%s)", d, p.name, where_raised(exc))
                     self._object_failed(p, None)
                     continue
                 status = int(rsp.get("Status", -1)) if rsp is not None and "Status" in rsp else None

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gamguard.runtime.server.config import ServeConfig
-from gamguard.runtime.server.quietlog import where_raised
+from gamguard.runtime.server.quietlog import quiet_input_libraries, where_raised
 
 from .config import DicomNodeConfig
 from .durable import private_folder
@@ -227,7 +227,7 @@ class ResultsBuilder:
             log.error(
                 "cannot build the results of %s (%s); job moved to %s",
                 path.stem,
-                type(exc).__name__,
+                where_raised(exc),
                 self.failed_dir,
             )
             if self.metrics is not None:
@@ -319,6 +319,7 @@ class DicomNode:
         from pynetdicom import AE
         from pynetdicom.sop_class import Verification
 
+        quiet_input_libraries()  # also without --grpc-port: pydicom's warnings would quote header values
         cfg = self.config
         allow = cfg.allow_list()
         tls = _tls_context(cfg)

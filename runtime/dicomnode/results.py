@@ -24,6 +24,7 @@ image, not duplicates.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import re
 import uuid
@@ -46,6 +47,9 @@ _UID_NAMESPACE = uuid.UUID("5d0c6a36-3c1e-4d8e-9a55-6a0b1f2c9e41")  # fixed: cha
 
 # the source attributes every result needs (the SR's evidence and the SC's study)
 REQUIRED_SOURCE_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+_UID_SYNTAX = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")
 
 
 class ResultError(ValueError):
@@ -87,12 +91,12 @@ def is_own_result(ds) -> bool:
 def check_source(ds) -> None:
     """Raise :class:`ResultError` when ``ds`` lacks what the results need: the UIDs the results reference
     (present and valid UIDs — a result naming an invalid one would not validate, and could not be filed)."""
-    from pydicom.uid import UID
-
     missing = [k for k in REQUIRED_SOURCE_ATTRIBUTES if not str(ds.get(k, "") or "").strip()]
     if missing:
         raise ResultError(f"the dataset has no {', '.join(missing)}")
-    invalid = [k for k in REQUIRED_SOURCE_ATTRIBUTES if not UID(str(ds.get(k)).strip()).is_valid]
+    # syntax only: digits and dots, at most 64 characters; components with leading zeros, which older
+    # devices write, are let through (the archive already holds such studies)
+    invalid = [k for k in REQUIRED_SOURCE_ATTRIBUTES if not _UID_SYNTAX.fullmatch(str(ds.get(k)).strip())]
     if invalid:
         raise ResultError(f"the dataset's {', '.join(invalid)} is not a valid UID")
 
@@ -119,8 +123,11 @@ def _conformant_date(value: str) -> str:
     m = re.fullmatch(r"(\d{4})[-/.]?(\d{2})[-/.]?(\d{2})", value.strip())
     if not m:
         return ""
-    year, month, day = (int(g) for g in m.groups())
-    return "".join(m.groups()) if 1 <= month <= 12 and 1 <= day <= 31 and year >= 1 else ""
+    try:
+        datetime.date(*(int(g) for g in m.groups()))  # a real day (no 30 February)
+    except ValueError:
+        return ""
+    return "".join(m.groups())
 
 
 def _conformant_time(value: str) -> str:
@@ -129,7 +136,7 @@ def _conformant_time(value: str) -> str:
     if not m:
         return ""
     hh, mm, ss, frac = m.groups()
-    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 60):
+    if int(hh) > 23 or (mm and int(mm) > 59) or (ss and int(ss) > 59):
         return ""
     return hh + (mm or "") + (ss or "") + (frac or "")
 

@@ -124,6 +124,7 @@ class StorageSCP:
         # console's slot (pynetdicom's own limit, which counts connections, is set higher, as a backstop).
         self.max_associations = max_associations
         self._negotiating: set[int] = set()
+        self._ae = None  # pynetdicom's AE, known from the first request: which associations still run
         self._lock = threading.Lock()
         self.draining = False  # set on shutdown: new associations are turned away
         # durable writes of received images, overlapping their verification (one per association at most)
@@ -140,7 +141,19 @@ class StorageSCP:
 
     @property
     def active_associations(self) -> int:
-        return len(self._active)
+        with self._lock:
+            self._forget_ended()
+            return len(self._active)
+
+    def _forget_ended(self) -> None:
+        """Drop associations whose thread has ended (under the lock). pynetdicom signals the connection's
+        close from another thread than the request: a peer that sends its request and closes at once can be
+        closed before it is counted, and would otherwise hold its slot for good."""
+        if self._ae is None:
+            return
+        live = {id(a) for a in self._ae.active_associations}
+        self._active &= live
+        self._negotiating &= live
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -186,6 +199,8 @@ class StorageSCP:
             reason, rsd = f"called AE title {called!r} is not this node's ({self.ae_title!r})", REJECT_CALLED_AE
         else:
             with self._lock:
+                self._ae = event.assoc.ae
+                self._forget_ended()
                 if self.max_associations is not None and (
                     len(self._active | self._negotiating) >= self.max_associations
                 ):

@@ -36,7 +36,8 @@ Beyond the KServe core, the Triton extensions its clients call (``tritonclient.g
   refuses them): unload stops serving (ModelReady false, health NOT_SERVING), load re-reads the bundle
   from disk, verifies and self-tests it, then swaps it in (a reload while serving keeps answering).
 
-What Triton refuses is refused here too, never served or ignored: an input name the model does not
+Beyond the input forms above (``image`` also taking the numeric forms, a numeric ``[H, W]`` being one
+image), what Triton refuses is refused here too, never served or ignored: an input name the model does not
 declare, more images in one request than the config's ``max_batch_size`` (or than the queue holds), a
 requested output's ``class_count`` (Triton's classification extension, not offered). ``ModelReady`` of a
 model or version this server does not have answers ``ready=false``, as Triton's does.

@@ -69,8 +69,16 @@ class RateLimitFilter(logging.Filter):
 
 def quiet_input_libraries() -> None:
     """Keep hostile inputs from filling the server log through the libraries that parse them: pydicom
-    logs a warning (sometimes a traceback) and emits a Python warning for many malformed files."""
+    logs a warning (sometimes a traceback) and emits a Python warning for many malformed files. Its value
+    validation is switched off: each of its warnings quotes the value ("Invalid value for VR DA:
+    '1961-07-04'"), a patient's birth date or name, and the server does not rely on it (the decoder and the
+    result builders check what they use)."""
     import warnings
+
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
     # on the handlers: a logger's own filters do not see its children's records (pydicom.pixels...)
     for handler in logging.getLogger().handlers:
