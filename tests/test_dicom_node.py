@@ -644,16 +644,15 @@ def test_the_association_limit_counts_associations_not_connections(demo_bundle, 
                 s.close()
 
 
-def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path):
-    """pynetdicom may report a connection's close before its association request: such a peer must not
-    keep its slot (else a few of them lock every console out for good)."""
+def _association_request() -> bytes:
+    """A real A-ASSOCIATE-RQ (TESTSCU → GAMGUARD, Verification), captured from pynetdicom's SCU by a
+    listener that answers nothing."""
     import socket
     import threading
 
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    # a real A-ASSOCIATE-RQ, captured from pynetdicom's SCU by a listener that answers nothing
     listener = socket.create_server(("127.0.0.1", 0))
     captured = {}
 
@@ -668,10 +667,51 @@ def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path
     scu.acse_timeout = 1
     scu.associate("127.0.0.1", listener.getsockname()[1], ae_title="GAMGUARD")
     listener.close()
+    return captured["rq"]
+
+
+def test_a_pdu_larger_than_max_pdu_is_not_read(demo_bundle, tmp_path):
+    """An associated peer announcing a P-DATA PDU far beyond --max-pdu is cut off before its body is read
+    (pynetdicom alone would buffer the whole of it), and the node goes on serving."""
+    import socket
+    import struct
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    with _node(tmp_path, demo_bundle, []) as node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+            s.sendall(_association_request())
+            assert s.recv(1)[:1] == b"\x02"  # A-ASSOCIATE-AC
+            announced = 512 << 20
+            s.sendall(struct.pack(">BBI", 4, 0, announced) + struct.pack(">IB", announced - 4, 1) + b"\x02")
+            # pynetdicom alone reads all of it; the node stops reading (and closes) long before 64 MiB
+            with pytest.raises(OSError):
+                for _ in range(64):
+                    s.sendall(b"\0" * (1 << 20))
+        scu = AE(ae_title="TESTSCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+
+
+def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path):
+    """pynetdicom may report a connection's close before its association request: such a peer must not
+    keep its slot (else a few of them lock every console out for good)."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    scu = AE(ae_title="TESTSCU")
+    scu.add_requested_context(Verification)
+    request = _association_request()
     with _node(tmp_path, demo_bundle, [], max_associations=2) as node:
         for _ in range(100):
             with socket.create_connection(("127.0.0.1", node.port)) as s:
-                s.sendall(captured["rq"])
+                s.sendall(request)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the vanished peers' associations end by themselves
             assoc = scu.associate("127.0.0.1", node.port, ae_title="GAMGUARD")

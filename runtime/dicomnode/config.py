@@ -160,7 +160,11 @@ _FLAGS = (
         "holds PHI: protect it like the archive",
     ),
     ("--max-associations", int, "most simultaneous associations; more are rejected (default 8)"),
-    ("--max-pdu", int, "largest PDU accepted, bytes (default 65536; 0 = no limit)"),
+    (
+        "--max-pdu",
+        int,
+        "largest P-DATA PDU accepted, bytes; a peer announcing more is cut off (default 65536; 0 = no limit)",
+    ),
     (
         "--timeout-s",
         float,

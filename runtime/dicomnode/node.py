@@ -375,6 +375,7 @@ class DicomNode:
             on_stored=self._on_stored,
             on_verdict=lambda *kept: self.builder.keep_verdict(*kept),
             max_associations=cfg.max_associations,
+            max_pdu=cfg.max_pdu,
         )
         self.builder = ResultsBuilder(
             journal,

@@ -42,6 +42,7 @@ from gamguard.runtime.server.quietlog import where_raised
 
 from .durable import safe_name
 from .journal import thumbnail
+from .pdulimit import limit_pdu_lengths
 from .results import ResultError, check_source, is_own_result
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class StorageSCP:
         verify_timeout_s: float = 120.0,
         max_unjudged: int = 16,
         max_associations: int | None = None,
+        max_pdu: int = 0,
     ):
         self.ae_title = ae_title
         self.allow_list = allow_list
@@ -123,6 +125,7 @@ class StorageSCP:
         # not TCP connections: a port scan or a peer that connects and says nothing must not hold a
         # console's slot (pynetdicom's own limit, which counts connections, is set higher, as a backstop).
         self.max_associations = max_associations
+        self.max_pdu = max_pdu  # P-DATA PDUs announcing more are not read (.pdulimit)
         self._negotiating: set[int] = set()
         self._ae = None  # pynetdicom's AE, known from the first request: which associations still run
         self._lock = threading.Lock()
@@ -161,6 +164,7 @@ class StorageSCP:
         from pynetdicom import evt
 
         return [
+            (evt.EVT_CONN_OPEN, self.on_connected),
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
@@ -183,6 +187,9 @@ class StorageSCP:
     def _audit(self, event: str, **fields) -> None:
         if self.audit is not None:
             self.audit.record_event(event, protocol="dicom", **fields)
+
+    def on_connected(self, event) -> None:
+        limit_pdu_lengths(event.assoc, self.max_pdu)
 
     def on_requested(self, event) -> None:
         """Allow-list check before negotiation (pynetdicom's own check cannot pin peer addresses)."""

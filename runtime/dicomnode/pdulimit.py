@@ -1,0 +1,60 @@
+"""Enforce ``--max-pdu`` on what peers send, before the bytes are read.
+
+The node announces its maximum P-DATA length at association (``--max-pdu``), but pynetdicom reads every
+PDU whole — the 6-byte header, then as many bytes as the header announces — before anything looks at
+it: a peer that announces 1 GiB makes the node buffer 1 GiB. :func:`limit_pdu_lengths` wraps one
+association's socket so that the body of a PDU announcing more than allowed is never read: the read
+fails as if the connection had dropped, and pynetdicom closes the association (Evt17).
+
+Limits (PS3.8 9.3): a P-DATA-TF PDU's variable field may not exceed the maximum length the node
+announced; any other PDU (association request, release, abort) is small — at most
+:data:`MAX_OTHER_PDU` bytes.
+
+This reaches into pynetdicom's association (``assoc.dul.socket.recv``, the only place it reads PDUs,
+pynetdicom 3.x): where that is not there, the limit cannot be enforced, which is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+P_DATA_TF = 0x04
+#: the largest non-P-DATA PDU accepted: an association request with a few hundred presentation contexts
+MAX_OTHER_PDU = 1 << 20
+#: bytes beyond the announced maximum still read, for peers that count a PDU's header or item headers in it
+PDATA_SLACK = 64
+_warned = False
+
+
+class PduTooLarge(OSError):
+    """A peer announced a PDU larger than the node accepts (no patient data: lengths only)."""
+
+
+def limit_pdu_lengths(assoc, max_pdata: int) -> bool:
+    """Make ``assoc`` refuse PDUs longer than allowed (``max_pdata``: the P-DATA limit, 0 = none); False
+    when pynetdicom's socket is not where this expects it (then nothing is enforced)."""
+    global _warned
+    sock = getattr(getattr(assoc, "dul", None), "socket", None)
+    recv = getattr(sock, "recv", None)
+    if recv is None:
+        if not _warned:
+            _warned = True
+            log.warning("cannot enforce --max-pdu on received PDUs with this pynetdicom version")
+        return False
+    pending_type: list[int | None] = [None]
+
+    def checked_recv(nr_bytes: int):
+        if nr_bytes == 6:  # a PDU header: type, reserved, length
+            header = recv(6)
+            pending_type[0] = header[0] if len(header) == 6 else None
+            return header
+        limit = (max_pdata + PDATA_SLACK if max_pdata else None) if pending_type[0] == P_DATA_TF else MAX_OTHER_PDU
+        pending_type[0] = None
+        if limit is not None and nr_bytes > limit:
+            raise PduTooLarge(f"a PDU of {nr_bytes} bytes was announced; at most {limit} are accepted")
+        return recv(nr_bytes)
+
+    sock.recv = checked_recv
+    return True
