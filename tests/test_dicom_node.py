@@ -432,6 +432,82 @@ def test_the_same_instance_from_concurrent_associations_is_stored_once(guard, de
     assert not list((tmp_path / "queue" / "journal").iterdir())
 
 
+def test_outbox_puts_junk_aside_warns_of_orphans_and_leaves_no_temporaries(tmp_path, caplog, monkeypatch):
+    """What an operator's mistakes or a full disk leave in the outbox is handled, not spun on or hidden."""
+    import logging
+
+    from gamguard.runtime.dicomnode import durable
+    from gamguard.runtime.dicomnode.forwarder import Forwarder
+    from gamguard.runtime.dicomnode.outbox import Outbox
+
+    caplog.set_level(logging.WARNING)
+    root = tmp_path / "outbox"
+    (root / "OLD@10.0.0.9_104").mkdir(parents=True)  # the --forward address was corrected since
+    (root / "OLD@10.0.0.9_104" / "1.2.3.dcm").write_bytes(b"queued for the old address")
+    pacs = parse_destination("PACS@127.0.0.1:9")
+    outbox = Outbox(root, [pacs.name])
+    assert any("OLD@10.0.0.9_104 holds 1 object" in r.getMessage() for r in caplog.records)
+    # an entry that is not a DICOM file: moved aside once, not retried in a loop
+    (root / pacs.name / "9.9.9.dcm").write_bytes(b"not dicom")
+    (root / pacs.name / "9.9.8.dcm").mkdir()
+    forwarder = Forwarder(pacs, outbox, calling_ae="GAMGUARD")
+    due, _ = forwarder._due()
+    forwarder._send_pass(due)
+    assert outbox.pending(pacs.name) == [] and forwarder._due() == ([], None)
+    assert sorted(p.name for p in (root / "unreadable" / pacs.name).iterdir()) == ["9.9.8.dcm", "9.9.9.dcm"]
+
+    # a write that fails (a full disk) leaves no temporary behind to pile up at every retry
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable.os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space"):
+        outbox.put("1.2.4", b"x")
+    assert list((root / pacs.name).iterdir()) == []
+
+
+def test_a_destination_that_aborts_is_backed_off_not_hammered(tmp_path):
+    """A PACS that aborts mid-transfer: the destination waits (backoff) before the next association,
+    instead of one new association per queued object."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    from gamguard.runtime.dicomnode.forwarder import Forwarder
+    from gamguard.runtime.dicomnode.outbox import Outbox
+
+    associations = []
+
+    def on_store(event):
+        event.assoc.abort()
+        return 0xC000
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(SecondaryCaptureImageStorage, "1.2.840.10008.1.2.1")
+    server = scp.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, lambda e: associations.append(1))],
+    )
+    try:
+        pacs = parse_destination(f"PACS@127.0.0.1:{server.server_address[1]}")
+        outbox = Outbox(tmp_path / "outbox", [pacs.name])
+        ds = rgb_secondary_capture(tmp_path / "sc.dcm", np.zeros((8, 8, 3), np.uint8))
+        for i in range(5):
+            src = pydicom.dcmread(ds)
+            src.SOPInstanceUID = src.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.{i + 1}"
+            buf = io.BytesIO()
+            src.save_as(buf, enforce_file_format=True)
+            outbox.put(src.SOPInstanceUID, buf.getvalue())
+        forwarder = Forwarder(pacs, outbox, calling_ae="GAMGUARD", retry_initial_s=30.0, timeout_s=5.0)
+        forwarder.start()
+        time.sleep(4)
+        forwarder.stop()
+        assert len(associations) == 1  # one association, then the destination waits
+        assert forwarder._not_before > time.monotonic() and outbox.depth(pacs.name) == 5  # nothing lost
+    finally:
+        server.shutdown()
+
+
 def test_backoff_doubles_up_to_the_cap_and_warnings_count_as_stored():
     from gamguard.runtime.dicomnode.forwarder import backoff_s, is_stored
 
@@ -471,6 +547,9 @@ def test_config_file_dicom_section_flags_and_errors(tmp_path):
             parse_destination(bad)
     with pytest.raises(SystemExit):  # argparse refuses a non-integer port
         p.parse_args(["--port", "x"])
+    (tmp_path / "typed.yaml").write_text("dicom:\n  allow-any-ae: true\n  max-associations: many\n")
+    with pytest.raises(ConfigError, match="max-associations must be an integer, got 'many'"):
+        node_config_from_args(p.parse_args(["--config", str(tmp_path / "typed.yaml")]))
     # TLS towards the destinations: flags or config keys, each refusal names what is missing
     pem = tmp_path / "ca.pem"
     pem.write_text("not checked here: loaded when the node starts")

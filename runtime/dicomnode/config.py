@@ -279,10 +279,16 @@ def _coerce(values: dict) -> dict:
             if not isinstance(v, bool):
                 raise ConfigError(f"dicom: {name.replace('_', '-')} must be true or false, got {v!r}")
             out[name] = v
-        elif name in _INT:
-            out[name] = int(v)
-        elif name in _FLOAT:
-            out[name] = float(v)
+        elif name in _INT or name in _FLOAT:
+            kind = int if name in _INT else float
+            try:
+                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    raise ValueError
+                out[name] = kind(v)
+            except ValueError:
+                raise ConfigError(
+                    f"dicom: {name.replace('_', '-')} must be {'an integer' if kind is int else 'a number'}, got {v!r}"
+                ) from None
         elif name in _LIST:
             out[name] = [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
         else:

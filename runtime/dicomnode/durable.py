@@ -55,11 +55,18 @@ def _create_private(path: Path):
 def write_durably(path: Path, data: bytes) -> Path:
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    with _create_private(tmp) as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with _create_private(tmp) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no temporary behind (a retry would pile them up)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     fsync_dir(path.parent)
     return path
 

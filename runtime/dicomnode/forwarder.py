@@ -146,8 +146,9 @@ class Forwarder:
             try:
                 meta = read_file_meta_info(p)
                 pair = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-            except Exception:  # noqa: BLE001 - a file we cannot read is left for an operator
-                log.error("outbox file %s is unreadable; left in place", p)
+            except Exception:  # noqa: BLE001 - a file we cannot read is put aside for an operator
+                aside = self.outbox.put_aside(self.destination.name, p)
+                log.error("outbox entry %s is not a readable DICOM file; moved to %s", p.name, aside)
                 continue
             if pair not in pairs and len(pairs) >= MAX_CONTEXTS:
                 continue  # sent in a later pass
@@ -192,7 +193,9 @@ class Forwarder:
                         self.metrics.forwarded.labels(d.name).inc()
                 else:
                     self._object_failed(p, status)
-                    if status is None:  # no answer: the association is gone
+                    if status is None:  # no answer: the association is gone (aborted, timed out)
+                        # the destination, not this object, is failing: back off before the next association
+                        self._destination_failed("aborted")
                         break
         finally:
             if assoc.is_established:
@@ -207,7 +210,7 @@ class Forwarder:
         self._object_not_before[path.name] = time.monotonic() + delay
         if self.metrics is not None:
             self.metrics.forward_failures.labels(self.destination.name, "status").inc()
-        what = "no response" if status is None else f"status 0x{status:04X}"
+        what = "no response: the association was aborted or timed out" if status is None else f"status 0x{status:04X}"
         log.warning(
             "destination %s refused %s (%s), attempt %d; retrying in %.1f s",
             self.destination,

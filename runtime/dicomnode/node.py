@@ -148,12 +148,16 @@ class ResultsBuilder:
         return self._idle.wait(timeout)
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
                 self._pass()
+                failures = 0
             except Exception as exc:  # noqa: BLE001 - the builder thread must outlive any one failure
-                log.error("results builder: unexpected error (%s); retrying in 1 s", where_raised(exc))
-                self._stop.wait(1.0)
+                failures += 1  # e.g. a full disk: back off (1, 2, 4 ... 30 s), not once a second forever
+                delay = min(30.0, 2.0 ** (failures - 1))
+                log.error("results builder: error (%s); retrying in %.0f s", where_raised(exc), delay)
+                self._stop.wait(delay)
 
     def _pass(self) -> None:
         """Build what is due, or wait (at most 1 s) for news: a stored image, an association closing.

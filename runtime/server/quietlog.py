@@ -92,8 +92,10 @@ def where_raised(exc: BaseException) -> str:
     DICOM paths, can quote a header value (a patient's name or birth date) that must not reach a log."""
     import traceback
 
+    # an operating-system error's own words ("No space left on device") name the cause and quote no data
+    cause = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
-        return type(exc).__name__
+        return type(exc).__name__ + cause
     last = frames[-1]
-    return f"{type(exc).__name__} at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
+    return f"{type(exc).__name__}{cause} at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
