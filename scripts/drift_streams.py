@@ -24,14 +24,14 @@ from gamguard.runtime.preprocess import preprocess_batch
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
-def replay(guard: Guard, images: list, label: str) -> None:
+def replay(guard: Guard, images: list, label: str) -> list:
+    """Feed the verdicts of ``images`` (in order) to a fresh monitor, print its table row, return them."""
     monitor = DriftMonitor.for_guard(guard)
     x = preprocess_batch(images, guard.spec)
-    rejected = 0
-    for i in range(0, len(x), 64):
-        for v in guard.verify_tensor(x[i : i + 64]):
-            monitor.observe(v.reasons, v.scores)
-            rejected += not v.accepted
+    verdicts = [v for i in range(0, len(x), 64) for v in guard.verify_tensor(x[i : i + 64])]
+    for v in verdicts:
+        monitor.observe(v.reasons, v.scores)
+    rejected = sum(not v.accepted for v in verdicts)
     alarm = monitor.state().get("alarm")
     flag = f"at verdict {alarm['at']} ({', '.join(alarm['by'])})" if alarm else f"not within {monitor.n}"
     highest = " / ".join(f"{monitor.max_statistics[k]:.1f}" for k in ("rejection_rate", "score_shift"))
@@ -39,13 +39,12 @@ def replay(guard: Guard, images: list, label: str) -> None:
         f"| {label} | {monitor.n} | {100 * rejected / len(images):.1f} % | {flag} | {highest} "
         f"(h {monitor.reference.threshold:.1f}) |"
     )
+    return verdicts
 
 
-def resampled(guard: Guard, images: list, streams: int = 40, length: int = 3000) -> None:
+def resampled(guard: Guard, verdicts: list, streams: int = 40, length: int = 3000) -> None:
     """How many of ``streams`` streams of ``length`` verdicts, drawn with replacement (seeds 5000, 5001, ...)
-    from the verdicts of ``images``, raise the flag, and where."""
-    x = preprocess_batch(images, guard.spec)
-    verdicts = [v for i in range(0, len(x), 64) for v in guard.verify_tensor(x[i : i + 64])]
+    from ``verdicts``, raise the flag, and where."""
     flags = []
     for k in range(streams):
         monitor = DriftMonitor.for_guard(guard)
@@ -62,13 +61,13 @@ def main(eval_bundle: Path, phantom_dir: Path) -> None:
     print("| stream | verdicts | rejected | flag | highest statistics (rate / score) |\n|---|---|---|---|---|")
     guard = Guard.from_bundle(eval_bundle)
     test = list(ev.load_pneumoniamnist(DATA_ROOT)["test"][0])
-    replay(guard, test, "PneumoniaMNIST test split, stored order")
+    verdicts = replay(guard, test, "PneumoniaMNIST test split, stored order")
     order = np.random.default_rng(2026).permutation(len(test))
     replay(guard, [test[i] for i in order], "PneumoniaMNIST test split, shuffled (seed 2026)")
     paths = sorted(phantom_dir.rglob("*.png"))
     paths = [paths[i] for i in np.random.default_rng(1).permutation(len(paths))]
     replay(Guard.from_bundle(None), [decode_file(p).pixels for p in paths], f"{len(paths)} phantoms, shuffled")
-    resampled(guard, test)
+    resampled(guard, verdicts)
 
 
 if __name__ == "__main__":

@@ -474,15 +474,21 @@ class DataPlane:
                 if not t.done():
                     t.cancel()
         if several:
-            self.statistics.observe_request(
-                images=len(results),
-                total_ms=(time.perf_counter() - t0) * 1000.0,
-                queue_ms=max(r.queue_ms for r in results),
-                input_ms=sum(r.decode_ms for r in results),
-                infer_ms=max((r.verdict.timings_ms or {}).get("engine", 0.0) for r in results),
-                output_ms=max((r.verdict.timings_ms or {}).get("guard", 0.0) for r in results),
-            )
+            self._observe_request(results, (time.perf_counter() - t0) * 1000.0)
         return results
+
+    def _observe_request(self, results: list[Result], total_ms: float) -> None:
+        """One answered request in the Triton statistics: its images' slowest queue, engine and guard
+        times (they may ride in different engine calls) and the sum of their decodes."""
+        timings = [r.verdict.timings_ms or {} for r in results]
+        self.statistics.observe_request(
+            images=len(results),
+            total_ms=total_ms,
+            queue_ms=max(r.queue_ms for r in results),
+            input_ms=sum(r.decode_ms for r in results),
+            infer_ms=max(t.get("engine", 0.0) for t in timings),
+            output_ms=max(t.get("guard", 0.0) for t in timings),
+        )
 
     @property
     def max_images_per_request(self) -> int:
@@ -492,15 +498,8 @@ class DataPlane:
     # -- bookkeeping -------------------------------------------------------------------------------
 
     def _record(self, result: Result, protocol: str) -> None:
-        timings = result.verdict.timings_ms or {}
         if not _COUNTED_BY_REQUEST.get():
-            self.statistics.observe_verdict(
-                total_ms=result.total_ms,
-                queue_ms=result.queue_ms,
-                input_ms=result.decode_ms,
-                infer_ms=timings.get("engine", 0.0),
-                output_ms=timings.get("guard", 0.0),
-            )
+            self._observe_request([result], result.total_ms)
         if self.metrics is not None:
             self.metrics.observe_result(result)
         if self.drift is not None:

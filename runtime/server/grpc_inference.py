@@ -117,12 +117,11 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
         raise InvalidRequest(f"unexpected inference input(s) {unexpected}; send one of {list(INPUT_NAMES)}")
     if len(request.inputs) != 1:
         raise InvalidRequest(f"send exactly one of {list(INPUT_NAMES)}, got {[t.name for t in request.inputs]}")
-    index = 0
-    tensor = request.inputs[index]
+    tensor = request.inputs[0]
     expected_dtype = TENSOR_INPUTS.get(tensor.name)
     if expected_dtype and tensor.datatype.upper() != expected_dtype:
         raise InvalidRequest(f"input '{tensor.name}' must be {expected_dtype}, got {tensor.datatype!r}")
-    raw = request.raw_input_contents[index] if index < len(request.raw_input_contents) else None
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
     shape = [int(s) for s in tensor.shape]
     if any(s < 0 for s in shape):
         raise InvalidRequest(f"negative dimension in shape {shape}")

@@ -62,14 +62,6 @@ class InferenceStatistics:
         self.last_inference_ms = 0  # milliseconds since the epoch
         self.batches: dict[int, BatchDurations] = {}
 
-    def observe_verdict(
-        self, *, total_ms: float, queue_ms: float, input_ms: float, infer_ms: float, output_ms: float
-    ) -> None:
-        """One request of one image answered with its verdict."""
-        self.observe_request(
-            images=1, total_ms=total_ms, queue_ms=queue_ms, input_ms=input_ms, infer_ms=infer_ms, output_ms=output_ms
-        )
-
     def observe_request(
         self, *, images: int, total_ms: float, queue_ms: float, input_ms: float, infer_ms: float, output_ms: float
     ) -> None:
