@@ -9,10 +9,12 @@ from gamguard.runtime.drift_monitor import (
     DriftMonitor,
     DriftReference,
     alarm_threshold,
+    bernoulli_llr,
     calibrated_rate_bound,
     monitored_statistic,
     monitored_weights,
     online_conformal_pvalues,
+    union_bound_threshold,
 )
 
 ALPHA = 0.05
@@ -114,9 +116,47 @@ def test_alarm_after_a_change_point_not_before():
     assert m.drift and 3000 < m.alarm["at"] < 3200, m.state()
 
 
-def test_threshold_is_the_ville_union_bound():
-    h = alarm_threshold(10_000, 0.005, 2)
+def test_union_bound_threshold():
+    h = union_bound_threshold(10_000, 0.005, 2)
     assert 2 * 10_000 * math.exp(-h) == pytest.approx(0.005)
+
+
+def _max_cusums(p0, p1, horizon, streams, rng):
+    """Brute force: each in-control stream's largest rate and score CUSUM (rejections at p0, uniform ranks)."""
+    up, down = bernoulli_llr(True, p0, p1), bernoulli_llr(False, p0, p1)
+    rate, score = np.zeros(streams), np.zeros(streams)
+    peak = np.zeros(streams)
+    for _ in range(horizon):
+        rate = np.maximum(0.0, rate + np.where(rng.random(streams) < p0, up, down))
+        score = np.maximum(0.0, score + math.log(0.7) - 0.3 * np.log(rng.random(streams)))
+        peak = np.maximum(peak, np.maximum(rate, score))
+    return peak
+
+
+@pytest.mark.parametrize("n_conformal", [135, 1000])
+def test_simulated_threshold_keeps_its_false_alarm_promise(n_conformal):
+    # a large false-alarm budget so that brute force can count alarms: the promise holds, and the threshold
+    # is not vacuous (it lets through a fair share of the budget, far more than the union bound would)
+    p0 = calibrated_rate_bound(ALPHA, n_conformal)
+    p1 = min(2 * p0, 0.5 * (1 + p0))
+    horizon, budget, streams = 2000, 0.1, 3000
+    h = alarm_threshold(p0, p1, horizon, budget)
+    assert h < union_bound_threshold(horizon, budget) - 2
+    assert h == alarm_threshold(p0, p1, horizon, budget)  # seeded: the same bundle gets the same threshold
+    peak = _max_cusums(p0, p1, horizon, streams, np.random.default_rng(n_conformal))
+    rate = np.mean(peak >= h)
+    assert rate <= budget + 3 * math.sqrt(budget * (1 - budget) / streams)
+    assert rate > budget / 10
+    assert np.mean(peak >= union_bound_threshold(horizon, budget)) < rate / 5
+
+
+def test_threshold_grows_with_the_horizon_and_shrinks_with_the_budget():
+    p0 = calibrated_rate_bound(ALPHA, 500)
+    p1 = 2 * p0
+    h = alarm_threshold(p0, p1)
+    assert 11 < h < 13  # the default (T = 10,000, 0.5 %): docs/drift.md
+    assert alarm_threshold(p0, p1, 40_000) > h + 1
+    assert alarm_threshold(p0, p1, 10_000, 0.05) < h - 2
 
 
 def test_faults_are_not_counted():

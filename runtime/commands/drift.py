@@ -17,9 +17,11 @@ GetModelInfo), and reports:
     checks' p-values: every check at equal weight) ranked among the calibration's and every
     earlier verdict's (online conformal p-values, uniform while the stream is exchangeable
     with the calibration), turned into evidence by a power calibrator;
-  * the drift flag: raised (and kept) when either statistic reaches the threshold
-    h = log(2 * horizon / false-alarm), so that in-distribution traffic raises it within --horizon
-    verdicts with probability at most --false-alarm (plus 0.5 % for the rate bound p0).
+  * the drift flag: raised (and kept) when either statistic reaches the threshold h, set so that
+    in-distribution traffic raises it within --horizon verdicts with probability at most
+    --false-alarm (plus 0.5 % for the rate bound p0): an excursion bound estimated by a seeded
+    simulation of in-control streams (12.1 at the defaults), or log(2 * horizon / false-alarm) if
+    that is lower (docs/drift.md).
 
 Several files (a log rotated by logrotate) are read in the order given, oldest first. Only the
 lines written by the given bundle (by its hash) are replayed; invalid inputs and guard
