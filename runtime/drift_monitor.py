@@ -298,6 +298,7 @@ class DriftMonitor:
     def __init__(self, reference: DriftReference, *, window: int = WINDOW, keep_history: bool = False):
         self.reference = reference
         self.window = int(window)
+        _ = reference.threshold  # its short simulation runs here, at start, not on the first verdict
         ref = reference
         self._up = bernoulli_llr(True, ref.reference_rate, ref.alternative_rate)
         self._down = bernoulli_llr(False, ref.reference_rate, ref.alternative_rate)
