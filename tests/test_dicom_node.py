@@ -419,6 +419,60 @@ def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp
     assert [read_verdict_sr(d)["label"] for d in kept if d.Modality == "SR"] == [label]
 
 
+def test_other_content_under_a_uid_sent_before_never_gets_the_earlier_verdict(guard, tmp_path, caplog):
+    """A console sends an image, then other pixels under the same SOP Instance UID before the results are
+    built (the journal keeps the latest under that name): the results carry the verdict of the content the
+    journal holds, derived again, never the verdict kept for the earlier content."""
+    import logging
+
+    from gamguard.runtime.dicomnode.journal import Journal, source_digest, thumbnail
+    from gamguard.runtime.dicomnode.node import ResultsBuilder
+    from gamguard.runtime.dicomnode.outbox import Outbox
+
+    caplog.set_level(logging.WARNING)
+    (first, first_label), (second, second_label) = accepted_phantoms(guard, tmp_path, 2).items()
+    assert first_label != second_label  # classes in turn
+    uid = pydicom.dcmread(first).SOPInstanceUID
+    ds = pydicom.dcmread(second)
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.save_as(second)
+    first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
+    rederived = []
+
+    def reverify(data: bytes):
+        rederived.append(source_digest(data))
+        decoded, verdict = judged(guard, second if data == second_bytes else first)
+        return verdict, thumbnail(decoded.pixels)
+
+    journal = Journal(tmp_path / "journal")
+    builder = ResultsBuilder(
+        journal,
+        Outbox(tmp_path / "outbox", []),
+        model_identity(guard),
+        reverify=reverify,
+        forward_originals="none",
+        is_busy=lambda: False,
+        backlog=1,
+    )
+    decoded, verdict = judged(guard, first)
+    builder.keep_verdict(uid, source_digest(first_bytes), verdict, thumbnail(decoded.pixels))
+    journal.release_source(uid, journal.put_source(uid, second_bytes))  # the later content, its verdict lost
+    assert builder.build(journal.pending()[0]) is True
+    assert rederived == [source_digest(second_bytes)]
+    kept = [pydicom.dcmread(p) for p in (tmp_path / "outbox" / "kept").glob("*.dcm")]
+    assert [read_verdict_sr(d)["label"] for d in kept if d.Modality == "SR"] == [second_label]
+    assert any("computed on other content" in r.getMessage() for r in caplog.records)
+
+    # both verdicts kept in turn: the later one replaces the earlier (and says so); the build uses it as is
+    builder.keep_verdict(uid, source_digest(first_bytes), verdict, thumbnail(decoded.pixels))
+    decoded2, verdict2 = judged(guard, second)
+    builder.keep_verdict(uid, source_digest(second_bytes), verdict2, thumbnail(decoded2.pixels))
+    assert any("received again with other content" in r.getMessage() for r in caplog.records)
+    journal.release_source(uid, journal.put_source(uid, second_bytes))
+    assert builder.build(journal.pending()[0]) is True and len(rederived) == 1
+
+
 def test_the_same_instance_from_concurrent_associations_is_stored_once(guard, demo_bundle, tmp_path):
     import concurrent.futures
 

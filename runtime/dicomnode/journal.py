@@ -25,6 +25,7 @@ acknowledged, and is deleted). The journal holds PHI (received datasets): protec
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -57,6 +58,13 @@ class Job:
     source: bytes  # the received dataset, DICOM Part 10
     verdict: object = None  # gamguard.runtime.guard.Verdict with cam / reference_cam; None: derive it again
     thumbnail: np.ndarray | None = None  # uint8, THUMBNAIL_SIDE² grey, MONOCHROME2; None with verdict None
+
+
+def source_digest(data: bytes) -> bytes:
+    """SHA-256 of a received dataset: ties a verdict kept in memory to the exact bytes it was computed on
+    (a console can send other content under a SOP Instance UID it sent before; the journal keeps the
+    latest under that name)."""
+    return hashlib.sha256(data).digest()
 
 
 def thumbnail(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
