@@ -263,8 +263,12 @@ def test_journal_and_outbox_survive_reopening(guard, tmp_path):
     assert (journal.folder.stat().st_mode & 0o777) == 0o700  # received images are patient data: owner only
     assert {p.stat().st_mode & 0o777 for p in journal.folder.iterdir() if p.is_file()} == {0o600}
     assert not list(journal.folder.glob(".tmp-*")) and not list(journal.folder.glob("1.2.98*")) and len(journal) == 2
-    jobs = {Path(p).name: journal.load(p) for p in journal.pending()}
-    assert jobs[f"{uid}.dcm"].source == data and jobs["1.2.99.dcm"].source == data
+    jobs = {journal.load(p).sop_instance_uid: journal.load(p) for p in journal.pending()}
+    assert jobs[uid].source == data and jobs["1.2.99"].source == data
+    # entries are named after the UID and the digest of the content (other content is another entry)
+    assert all(
+        Path(p).name.startswith(f"{k}.") and len(Path(p).name) == len(k) + 69 for k, p in zip(jobs, journal.pending())
+    )
     assert all(job.verdict is None for job in jobs.values())  # verdicts are derived again after a restart
     journal.done(journal.pending()[0])
     assert len(journal) == 1 and len(list(journal.folder.iterdir())) == 1
@@ -393,7 +397,7 @@ def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp
     ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
     uid = pydicom.dcmread(path).SOPInstanceUID
     journal = Journal(tmp_path / "journal")
-    journal.release_source(uid, journal.put_source(uid, path.read_bytes()))  # answered; no verdict kept
+    journal.release_source(journal.put_source(uid, path.read_bytes()))  # answered; no verdict kept
     calls = []
 
     def reverify(data: bytes):
@@ -419,13 +423,13 @@ def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp
     assert [read_verdict_sr(d)["label"] for d in kept if d.Modality == "SR"] == [label]
 
 
-def test_other_content_under_a_uid_sent_before_never_gets_the_earlier_verdict(guard, tmp_path, caplog):
+def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes(guard, tmp_path, caplog):
     """A console sends an image, then other pixels under the same SOP Instance UID before the results are
-    built (the journal keeps the latest under that name): the results carry the verdict of the content the
-    journal holds, derived again, never the verdict kept for the earlier content."""
+    built: both are kept (neither written over nor deleted with the other) and each one's results carry the
+    verdict of its own bytes; a verdict is never used with other bytes than it was computed on."""
     import logging
 
-    from gamguard.runtime.dicomnode.journal import Journal, source_digest, thumbnail
+    from gamguard.runtime.dicomnode.journal import Journal, thumbnail
     from gamguard.runtime.dicomnode.node import ResultsBuilder
     from gamguard.runtime.dicomnode.outbox import Outbox
 
@@ -437,40 +441,87 @@ def test_other_content_under_a_uid_sent_before_never_gets_the_earlier_verdict(gu
     ds.SOPInstanceUID = uid
     ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.save_as(second)
-    first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
+    content = {first.read_bytes(): first, second.read_bytes(): second}
     rederived = []
 
     def reverify(data: bytes):
-        rederived.append(source_digest(data))
-        decoded, verdict = judged(guard, second if data == second_bytes else first)
+        rederived.append(content[data])
+        decoded, verdict = judged(guard, content[data])
         return verdict, thumbnail(decoded.pixels)
 
-    journal = Journal(tmp_path / "journal")
+    def builder_for(name):
+        journal = Journal(tmp_path / name / "journal")
+        builder = ResultsBuilder(
+            journal,
+            Outbox(tmp_path / name / "outbox", []),
+            model_identity(guard),
+            reverify=reverify,
+            forward_originals="none",
+            is_busy=lambda: False,
+            backlog=1,
+        )
+        return journal, builder
+
+    def receive(journal, builder, path, keep=True):  # as the C-STORE handler: journal, verdict, release
+        incoming = journal.put_source(uid, path.read_bytes())
+        if keep:
+            decoded, verdict = judged(guard, path)
+            builder.keep_verdict(journal.incoming_key(incoming), verdict, thumbnail(decoded.pixels))
+        journal.release_source(incoming)
+
+    def labels(name):
+        kept = [pydicom.dcmread(p) for p in (tmp_path / name / "outbox" / "kept").glob("*.dcm")]
+        return [read_verdict_sr(d)["label"] for d in kept if d.Modality == "SR"]
+
+    # both contents wait for their results: two entries, each built with its own kept verdict
+    journal, builder = builder_for("both")
+    receive(journal, builder, first)
+    receive(journal, builder, second)
+    assert any("received with other content" in r.getMessage() for r in caplog.records)
+    assert len(journal.pending()) == 2
+    built = []
+    for path in journal.pending():
+        assert builder.build(path) is True
+        built += labels("both")
+    assert rederived == [] and len(journal) == 0
+    assert sorted(set(built)) == sorted([first_label, second_label])  # same result UIDs: the outbox keeps the last
+
+    # the later content arrives while the first one's results are being built: it is not deleted with them
+    journal, builder = builder_for("during")
+    receive(journal, builder, first)
+    (path,) = journal.pending()
+    receive(journal, builder, second, keep=False)  # its verification failed after the answer: no verdict kept
+    assert builder.build(path) is True and labels("during") == [first_label]
+    assert len(journal) == 1 and builder.build(journal.pending()[0]) is True
+    assert rederived == [second] and labels("during") == [second_label]
+
+    # an entry whose bytes are not the ones its name says: its kept verdict is not used
+    journal, builder = builder_for("edited")
+    receive(journal, builder, first)
+    (path,) = journal.pending()
+    path.write_bytes(second.read_bytes())
+    assert builder.build(path) is True and labels("edited") == [second_label] and rederived[-1] == second
+
+
+def test_kept_verdicts_make_room_oldest_first(guard, tmp_path):
+    from gamguard.runtime.dicomnode.journal import Journal, entry_key
+    from gamguard.runtime.dicomnode.node import ResultsBuilder
+    from gamguard.runtime.dicomnode.outbox import Outbox
+
     builder = ResultsBuilder(
-        journal,
+        Journal(tmp_path / "journal"),
         Outbox(tmp_path / "outbox", []),
         model_identity(guard),
-        reverify=reverify,
+        reverify=None,
         forward_originals="none",
         is_busy=lambda: False,
         backlog=1,
     )
-    decoded, verdict = judged(guard, first)
-    builder.keep_verdict(uid, source_digest(first_bytes), verdict, thumbnail(decoded.pixels))
-    journal.release_source(uid, journal.put_source(uid, second_bytes))  # the later content, its verdict lost
-    assert builder.build(journal.pending()[0]) is True
-    assert rederived == [source_digest(second_bytes)]
-    kept = [pydicom.dcmread(p) for p in (tmp_path / "outbox" / "kept").glob("*.dcm")]
-    assert [read_verdict_sr(d)["label"] for d in kept if d.Modality == "SR"] == [second_label]
-    assert any("computed on other content" in r.getMessage() for r in caplog.records)
-
-    # both verdicts kept in turn: the later one replaces the earlier (and says so); the build uses it as is
-    builder.keep_verdict(uid, source_digest(first_bytes), verdict, thumbnail(decoded.pixels))
-    decoded2, verdict2 = judged(guard, second)
-    builder.keep_verdict(uid, source_digest(second_bytes), verdict2, thumbnail(decoded2.pixels))
-    assert any("received again with other content" in r.getMessage() for r in caplog.records)
-    journal.release_source(uid, journal.put_source(uid, second_bytes))
-    assert builder.build(journal.pending()[0]) is True and len(rederived) == 1
+    builder.KEPT_VERDICTS = 3
+    keys = [entry_key(f"1.2.{i}", b"x") for i in range(5)]
+    for k in keys:
+        builder.keep_verdict(k, object(), None)
+    assert list(builder._verdicts) == keys[2:]  # the newest are kept; the oldest is derived again if needed
 
 
 def test_the_same_instance_from_concurrent_associations_is_stored_once(guard, demo_bundle, tmp_path):

@@ -1,12 +1,15 @@
 """The journal: received images whose results are not built yet.
 
-Per image, named after its SOP Instance UID, ``<uid>.dcm``: the received dataset, byte for byte as
-sent, written durably. The C-STORE handler writes it *while* the data plane decodes the image and
+Per received content, named after its SOP Instance UID and the SHA-256 of its bytes,
+``<uid>.<sha256>.dcm`` (the entry's *key* is ``<uid>.<sha256>``): the received dataset, byte for byte as
+sent, written durably. The same image sent twice is one entry; other content under a SOP Instance UID
+already received (a sender's error) is another entry, never written over the first, and each gets the
+results of its own bytes. The C-STORE handler writes it *while* the data plane decodes the image and
 queues it for the engine, and answers only after both finished: the image is on stable storage before
 the console hears "success" (its verdict may come after the answer).
-It first lands as ``<uid>.<token>-<crc32>.incoming`` (:func:`.durable.write_checked`: file and folder
+It first lands as ``<key>.<token>-<crc32>.incoming`` (:func:`.durable.write_checked`: file and folder
 fsync'd at the same time, the folder's fsync shared by concurrent associations) and becomes
-``<uid>.dcm`` after the answer, once its verification has finished and its verdict is handed to the
+``<key>.dcm`` after the answer, once its verification has finished and its verdict is handed to the
 results builder, so the builder never takes an image whose verdict is still on its way.
 
 The verdict itself (and the small maps the overlay needs) is kept in memory by the results builder,
@@ -55,16 +58,25 @@ THUMBNAIL_SIDE = 256  # the overlay panel side (gamguard.runtime.overlays.PANEL)
 @dataclass
 class Job:
     sop_instance_uid: str
+    key: str  # the entry's key (:func:`entry_key`): the kept verdict's too
     source: bytes  # the received dataset, DICOM Part 10
     verdict: object = None  # gamguard.runtime.guard.Verdict with cam / reference_cam; None: derive it again
     thumbnail: np.ndarray | None = None  # uint8, THUMBNAIL_SIDE² grey, MONOCHROME2; None with verdict None
 
 
-def source_digest(data: bytes) -> bytes:
-    """SHA-256 of a received dataset: ties a verdict kept in memory to the exact bytes it was computed on
-    (a console can send other content under a SOP Instance UID it sent before; the journal keeps the
-    latest under that name)."""
-    return hashlib.sha256(data).digest()
+def entry_key(sop_instance_uid: str, data: bytes) -> str:
+    """``<uid>.<sha256 hex>``: names a received content in the journal and its verdict kept in memory,
+    so that a verdict is only ever used with the bytes it was computed on."""
+    return f"{safe_name(sop_instance_uid)}.{hashlib.sha256(data).hexdigest()}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """``(uid, sha256 hex)`` of an entry key; ``(uid, None)`` for a name without a digest (an entry written
+    by a node before digests, ``<uid>.dcm``). A UID has only digits and dots and at most 64 characters."""
+    uid, _, digest = key.rpartition(".")
+    if uid and len(digest) == 64 and not digest.isdigit():
+        return uid, digest
+    return key, None
 
 
 def thumbnail(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
@@ -81,7 +93,7 @@ class Journal:
         remove_stale_temporaries(self.folder)
         for p in list_files(self.folder, INCOMING):  # received before a crash: kept if complete (module doc)
             if is_complete(p):
-                os.replace(p, self._path(p.name.rsplit(".", 2)[0], SUFFIX))
+                os.replace(p, self.folder / (p.name.rsplit(".", 2)[0] + SUFFIX))
             else:
                 log.warning("journal: %s was cut short by a crash before its C-STORE was answered; deleted", p.name)
                 p.unlink()
@@ -90,15 +102,17 @@ class Journal:
     def close(self) -> None:
         self._folder_sync.close()
 
-    def _path(self, sop_instance_uid: str, suffix: str) -> Path:
-        return self.folder / f"{safe_name(sop_instance_uid)}{suffix}"
-
     def put_source(self, sop_instance_uid: str, data: bytes) -> Path:
-        """The received dataset, durably, as ``<uid>.<token>-<crc32>.incoming``; returns that path for
-        :meth:`release_source` / :meth:`discard_source`. The token keeps two associations sending the same
-        instance at the same time from renaming each other's file."""
-        name = checked_name(safe_name(sop_instance_uid), data, INCOMING)
+        """The received dataset, durably, as ``<key>.<token>-<crc32>.incoming``; returns that path for
+        :meth:`release_source` / :meth:`discard_source` (:func:`incoming_key` gives its key). The token keeps
+        two associations sending the same instance at the same time from renaming each other's file."""
+        name = checked_name(entry_key(sop_instance_uid, data), data, INCOMING)
         return write_checked(self.folder / name, data, self._folder_sync)
+
+    @staticmethod
+    def incoming_key(incoming: Path) -> str:
+        """The entry key of a path :meth:`put_source` returned."""
+        return Path(incoming).name.rsplit(".", 2)[0]
 
     @staticmethod
     def discard_source(incoming: Path) -> None:
@@ -108,19 +122,21 @@ class Journal:
         except FileNotFoundError:
             pass
 
-    def release_source(self, sop_instance_uid: str, incoming: Path) -> None:
-        """An incoming image becomes ready for its results (not fsync'd: at a restart an ``.incoming``
-        file is taken as received anyway)."""
-        os.replace(incoming, self._path(sop_instance_uid, SUFFIX))
+    def release_source(self, incoming: Path) -> None:
+        """An incoming image becomes ready for its results, as ``<key>.dcm`` (not fsync'd: at a restart an
+        ``.incoming`` file is taken as received anyway). The same content received again replaces its
+        entry with the same bytes."""
+        os.replace(incoming, self.folder / (self.incoming_key(incoming) + SUFFIX))
 
     def put(self, sop_instance_uid: str, data: bytes) -> None:
         """Both at once (tests, tools)."""
-        self.release_source(sop_instance_uid, self.put_source(sop_instance_uid, data))
+        self.release_source(self.put_source(sop_instance_uid, data))
 
     def load(self, path: Path) -> Job:
         """The job of a ready image (its verdict is the builder's to find or derive)."""
         path = Path(path)
-        return Job(sop_instance_uid=path.name[: -len(SUFFIX)], source=path.read_bytes())
+        key = path.name[: -len(SUFFIX)]
+        return Job(sop_instance_uid=split_key(key)[0], key=key, source=path.read_bytes())
 
     def pending(self) -> list[Path]:
         """Images ready for their results, oldest first."""

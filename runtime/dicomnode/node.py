@@ -32,7 +32,7 @@ from gamguard.runtime.server.quietlog import quiet_input_libraries, where_raised
 from .config import DicomNodeConfig
 from .durable import private_folder
 from .forwarder import Forwarder
-from .journal import Journal, source_digest
+from .journal import Journal, entry_key, split_key
 from .metrics import DicomMetrics
 from .outbox import Outbox
 from .results import ModelIdentity, encode, overlay_sc, verdict_sr
@@ -124,18 +124,22 @@ class ResultsBuilder:
         self.built = 0
         self._retry_s = self.RETRY_INITIAL_S
 
-    def keep_verdict(self, sop_instance_uid: str, digest: bytes, verdict, thumbnail_u8) -> None:
-        """The verdict of a stored image, tied to the digest of its bytes (:func:`.journal.source_digest`)."""
+    def keep_verdict(self, key: str, verdict, thumbnail_u8) -> None:
+        """The verdict of a stored image under its journal entry's key (:func:`.journal.entry_key`: the SOP
+        Instance UID and the digest of the bytes). The oldest kept verdict makes room when
+        ``KEPT_VERDICTS`` are kept (it is derived again when its image is built)."""
+        uid = split_key(key)[0]
         with self._verdicts_lock:
-            earlier = self._verdicts.get(sop_instance_uid)
-            if earlier is not None and earlier[0] != digest:
+            if any(k != key and split_key(k)[0] == uid for k in self._verdicts):
                 log.warning(
-                    "SOP Instance UID %s received again with other content before its results were built; "
-                    "its results follow the content the journal holds",
-                    sop_instance_uid,
+                    "SOP Instance UID %s received with other content than before, before the results of the "
+                    "first were built; each gets the results of its own content, under the same result UIDs",
+                    uid,
                 )
-            if len(self._verdicts) < self.KEPT_VERDICTS or earlier is not None:
-                self._verdicts[sop_instance_uid] = (digest, verdict, thumbnail_u8)
+            self._verdicts.pop(key, None)
+            while len(self._verdicts) >= self.KEPT_VERDICTS:
+                self._verdicts.pop(next(iter(self._verdicts)))
+            self._verdicts[key] = (verdict, thumbnail_u8)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="gamguard-results", daemon=True)
@@ -212,19 +216,17 @@ class ResultsBuilder:
         try:
             job = self.journal.load(path)
             with self._verdicts_lock:
-                kept = self._verdicts.pop(job.sop_instance_uid, None)
-            if kept is not None and kept[0] != source_digest(job.source):
-                # The same SOP Instance UID sent again with other content: the verdict kept is not the one
-                # of the bytes the journal holds. Never put one image's verdict on another's results.
+                kept = self._verdicts.pop(job.key, None)
+            if kept is not None and entry_key(job.sop_instance_uid, job.source) != job.key:
+                # the bytes are not the ones the key names (an entry edited on disk): never use a verdict
+                # on other bytes than it was computed on
                 log.warning(
-                    "results of %s: the verdict kept was computed on other content sent under this SOP "
-                    "Instance UID; deriving it again from the image in the journal",
-                    path.stem,
+                    "results of %s: the journal entry does not match its name; deriving its verdict again", path.stem
                 )
                 kept = None
             if kept is not None:
-                job.verdict, job.thumbnail = kept[1:]
-            else:  # received before a restart, more were waiting than kept, other content, or its verification failed
+                job.verdict, job.thumbnail = kept
+            else:  # received before a restart, more were waiting than kept, or its verification failed
                 try:
                     job.verdict, job.thumbnail = self.reverify(job.source)
                 except (DataPlaneError, concurrent.futures.TimeoutError) as exc:

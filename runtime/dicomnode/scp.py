@@ -41,7 +41,7 @@ import uuid
 from gamguard.runtime.server.quietlog import where_raised
 
 from .durable import safe_name
-from .journal import source_digest, thumbnail
+from .journal import thumbnail
 from .pdulimit import limit_pdu_lengths
 from .results import ResultError, check_source, is_own_result
 
@@ -114,7 +114,7 @@ class StorageSCP:
         self.metrics = metrics
         self.audit = audit
         self.on_stored = on_stored
-        # (sop_uid, source digest, verdict, thumbnail): the verdict for the results builder
+        # (journal entry key, verdict, thumbnail): the verdict for the results builder
         self.on_verdict = on_verdict
         self.verify_timeout_s = verify_timeout_s
         # answered images whose verdict may be outstanding at once; beyond, an answer waits for its
@@ -366,32 +366,30 @@ class StorageSCP:
             backlog = self._finishing > min(self.max_unjudged, max(1, plane.config.max_queue_size // 2))
         if backlog:  # enough verdicts outstanding: this answer waits for its own (whatever it is)
             concurrent.futures.wait([verifying], timeout=self.verify_timeout_s + 10)
-        verifying.add_done_callback(lambda done: self._after_verdict(sop_uid, data, incoming, request_id, done))
+        verifying.add_done_callback(lambda done: self._after_verdict(sop_uid, incoming, request_id, done))
         if self.on_stored is not None:
             self.on_stored()  # before the answer: whoever waits for the results after it waits for this one
         return SUCCESS, "", "success"
 
-    def _after_verdict(
-        self, sop_uid: str, data: bytes, incoming, request_id: str, done: concurrent.futures.Future
-    ) -> None:
+    def _after_verdict(self, sop_uid: str, incoming, request_id: str, done: concurrent.futures.Future) -> None:
         """The verification of an answered image finished: hand over on the writer threads (not in the
         event loop, which ran this callback)."""
         try:
-            self._writer.submit(self._finish, sop_uid, data, incoming, request_id, done)
+            self._writer.submit(self._finish, sop_uid, incoming, request_id, done)
         except RuntimeError:  # the node is closing: the image stays in the journal, taken at the next start
             with self._lock:
                 self._finishing -= 1
 
-    def _finish(self, sop_uid: str, data: bytes, incoming, request_id: str, done: concurrent.futures.Future) -> None:
-        """The verdict to the results builder (with the digest of the bytes it was computed on), then the
-        image ready in the journal. Without its verdict (the verification failed after the answer, or an
-        error here) the builder derives it again."""
+    def _finish(self, sop_uid: str, incoming, request_id: str, done: concurrent.futures.Future) -> None:
+        """The verdict to the results builder (under the journal entry's key, which names the bytes it was
+        computed on), then the image ready in the journal. Without its verdict (the verification failed
+        after the answer, or an error here) the builder derives it again."""
         from gamguard.runtime.server.errors import DataPlaneError
 
         try:
             result = done.result(0)
             if self.on_verdict is not None:
-                self.on_verdict(sop_uid, source_digest(data), result.verdict, thumbnail(result.decoded.pixels))
+                self.on_verdict(self.journal.incoming_key(incoming), result.verdict, thumbnail(result.decoded.pixels))
         except Exception as exc:  # noqa: BLE001 - derived data only; the image is durable
             if self.metrics is not None:
                 self.metrics.verdicts_deferred.inc()
@@ -404,7 +402,7 @@ class StorageSCP:
                 exc_info=not isinstance(exc, (DataPlaneError, concurrent.futures.CancelledError)),
             )
         try:
-            self.journal.release_source(sop_uid, incoming)
+            self.journal.release_source(incoming)
         except OSError as exc:
             log.error("cannot release %s in the journal (%s); it is taken at the next start", sop_uid, exc)
         finally:
