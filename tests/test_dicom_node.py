@@ -386,18 +386,33 @@ def test_a_console_waits_for_verdicts_instead_of_filling_the_engine_queue(demo_b
     assert len(list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))) == 16  # an SR and overlay each
 
 
+def results_builder(guard, folder: Path, reverify=None):
+    """A journal in ``folder/journal`` and a results builder from it into ``folder/outbox`` (no destination)."""
+    from gamguard.runtime.dicomnode.journal import Journal
+    from gamguard.runtime.dicomnode.node import ResultsBuilder
+    from gamguard.runtime.dicomnode.outbox import Outbox
+
+    journal = Journal(folder / "journal")
+    builder = ResultsBuilder(
+        journal,
+        Outbox(folder / "outbox", []),
+        model_identity(guard),
+        reverify=reverify,
+        forward_originals="none",
+        is_busy=lambda: False,
+        backlog=1,
+    )
+    return journal, builder
+
+
 def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp_path):
     """The results builder derives a missing verdict through the data plane; a busy data plane (queue
     full) is a reason to try again later, not to move the image to failed/."""
-    from gamguard.runtime.dicomnode.journal import Journal, thumbnail
-    from gamguard.runtime.dicomnode.node import ResultsBuilder
-    from gamguard.runtime.dicomnode.outbox import Outbox
+    from gamguard.runtime.dicomnode.journal import thumbnail
     from gamguard.runtime.server.errors import Overloaded
 
     ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
     uid = pydicom.dcmread(path).SOPInstanceUID
-    journal = Journal(tmp_path / "journal")
-    journal.release_source(journal.put_source(uid, path.read_bytes()))  # answered; no verdict kept
     calls = []
 
     def reverify(data: bytes):
@@ -407,15 +422,8 @@ def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp
         decoded, verdict = judged(guard, path)
         return verdict, thumbnail(decoded.pixels)
 
-    builder = ResultsBuilder(
-        journal,
-        Outbox(tmp_path / "outbox", []),
-        model_identity(guard),
-        reverify=reverify,
-        forward_originals="none",
-        is_busy=lambda: False,
-        backlog=1,
-    )
+    journal, builder = results_builder(guard, tmp_path, reverify)
+    journal.release_source(journal.put_source(uid, path.read_bytes()))  # answered; no verdict kept
     assert builder.build(journal.pending()[0]) is False  # busy: the job stays
     assert len(journal) == 1 and not (tmp_path / "journal" / "failed").exists()
     assert builder.build(journal.pending()[0]) is True and len(journal) == 0 and len(calls) == 2
@@ -429,9 +437,7 @@ def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes
     verdict of its own bytes; a verdict is never used with other bytes than it was computed on."""
     import logging
 
-    from gamguard.runtime.dicomnode.journal import Journal, thumbnail
-    from gamguard.runtime.dicomnode.node import ResultsBuilder
-    from gamguard.runtime.dicomnode.outbox import Outbox
+    from gamguard.runtime.dicomnode.journal import thumbnail
 
     caplog.set_level(logging.WARNING)
     (first, first_label), (second, second_label) = accepted_phantoms(guard, tmp_path, 2).items()
@@ -449,19 +455,6 @@ def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes
         decoded, verdict = judged(guard, content[data])
         return verdict, thumbnail(decoded.pixels)
 
-    def builder_for(name):
-        journal = Journal(tmp_path / name / "journal")
-        builder = ResultsBuilder(
-            journal,
-            Outbox(tmp_path / name / "outbox", []),
-            model_identity(guard),
-            reverify=reverify,
-            forward_originals="none",
-            is_busy=lambda: False,
-            backlog=1,
-        )
-        return journal, builder
-
     def receive(journal, builder, path, keep=True):  # as the C-STORE handler: journal, verdict, release
         incoming = journal.put_source(uid, path.read_bytes())
         if keep:
@@ -474,7 +467,7 @@ def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes
         return [read_verdict_sr(d)["label"] for d in kept if d.Modality == "SR"]
 
     # both contents wait for their results: two entries, each built with its own kept verdict
-    journal, builder = builder_for("both")
+    journal, builder = results_builder(guard, tmp_path / "both", reverify)
     receive(journal, builder, first)
     receive(journal, builder, second)
     assert any("received with other content" in r.getMessage() for r in caplog.records)
@@ -487,7 +480,7 @@ def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes
     assert sorted(set(built)) == sorted([first_label, second_label])  # same result UIDs: the outbox keeps the last
 
     # the later content arrives while the first one's results are being built: it is not deleted with them
-    journal, builder = builder_for("during")
+    journal, builder = results_builder(guard, tmp_path / "during", reverify)
     receive(journal, builder, first)
     (path,) = journal.pending()
     receive(journal, builder, second, keep=False)  # its verification failed after the answer: no verdict kept
@@ -496,7 +489,7 @@ def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes
     assert rederived == [second] and labels("during") == [second_label]
 
     # an entry whose bytes are not the ones its name says: its kept verdict is not used
-    journal, builder = builder_for("edited")
+    journal, builder = results_builder(guard, tmp_path / "edited", reverify)
     receive(journal, builder, first)
     (path,) = journal.pending()
     path.write_bytes(second.read_bytes())
@@ -504,24 +497,20 @@ def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes
 
 
 def test_kept_verdicts_make_room_oldest_first(guard, tmp_path):
-    from gamguard.runtime.dicomnode.journal import Journal, entry_key
-    from gamguard.runtime.dicomnode.node import ResultsBuilder
-    from gamguard.runtime.dicomnode.outbox import Outbox
+    from gamguard.runtime.dicomnode.journal import Job, entry_key
 
-    builder = ResultsBuilder(
-        Journal(tmp_path / "journal"),
-        Outbox(tmp_path / "outbox", []),
-        model_identity(guard),
-        reverify=None,
-        forward_originals="none",
-        is_busy=lambda: False,
-        backlog=1,
-    )
+    _, builder = results_builder(guard, tmp_path)
     builder.KEPT_VERDICTS = 3
-    keys = [entry_key(f"1.2.{i}", b"x") for i in range(5)]
-    for k in keys:
-        builder.keep_verdict(k, object(), None)
-    assert list(builder._verdicts) == keys[2:]  # the newest are kept; the oldest is derived again if needed
+    uids = [f"1.2.{i}" for i in range(5)]
+    kept = {uid: object() for uid in uids}
+    for uid in uids:
+        builder.keep_verdict(entry_key(uid, b"x"), kept[uid], None)
+    # the newest are kept; the oldest are derived again if needed
+    assert list(builder._verdicts) == uids[2:]
+    for uid in uids:
+        taken = builder._take_verdict(Job(uid, entry_key(uid, b"x"), b"x"))
+        assert (taken is not None and taken[0] is kept[uid]) == (uid in uids[2:])
+    assert builder._verdicts == {}
 
 
 def test_the_same_instance_from_concurrent_associations_is_stored_once(guard, demo_bundle, tmp_path):

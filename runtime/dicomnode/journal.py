@@ -93,7 +93,7 @@ class Journal:
         remove_stale_temporaries(self.folder)
         for p in list_files(self.folder, INCOMING):  # received before a crash: kept if complete (module doc)
             if is_complete(p):
-                os.replace(p, self.folder / (p.name.rsplit(".", 2)[0] + SUFFIX))
+                os.replace(p, self.folder / (self.incoming_key(p) + SUFFIX))
             else:
                 log.warning("journal: %s was cut short by a crash before its C-STORE was answered; deleted", p.name)
                 p.unlink()

@@ -119,27 +119,39 @@ class ResultsBuilder:
         self._idle = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_listing = 0.0
-        self._verdicts: dict[str, tuple] = {}  # SOP Instance UID -> (verdict, thumbnail)
+        # SOP Instance UID -> {journal entry key -> (verdict, thumbnail)}, oldest UID first (usually one
+        # content per UID; more when a sender reuses a UID for other content)
+        self._verdicts: dict[str, dict[str, tuple]] = {}
         self._verdicts_lock = threading.Lock()
         self.built = 0
         self._retry_s = self.RETRY_INITIAL_S
 
     def keep_verdict(self, key: str, verdict, thumbnail_u8) -> None:
         """The verdict of a stored image under its journal entry's key (:func:`.journal.entry_key`: the SOP
-        Instance UID and the digest of the bytes). The oldest kept verdict makes room when
-        ``KEPT_VERDICTS`` are kept (it is derived again when its image is built)."""
+        Instance UID and the digest of the bytes). The oldest UID's verdicts make room when verdicts of
+        ``KEPT_VERDICTS`` UIDs are kept (they are derived again when their images are built)."""
         uid = split_key(key)[0]
         with self._verdicts_lock:
-            if any(k != key and split_key(k)[0] == uid for k in self._verdicts):
+            contents = self._verdicts.pop(uid, {})  # inserted again below: now the newest
+            if any(k != key for k in contents):
                 log.warning(
                     "SOP Instance UID %s received with other content than before, before the results of the "
                     "first were built; each gets the results of its own content, under the same result UIDs",
                     uid,
                 )
-            self._verdicts.pop(key, None)
+            contents[key] = (verdict, thumbnail_u8)
             while len(self._verdicts) >= self.KEPT_VERDICTS:
                 self._verdicts.pop(next(iter(self._verdicts)))
-            self._verdicts[key] = (verdict, thumbnail_u8)
+            self._verdicts[uid] = contents
+
+    def _take_verdict(self, job) -> tuple | None:
+        """The kept (verdict, thumbnail) of ``job``'s entry, removed; None when none is kept."""
+        with self._verdicts_lock:
+            contents = self._verdicts.get(job.sop_instance_uid) or {}
+            kept = contents.pop(job.key, None)
+            if not contents:
+                self._verdicts.pop(job.sop_instance_uid, None)
+            return kept
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="gamguard-results", daemon=True)
@@ -215,8 +227,7 @@ class ResultsBuilder:
 
         try:
             job = self.journal.load(path)
-            with self._verdicts_lock:
-                kept = self._verdicts.pop(job.key, None)
+            kept = self._take_verdict(job)
             if kept is not None and entry_key(job.sop_instance_uid, job.source) != job.key:
                 # the bytes are not the ones the key names (an entry edited on disk): never use a verdict
                 # on other bytes than it was computed on
