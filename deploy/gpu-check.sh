@@ -8,7 +8,7 @@
 #
 #   deploy/gpu-check.sh [--bundle DIR] [--images DIR] [--n-images N] [--json FILE]
 #
-# Needs: gamguard with TensorRT 10, cuda-python and onnxruntime-gpu (pip install '.[gpu]' plus the
+# Needs: gamguard with onnxruntime-gpu, and TensorRT 10 with cuda-python for the TensorRT columns (pip install '.[gpu]' plus the
 # onnxruntime swap of deploy/README.md, or the gamguard:cuda / gamguard:jetson image), a calibrated
 # bundle (default: the embedded demo bundle). PYTHON selects the interpreter (default .venv/bin/python).
 set -euo pipefail
@@ -21,27 +21,31 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && [ ! -e /dev/nvhost-ctrl-gpu ]; the
   exit 3
 fi
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
+# onnxruntime-gpu is required; TensorRT and cuda-python are not: without them the TensorRT columns are
+# left out (said on stderr and in the table) and ONNX Runtime CUDA is checked alone.
 missing=$("$PY" - <<'PYEOF'
 import importlib
-need = {"tensorrt": "tensorrt", "cuda-python": "cuda.bindings.runtime", "onnxruntime-gpu": "onnxruntime"}
-miss = []
-for dist, mod in need.items():
-    try:
-        importlib.import_module(mod)
-    except ImportError:
-        if dist == "cuda-python":
-            try:
-                importlib.import_module("cuda.cudart")
-                continue
-            except ImportError:
-                pass
-        miss.append(dist)
-print(" ".join(miss))
+def has(*mods):
+    for mod in mods:
+        try:
+            importlib.import_module(mod)
+            return True
+        except ImportError:
+            pass
+    return False
+print("onnxruntime-gpu" if not has("onnxruntime") else "", end=" ")
+print(" ".join(d for d, m in (("tensorrt", ("tensorrt",)), ("cuda-python", ("cuda.bindings.runtime", "cuda.cudart"))) if not has(*m)))
 PYEOF
 )
-if [ -n "$missing" ]; then
-  echo "gpu-check: missing Python packages for $PY: $missing (see deploy/README.md, 'GPU')" >&2
-  exit 3
+extra=()
+case " $missing " in
+  *" onnxruntime-gpu "*)
+    echo "gpu-check: onnxruntime-gpu is not installed for $PY (see deploy/README.md, 'GPU')" >&2
+    exit 3 ;;
+esac
+if [ -n "${missing// /}" ]; then
+  echo "gpu-check: no$missing for $PY: checking ONNX Runtime CUDA only, without TensorRT (deploy/README.md, 'GPU')" >&2
+  extra=(--no-tensorrt)
 fi
 "$PY" -m gamguard.runtime.engines.packaging
-exec timeout 540 "$PY" deploy/gpu_check.py "$@"
+exec timeout 540 "$PY" deploy/gpu_check.py "${extra[@]}" "$@"

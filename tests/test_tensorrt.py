@@ -19,7 +19,14 @@ from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.checks.graph import GUARD_COLUMNS
 from gamguard.runtime.cli import CommandError
 from gamguard.runtime.commands import build_engine as build_engine_cmd
-from gamguard.runtime.engines.drift import DriftAccumulator, OrtCpuReference, drift_report, frr_check, frr_tolerance
+from gamguard.runtime.engines.drift import (
+    DriftAccumulator,
+    OrtCpuReference,
+    drift_report,
+    frr_check,
+    frr_tolerance,
+    paired_frr_change,
+)
 from gamguard.runtime.engines.plan import (
     DeviceTag,
     PlanMismatch,
@@ -357,6 +364,46 @@ def test_frr_tolerance_is_the_binomial_upper_bound():
     assert bad["frr"] == pytest.approx(0.15) and not bad["holds"]
 
 
+def test_paired_frr_change_blames_an_engine_only_for_rejections_beyond_chance():
+    ref = np.array([True] * 230 + [False] * 26)  # FRR 0.10 on the reference already
+    same = paired_frr_change(ref, ref.copy())
+    assert same == {"more_rejected": 0, "fewer_rejected": 0, "p": 1.0, "worse": False}
+    swapped = ref.copy()
+    swapped[:3], swapped[-3:] = False, True  # 3 more rejected, 3 fewer: same FRR, no blame
+    balanced = paired_frr_change(ref, swapped)
+    assert (balanced["more_rejected"], balanced["fewer_rejected"]) == (3, 3) and not balanced["worse"]
+    worse = ref.copy()
+    worse[:12] = False  # 12 more rejected, none fewer: p = 0.5 ** 12
+    out = paired_frr_change(ref, worse)
+    assert out["more_rejected"] == 12 and out["p"] == pytest.approx(0.5**12) and out["worse"]
+    with pytest.raises(ValueError, match="shape"):
+        paired_frr_change(ref, ref[:-1])
+
+
+def test_engine_verdict_when_the_reference_itself_misses_the_bound(tmp_path):
+    """Images on which ONNX Runtime CPU already rejects more than alpha allows: an engine that decides
+    the same keeps the promise (the images are to blame), one that rejects more on top does not."""
+    from gamguard.runtime.engines import OnnxEngine
+
+    model = tiny_fused_onnx(tmp_path / "model.onnx")
+    reference = OrtCpuReference(model, threads=1)
+    candidate = OnnxEngine(model, providers="cpu", threads=1)
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(size=(40, 1, 16, 16)).astype(np.float32) for _ in range(4)]
+    scores = np.concatenate([reference.run(b).logits.max(axis=1) for b in batches])
+    cut = float(np.quantile(scores, 0.2))  # the reference rejects 20 %, alpha is 5 %
+
+    def decide(batch, out):
+        return out.logits.max(axis=1) > cut
+
+    same = drift_report(reference, candidate, batches, decide=decide, alpha=0.05)["frr"]
+    assert not same["reference"]["holds"] and not same["candidate"]["holds"]
+    assert same["engine_keeps_promise"] and same["change"]["more_rejected"] == 0
+    shifted = drift_report(reference, Perturbed(candidate, -0.5), batches, decide=decide, alpha=0.05)["frr"]
+    assert shifted["change"]["more_rejected"] > 10 and shifted["change"]["fewer_rejected"] == 0
+    assert not shifted["engine_keeps_promise"]
+
+
 def test_drift_accumulator_rejects_mismatched_shapes():
     from gamguard.runtime.engines import EngineOutput
 
@@ -495,3 +542,76 @@ def test_plan_builder_keeps_only_the_requested_outputs(monkeypatch, tmp_path):
     assert sorted(nets[0].unmarked) == ["cam", "early"]
     with pytest.raises(ValueError, match="subset"):
         tensorrt_plan.build_plan_bytes(tmp_path / "m.onnx", spec, outputs=("bogus",))
+
+
+def test_fp16_plans_pin_the_guard_subgraph_to_float32():
+    """In an FP16 plan the guard's float layers (ONNX nodes named guard/...) are asked to run in float32;
+    the model's layers and the guard's non-float layers (casts, comparisons, shapes) are left alone.
+    No GPU here: TensorRT's layer API is stood in for by plain objects with the same attributes."""
+    from types import SimpleNamespace
+
+    from gamguard.runtime.engines.plan import pin_guard_layers_fp32
+
+    f32, f16, i64, boolean = "float32", "float16", "int64", "bool"
+
+    class Layer:
+        def __init__(self, name, inputs, outputs):
+            self.name, self.precision, self.types = name, None, {}
+            self._in = [None if t is None else SimpleNamespace(dtype=t) for t in inputs]
+            self._out = [SimpleNamespace(dtype=t) for t in outputs]
+            self.num_inputs, self.num_outputs = len(self._in), len(self._out)
+
+        def get_input(self, j):
+            return self._in[j]
+
+        def get_output(self, j):
+            return self._out[j]
+
+        def set_output_type(self, j, dtype):
+            self.types[j] = dtype
+
+    layers = [
+        Layer("node_Conv_3", [f32, f32], [f32]),  # the model: FP16 is allowed there
+        Layer("guard/MatMul_12", [f32, f32], [f32]),  # one-hot row selection of a null table
+        Layer("guard/const_5", [], [f32]),
+        Layer("guard/Slice_40", [f32, None, i64], [f32]),  # an integer input: left alone
+        Layer("guard/GreaterOrEqual_7", [f32, f32], [boolean]),
+        Layer("guard/Cast_8", [boolean], [f32]),
+        Layer("guard/Sub_9", [f16, f32], [f32]),
+    ]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    trt = SimpleNamespace(float32=f32)
+    assert pin_guard_layers_fp32(network, trt) == 2
+    pinned = {layer.name: (layer.precision, layer.types) for layer in layers if layer.precision}
+    assert pinned == {"guard/MatMul_12": (f32, {0: f32}), "guard/const_5": (f32, {0: f32})}
+
+
+def test_onnxruntime_cuda_sessions_run_in_full_float32():
+    """TF32 stays off on ONNX Runtime CUDA: with it, the in-graph guard's p-values moved by up to 0.32
+    on an H200 (one-hot table lookups are exact only in float32)."""
+    from gamguard.runtime.engines import provider_entries
+
+    entries = provider_entries(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert entries == [
+        "TensorrtExecutionProvider",
+        ("CUDAExecutionProvider", {"use_tf32": "0"}),
+        "CPUExecutionProvider",
+    ]
+    assert provider_entries(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here")
+def test_default_providers_skip_tensorrt_when_its_libraries_are_missing(monkeypatch):
+    """onnxruntime-gpu lists TensorrtExecutionProvider even without TensorRT installed; the default chain
+    then starts at CUDA instead of making every session fail over with an "EP Error". A chain the user
+    names is taken as given."""
+    import onnxruntime as ort
+
+    from gamguard.runtime.engines import resolve_providers
+    from gamguard.runtime.engines.onnx import tensorrt_libraries_load
+
+    assert not tensorrt_libraries_load()  # no libnvinfer on this machine
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(gpu_build))
+    assert resolve_providers(None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("tensorrt,cuda") == gpu_build

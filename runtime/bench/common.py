@@ -123,9 +123,9 @@ def ort_session(path: Path, providers: list[str], threads: int | None):
     (:func:`gamguard.runtime.engines.session_options`)."""
     import onnxruntime as ort
 
-    from gamguard.runtime.engines import session_options
+    from gamguard.runtime.engines import provider_entries, session_options
 
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=provider_entries(providers))
 
 
 class LogitsOnly:
@@ -150,14 +150,16 @@ class LogitsOnly:
         """The session for ``size`` x ``size`` inputs (a static model: its own size, whatever ``size``)."""
         import onnxruntime as ort
 
-        from gamguard.runtime.engines import session_options
+        from gamguard.runtime.engines import provider_entries, session_options
         from gamguard.runtime.engines.specialize import specialize_spatial
 
         key = size if self.dynamic else None
         if key not in self._sessions:
             model = self.model if key is None else specialize_spatial(self.model, key, key)
             self._sessions[key] = ort.InferenceSession(
-                model.SerializeToString(), sess_options=session_options(self.threads), providers=self.providers
+                model.SerializeToString(),
+                sess_options=session_options(self.threads),
+                providers=provider_entries(self.providers),
             )
         return self._sessions[key]
 

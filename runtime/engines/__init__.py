@@ -19,18 +19,28 @@ from typing import Sequence
 
 from ..bundle import MODEL_FILE, PLAN_FILE, BundleError, read_manifest
 from .base import INPUT_NAME, OUTPUT_NAMES, Engine, EngineError, EngineOutput
-from .onnx import PROVIDER_ALIASES, PROVIDER_CHAIN, OnnxEngine, resolve_providers, session_options
+from .onnx import (
+    PROVIDER_ALIASES,
+    PROVIDER_CHAIN,
+    PROVIDER_OPTIONS,
+    OnnxEngine,
+    provider_entries,
+    resolve_providers,
+    session_options,
+)
 
 __all__ = [
     "INPUT_NAME",
     "OUTPUT_NAMES",
     "PROVIDER_ALIASES",
     "PROVIDER_CHAIN",
+    "PROVIDER_OPTIONS",
     "Engine",
     "EngineError",
     "EngineOutput",
     "OnnxEngine",
     "create_engine",
+    "provider_entries",
     "resolve_providers",
     "session_options",
 ]

@@ -36,6 +36,24 @@ PROVIDER_ALIASES = {
 }
 
 
+def tensorrt_libraries_load() -> bool:
+    """Whether TensorRT's runtime library (``libnvinfer``) can be loaded, as ONNX Runtime's TensorRT
+    provider will try to: from the library path, or already loaded by the ``tensorrt`` Python package."""
+    import ctypes
+
+    try:
+        import tensorrt  # noqa: F401, PLC0415 - the pip package loads its bundled libnvinfer
+    except ImportError:
+        pass
+    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]:
     """The provider chain to use: ``requested`` (names or aliases, comma-separated string or list)
     or the default chain, filtered by what onnxruntime offers. CPU is always the last resort."""
@@ -44,6 +62,11 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]
     available = set(ort.get_available_providers())
     if requested is None or requested == "" or requested == "auto":
         wanted = list(PROVIDER_CHAIN)
+        if "TensorrtExecutionProvider" in available and not tensorrt_libraries_load():
+            # onnxruntime-gpu lists the TensorRT provider whether or not TensorRT is installed; asked for
+            # without it, every session prints an "EP Error" and retries on CUDA
+            log.info("TensorRT libraries not found: the default provider chain starts at CUDA")
+            wanted.remove("TensorrtExecutionProvider")
     else:
         if isinstance(requested, str):
             requested = [p for p in requested.split(",") if p.strip()]
@@ -58,6 +81,21 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]
     if "CPUExecutionProvider" not in chain:
         chain.append("CPUExecutionProvider")
     return chain
+
+
+#: Options gamguard gives an execution provider. TF32 off on CUDA: by default ONNX Runtime's CUDA
+#: provider lets float32 convolutions and matrix products on Ampere and later GPUs round their inputs
+#: to TF32 (a 10-bit mantissa). The guard's reference statistics and null tables were computed in full
+#: float32, and the in-graph checks select table rows with one-hot matrix products that are exact only
+#: in float32: on an H200 with TF32 the in-graph p-values moved by up to 0.32 and 30 % of the guard's
+#: decisions changed (deploy/gpu-check.sh; docs/architecture.md, "On a GPU"). TensorRT plans are built
+#: without TF32 too (engines/plan.py).
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
+
+def provider_entries(chain: Sequence[str]) -> list:
+    """``chain`` (provider names) as ONNX Runtime's ``providers=`` argument, with :data:`PROVIDER_OPTIONS`."""
+    return [(name, dict(PROVIDER_OPTIONS[name])) if name in PROVIDER_OPTIONS else name for name in chain]
 
 
 def session_options(threads: int | None = None):
@@ -126,7 +164,7 @@ class OnnxEngine:
         if input_hw is not None:
             source, self.input_hw = _specialized(source, self.model_path, input_hw)
         try:
-            self.session = ort.InferenceSession(source, sess_options=opts, providers=chain)
+            self.session = ort.InferenceSession(source, sess_options=opts, providers=provider_entries(chain))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"{self.model_path}: cannot create an ONNX Runtime session: {exc}") from exc
         self.providers = list(self.session.get_providers())

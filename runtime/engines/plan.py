@@ -297,6 +297,32 @@ def current_device_tag(device: int = 0) -> DeviceTag:
     return DeviceTag(str(trt.__version__), name.strip("\x00 ").strip(), f"{props.major}.{props.minor}")
 
 
+def pin_guard_layers_fp32(network, trt) -> int:
+    """Ask TensorRT to run the guard subgraph's float layers in float32 inside an FP16 plan; returns how
+    many layers were pinned.
+
+    The guard's layers are the ONNX nodes named under ``guard/`` (checks/graph.py), whose names the
+    ONNX parser gives the layers it makes of them. In FP16 its one-hot row selections of the null
+    tables would round the tables' knots to 11 significant bits and the whitened feature distance
+    would lose most of its digits, so the p-values would drift from the calibrated ones. Only layers
+    whose inputs and outputs are all float32 are pinned (casts, comparisons and shape arithmetic keep
+    their own types)."""
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not str(layer.name).startswith("guard/"):
+            continue
+        tensors = [layer.get_input(j) for j in range(layer.num_inputs)]
+        tensors = [t for t in tensors if t is not None] + [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not tensors or any(t.dtype != trt.float32 for t in tensors):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        pinned += 1
+    return pinned
+
+
 def build_plan_bytes(
     onnx_path: str | Path,
     spec: InputSpec,
@@ -343,10 +369,16 @@ def build_plan_bytes(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    # float32 means float32: TensorRT lets float32 layers use TF32 on Ampere and later unless told
+    # not to (see engines.onnx.PROVIDER_OPTIONS for what TF32 did to the in-graph guard on ONNX Runtime)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     if precision == "fp16":
         if not getattr(builder, "platform_has_fast_fp16", True):
             log.warning("this GPU has no fast FP16; building FP16 anyway (it will be slow)")
         config.set_flag(trt.BuilderFlag.FP16)
+        if pin_guard_layers_fp32(network, trt):  # the model in FP16, the guard's arithmetic in float32
+            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(INPUT_NAME, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(trt_profile)
