@@ -205,17 +205,27 @@ def run(args):
             )
             frr = check.get("frr")
             if frr:
-                c = frr["candidate"]
+                c, r, ch = frr["candidate"], frr["reference"], frr["change"]
                 print(
-                    f"false-rejection rate on TensorRT: {c['frr']:.4f} (alpha {c['alpha']}, bound {c['bound']:.4f}) "
-                    f"-> {'holds' if c['holds'] else 'DOES NOT HOLD: recalibrate on this engine'}; "
-                    f"decision agreement with ONNX Runtime {frr['decision_agreement']:.4f}"
+                    f"false-rejection rate on TensorRT: {c['frr']:.4f} (alpha {c['alpha']}, bound {c['bound']:.4f}), "
+                    f"on ONNX Runtime CPU {r['frr']:.4f}; TensorRT rejects {ch['more_rejected']} images ONNX "
+                    f"Runtime accepts and accepts {ch['fewer_rejected']} it rejects (p {ch['p']:.3g}) -> "
+                    f"{'holds' if frr['engine_keeps_promise'] else 'DOES NOT HOLD: recalibrate on this engine'}; "
+                    f"decision agreement {frr['decision_agreement']:.4f}"
                 )
+                if not r["holds"]:
+                    print(
+                        f"warning: on ONNX Runtime CPU too, the FRR on these images ({r['frr']:.4f}) is above the "
+                        f"bound {r['bound']:.4f}: the images are not like the calibration images, or the "
+                        "calibration is off (not the engine's doing); check them and `gamguard calibrate`",
+                        file=sys.stderr,
+                    )
     frr = (result.get("check") or {}).get("frr")
-    if frr and not frr["candidate"]["holds"]:
+    if frr and not frr["engine_keeps_promise"]:
         print(
             "gamguard build-engine: the calibrated false-rejection rate does not hold on the TensorRT "
-            "engine; run `gamguard calibrate` on this engine",
+            "engine, which rejects more of these images than ONNX Runtime does; run `gamguard calibrate` "
+            "on this engine",
             file=sys.stderr,
         )
         return 1
