@@ -9,6 +9,9 @@
 2. CUDA graphs: time per call of the logits-only model, the fused model and the guarded model at
    ``--size``, batch 1/8/32, with plain ``session.run`` and with IO binding plus ``enable_cuda_graph``
    (one session per batch size, input copied into the captured buffer, outputs copied back), TF32 off.
+3. gamguard's engine with ``GAMGUARD_CUDA_GRAPHS=1`` (engines/cuda_graphs.py) at the bundle's size:
+   its outputs against the same engine without capture at batch 1, 3, 8 and 40 (padding and slicing),
+   and the full guarded call (Guard.verify_tensor) against the logits-only model, both captured.
 
 Prints two tables. Numbers are for one run on one machine (docs/architecture.md, "On a GPU").
 """
@@ -91,6 +94,65 @@ def cuda_graph_table(models: dict, size: int) -> None:
             print(f"| {name} | {b} | {t_plain:.3f} | {_ms_per_call(call):.3f} (max diff {err:.0e}) |")
 
 
+def engine_table(src: Path, x: np.ndarray) -> None:
+    import onnx
+
+    from gamguard.runtime.bench.common import logits_only_model
+    from gamguard.runtime.bundle import MODEL_FILE
+    from gamguard.runtime.engines import OnnxEngine
+    from gamguard.runtime.engines.cuda_graphs import CapturedRuns
+    from gamguard.runtime.engines.onnx import _specialized, provider_entries, session_options
+    from gamguard.runtime.guard import Guard
+
+    plain = Guard.from_bundle(src, providers="cuda", prefer="onnxruntime")
+    captured = Guard.from_bundle(src, providers="cuda", prefer="onnxruntime")
+    captured.engine = OnnxEngine(
+        plain.engine.model_path,
+        providers="cuda",
+        guarded=plain.engine._guarded_source,
+        input_hw=plain.engine.input_hw,
+        cuda_graphs=True,
+    )
+    print(f"\ngamguard engine with CUDA graphs (captured at {captured.engine._captured.batches}), bundle size")
+    print("| batch | max diff vs uncaptured (logits, cam, early, guard) | verdicts equal |\n|---|---|---|")
+    for b in (1, 3, 8, 40):
+        xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
+        a, c = plain.engine.run(xb), captured.engine.run(xb)
+        diff = max(float(np.abs(getattr(a, f) - getattr(c, f)).max()) for f in ("logits", "cam", "early", "guard"))
+        same = [v.accepted for v in plain.verify_tensor(xb)] == [v.accepted for v in captured.verify_tensor(xb)]
+        print(f"| {b} | {diff:.1e} | {same} |")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lo = onnx.load(str(logits_only_model(src / MODEL_FILE, Path(tmp))))
+    lo_src, _ = _specialized(lo.SerializeToString(), src / MODEL_FILE, plain.engine.input_hw or x.shape[2:])
+    import onnxruntime as ort
+
+    lo_plain = ort.InferenceSession(
+        lo_src, sess_options=session_options(None), providers=provider_entries(["CUDAExecutionProvider"])
+    )
+    opts = {"use_tf32": "0", "enable_cuda_graph": "1"}
+    lo_captured = CapturedRuns(
+        lo_src,
+        outputs=["logits"],
+        sample_shape=x.shape[1:],
+        plain=lo_plain,
+        sess_options_factory=lambda: session_options(None),
+        providers=[("CUDAExecutionProvider", opts), "CPUExecutionProvider"],
+    )
+    print("\nms per call, bundle size: full guarded call (verify_tensor) / logits-only")
+    print("| batch | logits-only | guarded | ratio | logits-only, captured | guarded, captured | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for b in (1, 8, 32):
+        xb = np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))
+        t = [
+            _ms_per_call(lambda xb=xb: lo_plain.run(["logits"], {"image": xb})),
+            _ms_per_call(lambda xb=xb: plain.verify_tensor(xb)),
+            _ms_per_call(lambda xb=xb: lo_captured.run(xb)),
+            _ms_per_call(lambda xb=xb: captured.verify_tensor(xb)),
+        ]
+        print(f"| {b} | {t[0]:.3f} | {t[1]:.3f} | {t[1] / t[0]:.2f} | {t[2]:.3f} | {t[3]:.3f} | {t[3] / t[2]:.2f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", help="calibrated bundle (default: the embedded demo bundle)")
@@ -129,6 +191,7 @@ def main(argv=None) -> int:
         "guarded (logits, guard)": (_specialized(guarded, fused, (size, size))[0], ["logits", "guard"]),
     }
     cuda_graph_table(models, size)
+    engine_table(src, x)
     return 0
 
 

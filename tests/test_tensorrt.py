@@ -19,6 +19,7 @@ from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.checks.graph import GUARD_COLUMNS
 from gamguard.runtime.cli import CommandError
 from gamguard.runtime.commands import build_engine as build_engine_cmd
+from gamguard.runtime.engines import EngineError
 from gamguard.runtime.engines.drift import (
     DriftAccumulator,
     OrtCpuReference,
@@ -615,3 +616,72 @@ def test_default_providers_skip_tensorrt_when_its_libraries_are_missing(monkeypa
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(gpu_build))
     assert resolve_providers(None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert resolve_providers("tensorrt,cuda") == gpu_build
+
+
+# ------------------------------------------------------------------------ captured CUDA graphs
+
+
+def test_captured_runs_pad_and_slice_batches_exactly(tmp_path):
+    """The binding, padding and slicing of engines/cuda_graphs.py, on ONNX Runtime CPU buffers (the
+    capture itself needs a GPU: scripts/gpu_guard_probe.py checks it there): every batch size, below,
+    at and above the captured ones, gives what a plain session gives, and a short batch never sees the
+    rows an earlier, longer batch left in the buffers."""
+    import onnxruntime as ort
+
+    from gamguard.runtime.engines import session_options
+    from gamguard.runtime.engines.cuda_graphs import CapturedRuns
+
+    model = str(tiny_fused_onnx(tmp_path / "model.onnx"))
+    outputs = ["logits", "cam", "early"]
+    plain = ort.InferenceSession(model, sess_options=session_options(1), providers=["CPUExecutionProvider"])
+    runs = CapturedRuns(
+        model,
+        outputs=outputs,
+        sample_shape=(1, 16, 16),
+        plain=plain,
+        sess_options_factory=lambda: session_options(1),
+        providers=["CPUExecutionProvider"],
+        batches=(1, 2, 4),
+        device="cpu",
+    )
+    rng = np.random.default_rng(5)
+    for n in (4, 3, 1, 2, 7, 9, 3):
+        x = rng.normal(size=(n, 1, 16, 16)).astype(np.float32)
+        got, want = runs.run(x), plain.run(outputs, {"image": x})
+        assert [g.shape for g in got] == [w.shape for w in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    with pytest.raises(EngineError, match="shape"):
+        runs.run(np.zeros((1, 1, 8, 8), np.float32))
+
+
+def test_cuda_graphs_are_refused_without_cuda(tmp_path, monkeypatch):
+    from gamguard.runtime.engines import OnnxEngine
+
+    model = tiny_fused_onnx(tmp_path / "model.onnx", size=16)
+    monkeypatch.setenv("GAMGUARD_CUDA_GRAPHS", "1")
+    with pytest.raises(EngineError, match="CUDA graphs need the CUDA execution provider"):
+        OnnxEngine(model, providers="cpu", threads=1)
+    monkeypatch.delenv("GAMGUARD_CUDA_GRAPHS")
+    assert OnnxEngine(model, providers="cpu", threads=1).describe()["cuda_graphs"] is None
+
+
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_captured_engine_matches_the_uncaptured_one_on_gpu(tmp_path):
+    from gamguard.runtime.engines import OnnxEngine
+
+    model = tiny_fused_onnx(tmp_path / "model.onnx", size=16)
+    plain = OnnxEngine(model, providers="cuda", threads=1, input_hw=(16, 16), cuda_graphs=False)
+    captured = OnnxEngine(model, providers="cuda", threads=1, input_hw=(16, 16), cuda_graphs=True)
+    x = np.random.default_rng(0).normal(size=(3, 1, 16, 16)).astype(np.float32)
+    a, b = plain.run(x), captured.run(x)
+    for field in ("logits", "cam", "early"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-6)

@@ -135,6 +135,9 @@ class OnnxEngine:
     ``input_hw``: the one input size this engine serves; a model with dynamic H/W is specialised to it
     (:mod:`.specialize`: ONNX Runtime then folds the size-dependent matrices into constants) and a
     batch of another size is refused. None: run the model as it is (any size a dynamic model takes).
+    ``cuda_graphs``: replay captured CUDA graphs (:mod:`.cuda_graphs`) instead of launching each
+    kernel; needs CUDA first in the provider chain and a fixed input size. None: env
+    ``GAMGUARD_CUDA_GRAPHS=1`` turns it on.
     """
 
     name = "onnxruntime"
@@ -147,6 +150,7 @@ class OnnxEngine:
         threads: int | None = None,
         guarded: bytes | None = None,
         input_hw: tuple[int, int] | None = None,
+        cuda_graphs: bool | None = None,
     ):
         import onnxruntime as ort
 
@@ -178,14 +182,42 @@ class OnnxEngine:
                 f"{self.model_path}: not a fused gamguard model (inputs {inputs}, outputs {outputs}; "
                 f"expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)})"
             )
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("GAMGUARD_CUDA_GRAPHS", "") == "1"
+        self._captured = self._capture(source, opts, threads) if cuda_graphs else None
         log.info(
-            "engine: onnxruntime %s, providers %s (requested chain %s), threads %s, guard arithmetic %s%s",
+            "engine: onnxruntime %s, providers %s (requested chain %s), threads %s, guard arithmetic %s%s%s",
             ort.__version__,
             self.providers,
             chain,
             threads or "default",
             "in the graph" if self.guarded else "on the host",
             f", dynamic H/W fixed to {self.input_hw[0]}x{self.input_hw[1]}" if self.input_hw else "",
+            f", CUDA graphs captured at batch {', '.join(map(str, self._captured.batches))}" if self._captured else "",
+        )
+
+    def _capture(self, source, opts, threads):
+        from .cuda_graphs import CapturedRuns
+
+        if self.providers[0] != "CUDAExecutionProvider":
+            raise EngineError(
+                f"{self.model_path}: CUDA graphs need the CUDA execution provider first, the session has "
+                f"{self.providers} (pass --providers cuda on a GPU with onnxruntime-gpu, or unset GAMGUARD_CUDA_GRAPHS)"
+            )
+        shape = self.session.get_inputs()[0].shape  # [N, C, H, W]; N dynamic
+        if not all(isinstance(v, int) for v in shape[1:]):
+            raise EngineError(
+                f"{self.model_path}: CUDA graphs need a fixed input size, the model's input is {shape} "
+                "(a bundle with dynamic H/W is fixed to its own size when it is served)"
+            )
+        options = {**PROVIDER_OPTIONS["CUDAExecutionProvider"], "enable_cuda_graph": "1"}
+        return CapturedRuns(
+            source,
+            outputs=self._outputs,
+            sample_shape=shape[1:],
+            plain=self.session,
+            sess_options_factory=lambda: session_options(threads),
+            providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"],
         )
 
     def at_size(self, input_hw: tuple[int, int]) -> "OnnxEngine":
@@ -197,6 +229,7 @@ class OnnxEngine:
             threads=self.threads,
             guarded=self._guarded_source,
             input_hw=input_hw,
+            cuda_graphs=self._captured is not None,
         )
 
     def run(self, batch: np.ndarray) -> EngineOutput:
@@ -208,7 +241,10 @@ class OnnxEngine:
                 f"this engine serves {self.input_hw[0]}x{self.input_hw[1]} inputs, "
                 f"got {batch.shape[2]}x{batch.shape[3]}"
             )
-        logits, cam, early, *guard = self.session.run(self._outputs, {INPUT_NAME: batch})
+        if self._captured is not None:
+            logits, cam, early, *guard = self._captured.run(batch)
+        else:
+            logits, cam, early, *guard = self.session.run(self._outputs, {INPUT_NAME: batch})
         return EngineOutput(
             logits=np.asarray(logits, np.float32),
             cam=np.asarray(cam, np.float32),
@@ -231,6 +267,7 @@ class OnnxEngine:
             "model": self.model_path.name,
             "guard_arithmetic": "graph" if self.guarded else "host",
             "input_size": list(self.input_hw) if self.input_hw else None,
+            "cuda_graphs": list(self._captured.batches) if self._captured else None,
         }
 
 

@@ -1,0 +1,101 @@
+"""Replaying captured CUDA graphs instead of launching each kernel (ONNX Runtime CUDA, opt-in).
+
+The guarded model is about 260 small kernels, and on a GPU their launches, not their arithmetic, set
+the time of a call: on an H200 a batch-1 call at 224² took 1.9 to 2.7 ms launched kernel by kernel and
+0.68 ms replayed as one captured graph (scripts/gpu_guard_probe.py; docs/architecture.md, "On a GPU").
+
+ONNX Runtime captures a graph on a session's first run with ``enable_cuda_graph`` and replays it on
+every later run. A captured graph is fixed to its input and output shapes and their device addresses,
+so :class:`CapturedRuns` keeps one session per batch size in :data:`CAPTURED_BATCHES`, each with its
+own input and output buffers on the device, bound once by IO binding. A batch is copied into the
+buffers of the smallest captured size that holds it (rows beyond it are zeros, their outputs dropped);
+a batch above the largest is run in slices. All sizes are captured when the engine is made, so a model
+that cannot be captured fails then, not on a patient's image.
+
+Costs: one copy of the weights on the device per captured size; the model's input size must be fixed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .base import INPUT_NAME, EngineError
+
+#: Batch sizes captured (powers of two up to the server's default maximum batch).
+CAPTURED_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+class _Slot:
+    """One captured session: its device input/output buffers, IO binding and a zeroed host staging array."""
+
+    def __init__(self, ort, source, sess_options, providers, outputs, shapes, batch_shape, device):
+        self.lock = threading.Lock()
+        self.on_host = device == "cpu"
+        self.session = ort.InferenceSession(source, sess_options=sess_options, providers=providers)
+        self.staging = np.zeros(batch_shape, np.float32)
+        self.input = ort.OrtValue.ortvalue_from_numpy(self.staging, device, 0)
+        self.outputs = [ort.OrtValue.ortvalue_from_shape_and_type(s, np.float32, device, 0) for s in shapes]
+        self.binding = self.session.io_binding()
+        self.binding.bind_ortvalue_input(INPUT_NAME, self.input)
+        for name, value in zip(outputs, self.outputs):
+            self.binding.bind_ortvalue_output(name, value)
+        self.session.run_with_iobinding(self.binding)  # the capture
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        n = batch.shape[0]
+        with self.lock:  # the buffers are shared by every call of this size
+            if n == self.staging.shape[0]:
+                self.input.update_inplace(batch)
+            else:
+                self.staging[:n] = batch
+                self.staging[n:] = 0.0
+                self.input.update_inplace(self.staging)
+            self.session.run_with_iobinding(self.binding)
+            if self.on_host:  # numpy() of a host buffer is a view the next call overwrites
+                return [value.numpy()[:n].copy() for value in self.outputs]
+            return [value.numpy()[:n] for value in self.outputs]  # a copy from the device
+
+
+class CapturedRuns:
+    """``run(batch) -> [arrays in `outputs` order]`` by replaying CUDA graphs of ``source``.
+
+    ``plain``: a session of the same model without capture, used once per size to learn the output
+    shapes. ``providers``: the CUDA provider entry (name, options) to capture with; ``device``: where
+    the bound buffers live (``cuda``; ``cpu`` runs the same binding, padding and slicing without a
+    graph, for tests on machines without a GPU). Raises :class:`EngineError` when ONNX Runtime cannot
+    capture the model.
+    """
+
+    def __init__(
+        self, source, *, outputs, sample_shape, plain, sess_options_factory, providers, batches=None, device="cuda"
+    ):
+        import onnxruntime as ort
+
+        self.outputs = list(outputs)
+        self.sample_shape = tuple(int(v) for v in sample_shape)
+        self.batches = tuple(sorted(batches or CAPTURED_BATCHES))
+        self._slots = {}
+        for b in self.batches:
+            shape = (b, *self.sample_shape)
+            shapes = [a.shape for a in plain.run(self.outputs, {INPUT_NAME: np.zeros(shape, np.float32)})]
+            try:
+                self._slots[b] = _Slot(
+                    ort, source, sess_options_factory(), providers, self.outputs, shapes, shape, device
+                )
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise EngineError(
+                    f"ONNX Runtime could not capture a CUDA graph of this model at batch {b}: {exc} "
+                    "(unset GAMGUARD_CUDA_GRAPHS to launch kernels one by one)"
+                ) from exc
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        n, top = batch.shape[0], self.batches[-1]
+        if tuple(batch.shape[1:]) != self.sample_shape:
+            raise EngineError(f"captured for inputs of shape {self.sample_shape}, got {tuple(batch.shape[1:])}")
+        if n > top:  # slices of the largest captured size
+            parts = [self.run(batch[i : i + top]) for i in range(0, n, top)]
+            return [np.concatenate([p[j] for p in parts]) for j in range(len(self.outputs))]
+        size = next(b for b in self.batches if b >= n)
+        return self._slots[size].run(batch)
