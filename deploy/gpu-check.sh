@@ -30,17 +30,23 @@ def has(*mods):
         try:
             importlib.import_module(mod)
             return True
-        except ImportError:
+        except Exception:  # ImportError, or a broken install's OSError: missing either way
             pass
     return False
-print("onnxruntime-gpu" if not has("onnxruntime") else "", end=" ")
+def cuda_ort():
+    try:
+        import onnxruntime
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except Exception:
+        return False
+print("onnxruntime-gpu" if not cuda_ort() else "", end=" ")
 print(" ".join(d for d, m in (("tensorrt", ("tensorrt",)), ("cuda-python", ("cuda.bindings.runtime", "cuda.cudart"))) if not has(*m)))
 PYEOF
 )
 extra=()
 case " $missing " in
   *" onnxruntime-gpu "*)
-    echo "gpu-check: onnxruntime-gpu is not installed for $PY (see deploy/README.md, 'GPU')" >&2
+    echo "gpu-check: onnxruntime for $PY has no CUDA execution provider: install onnxruntime-gpu in place of onnxruntime (deploy/README.md, 'GPU packages')" >&2
     exit 3 ;;
 esac
 if [ -n "${missing// /}" ]; then
@@ -48,4 +54,4 @@ if [ -n "${missing// /}" ]; then
   extra=(--no-tensorrt)
 fi
 "$PY" -m gamguard.runtime.engines.packaging
-exec timeout 540 "$PY" deploy/gpu_check.py "${extra[@]}" "$@"
+exec timeout 540 "$PY" deploy/gpu_check.py ${extra[@]+"${extra[@]}"} "$@"

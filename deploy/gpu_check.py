@@ -14,7 +14,8 @@
    the graph (runtime/checks/graph.py: an FP16 plan built with --guard-graph, and an ONNX Runtime CUDA
    session over the guarded model), plus how far the in-graph scores and p-values are from the host's
    on the same engine outputs;
-and prints one table (and --json FILE for the numbers). Sized to finish in a few minutes.
+and prints one table (and --json FILE for the numbers). Sized to finish in a few minutes. Columns
+named "in-graph" compute the checks in the engine's graph; the others on the host (numpy).
 
 Without TensorRT (onnxruntime-gpu alone) it says so, leaves the TensorRT columns out and checks ONNX
 Runtime CUDA only; --no-tensorrt does the same on purpose.
@@ -173,12 +174,12 @@ def main(argv=None) -> int:
         )
         engines |= {
             "ORT CUDA": OnnxEngine(src / MODEL_FILE, providers="cuda"),
-            "ORT CUDA graph": OnnxEngine(
+            "ORT CUDA in-graph": OnnxEngine(
                 src / MODEL_FILE, providers="cuda", guarded=guarded_model_bytes(src, calibration)
             ),
         }
         if trt_missing is None and guard_plan_error is None:
-            engines["TensorRT FP16 graph"] = TensorRTEngine(work / "fp16-graph")
+            engines["TensorRT FP16 in-graph"] = TensorRTEngine(work / "fp16-graph")
         if engines["ORT CUDA"].providers[0] != "CUDAExecutionProvider":
             sys.exit(f"gpu_check: ORT session fell back to {engines['ORT CUDA'].providers}")
         decide, alpha = guard_decider(src, manifest)
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
             )
         # in-graph scores vs the host's numpy scores on the very same engine outputs
         res["graph_vs_host"] = {}
-        for name in ("ORT CUDA graph", "TensorRT FP16 graph"):
+        for name in ("ORT CUDA in-graph", "TensorRT FP16 in-graph"):
             if name not in engines:
                 continue
             diffs = {"scores": 0.0, "pvalues": 0.0}
@@ -213,17 +214,21 @@ def main(argv=None) -> int:
         section = manifest.get("guard") or {}
         key = parse_checks(section.get("enforced_checks") or "all")
         policy = section.get("policy") or "calibrated"
-        timed = [n for n in ("TensorRT FP16", "TensorRT FP16 graph", "ORT CUDA", "ORT CUDA graph") if n in engines]
+        timed = [
+            n for n in ("TensorRT FP16", "TensorRT FP16 in-graph", "ORT CUDA", "ORT CUDA in-graph") if n in engines
+        ]
         guards = {
             name: Guard(src, manifest, engines[name], calibration, policy=policy, enforced_checks=key) for name in timed
         }
         logits_only = {
             "ORT CUDA": engines["ORT CUDA"].run_logits,
-            "ORT CUDA graph": engines["ORT CUDA"].run_logits,
+            "ORT CUDA in-graph": engines["ORT CUDA"].run_logits,
         }
         if logits_plan is not None:
             logits_runner = PlanRunner(logits_plan)
-            logits_only["TensorRT FP16"] = logits_only["TensorRT FP16 graph"] = lambda b: logits_runner.run(b)["logits"]
+            logits_only["TensorRT FP16"] = logits_only["TensorRT FP16 in-graph"] = lambda b: logits_runner.run(b)[
+                "logits"
+            ]
         res["throughput"] = {}
         for name in guards:
             for b in batches:
@@ -272,7 +277,7 @@ def _gpu_from_nvidia_smi() -> tuple[str, str]:
 def _print_table(res: dict, batches) -> None:
     cols = [
         c
-        for c in ("TensorRT FP32", "TensorRT FP16", "TensorRT FP16 graph", "ORT CUDA", "ORT CUDA graph")
+        for c in ("TensorRT FP32", "TensorRT FP16", "TensorRT FP16 in-graph", "ORT CUDA", "ORT CUDA in-graph")
         if c in res["parity"]
     ]
 
@@ -287,7 +292,7 @@ def _print_table(res: dict, batches) -> None:
     row("", cols)
     print("|" + "-" * 40 + "|" + "|".join("-" * 21 for _ in cols) + "|")
     build = res["build_s"]
-    plan_of = {"TensorRT FP32": "fp32", "TensorRT FP16": "fp16", "TensorRT FP16 graph": "fp16-graph"}
+    plan_of = {"TensorRT FP32": "fp32", "TensorRT FP16": "fp16", "TensorRT FP16 in-graph": "fp16-graph"}
     row("plan build time (s)", [f"{build[plan_of[c]]:.1f}" if c in plan_of else "-" for c in cols])
     p = res["parity"]
     for out in ("logits", "cam", "early"):

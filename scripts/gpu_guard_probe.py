@@ -1,4 +1,4 @@
-"""Two measurements of the guard subgraph on ONNX Runtime CUDA (a GPU machine with onnxruntime-gpu).
+"""Three measurements of the guard subgraph on ONNX Runtime CUDA (a GPU machine with onnxruntime-gpu).
 
     python scripts/gpu_guard_probe.py [--bundle DIR] [--size 224] [--n-images 128]
 
@@ -13,7 +13,8 @@
    its outputs against the same engine without capture at batch 1, 3, 8 and 40 (padding and slicing),
    and the full guarded call (Guard.verify_tensor) against the logits-only model, both captured.
 
-Prints two tables. Numbers are for one run on one machine (docs/architecture.md, "On a GPU").
+Prints four tables (the third measurement has two). Numbers are for one run on one machine
+(docs/architecture.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ def engine_table(src: Path, x: np.ndarray) -> None:
     from gamguard.runtime.guard import Guard
 
     plain = Guard.from_bundle(src, providers="cuda", prefer="onnxruntime")
+    plain.engine = OnnxEngine(  # uncaptured whatever GAMGUARD_CUDA_GRAPHS says
+        plain.engine.model_path,
+        providers="cuda",
+        guarded=plain.engine._guarded_source,
+        input_hw=plain.engine.input_hw,
+        cuda_graphs=False,
+    )
     captured = Guard.from_bundle(src, providers="cuda", prefer="onnxruntime")
     captured.engine = OnnxEngine(
         plain.engine.model_path,

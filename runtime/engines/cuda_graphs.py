@@ -4,15 +4,21 @@ The guarded model is about 260 small kernels, and on a GPU their launches, not t
 the time of a call: on an H200 a batch-1 call at 224² took 1.9 to 2.7 ms launched kernel by kernel and
 0.68 ms replayed as one captured graph (scripts/gpu_guard_probe.py; docs/architecture.md, "On a GPU").
 
-ONNX Runtime captures a graph on a session's first run with ``enable_cuda_graph`` and replays it on
+ONNX Runtime captures a graph on a session's first runs with ``enable_cuda_graph`` and replays it on
 every later run. A captured graph is fixed to its input and output shapes and their device addresses,
 so :class:`CapturedRuns` keeps one session per batch size in :data:`CAPTURED_BATCHES`, each with its
 own input and output buffers on the device, bound once by IO binding. A batch is copied into the
 buffers of the smallest captured size that holds it (rows beyond it are zeros, their outputs dropped);
-a batch above the largest is run in slices. All sizes are captured when the engine is made, so a model
-that cannot be captured fails then, not on a patient's image.
+a batch above the largest is run in slices.
 
-Costs: one copy of the weights on the device per captured size; the model's input size must be fixed.
+ONNX Runtime keeps captured graphs per calling thread. Every size is captured once when the engine is
+made, so a model that cannot be captured fails then; a thread that serves later (the server's engine
+thread) captures again on its first call of each size, which costs that call a few milliseconds.
+A capture must not overlap other CUDA work in the process, so every captured run in the process
+holds one lock (:data:`_GPU_LOCK`); on one GPU the calls would mostly queue anyway.
+
+Costs: one copy of the weights on the device per captured size, plus the engine's own session; the
+model's input size must be fixed.
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ import numpy as np
 
 from .base import INPUT_NAME, EngineError
 
-#: Batch sizes captured (powers of two up to the server's default maximum batch).
+#: Batch sizes captured: powers of two up to 32 (the server batches up to 8 by default; a larger
+#: ``--max-batch-size`` or an offline caller uses the rest).
 CAPTURED_BATCHES = (1, 2, 4, 8, 16, 32)
+
+#: Held by every captured run (and capture) in the process; see the module docstring.
+_GPU_LOCK = threading.Lock()
 
 
 class _Slot:
     """One captured session: its device input/output buffers, IO binding and a zeroed host staging array."""
 
     def __init__(self, ort, source, sess_options, providers, outputs, shapes, batch_shape, device):
-        self.lock = threading.Lock()
         self.on_host = device == "cpu"
         self.session = ort.InferenceSession(source, sess_options=sess_options, providers=providers)
         self.staging = np.zeros(batch_shape, np.float32)
@@ -41,11 +50,12 @@ class _Slot:
         self.binding.bind_ortvalue_input(INPUT_NAME, self.input)
         for name, value in zip(outputs, self.outputs):
             self.binding.bind_ortvalue_output(name, value)
-        self.session.run_with_iobinding(self.binding)  # the capture
+        with _GPU_LOCK:
+            self.session.run_with_iobinding(self.binding)  # the capture
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         n = batch.shape[0]
-        with self.lock:  # the buffers are shared by every call of this size
+        with _GPU_LOCK:  # the buffers are shared by every call of this size; captures must not overlap
             if n == self.staging.shape[0]:
                 self.input.update_inplace(batch)
             else:
@@ -77,10 +87,12 @@ class CapturedRuns:
         self.sample_shape = tuple(int(v) for v in sample_shape)
         self.batches = tuple(sorted(batches or CAPTURED_BATCHES))
         self._slots = {}
+        self._row_shapes = None
         for b in self.batches:
             shape = (b, *self.sample_shape)
-            shapes = [a.shape for a in plain.run(self.outputs, {INPUT_NAME: np.zeros(shape, np.float32)})]
             try:
+                shapes = [a.shape for a in plain.run(self.outputs, {INPUT_NAME: np.zeros(shape, np.float32)})]
+                self._row_shapes = [s[1:] for s in shapes]
                 self._slots[b] = _Slot(
                     ort, source, sess_options_factory(), providers, self.outputs, shapes, shape, device
                 )
@@ -91,9 +103,12 @@ class CapturedRuns:
                 ) from exc
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        batch = np.ascontiguousarray(batch, np.float32)  # the buffer copy checks sizes, not types
         n, top = batch.shape[0], self.batches[-1]
         if tuple(batch.shape[1:]) != self.sample_shape:
             raise EngineError(f"captured for inputs of shape {self.sample_shape}, got {tuple(batch.shape[1:])}")
+        if n == 0:
+            return [np.zeros((0, *s), np.float32) for s in self._row_shapes]
         if n > top:  # slices of the largest captured size
             parts = [self.run(batch[i : i + top]) for i in range(0, n, top)]
             return [np.concatenate([p[j] for p in parts]) for j in range(len(self.outputs))]

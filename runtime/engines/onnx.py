@@ -13,6 +13,7 @@ references and thresholds are computed with the very engine that serves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -36,6 +37,7 @@ PROVIDER_ALIASES = {
 }
 
 
+@functools.cache
 def tensorrt_libraries_load() -> bool:
     """Whether TensorRT's runtime library (``libnvinfer``) can be loaded, as ONNX Runtime's TensorRT
     provider will try to: from the library path, or already loaded by the ``tensorrt`` Python package."""
@@ -43,7 +45,7 @@ def tensorrt_libraries_load() -> bool:
 
     try:
         import tensorrt  # noqa: F401, PLC0415 - the pip package loads its bundled libnvinfer
-    except ImportError:
+    except Exception:  # ImportError, or OSError from a broken install: then the library path decides
         pass
     for name in ("libnvinfer.so.10", "libnvinfer.so"):
         try:
@@ -87,8 +89,8 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> list[str]
 #: provider lets float32 convolutions and matrix products on Ampere and later GPUs round their inputs
 #: to TF32 (a 10-bit mantissa). The guard's reference statistics and null tables were computed in full
 #: float32, and the in-graph checks select table rows with one-hot matrix products that are exact only
-#: in float32: on an H200 with TF32 the in-graph p-values moved by up to 0.32 and 30 % of the guard's
-#: decisions changed (deploy/gpu-check.sh; docs/architecture.md, "On a GPU"). TensorRT plans are built
+#: in float32: on an H200 with TF32 the in-graph p-values moved by up to 0.32 (some became NaN) and 30 %
+#: of the guard's decisions changed (deploy/gpu-check.sh; docs/architecture.md, "On a GPU"). TensorRT plans are built
 #: without TF32 too (engines/plan.py).
 PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
@@ -136,8 +138,9 @@ class OnnxEngine:
     (:mod:`.specialize`: ONNX Runtime then folds the size-dependent matrices into constants) and a
     batch of another size is refused. None: run the model as it is (any size a dynamic model takes).
     ``cuda_graphs``: replay captured CUDA graphs (:mod:`.cuda_graphs`) instead of launching each
-    kernel; needs CUDA first in the provider chain and a fixed input size. None: env
-    ``GAMGUARD_CUDA_GRAPHS=1`` turns it on.
+    kernel; needs CUDA first in the provider chain and a fixed input size (True without them is an
+    error). None: env ``GAMGUARD_CUDA_GRAPHS=1`` turns it on for engines whose chain starts at CUDA,
+    and is ignored, with a log line, for the others (CPU references, TensorRT).
     """
 
     name = "onnxruntime"
@@ -182,8 +185,12 @@ class OnnxEngine:
                 f"{self.model_path}: not a fused gamguard model (inputs {inputs}, outputs {outputs}; "
                 f"expected input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)})"
             )
-        if cuda_graphs is None:
-            cuda_graphs = os.environ.get("GAMGUARD_CUDA_GRAPHS", "") == "1"
+        if cuda_graphs is None and os.environ.get("GAMGUARD_CUDA_GRAPHS", "") == "1":
+            cuda_graphs = self.providers[0] == "CUDAExecutionProvider"
+            if not cuda_graphs:
+                log.info(
+                    "GAMGUARD_CUDA_GRAPHS ignored for this %s session (CUDA graphs are for CUDA)", self.providers[0]
+                )
         self._captured = self._capture(source, opts, threads) if cuda_graphs else None
         log.info(
             "engine: onnxruntime %s, providers %s (requested chain %s), threads %s, guard arithmetic %s%s%s",

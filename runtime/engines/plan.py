@@ -298,26 +298,28 @@ def current_device_tag(device: int = 0) -> DeviceTag:
 
 
 def pin_guard_layers_fp32(network, trt) -> int:
-    """Ask TensorRT to run the guard subgraph's float layers in float32 inside an FP16 plan; returns how
-    many layers were pinned.
+    """Ask TensorRT to run the guard subgraph's float arithmetic in float32 inside an FP16 plan; returns
+    how many layers were pinned.
 
     The guard's layers are the ONNX nodes named under ``guard/`` (checks/graph.py), whose names the
-    ONNX parser gives the layers it makes of them. In FP16 its one-hot row selections of the null
+    ONNX parser gives the layers it makes of them. In FP16 its row selections and gathers from the null
     tables would round the tables' knots to 11 significant bits and the whitened feature distance
-    would lose most of its digits, so the p-values would drift from the calibrated ones. Only layers
-    whose inputs and outputs are all float32 are pinned (casts, comparisons and shape arithmetic keep
-    their own types)."""
+    would lose most of its digits, so the p-values would drift from the calibrated ones. Every float32
+    output of such a layer is kept float32, and the layer computes in float32 when all its float inputs
+    are float32; integer and boolean inputs (gather indices, ``Where`` conditions) and outputs
+    (comparisons, casts to integers) keep their own types."""
     pinned = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         if not str(layer.name).startswith("guard/"):
             continue
-        tensors = [layer.get_input(j) for j in range(layer.num_inputs)]
-        tensors = [t for t in tensors if t is not None] + [layer.get_output(j) for j in range(layer.num_outputs)]
-        if not tensors or any(t.dtype != trt.float32 for t in tensors):
+        inputs = [layer.get_input(j) for j in range(layer.num_inputs)]
+        float_outputs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype == trt.float32]
+        if not float_outputs:
             continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
+        if all(t.dtype == trt.float32 for t in inputs if t is not None and t.dtype in (trt.float32, trt.float16)):
+            layer.precision = trt.float32
+        for j in float_outputs:
             layer.set_output_type(j, trt.float32)
         pinned += 1
     return pinned
