@@ -13,7 +13,7 @@ a batch above the largest is run in slices.
 
 ONNX Runtime keeps captured graphs per calling thread. Every size is captured once when the engine is
 made, so a model that cannot be captured fails then; a thread that serves later (the server's engine
-thread) captures again on its first call of each size, which costs that call a few milliseconds.
+thread) captures again on its first call of each size (that call is slower; not yet measured).
 A capture must not overlap other CUDA work in the process, so every captured run in the process
 holds one lock (:data:`_GPU_LOCK`); on one GPU the calls would mostly queue anyway.
 
