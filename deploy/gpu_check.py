@@ -172,10 +172,15 @@ def main(argv=None) -> int:
                 "TensorRT FP16": TensorRTEngine(work / "fp16"),
             }
         )
+        # kernel by kernel, whatever GAMGUARD_CUDA_GRAPHS says: the logits-only baseline below is too
+        # (scripts/gpu_guard_probe.py measures captured CUDA graphs on both sides)
         engines |= {
-            "ORT CUDA": OnnxEngine(src / MODEL_FILE, providers="cuda"),
+            "ORT CUDA": OnnxEngine(src / MODEL_FILE, providers="cuda", cuda_graphs=False),
             "ORT CUDA in-graph": OnnxEngine(
-                src / MODEL_FILE, providers="cuda", guarded=guarded_model_bytes(src, calibration)
+                src / MODEL_FILE,
+                providers="cuda",
+                guarded=guarded_model_bytes(src, calibration),
+                cuda_graphs=False,
             ),
         }
         if trt_missing is None and guard_plan_error is None:

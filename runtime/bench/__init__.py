@@ -179,7 +179,9 @@ def _run_bench(cfg: BenchConfig) -> dict:
     facts["providers_used"] = list(guard.engine.providers)
     if any(p != "CPUExecutionProvider" for p in guard.engine.providers):
         facts["gpu"] = gpu_name()
-    logits_only = LogitsOnly(guard.engine.model_path, list(guard.engine.providers), cfg.threads)
+    captured = bool(guard.engine.describe().get("cuda_graphs"))
+    facts["cuda_graphs"] = captured
+    logits_only = LogitsOnly(guard.engine.model_path, list(guard.engine.providers), cfg.threads, cuda_graphs=captured)
     facts["logits_only_providers"] = list(logits_only.session(guard.spec.height).get_providers())
 
     bundle_size = guard.spec.height
@@ -305,6 +307,7 @@ def format_tables(result: dict) -> str:
         f"gamguard bench ({'quick' if result['quick'] else 'full'}) — {m['cpu_model']}, "
         f"{m['cpus_usable']} CPU(s), onnxruntime {m['onnxruntime']} {m['providers_used']}"
         + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + (", CUDA graphs (both sides)" if m.get("cuda_graphs") else "")
         + f", threads {m['threads']}, "
         f"load {m['load_avg_start'][0]} → {m.get('load_avg_end', ['?'])[0]}",
         f"bundle {result['bundle']} (input {result['bundle_input_size'][0]}²); {result['sizes_note']}",

@@ -131,9 +131,11 @@ def ort_session(path: Path, providers: list[str], threads: int | None):
 class LogitsOnly:
     """The unguarded baseline: the fused model's classifier (:func:`logits_only_model`), with one ONNX
     Runtime session per input size. A dynamic-H/W model is specialised to each size the way the
-    guard's engine is (:mod:`gamguard.runtime.engines.specialize`), so both sides run static shapes."""
+    guard's engine is (:mod:`gamguard.runtime.engines.specialize`), so both sides run static shapes.
+    ``cuda_graphs``: replay captured CUDA graphs, as the guard's engine does under
+    ``GAMGUARD_CUDA_GRAPHS=1`` (both sides alike, or the ratio would credit the guard with the capture)."""
 
-    def __init__(self, fused_model: Path, providers: list[str], threads: int | None):
+    def __init__(self, fused_model: Path, providers: list[str], threads: int | None, *, cuda_graphs: bool = False):
         import tempfile
 
         import onnx
@@ -144,6 +146,7 @@ class LogitsOnly:
             self.model = onnx.load(str(logits_only_model(fused_model, Path(tmp))))
         self.dynamic = is_spatially_dynamic(self.model)
         self.providers, self.threads = list(providers), threads
+        self.cuda_graphs = bool(cuda_graphs)
         self._sessions: dict = {}
 
     def session(self, size: int | None = None):
@@ -156,12 +159,41 @@ class LogitsOnly:
         key = size if self.dynamic else None
         if key not in self._sessions:
             model = self.model if key is None else specialize_spatial(self.model, key, key)
-            self._sessions[key] = ort.InferenceSession(
+            session = ort.InferenceSession(
                 model.SerializeToString(),
                 sess_options=session_options(self.threads),
                 providers=provider_entries(self.providers),
             )
+            self._sessions[key] = _CapturedLogits(session, model, self.threads) if self.cuda_graphs else session
         return self._sessions[key]
+
+
+class _CapturedLogits:
+    """A logits-only session replaying captured CUDA graphs (:mod:`gamguard.runtime.engines.cuda_graphs`),
+    with the ``run(names, feed)`` / ``get_providers()`` of the plain session it stands for."""
+
+    def __init__(self, plain, model, threads):
+        from gamguard.runtime.engines import PROVIDER_OPTIONS, session_options
+        from gamguard.runtime.engines.cuda_graphs import CapturedRuns
+
+        options = {**PROVIDER_OPTIONS["CUDAExecutionProvider"], "enable_cuda_graph": "1"}
+        self._plain = plain
+        self._runs = CapturedRuns(
+            model.SerializeToString(),
+            outputs=["logits"],
+            sample_shape=plain.get_inputs()[0].shape[1:],
+            plain=plain,
+            sess_options_factory=lambda: session_options(threads),
+            providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"],
+        )
+
+    def run(self, names, feed):
+        if list(names) != ["logits"]:
+            raise ValueError(f"the captured logits-only session returns logits only, not {names}")
+        return self._runs.run(feed["image"])
+
+    def get_providers(self):
+        return self._plain.get_providers()
 
 
 def spatial_is_dynamic(session) -> bool:

@@ -37,6 +37,7 @@ examples:
   gamguard bench --quick --json                    # < 1 min, machine-readable
   gamguard bench --bundle out/bench --checkpoint out/demo.ckpt --threads 2 --json > bench.json
   gamguard bench --providers cuda --json           # ONNX Runtime CUDA provider (GPU machines)
+  GAMGUARD_CUDA_GRAPHS=1 gamguard bench --providers cuda   # both sides replay captured CUDA graphs
   gamguard bench --providers tensorrt,cuda --skip grpc
 """
 
