@@ -33,6 +33,9 @@ from .base import INPUT_NAME, EngineError
 #: ``--max-batch-size`` or an offline caller uses the rest).
 CAPTURED_BATCHES = (1, 2, 4, 8, 16, 32)
 
+#: Runs of each size when the engine is made: enough for ONNX Runtime's warm-up runs and the capture.
+CAPTURE_RUNS = 3
+
 #: Held by every captured run (and capture) in the process; see the module docstring.
 _GPU_LOCK = threading.Lock()
 
@@ -50,8 +53,9 @@ class _Slot:
         self.binding.bind_ortvalue_input(INPUT_NAME, self.input)
         for name, value in zip(outputs, self.outputs):
             self.binding.bind_ortvalue_output(name, value)
-        with _GPU_LOCK:
-            self.session.run_with_iobinding(self.binding)  # the capture
+        with _GPU_LOCK:  # ONNX Runtime may run a model normally a few times before it captures
+            for _ in range(CAPTURE_RUNS):
+                self.session.run_with_iobinding(self.binding)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         n = batch.shape[0]
