@@ -730,3 +730,94 @@ def test_captured_engine_matches_the_uncaptured_one_on_gpu(tmp_path):
     for b in runs:
         for field in ("logits", "cam", "early"):
             np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_plan_builder_turns_tf32_off_and_pins_the_guard_in_fp16(monkeypatch, tmp_path, precision):
+    """What build_plan_bytes asks of TensorRT's builder: TF32 cleared in every plan; in FP16 plans the
+    FP16 flag, the guard's float layers pinned and precision constraints preferred. No GPU here:
+    TensorRT's builder API is stood in for up to the build call, where the test stops."""
+    from types import SimpleNamespace
+
+    from gamguard.runtime.engines import plan as tensorrt_plan
+
+    class Stop(Exception):
+        pass
+
+    class Config:
+        def __init__(self):
+            self.flags = {"TF32"}  # on by default, as in TensorRT
+
+        def set_memory_pool_limit(self, pool, size):
+            pass
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag)
+
+        def add_optimization_profile(self, profile):
+            pass
+
+    class Layer:
+        def __init__(self, name):
+            self.name, self.precision, self.num_inputs, self.num_outputs = name, None, 1, 1
+            self.types = {}
+
+        def get_input(self, j):
+            return SimpleNamespace(dtype="float32")
+
+        def get_output(self, j):
+            return SimpleNamespace(dtype="float32")
+
+        def set_output_type(self, j, dtype):
+            self.types[j] = dtype
+
+    layers = [Layer("node_Conv_1"), Layer("guard/MatMul_2")]
+    network = SimpleNamespace(
+        num_inputs=1,
+        get_input=lambda i: SimpleNamespace(name="image", shape=(-1, 1, 128, 128)),
+        num_outputs=3,
+        get_output=lambda i: SimpleNamespace(name=("logits", "cam", "early")[i]),
+        num_layers=len(layers),
+        get_layer=lambda i: layers[i],
+    )
+    configs = []
+
+    def create_config():
+        configs.append(Config())
+        return configs[-1]
+
+    def build(net, config):
+        raise Stop()
+
+    builder = SimpleNamespace(
+        create_network=lambda flags: network,
+        create_builder_config=create_config,
+        create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *a: None),
+        build_serialized_network=build,
+        platform_has_fast_fp16=True,
+    )
+    fake = SimpleNamespace(
+        Logger=lambda level: None,
+        Builder=lambda logger: builder,
+        OnnxParser=lambda net, logger: SimpleNamespace(parse_from_file=lambda p: True),
+        MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+        BuilderFlag=SimpleNamespace(TF32="TF32", FP16="FP16", PREFER_PRECISION_CONSTRAINTS="PREFER"),
+        float32="float32",
+        float16="float16",
+    )
+    fake.Logger.WARNING = 0
+    monkeypatch.setattr(tensorrt_plan, "require_tensorrt", lambda: fake)
+    profile = SimpleNamespace(min=(1, 1, 128, 128), opt=(8, 1, 128, 128), max=(32, 1, 128, 128))
+    monkeypatch.setattr(tensorrt_plan, "make_profile", lambda *a, **k: profile)
+    spec = InputSpec(1, 128, 128, (0.5,), (0.25,))
+    with pytest.raises(Stop):
+        tensorrt_plan.build_plan_bytes(tmp_path / "m.onnx", spec, precision=precision)
+    if precision == "fp32":
+        assert configs[0].flags == set()
+        assert [layer.precision for layer in layers] == [None, None]
+    else:
+        assert configs[0].flags == {"FP16", "PREFER"}
+        assert [layer.precision for layer in layers] == [None, "float32"]
