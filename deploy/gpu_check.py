@@ -96,12 +96,7 @@ def main(argv=None) -> int:
     from gamguard.runtime.checks.graph import guarded_model_bytes, scores_from_graph
     from gamguard.runtime.engines import OnnxEngine
     from gamguard.runtime.engines.drift import OrtCpuReference, drift_report, guard_decider
-    from gamguard.runtime.engines.plan import (
-        TensorRTUnavailable,
-        build_engine_for_bundle,
-        build_plan_bytes,
-        current_device_tag,
-    )
+    from gamguard.runtime.engines.plan import TensorRTUnavailable, current_device_tag
     from gamguard.runtime.engines.tensorrt import PlanRunner, TensorRTEngine
     from gamguard.runtime.guard import Guard, parse_checks
 
@@ -131,47 +126,18 @@ def main(argv=None) -> int:
     }
     try:
         max_b = max(batches + [32])
-        built = {}
-        guard_plan_error = None
-        logits_plan = None
-        for prec in ("fp32", "fp16") if trt_missing is None else ():
-            t0 = time.perf_counter()
-            build_engine_for_bundle(src, precision=prec, batch=(1, min(8, max_b), max_b), out_dir=work / prec)
-            built[prec] = time.perf_counter() - t0
-            print(f"gpu_check: built {prec} plan in {built[prec]:.1f} s", file=sys.stderr)
         calibration = CalibrationData.load(src, manifest)
-        t0 = time.perf_counter()
-        try:  # the in-graph guard: does TensorRT take the subgraph, and what does it cost?
-            if trt_missing is not None:
-                raise TensorRTUnavailable(trt_missing)
-            build_engine_for_bundle(
-                src, precision="fp16", batch=(1, min(8, max_b), max_b), out_dir=work / "fp16-graph", guard_graph=True
-            )
-            built["fp16-graph"] = time.perf_counter() - t0
-            print(f"gpu_check: built fp16 plan with the guard graph in {built['fp16-graph']:.1f} s", file=sys.stderr)
-        except Exception as exc:  # reported in the table, the rest of the check still runs
-            guard_plan_error = f"{type(exc).__name__}: {exc}"
-            if trt_missing is None:
-                print(f"gpu_check: FP16 plan with the guard graph failed: {guard_plan_error}", file=sys.stderr)
-        res["guard_graph_plan_error"] = guard_plan_error if trt_missing is None else None
+        built, guard_plan_error, logits_plan = {}, None, None
         if trt_missing is None:
-            t0 = time.perf_counter()
-            logits_plan, _ = build_plan_bytes(
-                src / MODEL_FILE, spec, precision="fp16", batch=(1, min(8, max_b), max_b), outputs=("logits",)
-            )
-            built["fp16-logits"] = time.perf_counter() - t0
+            built, guard_plan_error, logits_plan = _build_plans(src, spec, (1, min(8, max_b), max_b), work)
+        res["guard_graph_plan_error"] = guard_plan_error
         res["build_s"] = built
 
         x = _load_images(args, spec, work)
         res["n_images"] = int(x.shape[0])
-        engines = (
-            {}
-            if trt_missing is not None
-            else {
-                "TensorRT FP32": TensorRTEngine(work / "fp32"),
-                "TensorRT FP16": TensorRTEngine(work / "fp16"),
-            }
-        )
+        engines = {}
+        if trt_missing is None:
+            engines = {"TensorRT FP32": TensorRTEngine(work / "fp32"), "TensorRT FP16": TensorRTEngine(work / "fp16")}
         # kernel by kernel, whatever GAMGUARD_CUDA_GRAPHS says: the logits-only baseline below is too
         # (scripts/gpu_guard_probe.py measures captured CUDA graphs on both sides)
         engines |= {
@@ -261,6 +227,32 @@ def main(argv=None) -> int:
         print(f"gpu_check: calibrated false-rejection rate does NOT hold on: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _build_plans(src: Path, spec, batch: tuple[int, int, int], work: Path):
+    """Builds the FP32 and FP16 plans into ``work``, then the in-graph FP16 plan and the logits-only FP16
+    baseline: ``(build seconds by plan, the in-graph plan's error or None, the baseline's plan bytes)``."""
+    from gamguard.runtime.bundle import MODEL_FILE
+    from gamguard.runtime.engines.plan import build_engine_for_bundle, build_plan_bytes
+
+    built, guard_plan_error = {}, None
+    for prec in ("fp32", "fp16"):
+        t0 = time.perf_counter()
+        build_engine_for_bundle(src, precision=prec, batch=batch, out_dir=work / prec)
+        built[prec] = time.perf_counter() - t0
+        print(f"gpu_check: built {prec} plan in {built[prec]:.1f} s", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:  # the in-graph guard: does TensorRT take the subgraph, and what does it cost?
+        build_engine_for_bundle(src, precision="fp16", batch=batch, out_dir=work / "fp16-graph", guard_graph=True)
+        built["fp16-graph"] = time.perf_counter() - t0
+        print(f"gpu_check: built fp16 plan with the guard graph in {built['fp16-graph']:.1f} s", file=sys.stderr)
+    except Exception as exc:  # reported in the table, the rest of the check still runs
+        guard_plan_error = f"{type(exc).__name__}: {exc}"
+        print(f"gpu_check: FP16 plan with the guard graph failed: {guard_plan_error}", file=sys.stderr)
+    t0 = time.perf_counter()
+    logits_plan, _ = build_plan_bytes(src / MODEL_FILE, spec, precision="fp16", batch=batch, outputs=("logits",))
+    built["fp16-logits"] = time.perf_counter() - t0
+    return built, guard_plan_error, logits_plan
 
 
 def _gpu_from_nvidia_smi() -> tuple[str, str]:

@@ -671,16 +671,7 @@ def test_captured_runs_pad_and_slice_batches_exactly(tmp_path):
     model = str(tiny_fused_onnx(tmp_path / "model.onnx"))
     outputs = ["logits", "cam", "early"]
     plain = ort.InferenceSession(model, sess_options=session_options(1), providers=["CPUExecutionProvider"])
-    runs = CapturedRuns(
-        model,
-        outputs=outputs,
-        sample_shape=(1, 16, 16),
-        plain=plain,
-        sess_options_factory=lambda: session_options(1),
-        providers=["CPUExecutionProvider"],
-        batches=(1, 2, 4),
-        device="cpu",
-    )
+    runs = CapturedRuns(model, plain=plain, outputs=outputs, threads=1, batches=(1, 2, 4), device="cpu")
     rng = np.random.default_rng(5)
     for n in (4, 3, 1, 2, 7, 9, 3):
         x = rng.normal(size=(n, 1, 16, 16)).astype(np.float32)

@@ -179,9 +179,8 @@ def _run_bench(cfg: BenchConfig) -> dict:
     facts["providers_used"] = list(guard.engine.providers)
     if any(p != "CPUExecutionProvider" for p in guard.engine.providers):
         facts["gpu"] = gpu_name()
-    captured = bool(guard.engine.describe().get("cuda_graphs"))
-    facts["cuda_graphs"] = captured
-    logits_only = LogitsOnly(guard.engine.model_path, list(guard.engine.providers), cfg.threads, cuda_graphs=captured)
+    logits_only = LogitsOnly.for_engine(guard.engine, cfg.threads)
+    facts["cuda_graphs"] = logits_only.cuda_graphs
     facts["logits_only_providers"] = list(logits_only.session(guard.spec.height).get_providers())
 
     bundle_size = guard.spec.height

@@ -149,6 +149,12 @@ class LogitsOnly:
         self.cuda_graphs = bool(cuda_graphs)
         self._sessions: dict = {}
 
+    @classmethod
+    def for_engine(cls, engine, threads: int | None) -> "LogitsOnly":
+        """The baseline of ``engine``: its model and providers, and captured CUDA graphs when it has them."""
+        captured = bool(engine.describe().get("cuda_graphs"))
+        return cls(engine.model_path, list(engine.providers), threads, cuda_graphs=captured)
+
     def session(self, size: int | None = None):
         """The session for ``size`` x ``size`` inputs (a static model: its own size, whatever ``size``)."""
         import onnxruntime as ort
@@ -173,19 +179,10 @@ class _CapturedLogits:
     with the ``run(names, feed)`` / ``get_providers()`` of the plain session it stands for."""
 
     def __init__(self, plain, model, threads):
-        from gamguard.runtime.engines import PROVIDER_OPTIONS, session_options
         from gamguard.runtime.engines.cuda_graphs import CapturedRuns
 
-        options = {**PROVIDER_OPTIONS["CUDAExecutionProvider"], "enable_cuda_graph": "1"}
         self._plain = plain
-        self._runs = CapturedRuns(
-            model.SerializeToString(),
-            outputs=["logits"],
-            sample_shape=plain.get_inputs()[0].shape[1:],
-            plain=plain,
-            sess_options_factory=lambda: session_options(threads),
-            providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"],
-        )
+        self._runs = CapturedRuns(model.SerializeToString(), plain=plain, outputs=["logits"], threads=threads)
 
     def run(self, names, feed):
         if list(names) != ["logits"]:

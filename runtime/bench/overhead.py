@@ -139,10 +139,7 @@ def measure_overhead_large(cfg, providers: list[str], progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="gamguard-bench-large-") as tmp:
         bundle = build_large_bundle(Path(tmp), cfg.threads, progress)
         guard = Guard.from_bundle(bundle, providers=providers, threads=cfg.threads, prefer="onnxruntime")
-        captured = bool(guard.engine.describe().get("cuda_graphs"))
-        logits_only = LogitsOnly(
-            guard.engine.model_path, list(guard.engine.providers), cfg.threads, cuda_graphs=captured
-        )
+        logits_only = LogitsOnly.for_engine(guard.engine, cfg.threads)
         images = phantom_images(max(b for _, b in LARGE_CASES))
         rows = []
         for size, n in LARGE_CASES:

@@ -75,20 +75,32 @@ class _Slot:
 class CapturedRuns:
     """``run(batch) -> [arrays in `outputs` order]`` by replaying CUDA graphs of ``source``.
 
-    ``plain``: a session of the same model without capture, used once per size to learn the output
-    shapes. ``providers``: the CUDA provider entry (name, options) to capture with; ``device``: where
-    the bound buffers live (``cuda``; ``cpu`` runs the same binding, padding and slicing without a
-    graph, for tests on machines without a GPU). Raises :class:`EngineError` when ONNX Runtime cannot
-    capture the model.
+    ``plain``: a session of the same model without capture: its input gives the fixed sample shape,
+    and one run per size the output shapes. ``threads``: as for every gamguard session
+    (:func:`~gamguard.runtime.engines.session_options`). ``device``: where the bound buffers live
+    (``cuda``, captured with gamguard's CUDA options; ``cpu`` runs the same binding, padding and
+    slicing on ONNX Runtime CPU without a graph, for tests on machines without a GPU). Raises
+    :class:`EngineError` for a model without a fixed input size or one ONNX Runtime cannot capture.
     """
 
-    def __init__(
-        self, source, *, outputs, sample_shape, plain, sess_options_factory, providers, batches=None, device="cuda"
-    ):
+    def __init__(self, source, *, plain, outputs, threads=None, batches=None, device="cuda"):
         import onnxruntime as ort
 
+        from .onnx import PROVIDER_OPTIONS, session_options
+
+        shape = plain.get_inputs()[0].shape  # [N, C, H, W]; N dynamic
+        if not all(isinstance(v, int) for v in shape[1:]):
+            raise EngineError(
+                f"CUDA graphs need a fixed input size, the model's input is {shape} "
+                "(a bundle with dynamic H/W is fixed to its own size when it is served)"
+            )
+        if device == "cuda":
+            options = {**PROVIDER_OPTIONS["CUDAExecutionProvider"], "enable_cuda_graph": "1"}
+            providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
         self.outputs = list(outputs)
-        self.sample_shape = tuple(int(v) for v in sample_shape)
+        self.sample_shape = tuple(shape[1:])
         self.batches = tuple(sorted(batches or CAPTURED_BATCHES))
         self._slots = {}
         self._row_shapes = None
@@ -98,7 +110,7 @@ class CapturedRuns:
                 shapes = [a.shape for a in plain.run(self.outputs, {INPUT_NAME: np.zeros(shape, np.float32)})]
                 self._row_shapes = [s[1:] for s in shapes]
                 self._slots[b] = _Slot(
-                    ort, source, sess_options_factory(), providers, self.outputs, shapes, shape, device
+                    ort, source, session_options(threads), providers, self.outputs, shapes, shape, device
                 )
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise EngineError(

@@ -191,7 +191,7 @@ class OnnxEngine:
                 log.info(
                     "GAMGUARD_CUDA_GRAPHS ignored for this %s session (CUDA graphs are for CUDA)", self.providers[0]
                 )
-        self._captured = self._capture(source, opts, threads) if cuda_graphs else None
+        self._captured = self._capture(source, threads) if cuda_graphs else None
         log.info(
             "engine: onnxruntime %s, providers %s (requested chain %s), threads %s, guard arithmetic %s%s%s",
             ort.__version__,
@@ -203,7 +203,7 @@ class OnnxEngine:
             f", CUDA graphs captured at batch {', '.join(map(str, self._captured.batches))}" if self._captured else "",
         )
 
-    def _capture(self, source, opts, threads):
+    def _capture(self, source, threads):
         from .cuda_graphs import CapturedRuns
 
         if self.providers[0] != "CUDAExecutionProvider":
@@ -211,21 +211,10 @@ class OnnxEngine:
                 f"{self.model_path}: CUDA graphs need the CUDA execution provider first, the session has "
                 f"{self.providers} (pass --providers cuda on a GPU with onnxruntime-gpu, or unset GAMGUARD_CUDA_GRAPHS)"
             )
-        shape = self.session.get_inputs()[0].shape  # [N, C, H, W]; N dynamic
-        if not all(isinstance(v, int) for v in shape[1:]):
-            raise EngineError(
-                f"{self.model_path}: CUDA graphs need a fixed input size, the model's input is {shape} "
-                "(a bundle with dynamic H/W is fixed to its own size when it is served)"
-            )
-        options = {**PROVIDER_OPTIONS["CUDAExecutionProvider"], "enable_cuda_graph": "1"}
-        return CapturedRuns(
-            source,
-            outputs=self._outputs,
-            sample_shape=shape[1:],
-            plain=self.session,
-            sess_options_factory=lambda: session_options(threads),
-            providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"],
-        )
+        try:
+            return CapturedRuns(source, plain=self.session, outputs=self._outputs, threads=threads)
+        except EngineError as exc:
+            raise EngineError(f"{self.model_path}: {exc}") from exc
 
     def at_size(self, input_hw: tuple[int, int]) -> "OnnxEngine":
         """The same model, providers, threads and guard arithmetic, served at another input size
