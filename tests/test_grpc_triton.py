@@ -220,6 +220,10 @@ def test_statistics_count_real_work(env):
     d = lambda field: getattr(last.inference_stats, field).count - getattr(after.inference_stats, field).count  # noqa: E731
     assert last.inference_count - after.inference_count == 3
     assert d("success") == d("queue") == d("compute_infer") == 1 and d("fail") == 1
+    # its stages (those of its last image to finish) fit within its time: perf_analyzer subtracts them
+    ns = lambda field: getattr(last.inference_stats, field).ns - getattr(after.inference_stats, field).ns  # noqa: E731
+    stages = ("queue", "compute_input", "compute_infer", "compute_output")
+    assert 0 < sum(ns(f) for f in stages) <= ns("success")
     # all models (empty name) is the same one model
     assert [m.name for m in env["client"].get_inference_statistics().model_stats] == [env["name"]]
     with pytest.raises(tc.InferenceServerException, match="unknown model"):

@@ -478,16 +478,19 @@ class DataPlane:
         return results
 
     def _observe_request(self, results: list[Result], total_ms: float) -> None:
-        """One answered request in the Triton statistics: its images' slowest queue, engine and guard
-        times (they may ride in different engine calls) and the sum of their decodes."""
-        timings = [r.verdict.timings_ms or {} for r in results]
+        """One answered request in the Triton statistics. Its images may ride in different engine calls
+        and their stages overlap, so the request's stage times are those of the image that finished last
+        (the one its answer waited for): they add up to no more than the request's time, which is what
+        perf_analyzer assumes when it reports the server's share of the latency."""
+        last = max(results, key=lambda r: r.total_ms)
+        timings = last.verdict.timings_ms or {}
         self.statistics.observe_request(
             images=len(results),
             total_ms=total_ms,
-            queue_ms=max(r.queue_ms for r in results),
-            input_ms=sum(r.decode_ms for r in results),
-            infer_ms=max(t.get("engine", 0.0) for t in timings),
-            output_ms=max(t.get("guard", 0.0) for t in timings),
+            queue_ms=last.queue_ms,
+            input_ms=last.decode_ms,
+            infer_ms=timings.get("engine", 0.0),
+            output_ms=timings.get("guard", 0.0),
         )
 
     @property

@@ -16,8 +16,9 @@ images), and cumulative times are nanoseconds of wall time:
   whole call, as in Triton);
 * ``compute_output`` — the guard's checks and verdicts for that batch.
 
-The images of one request may ride in different engine calls: a request's queue, engine and guard
-times are those of its slowest image, its input time the sum of its images' decodes.
+The images of one request may ride in different engine calls, and their stages overlap: a request's
+stage times are those of its image that finished last (the one its answer waited for), so they add up
+to no more than its ``success`` time (perf_analyzer subtracts them from the client's latency).
 ``inference_count`` counts images with a verdict, ``execution_count`` engine calls; ``batch_stats``
 holds, per batch size, the engine calls of that size with the time spent stacking their inputs
 (``compute_input``), in the engine (``compute_infer``) and in the guard (``compute_output``).
