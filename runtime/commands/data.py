@@ -1,4 +1,5 @@
-"""`gamguard data`: generate the embedded demo data (hand/wrist radiograph phantoms, off-distribution images)."""
+"""`gamguard data`: generate the embedded demo data (hand/wrist radiograph phantoms, off-distribution images),
+and write images as input files for third-party load generators (Triton's perf_analyzer)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 _GARBAGE = ("noise", "blobs", "text", "geometric", "knee", "cropped_hand", "flat")
 _HELD_OUT = ("chest", "rotated_hand", "inverted_hand", "noisy_hand", "texture", "photo")
 
-HELP = "generate demo data: hand radiograph phantoms or off-distribution images"
+HELP = "generate demo data (hand radiograph phantoms, off-distribution images); perf_analyzer input files"
 DESCRIPTION = f"""\
 Generate the project's own demo data, procedurally (no download, no network).
 
@@ -21,6 +22,9 @@ Generate the project's own demo data, procedurally (no download, no network).
 
 Kinds used to train the garbage class : {", ".join(_GARBAGE)}   (--kind all-garbage)
 Held-out kinds, never trained on      : {", ".join(_HELD_OUT)}   (--kind all-held-out)
+
+  gamguard data perf-input IMAGE_OR_FOLDER ... --out data.json
+      the images as Triton perf_analyzer --input-data (gamguard's BYTES input `image`)
 
 Examples:
   gamguard data synth --out /tmp/hands --per-class 100 --seed 0
@@ -80,16 +84,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
+    q = sub.add_parser(
+        "perf-input",
+        help="write images as Triton perf_analyzer --input-data JSON",
+        description=PERF_INPUT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument(
+        "paths",
+        nargs="+",
+        metavar="IMAGE_OR_FOLDER",
+        help="image files (taken as they are) or folders (their .png/.jpg/.jpeg/.dcm files and files with a "
+        "DICOM preamble, recursively)",
+    )
+    q.add_argument("--out", required=True, metavar="FILE", help="the JSON file to write (replaced if it exists)")
+    q.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        metavar="N",
+        help="at most N images, the first in sorted order (default 100: perf_analyzer holds them all in memory)",
+    )
+
+
+PERF_INPUT_DESCRIPTION = """\
+Write images as an --input-data file for Triton's perf_analyzer, so that it sends real images to
+`gamguard serve` instead of random data (which the guard refuses). Each image becomes one step of
+gamguard's `image` input (BYTES: the encoded file as it is), base64 of its length-prefixed raw form
+as perf_analyzer expects for BYTES tensors. perf_analyzer cycles through the steps.
+
+Example (bash scripts/get_perf_analyzer.sh fetches perf_analyzer into .cache/perf_analyzer):
+  gamguard data synth --out /tmp/ph --per-class 4 --seed 0 --format dicom
+  gamguard data perf-input /tmp/ph --out /tmp/ph.json
+  gamguard serve --insecure --port 8001 &
+  .cache/perf_analyzer/perf_analyzer -m gamguard-demo-hand -i grpc -u 127.0.0.1:8001 \\
+      --input-data /tmp/ph.json --concurrency-range 1:16:5
+"""
+
 
 def run(args) -> int:
+    from gamguard.runtime.cli import CommandError
+
+    if args.data_command == "perf-input":
+        return _perf_input(args)
+    if args.data_command != "synth":  # pragma: no cover - argparse enforces the choice
+        raise CommandError(f"unknown action {args.data_command!r}")
+    return _synth(args)
+
+
+def _perf_input(args) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from gamguard.runtime.cli import CommandError
+    from gamguard.runtime.perf_input import image_files, input_data
+
+    if args.limit < 1:
+        raise CommandError(f"--limit must be at least 1, got {args.limit}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CommandError(f"--out {out} is a folder; give the JSON file to write")
+    try:
+        files = image_files(args.paths)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from exc
+    if not files:
+        raise CommandError(f"no images in {', '.join(args.paths)} (looked for .png/.jpg/.jpeg/.dcm and DICOM files)")
+    taken = files[: args.limit]
+    data = input_data(taken)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data))
+    skipped = f" (the first {len(taken)} of {len(files)}: --limit)" if len(taken) < len(files) else ""
+    print(
+        f"wrote {len(taken)} image(s){skipped} to {out} as perf_analyzer input `image` (BYTES); run: "
+        f"perf_analyzer -m MODEL -i grpc -u HOST:PORT --input-data {out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _synth(args) -> int:
     import json
     import sys
 
     from gamguard.runtime.cli import CommandError
     from gamguard.runtime.demo import synth
 
-    if args.data_command != "synth":  # pragma: no cover - argparse enforces the choice
-        raise CommandError(f"unknown action {args.data_command!r}")
     try:
         summary = synth.synth_dataset(
             args.out,
