@@ -1208,6 +1208,44 @@ def test_dicom_tls_with_client_certificates(guard, demo_bundle, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
+def test_dcmtk_console_over_dicom_tls(guard, demo_bundle, tmp_path):
+    """A console's own TLS stack, not ours: dcmtk's storescu/echoscu with the BCP 195 TLS profile (its
+    default) store over mutual TLS; without a client certificate, or in plaintext, nothing gets in (and
+    without --tls-client-ca the same certificate-less console does)."""
+    require_tool("storescu", "dcmtk")
+    from testlib import make_ca, make_cert
+
+    ca = make_ca(tmp_path, "ca")
+    server_crt, server_key = make_cert(tmp_path, "node", ca, server=True)
+    client_crt, client_key = make_cert(tmp_path, "console", ca, server=False)
+    ((path, label),) = accepted_phantoms(guard, tmp_path, 1).items()
+    tls = ["+tls", str(client_key), str(client_crt), "+cf", str(ca[0])]
+
+    def dcmtk(tool: str, port: int, *args: str, files=()) -> subprocess.CompletedProcess:
+        cmd = [tool, "-aet", "STORESCU", "-aec", "GAMGUARD", *args, "127.0.0.1", str(port), *map(str, files)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    with _node(
+        tmp_path, demo_bundle, [], tls_cert=str(server_crt), tls_key=str(server_key), tls_client_ca=str(ca[0])
+    ) as node:
+        echo = dcmtk("echoscu", node.port, *tls)
+        assert echo.returncode == 0, echo.stderr
+        stored = dcmtk("storescu", node.port, *tls, "-R", files=[path])  # -R: the file's own SOP class only
+        assert stored.returncode == 0, stored.stderr
+        assert node.node.wait_results_built(120)
+        kept = [pydicom.dcmread(p) for p in (tmp_path / "queue" / "outbox" / "kept").glob("*.dcm")]
+        (said,) = [read_verdict_sr(d) for d in kept if d.Modality == "SR"]
+        assert said["label"] == label and said["source_sop_instance_uid"] == pydicom.dcmread(path).SOPInstanceUID
+        # a console without a client certificate (anonymous TLS), or in plaintext, is not let in
+        assert dcmtk("echoscu", node.port, "+tla", "+cf", str(ca[0])).returncode != 0
+        assert dcmtk("echoscu", node.port).returncode != 0
+        assert node.node.scp.active_associations == 0
+    # the refusal above was the missing client certificate: a node that asks for none lets that console in
+    with _node(tmp_path / "no-client-ca", demo_bundle, [], tls_cert=str(server_crt), tls_key=str(server_key)) as node:
+        assert dcmtk("echoscu", node.port, "+tla", "+cf", str(ca[0])).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
 def test_results_forwarded_to_orthanc_over_dicom_tls(guard, demo_bundle, tmp_path):
     """The PACS speaks DICOM TLS and wants a client certificate: with --forward-tls-ca/-cert/-key the SR
     arrives; a node that does not trust the PACS's certificate sends nothing and keeps the result queued."""
