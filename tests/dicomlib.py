@@ -122,6 +122,16 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
+    def put(self, path: str, payload):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), method="PUT")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    def post_bytes(self, path: str, data: bytes):
+        req = urllib.request.Request(self.url + path, data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
     def instance_ids(self, modality: str) -> list[str]:
         return self.post("/tools/find", {"Level": "Instance", "Query": {"Modality": modality}})
 

@@ -667,11 +667,11 @@ def test_config_file_dicom_section_flags_and_errors(tmp_path):
 
 
 def _node(tmp_path, demo_bundle, forward: list[str], audit_log: str | None = None, **kw) -> BackgroundNode:
+    kw.setdefault("allow_ae", ["TESTSCU", "STORESCU", "ECHOSCU"])
     cfg = DicomNodeConfig(
         host="127.0.0.1",
         port=0,
         ae_title="GAMGUARD",
-        allow_ae=["TESTSCU", "STORESCU", "ECHOSCU"],
         forward=forward,
         queue_dir=str(tmp_path / "queue"),
         retry_initial_s=0.2,
@@ -990,6 +990,30 @@ def test_storescu_phantoms_arrive_in_orthanc_as_accepted_srs_with_label_and_over
         time.sleep(0.5)
     for uid in uids:
         assert overlays[uid].BurnedInAnnotation == "YES"
+
+
+def test_a_pacs_routes_an_image_to_the_node_and_gets_the_verdict_in_the_same_study(
+    guard, demo_bundle, orthanc, tmp_path
+):
+    """The other way a site wires it: the PACS (Orthanc, its own DICOM stack as the SCU) sends a stored
+    image to the node (REST ``/modalities/{id}/store``), and the SR comes back into the image's study."""
+    ((path, label),) = accepted_phantoms(guard, tmp_path, 1, start_seed=SEED + 500).items()
+    source = pydicom.dcmread(path)
+    with _node(tmp_path / "routed", demo_bundle, [orthanc.address], allow_ae=[orthanc.ae_title]) as node:
+        uploaded = orthanc.post_bytes("/instances", path.read_bytes())
+        modality = {"AET": "GAMGUARD", "Host": "127.0.0.1", "Port": node.port}
+        orthanc.put("/modalities/gamguard", modality)
+        sent = orthanc.post("/modalities/gamguard/store", {"Resources": [uploaded["ID"]], "Synchronous": True})
+        assert sent.get("FailedInstancesCount", 0) == 0 and sent.get("InstancesCount") == 1, sent
+        deadline = time.monotonic() + 90
+        while source.SOPInstanceUID not in (verdicts := _orthanc_verdicts(orthanc)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    said = verdicts[source.SOPInstanceUID]
+    assert said["accepted"] is True and said["label"] == label
+    (sr,) = [
+        d for d in orthanc.datasets("SR") if read_verdict_sr(d)["source_sop_instance_uid"] == source.SOPInstanceUID
+    ]
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
 
 
 def test_off_distribution_dicoms_get_rejected_srs_with_reasons_and_no_label(tool_node, orthanc, tmp_path):
