@@ -1,8 +1,9 @@
 """Guard an ONNX classifier without torch: build the fused graph (logits, Grad-CAM, early) in ONNX.
 
 Many clinical models come as ONNX only (from TensorFlow/Keras, from a vendor). Given the classifier
-(one NCHW input, logits output) and two tensor names — ``target`` (the Grad-CAM layer, [N, C, h, w])
-and ``early`` (an early feature map) — :func:`fuse_onnx_model` appends to the graph:
+(one image input, NCHW or NHWC, logits output) and two tensor names — ``target`` (the Grad-CAM layer,
+[N, C, h, w]) and ``early`` (an early feature map, channels-first too) — :func:`fuse_onnx_model`
+appends to the graph:
 
 * the **backward of the head** (every node between ``target`` and the logits), written op by op
   with forward ONNX ops: the gradient of the argmax logit flows back through the head in reverse
@@ -15,8 +16,11 @@ and ``early`` (an early feature map) — :func:`fuse_onnx_model` appends to the 
 * the **early features** average-pooled to a fixed grid (an AveragePool when the grid divides them,
   else constant averaging matrices, :func:`_early_pool_nodes`).
 
-The input is renamed ``image`` and the outputs are ``logits``, ``cam`` and ``early``, the names of
-every gamguard bundle. Only ``numpy``, ``onnx`` and ``onnxruntime`` are needed.
+The input is renamed ``image`` (an NHWC model, as tf2onnx converts Keras models, reads it through a
+Transpose: every bundle's input is NCHW) and the outputs are ``logits``, ``cam`` and ``early``, the
+names of every gamguard bundle. A target or early tensor on the channels-last side of a converter's
+Transpose is refused with the name of the way out. Only ``numpy``, ``onnx`` and ``onnxruntime`` are
+needed.
 """
 
 from __future__ import annotations
@@ -554,6 +558,62 @@ class FuseInfo:
     early_shape: tuple
     early_hw: tuple[int, int]
     head_ops: list[str]
+    input_layout: str = "nchw"
+
+
+INPUT_LAYOUTS = ("auto", "nchw", "nhwc")
+
+
+def input_layout_of(shape, requested: str = "auto") -> str:
+    """``nchw`` or ``nhwc`` for a 4-D image input of ``shape``. ``auto``: NHWC when the last axis is 1 or 3
+    (grey or RGB channels) and axis 1 is not, which is how TensorFlow/Keras models arrive (tf2onnx keeps
+    their input channels-last); else NCHW. An explicit ``nchw`` / ``nhwc`` is taken as given."""
+    if requested not in INPUT_LAYOUTS:
+        raise ValueError(f"input layout must be one of {', '.join(INPUT_LAYOUTS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    channels = (1, 3)
+    if shape[3] in channels and shape[1] not in channels:
+        return "nhwc"
+    return "nchw"
+
+
+#: ops that keep their first input's layout (elementwise, or a channel-agnostic activation)
+_LAYOUT_PRESERVING = {
+    "Identity", "Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Elu", "Selu",
+    "Softplus", "Erf", "Mul", "Add", "Sub", "Div", "Max", "Min", "Neg", "Abs",
+}  # fmt: skip
+
+
+def _channels_last(graph, name: str, producer: dict, nhwc_input: str | None) -> bool:
+    """Whether ``name`` is a channels-last view: reached from an NCHW→NHWC Transpose (perm 0,2,3,1) or from
+    the NHWC input through layout-preserving ops, or read by an NHWC→NCHW Transpose (perm 0,3,1,2). The
+    pattern converters such as tf2onnx leave where they keep a tensor NHWC; other evidence of layout
+    does not exist in an ONNX graph."""
+    t = name
+    for _ in range(64):
+        if t == nhwc_input:
+            return True
+        node = producer.get(t)
+        if node is None:
+            break
+        if node.op_type == "Transpose":
+            return list(_attrs(node).get("perm", [])) == [0, 2, 3, 1]
+        if node.op_type not in _LAYOUT_PRESERVING or not node.input:
+            break
+        t = node.input[0]
+    return any(n.op_type == "Transpose" and list(_attrs(n).get("perm", [])) == [0, 3, 1, 2] and name in n.input
+               for n in graph.node)  # fmt: skip
+
+
+def _drop_unused_domains(model) -> None:
+    """Remove opset imports of domains no node uses (tf2onnx declares ``ai.onnx.ml`` in every model); a
+    domain a node does use stays, and the bundle check refuses it."""
+    used = {n.domain for n in model.graph.node} | {""}
+    kept = [o for o in model.opset_import if o.domain in used or o.domain == "ai.onnx"]
+    if len(kept) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
 
 
 def _shape_of(value_info) -> tuple | None:
@@ -603,14 +663,19 @@ def _single_node_model(node, inputs, model):
     return helper.make_model(graph, opset_imports=list(model.opset_import))
 
 
-def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_pool=(8, 8)):
+def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_pool=(8, 8), input_layout="auto"):
     """Return ``(fused ModelProto, FuseInfo)`` for an ONNX classifier (see the module docstring).
 
     Args:
-        model: ``onnx.ModelProto``: one NCHW float input, first output the logits ``[N, K]``.
-        target / early: tensor names of the Grad-CAM activations and of the early features.
+        model: ``onnx.ModelProto``: one float image input (NCHW, or NHWC as TensorFlow/Keras models
+            converted with tf2onnx have it), first output the logits ``[N, K]``.
+        target / early: tensor names of the Grad-CAM activations and of the early features, both
+            channels-first ``[N, C, h, w]``.
         input_shape: ``(C, H, W)``; required when the input's spatial dims are not static.
         early_pool: average-pool the early features to this grid in-graph (``None``: keep them).
+        input_layout: ``nchw``, ``nhwc`` or ``auto`` (:func:`input_layout_of`). An NHWC model gets an
+            NCHW ``image`` input and a Transpose in front of its own input, so every bundle has the same
+            input layout.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -631,22 +696,27 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         raise ValueError(f"input {inp.name!r} must be float32")
     shape = _shape_of(inp)
     if shape is None or len(shape) != 4:
-        raise ValueError(f"input {inp.name!r} must be 4-D NCHW, its shape is {shape}")
+        raise ValueError(f"input {inp.name!r} must be a 4-D image batch (NCHW or NHWC), its shape is {shape}")
+    layout = input_layout_of(shape, input_layout)
+    chw_axes = (1, 2, 3) if layout == "nchw" else (3, 1, 2)  # where C, H, W are in the model's input
     if input_shape is not None:
         c, h, w = (int(v) for v in input_shape)
-        for axis, (have, want) in enumerate(zip(shape[1:], (c, h, w)), start=1):
-            if isinstance(have, int) and have != want:
-                raise ValueError(f"--input-shape {c},{h},{w} disagrees with the model's input {shape} (axis {axis})")
+        for axis, want in zip(chw_axes, (c, h, w)):
+            if isinstance(shape[axis], int) and shape[axis] != want:
+                raise ValueError(
+                    f"--input-shape {c},{h},{w} (C,H,W) disagrees with the model's {layout.upper()} input {shape} "
+                    f"(axis {axis})"
+                )
     else:
-        if not all(isinstance(d, int) for d in shape[1:]):
+        if not all(isinstance(shape[a], int) for a in chw_axes):
             raise ValueError(f"the model's input {inp.name!r} has dynamic dims {shape}: give --input-shape C,H,W")
-        c, h, w = shape[1:]
+        c, h, w = (shape[a] for a in chw_axes)
     dims = inp.type.tensor_type.shape.dim
     dims[0].Clear()
     dims[0].dim_param = "batch"
-    for d, v in zip(dims[1:], (c, h, w)):
-        d.Clear()
-        d.dim_value = v
+    for axis, v in zip(chw_axes, (c, h, w)):
+        dims[axis].Clear()
+        dims[axis].dim_value = v
 
     names = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     taken = [n for n in (INPUT_NAME, *OUTPUT_NAMES[1:]) if n in names and n != inp.name]
@@ -678,7 +748,20 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         raise ValueError(f"the first output {logits_name!r} must be logits [N, K], its shape is {logits_shape}")
 
     constants = _fold_constants(model)
+    # weights are initializers that need not be graph inputs (tf2onnx lists none): shape inference
+    # leaves them out of value_info, their arrays say it
+    for name, value in constants.items():
+        if shapes.get(name) is None:
+            shapes[name] = tuple(int(d) for d in np.shape(value))
     producer = {o: n for n in graph.node for o in n.output}
+    for role, name in (("target", target), ("early", early)):
+        if _channels_last(graph, name, producer, inp.name if layout == "nhwc" else None):
+            raise ValueError(
+                f"{role} tensor {name!r} {shapes[name]} is channels-last (NHWC: it comes from, or goes into, a "
+                "Transpose between NHWC and NCHW); name the channels-first tensor on the other side of that "
+                "Transpose (e.g. the Conv's output; tf2onnx's default transpose optimizer keeps the convolutions "
+                "channels-first)"
+            )
 
     # head: nodes that depend on target and that the logits depend on
     depends = {target}
@@ -753,14 +836,23 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
     _, ce, he, we = shapes[early]
     early_out, early_shape = _early_pool_nodes(b, early, (ce, he, we), early_pool)
 
-    # wire: input renamed `image`, outputs logits / cam / early
+    # wire: input renamed `image` (NCHW: an NHWC model reads it through a Transpose), outputs logits /
+    # cam / early
     old_in = inp.name
-    for n in list(graph.node) + b.nodes:
-        for i, name in enumerate(n.input):
-            if name == old_in:
-                n.input[i] = INPUT_NAME
     if target == old_in or early == old_in:
         raise ValueError("the target and early tensors must be computed by the model, not its input")
+    if layout == "nhwc":
+        graph.node.insert(
+            0, helper.make_node("Transpose", [INPUT_NAME], [old_in], name="gg_input_nchw_to_nhwc", perm=[0, 2, 3, 1])
+        )
+        for d, v in zip(inp.type.tensor_type.shape.dim[1:], (c, h, w)):
+            d.Clear()
+            d.dim_value = v
+    else:
+        for n in list(graph.node) + b.nodes:
+            for i, name in enumerate(n.input):
+                if name == old_in:
+                    n.input[i] = INPUT_NAME
     inp.name = INPUT_NAME
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.inits)
@@ -778,8 +870,10 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
             helper.make_tensor_value_info(OUTPUT_NAMES[2], TensorProto.FLOAT, ["batch", *early_shape]),
         ]
     )
+    _drop_unused_domains(model)
     info = FuseInfo(
         input_name=old_in,
+        input_layout=layout,
         logits_name=logits_name,
         input_shape=(c, h, w),
         num_classes=k,
@@ -907,6 +1001,7 @@ def export_onnx_bundle(
     resize: str = "stretch",
     photometric: str = "MONOCHROME2",
     seed: int = 0,
+    input_layout: str = "auto",
 ) -> dict:
     """Guard an ONNX classifier: write ``out_dir/model.onnx`` (fused) and ``bundle.json``; no torch.
 
@@ -914,7 +1009,8 @@ def export_onnx_bundle(
     Runtime against the original at batches 2, 3 and 1: the logits must agree (relative 1e-4), the
     early features must equal the original's tensor, the map must lie in [0, 1]. Returns the manifest.
     ``normalization`` is ``(mean, std)`` (scalars or per channel) applied to pixels in [0, 1]; default
-    mean 0, std 1. A 3-channel model is fed the grey image replicated to every channel.
+    mean 0, std 1. A 3-channel model is fed the grey image replicated to every channel. ``input_layout``:
+    the model's input layout (see :func:`input_layout_of`); the bundle's input is NCHW either way.
     """
     import shutil
     import tempfile
@@ -949,7 +1045,9 @@ def export_onnx_bundle(
         original = onnx.load(str(onnx_path))
     except Exception as exc:
         raise ValueError(f"{onnx_path}: not a readable ONNX model: {exc}") from exc
-    fused, info = fuse_onnx_model(original, target_tensor, early_tensor, input_shape=input_shape, early_pool=early_pool)
+    fused, info = fuse_onnx_model(
+        original, target_tensor, early_tensor, input_shape=input_shape, early_pool=early_pool, input_layout=input_layout
+    )
     if info.num_classes != len(class_names):
         raise ValueError(f"the model has {info.num_classes} outputs but {len(class_names)} class names were given")
     c, h, w = info.input_shape
@@ -978,7 +1076,8 @@ def export_onnx_bundle(
         for batch in (2, 3, 1):
             x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
             logits, cam, early = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-            ref_out = ref_session.run(None, {ref_input: x})
+            ref_x = x.transpose(0, 2, 3, 1) if info.input_layout == "nhwc" else x  # the original's own layout
+            ref_out = ref_session.run(None, {ref_input: np.ascontiguousarray(ref_x)})
             ref_logits, ref_early = ref_out[0], ref_out[-1]
             if pool is not None:
                 ref_early = pool[0] @ ref_early @ pool[1].T
@@ -1015,6 +1114,7 @@ def export_onnx_bundle(
             "opset": int(next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx"))),
             "exporter": "onnx-fuse",
             "source": onnx_path.name,
+            "source_input_layout": info.input_layout,
             "head_kind": "onnx",
             "head": info.head_ops,
             "early_pool": list(early_pool) if early_pool else None,

@@ -200,6 +200,142 @@ def test_onnx_only_export_parity(name, tmp_path):
         torch.set_num_threads(threads)
 
 
+def tf2onnx_style(path, out_path, channels):
+    """The plain ONNX classifier of :func:`torch_to_plain_onnx` rewritten the way tf2onnx delivers a Keras
+    model: a channels-last input ``input_1`` [N, H, W, C] transposed to NCHW in the graph, the final
+    Dense as MatMul + Add with its weight an initializer that is not a graph input, an ``ai.onnx.ml``
+    opset import no node uses, and TensorFlow-style tensor names."""
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    (inp,) = g.input
+    g.node.insert(0, helper.make_node("Transpose", ["input_1"], [inp.name], name="input_1_nchw", perm=[0, 3, 1, 2]))
+    del g.input[:]
+    g.input.append(helper.make_tensor_value_info("input_1", onnx.TensorProto.FLOAT, ["unk__41", SIZE, SIZE, channels]))
+    (gemm,) = [n for n in g.node if n.op_type == "Gemm"]
+    inits = {i.name: i for i in g.initializer}
+    weight = numpy_helper.to_array(inits[gemm.input[1]])
+    transposed = any(a.name == "transB" and a.i for a in gemm.attribute)
+    g.initializer.append(
+        numpy_helper.from_array((weight.T if transposed else weight).copy(), "model/logits/MatMul/ReadVariableOp:0")
+    )
+    i = list(g.node).index(gemm)
+    g.node.remove(gemm)
+    g.node.insert(
+        i,
+        helper.make_node(
+            "MatMul",
+            [gemm.input[0], "model/logits/MatMul/ReadVariableOp:0"],
+            ["model/logits/MatMul:0"],
+            name="model/logits/MatMul",
+        ),
+    )
+    g.node.insert(
+        i + 1,
+        helper.make_node(
+            "Add", ["model/logits/MatMul:0", gemm.input[2]], [gemm.output[0]], name="model/logits/BiasAdd"
+        ),
+    )
+    del g.value_info[:]
+    proto.opset_import.append(helper.make_opsetid("ai.onnx.ml", 2))
+    onnx.save(proto, str(out_path))
+
+
+def test_onnx_only_export_of_a_tf2onnx_style_model(tmp_path):
+    """A Keras classifier as tf2onnx converts it (channels-last input, Dense as MatMul with an initializer
+    that is no graph input, an unused ai.onnx.ml import): guarded as it comes, with an NCHW bundle input
+    and the same Grad-CAM as the equivalent torch model's autograd reference."""
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, target, early = trained_zoo_model("resnet18", 1)
+        torch_to_plain_onnx(model, target, early, tmp_path / "plain.onnx", 1)
+        tf2onnx_style(tmp_path / "plain.onnx", tmp_path / "keras.onnx", 1)
+        manifest = export_onnx_bundle(
+            tmp_path / "keras.onnx",
+            tmp_path / "b",
+            target_tensor="tgt",
+            early_tensor="erl",
+            class_names=CLASSES,
+            garbage_class="garbage",
+        )
+        assert manifest["export"]["source_input_layout"] == "nhwc"
+        assert (manifest["input"]["channels"], manifest["input"]["height"], manifest["input"]["width"]) == (
+            1,
+            SIZE,
+            SIZE,
+        )
+        assert any(h.startswith("MatMul model/logits/MatMul") for h in manifest["export"]["head"])
+        proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
+        (inp,) = proto.graph.input
+        assert inp.name == "image" and [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [1, SIZE, SIZE]
+        assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+        sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+        _check_against_reference(
+            model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_onnx_only_channels_last_tensors_are_refused_with_the_way_out(tmp_path):
+    """tf2onnx without its transpose optimizer leaves Conv (NCHW) → Transpose → Relu (NHWC) →
+    ReduceMean over axes 1, 2: naming the NHWC activation is refused, naming the Conv output works."""
+    from onnx import helper, numpy_helper
+
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    rng = np.random.default_rng(0)
+
+    def init(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    nodes = [
+        helper.make_node("Transpose", ["input_1"], ["x_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x_nchw", "w1", "b1"], ["conv1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["conv1"], ["conv1_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Relu", ["conv1_nhwc"], ["relu1_nhwc"]),
+        helper.make_node("Transpose", ["relu1_nhwc"], ["relu1"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["relu1", "w2", "b2"], ["conv2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Transpose", ["conv2"], ["conv2_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Relu", ["conv2_nhwc"], ["relu2_nhwc"]),
+        helper.make_node("ReduceMean", ["relu2_nhwc", "axes"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "wd"], ["mm"]),
+        helper.make_node("Add", ["mm", "bd"], ["logits_tf"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "keras",
+        [helper.make_tensor_value_info("input_1", onnx.TensorProto.FLOAT, ["n", 32, 32, 1])],
+        [helper.make_tensor_value_info("logits_tf", onnx.TensorProto.FLOAT, ["n", 3])],
+        [
+            init("w1", (8, 1, 3, 3)), init("b1", (8,)), init("w2", (16, 8, 3, 3)), init("b2", (16,)),
+            init("wd", (16, 3)), init("bd", (3,)), numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+        ],
+    )  # fmt: skip
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    common = dict(class_names=CLASSES, garbage_class=2)
+    with pytest.raises(
+        ValueError, match="target tensor 'relu2_nhwc' .* is channels-last .* other side of that Transpose"
+    ):
+        export_onnx_bundle(path, tmp_path / "b1", target_tensor="relu2_nhwc", early_tensor="conv1", **common)
+    with pytest.raises(ValueError, match="early tensor 'relu1_nhwc' .* is channels-last"):
+        export_onnx_bundle(path, tmp_path / "b2", target_tensor="conv2", early_tensor="relu1_nhwc", **common)
+    manifest = export_onnx_bundle(path, tmp_path / "b3", target_tensor="conv2", early_tensor="conv1", **common)
+    assert manifest["export"]["source_input_layout"] == "nhwc" and manifest["outputs"]["cam"] == [32, 32]
+    assert [h.split()[0] for h in manifest["export"]["head"]] == ["Transpose", "Relu", "ReduceMean", "MatMul", "Add"]
+    # the map is Grad-CAM of that head: the gradient of the top logit reaches conv2 through the
+    # Transpose, the Relu and the mean, so the map varies with the input
+    sess = ort.InferenceSession(str(tmp_path / "b3" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((4, 1, 32, 32)).astype(np.float32)
+    _, cam, _ = sess.run(["logits", "cam", "early"], {"image": x})
+    assert cam.shape == (4, 32, 32) and float(np.abs(cam - cam[:1]).max()) > 0.1
+
+
 def test_cli_export_onnx_without_torch(tmp_path):
     """`gamguard export --onnx` in a process where torch cannot be imported; a 3-channel model with
     per-channel normalisation, served from grey images replicated to its channels."""

@@ -18,12 +18,14 @@ any disagreement is an error. The bundle has no calibration yet: run `gamguard c
 
 Needs the exporter extra (torch): pip install 'gamguard[export]'.
 
---onnx guards an ONNX classifier (one NCHW float input, logits output) without torch: name the
+--onnx guards an ONNX classifier (one float image input, logits output) without torch: name the
 tensor of the Grad-CAM layer (--target-tensor, [N,C,h,w]; typically the input of the global
 pooling) and of an early feature map (--early-tensor); look the names up in Netron. The head's
 gradient is written into the graph with ONNX ops; the fused model is checked against the original
 with ONNX Runtime. A 3-channel (RGB) model is fed the grey X-ray replicated to its channels, with
-per-channel --mean/--std.
+per-channel --mean/--std. A TensorFlow/Keras model converted with tf2onnx keeps its channels-last
+(NHWC) input: the bundle reads it through a Transpose (--input-layout); its target and early tensors
+are the channels-first ones tf2onnx computes the convolutions in (e.g. `model/out_relu/Relu6:0`).
 
 examples:
   gamguard export --checkpoint runs/demo/model.pt --out bundles/demo
@@ -47,6 +49,13 @@ def add_arguments(parser):
     onnx_args.add_argument("--garbage-class", metavar="NAME|INDEX", help="the garbage class, by name or index")
     onnx_args.add_argument(
         "--input-shape", metavar="C,H,W", help="input size; needed only when the model's H/W are dynamic"
+    )
+    onnx_args.add_argument(
+        "--input-layout",
+        choices=("auto", "nchw", "nhwc"),
+        default="auto",
+        help="the model's input layout: auto (default: NHWC when the last axis is 1 or 3 channels, as "
+        "TensorFlow/Keras models converted with tf2onnx have it) or as given; the bundle's input is NCHW",
     )
     onnx_args.add_argument(
         "--mean", default="0", metavar="M[,M,M]", help="normalisation mean of pixels in [0,1] (default 0)"
@@ -131,6 +140,7 @@ def _run_onnx(args) -> dict:
             model_name=args.name,
             model_version=args.version,
             early_pool=(args.early_pool, args.early_pool) if args.early_pool else None,
+            input_layout=args.input_layout,
         )
     except (ValueError, UnsupportedOnnxOpError, ExportError) as exc:
         raise CommandError(str(exc)) from exc
@@ -151,6 +161,7 @@ def run(args) -> int:
         "--class-names": args.class_names,
         "--garbage-class": args.garbage_class,
         "--input-shape": args.input_shape,
+        "--input-layout": args.input_layout != "auto",
         "--mean": args.mean != "0",
         "--std": args.std != "1",
     }
@@ -167,7 +178,10 @@ def run(args) -> int:
         print(
             f"fused {args.onnx} in {facts['seconds']:.2f} s; head: {' → '.join(facts['head'])}; ONNX Runtime vs "
             f"the original: logits {parity['logits_max_rel']:.1e} rel, early {parity['early_max_rel']:.1e} rel "
-            f"(batches {parity['batches']})",
+            f"(batches {parity['batches']})"
+            + (
+                "; the model's NHWC input is read through a Transpose" if facts["source_input_layout"] == "nhwc" else ""
+            ),
             file=sys.stderr,
         )
         return _print_result(args, manifest)
