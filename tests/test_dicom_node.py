@@ -992,6 +992,44 @@ def test_storescu_phantoms_arrive_in_orthanc_as_accepted_srs_with_label_and_over
         assert overlays[uid].BurnedInAnnotation == "YES"
 
 
+@pytest.mark.parametrize(
+    "tool, syntax, propose",
+    [
+        ("dcmcjpeg", "1.2.840.10008.1.2.4.70", "-xs"),  # JPEG lossless, first-order prediction (SV1)
+        ("dcmcjpls", "1.2.840.10008.1.2.4.80", "-xt"),  # JPEG-LS lossless
+        ("dcmcrle", "1.2.840.10008.1.2.5", "-xr"),  # RLE lossless
+    ],
+    ids=["jpeg-lossless", "jpeg-ls", "rle"],
+)
+def test_losslessly_compressed_images_from_a_console_get_the_same_verdict(
+    guard, tool_node, orthanc, tmp_path, tool, syntax, propose
+):
+    """Consoles often send JPEG lossless (or JPEG-LS, RLE): compressed by dcmtk's own encoders and sent
+    in that transfer syntax by its storescu (which proposes only it), each image gets the verdict of its
+    uncompressed original."""
+    encoder = require_tool(tool, "dcmtk")
+    phantoms = accepted_phantoms(guard, tmp_path, 2, start_seed=SEED + 700 + len(tool))
+    sent = {}
+    for path, label in phantoms.items():
+        packed = tmp_path / f"{path.stem}.{tool}.dcm"
+        done = subprocess.run([encoder, str(path), str(packed)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        ds = pydicom.dcmread(packed)
+        assert ds.file_meta.TransferSyntaxUID == syntax
+        sent[ds.SOPInstanceUID] = label
+        # lossless: the pixels a decoder gets back are the original's
+        np.testing.assert_array_equal(ds.pixel_array, pydicom.dcmread(path).pixel_array)
+    files = [str(tmp_path / f"{p.stem}.{tool}.dcm") for p in phantoms]
+    cmd = ["storescu", "-R", propose, "-aet", "STORESCU", "-aec", "GAMGUARD", "127.0.0.1", str(tool_node.port)]
+    run = subprocess.run([*cmd, *files], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    deadline = time.monotonic() + 90
+    while not set(sent) <= set(verdicts := _orthanc_verdicts(orthanc)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for uid, label in sent.items():
+        assert verdicts[uid]["accepted"] is True and verdicts[uid]["label"] == label, verdicts.get(uid)
+
+
 def test_a_pacs_routes_an_image_to_the_node_and_gets_the_verdict_in_the_same_study(
     guard, demo_bundle, orthanc, tmp_path
 ):
