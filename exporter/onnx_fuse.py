@@ -743,6 +743,13 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         s = shapes.get(name)
         if s is None or len(s) != 4 or not all(isinstance(v, int) for v in s[1:]):
             raise ValueError(f"{role} tensor {name!r} must be [N, C, h, w] with static C, h, w; its shape is {s}")
+    if shapes[target][2] * shapes[target][3] == 1:
+        # one position: ReLU and min-max leave a map of zeros for every input, and the attention check
+        # would judge nothing
+        raise ValueError(
+            f"target tensor {target!r} {shapes[target]} has a 1x1 map: its Grad-CAM is blank for every input; "
+            "name an earlier tensor with a spatial map, or export at a larger input size (--input-shape)"
+        )
     logits_shape = shapes.get(logits_name)
     if logits_shape is None or len(logits_shape) != 2 or not isinstance(logits_shape[1], int):
         raise ValueError(f"the first output {logits_name!r} must be logits [N, K], its shape is {logits_shape}")
@@ -1045,6 +1052,13 @@ def export_onnx_bundle(
         original = onnx.load(str(onnx_path))
     except Exception as exc:
         raise ValueError(f"{onnx_path}: not a readable ONNX model: {exc}") from exc
+    try:  # a converter's broken output is the source's fault: say so before fusing anything
+        onnx.checker.check_model(original)
+    except Exception as exc:
+        raise ValueError(
+            f"{onnx_path}: the model itself is not valid ONNX (fix or re-convert it first): "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from exc
     fused, info = fuse_onnx_model(
         original, target_tensor, early_tensor, input_shape=input_shape, early_pool=early_pool, input_layout=input_layout
     )

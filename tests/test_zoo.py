@@ -336,6 +336,45 @@ def test_onnx_only_channels_last_tensors_are_refused_with_the_way_out(tmp_path):
     assert cam.shape == (4, 32, 32) and float(np.abs(cam - cam[:1]).max()) > 0.1
 
 
+def test_onnx_only_refuses_a_blank_map_and_an_invalid_source(tmp_path):
+    """A 1x1 target (InceptionV3 at 96x96) would give a blank Grad-CAM for every input; a converter's
+    invalid output (tf2onnx leaves PartitionedCall nodes for ConvNeXt) is named as the source's fault."""
+    from onnx import helper, numpy_helper
+
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 1, 8, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "wd"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["early_act"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w"], ["last"]),  # [n, 4, 1, 1]
+        helper.make_node("Flatten", ["last"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "wd"], ["logits_out"]),
+    ]
+    io = (
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits_out", onnx.TensorProto.FLOAT, ["n", 3])],
+    )
+    path = tmp_path / "one.onnx"
+    onnx.save(
+        helper.make_model(helper.make_graph(nodes, "g", *io, inits), opset_imports=[helper.make_opsetid("", 18)]),
+        str(path),
+    )
+    common = dict(target_tensor="last", early_tensor="early_act", class_names=CLASSES, garbage_class=2)
+    with pytest.raises(ValueError, match=r"target tensor 'last' .* has a 1x1 map: its Grad-CAM is blank"):
+        export_onnx_bundle(path, tmp_path / "b1", **common)
+    bad = helper.make_node("PartitionedCall", ["flat"], ["pc"])
+    broken = helper.make_graph([*nodes, bad], "g", *io, inits)
+    onnx.save(helper.make_model(broken, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "broken.onnx"))
+    with pytest.raises(ValueError, match=r"broken.onnx: the model itself is not valid ONNX .*PartitionedCall"):
+        export_onnx_bundle(tmp_path / "broken.onnx", tmp_path / "b2", **common)
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
 def test_cli_export_onnx_without_torch(tmp_path):
     """`gamguard export --onnx` in a process where torch cannot be imported; a 3-channel model with
     per-channel normalisation, served from grey images replicated to its channels."""
