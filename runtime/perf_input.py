@@ -16,49 +16,16 @@ as a "malformed BYTES tensor".
 from __future__ import annotations
 
 import base64
-import struct
 from pathlib import Path
 
-#: file name endings taken from a folder (any file named explicitly is taken as it is)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-INPUT_NAME = "image"
-
-
-def _is_dicom(path: Path) -> bool:
-    """A DICOM Part 10 file (preamble + ``DICM``), whatever its name: files from consoles often have none."""
-    try:
-        with path.open("rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def image_files(paths) -> list[Path]:
-    """Files named in ``paths`` as they are, and in the folders among them (recursively, sorted) the
-    files ending in :data:`IMAGE_SUFFIXES` or holding a DICOM preamble. Raises FileNotFoundError for a
-    path that does not exist."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and (f.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(f)):
-                    files.append(f)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    return files
-
-
-def bytes_element(data: bytes) -> bytes:
-    """One BYTES tensor element in its raw form: 4-byte little-endian length, then the bytes."""
-    return struct.pack("<I", len(data)) + data
+from .server.codecs import serialize_bytes
+from .server.grpc_inference import INPUT_NAME
 
 
 def input_data(files, input_name: str = INPUT_NAME) -> dict:
     """perf_analyzer's ``--input-data`` JSON for ``files`` (encoded images): one step per file."""
     steps = []
     for f in files:
-        raw = Path(f).read_bytes()
-        steps.append({input_name: {"b64": base64.b64encode(bytes_element(raw)).decode("ascii")}})
+        raw = serialize_bytes([Path(f).read_bytes()])  # one BYTES element, length-prefixed
+        steps.append({input_name: {"b64": base64.b64encode(raw).decode("ascii")}})
     return {"data": steps}

@@ -57,6 +57,15 @@ def _data(n, channels, seed):
     return x.repeat(1, channels, 1, 1), y
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (timings and exports comparable with the bench), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=None)
 def trained_zoo_model(name, channels, steps=40, seed=0):
     """A zoo model trained briefly on the blob task (eval mode; cached: callers must not modify it)."""
@@ -102,32 +111,27 @@ def _check_against_reference(model, target, early, run, channels):
 
 
 @pytest.mark.parametrize("name, channels", CASES)
-def test_zoo_exports_with_gradcam_parity(name, channels, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, target, early = trained_zoo_model(name, channels)
-        assert _bn_moved(model)
-        norm = ([0.5] * channels, [0.25] * channels)
-        manifest = export_bundle(
-            model,
-            tmp_path / "b",
-            class_names=CLASSES,
-            garbage_class="garbage",
-            target_layer=target,
-            early_layer=early,
-            input_shape=(channels, SIZE, SIZE),
-            normalization=norm,
-            model_name=name,
-        )
-        assert manifest["input"]["channels"] == channels
-        sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
-        worst = _check_against_reference(
-            model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), channels
-        )
-        print(f"\n{name} {channels}ch ({manifest['export']['head_kind']}): {worst}")
-    finally:
-        torch.set_num_threads(threads)
+def test_zoo_exports_with_gradcam_parity(name, channels, tmp_path, one_torch_thread):
+    model, target, early = trained_zoo_model(name, channels)
+    assert _bn_moved(model)
+    norm = ([0.5] * channels, [0.25] * channels)
+    manifest = export_bundle(
+        model,
+        tmp_path / "b",
+        class_names=CLASSES,
+        garbage_class="garbage",
+        target_layer=target,
+        early_layer=early,
+        input_shape=(channels, SIZE, SIZE),
+        normalization=norm,
+        model_name=name,
+    )
+    assert manifest["input"]["channels"] == channels
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    worst = _check_against_reference(
+        model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), channels
+    )
+    print(f"\n{name} {channels}ch ({manifest['export']['head_kind']}): {worst}")
 
 
 class _Taps(torch.nn.Module):
@@ -165,39 +169,34 @@ def torch_to_plain_onnx(model, target, early, path, channels):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small"])
-def test_onnx_only_export_parity(name, tmp_path):
+def test_onnx_only_export_parity(name, tmp_path, one_torch_thread):
     from gamguard.exporter.onnx_fuse import export_onnx_bundle
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, target, early = trained_zoo_model(name, 1)
-        torch_to_plain_onnx(model, target, early, tmp_path / "plain.onnx", 1)
-        manifest = export_onnx_bundle(
-            tmp_path / "plain.onnx",
-            tmp_path / "b",
-            target_tensor="tgt",
-            early_tensor="erl",
-            class_names=CLASSES,
-            garbage_class="garbage",
-            normalization=(0.5, 0.25),
-        )
-        assert manifest["export"]["exporter"] == "onnx-fuse" and manifest["garbage_class"] == 2
-        bundle_mod.verify_hashes(tmp_path / "b", bundle_mod.read_manifest(tmp_path / "b"))
-        proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
-        assert [i.name for i in proto.graph.input] == ["image"]
-        assert [o.name for o in proto.graph.output] == ["logits", "cam", "early"]
-        assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
-        # the logits come from the last Linear's Gemm: the backward starts from its weight's argmax row
-        ops = {n.op_type for n in proto.graph.node}
-        assert "Gather" in ops and "Equal" not in ops
-        sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
-        worst = _check_against_reference(
-            model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
-        )
-        print(f"\nONNX-only {name}: {worst}")
-    finally:
-        torch.set_num_threads(threads)
+    model, target, early = trained_zoo_model(name, 1)
+    torch_to_plain_onnx(model, target, early, tmp_path / "plain.onnx", 1)
+    manifest = export_onnx_bundle(
+        tmp_path / "plain.onnx",
+        tmp_path / "b",
+        target_tensor="tgt",
+        early_tensor="erl",
+        class_names=CLASSES,
+        garbage_class="garbage",
+        normalization=(0.5, 0.25),
+    )
+    assert manifest["export"]["exporter"] == "onnx-fuse" and manifest["garbage_class"] == 2
+    bundle_mod.verify_hashes(tmp_path / "b", bundle_mod.read_manifest(tmp_path / "b"))
+    proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["logits", "cam", "early"]
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    # the logits come from the last Linear's Gemm: the backward starts from its weight's argmax row
+    ops = {n.op_type for n in proto.graph.node}
+    assert "Gather" in ops and "Equal" not in ops
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    worst = _check_against_reference(
+        model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
+    )
+    print(f"\nONNX-only {name}: {worst}")
 
 
 def tf2onnx_style(path, out_path, channels):
@@ -242,43 +241,38 @@ def tf2onnx_style(path, out_path, channels):
     onnx.save(proto, str(out_path))
 
 
-def test_onnx_only_export_of_a_tf2onnx_style_model(tmp_path):
+def test_onnx_only_export_of_a_tf2onnx_style_model(tmp_path, one_torch_thread):
     """A Keras classifier as tf2onnx converts it (channels-last input, Dense as MatMul with an initializer
     that is no graph input, an unused ai.onnx.ml import): guarded as it comes, with an NCHW bundle input
     and the same Grad-CAM as the equivalent torch model's autograd reference."""
     from gamguard.exporter.onnx_fuse import export_onnx_bundle
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, target, early = trained_zoo_model("resnet18", 1)
-        torch_to_plain_onnx(model, target, early, tmp_path / "plain.onnx", 1)
-        tf2onnx_style(tmp_path / "plain.onnx", tmp_path / "keras.onnx", 1)
-        manifest = export_onnx_bundle(
-            tmp_path / "keras.onnx",
-            tmp_path / "b",
-            target_tensor="tgt",
-            early_tensor="erl",
-            class_names=CLASSES,
-            garbage_class="garbage",
-        )
-        assert manifest["export"]["source_input_layout"] == "nhwc"
-        assert (manifest["input"]["channels"], manifest["input"]["height"], manifest["input"]["width"]) == (
-            1,
-            SIZE,
-            SIZE,
-        )
-        assert any(h.startswith("MatMul model/logits/MatMul") for h in manifest["export"]["head"])
-        proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
-        (inp,) = proto.graph.input
-        assert inp.name == "image" and [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [1, SIZE, SIZE]
-        assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
-        sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
-        _check_against_reference(
-            model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
-        )
-    finally:
-        torch.set_num_threads(threads)
+    model, target, early = trained_zoo_model("resnet18", 1)
+    torch_to_plain_onnx(model, target, early, tmp_path / "plain.onnx", 1)
+    tf2onnx_style(tmp_path / "plain.onnx", tmp_path / "keras.onnx", 1)
+    manifest = export_onnx_bundle(
+        tmp_path / "keras.onnx",
+        tmp_path / "b",
+        target_tensor="tgt",
+        early_tensor="erl",
+        class_names=CLASSES,
+        garbage_class="garbage",
+    )
+    assert manifest["export"]["source_input_layout"] == "nhwc"
+    assert (manifest["input"]["channels"], manifest["input"]["height"], manifest["input"]["width"]) == (
+        1,
+        SIZE,
+        SIZE,
+    )
+    assert any(h.startswith("MatMul model/logits/MatMul") for h in manifest["export"]["head"])
+    proto = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    (inp,) = proto.graph.input
+    assert inp.name == "image" and [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [1, SIZE, SIZE]
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    _check_against_reference(
+        model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
+    )
 
 
 def test_onnx_only_channels_last_tensors_are_refused_with_the_way_out(tmp_path):

@@ -94,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "paths",
         nargs="+",
         metavar="IMAGE_OR_FOLDER",
-        help="image files (taken as they are) or folders (their .png/.jpg/.jpeg/.dcm files and files with a "
-        "DICOM preamble, recursively)",
+        help="image files (taken as they are) or folders (their image files, recursively, as `gamguard verify` "
+        "finds them)",
     )
     q.add_argument("--out", required=True, metavar="FILE", help="the JSON file to write (replaced if it exists)")
     q.add_argument(
@@ -138,7 +138,8 @@ def _perf_input(args) -> int:
     from pathlib import Path
 
     from gamguard.runtime.cli import CommandError
-    from gamguard.runtime.perf_input import image_files, input_data
+    from gamguard.runtime.datasets import DatasetError, iter_image_files
+    from gamguard.runtime.perf_input import input_data
 
     if args.limit < 1:
         raise CommandError(f"--limit must be at least 1, got {args.limit}")
@@ -146,11 +147,9 @@ def _perf_input(args) -> int:
     if out.is_dir():
         raise CommandError(f"--out {out} is a folder; give the JSON file to write")
     try:
-        files = image_files(args.paths)
-    except FileNotFoundError as exc:
+        files = iter_image_files(args.paths)
+    except DatasetError as exc:
         raise CommandError(str(exc)) from exc
-    if not files:
-        raise CommandError(f"no images in {', '.join(args.paths)} (looked for .png/.jpg/.jpeg/.dcm and DICOM files)")
     taken = files[: args.limit]
     data = input_data(taken)
     out.parent.mkdir(parents=True, exist_ok=True)
