@@ -18,7 +18,8 @@ appends to the graph:
 
 The input is renamed ``image`` (an NHWC model, as tf2onnx converts Keras models, reads it through a
 Transpose: every bundle's input is NCHW) and the outputs are ``logits``, ``cam`` and ``early``, the
-names of every gamguard bundle. A target or early tensor on the channels-last side of a converter's
+names of every gamguard bundle. A model older than opset 13 is converted first with the ONNX project's
+``onnx.version_converter`` (:func:`upgrade_opset`). A target or early tensor on the channels-last side of a converter's
 Transpose is refused with the name of the way out. Only ``numpy``, ``onnx`` and ``onnxruntime`` are
 needed.
 """
@@ -36,6 +37,9 @@ from gamguard.runtime.engines.specialize import POOL_CHANNEL_BLOCK
 log = logging.getLogger(__name__)
 
 CAM_EPS = 1e-7
+#: the oldest default-domain opset the fused graph is written in; :func:`export_onnx_bundle` converts an
+#: older model (opset 7-12, as older exporters and vendors deliver them) with onnx.version_converter
+MIN_OPSET = 13
 
 
 class UnsupportedOnnxOpError(ValueError):
@@ -616,6 +620,49 @@ def _drop_unused_domains(model) -> None:
         model.opset_import.extend(kept)
 
 
+def default_opset(model) -> int | None:
+    """The model's default-domain (``ai.onnx``) opset version, or None when it imports none."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def upgrade_opset(model, source: str = "the model"):
+    """``model`` converted to :data:`MIN_OPSET` with ``onnx.version_converter`` (the ONNX project's own
+    converter), or ``model`` itself when it is that recent already. Older exporters (torch's TorchScript
+    exporter, tf2onnx, vendors' tools) still write opset 9-12. The conversion is not trusted on its own:
+    :func:`export_onnx_bundle` runs the fused model against the unconverted original. Raises ValueError
+    (naming ``source``) when the converter cannot do it."""
+    import onnx
+    from onnx import version_converter
+
+    opset = default_opset(model)
+    if opset is None:
+        raise ValueError(f"{source} imports no default-domain (ai.onnx) opset: not an ONNX classifier")
+    if opset >= MIN_OPSET:
+        return model
+    advice = (
+        f"re-export the model at opset {MIN_OPSET} or later (torch.onnx.export(..., opset_version=17), "
+        "tf2onnx --opset 17)"
+    )
+    # experimental ops of old opsets (ImageScaler, Crop, ...) are gone from ONNX: nothing converts them
+    gone = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)})
+    if gone:
+        raise ValueError(
+            f"{source} is ONNX opset {opset} and uses {', '.join(gone)}, which ONNX no longer defines: it cannot "
+            f"be converted to opset {MIN_OPSET}; {advice}"
+        )
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" failed: ")[-1]
+        raise ValueError(
+            f"{source} is ONNX opset {opset}; gamguard needs opset {MIN_OPSET} or later and "
+            f"onnx.version_converter could not convert it ({detail}); {advice}"
+        ) from exc
+    log.info("%s: converted from ONNX opset %d to %d with onnx.version_converter", source, opset, MIN_OPSET)
+    return converted
+
+
 def _shape_of(value_info) -> tuple | None:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):
@@ -682,9 +729,11 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
 
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never modify the caller's model
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or opset < 13:
-        raise ValueError(f"the model's ONNX opset is {opset}; opset 13 or later is needed (convert it first)")
+    opset = default_opset(model)
+    if opset is None or opset < MIN_OPSET:
+        raise ValueError(
+            f"the model's ONNX opset is {opset}; opset {MIN_OPSET} or later is needed (convert it first: upgrade_opset)"
+        )
     init_names = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]
     if len(inputs) != 1:
@@ -1017,7 +1066,9 @@ def export_onnx_bundle(
     early features must equal the original's tensor, the map must lie in [0, 1]. Returns the manifest.
     ``normalization`` is ``(mean, std)`` (scalars or per channel) applied to pixels in [0, 1]; default
     mean 0, std 1. A 3-channel model is fed the grey image replicated to every channel. ``input_layout``:
-    the model's input layout (see :func:`input_layout_of`); the bundle's input is NCHW either way.
+    the model's input layout (see :func:`input_layout_of`); the bundle's input is NCHW either way. A model
+    older than opset :data:`MIN_OPSET` is converted first (:func:`upgrade_opset`), and the parity check
+    runs the unconverted original, so a conversion that changed the model is caught.
     """
     import shutil
     import tempfile
@@ -1059,8 +1110,15 @@ def export_onnx_bundle(
             f"{onnx_path}: the model itself is not valid ONNX (fix or re-convert it first): "
             f"{str(exc).strip().splitlines()[0]}"
         ) from exc
+    source_opset = default_opset(original)
+    # an older model is converted first; the parity check below runs the unconverted original
     fused, info = fuse_onnx_model(
-        original, target_tensor, early_tensor, input_shape=input_shape, early_pool=early_pool, input_layout=input_layout
+        upgrade_opset(original, str(onnx_path)),
+        target_tensor,
+        early_tensor,
+        input_shape=input_shape,
+        early_pool=early_pool,
+        input_layout=input_layout,
     )
     if info.num_classes != len(class_names):
         raise ValueError(f"the model has {info.num_classes} outputs but {len(class_names)} class names were given")
@@ -1125,10 +1183,12 @@ def export_onnx_bundle(
         "layers": {"target": target_tensor, "early": early_tensor},
         "outputs": {"cam": [h, w], "early": list(info.early_shape)},
         "export": {
-            "opset": int(next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx"))),
+            "opset": default_opset(fused),
             "exporter": "onnx-fuse",
             "source": onnx_path.name,
             "source_input_layout": info.input_layout,
+            "source_opset": source_opset,
+            "opset_converted_by": "onnx.version_converter" if source_opset < MIN_OPSET else None,
             "head_kind": "onnx",
             "head": info.head_ops,
             "early_pool": list(early_pool) if early_pool else None,

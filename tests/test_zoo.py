@@ -199,6 +199,89 @@ def test_onnx_only_export_parity(name, tmp_path, one_torch_thread):
     print(f"\nONNX-only {name}: {worst}")
 
 
+def torch_to_legacy_onnx(model, target, early, path, channels, opset):
+    """:func:`torch_to_plain_onnx` with torch's TorchScript exporter (``dynamo=False``) at an old opset:
+    what older torch versions, and many vendors' files, deliver."""
+    with torch.no_grad():
+        torch.onnx.export(
+            _Taps(model, target, early).eval(),
+            (torch.randn(2, channels, SIZE, SIZE),),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output", "tgt", "erl"],
+            opset_version=opset,
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+    proto = onnx.load(str(path))
+    del proto.graph.output[1:]
+    onnx.save(proto, str(path))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch names its TorchScript exporter legacy
+@pytest.mark.parametrize("name, opset", [("resnet18", 9), ("efficientnet_b0", 11)])
+def test_onnx_only_export_of_an_old_opset_model(name, opset, tmp_path, one_torch_thread):
+    """A model at opset 9-12 is converted to opset 13 with onnx.version_converter, checked against the
+    unconverted original, and recorded as converted; its Grad-CAM is the torch model's."""
+    from gamguard.exporter.onnx_fuse import MIN_OPSET, default_opset, export_onnx_bundle, fuse_onnx_model
+
+    model, target, early = trained_zoo_model(name, 1)
+    torch_to_legacy_onnx(model, target, early, tmp_path / "old.onnx", 1, opset)
+    assert default_opset(onnx.load(str(tmp_path / "old.onnx"))) == opset
+    with pytest.raises(ValueError, match=rf"opset is {opset}; opset {MIN_OPSET} or later is needed"):
+        fuse_onnx_model(onnx.load(str(tmp_path / "old.onnx")), "tgt", "erl")  # the low-level fuser converts nothing
+    manifest = export_onnx_bundle(
+        tmp_path / "old.onnx",
+        tmp_path / "b",
+        target_tensor="tgt",
+        early_tensor="erl",
+        class_names=CLASSES,
+        garbage_class="garbage",
+        normalization=(0.5, 0.25),
+    )
+    facts = manifest["export"]
+    assert facts["source_opset"] == opset and facts["opset"] == MIN_OPSET
+    assert facts["opset_converted_by"] == "onnx.version_converter"
+    assert default_opset(onnx.load(str(tmp_path / "b" / "model.onnx"))) == MIN_OPSET
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    worst = _check_against_reference(
+        model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
+    )
+    print(f"\nopset {opset} {name}: {worst}")
+
+
+def test_onnx_only_refuses_an_old_model_that_cannot_be_converted(tmp_path):
+    """An opset-9 model using an experimental op ONNX has since removed (ImageScaler) is refused by name,
+    with the way out, and no bundle is written."""
+    from onnx import helper
+
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ImageScaler", ["input"], ["scaled"], scale=2.0, bias=[0.0]),
+            helper.make_node("GlobalAveragePool", ["scaled"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["output"]),
+        ],
+        "old",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["batch", 1])],
+    )
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    old.ir_version = 4
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    with pytest.raises(ValueError, match=r"opset 9 and uses ImageScaler, which ONNX no longer defines.*re-export"):
+        export_onnx_bundle(
+            tmp_path / "old.onnx",
+            tmp_path / "b",
+            target_tensor="scaled",
+            early_tensor="scaled",
+            class_names=["a"],
+            garbage_class=0,
+        )
+    assert not (tmp_path / "b").exists()
+
+
 def tf2onnx_style(path, out_path, channels):
     """The plain ONNX classifier of :func:`torch_to_plain_onnx` rewritten the way tf2onnx delivers a Keras
     model: a channels-last input ``input_1`` [N, H, W, C] transposed to NCHW in the graph, the final

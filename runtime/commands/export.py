@@ -41,7 +41,11 @@ examples:
 def add_arguments(parser):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="CKPT", help="checkpoint file written by `gamguard train`")
-    source.add_argument("--onnx", metavar="MODEL.onnx", help="an ONNX classifier to guard (no torch needed)")
+    source.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        help="an ONNX classifier to guard (no torch needed; opset 9-12 is converted to 13 first)",
+    )
     onnx_args = parser.add_argument_group("--onnx options")
     onnx_args.add_argument("--target-tensor", metavar="NAME", help="tensor of the Grad-CAM layer, [N,C,h,w]")
     onnx_args.add_argument("--early-tensor", metavar="NAME", help="tensor of the early feature layer")
@@ -179,8 +183,12 @@ def run(args) -> int:
             f"fused {args.onnx} in {facts['seconds']:.2f} s; head: {' → '.join(facts['head'])}; ONNX Runtime vs "
             f"the original: logits {parity['logits_max_rel']:.1e} rel, early {parity['early_max_rel']:.1e} rel "
             f"(batches {parity['batches']})"
+            + ("; the model's NHWC input is read through a Transpose" if facts["source_input_layout"] == "nhwc" else "")
             + (
-                "; the model's NHWC input is read through a Transpose" if facts["source_input_layout"] == "nhwc" else ""
+                f"; converted from ONNX opset {facts['source_opset']} to {facts['opset']} with "
+                f"{facts['opset_converted_by']} (parity checked against the unconverted original)"
+                if facts.get("opset_converted_by")
+                else ""
             ),
             file=sys.stderr,
         )
