@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-APT_HINT = "apt-get install dcmtk orthanc dicom3tools"
+APT_HINT = "apt-get install dcmtk orthanc dicom3tools pixelmed-apps"
 
 
 def require_tool(name: str, package: str) -> str:
@@ -205,6 +205,23 @@ def truncated_pixels(src: Path, dst: Path) -> Path:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.save_as(dst, enforce_file_format=True)
     return dst
+
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+
+
+def pixelmed_sr_findings(path: Path) -> tuple[list[str], str]:
+    """PixelMed's DicomSRValidator (an SR validator independent of dicom3tools, checking the content tree
+    against the templates) on one SR: its ``Error`` lines and its whole output. The XPath limits are
+    lifted: the JDK's defaults are below what PixelMed's compiled templates need."""
+    require_tool("DicomSRValidator", "pixelmed-apps")
+    if not PIXELMED_JAR.is_file():
+        pytest.skip(f"{PIXELMED_JAR} missing (Debian package pixelmed-apps; {APT_HINT})")
+    limits = [f"-Djdk.xml.{k}=0" for k in ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
+    cmd = ["java", *limits, "-cp", str(PIXELMED_JAR), "com.pixelmed.validate.DicomSRValidator", str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    return [line for line in text.splitlines() if line.startswith("Error")], text
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -25,6 +25,7 @@ from dicomlib import (
     dciodvfy_errors,
     free_port,
     phantom_dicom,
+    pixelmed_sr_findings,
     relabelled,
     require_tool,
     rgb_secondary_capture,
@@ -225,6 +226,27 @@ def test_results_are_built_for_headers_consoles_really_send(guard, tmp_path, cas
             out = tmp_path / f"{kind}.dcm"
             out.write_bytes(_encode(result))
             assert dciodvfy_errors(out) == [], (case, kind)
+
+
+def test_pixelmed_validates_the_sr_against_tid_1500(guard, tmp_path):
+    """PixelMed's DicomSRValidator, a second validator that checks the content tree against the templates
+    (dciodvfy checks the IOD): the SR of an accepted and of a rejected image are TID 1500 Measurement
+    Reports without errors (PixelMed held "Procedure reported" to its edition of CID 100)."""
+    from gamguard.runtime.demo.phantoms import ood_image
+    from gamguard.runtime.demo.synth import write_dicom
+
+    ((accepted, _),) = accepted_phantoms(guard, tmp_path, 1).items()
+    rejected = write_dicom(tmp_path / "knee.dcm", ood_image("knee", np.random.default_rng(SEED)))
+    for path, want in ((accepted, True), (rejected, False)):
+        decoded, verdict = judged(guard, path)
+        assert verdict.accepted is want
+        sr = tmp_path / f"sr_{want}.dcm"
+        sr.write_bytes(
+            _encode(verdict_sr(pydicom.dcmread(path, stop_before_pixels=True), verdict, model_identity(guard)))
+        )
+        errors, text = pixelmed_sr_findings(sr)
+        assert "Found Root Template TID_1500" in text and "Root Template Validation Complete" in text, text
+        assert errors == [], text
 
 
 def test_a_dataset_whose_uids_a_result_cannot_reference_is_refused():

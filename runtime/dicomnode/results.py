@@ -268,7 +268,9 @@ def verdict_sr(source, verdict, model: ModelIdentity):
     # Orientation) that radiographs often leave empty; the group's source image already references the image.
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
-        procedure_reported=CodedConcept("363680008", "SCT", "Radiographic imaging procedure"),
+        # TID 1500 takes the procedure from CID 100. Its generic member, in every edition: validators with
+        # an older CID 100 (PixelMed's DicomSRValidator, 2022) reject the newer "XR unspecified body region"
+        procedure_reported=codes.CID100.ImagingProcedure,
         imaging_measurements=[group],
     )
     sr = ComprehensiveSR(
