@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-APT_HINT = "apt-get install dcmtk orthanc dicom3tools pixelmed-apps"
+APT_HINT = "apt-get install dcmtk orthanc dicom3tools pixelmed-apps ctn"
 
 
 def require_tool(name: str, package: str) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomlib import (
+    PIXELMED_JAR,
     Orthanc,
     dciodvfy_errors,
     free_port,
@@ -1111,6 +1112,75 @@ def test_malformed_dataset_gets_a_failure_status_and_the_node_stays_up(guard, to
     )
     assert "CannotUnderstand" in run.stdout + run.stderr
     assert _storescu(tool_node.port, [good]).returncode == 0  # still serving
+
+
+def _ctn_send_image(port: int, files: list[Path]) -> None:
+    """The RSNA Central Test Node's Storage SCU (C): one association for all files, closed with a TCP
+    reset once released."""
+    run = subprocess.run(
+        [require_tool("send_image", "ctn"), "-q", "-r", "-a", "CTNSCU", "-c", "GAMGUARD", "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _pixelmed_storescu(port: int, files: list[Path]) -> None:
+    """PixelMed's Storage SCU (Java): one association per file."""
+    require_tool("java", "default-jre-headless")
+    if not PIXELMED_JAR.is_file():
+        pytest.skip(f"{PIXELMED_JAR} missing (Debian package pixelmed-apps)")
+    for f in files:
+        cmd = ["java", "-cp", str(PIXELMED_JAR), "com.pixelmed.network.StorageSOPClassSCU", "127.0.0.1", str(port)]
+        run = subprocess.run([*cmd, "GAMGUARD", "PIXELMED", str(f), "0"], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "Exception" not in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("send", [_ctn_send_image, _pixelmed_storescu], ids=["ctn-send_image", "pixelmed"])
+def test_other_dicom_stacks_send_to_the_node(send, guard, demo_bundle, tmp_path, caplog):
+    """Two more independent Storage SCUs as consoles and PACS gateways embed them — the RSNA Central Test
+    Node (C) and PixelMed (Java): an accepted phantom's SR has its label, a knee's SR is rejected without
+    one, and the node logs no error: CTN resets the TCP connection after every released association,
+    which pynetdicom reports as an ERROR with a traceback unless the node filters it (.peerlog)."""
+    from gamguard.runtime.demo.phantoms import ood_image
+    from gamguard.runtime.demo.synth import write_dicom
+
+    ((accepted, label),) = accepted_phantoms(guard, tmp_path, 1).items()
+    knee = write_dicom(tmp_path / "knee.dcm", ood_image("knee", np.random.default_rng(SEED)))
+    want = {pydicom.dcmread(accepted).SOPInstanceUID: label, pydicom.dcmread(knee).SOPInstanceUID: None}
+    with _node(tmp_path, demo_bundle, [], allow_ae=["CTNSCU", "PIXELMED"]) as node:
+        send(node.port, [accepted, knee])
+        assert node.node.wait_results_built(60)
+        time.sleep(0.5)  # the last association's close reaches the node
+    kept = [pydicom.dcmread(p) for p in (tmp_path / "queue" / "outbox" / "kept").glob("*.dcm")]
+    said = {d["source_sop_instance_uid"]: d for d in map(read_verdict_sr, (k for k in kept if k.Modality == "SR"))}
+    assert {uid: d["label"] for uid, d in said.items()} == want
+    assert [said[uid]["accepted"] for uid in want] == [True, False]
+    errors = [r for r in caplog.records if r.levelno >= 30 and r.name.startswith("pynetdicom")]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+def test_a_connection_reset_mid_association_is_logged_once_without_a_traceback(demo_bundle, tmp_path, caplog):
+    """The filter that drops a reset after release (.peerlog) keeps a reset *during* an association (a
+    console powered off mid-transfer): logged, without pynetdicom's traceback, and counted as aborted."""
+    import socket
+    import struct
+
+    with _node(tmp_path, demo_bundle, []) as node:
+        with socket.create_connection(("127.0.0.1", node.port)) as s:
+            s.sendall(_association_request())
+            assert s.recv(1)[:1] == b"\x02"  # A-ASSOCIATE-AC: the association is established
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(r.name == "pynetdicom.dul" for r in caplog.records):
+            time.sleep(0.05)
+        aborted = node.node.dicom_metrics.associations.labels("aborted")._value.get()
+    dul = [r for r in caplog.records if r.name == "pynetdicom.dul"]
+    assert dul and dul[0].levelno == 40 and "Connection closed" in dul[0].getMessage()
+    assert all(r.exc_info is None for r in dul), "pynetdicom's traceback reached the log"
+    assert aborted >= 1
 
 
 def test_dciodvfy_passes_every_sr_and_overlay_in_orthanc(guard, tool_node, orthanc, tmp_path):

@@ -35,6 +35,7 @@ from .forwarder import Forwarder
 from .journal import Journal, entry_key, split_key
 from .metrics import DicomMetrics
 from .outbox import Outbox
+from .peerlog import quiet_peer_closes
 from .results import ModelIdentity, encode, overlay_sc, verdict_sr
 from .scp import StorageSCP
 from .sopclasses import decodable_transfer_syntaxes, storage_sop_classes
@@ -361,7 +362,9 @@ class DicomNode:
         # the log costs CPU on the C-STORE path. Our own log says what happened; theirs only on -v debug.
         # pynetdicom's "standard" handlers format those lines for every PDU and DIMSE message whatever the
         # log level (copying each received dataset once more): off too, unless debugging.
-        if not logging.getLogger("gamguard").isEnabledFor(logging.DEBUG):
+        debugging = logging.getLogger("gamguard").isEnabledFor(logging.DEBUG)
+        quiet_peer_closes(rate_limit=not debugging)  # a reset after a released association is a normal end
+        if not debugging:
             from pynetdicom import _config as pynetdicom_config
 
             for name in ("pynetdicom", "highdicom"):
