@@ -210,16 +210,23 @@ def truncated_pixels(src: Path, dst: Path) -> Path:
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
 
 
-def pixelmed_sr_findings(path: Path) -> tuple[list[str], str]:
-    """PixelMed's DicomSRValidator (an SR validator independent of dicom3tools, checking the content tree
-    against the templates) on one SR: its ``Error`` lines and its whole output. The XPath limits are
-    lifted: the JDK's defaults are below what PixelMed's compiled templates need."""
-    require_tool("DicomSRValidator", "pixelmed-apps")
+def pixelmed(main_class: str) -> list[str]:
+    """The command line of a PixelMed (Debian pixelmed-apps, Java) program, or a skip saying what to
+    install. The JDK's XPath limits are lifted: its defaults are below what PixelMed's compiled SR
+    templates need."""
+    require_tool("java", "default-jre-headless")
     if not PIXELMED_JAR.is_file():
         pytest.skip(f"{PIXELMED_JAR} missing (Debian package pixelmed-apps; {APT_HINT})")
     limits = [f"-Djdk.xml.{k}=0" for k in ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
-    cmd = ["java", *limits, "-cp", str(PIXELMED_JAR), "com.pixelmed.validate.DicomSRValidator", str(path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return ["java", *limits, "-cp", str(PIXELMED_JAR), main_class]
+
+
+def pixelmed_sr_findings(path: Path) -> tuple[list[str], str]:
+    """PixelMed's DicomSRValidator (an SR validator independent of dicom3tools, checking the content tree
+    against the templates) on one SR: its ``Error`` lines and its whole output."""
+    out = subprocess.run(
+        [*pixelmed("com.pixelmed.validate.DicomSRValidator"), str(path)], capture_output=True, text=True, timeout=300
+    )
     text = out.stdout + out.stderr
     return [line for line in text.splitlines() if line.startswith("Error")], text
 

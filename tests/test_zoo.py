@@ -148,20 +148,25 @@ class _Taps(torch.nn.Module):
         return self.model(x), self.store["target"], self.store["early"]
 
 
-def torch_to_plain_onnx(model, target, early, path, channels):
+def torch_to_plain_onnx(model, target, early, path, channels, legacy_opset: int | None = None):
     """A plain ONNX classifier (input ``input``, output ``output``) in which the target and early
-    activations are the tensors ``tgt`` and ``erl``: what a user finds by name in Netron."""
+    activations are the tensors ``tgt`` and ``erl``: what a user finds by name in Netron. With
+    ``legacy_opset``: torch's TorchScript exporter (``dynamo=False``) at that (old) opset, as older torch
+    versions and many vendors' files deliver it; else the dynamo exporter at opset 18."""
+    if legacy_opset is None:
+        how = {"dynamo": True, "opset_version": 18, "external_data": False}
+        how["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+    else:
+        how = {"dynamo": False, "opset_version": legacy_opset}
+        how["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
     with torch.no_grad():
         torch.onnx.export(
             _Taps(model, target, early).eval(),
             (torch.randn(2, channels, SIZE, SIZE),),
             str(path),
-            dynamo=True,
             input_names=["input"],
             output_names=["output", "tgt", "erl"],
-            opset_version=18,
-            external_data=False,
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}},
+            **how,
         )
     proto = onnx.load(str(path))
     del proto.graph.output[1:]
@@ -199,25 +204,6 @@ def test_onnx_only_export_parity(name, tmp_path, one_torch_thread):
     print(f"\nONNX-only {name}: {worst}")
 
 
-def torch_to_legacy_onnx(model, target, early, path, channels, opset):
-    """:func:`torch_to_plain_onnx` with torch's TorchScript exporter (``dynamo=False``) at an old opset:
-    what older torch versions, and many vendors' files, deliver."""
-    with torch.no_grad():
-        torch.onnx.export(
-            _Taps(model, target, early).eval(),
-            (torch.randn(2, channels, SIZE, SIZE),),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["output", "tgt", "erl"],
-            opset_version=opset,
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
-    proto = onnx.load(str(path))
-    del proto.graph.output[1:]
-    onnx.save(proto, str(path))
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch names its TorchScript exporter legacy
 @pytest.mark.parametrize("name, opset", [("resnet18", 9), ("efficientnet_b0", 11)])
 def test_onnx_only_export_of_an_old_opset_model(name, opset, tmp_path, one_torch_thread):
@@ -226,7 +212,7 @@ def test_onnx_only_export_of_an_old_opset_model(name, opset, tmp_path, one_torch
     from gamguard.exporter.onnx_fuse import MIN_OPSET, default_opset, export_onnx_bundle, fuse_onnx_model
 
     model, target, early = trained_zoo_model(name, 1)
-    torch_to_legacy_onnx(model, target, early, tmp_path / "old.onnx", 1, opset)
+    torch_to_plain_onnx(model, target, early, tmp_path / "old.onnx", 1, legacy_opset=opset)
     assert default_opset(onnx.load(str(tmp_path / "old.onnx"))) == opset
     with pytest.raises(ValueError, match=rf"opset is {opset}; opset {MIN_OPSET} or later is needed"):
         fuse_onnx_model(onnx.load(str(tmp_path / "old.onnx")), "tgt", "erl")  # the low-level fuser converts nothing

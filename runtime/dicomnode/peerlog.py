@@ -38,13 +38,10 @@ def quiet_peer_closes(rate_limit: bool = True) -> None:
     """Install :class:`ClosedAfterReleaseFilter` on pynetdicom's DUL logger and, with ``rate_limit`` (not
     when debugging: it would thin out pynetdicom's debug lines too), rate-limit pynetdicom's other records
     on the root handlers. Idempotent."""
-    from gamguard.runtime.server.quietlog import RateLimitFilter
+    from gamguard.runtime.server.quietlog import rate_limit_library
 
     dul = logging.getLogger(DUL_LOGGER)
     if not any(isinstance(f, ClosedAfterReleaseFilter) for f in dul.filters):
         dul.addFilter(ClosedAfterReleaseFilter())
-    if not rate_limit:
-        return
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RateLimitFilter) and f.prefix == "pynetdicom" for f in handler.filters):
-            handler.addFilter(RateLimitFilter(prefix="pynetdicom"))
+    if rate_limit:
+        rate_limit_library("pynetdicom")

@@ -67,6 +67,14 @@ class RateLimitFilter(logging.Filter):
         return True
 
 
+def rate_limit_library(prefix: str) -> None:
+    """Put a :class:`RateLimitFilter` for the loggers named ``prefix...`` on the root handlers (on the
+    handlers: a logger's own filters do not see its children's records, pydicom.pixels...). Idempotent."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RateLimitFilter) and f.prefix == prefix for f in handler.filters):
+            handler.addFilter(RateLimitFilter(prefix=prefix))
+
+
 def quiet_input_libraries() -> None:
     """Keep hostile inputs from filling the server log through the libraries that parse them: pydicom
     logs a warning (sometimes a traceback) and emits a Python warning for many malformed files. Its value
@@ -80,10 +88,7 @@ def quiet_input_libraries() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
-    # on the handlers: a logger's own filters do not see its children's records (pydicom.pixels...)
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RateLimitFilter) for f in handler.filters):
-            handler.addFilter(RateLimitFilter(prefix="pydicom"))
+    rate_limit_library("pydicom")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
 
 
