@@ -36,6 +36,8 @@ decoder-plugin exception, which can quote attribute values.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import struct
@@ -327,8 +329,28 @@ def _describe(data: bytes) -> str:
     except UnicodeDecodeError:
         text = None
     if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        encoded = _base64_of_image(head)
+        if encoded:
+            return f"base64 text of a {encoded} file ({len(data)} bytes), not the file's bytes"
         return f"text ({len(data)} bytes), not an image"
     return f"unrecognised binary data ({len(data)} bytes, starting {data[:8].hex(' ')})"
+
+
+def _base64_of_image(head: str | bytes) -> str | None:
+    """The format whose base64 encoding ``head`` starts with (a common client mistake), else None."""
+    prefix = head[:180]  # 180 base64 characters = 135 bytes: past a DICOM preamble and its 'DICM'
+    prefix = prefix[: len(prefix) // 4 * 4]
+    try:
+        raw = base64.b64decode(prefix, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if raw.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if raw.startswith(JPEG_SOI):
+        return "JPEG"
+    if raw[128:132] == b"DICM":
+        return "DICOM"
+    return None
 
 
 def _to_gray(img: np.ndarray, order: str) -> np.ndarray:

@@ -165,6 +165,17 @@ def test_decode_file_png_and_error_names_file(tmp_path):
         decode_file(tmp_path / "notes.png")
 
 
+def test_base64_text_of_an_image_is_named_in_the_error():
+    """A client that base64-encodes the file (as JSON APIs do) is told so, not just 'text'."""
+    import base64
+
+    for kind, data in (("PNG", png(gradient())), ("JPEG", jpeg(gradient())), ("DICOM", dicom(gradient()))):
+        with pytest.raises(DecodeError, match=f"base64 text of a {kind} file"):
+            decode_bytes(base64.b64encode(data))
+    with pytest.raises(DecodeError, match=r"unsupported image format: text \(\d+ bytes\), not an image"):
+        decode_bytes(base64.b64encode(b"hello, an ordinary text file" * 8))
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 

@@ -6,6 +6,7 @@ One server for the whole module (loading a bundle costs a second or two)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import urllib.request
@@ -225,6 +226,41 @@ def test_tritonclient_numeric_tensor_input(env, triton, accepted_phantom):
     bad.set_data_from_numpy(np.zeros((2, 3, 4, 5, 6), np.float32))
     with pytest.raises(tc.InferenceServerException, match="shape"):
         client.infer(name, [bad])
+
+
+def test_oip_base64_bytes_as_mlserver_base64codec_sends_them(env, accepted_phantom):
+    """MLServer's Base64Codec sends each file base64-encoded with the input parameter content_type=base64."""
+    from gamguard.proto import grpc_predict_v2_pb2 as pb
+    from gamguard.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+    from gamguard.runtime.server.codecs import deserialize_bytes
+
+    stub = pb_grpc.GRPCInferenceServiceStub(env["channel"])
+    model = env["offline"].manifest["model"]["name"]
+    img, ref = accepted_phantom
+
+    def infer(data: bytes, content_type: str | None):
+        req = pb.ModelInferRequest(model_name=model)
+        tensor = req.inputs.add(name="image", datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(data)
+        if content_type is not None:
+            tensor.parameters["content_type"].string_param = content_type
+        return stub.ModelInfer(req, timeout=60)
+
+    encoded = base64.b64encode(png16(img))
+    res = infer(encoded, "base64")
+    assert res.parameters["accepted"].bool_param is True
+    names = [o.name for o in res.outputs]
+    assert deserialize_bytes(res.raw_output_contents[names.index("label")]) == [ref.label.encode()]
+    # another codec's content type leaves the bytes as they are (MLServer's NumpyCodec says "np")
+    assert infer(png16(img), "np").parameters["accepted"].bool_param is True
+    # not base64 although it says so, and base64 sent without saying so: clear errors, nothing served
+    with pytest.raises(grpc.RpcError) as info:
+        infer(b"not*base64", "base64")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not valid base64" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        infer(encoded, None)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "base64 text of a PNG file" in info.value.details()
 
 
 # -------------------------------------------------------------------------------------- bad input

@@ -8,7 +8,9 @@ What ``tritonclient.grpc`` and KServe clients see:
   PNG, DICOM); ``image_uint8`` / ``image_uint16`` / ``image_fp32`` — pixels (FP32 in [0, 1]) with
   shape ``[N, H, W]`` (also ``[H, W]`` or ``[N, 1, H, W]``), any size (resized like decoded files).
   ``image`` also takes the numeric forms, told apart by datatype. Input parameter ``frame`` (int)
-  picks the frame of multi-frame DICOM;
+  picks the frame of multi-frame DICOM; input parameter ``content_type`` ``base64`` says each BYTES
+  element is the file base64-encoded (MLServer's ``Base64Codec``; decoded strictly), any other value
+  is ignored (e.g. MLServer's ``np``);
 * outputs, one row per image: ``accepted`` (BOOL), ``reasons`` (BYTES, comma-separated),
   ``verdict`` (BYTES, the full verdict as JSON: scores, thresholds, failed measures, timings) and,
   when requested by name, ``heatmap`` (FP32 ``[N, H, W]`` Grad-CAM maps);
@@ -49,6 +51,8 @@ model → NOT_FOUND; not ready → UNAVAILABLE; anything unexpected → INTERNAL
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import math
@@ -108,6 +112,23 @@ def _frame_of(request, tensor) -> int | None:
     return None
 
 
+def _content_type(tensor) -> str | None:
+    """The input's ``content_type`` parameter (MLServer's codecs set it; ``base64``: Base64Codec)."""
+    if "content_type" not in tensor.parameters:
+        return None
+    value = _param_value(tensor.parameters["content_type"])
+    if not isinstance(value, str):
+        raise InvalidRequest(f"parameter 'content_type' must be a string, got {type(value).__name__}")
+    return value.strip().lower()
+
+
+def _unbase64(item: bytes, index: int) -> bytes:
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"image {index}: content_type is base64 but the element is not valid base64") from None
+
+
 def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
     """The OIP request's input tensor → data-plane inputs (one dict per image)."""
     if not request.inputs:
@@ -136,6 +157,8 @@ def request_inputs(request: pb.ModelInferRequest) -> list[dict]:
             raise InvalidRequest(f"BYTES input: shape {shape} says {count} element(s), data has {len(items)}")
         if not items:
             raise InvalidRequest("empty input: no images")
+        if _content_type(tensor) == "base64":
+            items = [_unbase64(b, i) for i, b in enumerate(items)]
         return [{"data": bytes(b), "frame": frame} for b in items]
     if dtype not in _NUMERIC:
         raise InvalidRequest(
