@@ -1146,10 +1146,19 @@ def _pixelmed_storescu(port: int, files: list[Path]) -> None:
         assert run.returncode == 0 and "Exception" not in run.stdout + run.stderr, run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("send", [_ctn_send_image, _pixelmed_storescu], ids=["ctn-send_image", "pixelmed"])
+def _odil_store(port: int, files: list[Path]) -> None:
+    """Odil's Storage SCU (C++11, its own DICOM stack): one association for all files."""
+    cmd = [require_tool("odil", "odil"), "store", "127.0.0.1", str(port), "ODIL", "GAMGUARD"]
+    run = subprocess.run(cmd + [str(f) for f in files], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    "send", [_ctn_send_image, _pixelmed_storescu, _odil_store], ids=["ctn-send_image", "pixelmed", "odil"]
+)
 def test_other_dicom_stacks_send_to_the_node(send, guard, demo_bundle, tmp_path, fresh_log_limits):
-    """Two more independent Storage SCUs as consoles and PACS gateways embed them — the RSNA Central Test
-    Node (C) and PixelMed (Java): an accepted phantom's SR has its label, a knee's SR is rejected without
+    """More independent Storage SCUs as consoles and PACS gateways embed them — the RSNA Central Test
+    Node (C), PixelMed (Java) and Odil (C++): an accepted phantom's SR has its label, a knee's SR is rejected without
     one, and the node logs no error: CTN resets the TCP connection after every released association,
     which pynetdicom reports as an ERROR with a traceback unless the node filters it (.peerlog)."""
     from gamguard.runtime.demo.phantoms import ood_image
@@ -1158,7 +1167,7 @@ def test_other_dicom_stacks_send_to_the_node(send, guard, demo_bundle, tmp_path,
     ((accepted, label),) = accepted_phantoms(guard, tmp_path, 1).items()
     knee = write_dicom(tmp_path / "knee.dcm", ood_image("knee", np.random.default_rng(SEED)))
     want = {pydicom.dcmread(accepted).SOPInstanceUID: label, pydicom.dcmread(knee).SOPInstanceUID: None}
-    with _node(tmp_path, demo_bundle, [], allow_ae=["CTNSCU", "PIXELMED"]) as node:
+    with _node(tmp_path, demo_bundle, [], allow_ae=["CTNSCU", "PIXELMED", "ODIL"]) as node:
         send(node.port, [accepted, knee])
         assert node.node.wait_results_built(60)
         time.sleep(0.5)  # the last association's close reaches the node
