@@ -234,6 +234,14 @@ def export_bundle(
                 model, target_layer, early_layer, example, early_pool, dynamic_spatial=dynamic_spatial
             ).eval()
             logits, cam, early = wrapper(example)
+            if wrapper.plan.output_activation:  # the forward's own output, from the logits it was left out of
+                activation = torch.softmax if wrapper.plan.output_activation == "Softmax" else torch.log_softmax
+                gap = max_rel(activation(logits, 1).numpy(), model(example).numpy())
+                if gap > LOGITS_RTOL:
+                    raise ExportError(
+                        f"the model's output differs from the {wrapper.plan.output_activation} of the logits before "
+                        f"it by {gap:.2e}"
+                    )
         if logits.shape[1] != len(class_names):
             raise ValueError(
                 f"the model has {logits.shape[1]} outputs but {len(class_names)} class names were given: {class_names}"
@@ -297,6 +305,8 @@ def export_bundle(
             "exporter": exporter,
             "head_kind": wrapper.head_kind,
             "head": list(wrapper.plan.origins),
+            # the forward's last op, left out: the bundle's logits are its input
+            "output_activation_removed": wrapper.plan.output_activation,
             "early_pool": list(wrapper.early_pool) if wrapper.early_pool else None,
             "dynamic_batch": True,
             "dynamic_spatial": bool(dynamic_spatial),

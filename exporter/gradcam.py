@@ -247,6 +247,54 @@ class HeadPlan:
     logits_shape: tuple[int, ...]
     head: fx.GraphModule | None = None  # "traced": target activations -> logits
     origins: list[str] = field(default_factory=list)  # the head's ops, for messages and the manifest
+    output_activation: str | None = None  # "Softmax" / "LogSoftmax" the forward ended with, left out
+
+
+_OUTPUT_ACTIVATIONS = {
+    nn.Softmax: "Softmax",
+    nn.LogSoftmax: "LogSoftmax",
+    nn.Sigmoid: "Sigmoid",
+    torch.softmax: "Softmax",
+    F.softmax: "Softmax",
+    torch.log_softmax: "LogSoftmax",
+    F.log_softmax: "LogSoftmax",
+    torch.sigmoid: "Sigmoid",
+    F.sigmoid: "Sigmoid",
+    "softmax": "Softmax",
+    "log_softmax": "LogSoftmax",
+    "sigmoid": "Sigmoid",
+}
+
+
+def _output_activation(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node] | None:
+    """``(kind, logits node)`` when the forward returns the Softmax / LogSoftmax of its logits over the
+    classes (Grad-CAM is defined on the score before the softmax, Selvaraju et al. 2017, section 3; the
+    guard's p-values and served probabilities need the logits); a final Sigmoid (a multi-label model)
+    is refused: softmaxing its logits would serve probabilities the model never gave."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        kind = _OUTPUT_ACTIVATIONS.get(type(module))
+        dim = getattr(module, "dim", None)
+    elif node.op in ("call_function", "call_method"):
+        try:
+            kind = _OUTPUT_ACTIVATIONS.get(node.target)
+        except TypeError:  # an unhashable target
+            kind = None
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    else:
+        return None
+    if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if kind == "Sigmoid":
+        raise ValueError(
+            f"the model's forward ends in a sigmoid ({_origin_of(node, gm)}): per-class probabilities of a "
+            "multi-label model; gamguard guards single-label classifiers whose forward returns the logits or "
+            "their softmax"
+        )
+    shape = _meta_shape(node.args[0])
+    if shape is None or len(shape) != 2 or dim not in (None, 1, -1):
+        return None  # not a softmax over the classes of [N, K] logits: judged as any other head op
+    return kind, node.args[0]
 
 
 def _node_for_module(tracer: _LayerTracer, name: str, role: str) -> fx.Node:
@@ -293,6 +341,9 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
     logits_node = out_node.args[0]
     if not isinstance(logits_node, fx.Node) or _meta_shape(logits_node) is None:
         raise ValueError("the model's forward must return a single logits tensor [N, K]")
+    output_activation = _output_activation(logits_node, gm)
+    if output_activation is not None:  # Grad-CAM and the guard work on the logits before it
+        output_activation, logits_node = output_activation
     target_node = _node_for_module(tracer, target_layer, "target_layer")
     early_node = _node_for_module(tracer, early_layer, "early_layer")
 
@@ -398,6 +449,7 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
         logits_shape=logits_shape,
         head=head,
         origins=origins,
+        output_activation=output_activation,
     )
 
 

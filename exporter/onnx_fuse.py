@@ -1,7 +1,8 @@
 """Guard an ONNX classifier without torch: build the fused graph (logits, Grad-CAM, early) in ONNX.
 
 Many clinical models come as ONNX only (from TensorFlow/Keras, from a vendor). Given the classifier
-(one image input, NCHW or NHWC, logits output) and two tensor names — ``target`` (the Grad-CAM layer,
+(one image input, NCHW or NHWC, logits output — or their Softmax / LogSoftmax, which is taken off so
+that Grad-CAM and the guard see the logits) and two tensor names — ``target`` (the Grad-CAM layer,
 [N, C, h, w]) and ``early`` (an early feature map, channels-first too) — :func:`fuse_onnx_model`
 appends to the graph:
 
@@ -563,6 +564,7 @@ class FuseInfo:
     early_hw: tuple[int, int]
     head_ops: list[str]
     input_layout: str = "nchw"
+    output_activation: str | None = None  # "Softmax" / "LogSoftmax" the model applied to its logits, removed
 
 
 INPUT_LAYOUTS = ("auto", "nchw", "nhwc")
@@ -715,7 +717,8 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
 
     Args:
         model: ``onnx.ModelProto``: one float image input (NCHW, or NHWC as TensorFlow/Keras models
-            converted with tf2onnx have it), first output the logits ``[N, K]``.
+            converted with tf2onnx have it), first output the logits ``[N, K]`` or their Softmax /
+            LogSoftmax (taken off: :func:`_strip_output_activation`).
         target / early: tensor names of the Grad-CAM activations and of the early features, both
             channels-first ``[N, C, h, w]``.
         input_shape: ``(C, H, W)``; required when the input's spatial dims are not static.
@@ -740,7 +743,8 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         raise ValueError(f"the model must have one input tensor (NCHW image), it has {[i.name for i in inputs]}")
     if not graph.output:
         raise ValueError("the model has no outputs")
-    inp, logits_name = inputs[0], graph.output[0].name
+    inp = inputs[0]
+    logits_name, output_activation = _strip_output_activation(graph)
     if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ValueError(f"input {inp.name!r} must be float32")
     shape = _shape_of(inp)
@@ -937,8 +941,57 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         early_shape=early_shape,
         early_hw=(he, we),
         head_ops=[f"{n.op_type} {n.name}" for n in head],
+        output_activation=output_activation,
     )
     return model, info
+
+
+#: What a classifier may apply to its logits as its last step; the fused graph's ``logits`` are taken
+#: before it (the guard's softmax of them gives the model's own probabilities again).
+OUTPUT_ACTIVATIONS = ("Softmax", "LogSoftmax")
+
+
+def _strip_output_activation(graph) -> tuple[str, str | None]:
+    """The logits tensor of a model whose first output may be their Softmax / LogSoftmax (Keras'
+    ``Dense(K, activation="softmax")``, a torch model ending in ``nn.Softmax``), through any Identity
+    nodes, and the activation's op type (``None``: the output is the logits). Those nodes are removed
+    when nothing else reads them. Grad-CAM is defined on the score before the softmax (Selvaraju et al.,
+    2017, section 3), and the guard's p-values and served probabilities need the logits, so a final
+    Sigmoid (independent per-class probabilities: a multi-label model, whose logits would be softmaxed
+    into something the model never said) is refused."""
+    output = graph.output[0].name
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    other_outputs = {o.name for o in graph.output[1:]}
+    chain, name = [], output
+    while name in producer and producer[name].op_type == "Identity":
+        chain.append(producer[name])
+        name = producer[name].input[0]
+    last = producer.get(name)
+    if last is None or last.op_type not in (*OUTPUT_ACTIVATIONS, "Sigmoid"):
+        return output, None
+    if last.op_type == "Sigmoid":
+        raise ValueError(
+            f"the model's output {output!r} is a Sigmoid ({last.name!r}): per-class probabilities of a "
+            "multi-label model; gamguard guards single-label classifiers whose output is the logits or their "
+            "Softmax (export the model with one label per image, or with the logits as its output)"
+        )
+    axis = next((a.i for a in last.attribute if a.name == "axis"), -1)
+    if axis not in (1, -1):
+        raise ValueError(f"the model's output {output!r} is a {last.op_type} over axis {axis}, not over the classes")
+    chain.append(last)
+    # the chain's tensors are dropped with it: nothing but the output may read them
+    if any(readers.get(t, 0) > 1 or (t in other_outputs) for n in chain[1:] for t in n.output) or any(
+        readers.get(t, 0) > 0 for t in chain[0].output
+    ):
+        return output, None  # something else reads the probabilities: leave the model as it is
+    for n in chain:
+        graph.node.remove(n)
+    graph.output[0].name = last.input[0]  # same [N, K] float type and shape
+    return last.input[0], last.op_type
 
 
 def _seed_gradient(b: _Builder, g: _Graph, last, logits_name: str, k: int) -> dict[str, list[str]]:
@@ -1039,6 +1092,16 @@ def resolve_garbage_class(class_names, garbage_class) -> int:
     if not 0 <= index < len(class_names):
         raise ValueError(f"garbage class index {index} is out of range for {len(class_names)} classes")
     return index
+
+
+def _apply_activation(logits: np.ndarray, activation: str | None) -> np.ndarray:
+    """What the original model outputs, from the fused graph's logits (see :func:`_strip_output_activation`)."""
+    if activation is None:
+        return logits
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return (np.exp(log_p) if activation == "Softmax" else log_p).astype(np.float32)
 
 
 def export_onnx_bundle(
@@ -1151,6 +1214,7 @@ def export_onnx_bundle(
             ref_x = x.transpose(0, 2, 3, 1) if info.input_layout == "nhwc" else x  # the original's own layout
             ref_out = ref_session.run(None, {ref_input: np.ascontiguousarray(ref_x)})
             ref_logits, ref_early = ref_out[0], ref_out[-1]
+            logits = _apply_activation(logits, info.output_activation)  # the model's own output again
             if pool is not None:
                 ref_early = pool[0] @ ref_early @ pool[1].T
             result = {
@@ -1189,6 +1253,8 @@ def export_onnx_bundle(
             "source_input_layout": info.input_layout,
             "source_opset": source_opset,
             "opset_converted_by": "onnx.version_converter" if source_opset < MIN_OPSET else None,
+            # the model's last op, taken off: the bundle's logits are its input
+            "output_activation_removed": info.output_activation,
             "head_kind": "onnx",
             "head": info.head_ops,
             "early_pool": list(early_pool) if early_pool else None,

@@ -236,6 +236,75 @@ def test_onnx_only_export_of_an_old_opset_model(name, opset, tmp_path, one_torch
     print(f"\nopset {opset} {name}: {worst}")
 
 
+class _WithOutputActivation(torch.nn.Module):
+    """A classifier whose forward returns probabilities, as Keras' Dense(K, activation="softmax") and many
+    torch models do: ``activation`` is a module, a torch function or a Tensor method name."""
+
+    def __init__(self, model, activation):
+        super().__init__()
+        self.net, self.activation = model, activation
+
+    def forward(self, x):
+        z = self.net(x)
+        if isinstance(self.activation, str):
+            return getattr(z, self.activation)(dim=1)
+        return self.activation(z) if isinstance(self.activation, torch.nn.Module) else self.activation(z, dim=1)
+
+
+@pytest.mark.parametrize("activation", ["Softmax", "LogSoftmax"])
+def test_onnx_only_a_final_softmax_is_taken_off(activation, tmp_path, one_torch_thread):
+    """The bundle's logits are the input of a model's final Softmax / LogSoftmax: its Grad-CAM is the
+    logits' (the paper's), and the guard's softmax of them gives the model's own probabilities back —
+    not a softmax of probabilities. A final Sigmoid (multi-label) is refused."""
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    model, target, early = trained_zoo_model("resnet18", 1)
+    wrapped = _WithOutputActivation(model, getattr(torch.nn, activation)(dim=1)).eval()
+    torch_to_plain_onnx(wrapped, f"net.{target}", f"net.{early}", tmp_path / "probs.onnx", 1)
+    assert onnx.load(str(tmp_path / "probs.onnx")).graph.node[-1].op_type in (activation, "Identity")
+    kw = dict(target_tensor="tgt", early_tensor="erl", class_names=CLASSES, garbage_class="garbage")
+    manifest = export_onnx_bundle(tmp_path / "probs.onnx", tmp_path / "b", **kw)
+    assert manifest["export"]["output_activation_removed"] == activation
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    run = lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()})  # noqa: E731
+    _check_against_reference(model, target, early, run, 1)  # the logits before the activation
+    x, _ = _data(4, 1, 77)
+    with torch.no_grad():
+        served = torch.softmax(torch.from_numpy(run(x)[0]), 1)  # what the guard serves as probabilities
+        np.testing.assert_allclose(served.numpy(), torch.softmax(model(x), 1).numpy(), rtol=1e-4, atol=1e-6)
+
+    torch_to_plain_onnx(_WithOutputActivation(model, torch.nn.Sigmoid()).eval(), f"net.{target}", f"net.{early}",
+                        tmp_path / "sigmoid.onnx", 1)  # fmt: skip
+    with pytest.raises(ValueError, match="is a Sigmoid .*multi-label"):
+        export_onnx_bundle(tmp_path / "sigmoid.onnx", tmp_path / "s", **kw)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_torch_forward_ending_in_softmax_exports_its_logits(tmp_path, one_torch_thread):
+    """The same for a torch model: its forward's final softmax — a module, a Tensor method or a function —
+    is left out of the fused graph and recorded; a final sigmoid is refused."""
+    from gamguard.exporter.gradcam import plan_head
+
+    model, target, early = trained_zoo_model("efficientnet_b0", 1)
+    kw = dict(class_names=CLASSES, garbage_class="garbage", target_layer=f"net.{target}",
+              early_layer=f"net.{early}", input_shape=(1, SIZE, SIZE), normalization=([0.5], [0.25]))  # fmt: skip
+    manifest = export_bundle(_WithOutputActivation(model, torch.nn.Softmax(dim=1)).eval(), tmp_path / "b", **kw)
+    assert manifest["export"]["output_activation_removed"] == "Softmax"
+    assert not any("softmax" in op.lower() for op in manifest["export"]["head"])
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    _check_against_reference(
+        model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
+    )
+    example = torch.zeros(2, 1, SIZE, SIZE)
+    plain = plan_head(model, target, early, example)
+    for activation, kind in (("softmax", "Softmax"), (F.log_softmax, "LogSoftmax")):
+        plan = plan_head(_WithOutputActivation(model, activation).eval(), f"net.{target}", f"net.{early}", example)
+        origins = [o.replace("'net.", "'") for o in plan.origins]  # the wrapper's module names
+        assert (plan.output_activation, origins) == (kind, plain.origins)
+    with pytest.raises(ValueError, match="ends in a sigmoid .*multi-label"):
+        export_bundle(_WithOutputActivation(model, torch.nn.Sigmoid()).eval(), tmp_path / "s", **kw)
+
+
 def test_onnx_only_refuses_an_old_model_that_cannot_be_converted(tmp_path):
     """An opset-9 model using an experimental op ONNX has since removed (ImageScaler) is refused by name,
     with the way out, and no bundle is written."""

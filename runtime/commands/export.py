@@ -18,9 +18,11 @@ any disagreement is an error. The bundle has no calibration yet: run `gamguard c
 
 Needs the exporter extra (torch): pip install 'gamguard[export]'.
 
---onnx guards an ONNX classifier (one float image input, logits output) without torch: name the
-tensor of the Grad-CAM layer (--target-tensor, [N,C,h,w]; typically the input of the global
-pooling) and of an early feature map (--early-tensor); look the names up in Netron. The head's
+--onnx guards an ONNX classifier (one float image input; its output the logits or their Softmax,
+which is then taken off: Grad-CAM and the guard work on the logits, and the served probabilities are
+the model's own) without torch: name the tensor of the Grad-CAM layer (--target-tensor, [N,C,h,w];
+typically the input of the global pooling) and of an early feature map (--early-tensor); look the
+names up in Netron. The head's
 gradient is written into the graph with ONNX ops; the fused model is checked against the original
 with ONNX Runtime. A 3-channel (RGB) model is fed the grey X-ray replicated to its channels, with
 per-channel --mean/--std. A TensorFlow/Keras model converted with tf2onnx keeps its channels-last
@@ -188,6 +190,12 @@ def run(args) -> int:
                 f"; converted from ONNX opset {facts['source_opset']} to {facts['opset']} with "
                 f"{facts['opset_converted_by']} (parity checked against the unconverted original)"
                 if facts.get("opset_converted_by")
+                else ""
+            )
+            + (
+                f"; the model's final {facts['output_activation_removed']} was taken off (the bundle's logits are "
+                "its input; parity checked on the model's own output)"
+                if facts.get("output_activation_removed")
                 else ""
             ),
             file=sys.stderr,
