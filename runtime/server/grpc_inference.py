@@ -17,7 +17,7 @@ What ``tritonclient.grpc`` and KServe clients see:
 * class outputs ``label`` (BYTES), ``label_index`` (INT64) and ``probabilities`` (FP32 ``[N, C]``, real
   classes only) **only when every image of the request was accepted** — a rejected input never
   yields a label, even partially (send one image per request to get per-image labels);
-* response ``parameters``: ``accepted`` (bool, all images), ``reasons`` (comma-separated union),
+* response ``parameters``: ``accepted`` (bool, all images), ``reasons`` (comma-separated union, in the checks' order),
   ``scores`` (JSON: an object for one image, a list for several), ``bundle_hash``;
 * a rejected image's ``verdict`` carries nothing specific to the model's top class (no per-class
   thresholds), unless the server runs with ``--debug-rejected-details``.
@@ -531,7 +531,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         n = len(verdicts)
         all_accepted = all(v.accepted for v in verdicts)
         resp = pb.ModelInferResponse(model_name=plane.model_name, model_version=plane.model_version, id=request.id)
-        reasons_union = sorted({r for v in verdicts for r in (v.reasons or [])})
+        # in the order the verdicts give them (the checks' order), as each image's own `reasons` output
+        reasons_union = list(dict.fromkeys(r for v in verdicts for r in (v.reasons or [])))
         resp.parameters["accepted"].bool_param = all_accepted
         resp.parameters["reasons"].string_param = ",".join(reasons_union)
         dicts = [v.to_dict() for v in verdicts]  # once per verdict: scores here, the verdict output below
