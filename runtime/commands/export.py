@@ -25,9 +25,9 @@ typically the input of the global pooling) and of an early feature map (--early-
 names up in Netron. The head's gradient is written into the graph with ONNX ops; the fused model is
 checked against the original with ONNX Runtime. A 3-channel (RGB) model is fed the grey X-ray
 replicated to its channels, with per-channel --mean/--std. A TensorFlow/Keras model converted with
-tf2onnx keeps its channels-last (NHWC) input: the bundle reads it through a Transpose (--input-
-layout); its target and early tensors are the channels-first ones tf2onnx computes the convolutions
-in (e.g. `model/out_relu/Relu6:0`).
+tf2onnx keeps its channels-last (NHWC) input: the bundle reads it through a Transpose
+(--input-layout); its target and early tensors are the channels-first ones tf2onnx computes the
+convolutions in (e.g. `model/out_relu/Relu6:0`).
 
 examples:
   gamguard export --checkpoint runs/demo/model.pt --out bundles/demo
