@@ -287,9 +287,10 @@ def _output_activation(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node]
         return None
     if kind == "Sigmoid":
         raise ValueError(
-            f"the model's forward ends in a sigmoid ({_origin_of(node, gm)}): per-class probabilities of a "
-            "multi-label model; gamguard guards single-label classifiers whose forward returns the logits or "
-            "their softmax"
+            f"the model's forward ends in a sigmoid ({_origin_of(node, gm)}): independent per-class "
+            "probabilities (a multi-label or one-output binary model); gamguard guards single-label classifiers "
+            "with a garbage class whose forward returns the logits or their softmax (retrain the head with "
+            "softmax classes and a garbage class, e.g. finetune_with_garbage)"
         )
     shape = _meta_shape(node.args[0])
     if shape is None or len(shape) != 2 or dim not in (None, 1, -1):

@@ -975,9 +975,10 @@ def _strip_output_activation(graph) -> tuple[str, str | None]:
         return output, None
     if last.op_type == "Sigmoid":
         raise ValueError(
-            f"the model's output {output!r} is a Sigmoid ({last.name!r}): per-class probabilities of a "
-            "multi-label model; gamguard guards single-label classifiers whose output is the logits or their "
-            "Softmax (export the model with one label per image, or with the logits as its output)"
+            f"the model's output {output!r} is a Sigmoid ({last.name!r}): independent per-class probabilities "
+            "(a multi-label or one-output binary model); gamguard guards single-label classifiers with a garbage "
+            "class whose output is the logits or their Softmax (retrain the head with softmax classes and a "
+            "garbage class, e.g. gamguard.exporter.garbage.finetune_with_garbage)"
         )
     axis = next((a.i for a in last.attribute if a.name == "axis"), -1)
     if axis not in (1, -1):

@@ -275,7 +275,7 @@ def test_onnx_only_a_final_softmax_is_taken_off(activation, tmp_path, one_torch_
 
     torch_to_plain_onnx(_WithOutputActivation(model, torch.nn.Sigmoid()).eval(), f"net.{target}", f"net.{early}",
                         tmp_path / "sigmoid.onnx", 1)  # fmt: skip
-    with pytest.raises(ValueError, match="is a Sigmoid .*multi-label"):
+    with pytest.raises(ValueError, match="is a Sigmoid .*multi-label or one-output binary"):
         export_onnx_bundle(tmp_path / "sigmoid.onnx", tmp_path / "s", **kw)
     assert not (tmp_path / "s").exists()
 
@@ -301,7 +301,7 @@ def test_a_torch_forward_ending_in_softmax_exports_its_logits(tmp_path, one_torc
         plan = plan_head(_WithOutputActivation(model, activation).eval(), f"net.{target}", f"net.{early}", example)
         origins = [o.replace("'net.", "'") for o in plan.origins]  # the wrapper's module names
         assert (plan.output_activation, origins) == (kind, plain.origins)
-    with pytest.raises(ValueError, match="ends in a sigmoid .*multi-label"):
+    with pytest.raises(ValueError, match="ends in a sigmoid .*multi-label or one-output binary"):
         export_bundle(_WithOutputActivation(model, torch.nn.Sigmoid()).eval(), tmp_path / "s", **kw)
 
 
