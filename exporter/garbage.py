@@ -159,28 +159,50 @@ def _as_tensor(x, dtype) -> torch.Tensor:
     return x.to(dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype)
 
 
+def _output_kind(out, logits: torch.Tensor) -> str | None:
+    """What the model's output ``out`` is of the classifier's output ``logits``: ``"logits"`` (the same
+    tensor), ``"softmax"`` / ``"log_softmax"`` of it over the classes (a forward ending in a softmax), or
+    None (something else follows the classifier)."""
+    if not isinstance(out, torch.Tensor) or out.shape != logits.shape:
+        return None
+    if torch.equal(out, logits):
+        return "logits"
+    if logits.ndim == 2:
+        for kind in ("softmax", "log_softmax"):
+            if torch.allclose(out, getattr(torch, kind)(logits, 1), rtol=1e-5, atol=1e-6):
+                return kind
+    return None
+
+
 @torch.no_grad()
 def _head_inputs(model: nn.Module, layer: nn.Linear, x: torch.Tensor, batch_size: int):
-    """Run the (frozen, eval-mode) model once over ``x``; return the classifier's inputs, or None
-    when training the classifier on them would not be the same as training through the model."""
-    feats, captured = [], []
+    """Run the (frozen, eval-mode) model once over ``x``; return ``(the classifier's inputs, the output
+    kind)``, the inputs None when training the classifier on them would not be the same as training
+    through the model (see :func:`_output_kind`)."""
+    feats, captured, kinds = [], [], set()
     handle = layer.register_forward_hook(lambda m, inp, out: captured.append((inp[0].detach(), out.detach())))
     try:
         for i in range(0, len(x), batch_size):
             captured.clear()
             out = model(x[i : i + batch_size])
             if len(captured) != 1:
-                return None  # the classifier runs more (or less) than once per forward: no shortcut
+                return None, None  # the classifier runs more (or less) than once per forward: no shortcut
             feats.append(captured[0][0])
-            # The shortcut (training the Linear on cached inputs) is exact only if the Linear's
-            # output is the model's output.
-            if not (
-                isinstance(out, torch.Tensor) and out.shape == captured[0][1].shape and torch.equal(out, captured[0][1])
-            ):
-                return None
+            # The shortcut (training the Linear on cached inputs) is exact only if the model's output
+            # is the Linear's output or a softmax of it (the loss is then taken on the Linear's logits).
+            kinds.add(_output_kind(out, captured[0][1]))
     finally:
         handle.remove()
-    return torch.cat(feats)
+    kind = kinds.pop() if len(kinds) == 1 else None
+    return (torch.cat(feats) if kind else None), kind
+
+
+def _log_probabilities(kind: str | None):
+    """The model's output → what cross-entropy is taken on: a softmax output's log is the logits up to
+    a per-row constant, which cross-entropy ignores (a log-softmax output is used as it is)."""
+    if kind == "softmax":
+        return lambda out: torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
+    return lambda out: out
 
 
 def finetune_with_garbage(
@@ -201,7 +223,9 @@ def finetune_with_garbage(
     """Fine-tune ``model`` so ``garbage_images`` are classified as ``garbage_class``.
 
     Args:
-        model: a classifier that already has the garbage output (see :func:`add_garbage_class`).
+        model: a classifier that already has the garbage output (see :func:`add_garbage_class`); its
+            forward may end in a softmax or log-softmax of the classifier layer (the loss is then taken
+            on the logits, as for a model without it).
         id_images: in-distribution inputs, preprocessed, ``[N, C, H, W]`` (tensor or array).
         id_labels: their labels ``[N]`` in ``0..K-1`` (not the garbage class).
         garbage_images: off-distribution inputs, preprocessed, ``[M, C, H, W]``.
@@ -240,15 +264,20 @@ def finetune_with_garbage(
     gen = torch.Generator().manual_seed(seed)
     requires_grad_before = {id(p): p.requires_grad for p in model.parameters()}
 
+    model.eval()
+    feats, kind = _head_inputs(model, layer, x[: max(batch_size, 1)] if not freeze_backbone else x, batch_size)
+    if kind in ("softmax", "log_softmax"):
+        log.info(
+            "finetune_with_garbage: the model's output is the %s of %s; the loss is taken on the logits", kind, name
+        )
+    to_log_probs = _log_probabilities(kind)
     if freeze_backbone:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in layer.parameters():
             p.requires_grad_(True)
-        model.eval()
-        feats = _head_inputs(model, layer, x, batch_size)
         params = list(layer.parameters())
-        forward = (lambda idx: layer(feats[idx])) if feats is not None else (lambda idx: model(x[idx]))
+        forward = (lambda idx: layer(feats[idx])) if feats is not None else (lambda idx: to_log_probs(model(x[idx])))
         if feats is None:
             log.info("finetune_with_garbage: %s is not the model's output; training through the frozen model", name)
     else:
@@ -256,7 +285,7 @@ def finetune_with_garbage(
             p.requires_grad_(True)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        forward = lambda idx: model(x[idx])  # noqa: E731
+        forward = lambda idx: to_log_probs(model(x[idx]))  # noqa: E731
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     for epoch in range(epochs):

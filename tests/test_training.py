@@ -158,6 +158,29 @@ def test_finetune_with_garbage_head_only_sends_garbage_to_new_class():
         finetune_with_garbage(model, x, np.full(len(x), 4), garbage, epochs=1)
 
 
+@pytest.mark.parametrize("freeze_backbone", [True, False], ids=["head-only", "whole-model"])
+@pytest.mark.parametrize("activation", [nn.Softmax(dim=1), nn.LogSoftmax(dim=1)], ids=["softmax", "log-softmax"])
+def test_finetune_with_garbage_takes_the_loss_on_the_logits_of_a_softmax_model(activation, freeze_backbone):
+    """A model whose forward ends in a softmax is fine-tuned exactly as the same model without it:
+    cross-entropy on its probabilities would be a softmax of probabilities (a weak, wrong signal)."""
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Linear(16, 4))
+
+    x, y = _cluster_features(20, seed=1)
+    garbage = (np.random.default_rng(3).normal(0, 0.3, (40, 6)) + np.array([8, -8, 8, -8, 8, -8])).astype(np.float32)
+    plain = add_garbage_class(build())
+    with_activation = nn.Sequential(*add_garbage_class(build()), activation)
+    kw = dict(epochs=5, lr=5e-2, freeze_backbone=freeze_backbone)
+    finetune_with_garbage(plain, x, y, garbage, **kw)
+    finetune_with_garbage(with_activation, x, y, garbage, **kw)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(with_activation.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and it learned the garbage class
+        assert (with_activation(torch.from_numpy(garbage)).argmax(1) == 4).float().mean() >= 0.95
+
+
 # --- training, determinism, checkpoint ------------------------------------------------------------
 
 
