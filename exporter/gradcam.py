@@ -269,8 +269,8 @@ _OUTPUT_ACTIVATIONS = {
 def _output_activation(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node] | None:
     """``(kind, logits node)`` when the forward returns the Softmax / LogSoftmax of its logits over the
     classes (Grad-CAM is defined on the score before the softmax, Selvaraju et al. 2017, section 3; the
-    guard's p-values and served probabilities need the logits); a final Sigmoid (a multi-label model)
-    is refused: softmaxing its logits would serve probabilities the model never gave."""
+    guard's p-values and served probabilities need the logits); a final sigmoid stays in the head, with a
+    warning (:data:`~gamguard.exporter.onnx_fuse.SIGMOID_WARNING`)."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         kind = _OUTPUT_ACTIVATIONS.get(type(module))
@@ -286,12 +286,10 @@ def _output_activation(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node]
     if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if kind == "Sigmoid":
-        raise ValueError(
-            f"the model's forward ends in a sigmoid ({_origin_of(node, gm)}): independent per-class "
-            "probabilities (a multi-label or one-output binary model); gamguard guards single-label classifiers "
-            "with a garbage class whose forward returns the logits or their softmax (retrain the head with "
-            "softmax classes and a garbage class, e.g. finetune_with_garbage)"
-        )
+        from .onnx_fuse import SIGMOID_WARNING
+
+        log.warning(SIGMOID_WARNING, f"forward ends in a sigmoid ({_origin_of(node, gm)})")
+        return None
     shape = _meta_shape(node.args[0])
     if shape is None or len(shape) != 2 or dim not in (None, 1, -1):
         return None  # not a softmax over the classes of [N, K] logits: judged as any other head op

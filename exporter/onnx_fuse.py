@@ -946,6 +946,15 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
     return model, info
 
 
+#: Logged when a model's output is a Sigmoid: it is exported as it is (its Grad-CAM is that of the sigmoid's
+#: output, its argmax the logits'), but the guard softmaxes the outputs as logits.
+SIGMOID_WARNING = (
+    "the model's %s: independent per-class probabilities (a multi-label or one-output binary model); it is "
+    "exported as it is, and the label (the largest output) is the model's, but gamguard treats the outputs as "
+    "logits, so the probabilities it serves are a softmax of the model's sigmoid outputs, not the model's own; "
+    "gamguard is meant for single-label classifiers with softmax classes and a garbage class (finetune_with_garbage)"
+)
+
 #: What a classifier may apply to its logits as its last step; the fused graph's ``logits`` are taken
 #: before it (the guard's softmax of them gives the model's own probabilities again).
 OUTPUT_ACTIVATIONS = ("Softmax", "LogSoftmax")
@@ -957,8 +966,7 @@ def _strip_output_activation(graph) -> tuple[str, str | None]:
     nodes, and the activation's op type (``None``: the output is the logits). Those nodes are removed
     when nothing else reads them. Grad-CAM is defined on the score before the softmax (Selvaraju et al.,
     2017, section 3), and the guard's p-values and served probabilities need the logits, so a final
-    Sigmoid (independent per-class probabilities: a multi-label model, whose logits would be softmaxed
-    into something the model never said) is refused."""
+    Sigmoid (independent per-class probabilities) is kept, with a warning (:data:`SIGMOID_WARNING`)."""
     output = graph.output[0].name
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {}
@@ -974,12 +982,8 @@ def _strip_output_activation(graph) -> tuple[str, str | None]:
     if last is None or last.op_type not in (*OUTPUT_ACTIVATIONS, "Sigmoid"):
         return output, None
     if last.op_type == "Sigmoid":
-        raise ValueError(
-            f"the model's output {output!r} is a Sigmoid ({last.name!r}): independent per-class probabilities "
-            "(a multi-label or one-output binary model); gamguard guards single-label classifiers with a garbage "
-            "class whose output is the logits or their Softmax (retrain the head with softmax classes and a "
-            "garbage class, e.g. gamguard.exporter.garbage.finetune_with_garbage)"
-        )
+        log.warning(SIGMOID_WARNING, f"output {output!r} is a Sigmoid ({last.name!r})")
+        return output, None
     axis = next((a.i for a in last.attribute if a.name == "axis"), -1)
     if axis not in (1, -1):
         raise ValueError(f"the model's output {output!r} is a {last.op_type} over axis {axis}, not over the classes")

@@ -252,10 +252,10 @@ class _WithOutputActivation(torch.nn.Module):
 
 
 @pytest.mark.parametrize("activation", ["Softmax", "LogSoftmax"])
-def test_onnx_only_a_final_softmax_is_taken_off(activation, tmp_path, one_torch_thread):
+def test_onnx_only_a_final_softmax_is_taken_off(activation, tmp_path, one_torch_thread, caplog):
     """The bundle's logits are the input of a model's final Softmax / LogSoftmax: its Grad-CAM is the
     logits' (the paper's), and the guard's softmax of them gives the model's own probabilities back —
-    not a softmax of probabilities. A final Sigmoid (multi-label) is refused."""
+    not a softmax of probabilities. A final Sigmoid (multi-label) stays, with a warning."""
     from gamguard.exporter.onnx_fuse import export_onnx_bundle
 
     model, target, early = trained_zoo_model("resnet18", 1)
@@ -275,14 +275,15 @@ def test_onnx_only_a_final_softmax_is_taken_off(activation, tmp_path, one_torch_
 
     torch_to_plain_onnx(_WithOutputActivation(model, torch.nn.Sigmoid()).eval(), f"net.{target}", f"net.{early}",
                         tmp_path / "sigmoid.onnx", 1)  # fmt: skip
-    with pytest.raises(ValueError, match="is a Sigmoid .*multi-label or one-output binary"):
-        export_onnx_bundle(tmp_path / "sigmoid.onnx", tmp_path / "s", **kw)
-    assert not (tmp_path / "s").exists()
+    with caplog.at_level("WARNING"):  # a final Sigmoid stays, with a warning that says what is served
+        facts = export_onnx_bundle(tmp_path / "sigmoid.onnx", tmp_path / "s", **kw)["export"]
+    assert facts["output_activation_removed"] is None and "Sigmoid" in facts["head"][-1]
+    assert any("is a Sigmoid" in r.getMessage() and "not the model's own" in r.getMessage() for r in caplog.records)
 
 
-def test_a_torch_forward_ending_in_softmax_exports_its_logits(tmp_path, one_torch_thread):
+def test_a_torch_forward_ending_in_softmax_exports_its_logits(tmp_path, one_torch_thread, caplog):
     """The same for a torch model: its forward's final softmax — a module, a Tensor method or a function —
-    is left out of the fused graph and recorded; a final sigmoid is refused."""
+    is left out of the fused graph and recorded; a final sigmoid stays in the head, with a warning."""
     from gamguard.exporter.gradcam import plan_head
 
     model, target, early = trained_zoo_model("efficientnet_b0", 1)
@@ -301,8 +302,12 @@ def test_a_torch_forward_ending_in_softmax_exports_its_logits(tmp_path, one_torc
         plan = plan_head(_WithOutputActivation(model, activation).eval(), f"net.{target}", f"net.{early}", example)
         origins = [o.replace("'net.", "'") for o in plan.origins]  # the wrapper's module names
         assert (plan.output_activation, origins) == (kind, plain.origins)
-    with pytest.raises(ValueError, match="ends in a sigmoid .*multi-label or one-output binary"):
-        export_bundle(_WithOutputActivation(model, torch.nn.Sigmoid()).eval(), tmp_path / "s", **kw)
+    with caplog.at_level("WARNING"):
+        plan = plan_head(
+            _WithOutputActivation(model, torch.nn.Sigmoid()).eval(), f"net.{target}", f"net.{early}", example
+        )
+    assert plan.output_activation is None and "Sigmoid" in plan.origins[-1]
+    assert any("ends in a sigmoid" in r.getMessage() for r in caplog.records)
 
 
 def test_onnx_only_refuses_an_old_model_that_cannot_be_converted(tmp_path):
