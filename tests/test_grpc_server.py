@@ -249,6 +249,7 @@ def test_oip_base64_bytes_as_mlserver_base64codec_sends_them(env, accepted_phant
     encoded = base64.b64encode(png16(img))
     res = infer(encoded, "base64")
     assert res.parameters["accepted"].bool_param is True
+    assert infer(base64.encodebytes(png16(img)), "base64").parameters["accepted"].bool_param  # MIME-wrapped
     names = [o.name for o in res.outputs]
     assert deserialize_bytes(res.raw_output_contents[names.index("label")]) == [ref.label.encode()]
     # another codec's content type leaves the bytes as they are (MLServer's NumpyCodec says "np")

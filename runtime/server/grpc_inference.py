@@ -9,8 +9,8 @@ What ``tritonclient.grpc`` and KServe clients see:
   shape ``[N, H, W]`` (also ``[H, W]`` or ``[N, 1, H, W]``), any size (resized like decoded files).
   ``image`` also takes the numeric forms, told apart by datatype. Input parameter ``frame`` (int)
   picks the frame of multi-frame DICOM; input parameter ``content_type`` ``base64`` says each BYTES
-  element is the file base64-encoded (MLServer's ``Base64Codec``; decoded strictly), any other value
-  is ignored (e.g. MLServer's ``np``);
+  element is the file base64-encoded (MLServer's ``Base64Codec``; decoded strictly, line breaks
+  allowed), any other value is ignored (e.g. MLServer's ``np``);
 * outputs, one row per image: ``accepted`` (BOOL), ``reasons`` (BYTES, comma-separated),
   ``verdict`` (BYTES, the full verdict as JSON: scores, thresholds, failed measures, timings) and,
   when requested by name, ``heatmap`` (FP32 ``[N, H, W]`` Grad-CAM maps);
@@ -124,7 +124,7 @@ def _content_type(tensor) -> str | None:
 
 def _unbase64(item: bytes, index: int) -> bytes:
     try:
-        return base64.b64decode(item, validate=True)
+        return base64.b64decode(b"".join(bytes(item).split()), validate=True)  # MIME line breaks allowed
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"image {index}: content_type is base64 but the element is not valid base64") from None
 
