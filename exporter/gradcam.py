@@ -266,6 +266,24 @@ _OUTPUT_ACTIVATIONS = {
 }
 
 
+_RESHAPES = {"reshape", "view", "flatten", "squeeze", "contiguous", torch.reshape, torch.flatten, torch.squeeze}
+
+
+def _before_reshapes(node: fx.Node) -> fx.Node:
+    """``node`` or, when it only reshapes a tensor of the same shape (MONAI's ``Classifier`` ends in
+    Softmax → Reshape(K)), the node it reshapes, repeatedly."""
+    while node.op in ("call_method", "call_function") and node.args and isinstance(node.args[0], fx.Node):
+        try:
+            is_reshape = node.target in _RESHAPES
+        except TypeError:  # an unhashable target
+            is_reshape = False
+        shape = _meta_shape(node)
+        if not is_reshape or shape is None or shape != _meta_shape(node.args[0]):
+            break
+        node = node.args[0]
+    return node
+
+
 def _output_activation(node: fx.Node, gm: fx.GraphModule) -> tuple[str, fx.Node] | None:
     """``(kind, logits node)`` when the forward returns the Softmax / LogSoftmax of its logits over the
     classes (Grad-CAM is defined on the score before the softmax, Selvaraju et al. 2017, section 3; the
@@ -340,8 +358,8 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
     logits_node = out_node.args[0]
     if not isinstance(logits_node, fx.Node) or _meta_shape(logits_node) is None:
         raise ValueError("the model's forward must return a single logits tensor [N, K]")
-    output_activation = _output_activation(logits_node, gm)
-    if output_activation is not None:  # Grad-CAM and the guard work on the logits before it
+    output_activation = _output_activation(_before_reshapes(logits_node), gm)
+    if output_activation is not None:  # Grad-CAM and the guard work on the logits before it (and its reshapes)
         output_activation, logits_node = output_activation
     target_node = _node_for_module(tracer, target_layer, "target_layer")
     early_node = _node_for_module(tracer, early_layer, "early_layer")
@@ -367,11 +385,19 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
     head_nodes = [n for n in graph.nodes if n in needed and n in descendants]
     outside = [n for n in needed if n not in descendants and n.op not in ("get_attr",) and n is not target_node]
     if outside:
-        names = ", ".join(sorted(_origin_of(n, gm) if n.op != "placeholder" else "the input" for n in outside))
+        # the layers, not the plumbing (getattr / getitem of shapes), each once, the nearest to the target first
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        origins = [_origin_of(n, gm) if n.op != "placeholder" else "the input" for n in sorted(outside, key=order.get)]
+        plumbing = ("function builtins.", "operator ", "method Tensor.size")
+        shown = list(dict.fromkeys(reversed([o for o in origins if not o.startswith(plumbing)] or origins)))
+        names = ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
+        parts = target_layer.split(".")
+        parents = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)][:2]  # the block whose output adds it
         raise UnsupportedHeadError(
             f"cannot export Grad-CAM: the logits also depend on values computed before or beside "
             f"target_layer {target_layer!r} ({names}) — a skip connection around the target "
             "layer; choose a later target_layer"
+            + (f", e.g. an enclosing block: {', '.join(map(repr, parents))}" if parents else "")
         )
 
     # The hand-written rules need a chain of whitelisted single-input ops (Tensor.size calls for

@@ -958,6 +958,7 @@ SIGMOID_WARNING = (
 #: What a classifier may apply to its logits as its last step; the fused graph's ``logits`` are taken
 #: before it (the guard's softmax of them gives the model's own probabilities again).
 OUTPUT_ACTIVATIONS = ("Softmax", "LogSoftmax")
+_OUTPUT_RESHAPES = ("Identity", "Reshape", "Flatten", "Squeeze")
 
 
 def _strip_output_activation(graph) -> tuple[str, str | None]:
@@ -975,7 +976,9 @@ def _strip_output_activation(graph) -> tuple[str, str | None]:
             readers[i] = readers.get(i, 0) + 1
     other_outputs = {o.name for o in graph.output[1:]}
     chain, name = [], output
-    while name in producer and producer[name].op_type == "Identity":
+    # an Identity, or a reshape of the probabilities (MONAI's Classifier ends in Softmax → Reshape(K)): the
+    # logits must still be [N, K] (checked after shape inference) and the parity check compares the values
+    while name in producer and producer[name].op_type in _OUTPUT_RESHAPES:
         chain.append(producer[name])
         name = producer[name].input[0]
     last = producer.get(name)
@@ -995,7 +998,8 @@ def _strip_output_activation(graph) -> tuple[str, str | None]:
         return output, None  # something else reads the probabilities: leave the model as it is
     for n in chain:
         graph.node.remove(n)
-    graph.output[0].name = last.input[0]  # same [N, K] float type and shape
+    graph.output[0].name = last.input[0]  # float, [N, K] once shape inference has run
+    graph.output[0].type.tensor_type.ClearField("shape")
     return last.input[0], last.op_type
 
 
@@ -1220,6 +1224,8 @@ def export_onnx_bundle(
             ref_out = ref_session.run(None, {ref_input: np.ascontiguousarray(ref_x)})
             ref_logits, ref_early = ref_out[0], ref_out[-1]
             logits = _apply_activation(logits, info.output_activation)  # the model's own output again
+            if info.output_activation and ref_logits.shape != logits.shape and ref_logits.size == logits.size:
+                ref_logits = ref_logits.reshape(logits.shape)  # the activation's reshapes, taken off with it
             if pool is not None:
                 ref_early = pool[0] @ ref_early @ pool[1].T
             result = {

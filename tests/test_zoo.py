@@ -240,15 +240,17 @@ class _WithOutputActivation(torch.nn.Module):
     """A classifier whose forward returns probabilities, as Keras' Dense(K, activation="softmax") and many
     torch models do: ``activation`` is a module, a torch function or a Tensor method name."""
 
-    def __init__(self, model, activation):
+    def __init__(self, model, activation, reshape: bool = False):
         super().__init__()
-        self.net, self.activation = model, activation
+        self.net, self.activation, self.reshape = model, activation, reshape
 
     def forward(self, x):
         z = self.net(x)
         if isinstance(self.activation, str):
-            return getattr(z, self.activation)(dim=1)
-        return self.activation(z) if isinstance(self.activation, torch.nn.Module) else self.activation(z, dim=1)
+            p = getattr(z, self.activation)(dim=1)
+        else:
+            p = self.activation(z) if isinstance(self.activation, torch.nn.Module) else self.activation(z, dim=1)
+        return p.reshape(-1, z.shape[1]) if self.reshape else p  # as MONAI's Classifier ends: Reshape(K)
 
 
 @pytest.mark.parametrize("activation", ["Softmax", "LogSoftmax"])
@@ -259,9 +261,11 @@ def test_onnx_only_a_final_softmax_is_taken_off(activation, tmp_path, one_torch_
     from gamguard.exporter.onnx_fuse import export_onnx_bundle
 
     model, target, early = trained_zoo_model("resnet18", 1)
-    wrapped = _WithOutputActivation(model, getattr(torch.nn, activation)(dim=1)).eval()
+    reshape = activation == "LogSoftmax"  # and a Reshape after it
+    wrapped = _WithOutputActivation(model, getattr(torch.nn, activation)(dim=1), reshape=reshape).eval()
     torch_to_plain_onnx(wrapped, f"net.{target}", f"net.{early}", tmp_path / "probs.onnx", 1)
-    assert onnx.load(str(tmp_path / "probs.onnx")).graph.node[-1].op_type in (activation, "Identity")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "probs.onnx")).graph.node]
+    assert activation in ops and ("Reshape" in ops[ops.index(activation) :]) == reshape
     kw = dict(target_tensor="tgt", early_tensor="erl", class_names=CLASSES, garbage_class="garbage")
     manifest = export_onnx_bundle(tmp_path / "probs.onnx", tmp_path / "b", **kw)
     assert manifest["export"]["output_activation_removed"] == activation
@@ -308,6 +312,39 @@ def test_a_torch_forward_ending_in_softmax_exports_its_logits(tmp_path, one_torc
         )
     assert plan.output_activation is None and "Sigmoid" in plan.origins[-1]
     assert any("ends in a sigmoid" in r.getMessage() for r in caplog.records)
+
+
+def test_a_softmax_then_a_reshape_is_still_the_models_softmax(one_torch_thread):
+    """MONAI's Classifier ends in Linear → Softmax → Reshape(K): the reshape keeps the shape, so the logits
+    are still the softmax's input."""
+    from gamguard.exporter.gradcam import plan_head
+
+    class SoftmaxThenReshape(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            p = torch.softmax(self.net(x), 1)
+            return p.reshape(p.shape[0], -1).contiguous()
+
+    model, target, early = trained_zoo_model("resnet18", 1)
+    example = torch.zeros(2, 1, SIZE, SIZE)
+    plan = plan_head(SoftmaxThenReshape(model).eval(), f"net.{target}", f"net.{early}", example)
+    assert plan.output_activation == "Softmax" and plan.kind == plan_head(model, target, early, example).kind
+
+
+def test_a_skip_connection_refusal_names_a_few_layers_not_the_plumbing():
+    """A target inside a residual block (its output is added to the block's input): the refusal names
+    the layers the logits also read, briefly — not every getattr / getitem of the traced forward."""
+    from gamguard.exporter.gradcam import UnsupportedHeadError, plan_head
+
+    model, _, early = trained_zoo_model("resnet50", 1)
+    with pytest.raises(UnsupportedHeadError, match="skip connection") as info:
+        plan_head(model, "layer4.2.conv3", early, torch.zeros(2, 1, SIZE, SIZE))
+    message = str(info.value)
+    assert len(message) < 600 and "builtins" not in message and "getitem" not in message, message
+    assert "module 'layer4." in message and "an enclosing block: 'layer4.2', 'layer4'" in message
 
 
 def test_onnx_only_refuses_an_old_model_that_cannot_be_converted(tmp_path):
