@@ -348,8 +348,17 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
             f"{target_layer!r}: {type(exc).__name__}: {exc}"
         ) from exc
     gm = fx.GraphModule(model, graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
+        cause = exc.__cause__ or exc  # ShapeProp wraps the forward's own error
+        detail = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"the model's forward fails on a {tuple(example.shape)} input: {type(cause).__name__}: {detail} "
+            "(a model widened by add_garbage_class that hard-codes its number of classes after the classifier "
+            "layer, e.g. a final Reshape(K), needs that set to K + 1)"
+        ) from exc
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

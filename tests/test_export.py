@@ -637,3 +637,28 @@ def test_functional_head_forms_in_torch(cls, kind):
     np.testing.assert_allclose(logits.numpy(), logits_ref, rtol=1e-5, atol=1e-6)
     assert np.abs(cam.numpy() - cam_ref).max() <= 1e-3
     np.testing.assert_allclose(early.numpy(), early_reference(model, "layer1", x), atol=1e-5)
+
+
+class _FixedReshape(nn.Module):
+    """A head that hard-codes the number of classes (MONAI's Classifier ends in Reshape(K))."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], self.k)
+
+
+def test_a_forward_that_fails_on_the_example_is_a_clear_error():
+    """After add_garbage_class a final Reshape(K) no longer fits K + 1 outputs: the export says that the
+    forward failed, with the cause, instead of torch.fx's ShapeProp dump."""
+    from gamguard.exporter.garbage import add_garbage_class
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3), _FixedReshape(3),
+    ).eval()  # fmt: skip
+    add_garbage_class(model)
+    with pytest.raises(ValueError, match=r"forward fails on a \(2, 1, 32, 32\) input: RuntimeError: shape .*K \+ 1"):
+        plan_head(model, "3", "1", torch.zeros(2, 1, 32, 32))
