@@ -411,6 +411,34 @@ def _rule_global_average_pool(b, g, node, gouts):
     return {x: _expand_mean_grad(b, g, node, gouts[0], x, list(range(2, rank)), 1, True)}
 
 
+def _is_whole_map_pool(g, node) -> bool:
+    """An AveragePool / MaxPool whose one window is the whole [h, w] map (no padding): a global pool, as
+    older torchvision ResNets (``AvgPool2d(7)``), Caffe-converted and PaddlePaddle models write it."""
+    at = _attrs(node)
+    shape = g.shape(node.input[0], node)
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+        return False
+    pads = list(at.get("pads", [0, 0, 0, 0]))
+    auto_pad = at.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    dilations = list(at.get("dilations", [1, 1]))
+    return (
+        list(at.get("kernel_shape", [])) == list(shape[2:])
+        and not any(pads)
+        and auto_pad in ("NOTSET", "VALID")
+        and dilations == [1, 1]
+    )
+
+
+def _rule_average_pool(b, g, node, gouts):
+    if not _is_whole_map_pool(g, node):
+        raise UnsupportedOnnxOpError(
+            f"node {node.name!r} (AveragePool) pools windows smaller than its input (only a pool over the whole "
+            "map has a backward rule here); choose a later target tensor, e.g. the input of the global pooling"
+        )
+    return _rule_global_average_pool(b, g, node, gouts)
+
+
 def _rule_batchnorm(b, g, node, gouts):
     at = _attrs(node)
     if int(at.get("training_mode", 0)):
@@ -523,6 +551,7 @@ BACKWARD_RULES = {
     "MatMul": _rule_matmul,
     "Gemm": _rule_gemm,
     "GlobalAveragePool": _rule_global_average_pool,
+    "AveragePool": _rule_average_pool,
     "ReduceMean": _rule_reduce_mean,
     "ReduceSum": _rule_reduce_mean,
     "BatchNormalization": _rule_batchnorm,
@@ -1027,15 +1056,21 @@ def _seed_gradient(b: _Builder, g: _Graph, last, logits_name: str, k: int) -> di
 
 
 def _global_pool_of(g: _Graph, head, target: str):
-    """The head node that averages ``target`` over its spatial axes, when that is the head's only use
-    of ``target`` (GlobalAveragePool, or ReduceMean over axes 2 and 3); else None."""
+    """The head node that pools ``target`` over its whole map, when that is the head's only use of
+    ``target``: GlobalAveragePool, ReduceMean over axes 2 and 3, an AveragePool over the whole map — or
+    their max counterparts (GlobalMaxPool, ReduceMax, a whole-map MaxPool: Keras' GlobalMaxPooling2D,
+    torch's adaptive max pool). For Grad-CAM both give the same channel weights: the gradient at the
+    pooled value, spread over the map (the mean) or given to its maximum (the max), averaged over the
+    map's h·w positions is that gradient / (h·w) either way. Else None."""
     users = [n for n in head if target in n.input]
     if len(users) != 1 or users[0].input[0] != target:
         return None
     n = users[0]
-    if n.op_type == "GlobalAveragePool":
+    if n.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
         return n
-    if n.op_type == "ReduceMean":
+    if n.op_type in ("AveragePool", "MaxPool") and len(n.output) == 1 and _is_whole_map_pool(g, n):
+        return n
+    if n.op_type in ("ReduceMean", "ReduceMax"):
         axes, _ = _reduce_axes(g, n)
         rank = len(g.shape(target, n))
         if rank == 4 and sorted(a % rank for a in axes) == [2, 3]:

@@ -347,6 +347,53 @@ def test_a_skip_connection_refusal_names_a_few_layers_not_the_plumbing():
     assert "module 'layer4." in message and "an enclosing block: 'layer4.2', 'layer4'" in message
 
 
+class _PoolNet(torch.nn.Module):
+    """stem → features (conv, BN, ReLU) → a global pool written as ``pool`` → Linear."""
+
+    def __init__(self, pool):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem = torch.nn.Sequential(conv(1, 8, 3, padding=1), torch.nn.ReLU())
+        bn = torch.nn.BatchNorm2d(16)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        self.features = torch.nn.Sequential(conv(8, 16, 3, padding=1, stride=2), bn, torch.nn.ReLU())
+        self.pool, self.fc = pool, torch.nn.Linear(16, len(CLASSES))
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(self.stem(x))), 1))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch names its TorchScript exporter legacy
+@pytest.mark.parametrize(
+    "pool, op",
+    [
+        (torch.nn.AvgPool2d(SIZE // 2), "AveragePool"),  # older torchvision ResNets: AvgPool2d(7)
+        (torch.nn.MaxPool2d(SIZE // 2), "MaxPool"),
+        (torch.nn.AdaptiveMaxPool2d(1), "MaxPool"),  # the TorchScript exporter writes a whole-map MaxPool
+    ],
+    ids=["avgpool-whole-map", "maxpool-whole-map", "adaptive-max"],
+)
+def test_onnx_only_global_pools_written_as_window_pools(pool, op, tmp_path, one_torch_thread):
+    """A global pool written as an AveragePool / MaxPool whose window is the whole map (older torchvision
+    ResNets, Caffe and PaddlePaddle conversions, global max pooling) exports, with autograd's Grad-CAM."""
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    torch.manual_seed(0)
+    model = _PoolNet(pool).eval()
+    torch_to_plain_onnx(model, "features", "stem", tmp_path / "m.onnx", 1, legacy_opset=17)
+    assert op in {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    export_onnx_bundle(
+        tmp_path / "m.onnx", tmp_path / "b", target_tensor="tgt", early_tensor="erl", class_names=CLASSES,
+        garbage_class="garbage",
+    )  # fmt: skip
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, _ = _data(4, 1, 91)
+    logits, cam, _ = sess.run(["logits", "cam", "early"], {"image": x.numpy()})
+    cam_ref, logits_ref = reference_gradcam(model, "features", x)
+    assert np.abs(cam - cam_ref).max() <= 1e-3 and np.abs(logits - logits_ref).max() <= 1e-4 * np.abs(logits_ref).max()
+
+
 def test_onnx_only_refuses_an_old_model_that_cannot_be_converted(tmp_path):
     """An opset-9 model using an experimental op ONNX has since removed (ImageScaler) is refused by name,
     with the way out, and no bundle is written."""
