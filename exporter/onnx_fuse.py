@@ -694,6 +694,43 @@ def upgrade_opset(model, source: str = "the model"):
     return converted
 
 
+def _probe_shapes(model, input_name: str, layout: str, chw, names) -> dict:
+    """Shapes of the float tensors ``names`` measured with ONNX Runtime at batch 1 and 2: a dim that
+    changes with the batch is the (symbolic) ``"batch"``, the others are static. For tensors whose shape
+    ONNX shape inference cannot derive (a Reshape to a computed shape); tensors the run cannot produce
+    stay unknown."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in known
+    )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every tensor as written
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in session.get_outputs()]
+        runs = []
+        for batch in (1, 2):
+            c, h, w = chw
+            shape = (batch, c, h, w) if layout == "nchw" else (batch, h, w, c)
+            x = np.random.default_rng(batch).standard_normal(shape).astype(np.float32)
+            runs.append(dict(zip(outputs, (np.shape(v) for v in session.run(outputs, {input_name: x})))))
+    except Exception as exc:  # noqa: BLE001 - a model ONNX Runtime cannot run says so in the parity check
+        log.debug("shape probe with ONNX Runtime failed: %s", exc)
+        return {}
+    measured = {}
+    for n in names:
+        a, b = runs[0].get(n), runs[1].get(n)
+        if a is not None and b is not None and len(a) == len(b):
+            measured[n] = tuple(int(x) if x == y else "batch" for x, y in zip(a, b))
+    return measured
+
+
 def _shape_of(value_info) -> tuple | None:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):
@@ -821,6 +858,18 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         shapes[vi.name] = _shape_of(vi)
         elem_types[vi.name] = vi.type.tensor_type.elem_type
+    # what ONNX shape inference leaves unknown (paddle2onnx's flatten: Reshape to Concat(Shape(x)[:1], [-1]))
+    # is measured by running the model (_probe_shapes)
+    unknown = [
+        o
+        for n in graph.node
+        for o in n.output
+        if o
+        and (shapes.get(o) is None or None in shapes[o])
+        and elem_types.get(o, TensorProto.FLOAT) == TensorProto.FLOAT
+    ]
+    if unknown:
+        shapes.update(_probe_shapes(model, inp.name, layout, (c, h, w), unknown))
     for role, name in (("target", target), ("early", early)):
         s = shapes.get(name)
         if s is None or len(s) != 4 or not all(isinstance(v, int) for v in s[1:]):

@@ -394,6 +394,74 @@ def test_onnx_only_global_pools_written_as_window_pools(pool, op, tmp_path, one_
     assert np.abs(cam - cam_ref).max() <= 1e-3 and np.abs(logits - logits_ref).max() <= 1e-4 * np.abs(logits_ref).max()
 
 
+def _paddle_style_classifier(flatten: str):
+    """A small ONNX classifier as paddle2onnx writes it: the flatten after the global pool is a Reshape to
+    Concat(Slice(Shape(x), 0, 1), [-1]) — a shape ONNX shape inference leaves unknown, and with it every
+    head tensor after it — then MatMul + Add + Softmax. ``flatten="Flatten"`` writes the same model with a
+    plain Flatten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": rng.standard_normal((4, 1, 3, 3)), "w2": rng.standard_normal((8, 4, 3, 3)) * 0.5,
+        "wf": rng.standard_normal((8, len(CLASSES))), "bf": rng.standard_normal(len(CLASSES)),
+        "zero": [0], "one": [1], "minus1": [-1],
+    }  # fmt: skip
+    inits = [
+        numpy_helper.from_array(np.asarray(v, np.int64 if k in ("zero", "one", "minus1") else np.float32), k)
+        for k, v in weights.items()
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["feat_early"]),
+        helper.make_node("Conv", ["feat_early", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["feat_target"]),
+        helper.make_node("GlobalAveragePool", ["feat_target"], ["pooled"]),
+    ]
+    if flatten == "Flatten":
+        nodes.append(helper.make_node("Flatten", ["pooled"], ["flat"], axis=1))
+    else:
+        nodes += [
+            helper.make_node("Shape", ["pooled"], ["shape"]),
+            helper.make_node("Slice", ["shape", "zero", "one"], ["n"]),
+            helper.make_node("Concat", ["n", "minus1"], ["new_shape"], axis=0),
+            helper.make_node("Reshape", ["pooled", "new_shape"], ["flat"]),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["flat", "wf"], ["mm"]),
+        helper.make_node("Add", ["mm", "bf"], ["logits_"]),
+        helper.make_node("Softmax", ["logits_"], ["probs"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle_style",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", len(CLASSES)])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_onnx_only_head_shapes_that_shape_inference_cannot_derive_are_measured(tmp_path):
+    """paddle2onnx's flatten leaves the head's shapes unknown to ONNX shape inference (the export said
+    "give --input-shape", which changed nothing): they are measured with ONNX Runtime instead, and the
+    bundle is the same as that of the model written with a plain Flatten."""
+    from gamguard.exporter.onnx_fuse import export_onnx_bundle
+
+    outputs = {}
+    for flatten in ("paddle", "Flatten"):
+        onnx.save(_paddle_style_classifier(flatten), str(tmp_path / f"{flatten}.onnx"))
+        kw = dict(target_tensor="feat_target", early_tensor="feat_early", class_names=CLASSES, garbage_class="garbage")
+        facts = export_onnx_bundle(tmp_path / f"{flatten}.onnx", tmp_path / flatten, **kw)["export"]
+        assert facts["output_activation_removed"] == "Softmax"
+        sess = ort.InferenceSession(str(tmp_path / flatten / "model.onnx"), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(5).standard_normal((3, 1, 16, 16)).astype(np.float32)
+        outputs[flatten] = sess.run(["logits", "cam", "early"], {"image": x})
+    for a, b in zip(outputs["paddle"], outputs["Flatten"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert np.ptp(outputs["paddle"][1]) > 0.5  # the maps have structure: the comparison is not vacuous
+
+
 def test_onnx_only_refuses_an_old_model_that_cannot_be_converted(tmp_path):
     """An opset-9 model using an experimental op ONNX has since removed (ImageScaler) is refused by name,
     with the way out, and no bundle is written."""
