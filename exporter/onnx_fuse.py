@@ -866,7 +866,7 @@ def fuse_onnx_model(model, target: str, early: str, *, input_shape=None, early_p
         for o in n.output
         if o
         and (shapes.get(o) is None or None in shapes[o])
-        and elem_types.get(o, TensorProto.FLOAT) == TensorProto.FLOAT
+        and elem_types.get(o) == TensorProto.FLOAT  # an output of a wrongly declared type fails the probe
     ]
     if unknown:
         shapes.update(_probe_shapes(model, inp.name, layout, (c, h, w), unknown))
