@@ -160,7 +160,8 @@ class _Graph:
         if shape is None:
             raise UnsupportedOnnxOpError(
                 f"node {node.name!r} ({node.op_type}): the shape of {name!r} is unknown after ONNX shape "
-                "inference; give --input-shape so every head shape is static"
+                "inference and could not be measured with ONNX Runtime (if the model's input size is dynamic, "
+                "give --input-shape)"
             )
         return shape
 
