@@ -396,9 +396,9 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
     if outside:
         # the layers, not the plumbing (getattr / getitem of shapes), each once, the nearest to the target first
         order = {n: k for k, n in enumerate(graph.nodes)}
-        origins = [_origin_of(n, gm) if n.op != "placeholder" else "the input" for n in sorted(outside, key=order.get)]
+        sources = [_origin_of(n, gm) if n.op != "placeholder" else "the input" for n in sorted(outside, key=order.get)]
         plumbing = ("function builtins.", "operator ", "method Tensor.size")
-        shown = list(dict.fromkeys(reversed([o for o in origins if not o.startswith(plumbing)] or origins)))
+        shown = list(dict.fromkeys(reversed([o for o in sources if not o.startswith(plumbing)] or sources)))
         names = ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
         parts = target_layer.split(".")
         parents = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)][:2]  # the block whose output adds it
