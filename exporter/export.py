@@ -30,7 +30,7 @@ from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 
-from .gradcam import FusedGradCAM, UnsupportedHeadError, unexportable_head_error
+from .gradcam import FX_TRACE_FAILED, FusedGradCAM, UnsupportedHeadError, unexportable_head_error
 from .onnx_checks import (  # noqa: F401  (ExportError, check_onnx_graph, onnx_op_types: public here too)
     CAM_ATOL,
     EARLY_RTOL,
@@ -155,6 +155,80 @@ def _check_parity(result: dict) -> None:
         )
 
 
+class _Taps(nn.Module):
+    """The model's logits (a tensor, or the ``.logits`` of an output object as Hugging Face models return)
+    and the outputs of its target and early layers, as three outputs, for torch.onnx."""
+
+    def __init__(self, model: nn.Module, target_layer: str, early_layer: str):
+        super().__init__()
+        self.model, self._seen = model, {}
+        modules = dict(model.named_modules())
+        self._hooks = [
+            modules[name].register_forward_hook(lambda m, i, o, role=role: self._seen.__setitem__(role, o))
+            for role, name in (("target", target_layer), ("early", early_layer))
+        ]
+
+    def forward(self, image):
+        out = self.model(image)
+        logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                f"the model returned {type(out).__name__}, neither a logits tensor nor an object with .logits"
+            )
+        for role in ("target", "early"):
+            if not isinstance(self._seen.get(role), torch.Tensor):
+                raise ValueError(f"the {role} layer does not output a single tensor")
+        return logits, self._seen["target"], self._seen["early"]
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def _export_through_onnx(model, out_dir, example, fx_error, *, target_layer, early_layer, **bundle_args) -> dict:
+    """The torch route for a forward torch.fx cannot trace: export the model with torch.onnx (the
+    ``torch.export`` exporter follows Python control flow) with its target and early layers' outputs
+    exposed, then fuse that graph as ``gamguard export --onnx`` does (:func:`export_onnx_bundle`); the
+    plain graph is first checked against the torch model."""
+    import onnx
+    import onnxruntime as ort
+
+    from .onnx_fuse import export_onnx_bundle
+
+    log.info("torch.fx cannot trace the forward (%s); exporting with torch.onnx and fusing in ONNX", fx_error)
+    taps = _Taps(model, target_layer, early_layer).eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="gamguard-export-") as tmp:
+            plain = Path(tmp) / "plain.onnx"
+            try:
+                with torch.no_grad():
+                    export_onnx(taps, plain, example, output_names=["logits_", "target_", "early_"], opset=18)
+                    want = taps(example)[0].numpy()
+            except ValueError:  # _Taps: not a logits tensor, a layer without a tensor output
+                raise
+            except Exception as exc:  # the exporters raise many types
+                raise ExportError(
+                    f"{fx_error}; exporting it with torch.onnx failed too: {type(exc).__name__}: {exc}"
+                ) from exc
+            proto = onnx.load(str(plain))
+            del proto.graph.output[1:]  # the layers' tensors stay in the graph, named for the fuse
+            onnx.save(proto, str(plain))
+            got = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(
+                None, {INPUT_NAME: example.numpy()}
+            )[0]
+            if max_rel(got, want) > LOGITS_RTOL:
+                raise ExportError(f"torch.onnx's graph of the model differs from torch by {max_rel(got, want):.2e}")
+            c, h, w = example.shape[1:]
+            manifest = export_onnx_bundle(
+                plain, out_dir, target_tensor="target_", early_tensor="early_", input_shape=(c, h, w), **bundle_args
+            )
+    finally:
+        taps.remove()
+    manifest["layers"] = {"target": target_layer, "early": early_layer}
+    manifest["export"]["source"] = "torch module (torch.fx could not trace its forward: exported with torch.onnx)"
+    return bundle_mod.write_manifest(out_dir, manifest)
+
+
 def export_bundle(
     model: nn.Module,
     out_dir: str | Path,
@@ -230,9 +304,20 @@ def export_bundle(
     model.eval()
     try:
         with torch.no_grad():
-            wrapper = FusedGradCAM(
-                model, target_layer, early_layer, example, early_pool, dynamic_spatial=dynamic_spatial
-            ).eval()
+            try:
+                wrapper = FusedGradCAM(
+                    model, target_layer, early_layer, example, early_pool, dynamic_spatial=dynamic_spatial
+                ).eval()
+            except ValueError as exc:
+                if not str(exc).startswith(FX_TRACE_FAILED) or opset < 18 or dynamic_spatial:
+                    raise
+                # a forward torch.fx cannot trace (control flow on the input, Hugging Face models)
+                return _export_through_onnx(
+                    model, out_dir, example, exc, target_layer=target_layer, early_layer=early_layer,
+                    class_names=class_names, garbage_class=garbage_class, normalization=(mean, std),
+                    model_name=model_name, model_version=model_version, early_pool=early_pool, resize=resize,
+                    photometric=photometric,
+                )  # fmt: skip
             logits, cam, early = wrapper(example)
             if wrapper.plan.output_activation:  # the forward's own output, from the logits it was left out of
                 activation = torch.softmax if wrapper.plan.output_activation == "Softmax" else torch.log_softmax

@@ -83,6 +83,11 @@ def _unsupported(origin: str, why: str = "") -> UnsupportedHeadError:
     )
 
 
+#: How :func:`plan_head`'s error for a forward torch.fx cannot trace begins (export_bundle then goes
+#: through torch.onnx instead).
+FX_TRACE_FAILED = "cannot trace the model's forward with torch.fx"
+
+
 class _LayerTracer(fx.Tracer):
     """fx tracer that keeps ``target_layer``/``early_layer`` visible in the graph.
 
@@ -344,8 +349,7 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types on data-dependent control flow
         raise ValueError(
-            f"cannot trace the model's forward with torch.fx to find the head after "
-            f"{target_layer!r}: {type(exc).__name__}: {exc}"
+            f"{FX_TRACE_FAILED} to find the head after {target_layer!r}: {type(exc).__name__}: {exc}"
         ) from exc
     gm = fx.GraphModule(model, graph)
     try:

@@ -423,12 +423,18 @@ def _is_whole_map_pool(g, node) -> bool:
     auto_pad = at.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     dilations = list(at.get("dilations", [1, 1]))
-    return (
-        list(at.get("kernel_shape", [])) == list(shape[2:])
-        and not any(pads)
-        and auto_pad in ("NOTSET", "VALID")
-        and dilations == [1, 1]
+    kernel = list(at.get("kernel_shape", []))
+    out = g.shapes.get(node.output[0])
+    # a window larger than the map gives one output with ceil_mode (Hugging Face's EfficientNet pools
+    # with kernel = its hidden size): without padding, the mean over the map (the window's part past the
+    # map is not counted, count_include_pad or not: it is not padding)
+    one_window = kernel == list(shape[2:]) or (
+        len(kernel) == 2
+        and all(k >= d for k, d in zip(kernel, shape[2:]))
+        and out is not None
+        and tuple(out[2:]) == (1, 1)
     )
+    return one_window and not any(pads) and auto_pad in ("NOTSET", "VALID") and dilations == [1, 1]
 
 
 def _rule_average_pool(b, g, node, gouts):

@@ -662,3 +662,53 @@ def test_a_forward_that_fails_on_the_example_is_a_clear_error():
     add_garbage_class(model)
     with pytest.raises(ValueError, match=r"forward fails on a \(2, 1, 32, 32\) input: RuntimeError: shape .*K \+ 1"):
         plan_head(model, "3", "1", torch.zeros(2, 1, 32, 32))
+
+
+class _Output:
+    """What Hugging Face models return: an object with ``.logits``."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class UntraceableNet(GapLinearNet):
+    """A forward torch.fx cannot trace — Python control flow on the input, as Hugging Face models check
+    ``pixel_values`` — returning the logits, or (``wrapped``) an object holding them."""
+
+    def __init__(self, wrapped: bool = False):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, x):
+        if x.shape[1] != 1:
+            raise ValueError("one channel expected")
+        logits = super().forward(x)
+        return _Output(logits) if self.wrapped else logits
+
+
+def test_a_forward_torch_fx_cannot_trace_is_exported_through_torch_onnx(tmp_path):
+    """Such a model is exported with torch.onnx (which follows the control flow) and fused in ONNX: the
+    same Grad-CAM as autograd's, the layers recorded by their module names; a forward returning an
+    object with ``.logits`` (Hugging Face's ImageClassifierOutput) works the same."""
+    torch.manual_seed(0)
+    model = UntraceableNet().eval()
+    with pytest.raises(ValueError, match="cannot trace the model's forward with torch.fx"):
+        plan_head(model, "features", "stem", torch.zeros(2, 1, TRAIN_SIZE, TRAIN_SIZE))
+    kw = dict(class_names=CLASSES, garbage_class=2, target_layer="features", early_layer="stem",
+              input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM)  # fmt: skip
+    manifest = export_bundle(model, tmp_path / "b", **kw)
+    assert manifest["export"]["exporter"] == "onnx-fuse"
+    assert manifest["layers"] == {"target": "features", "early": "stem"}
+    bundle_mod.verify_hashes(tmp_path / "b", bundle_mod.read_manifest(tmp_path / "b"))
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, _, _ = blobs(4, TRAIN_SIZE, TRAIN_SIZE, seed=78)
+    logits, cam, _ = _run(sess, x)
+    cam_ref, logits_ref = reference_gradcam(model, "features", x)
+    assert np.abs(cam - cam_ref).max() <= 1e-3
+    assert np.abs(logits - logits_ref).max() <= 1e-4 * np.abs(logits_ref).max()
+
+    wrapped = UntraceableNet(wrapped=True).eval()
+    wrapped.load_state_dict(model.state_dict())
+    export_bundle(wrapped, tmp_path / "w", **kw)
+    sess = ort.InferenceSession(str(tmp_path / "w" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(_run(sess, x)[0], logits, rtol=1e-5, atol=1e-6)

@@ -371,8 +371,9 @@ class _PoolNet(torch.nn.Module):
         (torch.nn.AvgPool2d(SIZE // 2), "AveragePool"),  # older torchvision ResNets: AvgPool2d(7)
         (torch.nn.MaxPool2d(SIZE // 2), "MaxPool"),
         (torch.nn.AdaptiveMaxPool2d(1), "MaxPool"),  # the TorchScript exporter writes a whole-map MaxPool
+        (torch.nn.AvgPool2d(1280, ceil_mode=True), "AveragePool"),  # Hugging Face's EfficientNet pooler
     ],
-    ids=["avgpool-whole-map", "maxpool-whole-map", "adaptive-max"],
+    ids=["avgpool-whole-map", "maxpool-whole-map", "adaptive-max", "avgpool-larger-window"],
 )
 def test_onnx_only_global_pools_written_as_window_pools(pool, op, tmp_path, one_torch_thread):
     """A global pool written as an AveragePool / MaxPool whose window is the whole map (older torchvision
