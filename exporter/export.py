@@ -30,7 +30,7 @@ from gamguard.runtime import bundle as bundle_mod
 from gamguard.runtime.bundle import InputSpec
 from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
 
-from .gradcam import FX_TRACE_FAILED, FusedGradCAM, UnsupportedHeadError, unexportable_head_error
+from .gradcam import FX_TRACE_FAILED, NOT_A_TENSOR, FusedGradCAM, UnsupportedHeadError, unexportable_head_error
 from .onnx_checks import (  # noqa: F401  (ExportError, check_onnx_graph, onnx_op_types: public here too)
     CAM_ATOL,
     EARLY_RTOL,
@@ -195,7 +195,7 @@ def _export_through_onnx(model, out_dir, example, fx_error, *, target_layer, ear
 
     from .onnx_fuse import export_onnx_bundle
 
-    log.info("torch.fx cannot trace the forward (%s); exporting with torch.onnx and fusing in ONNX", fx_error)
+    log.info("%s; exporting with torch.onnx and fusing in ONNX instead", fx_error)
     taps = _Taps(model, target_layer, early_layer).eval()
     try:
         with tempfile.TemporaryDirectory(prefix="gamguard-export-") as tmp:
@@ -308,16 +308,24 @@ def export_bundle(
                 wrapper = FusedGradCAM(
                     model, target_layer, early_layer, example, early_pool, dynamic_spatial=dynamic_spatial
                 ).eval()
-            except ValueError as exc:
-                if not str(exc).startswith(FX_TRACE_FAILED) or opset < 18 or dynamic_spatial:
+            except (ValueError, UnsupportedHeadError) as exc:
+                fallback = isinstance(exc, UnsupportedHeadError) or str(exc).startswith((FX_TRACE_FAILED, NOT_A_TENSOR))
+                if not fallback or opset < 18 or dynamic_spatial:
                     raise
-                # a forward torch.fx cannot trace (control flow on the input, Hugging Face models)
-                return _export_through_onnx(
-                    model, out_dir, example, exc, target_layer=target_layer, early_layer=early_layer,
-                    class_names=class_names, garbage_class=garbage_class, normalization=(mean, std),
-                    model_name=model_name, model_version=model_version, early_pool=early_pool, resize=resize,
-                    photometric=photometric,
-                )  # fmt: skip
+                # a forward torch.fx cannot trace (control flow on the input, Hugging Face models), one that
+                # returns an output object, or a head torch cannot differentiate symbolically: the ONNX route
+                try:
+                    return _export_through_onnx(
+                        model, out_dir, example, exc, target_layer=target_layer, early_layer=early_layer,
+                        class_names=class_names, garbage_class=garbage_class, normalization=(mean, std),
+                        model_name=model_name, model_version=model_version, early_pool=early_pool, resize=resize,
+                        photometric=photometric,
+                    )  # fmt: skip
+                except (ValueError, ExportError) as onnx_exc:  # UnsupportedOnnxOpError is a ValueError
+                    log.info("the ONNX route failed too: %s", onnx_exc)
+                    if isinstance(exc, UnsupportedHeadError) or not str(exc).startswith(FX_TRACE_FAILED):
+                        raise exc from None  # the torch route's own reason, as before
+                    raise ValueError(f"{exc}; exporting it through torch.onnx failed too: {onnx_exc}") from None
             logits, cam, early = wrapper(example)
             if wrapper.plan.output_activation:  # the forward's own output, from the logits it was left out of
                 activation = torch.softmax if wrapper.plan.output_activation == "Softmax" else torch.log_softmax

@@ -86,6 +86,8 @@ def _unsupported(origin: str, why: str = "") -> UnsupportedHeadError:
 #: How :func:`plan_head`'s error for a forward torch.fx cannot trace begins (export_bundle then goes
 #: through torch.onnx instead).
 FX_TRACE_FAILED = "cannot trace the model's forward with torch.fx"
+#: How its error for a forward that returns no logits tensor (a dict, an output object) begins.
+NOT_A_TENSOR = "the model's forward must return a single logits tensor"
 
 
 class _LayerTracer(fx.Tracer):
@@ -370,7 +372,7 @@ def plan_head(model: nn.Module, target_layer: str, early_layer: str, example: to
     out_node = next(n for n in graph.nodes if n.op == "output")
     logits_node = out_node.args[0]
     if not isinstance(logits_node, fx.Node) or _meta_shape(logits_node) is None:
-        raise ValueError("the model's forward must return a single logits tensor [N, K]")
+        raise ValueError(f"{NOT_A_TENSOR} [N, K]")
     output_activation = _output_activation(_before_reshapes(logits_node), gm)
     if output_activation is not None:  # Grad-CAM and the guard work on the logits before it (and its reshapes)
         output_activation, logits_node = output_activation

@@ -712,3 +712,34 @@ def test_a_forward_torch_fx_cannot_trace_is_exported_through_torch_onnx(tmp_path
     export_bundle(wrapped, tmp_path / "w", **kw)
     sess = ort.InferenceSession(str(tmp_path / "w" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(_run(sess, x)[0], logits, rtol=1e-5, atol=1e-6)
+
+
+class LargeWindowPoolNet(nn.Module):
+    """Hugging Face EfficientNet's pooler: an AvgPool2d whose ceil-mode window is larger than the map (a
+    global mean) — torch cannot differentiate it symbolically for the traced backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.SiLU())
+        self.pool, self.fc = nn.AvgPool2d(640, ceil_mode=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        p = self.pool(self.features(self.stem(x)))
+        return self.fc(p.reshape(p.shape[:2]))
+
+
+def test_a_head_torch_cannot_trace_symbolically_goes_through_torch_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = LargeWindowPoolNet().eval()
+    manifest = export_bundle(
+        model, tmp_path / "b", class_names=CLASSES, garbage_class=2, target_layer="features", early_layer="stem",
+        input_shape=(1, TRAIN_SIZE, TRAIN_SIZE), normalization=NORM,
+    )  # fmt: skip
+    assert manifest["export"]["exporter"] == "onnx-fuse"
+    sess = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, _, _ = blobs(4, TRAIN_SIZE, TRAIN_SIZE, seed=79)
+    logits, cam, _ = _run(sess, x)
+    cam_ref, logits_ref = reference_gradcam(model, "features", x)
+    assert np.ptp(cam_ref) > 0.5 and np.abs(cam - cam_ref).max() <= 1e-3
+    assert np.abs(logits - logits_ref).max() <= 1e-4 * np.abs(logits_ref).max()
