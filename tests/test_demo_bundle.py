@@ -50,6 +50,8 @@ def test_rebuilt_bundle_matches_committed(rebuilt):
     vb = Guard.from_bundle(rebuilt).verify_images(batch)
     assert [v.accepted for v in va] == [v.accepted for v in vb]
     assert [v.label for v in va] == [v.label for v in vb]
-    np.testing.assert_allclose([v.scores["combined_p"] for v in va], [v.scores["combined_p"] for v in vb], atol=1e-6)
+    # p-values to 1e-4: the whitener's linear algebra (numpy / scikit-learn, their BLAS) differs in the last
+    # digits between library versions (measured: 4.5e-7 relative), which moves a combined p by up to 2e-5
+    np.testing.assert_allclose([v.scores["combined_p"] for v in va], [v.scores["combined_p"] for v in vb], atol=1e-4)
     for x, y in zip(va, vb):
         np.testing.assert_allclose(x.cam, y.cam, atol=1e-5)
