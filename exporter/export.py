@@ -163,22 +163,29 @@ class _Taps(nn.Module):
         super().__init__()
         self.model, self._seen = model, {}
         modules = dict(model.named_modules())
+        self._names = {"target": target_layer, "early": early_layer}
         self._hooks = [
-            modules[name].register_forward_hook(lambda m, i, o, role=role: self._seen.__setitem__(role, o))
-            for role, name in (("target", target_layer), ("early", early_layer))
+            modules[name].register_forward_hook(lambda m, i, o, role=role: self._seen.setdefault(role, []).append(o))
+            for role, name in self._names.items()
         ]
 
     def forward(self, image):
+        self._seen.clear()
         out = self.model(image)
         logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
         if not isinstance(logits, torch.Tensor):
             raise ValueError(
                 f"the model returned {type(out).__name__}, neither a logits tensor nor an object with .logits"
             )
-        for role in ("target", "early"):
-            if not isinstance(self._seen.get(role), torch.Tensor):
-                raise ValueError(f"the {role} layer does not output a single tensor")
-        return logits, self._seen["target"], self._seen["early"]
+        for role, name in self._names.items():
+            calls = self._seen.get(role, [])
+            if len(calls) != 1:
+                raise ValueError(
+                    f"{role}_layer {name!r} is called {len(calls)} times in forward; pick a layer called once"
+                )
+            if not isinstance(calls[0], torch.Tensor):
+                raise ValueError(f"{role}_layer {name!r} does not output a single tensor")
+        return logits, self._seen["target"][0], self._seen["early"][0]
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -225,7 +232,7 @@ def _export_through_onnx(model, out_dir, example, fx_error, *, target_layer, ear
     finally:
         taps.remove()
     manifest["layers"] = {"target": target_layer, "early": early_layer}
-    manifest["export"]["source"] = "torch module (torch.fx could not trace its forward: exported with torch.onnx)"
+    manifest["export"]["source"] = f"torch module, exported with torch.onnx: {str(fx_error)[:200]}"
     return bundle_mod.write_manifest(out_dir, manifest)
 
 
