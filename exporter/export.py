@@ -335,8 +335,11 @@ def export_bundle(
                     raise ValueError(f"{exc}; exporting it through torch.onnx failed too: {onnx_exc}") from None
             logits, cam, early = wrapper(example)
             if wrapper.plan.output_activation:  # the forward's own output, from the logits it was left out of
-                activation = torch.softmax if wrapper.plan.output_activation == "Softmax" else torch.log_softmax
-                gap = max_rel(activation(logits, 1).numpy(), model(example).numpy())
+                from .onnx_fuse import apply_output_activation
+
+                gap = max_rel(
+                    apply_output_activation(logits.numpy(), wrapper.plan.output_activation), model(example).numpy()
+                )
                 if gap > LOGITS_RTOL:
                     raise ExportError(
                         f"the model's output differs from the {wrapper.plan.output_activation} of the logits before "

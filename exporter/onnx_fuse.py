@@ -417,7 +417,7 @@ def _is_whole_map_pool(g, node) -> bool:
     older torchvision ResNets (``AvgPool2d(7)``), Caffe-converted and PaddlePaddle models write it."""
     at = _attrs(node)
     shape = g.shape(node.input[0], node)
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+    if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):  # g.shape raises when unknown
         return False
     pads = list(at.get("pads", [0, 0, 0, 0]))
     auto_pad = at.get("auto_pad", b"NOTSET")
@@ -1194,7 +1194,7 @@ def resolve_garbage_class(class_names, garbage_class) -> int:
     return index
 
 
-def _apply_activation(logits: np.ndarray, activation: str | None) -> np.ndarray:
+def apply_output_activation(logits: np.ndarray, activation: str | None) -> np.ndarray:
     """What the original model outputs, from the fused graph's logits (see :func:`_strip_output_activation`)."""
     if activation is None:
         return logits
@@ -1314,7 +1314,7 @@ def export_onnx_bundle(
             ref_x = x.transpose(0, 2, 3, 1) if info.input_layout == "nhwc" else x  # the original's own layout
             ref_out = ref_session.run(None, {ref_input: np.ascontiguousarray(ref_x)})
             ref_logits, ref_early = ref_out[0], ref_out[-1]
-            logits = _apply_activation(logits, info.output_activation)  # the model's own output again
+            logits = apply_output_activation(logits, info.output_activation)  # the model's own output again
             if info.output_activation and ref_logits.shape != logits.shape and ref_logits.size == logits.size:
                 ref_logits = ref_logits.reshape(logits.shape)  # the activation's reshapes, taken off with it
             if pool is not None:
