@@ -57,6 +57,7 @@ from .checks import (
     CalibrationError,
     Combination,
     ConformalCut,
+    CutMethod,
     FeatureReference,
     NullModel,
     ScoreSet,
@@ -65,6 +66,7 @@ from .checks import (
     checks_key,
     combined_statistic,
     decide,
+    out_of_fold_pvalues,
     read_reference_arrays,
     real_class_indices,
     score_outputs,
@@ -116,11 +118,18 @@ def run_engine(
 
 
 def crossfit_rates(
-    held: ScoreSet, n_classes: int, alpha: float, seed: int, combination: Combination | None = None
+    held: ScoreSet,
+    n_classes: int,
+    alpha: float,
+    seed: int,
+    combination: Combination | None = None,
+    cut: CutMethod | None = None,
 ) -> dict:
     """Cross-fitted false-rejection rates on the held-out part, for every check set and policy
-    (``combination``: the weights the guard will combine with; default :meth:`Combination.default`)."""
+    (``combination``: the weights the guard will combine with; default :meth:`Combination.default`;
+    ``cut``: how the guard's cut is fitted, done the same way on each fold's other folds; default split)."""
     combination = combination or Combination.default()
+    cut_method = cut or CutMethod()
     rng = np.random.default_rng(seed + 7919)
     n = held.feature.size
     folds = np.array_split(rng.permutation(n), CROSSFIT_FOLDS)
@@ -129,9 +138,13 @@ def crossfit_rates(
     for k, fold in enumerate(folds):
         rest = np.concatenate([f for j, f in enumerate(folds) if j != k])
         rest = rng.permutation(rest)
-        a, b = rest[: rest.size // 2], rest[rest.size // 2 :]
-        null = NullModel(held.take(a), n_classes)
-        pv_b = null.pvalues(held.take(b))
+        if cut_method.name == "cross-fit":
+            null = NullModel(held.take(rest), n_classes)
+            pv_b = out_of_fold_pvalues(held.take(rest), n_classes, cut_method.folds, cut_method.seed + k)
+        else:
+            a, b = rest[: rest.size // 2], rest[rest.size // 2 :]
+            null = NullModel(held.take(a), n_classes)
+            pv_b = null.pvalues(held.take(b))
         pv = null.pvalues(held.take(fold))
         for key in all_check_sets():
             cut = ConformalCut(combined_statistic(pv_b, key, combination), alpha, null, combination)
@@ -159,7 +172,8 @@ def _record_thresholds(manifest: dict, arrays) -> None:
     cal["thresholds"] = {
         "conformal_t": {key: cut.threshold for key, cut in data.cuts.items()},
         "check_levels_at_default_t": levels,
-        "conformal_n": int(data.conformal_scores.feature.size),
+        "conformal_n": int(data.conformal_pvalues.feature.size),
+        "cut_method": data.cut_method.describe(),
         "null_per_class": {class_names[c]: int(c in data.null.per_class) for c in data.real},
         "raw_at_default_t": {
             class_names[c]: {k: (v if math.isfinite(v) else None) for k, v in data.raw_thresholds(c, levels).items()}
@@ -201,14 +215,17 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[
     arrays = read_reference_arrays(bundle_dir)
     cal = dict(manifest["calibration"])
     n_conf = int(np.asarray(arrays["conformal_feature"]).size)
-    if n_conf < math.ceil(2.0 / alpha):
-        raise CalibrationError(
-            f"the conformal part has {n_conf} images; alpha={alpha} needs at least "
-            f"{math.ceil(2.0 / alpha)}: recalibrate with more images"
-        )
     held = ScoreSet.concat([ScoreSet.from_arrays(arrays, "null_"), ScoreSet.from_arrays(arrays, "conformal_")])
     combination = Combination.from_arrays(arrays, cal.get("combination"))  # kept
-    rates = crossfit_rates(held, len(manifest["class_names"]), alpha, int(cal.get("seed", 0)), combination)
+    cut = CutMethod.from_arrays(arrays)
+    if cut.name == "cross-fit":
+        n_conf = held.feature.size
+    if n_conf < math.ceil(2.0 / alpha):
+        raise CalibrationError(
+            f"the conformal cut rests on {n_conf} images; alpha={alpha} needs at least "
+            f"{math.ceil(2.0 / alpha)}: recalibrate with more images"
+        )
+    rates = crossfit_rates(held, len(manifest["class_names"]), alpha, int(cal.get("seed", 0)), combination, cut)
     cal["alpha"] = float(alpha)
     cal["realpha_from"] = cal.get("realpha_from") or cal.get("created")
     cal["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -514,21 +531,35 @@ def calibrate_bundle(
 MIN_SITE_IMAGES = 100
 
 
-def min_site_images(alpha: float) -> int:
-    """The fewest unlabelled site images :func:`calibrate_site` accepts at ``alpha``: half of them form the
-    conformal part, which needs ``ceil(2 / alpha)`` (so that ``t*`` is not the smallest statistic)."""
-    return max(MIN_SITE_IMAGES, 2 * int(math.ceil(2.0 / alpha)))
+#: how ``calibrate --site`` fits the cut unless told otherwise (:class:`~.checks.combine.CutMethod`)
+SITE_CUTS = ("cross-fit", "split")
 
 
-def site_arrays(arrays: dict, site: ScoreSet, seed: int) -> tuple[dict, int, int]:
-    """``reference.npz`` arrays with the null and conformal parts replaced by the site's scores (seeded
-    50/50 split); the references (maps, feature statistics) are kept. Returns ``(arrays, n_null, n_conf)``."""
+def min_site_images(alpha: float, cut: str = "cross-fit") -> int:
+    """The fewest unlabelled site images :func:`calibrate_site` accepts at ``alpha``: the cut rests on
+    ``ceil(2 / alpha)`` statistics (so that ``t*`` is not the smallest one): every image's with ``cross-fit``,
+    half of them (the conformal part) with ``split``."""
+    per_cut = int(math.ceil(2.0 / alpha))
+    return max(MIN_SITE_IMAGES, per_cut if cut == "cross-fit" else 2 * per_cut)
+
+
+def site_arrays(arrays: dict, site: ScoreSet, seed: int, cut: str = "cross-fit") -> tuple[dict, int, int]:
+    """``reference.npz`` arrays with the null and conformal parts replaced by the site's scores (a seeded
+    50/50 split, stored as such whatever ``cut`` says) and the cut method (``cross-fit``: every site image
+    fits the tables and the cut, see :class:`~.checks.combine.CutMethod`; ``split``: the halves do); the
+    references (maps, feature statistics) are kept. Returns ``(arrays, n_null, n_conf)``: the images behind
+    the tables and behind the cut."""
+    if cut not in SITE_CUTS:
+        raise CalibrationError(f"unknown site cut {cut!r} (one of {', '.join(SITE_CUTS)})")
     n = site.feature.size
     perm = np.random.default_rng(seed).permutation(n)
     null_idx, conf_idx = np.sort(perm[: n // 2]), np.sort(perm[n // 2 :])
-    out = {k: v for k, v in arrays.items() if not k.startswith(("null_", "conformal_"))}
+    out = {k: v for k, v in arrays.items() if not k.startswith(("null_", "conformal_", "cut_"))}
     out.update(site.take(null_idx).to_arrays("null_"))
     out.update(site.take(conf_idx).to_arrays("conformal_"))
+    if cut == "cross-fit":
+        out.update(CutMethod.cross_fit(seed).to_arrays())
+        return out, int(n), int(n)
     return out, int(null_idx.size), int(conf_idx.size)
 
 
@@ -572,6 +603,7 @@ def calibrate_site(
     site: dict,
     alpha: float | None = None,
     seed: int = 0,
+    cut: str = "cross-fit",
     providers=None,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -582,8 +614,11 @@ def calibrate_site(
     Why: the false-rejection bound holds for data exchangeable with the conformal part. A new console or
     hospital shifts every score a little (on the ``evaluate`` preset the PneumoniaMNIST test split, a
     separately collected set, is falsely rejected at 0.14 by a guard calibrated at alpha 0.05 on the
-    validation split); images of the site itself restore exchangeability. The images are split 50/50
-    (seeded) into a new null part and a new conformal part; the measured rate is cross-fitted on them.
+    validation split); images of the site itself restore exchangeability. ``cut="cross-fit"`` (default):
+    every image fits the null tables and, out of fold, the cut (:class:`~.checks.combine.CutMethod`: less
+    spread than a split cut on a few hundred images; worst-case bound ``2 alpha``); ``cut="split"``:
+    a seeded 50/50 split into a null part and a conformal part (bound ``alpha``, more spread). The measured
+    rate is cross-fitted on the site images.
     ``site`` describes them (recorded in ``calibration.site`` with the base calibration's facts); give it
     a ``sha256`` of the images. Refuses fewer than :func:`min_site_images` images. Returns the manifest.
     """
@@ -593,19 +628,25 @@ def calibrate_site(
     alpha = float(cal.get("alpha", DEFAULT_ALPHA) if alpha is None else alpha)
     if not 0 < alpha < 0.5:
         raise CalibrationError(f"alpha must be in (0, 0.5), got {alpha}")
-    need = min_site_images(alpha)
+    if cut not in SITE_CUTS:
+        raise CalibrationError(f"unknown site cut {cut!r} (one of {', '.join(SITE_CUTS)})")
+    need = min_site_images(alpha, cut)
     if n < need:
+        behind = "every image is behind the cut" if cut == "cross-fit" else "half of them form the conformal part"
         raise CalibrationError(
             f"{n} site images: site calibration at alpha={alpha} needs at least {need} unlabelled in-distribution "
-            f"images of the site (half of them form the conformal part, which needs {int(math.ceil(2.0 / alpha))})"
+            f"images of the site ({behind}, which needs {int(math.ceil(2.0 / alpha))}; and at least "
+            f"{MIN_SITE_IMAGES} for the null tables)"
         )
     if progress:
         progress(f"site calibration: {n} images, alpha {alpha}, references and model kept")
     scores = score_images(bundle_dir, images, n, providers=providers, threads=threads, progress=progress)
     base_arrays = read_reference_arrays(bundle_dir)
-    arrays, n_null, n_conf = site_arrays(base_arrays, scores, seed)
+    arrays, n_null, n_conf = site_arrays(base_arrays, scores, seed, cut)
     combination = Combination.from_arrays(base_arrays, cal.get("combination"))  # the base calibration's, kept
-    rates = crossfit_rates(scores, len(manifest["class_names"]), alpha, seed, combination)
+    rates = crossfit_rates(
+        scores, len(manifest["class_names"]), alpha, seed, combination, CutMethod.from_arrays(arrays)
+    )
     base = cal.get("site", {}).get("base") or {
         k: cal.get(k) for k in ("dataset", "split", "n", "alpha", "measured_false_rejection_rate", "created")
     }
@@ -615,7 +656,9 @@ def calibrate_site(
         "null": n_null,
         "conformal": n_conf,
         "seed": int(seed),
-        "method": "numpy.random.default_rng(seed).permutation, 50/50 null/conformal; references kept",
+        "cut": cut,
+        "method": CutMethod.from_arrays(arrays).describe()
+        + "; stored as a numpy.random.default_rng(seed) 50/50 null/conformal split; references kept",
         "garbage_rate": float(np.mean(scores.garbage_pred)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base": base,

@@ -27,6 +27,7 @@ from .combine import (
     REASON_OF_CHECK,
     Combination,
     ConformalCut,
+    CutMethod,
     DecisionRule,
     Decisions,
     NullModel,
@@ -39,6 +40,7 @@ from .combine import (
     combined_statistic,
     conformal_statistic,
     decide,
+    out_of_fold_pvalues,
 )
 from .errors import CalibrationError
 from .feature import FeatureReference
@@ -58,6 +60,7 @@ __all__ = [
     "CalibrationError",
     "Combination",
     "ConformalCut",
+    "CutMethod",
     "DecisionRule",
     "Decisions",
     "FeatureReference",
@@ -74,6 +77,7 @@ __all__ = [
     "conformal_statistic",
     "decide",
     "dissimilarity",
+    "out_of_fold_pvalues",
     "read_reference_arrays",
     "real_class_indices",
     "score_outputs",

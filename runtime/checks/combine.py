@@ -24,6 +24,15 @@ inference) the in-distribution false-rejection rate is then at most ``alpha`` wh
 garbage-class rejections of in-distribution images included. Equivalently: reject when ``s < t*`` with
 ``t* = s_(k+1)``, ``k = floor(alpha (|B| + 1)) - 1``. ``t*`` is computed for every subset of
 enforced checks, so checks can be switched at serve time without losing the guarantee.
+
+How the cut is fitted (:class:`CutMethod`, recorded in ``reference.npz``): ``split`` (above; every base
+calibration) or ``cross-fit`` (site calibration by default): the null tables are fitted on every
+held-out image and ``B``'s statistics are replaced by each image's statistic against tables fitted
+without its fold (:func:`out_of_fold_pvalues`) — cross-conformal prediction (Vovk 2015, "Cross-conformal
+predictors", Ann. Math. Artif. Intell. 74; the CV+ bound of Barber, Candès, Ramdas & Tibshirani 2021,
+"Predictive inference with the jackknife+", Ann. Statist. 49). Every image serves both the tables and the
+cut, so a few hundred site images give a cut with less spread (docs/architecture.md); the price is the worst-case bound,
+``2 alpha`` instead of ``alpha`` (in practice the rate stays near ``alpha``: docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -193,6 +202,77 @@ class NullModel:
 
     def measure_level(self, level: float) -> float:
         return self.attention.measure_level(level)
+
+
+def out_of_fold_pvalues(held: ScoreSet, n_classes: int, folds: int, seed: int) -> "PValues":
+    """Every image's p-values against a :class:`NullModel` fitted without its fold (``folds`` folds of
+    ``numpy.random.default_rng(seed).permutation``): no image judges itself. The statistics of a
+    ``cross-fit`` cut (:class:`CutMethod`)."""
+    n = held.feature.size
+    order = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(order, folds)
+    out = None
+    for fold in parts:
+        rest = np.sort(np.setdiff1d(order, fold))
+        pv = NullModel(held.take(rest), n_classes).pvalues(held.take(fold))
+        if out is None:
+            out = PValues(
+                measures=np.empty((n, pv.measures.shape[1]), pv.measures.dtype),
+                attention=np.empty(n, pv.attention.dtype),
+                feature=np.empty(n, pv.feature.dtype),
+                garbage=np.empty(n, pv.garbage.dtype),
+                garbage_pred=np.empty(n, bool),
+            )
+        for field in ("measures", "attention", "feature", "garbage", "garbage_pred"):
+            getattr(out, field)[fold] = getattr(pv, field)
+    return out
+
+
+@dataclass(frozen=True)
+class CutMethod:
+    """How the conformal cut is fitted from the held-out images (module docstring): ``split`` (null
+    part → tables, conformal part → cut) or ``cross-fit`` (every held-out image → tables; the cut from
+    :func:`out_of_fold_pvalues` with ``folds`` folds and ``seed``). Stored in ``reference.npz`` as
+    ``cut_method`` / ``cut_folds`` / ``cut_seed`` (absent: ``split``), so hashed with the bundle."""
+
+    name: str = "split"
+    folds: int = 0
+    seed: int = 0
+
+    NAMES = ("cross-fit", "split")
+    DEFAULT_FOLDS = 10
+
+    @classmethod
+    def cross_fit(cls, seed: int, folds: int = DEFAULT_FOLDS) -> "CutMethod":
+        return cls("cross-fit", int(folds), int(seed))
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "CutMethod":
+        if "cut_method" not in arrays:
+            return cls()
+        name = str(np.asarray(arrays["cut_method"]))
+        if name == "split":
+            return cls()
+        if name != "cross-fit":
+            raise CalibrationError(f"unknown conformal cut method {name!r} in reference.npz (this gamguard knows "
+                                   f"{', '.join(cls.NAMES)}); re-calibrate the bundle")
+        folds = int(np.asarray(arrays["cut_folds"]))
+        if folds < 2:
+            raise CalibrationError(f"reference.npz cut_folds is {folds}: a cross-fitted cut needs at least 2 folds")
+        return cls(name, folds, int(np.asarray(arrays["cut_seed"])))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        if self.name == "split":
+            return {}
+        return {"cut_method": np.array(self.name), "cut_folds": np.array(self.folds), "cut_seed": np.array(self.seed)}
+
+    def describe(self) -> str:
+        if self.name == "split":
+            return "split conformal: null tables from the null part, the cut from the conformal part"
+        return (
+            f"cross-fit: null tables from every held-out image, the cut from each image's statistic against "
+            f"tables fitted without its fold ({self.folds} folds, seed {self.seed})"
+        )
 
 
 @dataclass
