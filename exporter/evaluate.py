@@ -19,9 +19,13 @@ Preset ``pneumoniamnist`` (the only one so far) builds everything from ``../shar
 
 AUROC and FPR at 95 % TPR come from scikit-learn, with in-distribution as the positive class and each
 method's "in-distribution-ness" as the score (so FPR95 is the fraction of an OOD set that passes when
-95 % of the test split passes). The guard's score is its combined p-value (``combined_p``: the weighted
-minimum ``min_i p_i / w_i`` of the enforced checks' p-values, the bundle's weights); the guard's *decision* uses the
-calibrated conformal cut on that statistic, and its rejection rate per set is reported alongside.
+95 % of the test split passes). The guard's score orders inputs as its decision does
+(:func:`~gamguard.runtime.checks.decision_order`): an input predicted as the garbage class first (the
+guard rejects it at every level), then the combined p-value (``combined_p``: the weighted minimum
+``min_i p_i / w_i`` of the enforced checks' p-values, the bundle's weights), so its ROC curve is the one
+the guard traces as alpha moves; the AUROC of ``combined_p`` alone is reported beside
+(``auroc_combined_p``). The guard's *decision* uses the calibrated conformal cut on that statistic, and
+its rejection rate per set is reported alongside.
 """
 
 from __future__ import annotations
@@ -374,12 +378,17 @@ def auroc_difference(
 
 def _guard_run(guard, x: np.ndarray) -> dict:
     """The guard over preprocessed inputs ``x`` (``[N, C, H, W]``), in batches of 64."""
+    from gamguard.runtime.checks import decision_order
+
     verdicts = []
     for i in range(0, len(x), 64):
         verdicts += guard.verify_tensor(x[i : i + 64])
+    combined = np.array([v.scores.get("combined_p", 0.0) if v.scores else 0.0 for v in verdicts])
+    garbage_pred = np.array([v.predicted_index == guard.calibration.garbage for v in verdicts])
     return {
         "verdicts": verdicts,
-        "combined_p": np.array([v.scores.get("combined_p", 0.0) if v.scores else 0.0 for v in verdicts]),
+        "combined_p": combined,
+        "rank": decision_order(combined, garbage_pred, guard.enforced_checks),  # the guard's ROC score
         "accepted": np.array([v.accepted for v in verdicts]),
     }
 
@@ -413,7 +422,7 @@ def ablation(guard, id_scores, ood_scores: dict) -> tuple[dict, dict]:
     in-distribution false-rejection rate of each (``{check: rate}``). A check alone is ranked by its own
     p-value and decided by its own conformal cut (calibrated for every subset of checks); ``combined`` is
     the guard as served (``combined_p`` and the enforced checks' cut)."""
-    from gamguard.runtime.checks import combined_p, decide
+    from gamguard.runtime.checks import combined_p, decide, decision_order
 
     cal = guard.calibration
     pv_id = cal.null.pvalues(id_scores)
@@ -428,7 +437,7 @@ def ablation(guard, id_scores, ood_scores: dict) -> tuple[dict, dict]:
         table[check] = {}
         for name, scores in ood_scores.items():
             pv = cal.null.pvalues(scores)
-            roc = _roc(combined_p(pv_id, key, cal.combination), combined_p(pv, key, cal.combination))
+            roc = _roc(*(decision_order(combined_p(p, key, cal.combination), p.garbage_pred, key) for p in (pv_id, pv)))
             table[check][name] = {"auroc": roc["auroc"], "rejection_rate": float(rejects(pv).mean())}
     return table, id_rates
 
@@ -498,7 +507,7 @@ def site_protocol(
     first = by_alpha[f"{guard.alpha:g}"] if f"{guard.alpha:g}" in by_alpha else next(iter(by_alpha.values()))
     auroc = {}
     if ood_scores:
-        from gamguard.runtime.checks import combined_p
+        from gamguard.runtime.checks import combined_p, decision_order
 
         perm = np.random.default_rng(seed).permutation(n)
         site, measured = perm[: n // 2], perm[n // 2 :]
@@ -508,7 +517,9 @@ def site_protocol(
             for label, cal in (("guard_before", guard.calibration), ("guard_after", site_cal)):
                 pid, pood = cal.null.pvalues(test_scores.take(measured)), cal.null.pvalues(scores)
                 w = cal.combination
-                row[label] = _roc(combined_p(pid, key, w), combined_p(pood, key, w))["auroc"]
+                row[label] = _roc(
+                    *(decision_order(combined_p(p, key, w), p.garbage_pred, key) for p in (pid, pood))
+                )["auroc"]
             if baselines:
                 row["best_baseline"] = max(
                     _roc(b_id[measured], b_ood[name])["auroc"] for b_id, b_ood in baselines.values()
@@ -634,8 +645,9 @@ def evaluate(
         progress(f"guard on {name} ({len(s['images'])} images)")
         xp = preprocess_batch(s["images"], guard.spec)
         run = _guard_run(guard, xp)
-        roc = _roc(id_run["combined_p"], run["combined_p"])
+        roc = _roc(id_run["rank"], run["rank"])
         curves[name] = {"guard": roc.pop("curve")}
+        roc["auroc_combined_p"] = _roc(id_run["combined_p"], run["combined_p"])["auroc"]
         reasons = {}
         for v in run["verdicts"]:
             for r in v.reasons:
@@ -660,7 +672,7 @@ def evaluate(
         best = max(base, key=lambda b: results["baselines"][b][name]["auroc"])
         results["ood"][name]["vs_best_baseline"] = {
             "baseline": best,
-            **auroc_difference(id_run["combined_p"], run["combined_p"], id_base[best], base[best], seed=cfg.seed),
+            **auroc_difference(id_run["rank"], run["rank"], id_base[best], base[best], seed=cfg.seed),
         }
         s["run"] = run
         ood_scores[name] = _score_set(guard, xp)
@@ -799,7 +811,8 @@ def _ablation_html(results: dict) -> str:
     )
     return (
         "<h2>Ablation: each check alone and combined</h2><p>AUROC (the check's own p-value; "
-        "<code>combined_p</code> for the combination) / rejection rate at the check's own conformal cut; "
+        "<code>combined_p</code> for the combination; a garbage-class prediction first wherever the garbage "
+        "check is in) / rejection rate at the check's own conformal cut; "
         "first column: false rejection on the in-distribution test split.</p>"
         f"<table><tr><th>check</th><th>ID false rejection</th>{head}</tr>{rows}</table>"
     )
@@ -913,10 +926,10 @@ def _write_report(out: Path, results: dict, id_run: dict, ood: dict, curves: dic
 
     rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{results['ood'][n]['n']}</td>"
-        f"<td>{results['ood'][n]['rejection_rate']:.3f}</td><td>{results['ood'][n]['auroc']:.3f}</td>"
-        f"<td>{results['ood'][n]['fpr95']:.3f}</td>"
+        f"<td>{results['ood'][n]['rejection_rate']:.3f}</td><td>{results['ood'][n]['auroc']:.4f}</td>"
+        f"<td>{results['ood'][n]['auroc_combined_p']:.4f}</td><td>{results['ood'][n]['fpr95']:.3f}</td>"
         + "".join(
-            f"<td>{results['baselines'][b][n]['auroc']:.3f} / {results['baselines'][b][n]['fpr95']:.3f}</td>"
+            f"<td>{results['baselines'][b][n]['auroc']:.4f} / {results['baselines'][b][n]['fpr95']:.3f}</td>"
             for b in results["baselines"]
         )
         + "</tr>"
@@ -930,8 +943,11 @@ table{{border-collapse:collapse}}img{{max-width:100%}}</style>
 <p>In-distribution test split: n={results["n_test"]}, false rejection {results["id_false_rejection_rate"]:.3f}
 (alpha {results["alpha"]}, calibrated {results["calibrated_false_rejection_rate"]:.3f}), accuracy of accepted
 predictions {_fmt(results["accepted_accuracy"])}. Garbage class trained on:
-{", ".join(results["garbage_training_sets"])} (no real images); none of the sets below was seen in training.</p>
-<table><tr><th>set</th><th>n</th><th>guard rejection</th><th>guard AUROC</th><th>guard FPR95</th>{heads}</tr>
+{", ".join(results["garbage_training_sets"])} (no real images); none of the sets below was seen in training.
+Guard AUROC: inputs ordered as the guard decides (a garbage-class prediction first, it is rejected at every
+alpha; then <code>combined_p</code>); beside it, <code>combined_p</code> alone.</p>
+<table><tr><th>set</th><th>n</th><th>guard rejection</th><th>guard AUROC</th><th>AUROC of combined_p alone</th>
+<th>guard FPR95</th>{heads}</tr>
 {rows}</table>
 {_ablation_html(results)}
 {_site_html(results)}

@@ -22,6 +22,7 @@ from gamguard.runtime.checks import (
     combined_p,
     combined_statistic,
     decide,
+    decision_order,
 )
 from gamguard.runtime.similarity import HIGHER_IS_SIMILAR, MEASURES
 
@@ -101,6 +102,26 @@ def test_conformal_bound_holds_for_the_weighted_statistic(alpha, checks):
         rates.append(d.reject.mean())
     assert np.mean(rates) <= alpha + 0.006
     assert np.mean(rates) >= alpha - 0.02  # not vacuous
+
+
+def test_decision_order_ranks_as_the_decision_rejects_at_every_level():
+    """The evaluation's ROC score: for every cut t the guard could be calibrated to, the inputs the
+    decision rejects are exactly a lowest-ranked prefix (a garbage argmax at any level, then combined_p)."""
+    rng = np.random.default_rng(11)
+    null = NullModel(_scores(rng, 300), 2)
+    pv = null.pvalues(_scores(rng, 2000, shift=0.7))
+    pv.garbage_pred = rng.uniform(size=2000) < 0.1
+    pv.garbage_pred[np.argmax(combined_p(pv, ALL, SKEWED))] = True  # the most "in-distribution" p-values
+    rank = decision_order(combined_p(pv, ALL, SKEWED), pv.garbage_pred, ALL)
+    order = np.argsort(rank, kind="stable")
+    for t in np.quantile(combined_statistic(pv, ALL, SKEWED), [0.02, 0.1, 0.3, 0.6, 0.9]):
+        cut = ConformalCut(np.array([t]), 0.5, null, SKEWED)  # k = 0: the threshold is t itself
+        rejects = decide(pv, checks=ALL, policy="calibrated", alpha=0.5, cut=cut).reject
+        assert set(np.flatnonzero(rejects)) == set(order[: rejects.sum()])
+    assert rank[pv.garbage_pred].max() < rank[~pv.garbage_pred].min()  # a garbage argmax before the rest
+    # without the garbage check, a garbage argmax is not rejected for it: combined_p alone
+    c = combined_p(pv, "attention+feature", SKEWED)
+    assert np.array_equal(decision_order(c, pv.garbage_pred, "attention+feature"), c)
 
 
 def test_reasons_are_the_checks_whose_share_crosses_the_cut():

@@ -63,8 +63,12 @@ def test_contract_fields_and_artifacts(results):
     for check, per_set in r["ablation"].items():
         assert set(per_set) == set(r["ood"]), check
         assert all(0 <= v["auroc"] <= 1 and 0 <= v["rejection_rate"] <= 1 for v in per_set.values())
-    for name, v in r["ood"].items():  # "combined" is the guard as served
+    for name, v in r["ood"].items():  # "combined" is the guard as served, ranked as it decides
         assert r["ablation"]["combined"][name]["rejection_rate"] == pytest.approx(v["rejection_rate"])
+        assert r["ablation"]["combined"][name]["auroc"] == pytest.approx(v["auroc"], abs=2e-3)  # host vs served floats
+        assert 0 <= v["auroc_combined_p"] <= 1  # combined_p alone, beside it
+    for cut in ("after", "after_split"):  # both site cuts, with their spread over the halvings
+        assert all(0 <= a["over_splits"][f"{cut}_mean"] <= 1 for a in site["by_alpha"].values())
     for name, v in r["ood"].items():  # guard minus the best baseline, paired bootstrap
         d = v["vs_best_baseline"]
         assert d["baseline"] in r["baselines"]

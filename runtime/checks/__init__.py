@@ -40,6 +40,7 @@ from .combine import (
     combined_statistic,
     conformal_statistic,
     decide,
+    decision_order,
     out_of_fold_pvalues,
 )
 from .errors import CalibrationError
@@ -76,6 +77,7 @@ __all__ = [
     "combined_statistic",
     "conformal_statistic",
     "decide",
+    "decision_order",
     "dissimilarity",
     "out_of_fold_pvalues",
     "read_reference_arrays",

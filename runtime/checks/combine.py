@@ -310,6 +310,19 @@ def conformal_statistic(combined: np.ndarray, pv: PValues, checks: str) -> np.nd
     return combined
 
 
+def decision_order(combined: np.ndarray, garbage_pred: np.ndarray, checks: str) -> np.ndarray:
+    """A score (lower = more off-distribution) that orders inputs as the guard's decision does when its
+    level varies: with the garbage check enforced, an input predicted as the garbage class is rejected at
+    every level, so it comes before every other input (among themselves, by ``combined_p``); the rest by
+    ``combined_p``. The ROC curve of this score is the one the guard traces as alpha moves; ``combined_p``
+    alone ranks a garbage-argmax input by its p-values, which the decision never looks at for it.
+    ``-1 / (1 + combined_p)`` maps ``[0, inf)`` increasingly into ``[-1, 0)``, below every ``combined_p``."""
+    c = np.asarray(combined, np.float64)
+    if "garbage" not in checks.split("+"):
+        return c
+    return np.where(np.asarray(garbage_pred, bool), -1.0 / (1.0 + c), c)
+
+
 class ConformalCut:
     """Split-conformal rejection rule on the combined statistic (see module docstring).
 
