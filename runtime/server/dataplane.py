@@ -83,6 +83,15 @@ class Result:
         return out
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An input already decoded and preprocessed by :meth:`DataPlane.decode_here`, for ``verify(prepared=)``."""
+
+    decoded: Any
+    x: np.ndarray
+    decode_ms: float
+
+
 @dataclass
 class DataPlaneConfig:
     max_batch_size: int = 8
@@ -301,24 +310,42 @@ class DataPlane:
             raise InvalidRequest(f"cannot decode the input ({type(exc).__name__})") from None
         return decoded, x, (time.perf_counter() - t0) * 1000.0
 
+    def decode_here(self, data: bytes, *, frame: int | None = None) -> Prepared:
+        """Decode and preprocess ``data`` in the calling thread, under the same limits and memory budget as
+        :meth:`verify`'s decode stage, for ``verify(prepared=...)``. For a caller that already has a thread
+        of its own per request and would only wait in it (a DICOM association waits for its image to be
+        admitted before it answers): no hop to the event loop and a decode worker and back. Raises
+        :class:`InvalidRequest` or :class:`Overloaded`, which the caller records (``record_invalid``,
+        ``record_refused``): nothing has reached the data plane yet."""
+        if self._stopped:
+            raise NotReady("the model is being unloaded or the server is draining")
+        claim = Claim(self.decode_budget)
+        try:
+            self._admit(data, None, claim)
+            decoded, x, decode_ms = self._decode(data, None, frame, claim)
+        finally:
+            claim.release()  # the decoded image is now a small model input
+        return Prepared(decoded, x, decode_ms)
+
     async def verify(
         self,
         *,
         data: bytes | None = None,
         array: np.ndarray | None = None,
+        prepared: Prepared | None = None,
         frame: int | None = None,
         request_id: str | None = None,
         timeout_s: float | None = None,
         protocol: str = "guard",
         on_admitted: Callable[[], None] | None = None,
     ) -> Result:
-        """Verify one input (encoded ``data`` or a numeric ``array``). Raises a
-        :class:`~gamguard.runtime.server.errors.DataPlaneError`.
+        """Verify one input (encoded ``data``, a numeric ``array``, or one :meth:`decode_here` ``prepared``).
+        Raises a :class:`~gamguard.runtime.server.errors.DataPlaneError`.
 
         ``on_admitted``: called (in the event loop) once the input is decoded and queued for the engine,
         i.e. once every refusal that does not depend on the model — undecodable, too large, queue full,
         not ready — is behind it. A caller that answers before the verdict (the DICOM node) waits for it."""
-        if (data is None) == (array is None):
+        if sum(v is not None for v in (data, array, prepared)) != 1:
             raise InvalidRequest("exactly one of an encoded image or a tensor is required")
         if self._stopped:
             raise NotReady("the model is being unloaded or the server is draining")
@@ -329,7 +356,9 @@ class DataPlane:
         if self._active > self._peak_active:
             self._peak_active = self._active
         try:
-            return await self._verify(data, array, frame, request_id, timeout_s, protocol, loop, t0, on_admitted)
+            return await self._verify(
+                data, array, prepared, frame, request_id, timeout_s, protocol, loop, t0, on_admitted
+            )
         except (Overloaded, DeadlineExpired, NotReady):  # invalid inputs are counted by record_invalid
             if not _COUNTED_BY_REQUEST.get():
                 self.statistics.observe_failure((time.perf_counter() - t0) * 1000.0)
@@ -371,28 +400,32 @@ class DataPlane:
         except BudgetExceeded as exc:
             raise Overloaded(str(exc)) from None
 
-    async def _verify(self, data, array, frame, request_id, timeout_s, protocol, loop, t0, on_admitted) -> Result:
-        deadline = loop.time() + timeout_s if timeout_s is not None else None
+    async def _admit_and_decode(self, data, array, frame, loop):
+        """(decoded, model input, decode ms) of an encoded ``data`` or an ``array``, under the memory budget."""
         claim = Claim(self.decode_budget)
         try:
+            self._admit(data, array, claim)
+            # inline only for a request alone in the data plane: under concurrency the pool decodes
+            # in parallel with the engine while the event loop keeps taking requests in
+            if self._active <= 1 and small_enough_to_decode_inline(data, array, self.config.inline_decode_max_pixels):
+                return self._decode(data, array, frame, claim, True)
+            self._decoding += 1
             try:
-                self._admit(data, array, claim)
-                # inline only for a request alone in the data plane: under concurrency the pool decodes
-                # in parallel with the engine while the event loop keeps taking requests in
-                if self._active <= 1 and small_enough_to_decode_inline(
-                    data, array, self.config.inline_decode_max_pixels
-                ):
-                    decoded, x, decode_ms = self._decode(data, array, frame, claim, True)
-                else:
-                    self._decoding += 1
-                    try:
-                        decoded, x, decode_ms = await loop.run_in_executor(
-                            self._decode_pool, self._decode, data, array, frame, claim
-                        )
-                    finally:
-                        self._decoding -= 1
+                return await loop.run_in_executor(self._decode_pool, self._decode, data, array, frame, claim)
             finally:
-                claim.release()  # the decoded image is now a small model input
+                self._decoding -= 1
+        finally:
+            claim.release()  # the decoded image is now a small model input
+
+    async def _verify(
+        self, data, array, prepared, frame, request_id, timeout_s, protocol, loop, t0, on_admitted
+    ) -> Result:
+        deadline = loop.time() + timeout_s if timeout_s is not None else None
+        try:
+            if prepared is not None:
+                decoded, x, decode_ms = prepared.decoded, prepared.x, prepared.decode_ms
+            else:
+                decoded, x, decode_ms = await self._admit_and_decode(data, array, frame, loop)
             queued = self.batcher.enqueue(x, deadline=deadline)
             if on_admitted is not None:
                 on_admitted()
