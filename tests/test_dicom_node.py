@@ -923,9 +923,12 @@ def test_node_refuses_other_sop_classes_unknown_callers_and_bad_pixel_data(guard
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, Verification
 
+    import json
+
     ((good, _),) = accepted_phantoms(guard, tmp_path, 1).items()
     bad = truncated_pixels(good, tmp_path / "bad.dcm")
-    with _node(tmp_path, demo_bundle, []) as node:
+    audit = tmp_path / "audit.jsonl"
+    with _node(tmp_path, demo_bundle, [], audit_log=str(audit)) as node:
         assert _scu_store(node.port, [good], calling="INTRUDER") == [None]  # association rejected
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(CTImageStorage)
@@ -939,6 +942,10 @@ def test_node_refuses_other_sop_classes_unknown_callers_and_bad_pixel_data(guard
         assert node.node.wait_results_built(30)
         kept = list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))
         assert len(kept) == 2  # no forward destination: SR + SC of the good image kept on disk
+    records = [json.loads(x) for x in audit.read_text().splitlines()]
+    dicom = [r for r in records if r.get("protocol") == "dicom" and "request_id" in r]
+    # the undecodable image (decoded in its association's thread) is audited once, the good one once
+    assert sorted(r["decision"] for r in dicom) == ["accepted", "invalid"], dicom
 
 
 # ----------------------------------------------------------------- third-party tools: dcmtk, Orthanc
