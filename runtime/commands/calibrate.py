@@ -25,9 +25,9 @@ and at least 2/alpha) and records the site (--site-name, the images' SHA-256, th
 facts, the cut method) in bundle.json's calibration.site. It does not retrain or re-export and needs no
 labels; to rebuild the references too, calibrate with labelled images (--data).
 --site-cut cross-fit (default): every site image fits the null tables and, judged by tables fitted
-without its fold (10 folds, --seed), the cut: cross-conformal, less spread than a split cut on a few hundred
-images; its worst-case bound is 2 x alpha, in practice near alpha. --site-cut split: a 50/50
-split (--seed) into null and conformal parts, the strict alpha bound, more spread (needs 4/alpha images).
+without its fold (10 folds, --seed), the cut: cross-conformal, less spread than a split cut on a few
+hundred images; its worst-case bound is 2 x alpha, in practice near alpha. --site-cut split: a 50/50
+split (--seed) into null and conformal parts: the strict alpha bound, more spread, 4/alpha images.
 
 examples:
   gamguard calibrate --bundle out/bundle --phantoms 250
@@ -265,8 +265,13 @@ def _print(args, bundle_dir, manifest) -> int:
     elif cal.get("site"):  # site-calibrated (also after a later --from-stored-scores on it)
         site = cal["site"]
         print(
-            f"site-calibrated {bundle_dir} for {site['name']!r}: {site['n']} images (null {site['null']}, conformal "
-            f"{site['conformal']}), alpha={cal['alpha']}, measured false-rejection rate on the site images "
+            f"site-calibrated {bundle_dir} for {site['name']!r}: {site['n']} images ("
+            + (
+                "cross-fitted cut: every image in the p-value tables and, out of fold, in the cut"
+                if site.get("cut") == "cross-fit"
+                else f"null {site['null']}, conformal {site['conformal']}"
+            )
+            + f"), alpha={cal['alpha']}, measured false-rejection rate on the site images "
             f"{cal['measured_false_rejection_rate']:.3f} (garbage {cal['measured_per_check']['garbage']:.3f}, "
             f"attention {cal['measured_per_check']['attention']:.3f}, "
             f"feature {cal['measured_per_check']['feature']:.3f}); images sha256 {site['sha256'][:16]}"
