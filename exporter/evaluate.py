@@ -517,9 +517,9 @@ def site_protocol(
             for label, cal in (("guard_before", guard.calibration), ("guard_after", site_cal)):
                 pid, pood = cal.null.pvalues(test_scores.take(measured)), cal.null.pvalues(scores)
                 w = cal.combination
-                row[label] = _roc(
-                    *(decision_order(combined_p(p, key, w), p.garbage_pred, key) for p in (pid, pood))
-                )["auroc"]
+                row[label] = _roc(*(decision_order(combined_p(p, key, w), p.garbage_pred, key) for p in (pid, pood)))[
+                    "auroc"
+                ]
             if baselines:
                 row["best_baseline"] = max(
                     _roc(b_id[measured], b_ood[name])["auroc"] for b_id, b_ood in baselines.values()
@@ -839,8 +839,7 @@ def _site_html(results: dict) -> str:
         "and, out of fold, the cut); 'split cut': the site halved again into null and conformal parts.</p>"
         "<table><tr><th>alpha</th><th>before</th><th>after</th><th>before, mean</th><th>after, mean ± sd</th>"
         "<th>after within alpha ± 2 pts</th><th>split cut</th><th>split cut, mean ± sd</th>"
-        f"<th>split cut within ± 2 pts</th></tr>{rows}</table>"
-        + _site_auroc_html(site)
+        f"<th>split cut within ± 2 pts</th></tr>{rows}</table>" + _site_auroc_html(site)
     )
 
 

@@ -38,7 +38,9 @@ def main(bundle_dir: str, halvings: int = 40) -> None:
                 perm = np.random.default_rng(1000 + s).permutation(n)
                 site, measured = held.take(perm[: n // 2]), held.take(perm[n // 2 :])
                 data = CalibrationData(site_arrays(base, site, s, cut)[0], facts)
-                d = decide(data.null.pvalues(measured), checks=key, policy="calibrated", alpha=alpha, cut=data.cuts[key])
+                d = decide(
+                    data.null.pvalues(measured), checks=key, policy="calibrated", alpha=alpha, cut=data.cuts[key]
+                )
                 rates.append(d.reject.mean())
             r = np.asarray(rates)
             within = np.mean(np.abs(r - alpha) <= 0.02)

@@ -920,10 +920,10 @@ def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path
 
 
 def test_node_refuses_other_sop_classes_unknown_callers_and_bad_pixel_data(guard, demo_bundle, tmp_path):
+    import json
+
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage, Verification
-
-    import json
 
     ((good, _),) = accepted_phantoms(guard, tmp_path, 1).items()
     bad = truncated_pixels(good, tmp_path / "bad.dcm")

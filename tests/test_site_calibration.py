@@ -131,7 +131,9 @@ def test_site_calibration_restores_the_bound_on_a_shifted_site(demo_bundle, cut)
         return d.reject.mean()
 
     arrays, n_null, n_conf = site_arrays(base, shifted.take(site), seed=0, cut=cut)
-    assert (n_null, n_conf) == ((site.size, site.size) if cut == "cross-fit" else (site.size // 2, site.size - site.size // 2))
+    assert (n_null, n_conf) == (
+        (site.size, site.size) if cut == "cross-fit" else (site.size // 2, site.size - site.size // 2)
+    )
     before, after = frr(base), frr(arrays)
     assert before > 0.3, before
     assert abs(after - 0.05) < 0.04, after
@@ -185,7 +187,9 @@ def test_cross_fit_cut_keeps_the_rate_with_less_spread(demo_bundle):
         for cut in rates:
             data = CalibrationData(site_arrays(base, site, s, cut)[0], manifest)
             pv = data.null.pvalues(measured)
-            rates[cut].append(decide(pv, checks=key, policy="calibrated", alpha=alpha, cut=data.cuts[key]).reject.mean())
+            rates[cut].append(
+                decide(pv, checks=key, policy="calibrated", alpha=alpha, cut=data.cuts[key]).reject.mean()
+            )
     cross, split = np.asarray(rates["cross-fit"]), np.asarray(rates["split"])
     assert abs(cross.mean() - alpha) < 0.03 and abs(split.mean() - alpha) < 0.03, (cross.mean(), split.mean())
     assert cross.std() < split.std(), (cross.std(), split.std())

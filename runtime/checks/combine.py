@@ -254,8 +254,10 @@ class CutMethod:
         if name == "split":
             return cls()
         if name != "cross-fit":
-            raise CalibrationError(f"unknown conformal cut method {name!r} in reference.npz (this gamguard knows "
-                                   f"{', '.join(cls.NAMES)}); re-calibrate the bundle")
+            raise CalibrationError(
+                f"unknown conformal cut method {name!r} in reference.npz (this gamguard knows "
+                f"{', '.join(cls.NAMES)}); re-calibrate the bundle"
+            )
         folds = int(np.asarray(arrays["cut_folds"]))
         if folds < 2:
             raise CalibrationError(f"reference.npz cut_folds is {folds}: a cross-fitted cut needs at least 2 folds")
