@@ -59,14 +59,12 @@ from .checks import (
     ConformalCut,
     CutMethod,
     FeatureReference,
-    NullModel,
     ScoreSet,
     all_check_sets,
     check_levels,
     checks_key,
     combined_statistic,
     decide,
-    out_of_fold_pvalues,
     read_reference_arrays,
     real_class_indices,
     score_outputs,
@@ -138,13 +136,9 @@ def crossfit_rates(
     for k, fold in enumerate(folds):
         rest = np.concatenate([f for j, f in enumerate(folds) if j != k])
         rest = rng.permutation(rest)
-        if cut_method.name == "cross-fit":
-            null = NullModel(held.take(rest), n_classes)
-            pv_b = out_of_fold_pvalues(held.take(rest), n_classes, cut_method.folds, cut_method.seed + k)
-        else:
-            a, b = rest[: rest.size // 2], rest[rest.size // 2 :]
-            null = NullModel(held.take(a), n_classes)
-            pv_b = null.pvalues(held.take(b))
+        a, b = rest[: rest.size // 2], rest[rest.size // 2 :]
+        fold_cut = CutMethod(cut_method.name, cut_method.folds, cut_method.seed + k)
+        null, pv_b = fold_cut.fit(held.take(a), held.take(b), n_classes)
         pv = null.pvalues(held.take(fold))
         for key in all_check_sets():
             cut = ConformalCut(combined_statistic(pv_b, key, combination), alpha, null, combination)
@@ -214,12 +208,10 @@ def recalibrate_alpha(bundle_dir: str | Path, alpha: float, progress: Callable[[
     manifest = dict(bundle_mod.load_manifest(bundle_dir, require_calibration=True))
     arrays = read_reference_arrays(bundle_dir)
     cal = dict(manifest["calibration"])
-    n_conf = int(np.asarray(arrays["conformal_feature"]).size)
     held = ScoreSet.concat([ScoreSet.from_arrays(arrays, "null_"), ScoreSet.from_arrays(arrays, "conformal_")])
     combination = Combination.from_arrays(arrays, cal.get("combination"))  # kept
     cut = CutMethod.from_arrays(arrays)
-    if cut.name == "cross-fit":
-        n_conf = held.feature.size
+    n_conf = held.feature.size if cut.name == "cross-fit" else int(np.asarray(arrays["conformal_feature"]).size)
     if n_conf < math.ceil(2.0 / alpha):
         raise CalibrationError(
             f"the conformal cut rests on {n_conf} images; alpha={alpha} needs at least "
@@ -531,8 +523,8 @@ def calibrate_bundle(
 MIN_SITE_IMAGES = 100
 
 
-#: how ``calibrate --site`` fits the cut unless told otherwise (:class:`~.checks.combine.CutMethod`)
-SITE_CUTS = ("cross-fit", "split")
+#: how ``calibrate --site`` may fit the cut, the default first (:class:`~.checks.combine.CutMethod`)
+SITE_CUTS = CutMethod.NAMES
 
 
 def min_site_images(alpha: float, cut: str = "cross-fit") -> int:
@@ -643,10 +635,9 @@ def calibrate_site(
     scores = score_images(bundle_dir, images, n, providers=providers, threads=threads, progress=progress)
     base_arrays = read_reference_arrays(bundle_dir)
     arrays, n_null, n_conf = site_arrays(base_arrays, scores, seed, cut)
+    cut_method = CutMethod.from_arrays(arrays)
     combination = Combination.from_arrays(base_arrays, cal.get("combination"))  # the base calibration's, kept
-    rates = crossfit_rates(
-        scores, len(manifest["class_names"]), alpha, seed, combination, CutMethod.from_arrays(arrays)
-    )
+    rates = crossfit_rates(scores, len(manifest["class_names"]), alpha, seed, combination, cut_method)
     base = cal.get("site", {}).get("base") or {
         k: cal.get(k) for k in ("dataset", "split", "n", "alpha", "measured_false_rejection_rate", "created")
     }
@@ -657,7 +648,7 @@ def calibrate_site(
         "conformal": n_conf,
         "seed": int(seed),
         "cut": cut,
-        "method": CutMethod.from_arrays(arrays).describe()
+        "method": cut_method.describe()
         + "; stored as a numpy.random.default_rng(seed) 50/50 null/conformal split; references kept",
         "garbage_rate": float(np.mean(scores.garbage_pred)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

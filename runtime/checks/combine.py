@@ -40,7 +40,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable
 
 import numpy as np
@@ -208,24 +208,11 @@ def out_of_fold_pvalues(held: ScoreSet, n_classes: int, folds: int, seed: int) -
     """Every image's p-values against a :class:`NullModel` fitted without its fold (``folds`` folds of
     ``numpy.random.default_rng(seed).permutation``): no image judges itself. The statistics of a
     ``cross-fit`` cut (:class:`CutMethod`)."""
-    n = held.feature.size
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.random.default_rng(seed).permutation(held.feature.size)
     parts = np.array_split(order, folds)
-    out = None
-    for fold in parts:
-        rest = np.sort(np.setdiff1d(order, fold))
-        pv = NullModel(held.take(rest), n_classes).pvalues(held.take(fold))
-        if out is None:
-            out = PValues(
-                measures=np.empty((n, pv.measures.shape[1]), pv.measures.dtype),
-                attention=np.empty(n, pv.attention.dtype),
-                feature=np.empty(n, pv.feature.dtype),
-                garbage=np.empty(n, pv.garbage.dtype),
-                garbage_pred=np.empty(n, bool),
-            )
-        for field in ("measures", "attention", "feature", "garbage", "garbage_pred"):
-            getattr(out, field)[fold] = getattr(pv, field)
-    return out
+    pvs = [NullModel(held.take(np.setdiff1d(order, fold)), n_classes).pvalues(held.take(fold)) for fold in parts]
+    back = np.argsort(np.concatenate(parts))  # fold order -> image order
+    return PValues(**{f.name: np.concatenate([getattr(pv, f.name) for pv in pvs])[back] for f in fields(PValues)})
 
 
 @dataclass(frozen=True)
@@ -262,6 +249,16 @@ class CutMethod:
         if folds < 2:
             raise CalibrationError(f"reference.npz cut_folds is {folds}: a cross-fitted cut needs at least 2 folds")
         return cls(name, folds, int(np.asarray(arrays["cut_seed"])))
+
+    def fit(self, null_part: ScoreSet, conformal_part: ScoreSet, n_classes: int) -> tuple[NullModel, "PValues"]:
+        """The null tables and the p-values the cut is fitted on, from a null and a conformal part:
+        ``split``: tables from the null part, the conformal part's p-values; ``cross-fit``: tables from
+        both, every image's out-of-fold p-values."""
+        if self.name == "split":
+            null = NullModel(null_part, n_classes)
+            return null, null.pvalues(conformal_part)
+        held = ScoreSet.concat([null_part, conformal_part])
+        return NullModel(held, n_classes), out_of_fold_pvalues(held, n_classes, self.folds, self.seed)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         if self.name == "split":

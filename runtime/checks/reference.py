@@ -12,15 +12,7 @@ import numpy as np
 
 from ..bundle import REFERENCE_FILE, BundleError
 from ..similarity import DEFAULT_GRID, HIGHER_IS_SIMILAR, MEASURES, prepare
-from .combine import (
-    Combination,
-    ConformalCut,
-    CutMethod,
-    NullModel,
-    all_check_sets,
-    combined_statistic,
-    out_of_fold_pvalues,
-)
+from .combine import Combination, ConformalCut, CutMethod, all_check_sets, combined_statistic
 from .errors import CalibrationError
 from .feature import FeatureReference
 from .scores import ScoreSet, real_class_indices, score_outputs
@@ -57,15 +49,8 @@ class CalibrationData:
             self.cut_method = CutMethod.from_arrays(arrays)
         except CalibrationError as exc:
             raise BundleError(str(exc)) from exc
-        k = len(self.class_names)
-        if self.cut_method.name == "cross-fit":  # every held-out image fits the tables and, out of fold, the cut
-            held = ScoreSet.concat([self.null_scores, self.conformal_scores])
-            self.null = NullModel(held, k)
-            pv = out_of_fold_pvalues(held, k, self.cut_method.folds, self.cut_method.seed)
-        else:
-            self.null = NullModel(self.null_scores, k)
-            pv = self.null.pvalues(self.conformal_scores)
-        #: the statistics' p-values the cuts are fitted on (one row per image behind the cut)
+        # conformal_pvalues: what the cuts are fitted on (one row per image behind the cut)
+        self.null, pv = self.cut_method.fit(self.null_scores, self.conformal_scores, len(self.class_names))
         self.conformal_pvalues = pv
         self.cuts = {
             key: ConformalCut(combined_statistic(pv, key, self.combination), self.alpha, self.null, self.combination)
