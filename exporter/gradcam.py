@@ -39,6 +39,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from gamguard.runtime.engines.specialize import POOL_CHANNEL_BLOCK  # one rule for exporter and engines
 
+from .onnx_fuse import CAM_MARGIN  # one margin for both exporters (documented there)
+
 log = logging.getLogger(__name__)
 
 #: Same epsilon as pytorch-grad-cam's ``scale_cam_image``.
@@ -747,9 +749,11 @@ def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, resize: CamRe
       resize. The resize is a convex combination (rows of both matrices sum to 1), so it commutes
       with ``x -> (x - lo) / (eps + hi - lo)``; ``lo`` / ``hi`` (the min and max of the full-size
       map) are read from the map resampled at the few rows and columns where its extremes can be
-      (:class:`CamResize`). The full-size map is then written once by the last MatMul and clamped to
-      [0, 1] (float rounding of that convex combination can leave [0, 1] by an ulp) in one more pass,
-      instead of being read twice for min/max and rewritten twice;
+      (:class:`CamResize`). The full-size map is then written once by the last MatMul, instead of being
+      read twice for min/max and rewritten twice. Float rounding of that convex combination could leave
+      [0, 1] by an ulp; rather than clamp the full map in one more pass, the small map is mapped onto
+      [CAM_MARGIN, 1 - CAM_MARGIN] first (:data:`~gamguard.exporter.onnx_fuse.CAM_MARGIN`: at most
+      2e-6 from pytorch-grad-cam's values);
     * dynamic size: the matrices are built in the graph and the second min-max runs on the full map,
       ``(x - min) / (eps + (max - min))`` (equal to ``(x - min) / (eps + max(x - min))`` up to one
       rounding of ``max - min``);
@@ -765,8 +769,8 @@ def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, resize: CamRe
         ext = torch.matmul(resize.rows_ext, torch.matmul(cam, resize.cols_ext_t))
         lo = torch.amin(ext, dim=(1, 2), keepdim=True)
         hi = torch.amax(ext, dim=(1, 2), keepdim=True)
-        cam = (cam - lo) / (CAM_EPS + (hi - lo))
-        return torch.clamp(torch.matmul(resize.rows, torch.matmul(cam, resize.cols_t)), 0.0, 1.0)
+        cam = (cam - lo) / ((CAM_EPS + (hi - lo)) / (1.0 - 2.0 * CAM_MARGIN)) + CAM_MARGIN
+        return torch.matmul(resize.rows, torch.matmul(cam, resize.cols_t))
     rows = bilinear_matrix(h, out_hw[0], cam)
     cols_t = bilinear_matrix(w, out_hw[1], cam).transpose(0, 1)
     cam = torch.matmul(rows, torch.matmul(cam, cols_t))  # [N, H, W]: no reshape of the full map
