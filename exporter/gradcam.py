@@ -752,7 +752,7 @@ def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, resize: CamRe
       (:class:`CamResize`). The full-size map is then written once by the last MatMul, instead of being
       read twice for min/max and rewritten twice. Float rounding of that convex combination could leave
       [0, 1] by an ulp; rather than clamp the full map in one more pass, the small map is mapped onto
-      [CAM_MARGIN, 1 - CAM_MARGIN] first (:data:`~gamguard.exporter.onnx_fuse.CAM_MARGIN`: at most
+      [CAM_MARGIN, 1 - CAM_MARGIN / 2) first (:data:`~gamguard.exporter.onnx_fuse.CAM_MARGIN`: at most
       2e-6 from pytorch-grad-cam's values);
     * dynamic size: the matrices are built in the graph and the second min-max runs on the full map,
       ``(x - min) / (eps + (max - min))`` (equal to ``(x - min) / (eps + max(x - min))`` up to one
@@ -769,7 +769,10 @@ def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, resize: CamRe
         ext = torch.matmul(resize.rows_ext, torch.matmul(cam, resize.cols_ext_t))
         lo = torch.amin(ext, dim=(1, 2), keepdim=True)
         hi = torch.amax(ext, dim=(1, 2), keepdim=True)
-        cam = (cam - lo) / ((CAM_EPS + (hi - lo)) / (1.0 - 2.0 * CAM_MARGIN)) + CAM_MARGIN
+        den = CAM_EPS + (hi - lo)
+        # den * (1 + 2 margin) written as a sum: torch's ONNX exporter (2.13, dynamo) drops a multiplication
+        # by a Python float this close to 1, and the map would then reach 1 + margin
+        cam = (cam - lo) / (den + den * (2.0 * CAM_MARGIN)) + CAM_MARGIN
         return torch.matmul(resize.rows, torch.matmul(cam, resize.cols_t))
     rows = bilinear_matrix(h, out_hw[0], cam)
     cols_t = bilinear_matrix(w, out_hw[1], cam).transpose(0, 1)

@@ -38,10 +38,11 @@ from gamguard.runtime.engines.specialize import POOL_CHANNEL_BLOCK
 log = logging.getLogger(__name__)
 
 CAM_EPS = 1e-7
-#: A static-size CAM is mapped onto [CAM_MARGIN, 1 - CAM_MARGIN] on the small map, before the resize. The
+#: A static-size CAM is mapped into [CAM_MARGIN, 1 - CAM_MARGIN / 2) on the small map, before the resize. The
 #: resize is a convex combination (rows of both matrices sum to 1), so float32 rounding (a few ulp, about
 #: 2e-7) keeps the full-size map inside [0, 1] without a clamping pass over it (one pass over H x W fewer on
-#: every call). The map then differs from pytorch-grad-cam's by at most 2 * CAM_MARGIN.
+#: every call). The map then differs from pytorch-grad-cam's by at most 2 * CAM_MARGIN. (Written as
+#: ``(x - lo) / (den + 2 * CAM_MARGIN * den) + CAM_MARGIN``: the small map lies in [margin, 1 - margin / 2).)
 CAM_MARGIN = 1e-6
 #: the oldest default-domain opset the fused graph is written in; :func:`export_onnx_bundle` converts an
 #: older model (opset 7-12, as older exporters and vendors deliver them) with onnx.version_converter
@@ -1165,7 +1166,8 @@ def _gradcam_nodes(b: _Builder, target: str, weights: str, target_shape, out_hw)
     ext = b.op("MatMul", [b.const(rows_ext, "interp_rows_ext"), b.op("MatMul", [cam, b.const(cols_ext.T.copy())])])
     lo = b.reduce("ReduceMin", ext, [1, 2])
     hi = b.reduce("ReduceMax", ext, [1, 2])
-    den = b.op("Div", [b.op("Add", [b.const(CAM_EPS), b.op("Sub", [hi, lo])]), b.const(1.0 - 2.0 * CAM_MARGIN)])
+    den = b.op("Add", [b.const(CAM_EPS), b.op("Sub", [hi, lo])])
+    den = b.op("Add", [den, b.op("Mul", [den, b.const(2.0 * CAM_MARGIN)])])  # as gradcam_map writes it
     cam = b.op("Add", [b.op("Div", [b.op("Sub", [cam, lo]), den]), b.const(CAM_MARGIN)])  # see CAM_MARGIN
     return b.op("MatMul", [b.const(rows, "interp_rows"), b.op("MatMul", [cam, b.const(cols.T.copy(), "interp_cols")])])
 

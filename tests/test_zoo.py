@@ -97,6 +97,9 @@ def _check_against_reference(model, target, early, run, channels):
         logits, cam, feats = run(x)
         cam_ref, logits_ref = reference_gradcam(model, target, x)
         assert cam.shape == (batch, SIZE, SIZE)
+        # a static export writes the full-size map without a clamp (exporter.onnx_fuse.CAM_MARGIN): it must
+        # still be inside [0, 1], as the fused-output contract says
+        assert 0.0 <= cam.min() and cam.max() <= 1.0, (cam.min(), cam.max())
         structured += int(np.sum(cam_ref.max(axis=(1, 2)) - cam_ref.min(axis=(1, 2)) > 0.5))
         same = logits.argmax(1) == logits_ref.argmax(1)
         worst["cam"] = max(worst["cam"], float(np.abs(cam[same] - cam_ref[same]).max()) if same.any() else 0.0)
