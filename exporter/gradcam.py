@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from gamguard.runtime.engines.specialize import POOL_CHANNEL_BLOCK  # one rule for exporter and engines
-
-from .onnx_fuse import CAM_MARGIN  # one margin for both exporters (documented there)
+from gamguard.runtime.engines.specialize import (  # one rule for exporters and engines
+    CAM_MARGIN,
+    POOL_CHANNEL_BLOCK,
+)
 
 log = logging.getLogger(__name__)
 
@@ -706,7 +707,7 @@ class CamResize:
 
     ``rows`` [H, h] and ``cols_t`` [w, W] resample the map; ``rows_ext`` / ``cols_ext_t`` are their
     rows / columns at the samples where the resampled map can take its extremes
-    (:func:`~gamguard.exporter.onnx_fuse.extreme_samples`).
+    (:func:`~gamguard.runtime.engines.specialize.extreme_samples`).
     """
 
     rows: torch.Tensor
@@ -716,7 +717,7 @@ class CamResize:
 
     @classmethod
     def build(cls, hw_in, hw_out, like: torch.Tensor) -> "CamResize":
-        from .onnx_fuse import extreme_samples
+        from gamguard.runtime.engines.specialize import extreme_samples
 
         rows = bilinear_matrix(hw_in[0], hw_out[0], like)  # [H, h]
         cols = bilinear_matrix(hw_in[1], hw_out[1], like)  # [W, w]
@@ -752,7 +753,7 @@ def gradcam_map(acts: torch.Tensor, weights: torch.Tensor, out_hw, resize: CamRe
       (:class:`CamResize`). The full-size map is then written once by the last MatMul, instead of being
       read twice for min/max and rewritten twice. Float rounding of that convex combination could leave
       [0, 1] by an ulp; rather than clamp the full map in one more pass, the small map is mapped onto
-      [CAM_MARGIN, 1 - CAM_MARGIN / 2) first (:data:`~gamguard.exporter.onnx_fuse.CAM_MARGIN`: at most
+      [CAM_MARGIN, 1 - CAM_MARGIN / 2) first (:data:`~gamguard.runtime.engines.specialize.CAM_MARGIN`: at most
       2e-6 from pytorch-grad-cam's values);
     * dynamic size: the matrices are built in the graph and the second min-max runs on the full map,
       ``(x - min) / (eps + (max - min))`` (equal to ``(x - min) / (eps + max(x - min))`` up to one

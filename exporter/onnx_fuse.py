@@ -33,17 +33,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gamguard.runtime.engines.base import INPUT_NAME, OUTPUT_NAMES
-from gamguard.runtime.engines.specialize import POOL_CHANNEL_BLOCK
+from gamguard.runtime.engines.specialize import (  # one rule for exporter and engines
+    CAM_MARGIN,
+    POOL_CHANNEL_BLOCK,
+    extreme_samples,
+)
 
 log = logging.getLogger(__name__)
 
 CAM_EPS = 1e-7
-#: A static-size CAM is mapped into [CAM_MARGIN, 1 - CAM_MARGIN / 2) on the small map, before the resize. The
-#: resize is a convex combination (rows of both matrices sum to 1), so float32 rounding (a few ulp, about
-#: 2e-7) keeps the full-size map inside [0, 1] without a clamping pass over it (one pass over H x W fewer on
-#: every call). The map then differs from pytorch-grad-cam's by at most 2 * CAM_MARGIN. (Written as
-#: ``(x - lo) / (den + 2 * CAM_MARGIN * den) + CAM_MARGIN``: the small map lies in [margin, 1 - margin / 2).)
-CAM_MARGIN = 1e-6
 #: the oldest default-domain opset the fused graph is written in; :func:`export_onnx_bundle` converts an
 #: older model (opset 7-12, as older exporters and vendors deliver them) with onnx.version_converter
 MIN_OPSET = 13
@@ -70,25 +68,6 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
         m[i, i0] += 1.0 - lam
         m[i, i1] += lam
     return m.astype(np.float32)
-
-
-def extreme_samples(interp: np.ndarray) -> np.ndarray:
-    """Indices of the output samples of a 1-D interpolation matrix ``[n_out, n_in]`` (at most two taps a
-    row, as :func:`bilinear_matrix`) at which a resampled map can take its extreme values.
-
-    Between two neighbouring source samples the interpolated values are linear in the position, and
-    the output samples between them form one run of rows with the same first tap: the smallest and
-    largest value of the run are at its ends. In 2-D the bilinear map of a cell is linear along each
-    axis, so its extremes over the sampled grid lie on (run-end rows) × (run-end columns): the min
-    and max of the full-size map are those of the map resampled at these rows and columns only.
-    """
-    first_tap = np.argmax(np.asarray(interp) != 0, axis=1)
-    keep = np.zeros(first_tap.size, bool)
-    keep[0] = keep[-1] = True
-    change = first_tap[1:] != first_tap[:-1]
-    keep[1:] |= change
-    keep[:-1] |= change
-    return np.flatnonzero(keep)
 
 
 def bin_matrix(size: int, bins: int) -> np.ndarray:

@@ -16,6 +16,10 @@ from gamguard.runtime.checks.graph import guarded_model_bytes
 from gamguard.runtime.checks.reference import CalibrationData
 from gamguard.runtime.engines import EngineError, OnnxEngine, create_engine, session_options
 from gamguard.runtime.engines.specialize import (
+    CAM_MARGIN,
+    _is_interpolation,
+    cam_min_max_on_small_map,
+    fold_constants,
     is_spatially_dynamic,
     pool_early_with_average_pool,
     spatial_dims,
@@ -48,8 +52,12 @@ def test_specialised_engine_matches_the_dynamic_model(demo_bundle, tmp_path, siz
     a, b = dynamic.run(x), fixed.run(x)
     # the fixed engine's AveragePool sums the early windows in another order than the dynamic model's
     # matrices (float32 rounding, amplified in the feature score by the whitening)
+    # and its CAM is normalised on the small map into [CAM_MARGIN, 1 - CAM_MARGIN / 2) before the resize
+    # (cam_min_max_on_small_map): the same map within 3 * CAM_MARGIN
     for name in ("logits", "cam", "early", "guard"):
-        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6, err_msg=name)
+        atol = 3 * CAM_MARGIN if name == "cam" else 1e-6
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=atol, err_msg=name)
+    assert 0.0 <= b.cam.min() and b.cam.max() <= 1.0
 
     # the shape arithmetic is folded away when the session is created
     model = onnx.load_from_string(guarded)
@@ -65,6 +73,41 @@ def test_specialised_engine_matches_the_dynamic_model(demo_bundle, tmp_path, siz
     before = _optimized_nodes(guarded, tmp_path)
     after = _optimized_nodes(fixed_model.SerializeToString(), tmp_path)
     assert after < before - 30, (before, after)
+    # the CAM's min-max moves to the small map, and the guard subgraph resamples the small map: nothing
+    # reads the full-size map any more (it is only the output)
+    small, rewritten = cam_min_max_on_small_map(pooled)
+    assert rewritten
+    assert [n for n in small.graph.node if "cam" in n.input] == []
+    assert next(n for n in small.graph.node if "cam" in n.output).op_type == "MatMul"
+
+
+def test_interpolation_matrices_recognised():
+    from gamguard.exporter.onnx_fuse import bilinear_matrix
+
+    for n_in, n_out in ((7, 224), (28, 224), (64, 512), (9, 5), (5, 5)):
+        assert _is_interpolation(bilinear_matrix(n_in, n_out)), (n_in, n_out)
+    m = bilinear_matrix(7, 32)
+    assert not _is_interpolation(m[::-1])  # positions decreasing
+    assert not _is_interpolation(m * 1.01)  # rows not summing to 1
+    spread = m.copy()
+    spread[3] = 0.0
+    spread[3, [0, 2]] = 0.5  # two taps that are not neighbours
+    assert not _is_interpolation(spread)
+    assert not _is_interpolation(np.full((4, 8), 1 / 8, np.float32))  # an average, not an interpolation
+
+
+def test_cam_rewrite_keeps_a_model_whose_full_map_is_read_elsewhere(demo_bundle):
+    """A full-size map consumed by anything besides its own min-max keeps the exported form."""
+    from onnx import helper
+
+    fixed = specialize_spatial(onnx.load(str(demo_bundle / MODEL_FILE)), 96, 96)
+    folded = fold_constants(fixed)
+    producer = {o: n for n in folded.graph.node for o in n.output}
+    full = producer[producer["cam"].input[0]].input[0]  # cam = (full - lo) / (...)
+    folded.graph.node.append(helper.make_node("Identity", [full], ["full_copy"]))
+    folded.graph.output.append(helper.make_tensor_value_info("full_copy", onnx.TensorProto.FLOAT, None))
+    same, rewritten = cam_min_max_on_small_map(folded, folded=True)
+    assert not rewritten and same is folded
 
 
 def test_specialised_engine_refuses_other_sizes(demo_bundle):

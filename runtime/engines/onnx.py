@@ -273,7 +273,13 @@ def _specialized(source, model_path: Path, input_hw) -> tuple[bytes | str, tuple
     size (a static model serves its own size; a mismatch surfaces as ONNX Runtime's shape error)."""
     import onnx
 
-    from .specialize import is_spatially_dynamic, pool_early_with_average_pool, specialize_spatial
+    from .specialize import (
+        cam_min_max_on_small_map,
+        fold_constants,
+        is_spatially_dynamic,
+        pool_early_with_average_pool,
+        specialize_spatial,
+    )
 
     h, w = (int(v) for v in input_hw)
     try:
@@ -284,9 +290,16 @@ def _specialized(source, model_path: Path, input_hw) -> tuple[bytes | str, tuple
         return source, None
     fixed = specialize_spatial(model, h, w)
     try:
-        fixed, pooled = pool_early_with_average_pool(fixed)
+        fixed = fold_constants(fixed)  # once, for both rewrites (each a pure function of the folded graph)
+        fixed, pooled = pool_early_with_average_pool(fixed, folded=True)
+        fixed, cam_small = cam_min_max_on_small_map(fixed, folded=True)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise EngineError(f"{model_path}: cannot create an ONNX Runtime session at {h}x{w}: {exc}") from exc
-    if pooled:
-        log.debug("early features pooled by one AveragePool at %dx%d", h, w)
+    log.debug(
+        "fixed to %dx%d: early features %s, CAM min-max %s",
+        h,
+        w,
+        "by one AveragePool" if pooled else "as exported",
+        "on the small map" if cam_small else "as exported",
+    )
     return fixed.SerializeToString(), (h, w)

@@ -18,6 +18,10 @@ early map through a badly shaped GEMM (N = the grid's 8 columns) after reorderin
 layout: on the demo model at batch 8 it was about half of what the fused outputs add to the
 classifier's own time (224²: ~1.7 ms of ~3.6 ms; 512²: ~6 ms of ~11 ms, ONNX Runtime profile).
 
+With the size fixed, the CAM's interpolation matrices are constants too: :func:`cam_min_max_on_small_map`
+then moves the exported dynamic-size CAM's second min-max from the full-size map onto the small one, the
+form a static-size export writes, and lets the guard subgraph resample the small map to its grid.
+
 The model on disk is unchanged (and still dynamic: a TensorRT plan with a spatial profile, or another
 size, is built from it as before); only the session's copy is specialised.
 """
@@ -40,6 +44,32 @@ log = logging.getLogger(__name__)
 #: kernel is slow for large windows (28x28 windows of an 8-channel 224² map: 5 ms at batch 8), where
 #: the two averaging-matrix products are cheaper. The exporter imports this rule for static sizes.
 POOL_CHANNEL_BLOCK = 16
+
+#: A static-size CAM is mapped into [CAM_MARGIN, 1 - CAM_MARGIN / 2) on the small map, before the resize. The
+#: resize is a convex combination (rows of both matrices sum to 1), so float32 rounding (a few ulp, about
+#: 2e-7) keeps the full-size map inside [0, 1] without a clamping pass over it (one pass over H x W fewer on
+#: every call). The map then differs from pytorch-grad-cam's by at most 2 * CAM_MARGIN. (Written as
+#: ``(x - lo) / (den + 2 * CAM_MARGIN * den) + CAM_MARGIN``: the small map lies in [margin, 1 - margin / 2).)
+CAM_MARGIN = 1e-6
+
+
+def extreme_samples(interp: np.ndarray) -> np.ndarray:
+    """Indices of the output samples of a 1-D interpolation matrix ``[n_out, n_in]`` (at most two taps a
+    row, as :func:`bilinear_matrix`) at which a resampled map can take its extreme values.
+
+    Between two neighbouring source samples the interpolated values are linear in the position, and
+    the output samples between them form one run of rows with the same first tap: the smallest and
+    largest value of the run are at its ends. In 2-D the bilinear map of a cell is linear along each
+    axis, so its extremes over the sampled grid lie on (run-end rows) × (run-end columns): the min
+    and max of the full-size map are those of the map resampled at these rows and columns only.
+    """
+    first_tap = np.argmax(np.asarray(interp) != 0, axis=1)
+    keep = np.zeros(first_tap.size, bool)
+    keep[0] = keep[-1] = True
+    change = first_tap[1:] != first_tap[:-1]
+    keep[1:] |= change
+    keep[:-1] |= change
+    return np.flatnonzero(keep)
 
 
 def spatial_dims(model) -> tuple[object, object] | None:
@@ -113,14 +143,13 @@ def _averaging_bins(matrix: np.ndarray, axis: int) -> int | None:
     return k if np.allclose(m, expected, rtol=1e-6, atol=1e-9) else None
 
 
-def pool_early_with_average_pool(model, output: str = "early"):
+def pool_early_with_average_pool(model, output: str = "early", *, folded: bool = False):
     """``model`` (static size, e.g. from :func:`specialize_spatial`) with ONNX Runtime's constant folding
     applied and ``output`` computed by one ``AveragePool`` when it is ``rows @ (x @ cols)`` with constant
     equal-window averaging matrices and ``x`` has a multiple of :data:`POOL_CHANNEL_BLOCK` channels (see
     the module docstring). Returns ``(model, rewritten)``; a model without that pattern comes back as
     it was. The average is the same up to float rounding (summation order)."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     # Folding costs a session start: only a model whose output is a product of two MatMuls pays it.
@@ -128,12 +157,7 @@ def pool_early_with_average_pool(model, output: str = "early"):
     outer = producer.get(output)
     if outer is None or outer.op_type != "MatMul" or getattr(producer.get(outer.input[1]), "op_type", "") != "MatMul":
         return model, False
-    with tempfile.TemporaryDirectory(prefix="gamguard-fold-") as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # folding, no layouts
-        opts.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
-        ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        folded = onnx.load(opts.optimized_model_filepath)
+    folded = model if folded else fold_constants(model)
     graph = folded.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -172,3 +196,181 @@ def pool_early_with_average_pool(model, output: str = "early"):
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return folded, True
+
+
+def _copy(node):
+    from onnx import NodeProto
+
+    out = NodeProto()
+    out.CopyFrom(node)
+    return out
+
+
+def fold_constants(model):
+    """``model`` with ONNX Runtime's constant folding applied (basic level: no layout changes), as ONNX
+    Runtime itself would fold it when a session starts; the rewrites below match the folded graph."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="gamguard-fold-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # folding, no layouts
+        opts.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def _is_interpolation(matrix: np.ndarray) -> bool:
+    """``[n_out, n_in]`` rows of a 1-D linear interpolation at increasing positions: each row a convex
+    combination (non-negative, summing to 1) of one source sample or two neighbouring ones, the first tap
+    never decreasing and, within a run of rows on the same pair, the weight moving towards the second —
+    what :func:`extreme_samples` needs (a bilinear resize's matrices, as the exporter builds them)."""
+    m = np.asarray(matrix, np.float64)
+    if m.ndim != 2 or m.size == 0 or (m < 0).any() or not np.allclose(m.sum(axis=1), 1.0, rtol=0, atol=1e-5):
+        return False
+    nz = m != 0
+    first = np.argmax(nz, axis=1)
+    last = m.shape[1] - 1 - np.argmax(nz[:, ::-1], axis=1)
+    if (last - first > 1).any() or (np.diff(first) < 0).any():
+        return False
+    second = m[np.arange(m.shape[0]), np.minimum(first + 1, m.shape[1] - 1)] * (last > first)
+    same_run = np.diff(first) == 0
+    return bool((np.diff(second)[same_run] >= -1e-6).all())
+
+
+def _reduce_axes(node, inits) -> list[int] | None:
+    from onnx import helper, numpy_helper
+
+    if len(node.input) > 1 and node.input[1]:
+        return [int(a) for a in numpy_helper.to_array(inits[node.input[1]]).ravel()] if node.input[1] in inits else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return [int(a) for a in attrs["axes"]] if "axes" in attrs else None
+
+
+def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False):
+    """``model`` (static size) with the dynamic-size CAM's second min-max moved onto the small map, as a
+    static-size export writes it (:func:`gamguard.exporter.gradcam.gradcam_map`). Returns ``(model,
+    rewritten)``; a model without the pattern comes back unchanged.
+
+    A ``--dynamic-spatial`` export resizes the normalised small map ``s`` with matrices built from the
+    input size and then min-max normalises the full-size map ``X = R s C``: four more passes over
+    ``[N, H, W]`` (min, max, subtract, divide: 3.4 of the 9 ms the fused outputs add at 512², batch 8, on
+    the demo model). Once the size is fixed, ``R`` and ``C`` are constants; the resize is a convex
+    combination, so it commutes with the normalisation, and the full map's min and max are those of the
+    map resampled at :func:`extreme_samples` only. The rewrite computes ``lo``/``hi`` there, normalises
+    ``s`` into [CAM_MARGIN, 1 - CAM_MARGIN / 2) and resizes once: the same map within 3e-6, inside [0, 1].
+
+    Any other consumer of ``cam`` of the form ``A @ (cam @ B)`` with constant ``A``, ``B`` — the guard
+    subgraph's area resampling to the comparison grid (:mod:`gamguard.runtime.checks.graph`) — then reads
+    the small map through ``(A R)`` and ``(C B)`` instead of the full one (the same product, a different
+    rounding)."""
+    from onnx import helper, numpy_helper
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    if getattr(producer.get(output), "op_type", "") != "Div":  # cheap test before folding (a session start)
+        return model, False
+    folded_model = model if folded else fold_constants(model)
+    graph = folded_model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def node(name, op):
+        n = producer.get(name)
+        return n if n is not None and n.op_type == op else None
+
+    def const(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    div = node(output, "Div")
+    num = div and node(div.input[0], "Sub")
+    den = div and node(div.input[1], "Add")
+    if num is None or den is None:
+        return model, False
+    full, lo = num.input
+    eps_in = [i for i in den.input if i in inits and const(i).size == 1]
+    spread = [node(i, "Sub") for i in den.input if i not in eps_in]
+    mat = node(full, "MatMul")
+    inner = mat and node(mat.input[1], "MatMul")
+    if len(eps_in) != 1 or len(spread) != 1 or spread[0] is None or inner is None:
+        return model, False
+    hi = spread[0].input[0]
+    lo_node, hi_node = node(lo, "ReduceMin"), node(hi, "ReduceMax")
+    rows, cols = const(mat.input[0]), const(inner.input[1])
+    if (
+        lo_node is None
+        or hi_node is None
+        or spread[0].input[1] != lo
+        or lo_node.input[0] != full
+        or hi_node.input[0] != full
+        or rows is None
+        or cols is None
+        or rows.ndim != 2
+        or cols.ndim != 2
+        or not (_is_interpolation(rows) and _is_interpolation(cols.T))
+        or {id(n) for n in consumers.get(full, [])} != {id(lo_node), id(hi_node), id(num)}
+        or len(consumers.get(inner.output[0], [])) != 1
+    ):
+        return model, False
+    for reduce in (lo_node, hi_node):
+        axes = _reduce_axes(reduce, inits)
+        attrs = {a.name: helper.get_attribute_value(a) for a in reduce.attribute}
+        if axes is None or sorted(a % 3 for a in axes) != [1, 2] or attrs.get("keepdims", 1) != 1:
+            return model, False
+    small = inner.input[0]
+    eps = float(const(eps_in[0]).ravel()[0])
+    added: list = []
+
+    def add_const(name, value):
+        added.append(numpy_helper.from_array(np.asarray(value, np.float32), f"gamguard/cam_{name}"))
+        return added[-1].name
+
+    def op(op_type, *inputs, out=None, **attrs):
+        out = out or f"gamguard/cam_{op_type.lower()}_{len(new_nodes)}"
+        new_nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    new_nodes: list = []
+    added.append(numpy_helper.from_array(np.array([1, 2], np.int64), "gamguard/cam_axes"))
+    axes = added[-1].name
+    ext = op(
+        "MatMul",
+        add_const("rows_ext", rows[extreme_samples(rows)]),
+        op("MatMul", small, add_const("cols_ext", cols[:, extreme_samples(cols.T)])),
+    )
+    lo2, hi2 = op("ReduceMin", ext, axes, keepdims=1), op("ReduceMax", ext, axes, keepdims=1)
+    d = op("Add", op("Sub", hi2, lo2), add_const("eps", eps))
+    d = op("Add", d, op("Mul", d, add_const("two_margin", 2.0 * CAM_MARGIN)))
+    scaled = op("Add", op("Div", op("Sub", small, lo2), d), add_const("margin", CAM_MARGIN))
+    op("MatMul", mat.input[0], op("MatMul", scaled, inner.input[1]), out=output)
+    gone = {id(n) for n in (div, num, den, spread[0], lo_node, hi_node, mat, inner)}
+    # the guard subgraph's resampling A @ (cam @ B): from the small map, (A R) @ (scaled @ (C B))
+    for user in consumers.get(output, []):
+        if user.op_type != "MatMul" or user.input[0] != output or const(user.input[1]) is None:
+            continue
+        outer = consumers.get(user.output[0], [])
+        if len(outer) != 1 or outer[0].op_type != "MatMul" or const(outer[0].input[0]) is None:
+            continue
+        a, b = const(outer[0].input[0]).astype(np.float64), const(user.input[1]).astype(np.float64)
+        if a.ndim != 2 or b.ndim != 2:
+            continue
+        left = add_const(f"resample_rows_{len(added)}", a @ rows.astype(np.float64))
+        right = add_const(f"resample_cols_{len(added)}", cols.astype(np.float64) @ b)
+        op("MatMul", left, op("MatMul", scaled, right), out=outer[0].output[0])
+        gone |= {id(user), id(outer[0])}
+    # the new nodes in place of the old CAM tail (topological order: their inputs come before it)
+    nodes = list(graph.node)
+    at = min(i for i, n in enumerate(nodes) if id(n) in gone)
+    kept = [n for n in nodes[:at] if id(n) not in gone] + new_nodes + [n for n in nodes[at:] if id(n) not in gone]
+    kept = [_copy(n) for n in kept]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(added)
+    used = {i for n in graph.node for i in n.input}
+    kept_inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    return folded_model, True
