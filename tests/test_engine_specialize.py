@@ -164,3 +164,22 @@ def test_early_average_pool_only_for_equal_windows(channels, size, bins, expect)
         None, {"x": x}
     )[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hw", [(33, 47), (96, 160), (16, 16)])
+def test_cam_rewrite_matches_the_exported_cam_at_odd_sizes(demo_bundle, hw):
+    """Non-square and small sizes: the small-map normalisation gives the exported full-map one within
+    3 * CAM_MARGIN, inside [0, 1], and leaves the caller's model as it was."""
+    folded = fold_constants(specialize_spatial(onnx.load(str(demo_bundle / MODEL_FILE)), *hw))
+    before = folded.SerializeToString()
+    small, rewritten = cam_min_max_on_small_map(folded, folded=True)
+    assert rewritten and folded.SerializeToString() == before
+    rng = np.random.default_rng(sum(hw))
+    x = ((rng.random((3, 1, *hw)) - 0.5) * 4).astype(np.float32)
+    ref = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(["cam"], {"image": x})[0]
+    got = ort.InferenceSession(small.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["cam"], {"image": x}
+    )[0]
+    assert np.ptp(ref, axis=(1, 2)).min() > 0.5  # structured maps, not a constant one
+    np.testing.assert_allclose(got, ref, rtol=0, atol=3 * CAM_MARGIN)
+    assert 0.0 <= got.min() and got.max() <= 1.0

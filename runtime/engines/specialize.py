@@ -157,7 +157,7 @@ def pool_early_with_average_pool(model, output: str = "early", *, folded: bool =
     outer = producer.get(output)
     if outer is None or outer.op_type != "MatMul" or getattr(producer.get(outer.input[1]), "op_type", "") != "MatMul":
         return model, False
-    folded = model if folded else fold_constants(model)
+    folded = _copy_model(model) if folded else fold_constants(model)  # the caller's model is not changed
     graph = folded.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -196,6 +196,14 @@ def pool_early_with_average_pool(model, output: str = "early", *, folded: bool =
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return folded, True
+
+
+def _copy_model(model):
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 def _copy(node):
@@ -269,7 +277,7 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
     producer = {o: n for n in model.graph.node for o in n.output}
     if getattr(producer.get(output), "op_type", "") != "Div":  # cheap test before folding (a session start)
         return model, False
-    folded_model = model if folded else fold_constants(model)
+    folded_model = _copy_model(model) if folded else fold_constants(model)  # the caller's model is not changed
     graph = folded_model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
