@@ -150,7 +150,7 @@ def pool_early_with_average_pool(model, output: str = "early", *, folded: bool =
     the module docstring). Returns ``(model, rewritten)``; a model without that pattern comes back as
     it was. The average is the same up to float rounding (summation order)."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     # Folding costs a session start: only a model whose output is a product of two MatMuls pays it.
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -158,21 +158,13 @@ def pool_early_with_average_pool(model, output: str = "early", *, folded: bool =
     if outer is None or outer.op_type != "MatMul" or getattr(producer.get(outer.input[1]), "op_type", "") != "MatMul":
         return model, False
     folded = _copy_model(model) if folded else fold_constants(model)  # the caller's model is not changed
-    graph = folded.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    outer = producer.get(output)
-    if outer is None or outer.op_type != "MatMul" or outer.input[0] not in inits:
+    g = _GraphIndex(folded.graph)
+    outer = g.node(output, "MatMul")
+    inner = outer and g.node(outer.input[1], "MatMul")
+    if inner is None or outer.input[0] not in g.inits or inner.input[1] not in g.inits or len(g.users(inner)) != 1:
         return model, False
-    inner = producer.get(outer.input[1])
-    if inner is None or inner.op_type != "MatMul" or inner.input[1] not in inits or consumers.get(inner.output[0]) != 1:
-        return model, False
-    kh = _averaging_bins(numpy_helper.to_array(inits[outer.input[0]]), axis=0)
-    kw = _averaging_bins(numpy_helper.to_array(inits[inner.input[1]]), axis=1)
+    kh = _averaging_bins(g.const(outer.input[0]), axis=0)
+    kw = _averaging_bins(g.const(inner.input[1]), axis=1)
     source = inner.input[0]
     inferred = onnx.shape_inference.infer_shapes(folded).graph
     shapes = {
@@ -188,13 +180,7 @@ def pool_early_with_average_pool(model, output: str = "early", *, folded: bool =
     pool = helper.make_node(
         "AveragePool", [source], [output], name="gamguard/early_average_pool", kernel_shape=[kh, kw], strides=[kh, kw]
     )
-    nodes = [pool if output in n.output else n for n in graph.node if inner.output[0] not in n.output]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _set_nodes(folded.graph, [pool if n is outer else n for n in folded.graph.node if n is not inner])
     return folded, True
 
 
@@ -206,12 +192,41 @@ def _copy_model(model):
     return out
 
 
-def _copy(node):
-    from onnx import NodeProto
+class _GraphIndex:
+    """Who produces and who reads each tensor of a graph, and its constants (for the rewrites below)."""
 
-    out = NodeProto()
-    out.CopyFrom(node)
-    return out
+    def __init__(self, graph):
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def node(self, tensor: str, op_type: str):
+        """The node producing ``tensor`` when it is an ``op_type``, else None."""
+        n = self.producer.get(tensor)
+        return n if n is not None and n.op_type == op_type else None
+
+    def users(self, node) -> list:
+        """The nodes reading ``node``'s (first) output."""
+        return self.consumers.get(node.output[0], [])
+
+    def const(self, tensor: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.inits[tensor]) if tensor in self.inits else None
+
+
+def _set_nodes(graph, nodes, new_initializers=()) -> None:
+    """``graph`` with ``nodes`` (in that order) and ``new_initializers`` added, unused initializers dropped."""
+    nodes = list(nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in (*graph.initializer, *new_initializers) if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def fold_constants(model):
@@ -246,11 +261,13 @@ def _is_interpolation(matrix: np.ndarray) -> bool:
     return bool((np.diff(second)[same_run] >= -1e-6).all())
 
 
-def _reduce_axes(node, inits) -> list[int] | None:
-    from onnx import helper, numpy_helper
+def _reduce_axes(node, g: _GraphIndex) -> list[int] | None:
+    """A Reduce node's axes: its constant second input (opset 18) or its ``axes`` attribute (older opsets)."""
+    from onnx import helper
 
     if len(node.input) > 1 and node.input[1]:
-        return [int(a) for a in numpy_helper.to_array(inits[node.input[1]]).ravel()] if node.input[1] in inits else None
+        axes = g.const(node.input[1])
+        return None if axes is None else [int(a) for a in axes.ravel()]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return [int(a) for a in attrs["axes"]] if "axes" in attrs else None
 
@@ -278,28 +295,15 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
     if getattr(producer.get(output), "op_type", "") != "Div":  # cheap test before folding (a session start)
         return model, False
     folded_model = _copy_model(model) if folded else fold_constants(model)  # the caller's model is not changed
-    graph = folded_model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    def node(name, op):
-        n = producer.get(name)
-        return n if n is not None and n.op_type == op else None
-
-    def const(name):
-        return numpy_helper.to_array(inits[name]) if name in inits else None
-
+    g = _GraphIndex(folded_model.graph)
+    node, const, consumers = g.node, g.const, g.consumers
     div = node(output, "Div")
     num = div and node(div.input[0], "Sub")
     den = div and node(div.input[1], "Add")
     if num is None or den is None:
         return model, False
     full, lo = num.input
-    eps_in = [i for i in den.input if i in inits and const(i).size == 1]
+    eps_in = [i for i in den.input if i in g.inits and const(i).size == 1]
     spread = [node(i, "Sub") for i in den.input if i not in eps_in]
     mat = node(full, "MatMul")
     inner = mat and node(mat.input[1], "MatMul")
@@ -320,11 +324,11 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
         or cols.ndim != 2
         or not (_is_interpolation(rows) and _is_interpolation(cols.T))
         or {id(n) for n in consumers.get(full, [])} != {id(lo_node), id(hi_node), id(num)}
-        or len(consumers.get(inner.output[0], [])) != 1
+        or len(g.users(inner)) != 1
     ):
         return model, False
     for reduce in (lo_node, hi_node):
-        axes = _reduce_axes(reduce, inits)
+        axes = _reduce_axes(reduce, g)
         attrs = {a.name: helper.get_attribute_value(a) for a in reduce.attribute}
         if axes is None or sorted(a % 3 for a in axes) != [1, 2] or attrs.get("keepdims", 1) != 1:
             return model, False
@@ -332,8 +336,8 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
     eps = float(const(eps_in[0]).ravel()[0])
     added: list = []
 
-    def add_const(name, value):
-        added.append(numpy_helper.from_array(np.asarray(value, np.float32), f"gamguard/cam_{name}"))
+    def add_const(name, value, dtype=np.float32):
+        added.append(numpy_helper.from_array(np.asarray(value, dtype), f"gamguard/cam_{name}"))
         return added[-1].name
 
     def op(op_type, *inputs, out=None, **attrs):
@@ -342,8 +346,7 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
         return out
 
     new_nodes: list = []
-    added.append(numpy_helper.from_array(np.array([1, 2], np.int64), "gamguard/cam_axes"))
-    axes = added[-1].name
+    axes = add_const("axes", [1, 2], np.int64)
     ext = op(
         "MatMul",
         add_const("rows_ext", rows[extreme_samples(rows)]),
@@ -359,7 +362,7 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
     for user in consumers.get(output, []):
         if user.op_type != "MatMul" or user.input[0] != output or const(user.input[1]) is None:
             continue
-        outer = consumers.get(user.output[0], [])
+        outer = g.users(user)
         if len(outer) != 1 or outer[0].op_type != "MatMul" or const(outer[0].input[0]) is None:
             continue
         a, b = const(outer[0].input[0]).astype(np.float64), const(user.input[1]).astype(np.float64)
@@ -370,15 +373,8 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
         op("MatMul", left, op("MatMul", scaled, right), out=outer[0].output[0])
         gone |= {id(user), id(outer[0])}
     # the new nodes in place of the old CAM tail (topological order: their inputs come before it)
-    nodes = list(graph.node)
+    nodes = list(folded_model.graph.node)
     at = min(i for i, n in enumerate(nodes) if id(n) in gone)
     kept = [n for n in nodes[:at] if id(n) not in gone] + new_nodes + [n for n in nodes[at:] if id(n) not in gone]
-    kept = [_copy(n) for n in kept]
-    del graph.node[:]
-    graph.node.extend(kept)
-    graph.initializer.extend(added)
-    used = {i for n in graph.node for i in n.input}
-    kept_inits = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
+    _set_nodes(folded_model.graph, kept, added)
     return folded_model, True
