@@ -183,19 +183,22 @@ def durable_write_ms(folder: Path, payloads: list[bytes], n: int = 20) -> float:
 
 
 class NullStorageSCP:
-    """A pynetdicom Storage SCP that answers Success to every C-STORE and does nothing else: pynetdicom's
-    own cost per image, for ``ratio_if_node_free``."""
+    """A pynetdicom Storage SCP that answers Success to every C-STORE and does nothing else: the cost per
+    image of the node's transport (pynetdicom, woken as the node's associations are: :mod:`.wakeup`), for
+    ``ratio_if_node_free``."""
 
     def __init__(self, max_pdu: int):
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
 
         from .sopclasses import decodable_transfer_syntaxes
+        from .wakeup import wake_on_events
 
         ae = AE(ae_title="GAMGUARD")
         ae.maximum_pdu_size = max_pdu
         ae.add_supported_context(DigitalXRayImageStorageForPresentation, decodable_transfer_syntaxes())
-        self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+        handlers = [(evt.EVT_C_STORE, lambda e: 0), (evt.EVT_CONN_OPEN, lambda e: wake_on_events(e.assoc))]
+        self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
 
     def close(self) -> None:

@@ -44,6 +44,7 @@ from .durable import safe_name
 from .journal import thumbnail
 from .pdulimit import limit_pdu_lengths
 from .results import ResultError, check_source, is_own_result
+from .wakeup import wake_on_events
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class StorageSCP:
 
     def on_connected(self, event) -> None:
         limit_pdu_lengths(event.assoc, self.max_pdu)
+        wake_on_events(event.assoc)
 
     def on_requested(self, event) -> None:
         """Allow-list check before negotiation (pynetdicom's own check cannot pin peer addresses)."""

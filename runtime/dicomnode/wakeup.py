@@ -1,0 +1,201 @@
+"""Wake pynetdicom's reactor threads on events instead of after fixed 1 ms sleeps.
+
+Each pynetdicom association runs two polling loops (pynetdicom 3.x):
+
+* the DUL thread moves PDUs between the socket and the queues and sleeps ``_run_loop_delay`` (1 ms)
+  whenever a pass found nothing to do. Bytes the console sends wait there until the sleep ends, and
+  so does the node's C-STORE answer, queued by the association thread;
+* the association thread sleeps 1 ms at the top of every pass before it looks for a complete DIMSE
+  message (the next C-STORE to serve).
+
+At one association that is about 1.2 ms of waiting per image out of ~2.9 ms of transport with dcmtk's
+``storescu`` (`gamguard bench`, ``dicom_efficiency``). :func:`wake_on_events` makes one acceptor
+association wait on what it waits for:
+
+* the DUL's idle sleep becomes a ``select`` on its socket and on a wake-up pipe, written to when the
+  association thread queues a primitive to send or stops the DUL; what neither covers (the ARTIM
+  timer) is checked at least every :data:`DUL_IDLE_S`;
+* the association's pass waits up to its 1 ms for a DIMSE message before it checks whether it is
+  paused (pynetdicom's own 1 ms sleep stays, so an idle association polls at half the rate).
+
+It reaches into pynetdicom's internals, as :mod:`.pdulimit` does (``assoc.dul``, ``dul.socket``,
+``dul.to_provider_queue``, ``dul._run_loop_delay``, ``dul._kill_thread``, ``assoc.dimse.msg_queue``,
+``assoc._reactor_checkpoint``): where one is not as expected (another pynetdicom version) the
+association keeps pynetdicom's polling, which is logged once. The order of pynetdicom's checks is
+unchanged; only the waits between them end earlier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import threading
+import weakref
+
+log = logging.getLogger(__name__)
+
+#: the longest an idle DUL waits without an event (its ARTIM timer is checked at least this often)
+DUL_IDLE_S = 0.02
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
+_warned = False
+
+
+def wake_on_events(assoc) -> bool:
+    """Make one acceptor association wake on events, before its threads start (pynetdicom's
+    ``EVT_CONN_OPEN``). False, logged once, where pynetdicom is not as this expects: the association
+    then polls as pynetdicom does."""
+    global _warned
+    dul = getattr(assoc, "dul", None)
+    messages = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    state = getattr(dul, "__dict__", {})
+    if (
+        dul is None
+        or dul.is_alive()
+        or not isinstance(state.get("_run_loop_delay"), float)
+        or not isinstance(state.get("_kill_thread"), bool)
+        or type(state.get("to_provider_queue")) is not queue.Queue
+        or not isinstance(messages, queue.Queue)
+        or type(checkpoint) is not threading.Event
+    ):
+        if not _warned:
+            _warned = True
+            log.warning("pynetdicom's reactors are not as this node expects: its associations poll every 1 ms")
+        return False
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    weakref.finalize(dul, _close, wake_r, wake_w)
+
+    def wake() -> None:
+        try:
+            os.write(wake_w, b"\0")
+        except OSError:  # the pipe is full (the DUL wakes anyway) or closed (the association has ended)
+            pass
+
+    sends = _WakingQueue(wake)
+    while True:  # anything queued already (nothing, for an acceptor not started yet)
+        try:
+            sends.put(state["to_provider_queue"].get_nowait())
+        except queue.Empty:
+            break
+    base = type(dul)
+    if base not in _dul_classes:
+        _dul_classes[base] = _event_driven_dul(base)
+    delay, killed = state.pop("_run_loop_delay"), state.pop("_kill_thread")
+    dul.__class__ = _dul_classes[base]
+    state.update(_gamguard_delay=delay, _gamguard_killed=killed, _gamguard_wake_r=wake_r, _gamguard_wake=wake)
+    dul.to_provider_queue = sends
+    assoc._reactor_checkpoint = _MessageCheckpoint(messages, delay, checkpoint.is_set())
+    return True
+
+
+class _WakingQueue(queue.Queue):
+    """The DUL's queue of primitives to send: a put also wakes the DUL thread."""
+
+    def __init__(self, wake):
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        self._wake()
+
+
+def _event_driven_dul(base: type) -> type:
+    """A subclass of pynetdicom's DUL class ``base`` (set on the instance, whose state it keeps). Its
+    reactor reads ``_run_loop_delay`` only right before its idle sleep: reading it there waits for the
+    socket or the wake-up pipe and returns 0, so the sleep that follows is none. Setting
+    ``_kill_thread`` (the DUL being stopped) wakes it."""
+
+    class EventDrivenDUL(base):
+        @property
+        def _run_loop_delay(self) -> float:
+            delay = self.__dict__["_gamguard_delay"]
+            if threading.current_thread() is not self:  # stop_dul waiting for this thread to end
+                return delay
+            self._gamguard_idle_wait()
+            return 0.0
+
+        @_run_loop_delay.setter
+        def _run_loop_delay(self, value: float) -> None:
+            self.__dict__["_gamguard_delay"] = value
+
+        @property
+        def _kill_thread(self) -> bool:
+            return self.__dict__["_gamguard_killed"]
+
+        @_kill_thread.setter
+        def _kill_thread(self, value: bool) -> None:
+            self.__dict__["_gamguard_killed"] = value
+            if value:
+                self.__dict__["_gamguard_wake"]()
+
+        def _gamguard_idle_wait(self) -> None:
+            wake_r = self.__dict__["_gamguard_wake_r"]
+            raw = getattr(getattr(self, "socket", None), "socket", None)  # AssociationSocket -> socket
+            if raw is None:  # not connected (any more): pynetdicom's own pace
+                select.select([wake_r], [], [], self.__dict__["_gamguard_delay"])
+                return
+            pending = getattr(raw, "pending", None)  # TLS: decrypted bytes that select() cannot see
+            if pending is not None and pending():
+                return
+            try:
+                _quick_ack(raw)
+                readable, _, _ = select.select([raw, wake_r], [], [], DUL_IDLE_S)
+            except (OSError, ValueError):  # the socket closed under us: pynetdicom notices on its pass
+                return
+            if wake_r in readable:
+                try:
+                    os.read(wake_r, 4096)
+                except OSError:
+                    pass
+
+    EventDrivenDUL.__name__ = EventDrivenDUL.__qualname__ = f"EventDriven{base.__name__}"
+    return EventDrivenDUL
+
+
+_dul_classes: dict[type, type] = {}
+
+
+class _MessageCheckpoint(threading.Event):
+    """The association's reactor checkpoint (set: running; clear: paused by a local request). Its pass
+    calls ``wait()`` right before it looks for a DIMSE message: this first waits up to ``delay`` for one
+    to arrive, then keeps pynetdicom's meaning (blocks while paused)."""
+
+    def __init__(self, messages: queue.Queue, delay: float, running: bool):
+        super().__init__()
+        self._messages = messages
+        self._delay = delay
+        if running:
+            self.set()
+
+    def wait(self, timeout=None):
+        with self._messages.not_empty:
+            if not self._messages.queue:
+                self._messages.not_empty.wait(self._delay)
+        return super().wait(timeout)
+
+
+def _quick_ack(sock) -> None:
+    """Acknowledge the peer's next segments at once (Linux ``TCP_QUICKACK``; the kernel drops back to
+    delayed ACKs by itself, hence set again before every wait). A console whose stack keeps Nagle's
+    algorithm on (dcmtk's default) holds the second small write of a PDU until the first is
+    acknowledged; with the node's ACK delayed that stalls a C-STORE for ~40 ms (over 10 % of images with
+    ``storescu`` once the node answers without polling delays; now and then before)."""
+    if _QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
