@@ -65,7 +65,11 @@ def wake_on_events(assoc) -> bool:
             _warned = True
             log.warning("pynetdicom's reactors are not as this node expects: its associations poll every 1 ms")
         return False
-    wake_r, wake_w = os.pipe()
+    try:
+        wake_r, wake_w = os.pipe()
+    except OSError as exc:  # e.g. out of file descriptors: this association polls, as pynetdicom does
+        log.warning("cannot create an association's wake-up pipe (%s): it polls every 1 ms", exc.strerror or exc)
+        return False
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
     weakref.finalize(dul, _close, wake_r, wake_w)
