@@ -150,8 +150,8 @@ def _event_driven_dul(base: type) -> type:
             try:
                 _quick_ack(raw)
                 readable, _, _ = select.select([raw, wake_r], [], [], DUL_IDLE_S)
-            except (OSError, ValueError):  # the socket closed under us: pynetdicom notices on its pass
-                return
+            except (OSError, ValueError):  # the socket closed under us: pynetdicom's pace until it notices
+                readable, _, _ = select.select([wake_r], [], [], self.__dict__["_gamguard_delay"])
             if wake_r in readable:
                 try:
                     os.read(wake_r, 4096)
