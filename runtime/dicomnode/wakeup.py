@@ -58,6 +58,7 @@ def wake_on_events(assoc) -> bool:
         or not isinstance(state.get("_run_loop_delay"), float)
         or not isinstance(state.get("_kill_thread"), bool)
         or type(state.get("to_provider_queue")) is not queue.Queue
+        or not state["to_provider_queue"].empty()  # an acceptor not started has sent nothing yet
         or not isinstance(messages, queue.Queue)
         or type(checkpoint) is not threading.Event
     ):
@@ -80,19 +81,13 @@ def wake_on_events(assoc) -> bool:
         except OSError:  # the pipe is full (the DUL wakes anyway) or closed (the association has ended)
             pass
 
-    sends = _WakingQueue(wake)
-    while True:  # anything queued already (nothing, for an acceptor not started yet)
-        try:
-            sends.put(state["to_provider_queue"].get_nowait())
-        except queue.Empty:
-            break
     base = type(dul)
     if base not in _dul_classes:
         _dul_classes[base] = _event_driven_dul(base)
     delay, killed = state.pop("_run_loop_delay"), state.pop("_kill_thread")
     dul.__class__ = _dul_classes[base]
     state.update(_gamguard_delay=delay, _gamguard_killed=killed, _gamguard_wake_r=wake_r, _gamguard_wake=wake)
-    dul.to_provider_queue = sends
+    dul.to_provider_queue = _WakingQueue(wake)
     assoc._reactor_checkpoint = _MessageCheckpoint(messages, delay, checkpoint.is_set())
     return True
 
