@@ -78,6 +78,45 @@ def test_an_event_driven_association_echoes_stores_and_releases(acceptor, tmp_pa
     assert _until(lambda: not server.active_associations)  # the acceptor's threads end after the release
 
 
+def test_an_idle_association_waits_for_news_instead_of_polling():
+    """Held open with nothing to do, the association thread passes its reactor loop a few dozen times a
+    second (every DUL_IDLE_S), not every millisecond or two as pynetdicom's polling does; a release
+    still ends it."""
+    passes: list[int] = []
+
+    def hook(event):
+        assert wakeup.wake_on_events(event.assoc)
+        checkpoint = event.assoc._reactor_checkpoint
+        wait = checkpoint.wait
+
+        def counted(timeout=None):
+            passes.append(1)
+            return wait(timeout)
+
+        checkpoint.wait = counted
+
+    ae = AE(ae_title="WAKETEST")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, hook)])
+    try:
+        scu = AE(ae_title="WAKESCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="WAKETEST")
+        assert assoc.is_established
+        time.sleep(0.2)
+        before = len(passes)
+        time.sleep(1.0)
+        idle_passes = len(passes) - before
+        assert int(assoc.send_c_echo().Status) == 0x0000  # a message still wakes it
+        assoc.release()
+        assert assoc.is_released
+        assert _until(lambda: not server.active_associations)
+    finally:
+        server.shutdown()
+    # event-driven: about 1 / DUL_IDLE_S = 50 passes; pynetdicom's polling: 500 or more
+    assert 0 < idle_passes < 200, idle_passes
+
+
 def test_the_wake_up_pipes_are_closed_when_associations_end(acceptor):
     port, hooked, _, server = acceptor
 

@@ -15,14 +15,16 @@ association wait on what it waits for:
 * the DUL's idle sleep becomes a ``select`` on its socket and on a wake-up pipe, written to when the
   association thread queues a primitive to send or stops the DUL; what neither covers (the ARTIM
   timer) is checked at least every :data:`DUL_IDLE_S`;
-* the association's pass waits up to its 1 ms for a DIMSE message before it checks whether it is
-  paused (pynetdicom's own 1 ms sleep stays, so an idle association polls at half the rate).
+* the association's pass waits for a DIMSE message or for a primitive the DUL received (the peer's
+  release or abort request) before it checks whether it is paused; what neither brings (the DUL
+  thread ending, the network timeout) is checked at least every :data:`DUL_IDLE_S`. pynetdicom's own
+  1 ms sleep at the top of each pass stays.
 
 It reaches into pynetdicom's internals, as :mod:`.pdulimit` does (``assoc.dul``, ``dul.socket``,
-``dul.to_provider_queue``, ``dul._run_loop_delay``, ``dul._kill_thread``, ``assoc.dimse.msg_queue``,
-``assoc._reactor_checkpoint``): where one is not as expected (another pynetdicom version) the
-association keeps pynetdicom's polling, which is logged once. The order of pynetdicom's checks is
-unchanged; only the waits between them end earlier.
+``dul.to_provider_queue``, ``dul.to_user_queue``, ``dul._run_loop_delay``, ``dul._kill_thread``,
+``assoc.dimse.msg_queue``, ``assoc._reactor_checkpoint``): where one is not as expected (another
+pynetdicom version) the association keeps pynetdicom's polling, which is logged once. The order of
+pynetdicom's checks is unchanged; only the waits between them end earlier.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import weakref
 
 log = logging.getLogger(__name__)
 
-#: the longest an idle DUL waits without an event (its ARTIM timer is checked at least this often)
+#: the longest an idle DUL or association thread waits without an event (the DUL's ARTIM timer, the
+#: association's network timeout and its DUL thread's end are checked at least this often)
 DUL_IDLE_S = 0.02
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 _warned = False
@@ -59,6 +62,8 @@ def wake_on_events(assoc) -> bool:
         or not isinstance(state.get("_kill_thread"), bool)
         or type(state.get("to_provider_queue")) is not queue.Queue
         or not state["to_provider_queue"].empty()  # an acceptor not started has sent nothing yet
+        or type(state.get("to_user_queue")) is not queue.Queue
+        or not state["to_user_queue"].empty()  # ... nor received anything
         or not isinstance(messages, queue.Queue)
         or type(checkpoint) is not threading.Event
     ):
@@ -88,12 +93,20 @@ def wake_on_events(assoc) -> bool:
     dul.__class__ = _dul_classes[base]
     state.update(_gamguard_delay=delay, _gamguard_killed=killed, _gamguard_wake_r=wake_r, _gamguard_wake=wake)
     dul.to_provider_queue = _WakingQueue(wake)
-    assoc._reactor_checkpoint = _MessageCheckpoint(messages, delay, checkpoint.is_set())
+    dul.to_user_queue = _WakingQueue(lambda: _notify(messages))
+    assoc._reactor_checkpoint = _MessageCheckpoint(messages, dul.to_user_queue, checkpoint.is_set())
     return True
 
 
+def _notify(messages: queue.Queue) -> None:
+    """Wake the association thread waiting in :meth:`_MessageCheckpoint.wait`."""
+    with messages.not_empty:
+        messages.not_empty.notify_all()
+
+
 class _WakingQueue(queue.Queue):
-    """The DUL's queue of primitives to send: a put also wakes the DUL thread."""
+    """A queue whose put also wakes its reader: the DUL thread (primitives to send) or the association
+    thread (primitives received: release and abort requests)."""
 
     def __init__(self, wake):
         super().__init__()
@@ -162,21 +175,28 @@ _dul_classes: dict[type, type] = {}
 
 class _MessageCheckpoint(threading.Event):
     """The association's reactor checkpoint (set: running; clear: paused by a local request). Its pass
-    calls ``wait()`` right before it looks for a DIMSE message: this first waits up to ``delay`` for one
-    to arrive, then keeps pynetdicom's meaning (blocks while paused)."""
+    calls ``wait()`` right before it looks for a DIMSE message and for the peer's release or abort
+    request: this first waits, up to :data:`DUL_IDLE_S`, for a message or a primitive from the DUL
+    (both queues wake it; so does ``set()``, which pynetdicom calls when it kills the association),
+    then keeps pynetdicom's meaning (blocks while paused). What arrives by neither (the DUL thread
+    ending, the network timeout) is seen within that wait."""
 
-    def __init__(self, messages: queue.Queue, delay: float, running: bool):
+    def __init__(self, messages: queue.Queue, received: queue.Queue, running: bool):
         super().__init__()
         self._messages = messages
-        self._delay = delay
+        self._received = received
         if running:
             self.set()
 
     def wait(self, timeout=None):
         with self._messages.not_empty:
-            if not self._messages.queue:
-                self._messages.not_empty.wait(self._delay)
+            if not self._messages.queue and not self._received.queue and self.is_set():
+                self._messages.not_empty.wait(DUL_IDLE_S)
         return super().wait(timeout)
+
+    def set(self):
+        super().set()
+        _notify(self._messages)
 
 
 def _quick_ack(sock) -> None:
