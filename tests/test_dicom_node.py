@@ -409,7 +409,7 @@ def test_a_console_waits_for_verdicts_instead_of_filling_the_engine_queue(demo_b
     assert len(list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))) == 16  # an SR and overlay each
 
 
-def results_builder(guard, folder: Path, reverify=None):
+def results_builder(guard, folder: Path, reverify=None, *, workers: int = 0, model=None):
     """A journal in ``folder/journal`` and a results builder from it into ``folder/outbox`` (no destination)."""
     from gamguard.runtime.dicomnode.journal import Journal
     from gamguard.runtime.dicomnode.node import ResultsBuilder
@@ -419,13 +419,118 @@ def results_builder(guard, folder: Path, reverify=None):
     builder = ResultsBuilder(
         journal,
         Outbox(folder / "outbox", []),
-        model_identity(guard),
+        model or model_identity(guard),
         reverify=reverify,
         forward_originals="none",
         is_busy=lambda: False,
         backlog=1,
+        workers=workers,
     )
     return journal, builder
+
+
+class _KillsItsWorker:
+    """Unpickled in a results worker process, ends that process at once (a worker killed mid-build)."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_results_built_in_worker_processes_match_and_a_dead_worker_loses_nothing(guard, tmp_path):
+    """Worker processes build the same SR as the node's own process; a worker that dies while building
+    leaves the job in the journal for one more try, then moves it to failed/ (one image that kills its
+    worker cannot hold up the others), and the next job gets new workers."""
+    from gamguard.runtime.dicomnode.journal import thumbnail
+
+    phantoms = accepted_phantoms(guard, tmp_path, 3)
+
+    def receive(journal, builder, path):
+        uid = pydicom.dcmread(path).SOPInstanceUID
+        incoming = journal.put_source(uid, path.read_bytes())
+        decoded, verdict = judged(guard, path)
+        builder.keep_verdict(journal.incoming_key(incoming), verdict, thumbnail(decoded.pixels))
+        journal.release_source(incoming)
+
+    def srs(folder):
+        kept = [pydicom.dcmread(p) for p in (folder / "outbox" / "kept").glob("*.dcm")]
+        return {str(d.SOPInstanceUID): read_verdict_sr(d) for d in kept if d.Modality == "SR"}
+
+    inline = tmp_path / "inline"
+    journal, builder = results_builder(guard, inline)
+    for path in phantoms:
+        receive(journal, builder, path)
+    builder._build_all(journal.pending())
+    assert len(journal) == 0 and builder.built == 3
+
+    pooled = tmp_path / "pooled"
+    journal, builder = results_builder(guard, pooled, workers=2)
+    try:
+        for path in phantoms:
+            receive(journal, builder, path)
+        builder._build_all(journal.pending())  # three jobs, two workers: handed over while others build
+        assert len(journal) == 0 and builder.built == 3
+        assert srs(pooled) == srs(inline) and sorted(r["label"] for r in srs(pooled).values()) == sorted(
+            phantoms.values()
+        )
+    finally:
+        builder.stop()
+
+    # one image among others kills the worker building it (here: its verdict, unpickled in the worker)
+    good = list(phantoms)[:2]
+    (tmp_path / "poison").mkdir()
+    (poison,) = accepted_phantoms(guard, tmp_path / "poison", 1, start_seed=SEED + 50)
+    verdicts = {p.read_bytes(): p for p in [*good, poison]}
+
+    def reverify(data: bytes):
+        decoded, verdict = judged(guard, verdicts[data])
+        return (_KillsItsWorker() if verdicts[data] == poison else verdict), thumbnail(decoded.pixels)
+
+    dying = tmp_path / "dying"
+    journal, builder = results_builder(guard, dying, reverify, workers=2)
+    try:
+        for path in [good[0], poison, good[1]]:  # answered; no verdict kept: derived again (reverify)
+            journal.release_source(journal.put_source(pydicom.dcmread(path).SOPInstanceUID, path.read_bytes()))
+        for _ in range(3):  # the pass where the worker died, then each job that was in flight alone
+            builder._build_all(journal.pending())
+        assert len(journal) == 0  # nothing left behind, nothing lost:
+        assert sorted(r["label"] for r in srs(dying).values()) == sorted(phantoms[p] for p in good)
+        (failed,) = (dying / "journal" / "failed").iterdir()  # only the image that killed its worker
+        assert pydicom.dcmread(failed).SOPInstanceUID == pydicom.dcmread(poison).SOPInstanceUID
+    finally:
+        builder.stop()
+
+    # built by itself (build()), an image whose worker dies is kept for one more try, then set aside
+    single = tmp_path / "single"
+    journal, builder = results_builder(guard, single, workers=1, model=_KillsItsWorker())
+    try:
+        receive(journal, builder, good[0])
+        (path,) = journal.pending()
+        assert builder.build(path) is False and journal.pending() == [path]
+        assert builder.build(path) is True and len(journal) == 0
+        assert [p.name for p in (single / "journal" / "failed").iterdir()] == [path.name]
+        builder.model = model_identity(guard)
+        receive(journal, builder, good[0])
+        assert builder.build(journal.pending()[0]) is True and len(srs(single)) == 1  # new workers
+    finally:
+        builder.stop()
+
+
+def test_a_result_that_fails_in_a_worker_is_logged_by_place_not_by_message():
+    """An exception raised while a worker builds results reaches the node as the worker raised it; the log
+    says where (file, line, function in the worker), never its text, which can quote a header value."""
+    from gamguard.runtime.dicomnode.resultpool import ResultMaker, where_raised
+
+    maker = ResultMaker(1)
+    try:
+        with pytest.raises(Exception) as raised:
+            maker.submit(b"DICM? no: PatientName=DOE^JOHN", None, None, None).result(120)
+    finally:
+        maker.close()
+    where = where_raised(raised.value)
+    assert where.endswith("(in a results worker)") and " at " in where and ".py:" in where, where
+    assert "DOE" not in where
+    with pytest.raises(RuntimeError, match="stopped"):
+        maker.submit(b"", None, None, None)  # closed: the node is stopping
 
 
 def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp_path):
@@ -664,6 +769,11 @@ def test_config_file_dicom_section_flags_and_errors(tmp_path):
             parse_destination(bad)
     with pytest.raises(SystemExit):  # argparse refuses a non-integer port
         p.parse_args(["--port", "x"])
+    (tmp_path / "workers.yaml").write_text("dicom:\n  allow-any-ae: true\n  result-workers: 3\n")
+    node, _ = node_config_from_args(p.parse_args(["--config", str(tmp_path / "workers.yaml")]))
+    assert node.result_workers == 3 and DicomNodeConfig(allow_any_ae=True).result_workers is None  # None: auto
+    with pytest.raises(ConfigError, match="result-workers must be >= 0"):
+        node_config_from_args(p.parse_args(["--config", str(tmp_path / "workers.yaml"), "--result-workers", "-1"]))
     (tmp_path / "typed.yaml").write_text("dicom:\n  allow-any-ae: true\n  max-associations: many\n")
     with pytest.raises(ConfigError, match="max-associations must be an integer, got 'many'"):
         node_config_from_args(p.parse_args(["--config", str(tmp_path / "typed.yaml")]))

@@ -4,7 +4,7 @@ The request path (docs/dicom-node.md has the settings, the SR template and the o
 
     console --C-STORE--> scp (allow-list, SOP class check) --> DataPlane.verify (shared micro-batches)
             <-- 0x0000 once journaled --  journal (the image durable, written while verifying; its verdict)
-                                             |  results builder (between associations)
+                                             |  results builder (between associations; worker processes)
                                              v
                       results: SR (TID 1500) + Secondary Capture overlay, deterministic UIDs
                                              |
@@ -14,6 +14,7 @@ Modules: :mod:`.sopclasses` (what is accepted), :mod:`.access` (calling AE allow
 (the pynetdicom handlers; :mod:`.pdulimit` holds peers to ``--max-pdu``, :mod:`.wakeup` wakes its
 associations on events instead of 1 ms polls, :mod:`.peerlog` keeps their normal closes out of the
 error log), :mod:`.journal` and :mod:`.outbox` (on-disk queues, :mod:`.durable` for crash-safe
-writes), :mod:`.results` (highdicom SR/SC builders), :mod:`.forwarder`, :mod:`.metrics`,
+writes), :mod:`.results` (highdicom SR/SC builders, run in worker processes by :mod:`.resultpool`),
+:mod:`.forwarder`, :mod:`.metrics`,
 :mod:`.config`, :mod:`.node` (assembly), :mod:`.archive` (a small receiving SCP for the demo and bench).
 """

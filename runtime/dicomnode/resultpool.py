@@ -1,0 +1,147 @@
+"""The SR and overlay of each image, built in worker processes.
+
+Building one image's results takes highdicom and pydicom ~45 ms of CPU on the 2-core development
+machine (the SR's construction ~29 ms, its encoding ~10 ms, the overlay Secondary Capture ~6 ms), nearly
+all of it holding Python's GIL. In the node's own process that time is taken from the associations and
+gRPC calls it serves, and results are built one at a time whatever the number of cores. In worker
+processes (``--result-workers``, default :func:`default_workers`) they are built beside the serving
+threads and on as many cores as there are workers; the node's process only hands over the received
+bytes and the verdict and queues what comes back (~1 ms of CPU per image). ``workers=0`` builds in
+the calling thread, as the node did before.
+
+Workers are started with ``spawn`` (never ``fork``: the node's process runs threads and ONNX Runtime)
+when the first job comes, quiet the input libraries as the node does (pydicom's warnings would quote
+header values) and ignore Ctrl-C (the node stops them). A worker that dies (killed, out of memory)
+breaks the pool: the jobs it held fail with :class:`BrokenProcessPool` and the next job starts a new one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures.process import BrokenProcessPool
+
+log = logging.getLogger(__name__)
+
+#: the default number of worker processes, at most the CPUs this process may use
+DEFAULT_WORKERS = 2
+
+__all__ = ["BrokenProcessPool", "ResultMaker", "ResultMakerClosed", "default_workers", "result_objects", "where_raised"]
+
+
+def default_workers() -> int:
+    """:data:`DEFAULT_WORKERS`, or fewer when fewer CPUs are usable."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(DEFAULT_WORKERS, cpus))
+
+
+def result_objects(source: bytes, verdict, thumbnail_u8, model) -> list[tuple[str, str, bytes]]:
+    """``[(kind, SOP Instance UID, Part 10 bytes)]`` of the SR and the overlay of one received image
+    (``source``: its bytes as journaled; ``thumbnail_u8``: the overlay's grey image). A pure function of
+    its arguments, run in a worker process or in the caller."""
+    import io
+
+    import numpy as np
+    import pydicom
+
+    from .results import encode, overlay_sc, verdict_sr
+
+    header = pydicom.dcmread(io.BytesIO(source), stop_before_pixels=True)
+    sr = verdict_sr(header, verdict, model)
+    sc = overlay_sc(header, np.asarray(thumbnail_u8, np.float32) / 255.0, verdict, model)
+    return [("sr", str(sr.SOPInstanceUID), encode(sr)), ("sc", str(sc.SOPInstanceUID), encode(sc))]
+
+
+def where_raised(exc: BaseException) -> str:
+    """:func:`gamguard.runtime.server.quietlog.where_raised` of an exception raised by
+    :func:`result_objects`, also when it was raised in a worker process: there its frames exist only as
+    the text concurrent.futures attaches (``__cause__.tb``), of which only the innermost ``File ...,
+    line ..., in ...`` is kept (never the message: it can quote a header value)."""
+    import re
+
+    from gamguard.runtime.server.quietlog import where_raised as where_raised_here
+
+    remote = getattr(exc.__cause__, "tb", None)
+    places = re.findall(r'File "([^"]*)", line (\d+), in (\S+)', remote) if isinstance(remote, str) else []
+    if not places:
+        return where_raised_here(exc)
+    path, line, function = places[-1]
+    return f"{type(exc).__name__} at {path.rsplit('/', 1)[-1]}:{line} in {function} (in a results worker)"
+
+
+def _init_worker() -> None:
+    import signal
+
+    from gamguard.runtime.server.quietlog import quiet_input_libraries
+
+    # a Ctrl-C in the node's terminal reaches every process of its group: the node's to handle, and it
+    # stops its workers (SIGTERM stays: concurrent.futures ends the workers of a broken pool with it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_input_libraries()
+    for name in ("pynetdicom", "highdicom", "pydicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import highdicom  # noqa: F401
+
+    from . import results  # noqa: F401 - imported once here, not in the first job
+
+
+class ResultMakerClosed(RuntimeError):
+    """A job handed over after :meth:`ResultMaker.close` (the node is stopping): it is not built now."""
+
+
+class ResultMaker:
+    """Runs :func:`result_objects` in ``workers`` processes (0: in the calling thread)."""
+
+    def __init__(self, workers: int):
+        if workers < 0:
+            raise ValueError("result workers must be >= 0")
+        self.workers = workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, source: bytes, verdict, thumbnail_u8, model) -> concurrent.futures.Future:
+        if self._closed:
+            raise ResultMakerClosed("the results workers are stopped")
+        if self.workers == 0:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                done.set_result(result_objects(source, verdict, thumbnail_u8, model))
+            except Exception as exc:  # noqa: BLE001 - delivered to the caller through the future
+                done.set_exception(exc)
+            return done
+        try:
+            return self._executor().submit(result_objects, source, verdict, thumbnail_u8, model)
+        except BrokenProcessPool:  # a worker died since the last job: new workers for this one
+            log.error("a results worker process died; starting new ones")
+            self._discard_pool()
+            return self._executor().submit(result_objects, source, verdict, thumbnail_u8, model)
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise ResultMakerClosed("the results workers are stopped")
+            if self._pool is None:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+                )
+            return self._pool
+
+    def _discard_pool(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
