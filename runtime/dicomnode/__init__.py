@@ -15,6 +15,6 @@ Modules: :mod:`.sopclasses` (what is accepted), :mod:`.access` (calling AE allow
 associations on events instead of 1 ms polls, :mod:`.peerlog` keeps their normal closes out of the
 error log), :mod:`.journal` and :mod:`.outbox` (on-disk queues, :mod:`.durable` for crash-safe
 writes), :mod:`.results` (highdicom SR/SC builders, run in worker processes by :mod:`.resultpool`),
-:mod:`.forwarder`, :mod:`.metrics`,
-:mod:`.config`, :mod:`.node` (assembly), :mod:`.archive` (a small receiving SCP for the demo and bench).
+:mod:`.forwarder`, :mod:`.metrics`, :mod:`.config`, :mod:`.node` (assembly), :mod:`.archive` (a small
+receiving SCP for the demo and bench).
 """
