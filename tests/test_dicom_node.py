@@ -518,7 +518,8 @@ def test_results_built_in_worker_processes_match_and_a_dead_worker_loses_nothing
 def test_a_result_that_fails_in_a_worker_is_logged_by_place_not_by_message():
     """An exception raised while a worker builds results reaches the node as the worker raised it; the log
     says where (file, line, function in the worker), never its text, which can quote a header value."""
-    from gamguard.runtime.dicomnode.resultpool import ResultMaker, where_raised
+    from gamguard.runtime.dicomnode.resultpool import ResultMaker
+    from gamguard.runtime.server.quietlog import where_raised
 
     maker = ResultMaker(1)
     try:
@@ -527,10 +528,10 @@ def test_a_result_that_fails_in_a_worker_is_logged_by_place_not_by_message():
     finally:
         maker.close()
     where = where_raised(raised.value)
-    assert where.endswith("(in a results worker)") and " at " in where and ".py:" in where, where
+    assert where.endswith("(in a worker process)") and " at " in where and ".py:" in where, where
     assert "DOE" not in where
     with pytest.raises(RuntimeError, match="stopped"):
-        maker.submit(b"", None, None, None)  # closed: the node is stopping
+        maker.submit(b"", None, None, None).result(10)  # closed: the node is stopping
 
 
 def test_a_verdict_that_cannot_be_derived_now_is_retried_not_given_up(guard, tmp_path):

@@ -16,6 +16,7 @@ Lifecycle of :class:`DicomNode`:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import ssl
@@ -40,7 +41,6 @@ from .resultpool import (
     ResultMakerClosed,
     default_workers,
 )
-from .resultpool import where_raised as where_building_raised
 from .results import ModelIdentity
 from .scp import StorageSCP
 from .sopclasses import decodable_transfer_syntaxes, storage_sop_classes
@@ -225,8 +225,6 @@ class ResultsBuilder:
     def _build_all(self, pending: list[Path]) -> None:
         """Build ``pending`` in order, keeping the result workers busy: while up to :attr:`window` jobs
         are being built, this thread loads the next ones and queues the finished ones' results."""
-        import collections
-
         building: collections.deque = collections.deque()
         try:
             for path in pending:
@@ -236,6 +234,9 @@ class ResultsBuilder:
                 if job is None:  # the data plane cannot judge it now: later, with backoff
                     self._backoff()
                     return
+                self._retry_s = self.RETRY_INITIAL_S
+                if job is _FAILED:
+                    continue
                 # a job that was being built when a worker died is built alone: if a worker dies again
                 # then, it is this job's doing, not one of the others'
                 alone = path.name in self._crashed
@@ -243,12 +244,10 @@ class ResultsBuilder:
                     if not self._queue_results(*building.popleft()):
                         self._backoff()
                         return
-                if job is not _FAILED:
-                    building.append((path, job, self._submit(path, job)))
-                if alone and job is not _FAILED and not self._queue_results(*building.popleft(), alone=True):
+                building.append((path, job, self._hand_over(job)))
+                if alone and not self._queue_results(*building.popleft(), alone=True):
                     self._backoff()
                     return
-                self._retry_s = self.RETRY_INITIAL_S
         finally:
             while building:  # what was handed to the workers is finished and queued (or left for later)
                 self._queue_results(*building.popleft())
@@ -264,14 +263,12 @@ class ResultsBuilder:
         job = self._prepare(path)
         if job is None:
             return False
-        return job is _FAILED or self._queue_results(path, job, self._submit(path, job), alone=True)
+        return job is _FAILED or self._queue_results(path, job, self._hand_over(job), alone=True)
 
     def _prepare(self, path: Path):
         """The job of ``path`` with its verdict and thumbnail (kept, or derived again through the data
         plane); None when the verdict cannot be derived now; :data:`_FAILED` when the job was moved to
         ``failed/``."""
-        import concurrent.futures
-
         from gamguard.runtime.server.errors import DataPlaneError, InvalidRequest
 
         try:
@@ -303,13 +300,9 @@ class ResultsBuilder:
             self._fail(path, exc)
             return _FAILED
 
-    def _submit(self, path: Path, job):
-        try:
-            return self.maker.submit(job.source, job.verdict, job.thumbnail, self.model)
-        except Exception as exc:  # noqa: BLE001 - e.g. no worker process can be started: reported per job
-            failed: concurrent.futures.Future = concurrent.futures.Future()
-            failed.set_exception(exc)
-            return failed
+    def _hand_over(self, job) -> concurrent.futures.Future:
+        """The job's results, being built by the workers."""
+        return self.maker.submit(job.source, job.verdict, job.thumbnail, self.model)
 
     def _queue_results(self, path: Path, job, building, *, alone: bool = False) -> bool:
         """Queue the results ``building`` gives for ``job`` (and the original, if configured) and take the
@@ -356,7 +349,7 @@ class ResultsBuilder:
         log.error(
             "cannot build the results of %s (%s); job moved to %s",
             path.stem,
-            where_building_raised(exc),
+            where_raised(exc),
             self.failed_dir,
         )
         if self.metrics is not None:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: the default number of worker processes, at most the CPUs this process may use
 DEFAULT_WORKERS = 2
 
-__all__ = ["BrokenProcessPool", "ResultMaker", "ResultMakerClosed", "default_workers", "result_objects", "where_raised"]
+__all__ = ["BrokenProcessPool", "ResultMaker", "ResultMakerClosed", "default_workers", "result_objects"]
 
 
 def default_workers() -> int:
@@ -56,23 +56,6 @@ def result_objects(source: bytes, verdict, thumbnail_u8, model) -> list[tuple[st
     sr = verdict_sr(header, verdict, model)
     sc = overlay_sc(header, np.asarray(thumbnail_u8, np.float32) / 255.0, verdict, model)
     return [("sr", str(sr.SOPInstanceUID), encode(sr)), ("sc", str(sc.SOPInstanceUID), encode(sc))]
-
-
-def where_raised(exc: BaseException) -> str:
-    """:func:`gamguard.runtime.server.quietlog.where_raised` of an exception raised by
-    :func:`result_objects`, also when it was raised in a worker process: there its frames exist only as
-    the text concurrent.futures attaches (``__cause__.tb``), of which only the innermost ``File ...,
-    line ..., in ...`` is kept (never the message: it can quote a header value)."""
-    import re
-
-    from gamguard.runtime.server.quietlog import where_raised as where_raised_here
-
-    remote = getattr(exc.__cause__, "tb", None)
-    places = re.findall(r'File "([^"]*)", line (\d+), in (\S+)', remote) if isinstance(remote, str) else []
-    if not places:
-        return where_raised_here(exc)
-    path, line, function = places[-1]
-    return f"{type(exc).__name__} at {path.rsplit('/', 1)[-1]}:{line} in {function} (in a results worker)"
 
 
 def _init_worker() -> None:
@@ -107,21 +90,24 @@ class ResultMaker:
         self._closed = False
 
     def submit(self, source: bytes, verdict, thumbnail_u8, model) -> concurrent.futures.Future:
-        if self._closed:
-            raise ResultMakerClosed("the results workers are stopped")
-        if self.workers == 0:
-            done: concurrent.futures.Future = concurrent.futures.Future()
-            try:
-                done.set_result(result_objects(source, verdict, thumbnail_u8, model))
-            except Exception as exc:  # noqa: BLE001 - delivered to the caller through the future
-                done.set_exception(exc)
-            return done
+        """The future of :func:`result_objects`; whatever goes wrong (the workers stopped or unable to
+        start, the build itself) is raised by its ``result()``."""
+        args = (source, verdict, thumbnail_u8, model)
+        done: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            return self._executor().submit(result_objects, source, verdict, thumbnail_u8, model)
-        except BrokenProcessPool:  # a worker died since the last job: new workers for this one
-            log.error("a results worker process died; starting new ones")
-            self._discard_pool()
-            return self._executor().submit(result_objects, source, verdict, thumbnail_u8, model)
+            if self.workers:
+                try:
+                    return self._executor().submit(result_objects, *args)
+                except BrokenProcessPool:  # a worker died since the last job: new workers for this one
+                    log.error("a results worker process died; starting new ones")
+                    self._drop_pool(wait=False)
+                    return self._executor().submit(result_objects, *args)
+            if self._closed:
+                raise ResultMakerClosed("the results workers are stopped")
+            done.set_result(result_objects(*args))
+        except Exception as exc:  # noqa: BLE001 - delivered through the future (e.g. no process can start)
+            done.set_exception(exc)
+        return done
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._lock:
@@ -133,15 +119,13 @@ class ResultMaker:
                 )
             return self._pool
 
-    def _discard_pool(self) -> None:
+    def _drop_pool(self, *, wait: bool, close: bool = False) -> None:
         with self._lock:
+            self._closed = self._closed or close
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=wait, cancel_futures=True)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers (after the jobs they are building); later jobs fail with :class:`ResultMakerClosed`."""
+        self._drop_pool(wait=True, close=True)

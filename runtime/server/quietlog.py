@@ -95,10 +95,18 @@ def quiet_input_libraries() -> None:
 def where_raised(exc: BaseException) -> str:
     """``Type at file.py:123 in function``: where an exception came from, without its text — which, on the
     DICOM paths, can quote a header value (a patient's name or birth date) that must not reach a log."""
+    import re
     import traceback
 
     # an operating-system error's own words ("No space left on device") name the cause and quote no data
     cause = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
+    # raised in a concurrent.futures worker process: its frames exist here only as the text attached as
+    # the cause (``tb``), of which the innermost "File ..., line ..., in ..." is kept, never the message
+    remote = getattr(exc.__cause__, "tb", None)
+    places = re.findall(r'File "([^"]*)", line (\d+), in (\S+)', remote) if isinstance(remote, str) else []
+    if places:
+        path, line, function = places[-1]
+        return f"{type(exc).__name__}{cause} at {path.rsplit('/', 1)[-1]}:{line} in {function} (in a worker process)"
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:
         return type(exc).__name__ + cause
