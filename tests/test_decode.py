@@ -374,6 +374,65 @@ def test_signed_pixels_with_rescale_and_no_window():
     np.testing.assert_allclose(out.pixels, expected, atol=1e-6)
 
 
+def _grey_cases() -> dict:
+    """name -> a function giving the DICOM bytes (pydicom's files are looked up, or skipped, when used)."""
+    ramp = np.arange(0, 4096, 2, dtype=np.uint16).reshape(32, 64)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", (np.arange(4096) // 4).tolist())
+    signed = RNG.integers(-1024, 3000, (40, 40)).astype(np.int16)
+    holes = np.where(RNG.random((64, 64)) < 0.5, 100, 3000).astype(np.uint16)  # two levels, a range of 2901
+    modality = Dataset()  # identity, except at a level the frame does not have
+    modality.LUTDescriptor = [4096, 0, 16]
+    modality.ModalityLUTType = "US"
+    modality.add_new(0x00283006, "US", [4095 if v == 2000 else v for v in range(4096)])
+    return {
+        "window": lambda: dicom(ramp, bits_stored=12, WindowCenter=1800, WindowWidth=900),
+        "window exact, MONOCHROME1": lambda: dicom(
+            ramp,
+            bits_stored=12,
+            WindowCenter=1000,
+            WindowWidth=700,
+            VOILUTFunction="LINEAR_EXACT",
+            photometric="MONOCHROME1",
+        ),
+        "sigmoid after rescale": lambda: dicom(
+            ramp,
+            bits_stored=12,
+            RescaleSlope=0.5,
+            RescaleIntercept=-300,
+            WindowCenter=500,
+            WindowWidth=800,
+            VOILUTFunction="SIGMOID",
+        ),
+        "VOI LUT": lambda: dicom(ramp, bits_stored=12, VOILUTSequence=[item]),
+        "signed, rescale, no VOI": lambda: dicom(signed, signed=True, RescaleSlope=1, RescaleIntercept=-1024),
+        "no VOI, levels missing": lambda: dicom(holes, bits_stored=12),
+        "modality LUT, no VOI, levels missing": lambda: dicom(holes, bits_stored=12, ModalityLUTSequence=[modality]),
+        "pydicom CT_small": lambda: Path(pydicom_file("CT_small.dcm")).read_bytes(),
+        "pydicom MR_small": lambda: Path(pydicom_file("MR_small.dcm")).read_bytes(),
+    }
+
+
+@pytest.mark.parametrize("case", list(_grey_cases()))
+def test_grey_pipeline_by_table_equals_it_pixel_by_pixel(case):
+    """The per-level table (decode._monochrome) gives exactly the pixels of running pydicom's modality
+    LUT and VOI on every pixel, whatever the VOI, rescale, sign and photometric interpretation."""
+    from pydicom.pixels import pixel_array
+
+    from gamguard.runtime.decode import _monochrome
+
+    ds = pydicom.dcmread(io.BytesIO(_grey_cases()[case]()))
+    arr = pixel_array(ds)
+    photometric = str(ds.PhotometricInterpretation)
+    by_table, voi = _monochrome(arr, ds, photometric, table=True)
+    by_pixel, voi_pixel = _monochrome(arr, ds, photometric, table=False)
+    assert by_table.dtype == np.float32 and by_table.shape == arr.shape
+    np.testing.assert_array_equal(by_table, by_pixel)
+    assert voi == voi_pixel
+    assert by_table.min() >= 0.0 and by_table.max() <= 1.0 and by_table.std() > 0.05
+
+
 def test_rgb_dicom_converted_to_gray():
     rgb = np.zeros((8, 10, 3), np.uint8)
     rgb[:, :5] = (255, 0, 0)
