@@ -10,8 +10,15 @@ Limits (PS3.8 9.3): a P-DATA-TF PDU's variable field may not exceed the maximum 
 announced; any other PDU (association request, release, abort) is small — at most
 :data:`MAX_OTHER_PDU` bytes.
 
-This reaches into pynetdicom's association (``assoc.dul.socket.recv``, the only place it reads PDUs,
-pynetdicom 3.x): where that is not there, the limit cannot be enforced, which is logged once.
+The same wrapper reads a PDU's body with as few calls as the kernel allows: pynetdicom's own read asks
+the socket for 4 KiB at a time, so a 10 MB radiograph took some 2,500 calls, each giving up and taking
+back the GIL that every association and the inference share. Here each call fills the rest of one
+preallocated buffer (``recv_into``: whatever the socket holds, up to the PDU's end), with pynetdicom's
+semantics otherwise: a closed connection returns what was read so far, a timeout or error raises.
+
+This reaches into pynetdicom's association (``assoc.dul.socket.recv``, the only place it reads PDUs, and
+``assoc.dul.socket.socket``, the connected socket, pynetdicom 3.x): where that is not there, the limit
+cannot be enforced, which is logged once.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def limit_pdu_lengths(assoc, max_pdata: int) -> bool:
     global _warned
     sock = getattr(getattr(assoc, "dul", None), "socket", None)
     recv = getattr(sock, "recv", None)
-    if recv is None:
+    if recv is None or not hasattr(getattr(sock, "socket", None), "recv_into"):
         if not _warned:
             _warned = True
             log.warning("cannot enforce --max-pdu on received PDUs with this pynetdicom version")
@@ -54,7 +61,23 @@ def limit_pdu_lengths(assoc, max_pdata: int) -> bool:
         pending_type[0] = None
         if limit is not None and nr_bytes > limit:
             raise PduTooLarge(f"a PDU of {nr_bytes} bytes was announced; at most {limit} are accepted")
-        return recv(nr_bytes)
+        return read_whole(sock.socket, nr_bytes)
 
     sock.recv = checked_recv
     return True
+
+
+def read_whole(connection, nr_bytes: int) -> bytearray:
+    """``nr_bytes`` from ``connection`` (a socket, plain or TLS), or fewer if the peer closes first — what
+    pynetdicom's ``AssociationSocket.recv`` returns, without its 4 KiB steps."""
+    data = bytearray(nr_bytes)
+    view = memoryview(data)
+    got = 0
+    while got < nr_bytes:
+        n = connection.recv_into(view[got:], nr_bytes - got)
+        if not n:  # the peer closed: pynetdicom then reports the PDU cut short
+            view.release()
+            del data[got:]
+            return data
+        got += n
+    return data
