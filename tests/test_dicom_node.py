@@ -625,6 +625,29 @@ def test_other_content_under_a_uid_sent_before_gets_the_results_of_its_own_bytes
     assert builder.build(path) is True and labels("edited") == [second_label] and rederived[-1] == second
 
 
+def test_the_overlay_panel_is_the_area_average_of_the_image_and_never_invalid():
+    """journal.thumbnail: a radiograph-size image shrinks to the area average (to one grey level), a small
+    one grows, and values the decoder never gives (NaN, ±Inf, out of [0, 1]) still make a valid panel."""
+    import warnings
+
+    from gamguard.runtime.dicomnode.journal import THUMBNAIL_SIDE, thumbnail
+
+    rng = np.random.default_rng(3)
+    big = rng.random((2048, 2048)).astype(np.float32)
+    panel = thumbnail(big)
+    assert panel.shape == (THUMBNAIL_SIDE, THUMBNAIL_SIDE) and panel.dtype == np.uint8
+    expected = big.reshape(THUMBNAIL_SIDE, 8, THUMBNAIL_SIDE, 8).mean(axis=(1, 3)) * 255.0
+    assert np.abs(panel - expected).max() <= 0.5 + 1e-3
+    assert thumbnail(np.ones((100, 60), np.float32)).min() == 255
+    odd = rng.random((300, 300)).astype(np.float32)
+    odd[5, 5], odd[200, 200] = np.nan, -np.inf
+    odd[100:140, 100:140], odd[250:260, :50] = np.inf, 7.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "invalid value encountered in cast"
+        panel = thumbnail(odd)
+    assert panel.dtype == np.uint8 and panel[(100 * 256) // 300 + 5, (100 * 256) // 300 + 5] == 255
+
+
 def test_kept_verdicts_make_room_oldest_first(guard, tmp_path):
     from gamguard.runtime.dicomnode.journal import Job, entry_key
 
@@ -1002,6 +1025,36 @@ def test_a_pdu_larger_than_max_pdu_is_not_read(demo_bundle, tmp_path):
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
         assoc.release()
+
+
+def test_a_pdu_body_is_read_whole_in_few_calls_and_a_close_returns_what_came():
+    """pdulimit.read_whole: a 2 MB PDU body arrives byte-exact in far fewer calls than pynetdicom's 4 KiB
+    steps (512 here); a peer closing early leaves the bytes read so far, as pynetdicom returns them."""
+    import socket
+    import threading
+
+    from gamguard.runtime.dicomnode.pdulimit import read_whole
+
+    class Counting:
+        def __init__(self, sock):
+            self.sock, self.calls = sock, 0
+
+        def recv_into(self, view, n):
+            self.calls += 1
+            return self.sock.recv_into(view, n)
+
+    body = np.random.default_rng(5).integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=a.sendall, args=(body,))
+        sender.start()
+        reader = Counting(b)
+        assert read_whole(reader, len(body)) == body
+        sender.join()
+        assert reader.calls < 512 // 4
+        a.sendall(body[:1000])
+        a.shutdown(socket.SHUT_WR)
+        assert read_whole(b, 5000) == body[:1000]
 
 
 def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path):

@@ -80,10 +80,17 @@ def split_key(key: str) -> tuple[str, str | None]:
 
 
 def thumbnail(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """The decoded image (float, [0, 1]) as the overlay's ``side``² uint8 grey panel. Shrunk first: OpenCV's
+    area averaging runs outside the GIL, and the clean-up (NaN to 0, ±Inf and the rest clipped to
+    [0, 1]; the decoder gives none of them) then touches ``side``² pixels rather than a radiograph's
+    millions, in a few calls: the C-STORE threads share the GIL with this one (a 1024² image: 2.4 ->
+    0.4 ms)."""
     import cv2
 
-    img = np.clip(np.nan_to_num(np.asarray(pixels, np.float32)), 0.0, 1.0)
-    return (cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA) * 255.0 + 0.5).astype(np.uint8)
+    small = cv2.resize(np.asarray(pixels, np.float32), (side, side), interpolation=cv2.INTER_AREA)
+    cv2.patchNaNs(small, 0.0)
+    np.clip(small, 0.0, 1.0, out=small)
+    return (small * 255.0 + 0.5).astype(np.uint8)
 
 
 class Journal:
