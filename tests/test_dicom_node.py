@@ -1057,6 +1057,39 @@ def test_a_pdu_body_is_read_whole_in_few_calls_and_a_close_returns_what_came():
         assert read_whole(b, 5000) == body[:1000]
 
 
+@pytest.mark.filterwarnings("ignore:.*VR UI")  # pydicom, on the malformed UIDs pynetdicom encodes
+def test_the_received_dataset_is_the_file_pynetdicom_would_write():
+    """filemeta.encoded_dataset (the File Meta Information encoded once per class, syntax and UID length)
+    gives exactly pynetdicom's event.encoded_dataset() bytes for every UID length, odd and even, for
+    several classes and transfer syntaxes, and a malformed UID takes pynetdicom's own path."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import evt
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.presentation import PresentationContext
+
+    from gamguard.runtime.dicomnode.filemeta import encoded_dataset
+
+    rng = np.random.default_rng(11)
+    classes = [DX, "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.1"]
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+    uids = ["".join(rng.choice(list("0123456789."), n)) for n in range(1, 65)] + ["1.2.3", "9" * 64]
+    for i, uid in enumerate([*uids, "1.2.Ü", "x" * 70, ""]):
+        request = C_STORE()
+        request.AffectedSOPClassUID = classes[i % 3]
+        request._affected_sop_instance_uid = uid  # as a peer may send it: no validation
+        request.DataSet = io.BytesIO(rng.integers(0, 256, 100 + i, dtype=np.uint8).tobytes())
+        context = PresentationContext()
+        context.context_id, context.abstract_syntax = 1, classes[i % 3]
+        context.transfer_syntax = [syntaxes[i % 3]]
+        event = Event(None, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        if not uid:  # pynetdicom refuses to encode it: so does the node (a processing failure)
+            with pytest.raises(AttributeError, match="Media Storage SOP Instance UID"):
+                encoded_dataset(event)
+            continue
+        assert encoded_dataset(event) == event.encoded_dataset(), uid
+
+
 def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path):
     """pynetdicom may report a connection's close before its association request: such a peer must not
     keep its slot (else a few of them lock every console out for good)."""

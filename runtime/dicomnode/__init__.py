@@ -11,9 +11,10 @@ The request path (docs/dicom-node.md has the settings, the SR template and the o
                                           outbox/<destination>/  --forwarder (retries, backoff)--> PACS
 
 Modules: :mod:`.sopclasses` (what is accepted), :mod:`.access` (calling AE allow-list), :mod:`.scp`
-(the pynetdicom handlers; :mod:`.pdulimit` holds peers to ``--max-pdu``, :mod:`.wakeup` wakes its
-associations on events instead of 1 ms polls, :mod:`.peerlog` keeps their normal closes out of the
-error log), :mod:`.journal` and :mod:`.outbox` (on-disk queues, :mod:`.durable` for crash-safe
+(the pynetdicom handlers; :mod:`.pdulimit` holds peers to ``--max-pdu`` and reads PDUs whole,
+:mod:`.wakeup` wakes its associations on events instead of 1 ms polls, :mod:`.peerlog` keeps their
+normal closes out of the error log, :mod:`.filemeta` writes a received dataset's file meta from a
+template), :mod:`.journal` and :mod:`.outbox` (on-disk queues, :mod:`.durable` for crash-safe
 writes), :mod:`.results` (highdicom SR/SC builders, run in worker processes by :mod:`.resultpool`),
 :mod:`.forwarder`, :mod:`.metrics`, :mod:`.config`, :mod:`.node` (assembly), :mod:`.archive` (a small
 receiving SCP for the demo and bench).

@@ -8,7 +8,8 @@ contexts are accepted only for Verification and the storage classes of :mod:`.so
 
 C-STORE, in the association's own thread:
 
-1. the dataset arrives as sent (``event.encoded_dataset()``, never re-encoded);
+1. the dataset arrives as sent (pynetdicom's ``event.encoded_dataset()`` bytes, never re-encoded;
+   :mod:`.filemeta` writes its File Meta Information from a template);
 2. its header must name the SOP class of the context and the SOP Instance UID of the request and carry
    the UIDs a result needs — else ``0xA900`` (does not match SOP class) / ``0xC000`` (cannot understand);
 3. the data plane decodes it and queues it for the engine (micro-batched with every other association
@@ -41,6 +42,7 @@ import uuid
 from gamguard.runtime.server.quietlog import where_raised
 
 from .durable import safe_name
+from .filemeta import encoded_dataset
 from .journal import thumbnail
 from .pdulimit import limit_pdu_lengths
 from .results import ResultError, check_source, is_own_result
@@ -280,7 +282,7 @@ class StorageSCP:
         context_class = str(event.context.abstract_syntax)
         if context_class not in self.sop_classes:  # cannot happen through negotiation; kept as a guard
             return SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted by this node", "refused"
-        data = event.encoded_dataset()
+        data = encoded_dataset(event)
         request_id = uuid.uuid4().hex
         try:
             header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
