@@ -136,6 +136,9 @@ def test_dicom_efficiency_rows(quick_result):
         assert row["cpu_ratio"] == pytest.approx(row["grpc_cpu_ms"] / row["cstore_cpu_ms"], rel=0.02)
     dicom = quick_result["dicom"]
     assert dicom["goal_min_ratio"] == 0.7
+    # the phantoms as they are (no --dicom-size): 256² DX, 12 bits in 16-bit words
+    assert dicom["image"]["rows"] == dicom["image"]["columns"] == 256 and dicom["image"]["bits"] == 12
+    assert 256 * 256 * 2 < dicom["image"]["bytes"] < 256 * 256 * 2 + 8192
     assert _finite_positive(dicom["durable_write_ms"]) and _finite_positive(dicom["results_ms_per_image"])
     # the SCU: dcmtk's storescu where installed (as .ci/run does), else pynetdicom's
     from gamguard.runtime.dicomnode.bench import dcmtk_storescu
@@ -223,6 +226,8 @@ def test_bad_flags_are_user_errors(capsys, tmp_path):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["bench", "--sizes", "224,x"]) == 2
     assert "--sizes" in capsys.readouterr().err
+    assert main(["bench", "--dicom-size", "4"]) == 2
+    assert "--dicom-size" in capsys.readouterr().err
 
 
 def test_demo_bundle_has_its_torch_checkpoint(demo_bundle):

@@ -124,6 +124,7 @@ class BenchConfig:
     grpc_rounds: int | None = None  # interleaved gRPC / in-process rounds per level (1 quick, 3 full)
     skip: tuple[str, ...] = ()  # sections to skip: "pytorch", "grpc", "dicom"
     dicom_client: str = "auto"  # C-STORE client of dicom_efficiency: auto (storescu if installed), storescu, pynetdicom
+    dicom_size: int | None = None  # dicom_efficiency's images resampled to this side (None: the phantoms' 256)
     arithmetic: str | None = None  # where the checks' arithmetic runs: auto (default), graph, host
     progress: Callable[[str], None] | None = None  # progress lines (the CLI prints them to stderr)
 
@@ -245,7 +246,9 @@ def _run_bench(cfg: BenchConfig) -> dict:
     else:
         from gamguard.runtime.dicomnode.bench import measure_dicom
 
-        dicom = measure_dicom(guard, bundle_dir, images, DICOM_LEVELS, cfg.quick, progress, cfg.dicom_client)
+        dicom = measure_dicom(
+            guard, bundle_dir, images, DICOM_LEVELS, cfg.quick, progress, cfg.dicom_client, cfg.dicom_size
+        )
         result["dicom_efficiency"] = dicom.pop("rows")
         result["dicom"] = dicom
     facts["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -438,7 +441,11 @@ def format_tables(result: dict) -> str:
     lines += ["", "DICOM node efficiency (goal ≥ 0.70): C-STORE images/s / gRPC Verify images/s, same DICOM images"]
     if result.get("dicom_efficiency"):
         lines.append("  CPU ratio = gRPC server CPU per image / DICOM node CPU per image (clients excluded)")
-        lines.append(f"  C-STORE client: {result['dicom'].get('client', '?')}")
+        image = result["dicom"].get("image") or {}
+        lines.append(
+            f"  C-STORE client: {result['dicom'].get('client', '?')}; images: DX {image.get('rows')}x"
+            f"{image.get('columns')}, {image.get('bits')} bits, {(image.get('bytes') or 0) / 1e3:.0f} kB"
+        )
         lines.append("  pynetdicom alone = img/s of a do-nothing pynetdicom SCP with the same SCUs")
         lines.append("  if node free = estimated ratio if the node added nothing to that and to the verification")
         lines.append(

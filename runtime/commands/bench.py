@@ -83,6 +83,13 @@ def add_arguments(parser):
         "when installed",
     )
     parser.add_argument(
+        "--dicom-size",
+        type=int,
+        metavar="N",
+        help="dicom_efficiency's phantoms resampled to NxN before they are written as DICOM (default: "
+        "their own 256x256, 132 kB; radiographs are 2000-3000 px a side, e.g. --dicom-size 2048)",
+    )
+    parser.add_argument(
         "--large",
         action="store_true",
         help="also measure guard overhead on a realistic-size model (random weights, exported "
@@ -148,6 +155,8 @@ def run(args) -> int:
         raise CommandError("--repeats must be >= 1")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise CommandError(f"--checkpoint {args.checkpoint}: file not found")
+    if args.dicom_size is not None and not 16 <= args.dicom_size <= 8192:
+        raise CommandError("--dicom-size must be 16..8192 pixels")
     if "dicom" not in args.skip:
         from gamguard.runtime.dicomnode.bench import resolve_client
 
@@ -167,6 +176,7 @@ def run(args) -> int:
         clients=_ints(args.clients, "--clients"),
         skip=tuple(args.skip),
         dicom_client=args.dicom_client,
+        dicom_size=args.dicom_size,
         large=args.large,
         arithmetic=args.arithmetic,
         zoo=args.zoo,

@@ -213,9 +213,12 @@ def _until_verdicts(scp, timeout_s: float = 600.0) -> float:
     return time.perf_counter() - t0
 
 
-def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress, client: str = "auto") -> dict:
+def measure_dicom(
+    guard, bundle_dir: Path, images, levels, quick: bool, progress, client: str = "auto", side: int | None = None
+) -> dict:
     """Rows ``{associations, ratio, cstore_ips, grpc_ips, null_scp_ips, ratio_if_node_free, ...}`` and the
-    journal and results costs; ``client``: the SCU (:func:`resolve_client`)."""
+    journal and results costs; ``client``: the SCU (:func:`resolve_client`); ``side``: the images resampled
+    to ``side``² before they are written as DICOM (None: as they are)."""
     from gamguard.runtime.bench.serving import _grpc_round
     from gamguard.runtime.server.background import BackgroundServer
     from gamguard.runtime.server.config import ServeConfig
@@ -228,9 +231,15 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
     progress(f"dicom: C-STORE client {client}")
     tmp = tempfile.TemporaryDirectory(prefix="gamguard-bench-dicom-")
     folder = Path(tmp.name)
+    if side is not None:
+        import cv2
+
+        images = [cv2.resize(np.asarray(im, np.float32), (side, side), interpolation=cv2.INTER_LINEAR) for im in images]
     paths = _write_payloads(folder, images)
     file_list = [str(p) for p in paths]
     payloads = [p.read_bytes() for p in paths]
+    shape = np.asarray(images[0]).shape
+    progress(f"dicom: DX images {shape[0]}x{shape[1]}, 12 bits, {len(payloads[0]) / 1e3:.0f} kB each")
     threads = getattr(guard.engine, "threads", None)
     serve_cfg = ServeConfig(bundle=str(bundle_dir), insecure=True, port=0, threads=threads)
     node_cfg = DicomNodeConfig(
@@ -324,6 +333,7 @@ def measure_dicom(guard, bundle_dir: Path, images, levels, quick: bool, progress
     return {
         "rows": rows,
         "client": client,
+        "image": {"rows": int(shape[0]), "columns": int(shape[1]), "bits": 12, "bytes": len(payloads[0])},
         "rounds": rounds,
         "durable_write_ms": round(fsync_ms, 2),
         "goal_min_ratio": GOAL_MIN_RATIO,
