@@ -17,8 +17,8 @@ preallocated buffer (``recv_into``: whatever the socket holds, up to the PDU's e
 semantics otherwise: a closed connection returns what was read so far, a timeout or error raises.
 
 This reaches into pynetdicom's association (``assoc.dul.socket.recv``, the only place it reads PDUs, and
-``assoc.dul.socket.socket``, the connected socket, pynetdicom 3.x): where that is not there, the limit
-cannot be enforced, which is logged once.
+``assoc.dul.socket.socket``, the connected socket, pynetdicom 3.x): without the first the limit cannot
+be enforced, which is logged once; without the second PDUs are read by pynetdicom's own ``recv``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def limit_pdu_lengths(assoc, max_pdata: int) -> bool:
     global _warned
     sock = getattr(getattr(assoc, "dul", None), "socket", None)
     recv = getattr(sock, "recv", None)
-    if recv is None or not hasattr(getattr(sock, "socket", None), "recv_into"):
+    if recv is None:
         if not _warned:
             _warned = True
             log.warning("cannot enforce --max-pdu on received PDUs with this pynetdicom version")
@@ -61,7 +61,10 @@ def limit_pdu_lengths(assoc, max_pdata: int) -> bool:
         pending_type[0] = None
         if limit is not None and nr_bytes > limit:
             raise PduTooLarge(f"a PDU of {nr_bytes} bytes was announced; at most {limit} are accepted")
-        return read_whole(sock.socket, nr_bytes)
+        connection = getattr(sock, "socket", None)
+        if not hasattr(connection, "recv_into"):  # not where pynetdicom 3.x keeps it: its own read
+            return recv(nr_bytes)
+        return read_whole(connection, nr_bytes)
 
     sock.recv = checked_recv
     return True
