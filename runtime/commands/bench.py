@@ -27,7 +27,7 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
                               also vs in-process DataPlane calls; p50/p99 latency (goal >= 0.85 at 16)
   dicom_efficiency            C-STORE images/s to the DICOM node over gRPC Verify images/s (1, 4 associations;
                               dcmtk storescu as the client where installed, see --dicom-client;
-                              goal >= 0.7)
+                              256² DX phantoms, --dicom-size for radiograph sizes; goal >= 0.7)
 
 Progress goes to stderr; --json prints one JSON object on stdout. Benchmarks are not tests: the
 numbers depend on the machine and its load (recorded in "machine").
