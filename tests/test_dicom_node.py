@@ -515,6 +515,39 @@ def test_results_built_in_worker_processes_match_and_a_dead_worker_loses_nothing
         builder.stop()
 
 
+def test_result_workers_end_when_their_node_is_killed_outright(tmp_path):
+    """A node killed with SIGKILL cannot stop its result workers; they notice and end by themselves
+    (else each would wait for jobs forever, ~190 MB apiece)."""
+    script = tmp_path / "node.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from gamguard.runtime.dicomnode.resultpool import ResultMaker\n"
+        "if __name__ == '__main__':\n"
+        "    maker = ResultMaker(2)\n"
+        "    maker.submit(b'not DICOM', None, None, None).exception(120)  # the workers are up\n"
+        "    print(' '.join(str(p) for p in maker._pool._processes), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    # output to files, not pipes: an orphaned worker would hold a pipe open and keep run() waiting
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        code = subprocess.run([sys.executable, str(script)], stdout=out, stderr=err, timeout=180).returncode
+    assert code == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
+    workers = [int(p) for p in (tmp_path / "out").read_text().split()]
+    assert workers
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in workers), "result workers outlived their killed node"
+
+
 def test_a_result_that_fails_in_a_worker_is_logged_by_place_not_by_message():
     """An exception raised while a worker builds results reaches the node as the worker raised it; the log
     says where (file, line, function in the worker), never its text, which can quote a header value."""

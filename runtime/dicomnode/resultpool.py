@@ -13,6 +13,7 @@ Workers are started with ``spawn`` (never ``fork``: the node's process runs thre
 when the first job comes, quiet the input libraries as the node does (pydicom's warnings would quote
 header values) and ignore Ctrl-C (the node stops them). A worker that dies (killed, out of memory)
 breaks the pool: the jobs it held fail with :class:`BrokenProcessPool` and the next job starts a new one.
+Workers whose node was killed outright end by themselves within :data:`ORPHAN_CHECK_S`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,11 @@ def result_objects(source: bytes, verdict, thumbnail_u8, model) -> list[tuple[st
     return [("sr", str(sr.SOPInstanceUID), encode(sr)), ("sc", str(sc.SOPInstanceUID), encode(sc))]
 
 
-def _init_worker() -> None:
+#: how often a worker checks that the node that started it is still there (:func:`_exit_when_orphaned`)
+ORPHAN_CHECK_S = 1.0
+
+
+def _init_worker(node_pid: int) -> None:
     import signal
 
     from gamguard.runtime.server.quietlog import quiet_input_libraries
@@ -66,12 +72,22 @@ def _init_worker() -> None:
     # a Ctrl-C in the node's terminal reaches every process of its group: the node's to handle, and it
     # stops its workers (SIGTERM stays: concurrent.futures ends the workers of a broken pool with it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(node_pid,), name="orphan-check", daemon=True).start()
     quiet_input_libraries()
     for name in ("pynetdicom", "highdicom", "pydicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import highdicom  # noqa: F401
 
     from . import results  # noqa: F401 - imported once here, not in the first job
+
+
+def _exit_when_orphaned(node_pid: int) -> None:
+    """End this worker once the node that started it is gone. A node killed outright (SIGKILL, the out-of-
+    memory killer) cannot stop its workers, and nothing else would: each waits for jobs on a pipe whose
+    writing end its sibling workers hold open too, so it never sees the end of it."""
+    while os.getppid() == node_pid:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(0)
 
 
 class ResultMakerClosed(RuntimeError):
@@ -115,7 +131,10 @@ class ResultMaker:
                 raise ResultMakerClosed("the results workers are stopped")
             if self._pool is None:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+                    self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker,
+                    initargs=(os.getpid(),),
                 )
             return self._pool
 
