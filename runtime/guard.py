@@ -36,7 +36,7 @@ cannot become a model input (wrong shape, NaN/Inf, undecodable) is rejected with
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import logging
 import math
 import time
@@ -60,6 +60,7 @@ from .checks import (
 )
 from .checks.graph import GUARD_COLUMNS, guarded_model_bytes, resolve_arithmetic, scores_from_graph
 from .engines import EngineOutput
+from .engines.base import ComputedOnRead, ResizedMap
 from .similarity import MEASURES, all_finite
 
 # Thresholds that depend on the predicted class (raw-score cut-offs from that class's reference);
@@ -88,7 +89,9 @@ class Verdict:
     failed_measures: list[str]  # e.g. ["ssim", "sliced_wasserstein"] for ATTENTION_MISMATCH
     scores: dict[str, float]  # every check's score
     thresholds: dict[str, float]  # threshold per score where one applies
-    cam: np.ndarray | None = None  # [H, W] float32 in [0,1] (model input size), also when rejected
+    # [H, W] float32 in [0,1] (model input size), also when rejected; computed when first read where the
+    # engine returns small maps (engines.ResizedMaps)
+    cam: np.ndarray | None = ComputedOnRead(default=None)
     reference_cam: np.ndarray | None = None  # reference map of the predicted real class
     predicted_index: int | None = None  # argmax class even when rejected (never served as a label)
     detail: str = ""  # human-readable message (errors, INVALID_INPUT cause)
@@ -116,13 +119,10 @@ class Verdict:
         class-independent p-value levels stay among the thresholds. Accepted verdicts are unchanged."""
         if self.accepted:
             return self
-        return dataclasses.replace(
-            self,
-            thresholds={k: t for k, t in self.thresholds.items() if k not in CLASS_SPECIFIC_THRESHOLDS},
-            reference_cam=None,
-            predicted_index=None,
-            reference_index=None,
-        )
+        out = copy.copy(self)  # not dataclasses.replace, which would compute a heatmap nobody asked for
+        out.thresholds = {k: t for k, t in self.thresholds.items() if k not in CLASS_SPECIFIC_THRESHOLDS}
+        out.reference_cam = out.predicted_index = out.reference_index = None
+        return out
 
     def to_dict(self, *, include_maps: bool = False) -> dict:
         d = {
@@ -462,9 +462,9 @@ class Guard:
         out = self.engine.run(batch)
         t1 = time.perf_counter()
         n = batch.shape[0]
-        if out.logits.shape != (n, len(self.class_names)) or out.cam.shape[0] != n or out.early.shape[0] != n:
+        if out.logits.shape != (n, len(self.class_names)) or out.cam_count() != n or out.early.shape[0] != n:
             raise RuntimeError(
-                f"engine output shapes {out.logits.shape}, {out.cam.shape}, {out.early.shape} "
+                f"engine output shapes {out.logits.shape}, {out.cam_count()} maps, {out.early.shape} "
                 f"do not fit a batch of {n} and {len(self.class_names)} classes"
             )
         if out.guard is not None:
@@ -510,7 +510,7 @@ class Guard:
             if row[position] != expected:
                 verdicts.append(Verdict.rejected("GUARD_ERROR", "the engine's guard output does not fit its logits"))
                 continue
-            verdicts.append(self._verdict_of_row(row, logits, real_logits, out.cam[i], expected))
+            verdicts.append(self._verdict_of_row(row, logits, real_logits, out.cam_of(i), expected))
         timings = {"engine": (t1 - t0) * 1e3, "guard": (time.perf_counter() - t1) * 1e3}
         for v in verdicts:
             v.timings_ms = dict(timings)
@@ -575,7 +575,7 @@ class Guard:
             failed_measures=failed,
             scores=dict(zip(self._score_keys, scores)),
             thresholds=dict(self._thresholds[cls_idx]),
-            cam=np.asarray(cam, np.float32),
+            cam=cam if isinstance(cam, ResizedMap) else np.asarray(cam, np.float32),
             reference_cam=self._ref_cams[cls_idx],
             predicted_index=pred,
             reference_index=cls_idx,

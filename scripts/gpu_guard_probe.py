@@ -132,7 +132,7 @@ def engine_table(src: Path, x: np.ndarray) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         lo = onnx.load(str(logits_only_model(src / MODEL_FILE, Path(tmp))))
-    lo_src, _ = _specialized(lo.SerializeToString(), src / MODEL_FILE, plain.engine.input_hw or x.shape[2:])
+    lo_src, *_ = _specialized(lo.SerializeToString(), src / MODEL_FILE, plain.engine.input_hw or x.shape[2:])
     import onnxruntime as ort
 
     lo_plain = ort.InferenceSession(

@@ -183,3 +183,86 @@ def test_cam_rewrite_matches_the_exported_cam_at_odd_sizes(demo_bundle, hw):
     assert np.ptp(ref, axis=(1, 2)).min() > 0.5  # structured maps, not a constant one
     np.testing.assert_allclose(got, ref, rtol=0, atol=3 * CAM_MARGIN)
     assert 0.0 <= got.min() and got.max() <= 1.0
+
+
+def _static_export_form(demo_bundle, size: int):
+    """The demo model at a fixed size in the form a static-size export writes: ``cam = R @ (s @ C)``."""
+    fixed = fold_constants(specialize_spatial(onnx.load(str(demo_bundle / MODEL_FILE)), size, size))
+    model, rewritten = cam_min_max_on_small_map(fixed, folded=True)
+    assert rewritten
+    return model
+
+
+def test_guarded_engine_leaves_the_full_size_cam_to_the_host(demo_bundle, tmp_path):
+    """A guarded engine outputs the small CAM; the host resizes it only when a map is read, to the map
+    the fused model writes, and the guard's numbers are those of the graph that resamples the full map."""
+    import pickle
+
+    from gamguard.runtime.checks.graph import GUARD_OUTPUT, PARITY_ATOL, guarded_model
+    from gamguard.runtime.engines.base import ResizedMap
+
+    size = 96
+    manifest = read_manifest(demo_bundle)
+    cal = CalibrationData.load(demo_bundle, manifest)
+    static = _static_export_form(demo_bundle, size)
+    path = tmp_path / MODEL_FILE
+    onnx.save(static, str(path))
+    guarded = guarded_model(static, cal)
+    # the guard subgraph of a static model resamples the full-size map (constant matrices)
+    assert [n.op_type for n in guarded.graph.node if "cam" in n.input] == ["MatMul"]
+    engine = OnnxEngine(path, providers="cpu", threads=1, guarded=guarded.SerializeToString())
+    plain = OnnxEngine(path, providers="cpu", threads=1)
+    assert "cam" not in [o.name for o in engine.session.get_outputs()]
+    spec = dataclasses.replace(InputSpec.from_manifest(manifest["input"]), height=size, width=size)
+    x = preprocess_batch(phantom_images(4), spec)
+    out, ref = engine.run(x), plain.run(x)
+    maps = out.cam_maps()
+    assert maps is not None and len(maps) == out.cam_count() == 4
+    one = out.cam_of(2)
+    assert isinstance(one, ResizedMap) and out.cam_maps() is maps  # nothing computed yet
+    np.testing.assert_allclose(one(), ref.cam[2], atol=1e-6)
+    np.testing.assert_allclose(out.cam, ref.cam, atol=1e-6)  # reading .cam computes the batch
+    assert out.cam.dtype == np.float32 and out.cam_maps() is None and out.cam.shape == (4, size, size)
+    # the guard columns as the graph computes them from the full-size map
+    full = ort.InferenceSession(guarded.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = full.run([GUARD_OUTPUT], {"image": x})[0]
+    np.testing.assert_allclose(out.guard, expected, atol=PARITY_ATOL["scores"], rtol=1e-4)
+    # a verdict travels to another process (the DICOM node's result workers) with the small map
+    again = pickle.loads(pickle.dumps(engine.run(x).cam_of(1)))
+    np.testing.assert_allclose(again(), ref.cam[1], atol=1e-6)
+
+
+def test_cam_resize_stays_in_a_graph_that_reads_the_full_map(demo_bundle):
+    from gamguard.runtime.engines.specialize import defer_cam_resize
+
+    static = _static_export_form(demo_bundle, 64)
+    static.graph.node.append(onnx.helper.make_node("ReduceMax", ["cam"], ["cam_max"], keepdims=0))
+    static.graph.output.append(onnx.helper.make_tensor_value_info("cam_max", onnx.TensorProto.FLOAT, None))
+    same, resize = defer_cam_resize(static, folded=True)
+    assert resize is None and same is static
+    plain = onnx.load(str(demo_bundle / MODEL_FILE))  # dynamic: the full map is normalised in the graph
+    assert defer_cam_resize(plain) == (plain, None)
+
+
+def test_verdicts_compute_their_heatmap_when_read(demo_bundle):
+    """Serving does not pay for heatmaps nobody asked for: a verdict's map is computed on first read
+    (equal to the host-arithmetic guard's, which computes it in the engine), also after the server
+    strips a rejected verdict's class details."""
+    from gamguard.runtime.engines.base import ResizedMap
+    from gamguard.runtime.guard import Guard, Verdict
+
+    graph = Guard.from_bundle(demo_bundle, providers="cpu", threads=1, arithmetic="graph")
+    host = Guard.from_bundle(demo_bundle, providers="cpu", threads=1, arithmetic="host")
+    x = preprocess_batch(phantom_images(6), graph.spec)
+    lazy, eager = graph.verify_tensor(x), host.verify_tensor(x)
+    assert [v.accepted for v in lazy] == [v.accepted for v in eager]
+    raw = Verdict.__dict__["cam"].raw
+    assert all(isinstance(raw(v), ResizedMap) for v in lazy)
+    assert all(isinstance(raw(v), np.ndarray) for v in eager)
+    stripped = [v.without_class_details() for v in lazy]
+    assert all(isinstance(raw(v), ResizedMap) for v in stripped)
+    for a, b, c in zip(lazy, eager, stripped):
+        assert a.cam.dtype == np.float32 and a.cam.shape == (graph.spec.height, graph.spec.width)
+        np.testing.assert_allclose(a.cam, b.cam, atol=1e-6)
+        np.testing.assert_allclose(c.cam, b.cam, atol=1e-6)
+    assert Verdict.rejected("INVALID_INPUT", "x").cam is None

@@ -300,7 +300,8 @@ def format_tables(result: dict) -> str:
             f"{r['size']:>6} {r['batch']:>5} {r['ratio']:>7.3f} {r.get('ratio_of_minima', float('nan')):>9.3f} "
             f"{r['guarded_ms']:>11.2f} "
             f"{r['logits_only_ms']:>10.2f} {ms(r.get('fused_engine_ms')):>9} {ms(r.get('graph_ms')):>9} "
-            f"{r['checks_ms']:>10.2f} {r['decision_ms']:>12.2f}"
+            f"{r['checks_ms']:>10.2f} {r['decision_ms']:>12.2f} {ms(r.get('heatmaps_ms')):>11} "
+            f"{r.get('ratio_with_heatmaps', float('nan')):>12.3f}"
             + (f" {r['alternative_ratio']:>11.3f}" if "alternative_ratio" in r else "")
         )
 
@@ -318,7 +319,9 @@ def format_tables(result: dict) -> str:
         "  (fused = the fused engine alone; graph = what the guard subgraph adds to it; checks = numpy's 7 "
         "measures + feature score (part of the call with host arithmetic); decision = the rest: p-values, "
         "decision, verdicts); 'min ratio' = of the fastest calls of the same rounds (load only adds time: "
-        "a large gap to 'ratio' means a noisy run)",
+        "a large gap to 'ratio' means a noisy run); the guarded engine leaves the full-size heatmaps to the "
+        "host, computed only for a call that returns them: 'heatmaps ms' = all of the batch's, "
+        "'+heatmaps' = the ratio of such a call ('-': the engine computes them)",
     ]
     arith = result.get("guard_arithmetic")
     if arith:
@@ -330,7 +333,7 @@ def format_tables(result: dict) -> str:
         )
     lines.append(
         f"{'size':>6} {'batch':>5} {'ratio':>7} {'min ratio':>9} {'guarded ms':>11} {'logits ms':>10} {'fused ms':>9} "
-        f"{'graph ms':>9} {'checks ms':>10} {'decision ms':>12}"
+        f"{'graph ms':>9} {'checks ms':>10} {'decision ms':>12} {'heatmaps ms':>11} {'+heatmaps':>12}"
         + (f" {('graph' if arith['used'] == 'host' else 'host') + ' ratio':>11}" if arith else "")
     )
     lines += [overhead_row(r) for r in result["guard_overhead"]]

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..checks.graph import GUARD_OUTPUT
-from .base import INPUT_NAME, OUTPUT_NAMES, EngineError, EngineOutput
+from .base import INPUT_NAME, OUTPUT_NAMES, EngineError, EngineOutput, ResizedMaps
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,11 @@ class OnnxEngine:
         self._requested_providers = providers
         self.input_hw = None
         source = guarded if guarded is not None else str(self.model_path)
-        if input_hw is not None:
-            source, self.input_hw = _specialized(source, self.model_path, input_hw)
+        self._cam_resize = None
+        if input_hw is not None or guarded is not None:
+            source, self.input_hw, self._cam_resize = _specialized(
+                source, self.model_path, input_hw, defer_cam=guarded is not None
+            )
         try:
             self.session = ort.InferenceSession(source, sess_options=opts, providers=provider_entries(chain))
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -178,6 +181,8 @@ class OnnxEngine:
         self.threads = threads
         self.guarded = guarded is not None
         self._outputs = [*OUTPUT_NAMES, GUARD_OUTPUT] if self.guarded else list(OUTPUT_NAMES)
+        if self._cam_resize is not None:  # the small CAM in place of the full-size one (ResizedMaps)
+            self._outputs[OUTPUT_NAMES.index("cam")] = self._cam_resize[0]
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if INPUT_NAME not in inputs or any(n not in outputs for n in self._outputs):
@@ -241,9 +246,11 @@ class OnnxEngine:
             logits, cam, early, *guard = self._captured.run(batch)
         else:
             logits, cam, early, *guard = self.session.run(self._outputs, {INPUT_NAME: batch})
+        if self._cam_resize is not None:
+            cam = ResizedMaps(np.asarray(cam, np.float32), *self._cam_resize[1:])
         return EngineOutput(
             logits=np.asarray(logits, np.float32),
-            cam=np.asarray(cam, np.float32),
+            cam=cam if self._cam_resize is not None else np.asarray(cam, np.float32),
             early=np.asarray(early, np.float32),
             guard=np.asarray(guard[0], np.float32) if guard else None,
         )
@@ -267,39 +274,48 @@ class OnnxEngine:
         }
 
 
-def _specialized(source, model_path: Path, input_hw) -> tuple[bytes | str, tuple[int, int] | None]:
-    """``(session source, fixed size)``: ``source`` (a path or serialized model) specialised to
-    ``input_hw`` when its input has dynamic H/W (see :mod:`.specialize`), else unchanged with no fixed
-    size (a static model serves its own size; a mismatch surfaces as ONNX Runtime's shape error)."""
+def _specialized(source, model_path: Path, input_hw, *, defer_cam: bool = False):
+    """``(session source, fixed size, CAM resize)``: ``source`` (a path or serialized model) specialised to
+    ``input_hw`` when given and its input has dynamic H/W (see :mod:`.specialize`; fixed size None
+    otherwise: a static model serves its own size, a mismatch surfaces as ONNX Runtime's shape error).
+    ``defer_cam`` (a guarded model): the full-size CAM left to the host when the graph allows it
+    (:func:`.specialize.defer_cam_resize`); the third item is then ``(small output, rows, cols)``, else None."""
     import onnx
 
     from .specialize import (
         cam_min_max_on_small_map,
+        defer_cam_resize,
         fold_constants,
         is_spatially_dynamic,
         pool_early_with_average_pool,
         specialize_spatial,
     )
 
-    h, w = (int(v) for v in input_hw)
     try:
         model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
     except Exception as exc:  # onnx raises DecodeError and others
         raise EngineError(f"{model_path}: cannot read the ONNX model: {exc}") from exc
-    if not is_spatially_dynamic(model):
-        return source, None
-    fixed = specialize_spatial(model, h, w)
+    fix = input_hw is not None and is_spatially_dynamic(model)
+    if not fix and not defer_cam:
+        return source, None, None
+    h, w = (int(v) for v in input_hw) if fix else (None, None)
+    pooled = cam_small = False
+    resize = None
     try:
-        fixed = fold_constants(fixed)  # once, for both rewrites (each a pure function of the folded graph)
-        fixed, pooled = pool_early_with_average_pool(fixed, folded=True)
-        fixed, cam_small = cam_min_max_on_small_map(fixed, folded=True)
+        if fix:
+            model = fold_constants(specialize_spatial(model, h, w))  # once, for every rewrite below
+            model, pooled = pool_early_with_average_pool(model, folded=True)
+            model, cam_small = cam_min_max_on_small_map(model, folded=True)
+        if defer_cam:
+            model, resize = defer_cam_resize(model, folded=fix)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise EngineError(f"{model_path}: cannot create an ONNX Runtime session at {h}x{w}: {exc}") from exc
+        where = f" at {h}x{w}" if fix else ""
+        raise EngineError(f"{model_path}: cannot create an ONNX Runtime session{where}: {exc}") from exc
     log.debug(
-        "fixed to %dx%d: early features %s, CAM min-max %s",
-        h,
-        w,
+        "%s: early features %s, CAM min-max %s, full-size CAM %s",
+        f"fixed to {h}x{w}" if fix else "static size",
         "by one AveragePool" if pooled else "as exported",
         "on the small map" if cam_small else "as exported",
+        "computed when read" if resize else "in the graph",
     )
-    return fixed.SerializeToString(), (h, w)
+    return model.SerializeToString(), ((h, w) if fix else None), resize

@@ -22,6 +22,11 @@ With the size fixed, the CAM's interpolation matrices are constants too: :func:`
 then moves the exported dynamic-size CAM's second min-max from the full-size map onto the small one, the
 form a static-size export writes, and lets the guard subgraph resample the small map to its grid.
 
+A guarded engine (the checks' arithmetic in the graph) stops at the small map: :func:`defer_cam_resize`
+removes the last step to the full-size ``cam`` (a constant separable resize, in static-size exports and
+after the rewrite above alike) and the host computes it only for the images whose map is read
+(:class:`~gamguard.runtime.engines.base.ResizedMaps`): most calls ask for a verdict, not a heatmap.
+
 The model on disk is unchanged (and still dynamic: a TensorRT plan with a spatial profile, or another
 size, is built from it as before); only the session's copy is specialised.
 """
@@ -358,23 +363,84 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
     scaled = op("Add", op("Div", op("Sub", small, lo2), d), add_const("margin", CAM_MARGIN))
     op("MatMul", mat.input[0], op("MatMul", scaled, inner.input[1]), out=output)
     gone = {id(n) for n in (div, num, den, spread[0], lo_node, hi_node, mat, inner)}
-    # the guard subgraph's resampling A @ (cam @ B): from the small map, (A R) @ (scaled @ (C B))
-    for user in consumers.get(output, []):
-        if user.op_type != "MatMul" or user.input[0] != output or const(user.input[1]) is None:
+    gone |= _resample_from_small_map(g, output, scaled, rows, cols, add_const, op)
+    _replace_nodes(folded_model.graph, gone, new_nodes, added)
+    return folded_model, True
+
+
+def _resample_from_small_map(g: _GraphIndex, output: str, small: str, rows, cols, add_const, op) -> set:
+    """Every consumer of ``output`` = ``rows @ small @ cols`` of the form ``A @ (output @ B)`` with constant
+    ``A``, ``B`` (the guard subgraph's area resampling, :mod:`gamguard.runtime.checks.graph`) rewritten to
+    read the small map: ``(A rows) @ (small @ (cols B))``, the same product with a different rounding.
+    Returns the ids of the nodes replaced."""
+    gone = set()
+    for user in g.consumers.get(output, []):
+        if user.op_type != "MatMul" or user.input[0] != output or g.const(user.input[1]) is None:
             continue
         outer = g.users(user)
-        if len(outer) != 1 or outer[0].op_type != "MatMul" or const(outer[0].input[0]) is None:
+        if len(outer) != 1 or outer[0].op_type != "MatMul" or g.const(outer[0].input[0]) is None:
             continue
-        a, b = const(outer[0].input[0]).astype(np.float64), const(user.input[1]).astype(np.float64)
+        a, b = g.const(outer[0].input[0]).astype(np.float64), g.const(user.input[1]).astype(np.float64)
         if a.ndim != 2 or b.ndim != 2:
             continue
-        left = add_const(f"resample_rows_{len(added)}", a @ rows.astype(np.float64))
-        right = add_const(f"resample_cols_{len(added)}", cols.astype(np.float64) @ b)
-        op("MatMul", left, op("MatMul", scaled, right), out=outer[0].output[0])
+        left = add_const(f"resample_rows_of_{user.output[0]}", a @ np.asarray(rows, np.float64))
+        right = add_const(f"resample_cols_of_{user.output[0]}", np.asarray(cols, np.float64) @ b)
+        op("MatMul", left, op("MatMul", small, right), out=outer[0].output[0])
         gone |= {id(user), id(outer[0])}
-    # the new nodes in place of the old CAM tail (topological order: their inputs come before it)
-    nodes = list(folded_model.graph.node)
-    at = min(i for i, n in enumerate(nodes) if id(n) in gone)
+    return gone
+
+
+def _replace_nodes(graph, gone: set, new_nodes: list, new_initializers: list) -> None:
+    """``graph`` without the nodes whose ids are in ``gone``, ``new_nodes`` in their place (at the first
+    of them: topological order, the new nodes' inputs come before it)."""
+    nodes = list(graph.node)
+    at = min((i for i, n in enumerate(nodes) if id(n) in gone), default=len(nodes))
     kept = [n for n in nodes[:at] if id(n) not in gone] + new_nodes + [n for n in nodes[at:] if id(n) not in gone]
-    _set_nodes(folded_model.graph, kept, added)
-    return folded_model, True
+    _set_nodes(graph, kept, new_initializers)
+
+
+def defer_cam_resize(model, output: str = "cam", *, folded: bool = False):
+    """``model`` (a guarded fused model, static size) without its last step to the full-size ``cam``, when
+    that step is a constant separable resize ``cam = R @ (s @ C)`` (the exporter's bilinear resize to the
+    input size, also after :func:`cam_min_max_on_small_map`): the graph outputs the small map ``s``
+    instead, and the host computes ``R @ s @ C`` for the images whose heatmap is read
+    (:class:`~gamguard.runtime.engines.base.ResizedMaps`). The guard subgraph's resampling of ``cam``
+    reads ``s`` through composed matrices (:func:`_resample_from_small_map`).
+
+    Returns ``(model, None)`` when the pattern is not there or ``cam`` is read by anything else, else
+    ``(model, (small_output_name, R, C))`` with ``R`` ``[H, h]`` and ``C`` ``[w, W]`` float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outer = producer.get(output)
+    if outer is None or outer.op_type != "MatMul" or getattr(producer.get(outer.input[1]), "op_type", "") != "MatMul":
+        return model, None
+    rewritten = _copy_model(model) if folded else fold_constants(model)
+    g = _GraphIndex(rewritten.graph)
+    mat = g.node(output, "MatMul")
+    inner = mat and g.node(mat.input[1], "MatMul")
+    rows = None if mat is None else g.const(mat.input[0])
+    cols = None if inner is None else g.const(inner.input[1])
+    if rows is None or cols is None or rows.ndim != 2 or cols.ndim != 2 or len(g.users(inner)) != 1:
+        return model, None
+    small = inner.input[0]
+    added, new_nodes = [], []
+
+    def add_const(name, value):
+        added.append(numpy_helper.from_array(np.asarray(value, np.float32), f"gamguard/resample_{name}"))
+        return added[-1].name
+
+    def op(op_type, *inputs, out=None):
+        out = out or f"gamguard/resample_{op_type.lower()}_{len(new_nodes)}"
+        new_nodes.append(helper.make_node(op_type, list(inputs), [out], name=out))
+        return out
+
+    gone = {id(mat), id(inner)} | _resample_from_small_map(g, output, small, rows, cols, add_const, op)
+    if any(id(n) not in gone for n in g.consumers.get(output, [])):
+        return model, None  # the full map is read inside the graph: keep it
+    _replace_nodes(rewritten.graph, gone, new_nodes, added)
+    outputs = [o for o in rewritten.graph.output if o.name != output]
+    outputs.append(helper.make_tensor_value_info(small, TensorProto.FLOAT, None))
+    del rewritten.graph.output[:]
+    rewritten.graph.output.extend(outputs)
+    return rewritten, (small, np.asarray(rows, np.float32), np.asarray(cols, np.float32))
