@@ -266,3 +266,23 @@ def test_verdicts_compute_their_heatmap_when_read(demo_bundle):
         np.testing.assert_allclose(a.cam, b.cam, atol=1e-6)
         np.testing.assert_allclose(c.cam, b.cam, atol=1e-6)
     assert Verdict.rejected("INVALID_INPUT", "x").cam is None
+
+
+def test_grpc_verdict_computes_the_heatmap_only_when_asked(demo_bundle):
+    import types
+
+    from gamguard.runtime.engines.base import ResizedMap
+    from gamguard.runtime.guard import Guard, Verdict
+    from gamguard.runtime.server.dataplane import Result
+    from gamguard.runtime.server.grpc_guard import verdict_message
+
+    guard = Guard.from_bundle(demo_bundle, providers="cpu", threads=1, arithmetic="graph")
+    plane = types.SimpleNamespace(model_name="demo", model_version="1", bundle_hash="h")  # the ModelRef's source
+    (v,) = guard.verify_tensor(preprocess_batch(phantom_images(1), guard.spec))
+    res = Result(verdict=v, request_id="r", input_format="tensor", bit_depth=0, sop_instance_uid=None)
+    plain = verdict_message(res, plane)
+    assert not plain.HasField("heatmap") and isinstance(Verdict.__dict__["cam"].raw(v), ResizedMap)
+    with_values = verdict_message(res, plane, heatmap_values_wanted=True)
+    h, w = guard.spec.height, guard.spec.width
+    assert (with_values.heatmap.height, with_values.heatmap.width) == (h, w)
+    np.testing.assert_array_equal(np.asarray(with_values.heatmap.values, np.float32).reshape(h, w), v.cam)

@@ -86,8 +86,9 @@ def verdict_message(
         msg.prediction.index = int(v.label_index if v.label_index is not None else -1)
         for k, p in (v.probabilities or {}).items():
             msg.prediction.probabilities[str(k)] = float(p)
-    # Heatmaps only when asked for: they are the largest part of a verdict by far.
-    if v.cam is not None and (heatmap_png_wanted or heatmap_values_wanted):
+    # Heatmaps only when asked for: they are the largest part of a verdict by far, and a guarded engine
+    # leaves them to be computed when read (Verdict.cam): asked first, so that nobody else pays for them.
+    if (heatmap_png_wanted or heatmap_values_wanted) and v.cam is not None:
         cam = np.asarray(v.cam, np.float32)
         msg.heatmap.height, msg.heatmap.width = int(cam.shape[0]), int(cam.shape[1])
         if heatmap_values_wanted:
