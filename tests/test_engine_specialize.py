@@ -218,6 +218,7 @@ def test_guarded_engine_leaves_the_full_size_cam_to_the_host(demo_bundle, tmp_pa
     out, ref = engine.run(x), plain.run(x)
     maps = out.cam_maps()
     assert maps is not None and len(maps) == out.cam_count() == 4
+    assert maps.bilinear  # the exporter's resize is OpenCV's INTER_LINEAR: computed by cv2.resize
     one = out.cam_of(2)
     assert isinstance(one, ResizedMap) and out.cam_maps() is maps  # nothing computed yet
     np.testing.assert_allclose(one(), ref.cam[2], atol=1e-6)
@@ -230,6 +231,34 @@ def test_guarded_engine_leaves_the_full_size_cam_to_the_host(demo_bundle, tmp_pa
     # a verdict travels to another process (the DICOM node's result workers) with the small map
     again = pickle.loads(pickle.dumps(engine.run(x).cam_of(1)))
     np.testing.assert_allclose(again(), ref.cam[1], atol=1e-6)
+
+
+def test_resized_maps_by_opencv_or_by_the_matrices():
+    """A heatmap is ``rows @ small @ cols`` whichever way it is computed: by OpenCV's bilinear resize
+    only when the matrices are OpenCV's (read off by resizing identities), else by the products."""
+    from gamguard.exporter.onnx_fuse import bilinear_matrix
+    from gamguard.runtime.engines.base import ResizedMaps, is_opencv_bilinear
+
+    rng = np.random.default_rng(3)
+    for (h, big_h), (w, big_w) in (
+        ((7, 224), (7, 224)),
+        ((13, 100), (9, 50)),
+        ((12, 8), (3, 1)),
+        ((64, 512), (32, 96)),
+    ):
+        rows = np.asarray(bilinear_matrix(h, big_h), np.float32)
+        cols = np.asarray(bilinear_matrix(w, big_w), np.float32).T
+        small = rng.random((3, h, w), dtype=np.float32)
+        exact = np.matmul(rows, np.matmul(small, cols))
+        assert is_opencv_bilinear(rows, cols)
+        fast = ResizedMaps(small, rows, cols, bilinear=True)
+        np.testing.assert_allclose(fast(), exact, atol=1e-6)
+        np.testing.assert_allclose(fast.one(2)(), exact[2], atol=1e-6)
+        # anything else: the products themselves
+        other = rows.copy()
+        other[[0, -1]] = other[[-1, 0]]
+        assert not is_opencv_bilinear(other, cols) and not is_opencv_bilinear(rows, np.full_like(cols, 1 / w))
+        np.testing.assert_allclose(ResizedMaps(small, other, cols)(), np.matmul(other, small @ cols), atol=1e-6)
 
 
 def test_cam_resize_stays_in_a_graph_that_reads_the_full_map(demo_bundle):

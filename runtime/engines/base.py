@@ -21,18 +21,29 @@ class EngineError(RuntimeError):
 
 class ResizedMap:
     """One map ``rows @ small @ cols`` (float32), kept as its small map and the two matrices of its
-    separable resize until it is read (:class:`ComputedOnRead`)."""
+    separable resize until it is read (:class:`ComputedOnRead`). ``bilinear``: the matrices are OpenCV's
+    bilinear resize (:func:`is_opencv_bilinear`), which computes the same map with two taps per axis
+    instead of a dense product (at 64² → 512², 65 µs instead of 400)."""
 
-    __slots__ = ("small", "rows", "cols")
+    __slots__ = ("small", "rows", "cols", "bilinear")
 
-    def __init__(self, small: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-        self.small, self.rows, self.cols = small, rows, cols
+    def __init__(self, small: np.ndarray, rows: np.ndarray, cols: np.ndarray, bilinear: bool = False):
+        self.small, self.rows, self.cols, self.bilinear = small, rows, cols, bilinear
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.rows.shape[0]), int(self.cols.shape[1])
 
     def __call__(self) -> np.ndarray:
+        if self.bilinear:
+            import cv2
+
+            h, w = self.size
+            return cv2.resize(self.small, (w, h), interpolation=cv2.INTER_LINEAR)
         return np.matmul(self.rows, np.matmul(self.small, self.cols))
 
     def __reduce__(self):  # a verdict handed to another process carries the small map, not the full one
-        return type(self), (self.small, self.rows, self.cols)
+        return type(self), (self.small, self.rows, self.cols, self.bilinear)
 
 
 class ResizedMaps(ResizedMap):
@@ -47,7 +58,31 @@ class ResizedMaps(ResizedMap):
         return int(self.small.shape[0])
 
     def one(self, i: int) -> ResizedMap:
-        return ResizedMap(self.small[i], self.rows, self.cols)
+        return ResizedMap(self.small[i], self.rows, self.cols, self.bilinear)
+
+    def __call__(self) -> np.ndarray:
+        if not self.bilinear:
+            return super().__call__()
+        out = np.empty((len(self), *self.size), np.float32)
+        for i in range(len(self)):
+            out[i] = self.one(i)()
+        return out
+
+
+def is_opencv_bilinear(rows: np.ndarray, cols: np.ndarray, atol: float = 1e-6) -> bool:
+    """Whether ``rows @ s @ cols`` is OpenCV's ``INTER_LINEAR`` resize of ``s`` (half-pixel centres, as
+    the exporter's bilinear matrices and ``F.interpolate(align_corners=False)``): OpenCV's own 1-D
+    matrices are read off by resizing identities and compared with ``rows`` and ``cols``."""
+    import cv2
+
+    rows, cols = np.asarray(rows, np.float32), np.asarray(cols, np.float32)
+    if rows.ndim != 2 or cols.ndim != 2 or min(rows.shape + cols.shape) < 1:
+        return False
+    (big_h, h), (w, big_w) = rows.shape, cols.shape
+    eye_h, eye_w = np.eye(h, dtype=np.float32), np.eye(w, dtype=np.float32)
+    cv_rows = cv2.resize(eye_h, (h, big_h), interpolation=cv2.INTER_LINEAR).reshape(big_h, h)
+    cv_cols = cv2.resize(eye_w, (big_w, w), interpolation=cv2.INTER_LINEAR).reshape(w, big_w)
+    return bool(np.allclose(cv_rows, rows, rtol=0, atol=atol) and np.allclose(cv_cols, cols, rtol=0, atol=atol))
 
 
 class ComputedOnRead:

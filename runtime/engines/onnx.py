@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..checks.graph import GUARD_OUTPUT
-from .base import INPUT_NAME, OUTPUT_NAMES, EngineError, EngineOutput, ResizedMaps
+from .base import INPUT_NAME, OUTPUT_NAMES, EngineError, EngineOutput, ResizedMaps, is_opencv_bilinear
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class OnnxEngine:
         else:
             logits, cam, early, *guard = self.session.run(self._outputs, {INPUT_NAME: batch})
         if self._cam_resize is not None:
-            cam = ResizedMaps(np.asarray(cam, np.float32), *self._cam_resize[1:])
+            cam = ResizedMaps(np.asarray(cam, np.float32), *self._cam_resize[1:])  # rows, cols, bilinear
         return EngineOutput(
             logits=np.asarray(logits, np.float32),
             cam=cam if self._cam_resize is not None else np.asarray(cam, np.float32),
@@ -279,7 +279,8 @@ def _specialized(source, model_path: Path, input_hw, *, defer_cam: bool = False)
     ``input_hw`` when given and its input has dynamic H/W (see :mod:`.specialize`; fixed size None
     otherwise: a static model serves its own size, a mismatch surfaces as ONNX Runtime's shape error).
     ``defer_cam`` (a guarded model): the full-size CAM left to the host when the graph allows it
-    (:func:`.specialize.defer_cam_resize`); the third item is then ``(small output, rows, cols)``, else None."""
+    (:func:`.specialize.defer_cam_resize`); the third item is then ``(small output, rows, cols, bilinear)``
+    (``bilinear``: :func:`.base.is_opencv_bilinear`), else None."""
     import onnx
 
     from .specialize import (
@@ -308,6 +309,8 @@ def _specialized(source, model_path: Path, input_hw, *, defer_cam: bool = False)
             model, cam_small = cam_min_max_on_small_map(model, folded=True)
         if defer_cam:
             model, resize = defer_cam_resize(model, folded=fix)
+            if resize is not None:
+                resize = (*resize, is_opencv_bilinear(*resize[1:]))
     except Exception as exc:  # onnxruntime raises its own exception types
         where = f" at {h}x{w}" if fix else ""
         raise EngineError(f"{model_path}: cannot create an ONNX Runtime session{where}: {exc}") from exc
