@@ -370,7 +370,8 @@ def test_the_console_is_answered_before_the_verdict_and_the_results_follow(demo_
     assert said == {pydicom.dcmread(p).SOPInstanceUID: label for p, label in phantoms.items()}
 
 
-def test_a_console_waits_for_verdicts_instead_of_filling_the_engine_queue(demo_bundle, tmp_path):
+@pytest.mark.parametrize("receivers", [0, 2])
+def test_a_console_waits_for_verdicts_instead_of_filling_the_engine_queue(demo_bundle, tmp_path, receivers):
     """Answering before the verdict must not let one console fill the engine's queue (shared with gRPC
     clients) and get 0xA700: with the engine held and a queue of 4, eight images are all stored, because
     beyond two outstanding verdicts each answer waits for its own."""
@@ -391,7 +392,12 @@ def test_a_console_waits_for_verdicts_instead_of_filling_the_engine_queue(demo_b
 
     held.engine.run = held_run
     cfg = DicomNodeConfig(
-        host="127.0.0.1", port=0, allow_ae=["TESTSCU"], queue_dir=str(tmp_path / "queue"), build_backlog=10**6
+        host="127.0.0.1",
+        port=0,
+        allow_ae=["TESTSCU"],
+        queue_dir=str(tmp_path / "queue"),
+        build_backlog=10**6,
+        receivers=receivers,
     )
     serve = ServeConfig(bundle=str(demo_bundle), insecure=True, port=0, max_queue_size=4, max_batch_size=1)
     with BackgroundNode(cfg.validate(), serve, guard_factory=lambda: held) as node:
@@ -534,18 +540,102 @@ def test_result_workers_end_when_their_node_is_killed_outright(tmp_path):
     assert code == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
     workers = [int(p) for p in (tmp_path / "out").read_text().split()]
     assert workers
+    assert _all_end(workers), "result workers outlived their killed node"
 
-    def alive(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
 
-    deadline = time.monotonic() + 30
-    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _all_end(pids, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(alive(p) for p in workers), "result workers outlived their killed node"
+    return not any(_alive(p) for p in pids)
+
+
+def test_receiver_processes_end_when_their_node_is_killed_outright(demo_bundle, tmp_path):
+    """Receivers hold the node's port: a node killed with SIGKILL must not leave them listening on it."""
+    script = tmp_path / "node.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from gamguard.runtime.dicomnode.config import DicomNodeConfig\n"
+        "from gamguard.runtime.dicomnode.node import BackgroundNode\n"
+        "from gamguard.runtime.server.config import ServeConfig\n"
+        "if __name__ == '__main__':\n"
+        "    cfg = DicomNodeConfig(host='127.0.0.1', port=0, allow_any_ae=True, queue_dir=sys.argv[1],\n"
+        "                          receivers=2, result_workers=0).validate()\n"
+        "    node = BackgroundNode(cfg, ServeConfig(bundle=sys.argv[2], insecure=True, port=0)).start()\n"
+        "    print(node.port, ' '.join(map(str, node.node.scp.pids())), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        args = [sys.executable, str(script), str(tmp_path / "queue"), str(demo_bundle)]
+        code = subprocess.run(args, stdout=out, stderr=err, timeout=180).returncode
+    assert code == -signal.SIGKILL, (tmp_path / "err").read_text()[-2000:]
+    port, *receivers = (int(p) for p in (tmp_path / "out").read_text().split())
+    assert len(receivers) == 2
+    assert _all_end(receivers), "receivers outlived their killed node"
+    import socket
+
+    socket.create_server(("127.0.0.1", port)).close()  # the port is free again
+
+
+@pytest.mark.parametrize("receivers", [0, 2])
+def test_receivers_or_not_the_node_answers_alike(guard, demo_bundle, tmp_path, receivers):
+    """The node receives in its own process (--receivers 0) or in receiver processes, with the same
+    answers, association limit and results; a receiver that dies is started again, and every receiver
+    ends with the node."""
+    import cv2
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from gamguard.runtime.bench.common import phantom_images
+    from gamguard.runtime.demo.synth import write_dicom
+    from gamguard.runtime.dicomnode.receiver import DECODE_IN_RECEIVER_MIN_BYTES
+
+    paths = list(accepted_phantoms(guard, tmp_path, 2))
+    bad = truncated_pixels(paths[0], tmp_path / "bad.dcm")
+    # a radiograph-size image (decoded by its receiver, not the node) and one whose pixel data is cut short
+    big = write_dicom(tmp_path / "big.dcm", cv2.resize(np.asarray(phantom_images(1)[0], np.float32), (768, 768)))
+    assert big.stat().st_size >= DECODE_IN_RECEIVER_MIN_BYTES
+    cut = pydicom.dcmread(big)
+    cut.PixelData = cut.PixelData[: len(cut.PixelData) // 2]
+    cut.SOPInstanceUID = cut.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    cut.save_as(tmp_path / "big_cut.dcm", enforce_file_format=True)
+    assert (tmp_path / "big_cut.dcm").stat().st_size >= DECODE_IN_RECEIVER_MIN_BYTES
+    with _node(tmp_path, demo_bundle, [], receivers=receivers, max_associations=1) as node:
+        hub = node.node.scp
+        assert _scu_store(node.port, [bad, paths[0]]) == [0xC000, 0]
+        assert _scu_store(node.port, [tmp_path / "big_cut.dcm", big]) == [0xC000, 0]
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+        others = [ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD") for _ in range(3)]
+        assert first.is_established and all(a.is_rejected for a in others)  # one slot over all receivers
+        first.release()
+        if receivers:
+            pids = hub.pids()
+            assert len(pids) == receivers and os.getpid() not in pids
+            os.kill(pids[0], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while (pids[0] in hub.pids() or len(hub.pids()) < receivers) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(hub.pids()) == receivers and pids[0] not in hub.pids()  # started again
+            live = hub.pids()
+        for _ in range(3):  # whichever receiver takes the association
+            assert _scu_store(node.port, [paths[1]]) == [0]
+        assert node.node.wait_results_built(60)
+        assert hub.finishing == 0 and hub.active_associations == 0
+    kept = list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))
+    assert len(kept) == 6  # an SR and an overlay for each of the three images (sent again: same results)
+    if receivers:
+        assert _all_end(live), "receivers outlived their node"
 
 
 def test_a_result_that_fails_in_a_worker_is_logged_by_place_not_by_message():

@@ -2,7 +2,8 @@
 
 The request path (docs/dicom-node.md has the settings, the SR template and the operations)::
 
-    console --C-STORE--> scp (allow-list, SOP class check) --> DataPlane.verify (shared micro-batches)
+    console --C-STORE--> scp in a receiver process (allow-list, SOP class check)
+                           --> DataPlane.verify in the node's process (shared micro-batches)
             <-- 0x0000 once journaled --  journal (the image durable, written while verifying; its verdict)
                                              |  results builder (between associations; worker processes)
                                              v
@@ -10,8 +11,9 @@ The request path (docs/dicom-node.md has the settings, the SR template and the o
                                              |
                                           outbox/<destination>/  --forwarder (retries, backoff)--> PACS
 
-Modules: :mod:`.sopclasses` (what is accepted), :mod:`.access` (calling AE allow-list), :mod:`.scp`
-(the pynetdicom handlers; :mod:`.pdulimit` holds peers to ``--max-pdu`` and reads PDUs whole,
+Modules: :mod:`.sopclasses` (what is accepted), :mod:`.access` (calling AE allow-list), :mod:`.receiver`
+(the processes that run the associations, ``--receivers``), :mod:`.scp` (the pynetdicom handlers;
+:mod:`.pdulimit` holds peers to ``--max-pdu`` and reads PDUs whole,
 :mod:`.wakeup` wakes its associations on events instead of 1 ms polls, :mod:`.peerlog` keeps their
 normal closes out of the error log, :mod:`.filemeta` writes a received dataset's file meta from a
 template), :mod:`.journal` and :mod:`.outbox` (on-disk queues, :mod:`.durable` for crash-safe

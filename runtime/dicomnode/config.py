@@ -91,6 +91,7 @@ class DicomNodeConfig:
     retry_max_s: float = 60.0
     build_backlog: int = 256
     result_workers: int | None = None  # None: resultpool.default_workers()
+    receivers: int | None = None  # None: receiver.default_receivers()
     grpc_port: int | None = None
     grpc_insecure: bool = False
 
@@ -143,6 +144,8 @@ class DicomNodeConfig:
             raise ConfigError("--build-backlog must be >= 1")
         if self.result_workers is not None and self.result_workers < 0:
             raise ConfigError("--result-workers must be >= 0")
+        if self.receivers is not None and not 0 <= self.receivers <= 64:
+            raise ConfigError("--receivers must be in 0..64")
         return self
 
 
@@ -201,6 +204,14 @@ _FLAGS = (
         int,
         "processes that build the SRs and overlays (about 45 ms of CPU per image each, off the serving "
         "process); 0 builds them in the node's own process (default: 2, or the usable CPUs if fewer)",
+    ),
+    (
+        "--receivers",
+        int,
+        "processes that receive the associations (pynetdicom, header checks, the journal's write, and the "
+        "decode of images of 256 KiB or more), beside the node's process, which verifies: receiving and "
+        "verifying then run at the same time instead of taking turns in one interpreter; 0 receives in the "
+        "node's own process (default: 2, or 0 on a machine with one usable CPU)",
     ),
     (
         "--grpc-port",
@@ -274,7 +285,7 @@ def add_dicom_node_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _BOOL = ("allow_any_ae", "grpc_insecure")
-_INT = ("port", "max_associations", "max_pdu", "build_backlog", "result_workers", "grpc_port")
+_INT = ("port", "max_associations", "max_pdu", "build_backlog", "result_workers", "receivers", "grpc_port")
 _FLOAT = ("timeout_s", "retry_initial_s", "retry_max_s")
 _LIST = ("allow_ae", "forward")
 

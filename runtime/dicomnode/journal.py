@@ -94,16 +94,19 @@ def thumbnail(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
 
 
 class Journal:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, *, recover: bool = True):
+        """``recover``: take what a previous run left (the node at its start); False for a receiver process
+        (:mod:`.receiver`), which only writes incoming images into the node's journal."""
         self.folder = Path(folder)
         private_folder(self.folder)
-        remove_stale_temporaries(self.folder)
-        for p in list_files(self.folder, INCOMING):  # received before a crash: kept if complete (module doc)
-            if is_complete(p):
-                os.replace(p, self.folder / (self.incoming_key(p) + SUFFIX))
-            else:
-                log.warning("journal: %s was cut short by a crash before its C-STORE was answered; deleted", p.name)
-                p.unlink()
+        if recover:
+            remove_stale_temporaries(self.folder)
+            for p in list_files(self.folder, INCOMING):  # received before a crash: kept if complete (module doc)
+                if is_complete(p):
+                    os.replace(p, self.folder / (self.incoming_key(p) + SUFFIX))
+                else:
+                    log.warning("journal: %s was cut short by a crash before its C-STORE was answered; deleted", p.name)
+                    p.unlink()
         self._folder_sync = FolderSync(self.folder)
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from .journal import Journal, entry_key, split_key
 from .metrics import DicomMetrics
 from .outbox import Outbox
 from .peerlog import quiet_peer_closes
+from .receiver import ReceiverHub, default_receivers
 from .resultpool import (
     BrokenProcessPool,
     ResultMaker,
@@ -368,6 +369,40 @@ CONNECTIONS_PER_ASSOCIATION, MIN_CONNECTIONS = 8, 64
 NEGOTIATION_TIMEOUT_S = 10.0
 
 
+def quiet_dicom_logs(*, debugging: bool) -> None:
+    """pynetdicom and highdicom log every PDU / copied module at INFO: a line or ten per image, and the log
+    costs CPU on the C-STORE path. Our own log says what happened; theirs only on -v debug. pynetdicom's
+    "standard" handlers format those lines for every PDU and DIMSE message whatever the log level
+    (copying each received dataset once more): off too, unless debugging."""
+    quiet_peer_closes(rate_limit=not debugging)  # a reset after a released association is a normal end
+    if not debugging:
+        from pynetdicom import _config as pynetdicom_config
+
+        for name in ("pynetdicom", "highdicom"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+
+
+def configure_ae(cfg: DicomNodeConfig, sop_classes):
+    """The node's pynetdicom AE: its AE title, limits, timeouts and the presentation contexts it accepts."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=cfg.ae_title)
+    # the limit itself is the SCP's (associations, not connections); pynetdicom's counts connections
+    ae.maximum_associations = max(MIN_CONNECTIONS, CONNECTIONS_PER_ASSOCIATION * cfg.max_associations)
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
+    # ARTIM: how long a connection may take to associate (or to finish a release); a connection that
+    # says nothing is dropped after this, not after --timeout-s
+    ae.acse_timeout = min(cfg.timeout_s, NEGOTIATION_TIMEOUT_S)
+    syntaxes = decodable_transfer_syntaxes()
+    for sop_class in sop_classes:
+        ae.add_supported_context(sop_class, syntaxes)
+    ae.add_supported_context(Verification)
+    return ae
+
+
 class DicomNode:
     def __init__(self, config: DicomNodeConfig, serve_config: ServeConfig, *, guard_factory=None):
         self.config = config
@@ -427,25 +462,11 @@ class DicomNode:
         return plane
 
     async def start(self) -> int:
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification
-
         quiet_input_libraries()  # also without --grpc-port: pydicom's warnings would quote header values
         cfg = self.config
         allow = cfg.allow_list()
         tls = _tls_context(cfg)
-        # pynetdicom and highdicom log every PDU / copied module at INFO: a line or ten per image, and
-        # the log costs CPU on the C-STORE path. Our own log says what happened; theirs only on -v debug.
-        # pynetdicom's "standard" handlers format those lines for every PDU and DIMSE message whatever the
-        # log level (copying each received dataset once more): off too, unless debugging.
-        debugging = logging.getLogger("gamguard").isEnabledFor(logging.DEBUG)
-        quiet_peer_closes(rate_limit=not debugging)  # a reset after a released association is a normal end
-        if not debugging:
-            from pynetdicom import _config as pynetdicom_config
-
-            for name in ("pynetdicom", "highdicom"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-            pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+        quiet_dicom_logs(debugging=logging.getLogger("gamguard").isEnabledFor(logging.DEBUG))
         self.plane = await self._load_plane()
         self.dicom_metrics = DicomMetrics(self.metrics.registry)
         guard = self.plane.guard
@@ -476,20 +497,35 @@ class DicomNode:
             f.start()
         sop_classes = storage_sop_classes(guard.manifest)
         loop = self._loop = asyncio.get_running_loop()
-        self.scp = StorageSCP(
-            ae_title=cfg.ae_title,
-            allow_list=allow,
-            sop_classes=sop_classes,
-            plane=lambda: self.plane,
-            loop=loop,
-            journal=journal,
-            metrics=self.dicom_metrics,
-            audit=self.audit,
-            on_stored=self._on_stored,
-            on_verdict=lambda *kept: self.builder.keep_verdict(*kept),
-            max_associations=cfg.max_associations,
-            max_pdu=cfg.max_pdu,
-        )
+        receivers = default_receivers() if cfg.receivers is None else cfg.receivers
+        if receivers:  # associations in processes of their own (.receiver); started once the builder runs
+            self.scp = ReceiverHub(
+                receivers,
+                cfg,
+                sop_classes=sop_classes,
+                plane=lambda: self.plane,
+                loop=loop,
+                journal=journal,
+                metrics=self.dicom_metrics,
+                audit=self.audit,
+                on_stored=self._on_stored,
+                keep_verdict=lambda *kept: self.builder.keep_verdict(*kept),
+            )
+        else:
+            self.scp = StorageSCP(
+                ae_title=cfg.ae_title,
+                allow_list=allow,
+                sop_classes=sop_classes,
+                plane=lambda: self.plane,
+                loop=loop,
+                journal=journal,
+                metrics=self.dicom_metrics,
+                audit=self.audit,
+                on_stored=self._on_stored,
+                on_verdict=lambda *kept: self.builder.keep_verdict(*kept),
+                max_associations=cfg.max_associations,
+                max_pdu=cfg.max_pdu,
+            )
         self.builder = ResultsBuilder(
             journal,
             outbox,
@@ -508,29 +544,21 @@ class DicomNode:
             log.info("journal holds %d image(s) from a previous run: building their results", leftover)
         self.builder.start()
 
-        ae = AE(ae_title=cfg.ae_title)
-        # the limit itself is the SCP's (associations, not connections); pynetdicom's counts connections
-        ae.maximum_associations = max(MIN_CONNECTIONS, CONNECTIONS_PER_ASSOCIATION * cfg.max_associations)
-        ae.maximum_pdu_size = cfg.max_pdu
-        ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
-        # ARTIM: how long a connection may take to associate (or to finish a release); a connection that
-        # says nothing is dropped after this, not after --timeout-s
-        ae.acse_timeout = min(cfg.timeout_s, NEGOTIATION_TIMEOUT_S)
-        syntaxes = decodable_transfer_syntaxes()
-        for sop_class in sop_classes:
-            ae.add_supported_context(sop_class, syntaxes)
-        ae.add_supported_context(Verification)
-        self._ae = ae
-        self._server = ae.start_server(
-            (cfg.host, cfg.port), block=False, evt_handlers=self.scp.handlers(), ssl_context=tls
-        )
-        self.port = int(self._server.server_address[1])
+        if receivers:
+            self.port = await asyncio.get_running_loop().run_in_executor(None, self.scp.start)
+        else:
+            ae = self._ae = configure_ae(cfg, sop_classes)
+            self._server = ae.start_server(
+                (cfg.host, cfg.port), block=False, evt_handlers=self.scp.handlers(), ssl_context=tls
+            )
+            self.port = int(self._server.server_address[1])
         log.info(
-            "DICOM node %s listening on %s:%d (%s); allowed: %s; storage: %s; forwarding to: %s",
+            "DICOM node %s listening on %s:%d (%s, %s); allowed: %s; storage: %s; forwarding to: %s",
             cfg.ae_title,
             cfg.host,
             self.port,
             "TLS" if tls else "plaintext",
+            f"{receivers} receiver processes" if receivers else "associations in the node's process",
             allow.describe(),
             ", ".join(sorted(sop_classes.values())),
             (", ".join(map(str, destinations)) + (" over DICOM TLS" if cfg.forward_tls_ca else " in plaintext"))
@@ -559,16 +587,19 @@ class DicomNode:
         return self.builder.wait_idle(timeout) if self.builder else True
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        if self._server is not None:
+        if self._server is not None or isinstance(self.scp, ReceiverHub):
             # turn new associations away, let open ones finish (the console gets its answers), then close
             self.scp.draining = True
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace_s
             while (self.scp.active_associations or self.scp.finishing) and loop.time() < deadline:
                 await asyncio.sleep(0.05)  # answered images still waiting for their verdicts included
-            self._server.shutdown()  # aborts what is still open after the grace period
-            self._server = None
-            self.scp.close()
+            if self._server is not None:
+                self._server.shutdown()  # aborts what is still open after the grace period
+                self._server = None
+                self.scp.close()
+            else:  # the receivers abort what is still open, and end
+                await loop.run_in_executor(None, self.scp.close)
         if self.builder is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.builder.stop, grace_s)
         if self.journal is not None:

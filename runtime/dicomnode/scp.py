@@ -210,15 +210,8 @@ class StorageSCP:
         elif called != self.ae_title:
             reason, rsd = f"called AE title {called!r} is not this node's ({self.ae_title!r})", REJECT_CALLED_AE
         else:
-            with self._lock:
-                self._ae = event.assoc.ae
-                self._forget_ended()
-                if self.max_associations is not None and (
-                    len(self._active | self._negotiating) >= self.max_associations
-                ):
-                    reason, rsd = f"association limit reached ({self.max_associations})", REJECT_BUSY
-                else:
-                    self._negotiating.add(id(event.assoc))
+            reason, rsd = self._take_slot(event), REJECT_BUSY
+            self._associations_changed()
         if reason is not None:
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
             self._audit("association_rejected", calling_ae=calling, peer=address, reason=reason)
@@ -226,11 +219,26 @@ class StorageSCP:
             event.assoc.kill()  # as pynetdicom does after its own rejections: waits until the A-ASSOCIATE-RJ is out
             self._count("associations", "rejected")
 
+    def _take_slot(self, event) -> str | None:
+        """A slot for an allowed association (counted as negotiating), or why there is none. (A receiver
+        process asks the node, which counts every receiver's: :mod:`.receiver`.)"""
+        with self._lock:
+            self._ae = event.assoc.ae
+            self._forget_ended()
+            if self.max_associations is not None and len(self._active | self._negotiating) >= self.max_associations:
+                return f"association limit reached ({self.max_associations})"
+            self._negotiating.add(id(event.assoc))
+        return None
+
+    def _associations_changed(self) -> None:
+        """Associations were counted, established or closed (a receiver process tells the node)."""
+
     def on_accepted(self, event) -> None:
         calling, address = self._peer(event)
         with self._lock:
             self._negotiating.discard(id(event.assoc))
             self._active.add(id(event.assoc))
+        self._associations_changed()
         if self.metrics is not None:
             self.metrics.active.set(len(self._active))
         self._count("associations", "accepted")
@@ -254,6 +262,7 @@ class StorageSCP:
             was_active = id(event.assoc) in self._active
             self._active.discard(id(event.assoc))
             self._negotiating.discard(id(event.assoc))
+        self._associations_changed()
         if self.metrics is not None:
             self.metrics.active.set(len(self._active))
         if was_active and self.on_stored is not None:
@@ -331,16 +340,7 @@ class StorageSCP:
             except (Overloaded, DeadlineExpired) as exc:
                 plane.record_refused(request_id, "dicom", exc)
                 raise
-            verifying = asyncio.run_coroutine_threadsafe(
-                plane.verify(
-                    prepared=prepared,
-                    request_id=request_id,
-                    protocol="dicom",
-                    timeout_s=self.verify_timeout_s,
-                    on_admitted=lambda: _settle(admitted, True),
-                ),
-                self.loop,
-            )
+            verifying = self._submit_verify(plane, prepared, request_id, lambda: _settle(admitted, True))
             verifying.add_done_callback(lambda _: _settle(admitted, False))
             if not admitted.result(self.verify_timeout_s + 10):
                 verifying.result(0)  # refused before the queue: raises why
@@ -376,14 +376,32 @@ class StorageSCP:
         # Durable and admitted: the console may hear "success" now; its verdict and the rest follow
         with self._lock:
             self._finishing += 1
-            # (at most half the engine queue, whatever --max-queue-size says)
-            backlog = self._finishing > min(self.max_unjudged, max(1, plane.config.max_queue_size // 2))
-        if backlog:  # enough verdicts outstanding: this answer waits for its own (whatever it is)
+        if self._must_wait(plane, request_id):  # enough verdicts outstanding: this answer waits for its own
             concurrent.futures.wait([verifying], timeout=self.verify_timeout_s + 10)
         verifying.add_done_callback(lambda done: self._after_verdict(sop_uid, incoming, request_id, done))
         if self.on_stored is not None:
             self.on_stored()  # before the answer: whoever waits for the results after it waits for this one
         return SUCCESS, "", "success"
+
+    def _submit_verify(self, plane, prepared, request_id: str, on_admitted) -> concurrent.futures.Future:
+        """The verification of a decoded image, as a future of its Result (``on_admitted``: called once it
+        is queued for the engine)."""
+        return asyncio.run_coroutine_threadsafe(
+            plane.verify(
+                prepared=prepared,
+                request_id=request_id,
+                protocol="dicom",
+                timeout_s=self.verify_timeout_s,
+                on_admitted=on_admitted,
+            ),
+            self.loop,
+        )
+
+    def _must_wait(self, plane, request_id: str) -> bool:
+        """Whether this answer waits for its verdict: more than ``max_unjudged`` answered images wait for
+        theirs (at most half the engine queue, whatever --max-queue-size says)."""
+        with self._lock:
+            return self._finishing > min(self.max_unjudged, max(1, plane.config.max_queue_size // 2))
 
     def _after_verdict(self, sop_uid: str, incoming, request_id: str, done: concurrent.futures.Future) -> None:
         """The verification of an answered image finished: hand over on the writer threads (not in the

@@ -92,6 +92,79 @@ class Prepared:
     decode_ms: float
 
 
+class Decoder:
+    """The decode stage: an encoded image (or a tensor) to the model input, under the per-request limits
+    (``max_pixels``, ``max_decode_bytes``) and a memory budget for what is being decoded at once
+    (``decode_memory_bytes``). The data plane has one; a DICOM receiver process
+    (:mod:`gamguard.runtime.dicomnode.receiver`) has its own, with the data plane's configuration and input
+    spec."""
+
+    def __init__(self, config: "DataPlaneConfig", spec):
+        self.config = config
+        self.spec = spec
+        self.budget = MemoryBudget(config.decode_memory_bytes)
+
+    def admit(self, data: bytes | None, array: np.ndarray | None, claim: Claim) -> None:
+        """Before decoding: the input's size within the limits, its bytes in the budget."""
+        cost = header_decode_cost(data) if data is not None else None
+        if cost is not None and cost > self.config.max_decode_bytes:  # refused before it queues for a decoder
+            raise InvalidRequest(
+                f"the image needs about {-(-cost >> 20)} MiB to decode, above the per-request limit of "
+                f"{self.config.max_decode_bytes >> 20} MiB (--max-decode-mb; refused before decoding)"
+            )
+        size = len(data) if data is not None else int(np.asarray(array).nbytes)
+        if size + min(self.config.max_decode_bytes, self.budget.limit // 2) > self.budget.limit:
+            raise InvalidRequest(
+                f"the input is {size:,} bytes: too large to decode within the server's decode "
+                f"memory limit of {self.budget.limit >> 20} MiB (--decode-memory-mb)"
+            )
+        try:
+            claim.take(size, "the encoded input", wait=False)
+        except BudgetExceeded as exc:
+            raise Overloaded(str(exc)) from None
+
+    def decode(
+        self, data: bytes | None, array: np.ndarray | None, frame: int | None, claim: Claim, inline: bool = False
+    ):
+        """Decode + preprocess, claiming the decode's memory from the budget first (``inline``: the caller
+        never waits for memory, e.g. the event loop). Returns (decoded, model_input, ms)."""
+        from gamguard.runtime.decode import decode_bytes, decode_tensor
+        from gamguard.runtime.preprocess import InvalidInput, preprocess
+
+        def reserve(nbytes: int) -> None:  # the event loop never waits for memory; a worker may, briefly
+            claim.take(nbytes, wait=not inline)
+
+        t0 = time.perf_counter()
+        limits = dict(max_pixels=self.config.max_pixels, max_decode_bytes=self.config.max_decode_bytes, reserve=reserve)
+        try:
+            if data is not None:
+                decoded = decode_bytes(data, frame=frame, **limits)
+            else:
+                decoded = decode_tensor(array, **limits)
+            x = preprocess(decoded.pixels, self.spec)
+        except BudgetExceeded as exc:
+            raise Overloaded(str(exc)) from None
+        except InvalidInput as exc:
+            raise InvalidRequest(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - a decoder crash on hostile bytes is the caller's bad input
+            # only the type: a library's message can quote the input (e.g. DICOM attribute values)
+            log_limited(
+                log, "decoder-raised", "decoder raised %s on a request; answering INVALID_ARGUMENT", type(exc).__name__
+            )
+            raise InvalidRequest(f"cannot decode the input ({type(exc).__name__})") from None
+        return decoded, x, (time.perf_counter() - t0) * 1000.0
+
+    def decode_here(self, data: bytes, *, frame: int | None = None) -> "Prepared":
+        """:meth:`decode` in the calling thread, for ``DataPlane.verify(prepared=...)``."""
+        claim = Claim(self.budget)
+        try:
+            self.admit(data, None, claim)
+            decoded, x, decode_ms = self.decode(data, None, frame, claim)
+        finally:
+            claim.release()  # the decoded image is now a small model input
+        return Prepared(decoded, x, decode_ms)
+
+
 @dataclass
 class DataPlaneConfig:
     max_batch_size: int = 8
@@ -201,7 +274,8 @@ class DataPlane:
             expected=self._expected_company,
             on_stacked=self.statistics.observe_stacking,
         )
-        self.decode_budget = MemoryBudget(self.config.decode_memory_bytes)
+        self.decoder = Decoder(self.config, guard.spec)
+        self.decode_budget = self.decoder.budget
         self._active = 0  # requests inside verify()
         self._peak_active = 0  # most of them at once since the batcher last asked ...
         self._peak_since = time.monotonic()  # ... which was then
@@ -282,33 +356,8 @@ class DataPlane:
     def _decode(
         self, data: bytes | None, array: np.ndarray | None, frame: int | None, claim: Claim, inline: bool = False
     ):
-        """Decode + preprocess (in a decode worker thread unless ``inline``), claiming the decode's memory
-        from the budget first. Returns (decoded, model_input, ms)."""
-        from gamguard.runtime.decode import decode_bytes, decode_tensor
-        from gamguard.runtime.preprocess import InvalidInput, preprocess
-
-        def reserve(nbytes: int) -> None:  # the event loop never waits for memory; a worker may, briefly
-            claim.take(nbytes, wait=not inline)
-
-        t0 = time.perf_counter()
-        limits = dict(max_pixels=self.config.max_pixels, max_decode_bytes=self.config.max_decode_bytes, reserve=reserve)
-        try:
-            if data is not None:
-                decoded = decode_bytes(data, frame=frame, **limits)
-            else:
-                decoded = decode_tensor(array, **limits)
-            x = preprocess(decoded.pixels, self.guard.spec)
-        except BudgetExceeded as exc:
-            raise Overloaded(str(exc)) from None
-        except InvalidInput as exc:
-            raise InvalidRequest(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - a decoder crash on hostile bytes is the caller's bad input
-            # only the type: a library's message can quote the input (e.g. DICOM attribute values)
-            log_limited(
-                log, "decoder-raised", "decoder raised %s on a request; answering INVALID_ARGUMENT", type(exc).__name__
-            )
-            raise InvalidRequest(f"cannot decode the input ({type(exc).__name__})") from None
-        return decoded, x, (time.perf_counter() - t0) * 1000.0
+        """Decode + preprocess (in a decode worker thread unless ``inline``): :meth:`Decoder.decode`."""
+        return self.decoder.decode(data, array, frame, claim, inline)
 
     def decode_here(self, data: bytes, *, frame: int | None = None) -> Prepared:
         """Decode and preprocess ``data`` in the calling thread, under the same limits and memory budget as
@@ -319,13 +368,8 @@ class DataPlane:
         ``record_refused``): nothing has reached the data plane yet."""
         if self._stopped:
             raise NotReady("the model is being unloaded or the server is draining")
-        claim = Claim(self.decode_budget)
-        try:
-            self._admit(data, None, claim)
-            decoded, x, decode_ms = self._decode(data, None, frame, claim)
-        finally:
-            claim.release()  # the decoded image is now a small model input
-        return Prepared(decoded, x, decode_ms)
+        self._check_decode_room()
+        return self.decoder.decode_here(data, frame=frame)
 
     async def verify(
         self,
@@ -378,27 +422,15 @@ class DataPlane:
 
     def _admit(self, data: bytes | None, array: np.ndarray | None, claim: Claim) -> None:
         """Before decoding: room in the decode stage, and the encoded input's bytes in the budget."""
+        self._check_decode_room()
+        self.decoder.admit(data, array, claim)
+
+    def _check_decode_room(self) -> None:
         if self._decoding >= self.config.max_queue_size:
             raise Overloaded(
                 f"decode queue full ({self._decoding} requests waiting to be decoded); retry later "
                 "or raise --max-queue-size"
             )
-        cost = header_decode_cost(data) if data is not None else None
-        if cost is not None and cost > self.config.max_decode_bytes:  # refused before it queues for a decoder
-            raise InvalidRequest(
-                f"the image needs about {-(-cost >> 20)} MiB to decode, above the per-request limit of "
-                f"{self.config.max_decode_bytes >> 20} MiB (--max-decode-mb; refused before decoding)"
-            )
-        size = len(data) if data is not None else int(np.asarray(array).nbytes)
-        if size + min(self.config.max_decode_bytes, self.decode_budget.limit // 2) > self.decode_budget.limit:
-            raise InvalidRequest(
-                f"the input is {size:,} bytes: too large to decode within the server's decode "
-                f"memory limit of {self.decode_budget.limit >> 20} MiB (--decode-memory-mb)"
-            )
-        try:
-            claim.take(size, "the encoded input", wait=False)
-        except BudgetExceeded as exc:
-            raise Overloaded(str(exc)) from None
 
     async def _admit_and_decode(self, data, array, frame, loop):
         """(decoded, model input, decode ms) of an encoded ``data`` or an ``array``, under the memory budget."""

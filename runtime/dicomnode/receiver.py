@@ -1,0 +1,883 @@
+"""Receiver processes: the node's DICOM associations handled in processes of their own.
+
+pynetdicom is pure Python. Reading a C-STORE's PDUs, its DIMSE messages, the header checks and the
+journal's durable write cost about as much CPU per image as verifying it, and in one process both share
+one interpreter lock: the node could at best alternate between receiving and verifying (the bench's
+``ratio_if_node_free``), and several associations' threads fought over that lock with the inference.
+
+With ``--receivers N`` (default: 2 where two CPUs or more are usable, else 0), the node binds its
+listening socket and starts N spawned processes that inherit it: the kernel hands each new connection
+to a receiver waiting in ``accept``. Each runs the same Storage/Verification SCP
+(:class:`~.scp.StorageSCP`: allow-list, called AE title, PDU limit, DICOM TLS, header checks, the
+journal's durable write, the answer) on its associations. The node's process keeps the data plane
+(decode, the micro-batched engine, verdicts), the association limit and the unjudged-image limit over
+all receivers, the metrics, the audit log, the journal's bookkeeping, the results builder and the
+forwarders. One pipe per receiver carries:
+
+* receiver → node: an image to verify (its bytes, which the node decodes; or, for an image of
+  :data:`DECODE_IN_RECEIVER_MIN_BYTES` or more, decoded by the receiver: the model input, the decoded
+  image's facts without its pixels, and the overlay's thumbnail), cancellations, an answered
+  image handed over (``finish``: its journal entry), association counts and slot requests, metric
+  increments, audit events, log records (written by the node's handlers), CPU time when asked;
+* node → receiver: admitted (and whether the answer waits for the verdict), refused (the data plane's
+  error, raised again in the receiver so the SCP answers as it always does), verified, slots, drain,
+  stop.
+
+Only the image bytes (or its model input and thumbnail), UIDs in journal names, and AE titles and
+addresses (in audit lines, as in one process) cross the pipe; every message goes out from a thread of
+its own, so no thread ever waits on the pipe. A receiver that ends unexpectedly is started again (its associations are
+lost, as with a crash; the journal keeps what was answered); a receiver whose node dies ends by itself
+when its pipe closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from gamguard.runtime.server.dataplane import Prepared
+
+log = logging.getLogger(__name__)
+
+#: seconds a receiver has to start (import pynetdicom, open its server) and report ready
+START_TIMEOUT_S = 60.0
+#: Images of at least this many bytes are decoded by their receiver, smaller ones by the node. Measured
+#: with ``gamguard bench --dicom-size`` (one and four associations): 256² phantoms (132 kB) went faster
+#: decoded by the node (ratio 0.71–0.75 / 0.76–0.79 against 0.64–0.65 / 0.71–0.76), 512² (525 kB) and
+#: larger faster decoded by the receiver (512²: 0.71–0.74 / 0.70–0.83 against 0.68 / 0.66; 2048²: 1.36 /
+#: 0.72 against 0.92 / 0.56): a large image's pixels need not cross the pipe, and receivers decode side by
+#: side, while a small image decodes sooner in the node than in a receiver busy with pynetdicom.
+DECODE_IN_RECEIVER_MIN_BYTES = 256 << 10
+#: seconds between restarts of a receiver that keeps ending
+RESTART_MIN_INTERVAL_S = 1.0
+
+
+def default_receivers() -> int:
+    """2 where two CPUs or more are usable (receiving then runs beside verifying), else 0 (in the node's
+    process: on one CPU a second process only adds the hand-over)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 2 if cpus >= 2 else 0
+
+
+def _error_kind(exc: BaseException) -> tuple[str, str]:
+    return type(exc).__name__, str(exc)
+
+
+def _rebuilt_error(kind: str, message: str) -> Exception:
+    """The data plane's error as the SCP handles it (its class by name), else a RuntimeError."""
+    from gamguard.runtime.server import errors
+
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RuntimeError(f"{kind}: {message}")
+
+
+class _Link:
+    """One end of a receiver's pipe. ``send`` from any thread never blocks: messages go out in order from a
+    thread of their own. (A blocking send could deadlock: each side's reader thread sends too — the node's
+    slot answers, the receiver's hand-overs — and with both directions of the pipe full, each would wait
+    for the other to read.)"""
+
+    def __init__(self, conn):
+        import queue
+
+        self.conn = conn
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write, name="gamguard-receiver-pipe", daemon=True)
+        self._writer.start()
+
+    def send(self, message) -> bool:
+        """Queue ``message``; False (and dropped) once the pipe is closed: the other side is gone."""
+        if self._closed:
+            return False
+        self._out.put(message)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued, then close the pipe."""
+        self._out.put(None)
+        self._writer.join(timeout_s)
+
+    def _write(self) -> None:
+        while True:
+            message = self._out.get()
+            if message is None:
+                break
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):  # the other side is gone
+                break
+        self._closed = True
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# the node's side
+
+
+@dataclasses.dataclass
+class _Image:
+    """An image a receiver sent for verification, until the receiver hands it over or drops it."""
+
+    receiver: "_Receiver"
+    future: concurrent.futures.Future | None = None
+    admitted: bool = False
+    verdict: object = None  # once verified
+    pixels: object = None  # the decoded image, for the overlay's thumbnail (decoded here) ...
+    thumbnail: object = None  # ... or the thumbnail itself (decoded by the receiver)
+    error: BaseException | None = None
+
+
+class _Receiver:
+    def __init__(self, index: int, process, link: _Link):
+        self.index = index
+        self.process = process
+        self.link = link
+        self.ready = threading.Event()
+        self.failure: str | None = None
+        self.stopping = False
+        self.cpu_replies: list = []
+
+
+class ReceiverHub:
+    """The node's end of its receiver processes. Stands in for the in-process :class:`~.scp.StorageSCP`
+    where the node, the results builder and the bench look: :attr:`finishing`,
+    :attr:`active_associations`, :attr:`draining`, :meth:`close`.
+
+    ``plane``: returns the ready DataPlane; ``loop``: its event loop; ``keep_verdict(key, verdict,
+    thumbnail)``: the results builder's; ``on_stored``: wakes the builder."""
+
+    def __init__(
+        self,
+        count: int,
+        config,
+        *,
+        sop_classes: dict,
+        plane,
+        loop: asyncio.AbstractEventLoop,
+        journal,
+        metrics=None,
+        audit=None,
+        on_stored=None,
+        keep_verdict=None,
+        verify_timeout_s: float = 120.0,
+        max_unjudged: int = 16,
+    ):
+        if count < 1:
+            raise ValueError("a receiver hub needs at least one receiver")
+        self.count = count
+        self.config = config
+        self.sop_classes = dict(sop_classes)
+        self.plane = plane
+        self.loop = loop
+        self.journal = journal
+        self.metrics = metrics
+        self.audit = audit
+        self.on_stored = on_stored
+        self.keep_verdict = keep_verdict
+        self.verify_timeout_s = verify_timeout_s
+        self.max_unjudged = max_unjudged
+        self.port: int | None = None
+        self._socket: socket.socket | None = None
+        self._receivers: dict[int, _Receiver] = {}
+        self._lock = threading.Lock()
+        self._counts: dict[int, tuple[int, int]] = {}  # receiver -> (negotiating or established, established)
+        self._granted: dict[int, set[int]] = {}  # receiver -> slots granted, not reported as settled yet
+        self._images: dict[str, _Image] = {}
+        self._cancelled: set[str] = set()  # cancellations that came before their image was registered
+        self._finishing = 0
+        self._draining = False
+        self._closed = False
+        self._last_restart = 0.0
+        self._context = multiprocessing.get_context("spawn")
+        self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gamguard-receive")
+
+    # -- what the node and the builder read --------------------------------------------------------
+
+    @property
+    def finishing(self) -> int:
+        """Admitted images not yet handed over to the results builder."""
+        with self._lock:
+            return self._finishing
+
+    @property
+    def active_associations(self) -> int:
+        with self._lock:
+            return sum(established for _, established in self._counts.values())
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = bool(value)
+        if value:
+            self._broadcast(("drain",))
+
+    def pids(self) -> list[int]:
+        return [r.process.pid for r in self._receivers.values() if r.process.is_alive()]
+
+    def cpu_seconds(self, timeout_s: float = 5.0) -> float:
+        """CPU time used by the receiver processes so far (the bench's server-side CPU)."""
+        receivers = list(self._receivers.values())
+        for r in receivers:
+            r.cpu_replies.clear()
+            r.link.send(("cpu?",))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(not r.cpu_replies and r.process.is_alive() for r in receivers):
+            time.sleep(0.001)
+        return float(sum(r.cpu_replies[0] for r in receivers if r.cpu_replies))
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Bind the node's port, start the receivers and wait until each listens; returns the port."""
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        self._socket = socket.create_server((cfg.host, cfg.port), family=family, backlog=128)
+        self.port = int(self._socket.getsockname()[1])
+        try:
+            for i in range(self.count):
+                self._spawn(i)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            for r in list(self._receivers.values()):
+                while not r.ready.wait(0.1):
+                    if r.failure or not r.process.is_alive() or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"DICOM receiver {r.index} did not start: {r.failure or 'it ended'}"
+                            if r.failure or not r.process.is_alive()
+                            else f"DICOM receiver {r.index} did not start within {START_TIMEOUT_S:.0f} s"
+                        )
+                if r.failure:
+                    raise RuntimeError(f"DICOM receiver {r.index} did not start: {r.failure}")
+        except BaseException:
+            self.close(grace_s=0)
+            raise
+        return self.port
+
+    def _setup(self) -> dict:
+        gamguard_logger = logging.getLogger("gamguard")
+        plane = self.plane()
+        return {
+            "decoding": (plane.config, plane.guard.spec),  # the data plane's limits, the model's input
+            "decode_here_min_bytes": DECODE_IN_RECEIVER_MIN_BYTES,
+            "config": self.config,
+            "sop_classes": self.sop_classes,
+            "journal": str(self.journal.folder),
+            "log_level": gamguard_logger.getEffectiveLevel(),
+            "verify_timeout_s": self.verify_timeout_s,
+        }
+
+    def _spawn(self, index: int) -> _Receiver:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=run_receiver,
+            args=(child, self._socket, self._setup(), os.getpid()),
+            name=f"gamguard-dicom-receiver-{index}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        r = _Receiver(index, process, _Link(parent))
+        with self._lock:
+            self._receivers[index] = r
+            self._counts[index] = (0, 0)
+            self._granted[index] = set()
+        threading.Thread(target=self._serve, args=(r,), name=f"gamguard-receiver-{index}", daemon=True).start()
+        return r
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop every receiver (open associations are aborted: the node waited for them before) and free
+        the port."""
+        with self._lock:
+            self._closed = True
+            receivers = list(self._receivers.values())
+        for r in receivers:
+            r.stopping = True
+            r.link.send(("stop",))
+        deadline = time.monotonic() + max(grace_s, 0.0) + 10.0
+        for r in receivers:
+            r.process.join(max(0.0, deadline - time.monotonic()))
+            if r.process.is_alive():
+                log.warning("DICOM receiver %d did not stop in time: killed", r.index)
+                r.process.kill()
+                r.process.join(5)
+            r.link.close(timeout_s=1.0)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._pool.shutdown(wait=True)
+
+    def _broadcast(self, message) -> None:
+        for r in list(self._receivers.values()):
+            r.link.send(message)
+
+    # -- messages from a receiver ------------------------------------------------------------------
+
+    def _serve(self, r: _Receiver) -> None:
+        while True:
+            try:
+                message = r.link.conn.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                self._handle(r, message)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the receiver's pipe
+                log.exception("DICOM receiver %d: cannot handle %r", r.index, message[0] if message else message)
+        self._gone(r)
+
+    def _handle(self, r: _Receiver, message) -> None:
+        kind = message[0]
+        if kind == "verify":
+            self._pool.submit(self._verify, r, *message[1:])
+        elif kind == "verify_decoded":
+            _, rid, x, facts, decode_ms, timeout_s = message
+            self._queue(r, rid, self.plane(), Prepared(facts, x, decode_ms), timeout_s)
+        elif kind == "thumbnail":
+            with self._lock:
+                image = self._images.get(message[1])
+            if image is not None:
+                image.thumbnail = message[2]
+        elif kind == "finish":
+            self._pool.submit(self._finish, *message[1:])
+        elif kind == "cancel":
+            self._cancel(message[1])
+        elif kind == "count":
+            _, name, labels = message
+            if self.metrics is not None:
+                metric = getattr(self.metrics, name)
+                (metric.labels(*labels) if labels else metric).inc()
+        elif kind == "audit":
+            _, event, fields = message
+            if self.audit is not None:
+                self.audit.record_event(event, **fields)
+        elif kind == "log":
+            _, level, name, text = message
+            logging.getLogger(name).log(level, "%s", text)
+        elif kind == "slot?":
+            r.link.send(("slot", message[1], self._slot(r, message[1])))
+        elif kind == "assocs":
+            _, open_here, established_here, settled = message
+            with self._lock:
+                self._counts[r.index] = (open_here, established_here)
+                self._granted[r.index] -= set(settled)
+                established = sum(e for _, e in self._counts.values())
+            if self.metrics is not None:
+                self.metrics.active.set(established)
+        elif kind == "invalid":
+            plane = self.plane()
+            if plane is not None:
+                plane.record_invalid(message[1], "dicom", message[2])
+        elif kind == "refused":
+            plane = self.plane()
+            if plane is not None:
+                plane.record_refused(message[1], "dicom", _rebuilt_error(message[2], message[3]))
+        elif kind == "stored":
+            if self.on_stored is not None:
+                self.on_stored()
+        elif kind == "cpu":
+            r.cpu_replies.append(message[1])
+        elif kind == "ready":
+            r.ready.set()
+        elif kind == "failed_to_start":
+            r.failure = message[1]
+        else:
+            log.warning("DICOM receiver %d sent an unknown message %r", r.index, kind)
+
+    def _slot(self, r: _Receiver, token: int) -> str | None:
+        """The association limit over every receiver: the associations each receiver last reported, plus
+        the slots granted since that it has not reported as settled (taken or given up) yet."""
+        limit = self.config.max_associations
+        with self._lock:
+            if self._draining:
+                return "node shutting down"
+            taken = sum(n for n, _ in self._counts.values()) + sum(len(g) for g in self._granted.values())
+            if limit is not None and taken >= limit:
+                return f"association limit reached ({limit})"
+            self._granted[r.index].add(token)
+        return None
+
+    def _verify(self, r: _Receiver, rid: str, data: bytes, timeout_s: float) -> None:
+        """Decode a received image smaller than :data:`DECODE_IN_RECEIVER_MIN_BYTES` and queue it for the
+        engine (a pool thread of this process), as the SCP does in one process."""
+        from gamguard.runtime.server.errors import DeadlineExpired, InvalidRequest, NotReady, Overloaded
+
+        plane = self.plane()
+        try:
+            if plane is None:
+                raise NotReady("node not ready (loading the bundle); retry")
+            try:
+                prepared = plane.decode_here(data)
+            except InvalidRequest as exc:
+                plane.record_invalid(rid, "dicom", str(exc))
+                raise
+            except (Overloaded, DeadlineExpired) as exc:
+                plane.record_refused(rid, "dicom", exc)
+                raise
+        except Exception as exc:  # noqa: BLE001 - NotReady is recorded by the receiver, as in one process
+            r.link.send(("failed", rid, *_error_kind(exc)))
+            return
+        self._queue(r, rid, plane, prepared, timeout_s, pixels=prepared.decoded.pixels)
+
+    def _queue(self, r: _Receiver, rid: str, plane, prepared, timeout_s: float, pixels=None) -> None:
+        """Queue a decoded image for the engine."""
+        from gamguard.runtime.server.errors import NotReady
+
+        if plane is None:  # NotReady is recorded by the receiver, as in one process
+            r.link.send(("failed", rid, *_error_kind(NotReady("node not ready (loading the bundle); retry"))))
+            return
+        image = _Image(r, pixels=pixels)
+        with self._lock:
+            if rid in self._cancelled:
+                self._cancelled.discard(rid)
+                return
+            self._images[rid] = image
+        image.future = asyncio.run_coroutine_threadsafe(
+            plane.verify(
+                prepared=prepared,
+                request_id=rid,
+                protocol="dicom",
+                timeout_s=timeout_s,
+                on_admitted=lambda: self._admitted(rid, plane),
+            ),
+            self.loop,
+        )
+        image.future.add_done_callback(lambda done: self._verified(rid, done))
+
+    def _admitted(self, rid: str, plane) -> None:
+        """In the event loop: the image is queued. Its answer waits for the verdict when more than
+        ``max_unjudged`` (at most half the engine queue) answered images, over all receivers, wait for theirs."""
+        with self._lock:
+            image = self._images.get(rid)
+            if image is None:
+                return
+            image.admitted = True
+            self._finishing += 1
+            wait = self._finishing > min(self.max_unjudged, max(1, plane.config.max_queue_size // 2))
+        image.receiver.link.send(("admitted", rid, wait))
+
+    def _verified(self, rid: str, done: concurrent.futures.Future) -> None:
+        if done.cancelled():
+            return
+        with self._lock:
+            image = self._images.get(rid)
+        if image is None:
+            return
+        exc = done.exception()
+        if exc is None:
+            image.verdict = done.result().verdict
+            image.receiver.link.send(("done", rid, None))
+            return
+        image.error = exc
+        if image.admitted:
+            image.receiver.link.send(("done", rid, _error_kind(exc)))
+            return
+        with self._lock:  # refused before the queue (the data plane recorded why)
+            self._images.pop(rid, None)
+        image.receiver.link.send(("failed", rid, *_error_kind(exc)))
+
+    def _finish(self, rid: str, key: str, incoming: str) -> None:
+        """An answered image handed over (a pool thread): its verdict and the overlay's thumbnail to the
+        results builder (kept under its journal key), then the image ready in the journal, as the SCP
+        does in one process."""
+        from gamguard.runtime.server.errors import DataPlaneError
+
+        from .journal import thumbnail
+
+        with self._lock:
+            image = self._images.pop(rid, None)
+        thumb = None if image is None else image.thumbnail
+        if thumb is None and image is not None and image.pixels is not None:
+            thumb = thumbnail(image.pixels)
+        if image is not None and image.verdict is not None and thumb is not None:
+            if self.keep_verdict is not None:
+                self.keep_verdict(key, image.verdict, thumb)
+        else:
+            if self.metrics is not None:
+                self.metrics.verdicts_deferred.inc()
+            exc = image.error if image is not None else None
+            log.warning(
+                "request %s: answered, but its verification failed (%s); the results builder derives the "
+                "verdict again from the journal",
+                rid,
+                f"{type(exc).__name__}: {exc}" if isinstance(exc, DataPlaneError) else type(exc).__name__,
+            )
+        try:
+            self.journal.release_source(Path(incoming))
+        except OSError as exc:
+            log.error("cannot release %s in the journal (%s); it is taken at the next start", key, exc)
+        finally:
+            if image is not None and image.admitted:
+                with self._lock:
+                    self._finishing -= 1
+            if self.on_stored is not None:
+                self.on_stored()
+
+    def _cancel(self, rid: str) -> None:
+        with self._lock:
+            image = self._images.pop(rid, None)
+            if image is None:
+                self._cancelled.add(rid)
+                return
+            if image.admitted:
+                self._finishing -= 1
+        if image.future is not None:
+            image.future.cancel()
+
+    def _gone(self, r: _Receiver) -> None:
+        """A receiver's pipe closed: its images in flight are dropped (answered ones stay in the journal,
+        taken at the next start) and, unless the node is stopping, it is started again."""
+        with self._lock:
+            mine = [rid for rid, image in self._images.items() if image.receiver is r]
+            for rid in mine:
+                image = self._images.pop(rid)
+                if image.admitted:
+                    self._finishing -= 1
+                if image.future is not None:
+                    image.future.cancel()
+            self._counts[r.index] = (0, 0)
+            self._granted[r.index] = set()
+            restart = not (self._closed or r.stopping)
+        if not restart:
+            return
+        log.error(
+            "DICOM receiver %d ended unexpectedly (exit code %s); %d image(s) in flight stay in the journal; "
+            "starting it again",
+            r.index,
+            r.process.exitcode,
+            len(mine),
+        )
+        wait = self._last_restart + RESTART_MIN_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._last_restart = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return
+        try:
+            self._spawn(r.index)
+        except Exception as exc:  # noqa: BLE001 - logged: the other receivers carry on
+            log.error("DICOM receiver %d could not be started again: %s", r.index, exc)
+
+
+# ------------------------------------------------------------------------------------------------
+# the receiver's side (a spawned process)
+
+
+class _RemoteMetric:
+    """A metric of the node's registry, incremented through the pipe (gauges are the node's own)."""
+
+    def __init__(self, link: _Link, name: str, labels: tuple = ()):
+        self._link, self._name, self._labels = link, name, labels
+
+    def labels(self, *labels) -> "_RemoteMetric":
+        return _RemoteMetric(self._link, self._name, tuple(str(v) for v in labels))
+
+    def inc(self, amount: float = 1) -> None:
+        self._link.send(("count", self._name, self._labels))
+
+    def set(self, value) -> None:  # the node sets its gauges from every receiver's counts
+        pass
+
+
+class _RemoteMetrics:
+    def __init__(self, link: _Link):
+        self._link = link
+
+    def __getattr__(self, name: str) -> _RemoteMetric:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _RemoteMetric(self._link, name)
+
+
+class _RemoteAudit:
+    def __init__(self, link: _Link):
+        self._link = link
+
+    def record_event(self, event: str, **fields) -> None:
+        self._link.send(("audit", event, fields))
+
+
+class _ForwardedLog(logging.Handler):
+    """This process's log records, written by the node's handlers."""
+
+    def __init__(self, link: _Link):
+        super().__init__()
+        self._link = link
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            self._link.send(("log", record.levelno, record.name, text))
+        except Exception:  # noqa: BLE001 - the pipe is gone: nobody to tell
+            pass
+
+
+class _RemotePlane:
+    """What the SCP asks of the data plane, answered by the node (which decodes, queues and verifies)."""
+
+    def __init__(self, link: _Link, decoder, decode_here_min_bytes: int):
+        self._link = link
+        self._decoder = decoder
+        self._decode_here_min_bytes = decode_here_min_bytes
+        self._waiting: dict[str, tuple[concurrent.futures.Future, object]] = {}
+        self._must_wait: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def decode_here(self, data: bytes):
+        """Large images are decoded here (their pixels need not cross the pipe, and receivers decode side by
+        side); small ones by the node, which is faster for them (this process is busy with pynetdicom)."""
+        if len(data) >= self._decode_here_min_bytes:
+            return self._decoder.decode_here(data)
+        return data
+
+    def record_invalid(self, request_id: str, protocol: str, message: str) -> None:
+        self._link.send(("invalid", request_id, message))
+
+    def record_refused(self, request_id: str, protocol: str, exc: BaseException) -> None:
+        self._link.send(("refused", request_id, *_error_kind(exc)))
+
+    def submit(self, data: bytes, request_id: str, timeout_s: float, on_admitted) -> concurrent.futures.Future:
+        """The node decodes, queues and verifies the image; the future's result is None (the verdict stays
+        with the node)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._waiting[request_id] = (future, on_admitted)
+        future.add_done_callback(lambda f: self._cancelled(request_id) if f.cancelled() else None)
+        if isinstance(data, bytes):
+            self._link.send(("verify", request_id, data, timeout_s))
+            return future
+        import numpy as np
+
+        from .journal import thumbnail
+
+        decoded = data.decoded  # a Prepared: the node gets the model input, the facts and the thumbnail
+        facts = dataclasses.replace(decoded, pixels=np.zeros((0, 0), np.float32))
+        self._link.send(("verify_decoded", request_id, data.x, facts, data.decode_ms, timeout_s))
+        self._link.send(("thumbnail", request_id, thumbnail(decoded.pixels)))
+        return future
+
+    def _cancelled(self, request_id: str) -> None:
+        with self._lock:
+            self._waiting.pop(request_id, None)
+        self._link.send(("cancel", request_id))
+
+    def must_wait(self, request_id: str) -> bool:
+        with self._lock:
+            return self._must_wait.pop(request_id, False)
+
+    # from the pipe's reader thread
+    def admitted(self, request_id: str, wait: bool) -> None:
+        with self._lock:
+            entry = self._waiting.get(request_id)
+            self._must_wait[request_id] = bool(wait)
+        if entry is not None:
+            entry[1]()  # settles a concurrent future: any thread
+
+    def finished(self, request_id: str, error) -> None:
+        with self._lock:
+            entry = self._waiting.pop(request_id, None)
+            if error is not None:
+                self._must_wait.pop(request_id, None)
+        if entry is None:
+            return
+        try:
+            if error is None:
+                entry[0].set_result(None)
+            else:
+                entry[0].set_exception(_rebuilt_error(*error))
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
+
+
+def _receiver_scp_class():
+    from .scp import StorageSCP
+
+    class ReceiverSCP(StorageSCP):
+        """The SCP in a receiver process: the association limit, the unjudged limit and the hand-over of
+        answered images are the node's."""
+
+        def __init__(self, link: _Link, **kw):
+            super().__init__(**kw)
+            self._link = link
+            self._tokens = itertools.count()
+            self._slots: dict[int, concurrent.futures.Future] = {}
+            self._settled: set[int] = set()  # slot tokens taken or given up since the last report
+
+        def _take_slot(self, event) -> str | None:
+            """Asked of the node without holding the lock (the pipe's reader thread takes it); the node
+            counts the slot as granted until a report says it is settled (:meth:`_associations_changed`)."""
+            with self._lock:
+                self._ae = event.assoc.ae
+            token = next(self._tokens)
+            answer: concurrent.futures.Future = concurrent.futures.Future()
+            self._slots[token] = answer
+            self._link.send(("slot?", token))
+            try:
+                reason = answer.result(30)
+            except concurrent.futures.TimeoutError:
+                reason = "the node did not answer"
+            finally:
+                self._slots.pop(token, None)
+            with self._lock:
+                if reason is None:
+                    self._negotiating.add(id(event.assoc))
+                self._settled.add(token)
+            return reason
+
+        def slot(self, token: int, reason) -> None:
+            answer = self._slots.get(token)
+            if answer is not None and not answer.done():
+                answer.set_result(reason)
+
+        def _associations_changed(self) -> None:
+            with self._lock:
+                self._forget_ended()
+                counts = (len(self._active | self._negotiating), len(self._active))
+                settled, self._settled = self._settled, set()
+                # sent under the lock: reports leave in the order of the states they describe
+                self._link.send(("assocs", *counts, tuple(settled)))
+
+        def _submit_verify(self, plane, prepared, request_id: str, on_admitted) -> concurrent.futures.Future:
+            return plane.submit(prepared, request_id, self.verify_timeout_s, on_admitted)
+
+        def _must_wait(self, plane, request_id: str) -> bool:
+            return plane.must_wait(request_id)
+
+        def _after_verdict(self, sop_uid, incoming, request_id, done) -> None:
+            """Hand the answered image over to the node (which keeps its verdict and readies it in the
+            journal)."""
+            # (the node gone: the image stays in the journal, taken at its next start)
+            self._link.send(("finish", request_id, self.journal.incoming_key(incoming), str(incoming)))
+            with self._lock:
+                self._finishing -= 1
+
+    return ReceiverSCP
+
+
+def _server_class(listening: socket.socket):
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class InheritedSocketServer(ThreadedAssociationServer):
+        """pynetdicom's threaded server on the node's listening socket (bound and listening already)."""
+
+        def server_bind(self) -> None:
+            self.socket.close()
+            self.socket = listening
+            self.server_address = listening.getsockname()
+
+        def server_activate(self) -> None:  # the node listens already
+            pass
+
+    return InheritedSocketServer
+
+
+def _exit_with_node(node_pid: int, stop: threading.Event) -> None:
+    """A safety net beside the pipe: end this process when the node's is gone (reparented)."""
+    while not stop.wait(1.0):
+        if os.getppid() != node_pid:
+            os._exit(0)
+
+
+def run_receiver(conn, listening: socket.socket, setup: dict, node_pid: int) -> None:
+    """A receiver process's body (spawned by :class:`ReceiverHub`)."""
+    link = _Link(conn)
+    root = logging.getLogger()
+    root.handlers[:] = [_ForwardedLog(link)]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("gamguard").setLevel(setup["log_level"])
+    stop = threading.Event()
+    threading.Thread(target=_exit_with_node, args=(node_pid, stop), daemon=True).start()
+    try:
+        server, scp, plane = _start(link, listening, setup)
+    except Exception as exc:  # noqa: BLE001 - told to the node, which refuses to start
+        link.send(("failed_to_start", f"{type(exc).__name__}: {exc}"))
+        return
+    link.send(("ready",))
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break  # the node is gone
+            kind = message[0]
+            if kind == "admitted":
+                plane.admitted(message[1], message[2])
+            elif kind in ("done", "failed"):
+                error = message[2] if kind == "done" else (message[2], message[3])
+                plane.finished(message[1], error)
+            elif kind == "slot":
+                scp.slot(message[1], message[2])
+            elif kind == "drain":
+                scp.draining = True
+            elif kind == "cpu?":
+                link.send(("cpu", time.process_time()))
+            elif kind == "stop":
+                break
+    finally:
+        stop.set()
+        server.shutdown()  # aborts what is still open: the node waited for its associations first
+        scp.close()
+        link.close()
+
+
+def _start(link: _Link, listening: socket.socket, setup: dict):
+    from gamguard.runtime.server.dataplane import Decoder
+    from gamguard.runtime.server.quietlog import quiet_input_libraries
+
+    from .journal import Journal
+    from .node import _tls_context, configure_ae, quiet_dicom_logs
+
+    cfg = setup["config"]
+    quiet_input_libraries()
+    quiet_dicom_logs(debugging=logging.getLogger("gamguard").isEnabledFor(logging.DEBUG))
+    plane = _RemotePlane(link, Decoder(*setup["decoding"]), setup["decode_here_min_bytes"])
+    scp = _receiver_scp_class()(
+        link,
+        ae_title=cfg.ae_title,
+        allow_list=cfg.allow_list(),
+        sop_classes=setup["sop_classes"],
+        plane=lambda: plane,
+        loop=None,  # the node's data plane runs in the node's process
+        journal=Journal(setup["journal"], recover=False),
+        metrics=_RemoteMetrics(link),
+        audit=_RemoteAudit(link),
+        on_stored=lambda: link.send(("stored",)),
+        on_verdict=None,
+        verify_timeout_s=setup["verify_timeout_s"],
+        max_associations=cfg.max_associations,
+        max_pdu=cfg.max_pdu,
+    )
+    ae = configure_ae(cfg, setup["sop_classes"])
+    server = ae.make_server(
+        listening.getsockname(),
+        evt_handlers=scp.handlers(),
+        ssl_context=_tls_context(cfg),
+        server_class=_server_class(listening),
+    )
+    ae._servers.append(server)  # as ae.start_server does: the AE knows its server's associations
+    threading.Thread(target=server.serve_forever, daemon=True, name="gamguard-receiver-accept").start()
+    return server, scp, plane
