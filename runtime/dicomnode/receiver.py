@@ -804,6 +804,11 @@ def _exit_with_node(node_pid: int, stop: threading.Event) -> None:
 
 def run_receiver(conn, listening: socket.socket, setup: dict, node_pid: int) -> None:
     """A receiver process's body (spawned by :class:`ReceiverHub`)."""
+    import signal
+
+    # a Ctrl-C in the node's terminal reaches every process of its group: the node's to handle, and it
+    # stops its receivers (after letting their associations finish)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     link = _Link(conn)
     root = logging.getLogger()
     root.handlers[:] = [_ForwardedLog(link)]
