@@ -350,7 +350,7 @@ class ReceiverHub:
     def _handle(self, r: _Receiver, message) -> None:
         kind = message[0]
         if kind == "verify":
-            self._pool.submit(self._verify, r, *message[1:])
+            self._verify(r, *message[1:])
         elif kind == "verify_decoded":
             _, rid, x, facts, decode_ms, timeout_s = message
             self._queue(r, rid, self.plane(), Prepared(facts, x, decode_ms), timeout_s)
@@ -420,7 +420,8 @@ class ReceiverHub:
 
     def _verify(self, r: _Receiver, rid: str, data: bytes, timeout_s: float) -> None:
         """Decode a received image smaller than :data:`DECODE_IN_RECEIVER_MIN_BYTES` and queue it for the
-        engine (a pool thread of this process), as the SCP does in one process."""
+        engine, as the SCP does in one process: in the pipe's reader thread (a hand-over to another thread
+        cost more than the decode of such an image holds up the receiver's next message)."""
         from gamguard.runtime.server.errors import DeadlineExpired, InvalidRequest, NotReady, Overloaded
 
         plane = self.plane()
