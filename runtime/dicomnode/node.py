@@ -498,33 +498,26 @@ class DicomNode:
         sop_classes = storage_sop_classes(guard.manifest)
         loop = self._loop = asyncio.get_running_loop()
         receivers = default_receivers() if cfg.receivers is None else cfg.receivers
+        shared = dict(
+            sop_classes=sop_classes,
+            plane=lambda: self.plane,
+            loop=loop,
+            journal=journal,
+            metrics=self.dicom_metrics,
+            audit=self.audit,
+            on_stored=self._on_stored,
+        )
+        keep_verdict = lambda *kept: self.builder.keep_verdict(*kept)  # noqa: E731 - the builder comes next
         if receivers:  # associations in processes of their own (.receiver); started once the builder runs
-            self.scp = ReceiverHub(
-                receivers,
-                cfg,
-                sop_classes=sop_classes,
-                plane=lambda: self.plane,
-                loop=loop,
-                journal=journal,
-                metrics=self.dicom_metrics,
-                audit=self.audit,
-                on_stored=self._on_stored,
-                keep_verdict=lambda *kept: self.builder.keep_verdict(*kept),
-            )
+            self.scp = ReceiverHub(receivers, cfg, keep_verdict=keep_verdict, **shared)
         else:
             self.scp = StorageSCP(
                 ae_title=cfg.ae_title,
                 allow_list=allow,
-                sop_classes=sop_classes,
-                plane=lambda: self.plane,
-                loop=loop,
-                journal=journal,
-                metrics=self.dicom_metrics,
-                audit=self.audit,
-                on_stored=self._on_stored,
-                on_verdict=lambda *kept: self.builder.keep_verdict(*kept),
+                on_verdict=keep_verdict,
                 max_associations=cfg.max_associations,
                 max_pdu=cfg.max_pdu,
+                **shared,
             )
         self.builder = ResultsBuilder(
             journal,

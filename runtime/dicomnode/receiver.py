@@ -45,6 +45,10 @@ import time
 from pathlib import Path
 
 from gamguard.runtime.server.dataplane import Prepared
+from gamguard.runtime.server.errors import DeadlineExpired, InvalidRequest, NotReady, Overloaded
+
+from .journal import thumbnail
+from .scp import hand_over
 
 log = logging.getLogger(__name__)
 
@@ -422,8 +426,6 @@ class ReceiverHub:
         """Decode a received image smaller than :data:`DECODE_IN_RECEIVER_MIN_BYTES` and queue it for the
         engine, as the SCP does in one process: in the pipe's reader thread (a hand-over to another thread
         cost more than the decode of such an image holds up the receiver's next message)."""
-        from gamguard.runtime.server.errors import DeadlineExpired, InvalidRequest, NotReady, Overloaded
-
         plane = self.plane()
         try:
             if plane is None:
@@ -443,8 +445,6 @@ class ReceiverHub:
 
     def _queue(self, r: _Receiver, rid: str, plane, prepared, timeout_s: float, pixels=None) -> None:
         """Queue a decoded image for the engine."""
-        from gamguard.runtime.server.errors import NotReady
-
         if plane is None:  # NotReady is recorded by the receiver, as in one process
             r.link.send(("failed", rid, *_error_kind(NotReady("node not ready (loading the bundle); retry"))))
             return
@@ -498,36 +498,24 @@ class ReceiverHub:
             self._images.pop(rid, None)
         image.receiver.link.send(("failed", rid, *_error_kind(exc)))
 
-    def _finish(self, rid: str, key: str, incoming: str) -> None:
-        """An answered image handed over (a pool thread): its verdict and the overlay's thumbnail to the
-        results builder (kept under its journal key), then the image ready in the journal, as the SCP
-        does in one process."""
-        from gamguard.runtime.server.errors import DataPlaneError
-
-        from .journal import thumbnail
-
+    def _finish(self, rid: str, incoming: str) -> None:
+        """An answered image handed over (a pool thread), as the SCP does in one process (:func:`.scp.hand_over`)."""
         with self._lock:
             image = self._images.pop(rid, None)
-        thumb = None if image is None else image.thumbnail
-        if thumb is None and image is not None and image.pixels is not None:
-            thumb = thumbnail(image.pixels)
-        if image is not None and image.verdict is not None and thumb is not None:
-            if self.keep_verdict is not None:
-                self.keep_verdict(key, image.verdict, thumb)
-        else:
-            if self.metrics is not None:
-                self.metrics.verdicts_deferred.inc()
-            exc = image.error if image is not None else None
-            log.warning(
-                "request %s: answered, but its verification failed (%s); the results builder derives the "
-                "verdict again from the journal",
-                rid,
-                f"{type(exc).__name__}: {exc}" if isinstance(exc, DataPlaneError) else type(exc).__name__,
-            )
+        kept = None
+        if image is not None and image.verdict is not None:
+            thumb = image.thumbnail if image.pixels is None else thumbnail(image.pixels)
+            kept = None if thumb is None else (image.verdict, thumb)
         try:
-            self.journal.release_source(Path(incoming))
-        except OSError as exc:
-            log.error("cannot release %s in the journal (%s); it is taken at the next start", key, exc)
+            hand_over(
+                self.journal,
+                Path(incoming),
+                kept,
+                None if image is None else image.error,
+                keep_verdict=self.keep_verdict,
+                metrics=self.metrics,
+                label=f"request {rid}",
+            )
         finally:
             if image is not None and image.admitted:
                 with self._lock:
@@ -673,8 +661,6 @@ class _RemotePlane:
             return future
         import numpy as np
 
-        from .journal import thumbnail
-
         decoded = data.decoded  # a Prepared: the node gets the model input, the facts and the thumbnail
         facts = dataclasses.replace(decoded, pixels=np.zeros((0, 0), np.float32))
         self._link.send(("verify_decoded", request_id, data.x, facts, data.decode_ms, timeout_s))
@@ -772,7 +758,7 @@ def _receiver_scp_class():
             """Hand the answered image over to the node (which keeps its verdict and readies it in the
             journal)."""
             # (the node gone: the image stays in the journal, taken at its next start)
-            self._link.send(("finish", request_id, self.journal.incoming_key(incoming), str(incoming)))
+            self._link.send(("finish", request_id, str(incoming)))
             with self._lock:
                 self._finishing -= 1
 

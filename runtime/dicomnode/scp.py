@@ -77,6 +77,36 @@ def _settle(future: concurrent.futures.Future, value) -> None:
         pass
 
 
+def hand_over(journal, incoming, kept, error, *, keep_verdict, metrics, label: str) -> None:
+    """An answered image to the results builder: its ``kept`` ``(verdict, thumbnail)`` under its journal
+    entry's key (which names the bytes it was computed on), then the image ready in the journal. Without
+    a verdict (``kept`` None: its verification failed after the answer with ``error``) the builder derives
+    it again from the journal."""
+    from gamguard.runtime.server.errors import DataPlaneError
+
+    if kept is not None and keep_verdict is not None:
+        try:
+            keep_verdict(journal.incoming_key(incoming), *kept)
+        except Exception as exc:  # noqa: BLE001 - derived data only; the image is durable
+            kept, error = None, exc
+    if kept is None:
+        if metrics is not None:
+            metrics.verdicts_deferred.inc()
+        log.warning(
+            "%s: answered, but its verification failed (%s); the results builder derives the verdict again "
+            "from the journal",
+            label,
+            f"{type(error).__name__}: {error}" if isinstance(error, DataPlaneError) else type(error).__name__,
+            exc_info=None
+            if isinstance(error, (DataPlaneError, concurrent.futures.CancelledError)) or error is None
+            else error,
+        )
+    try:
+        journal.release_source(incoming)
+    except OSError as exc:
+        log.error("cannot release %s in the journal (%s); it is taken at the next start", label, exc)
+
+
 def status_dataset(status: int, comment: str = ""):
     from pydicom.dataset import Dataset
 
@@ -413,30 +443,23 @@ class StorageSCP:
                 self._finishing -= 1
 
     def _finish(self, sop_uid: str, incoming, request_id: str, done: concurrent.futures.Future) -> None:
-        """The verdict to the results builder (under the journal entry's key, which names the bytes it was
-        computed on), then the image ready in the journal. Without its verdict (the verification failed
-        after the answer, or an error here) the builder derives it again."""
-        from gamguard.runtime.server.errors import DataPlaneError
-
+        """The verdict to the results builder, then the image ready in the journal (:func:`hand_over`)."""
+        kept, error = None, None
         try:
             result = done.result(0)
-            if self.on_verdict is not None:
-                self.on_verdict(self.journal.incoming_key(incoming), result.verdict, thumbnail(result.decoded.pixels))
-        except Exception as exc:  # noqa: BLE001 - derived data only; the image is durable
-            if self.metrics is not None:
-                self.metrics.verdicts_deferred.inc()
-            log.warning(
-                "request %s (%s): answered, but its verification failed (%s); the results builder derives "
-                "the verdict again from the journal",
-                request_id,
-                sop_uid,
-                f"{type(exc).__name__}: {exc}" if isinstance(exc, DataPlaneError) else type(exc).__name__,
-                exc_info=not isinstance(exc, (DataPlaneError, concurrent.futures.CancelledError)),
-            )
+            kept = (result.verdict, thumbnail(result.decoded.pixels))
+        except (Exception, concurrent.futures.CancelledError) as exc:  # noqa: BLE001 - derived data only
+            error = exc
         try:
-            self.journal.release_source(incoming)
-        except OSError as exc:
-            log.error("cannot release %s in the journal (%s); it is taken at the next start", sop_uid, exc)
+            hand_over(
+                self.journal,
+                incoming,
+                kept,
+                error,
+                keep_verdict=self.on_verdict,
+                metrics=self.metrics,
+                label=f"request {request_id} ({sop_uid})",
+            )
         finally:
             with self._lock:
                 self._finishing -= 1

@@ -321,4 +321,6 @@ def _specialized(source, model_path: Path, input_hw, *, defer_cam: bool = False)
         "on the small map" if cam_small else "as exported",
         "computed when read" if resize else "in the graph",
     )
+    if not fix and resize is None:  # nothing rewritten: the source as it came
+        return source, None, None
     return model.SerializeToString(), ((h, w) if fix else None), resize

@@ -353,12 +353,6 @@ class DataPlane:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _decode(
-        self, data: bytes | None, array: np.ndarray | None, frame: int | None, claim: Claim, inline: bool = False
-    ):
-        """Decode + preprocess (in a decode worker thread unless ``inline``): :meth:`Decoder.decode`."""
-        return self.decoder.decode(data, array, frame, claim, inline)
-
     def decode_here(self, data: bytes, *, frame: int | None = None) -> Prepared:
         """Decode and preprocess ``data`` in the calling thread, under the same limits and memory budget as
         :meth:`verify`'s decode stage, for ``verify(prepared=...)``. For a caller that already has a thread
@@ -440,10 +434,10 @@ class DataPlane:
             # inline only for a request alone in the data plane: under concurrency the pool decodes
             # in parallel with the engine while the event loop keeps taking requests in
             if self._active <= 1 and small_enough_to_decode_inline(data, array, self.config.inline_decode_max_pixels):
-                return self._decode(data, array, frame, claim, True)
+                return self.decoder.decode(data, array, frame, claim, True)
             self._decoding += 1
             try:
-                return await loop.run_in_executor(self._decode_pool, self._decode, data, array, frame, claim)
+                return await loop.run_in_executor(self._decode_pool, self.decoder.decode, data, array, frame, claim)
             finally:
                 self._decoding -= 1
         finally:
