@@ -102,7 +102,7 @@ def engine_table(src: Path, x: np.ndarray) -> None:
     from gamguard.runtime.bundle import MODEL_FILE
     from gamguard.runtime.engines import OnnxEngine
     from gamguard.runtime.engines.cuda_graphs import CapturedRuns
-    from gamguard.runtime.engines.onnx import _specialized, provider_entries, session_options
+    from gamguard.runtime.engines.onnx import provider_entries, serving_graph, session_options
     from gamguard.runtime.guard import Guard
 
     plain = Guard.from_bundle(src, providers="cuda", prefer="onnxruntime")
@@ -132,7 +132,7 @@ def engine_table(src: Path, x: np.ndarray) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         lo = onnx.load(str(logits_only_model(src / MODEL_FILE, Path(tmp))))
-    lo_src, *_ = _specialized(lo.SerializeToString(), src / MODEL_FILE, plain.engine.input_hw or x.shape[2:])
+    lo_src, *_ = serving_graph(lo.SerializeToString(), src / MODEL_FILE, plain.engine.input_hw or x.shape[2:])
     import onnxruntime as ort
 
     lo_plain = ort.InferenceSession(
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     from gamguard.runtime.bundle import MODEL_FILE, InputSpec, load_manifest, resolve_bundle
     from gamguard.runtime.checks import CalibrationData
     from gamguard.runtime.checks.graph import guarded_model_bytes
-    from gamguard.runtime.engines.onnx import _specialized
+    from gamguard.runtime.engines.onnx import serving_graph
     from gamguard.runtime.engines.specialize import is_spatially_dynamic, specialize_spatial
     from gamguard.runtime.preprocess import preprocess
 
@@ -187,8 +187,8 @@ def main(argv=None) -> int:
         logits_only = specialize_spatial(logits_only, size, size)
     models = {
         "logits-only": (logits_only.SerializeToString(), ["logits"]),
-        "fused (logits, cam, early)": (_specialized(str(fused), fused, (size, size))[0], ["logits", "cam", "early"]),
-        "guarded (logits, guard)": (_specialized(guarded, fused, (size, size))[0], ["logits", "guard"]),
+        "fused (logits, cam, early)": (serving_graph(str(fused), fused, (size, size))[0], ["logits", "cam", "early"]),
+        "guarded (logits, guard)": (serving_graph(guarded, fused, (size, size))[0], ["logits", "guard"]),
     }
     cuda_graph_table(models, size)
     engine_table(src, x)

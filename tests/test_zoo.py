@@ -135,6 +135,26 @@ def test_zoo_exports_with_gradcam_parity(name, channels, tmp_path, one_torch_thr
         model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), channels
     )
     print(f"\n{name} {channels}ch ({manifest['export']['head_kind']}): {worst}")
+    _check_served_graph(tmp_path / "b" / "model.onnx", sess, channels)
+
+
+def _check_served_graph(model_path, exported, channels):
+    """The graph the engine serves (and ``gamguard bench --zoo`` times) stops at the small map, and the
+    host's full-size heatmaps from it are the exported model's CAM."""
+    from gamguard.exporter.bench_zoo import _served_session
+
+    served, heatmaps = _served_session(model_path, ["CPUExecutionProvider"], 1)
+    assert heatmaps is not None, "the exporter's resize to the input size should be left to the host"
+    x = _data(3, channels, seed=7)[0].numpy()
+    logits, cam, early = exported.run(["logits", "cam", "early"], {"image": x})
+    outputs = served.run(None, {"image": x})
+    names = [o.name for o in served.get_outputs()]
+    assert "cam" not in names and outputs[names.index("logits")].shape == logits.shape
+    np.testing.assert_allclose(outputs[names.index("logits")], logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs[names.index("early")], early, rtol=1e-5, atol=1e-6)
+    maps = heatmaps(outputs)()
+    assert maps.shape == cam.shape
+    assert np.abs(maps - cam).max() <= 1e-5
 
 
 class _Taps(torch.nn.Module):

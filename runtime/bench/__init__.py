@@ -363,19 +363,23 @@ def format_tables(result: dict) -> str:
             ),
         ]
         if zoo.get("status") == "measured":
-            lines.append(
-                "  (ratio of the medians; 'min ratio' = of the fastest calls of the same rounds: load only adds "
-                "time, so a large gap between the two means a noisy run)"
-            )
+            lines += [
+                "  fused = the graph the engine serves (it stops at the small Grad-CAM map); ratio of the medians;",
+                "  'min ratio' = of the fastest calls of the same rounds (load only adds time: a large gap between",
+                "  the two means a noisy run); '+heatmaps' = a call that also returns every image's full-size",
+                "  heatmap, computed on the host; 'exported' = model.onnx as exported (full-size heatmap in the graph)",
+            ]
             lines.append(
                 f"{'model':<20} {'head':<10} {'params':>7} {'size':>5} {'batch':>5} {'ratio':>7} {'min ratio':>9} "
-                f"{'fused ms':>9} {'logits ms':>10}"
+                f"{'+heatmaps':>9} {'exported':>8} {'fused ms':>9} {'logits ms':>10}"
             )
+            nan = float("nan")  # rows of an older bench JSON lack the newer columns
             for r in zoo["rows"]:
                 lines.append(
                     f"{r['model']:<20} {r['head_kind']:<10} {r['params'] / 1e6:>6.1f}M {r['size']:>5} {r['batch']:>5} "
-                    f"{r['ratio']:>7.3f} {r.get('ratio_of_minima', float('nan')):>9.3f} {r['fused_ms']:>9.2f} "
-                    f"{r['logits_only_ms']:>10.2f}"
+                    f"{r['ratio']:>7.3f} {r.get('ratio_of_minima', nan):>9.3f} "
+                    f"{r.get('ratio_with_heatmaps', nan):>9.3f} {r.get('ratio_as_exported', nan):>8.3f} "
+                    f"{r['fused_ms']:>9.2f} {r['logits_only_ms']:>10.2f}"
                 )
         else:
             lines.append(f"  not measured: {zoo.get('reason')}")

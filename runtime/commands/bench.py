@@ -17,7 +17,9 @@ Measure what the guard costs on this machine, as ratios of variants timed in the
                               null without torch or without the bundle's torch --checkpoint
   guard_overhead_large        (--large) the same ratio on a realistic-size model (GuardNet 64/128/256,
                               2 blocks per stage, random weights, exported and calibrated on the fly)
-  zoo_overhead                (--zoo) fused / logits-only ONNX Runtime call for the exporter's zoo
+  zoo_overhead                (--zoo) fused / logits-only ONNX Runtime call for the exporter's zoo,
+                              the fused graph as the engine serves it (full-size heatmaps on the host
+                              when read: also reported with them, and as exported)
                               (ResNet-18/50, DenseNet-121, EfficientNet-B0, MobileNetV3-Small,
                               ConvNeXt-T, VGG-11-BN; real widths unless --zoo-width says otherwise;
                               random weights; first --sizes entry; each case at least --repeats

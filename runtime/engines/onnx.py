@@ -170,7 +170,7 @@ class OnnxEngine:
         source = guarded if guarded is not None else str(self.model_path)
         self._cam_resize = None
         if input_hw is not None or guarded is not None:
-            source, self.input_hw, self._cam_resize = _specialized(
+            source, self.input_hw, self._cam_resize = serving_graph(
                 source, self.model_path, input_hw, defer_cam=guarded is not None
             )
         try:
@@ -274,8 +274,9 @@ class OnnxEngine:
         }
 
 
-def _specialized(source, model_path: Path, input_hw, *, defer_cam: bool = False):
-    """``(session source, fixed size, CAM resize)``: ``source`` (a path or serialized model) specialised to
+def serving_graph(source, model_path: Path, input_hw, *, defer_cam: bool = False):
+    """What an :class:`OnnxEngine` runs for ``source``, as ``(session source, fixed size, CAM resize)``
+    (``gamguard bench --zoo`` times the same graph): ``source`` (a path or serialized model) specialised to
     ``input_hw`` when given and its input has dynamic H/W (see :mod:`.specialize`; fixed size None
     otherwise: a static model serves its own size, a mismatch surfaces as ONNX Runtime's shape error).
     ``defer_cam`` (a guarded model): the full-size CAM left to the host when the graph allows it
