@@ -638,6 +638,127 @@ def test_receivers_or_not_the_node_answers_alike(guard, demo_bundle, tmp_path, r
         assert _all_end(live), "receivers outlived their node"
 
 
+def test_images_answered_by_a_receiver_that_dies_get_their_results(demo_bundle, tmp_path):
+    """A receiver answers Success before the verdict; if it dies before handing its images over, the node
+    takes them from the journal (by the receiver's writer tag) and builds their results, without a restart."""
+    import threading
+
+    from gamguard.runtime.guard import Guard
+
+    held = Guard.from_bundle(demo_bundle, threads=1)
+    paths = list(accepted_phantoms(held, tmp_path, 2))
+    holding, release = threading.Event(), threading.Event()
+    run = held.engine.run
+
+    def held_run(x):  # the verdicts wait while the receiver is killed
+        if holding.is_set():
+            release.wait(60)
+        return run(x)
+
+    held.engine.run = held_run
+    cfg = DicomNodeConfig(
+        host="127.0.0.1", port=0, allow_ae=["TESTSCU"], queue_dir=str(tmp_path / "queue"), receivers=2, result_workers=0
+    ).validate()
+    serve = ServeConfig(bundle=str(demo_bundle), insecure=True, port=0)
+    with BackgroundNode(cfg, serve, guard_factory=lambda: held) as node:
+        hub = node.node.scp
+        holding.set()
+        assert _scu_store(node.port, paths) == [0, 0]  # answered, verdicts outstanding
+        with hub._lock:
+            owners = {image.receiver.process.pid for image in hub._images.values()}
+        assert len(owners) == 1 and hub.finishing == 2
+        os.kill(owners.pop(), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while hub.finishing and time.monotonic() < deadline:
+            time.sleep(0.05)
+        release.set()
+        assert hub.finishing == 0
+        assert node.node.wait_results_built(60)
+    journal = tmp_path / "queue" / "journal"
+    assert not list(journal.glob("*.incoming")) and not list(journal.glob("*.dcm"))
+    kept = list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))
+    assert len(kept) == 4  # an SR and an overlay for each answered image
+
+
+def test_a_receiver_that_stops_leaves_the_port_to_the_others(demo_bundle, tmp_path):
+    """The receivers share the node's listening socket: one that ends (here told to stop on its own) must
+    close only its handle, not shut the socket down under the others; it is started again."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+
+    def echo(port: int) -> bool:
+        assoc = ae.associate("127.0.0.1", port, ae_title="GAMGUARD")
+        if not assoc.is_established:
+            return False
+        ok = assoc.send_c_echo().Status == 0
+        assoc.release()
+        return ok
+
+    with _node(tmp_path, demo_bundle, [], receivers=2) as node:
+        hub = node.node.scp
+        first = hub._receivers[0]
+        first.link.send(("stop",))  # not through close(): the hub restarts it
+        first.process.join(30)
+        assert not first.process.is_alive()
+        assert all(echo(node.port) for _ in range(6))  # the other receiver still accepts
+        deadline = time.monotonic() + 30
+        while (hub._receivers[0] is first or len(hub.pids()) < 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(hub.pids()) == 2 and first.process.pid not in hub.pids()
+        assert all(echo(node.port) for _ in range(6))
+
+
+def test_a_dead_receivers_journal_entries_are_told_apart_by_writer(tmp_path):
+    """Journal.take_incoming takes one writer's incoming images (complete: ready; cut short: deleted),
+    leaves other writers' and the ones being handed over."""
+    from gamguard.runtime.dicomnode.journal import Journal
+
+    node = Journal(tmp_path / "j")
+    dead, alive = (
+        Journal(tmp_path / "j", recover=False, writer="r0g1x"),
+        Journal(tmp_path / "j", recover=False, writer="r1g2x"),
+    )
+    kept = dead.put_source("1.2.3", b"first")
+    handing = dead.put_source("1.2.4", b"second")
+    cut = dead.put_source("1.2.5", b"third")
+    cut.write_bytes(b"thi")  # cut short by the crash
+    other = alive.put_source("1.2.6", b"fourth")
+    assert node.take_incoming("r0g1x", skip={handing}) == 1
+    assert not kept.exists() and (tmp_path / "j" / (Journal.incoming_key(kept) + ".dcm")).exists()
+    assert handing.exists() and other.exists() and not cut.exists()
+    with pytest.raises(ValueError):  # not a tag: it would read as the start of r0g1x's names
+        node.take_incoming("r0g1")
+    with pytest.raises(ValueError):
+        Journal(tmp_path / "j", recover=False, writer="r0g1").put_source("1.2.7", b"fifth")
+
+
+def test_an_image_given_up_after_its_verdict_is_dropped_by_the_node():
+    """A receiver whose answer fails after the node's verdict came (its journal write failed) tells the
+    node to drop the image (a cancelled future no longer does), and forgets it itself."""
+    from gamguard.runtime.dicomnode.receiver import _RemotePlane
+
+    class Link:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, message):
+            self.sent.append(message[:2])
+            return True
+
+    link = Link()
+    plane = _RemotePlane(link, decoder=None, decode_here_min_bytes=1 << 30)
+    verifying = plane.submit(b"image", "rid-1", 120.0, lambda: None)
+    plane.admitted("rid-1", False)
+    plane.finished("rid-1", None)
+    plane.abandon("rid-1", tell=not verifying.cancel())
+    assert ("cancel", "rid-1") in link.sent and not plane._must_wait
+    plane.admitted("rid-1", True)  # a late answer for a forgotten image leaves nothing behind
+    assert not plane._must_wait
+
+
 def test_a_result_that_fails_in_a_worker_is_logged_by_place_not_by_message():
     """An exception raised while a worker builds results reaches the node as the worker raised it; the log
     says where (file, line, function in the worker), never its text, which can quote a header value."""
@@ -1228,6 +1349,10 @@ def test_peers_that_request_and_vanish_leave_no_slot_taken(demo_bundle, tmp_path
         for _ in range(100):
             with socket.create_connection(("127.0.0.1", node.port)) as s:
                 s.sendall(request)
+        deadline = time.monotonic() + 10  # receivers report what pynetdicom closed unseen within a second
+        while node.node.scp.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.node.scp.active_associations == 0
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the vanished peers' associations end by themselves
             assoc = scu.associate("127.0.0.1", node.port, ae_title="GAMGUARD")

@@ -125,9 +125,26 @@ class FolderSync:
                 return
 
 
-def checked_name(stem: str, data: bytes, suffix: str) -> str:
-    """``<stem>.<token>-<crc32>.<suffix>``: a unique name that carries the checksum of ``data``."""
-    return f"{stem}.{uuid.uuid4().hex}-{zlib.crc32(data):08x}{suffix}"
+def checked_name(stem: str, data: bytes, suffix: str, writer: str = "") -> str:
+    """``<stem>.<writer><token>-<crc32>.<suffix>``: a unique name that carries the checksum of ``data`` and
+    says which writer made it (``writer``: letters and digits, ending in a letter that is not a hex digit,
+    so that it never reads as the start of another writer's name or of a bare token)."""
+    if writer:
+        check_writer(writer)
+    return f"{stem}.{writer}{uuid.uuid4().hex}-{zlib.crc32(data):08x}{suffix}"
+
+
+def check_writer(writer: str) -> str:
+    """``writer`` if it is a writer tag :func:`checked_name` accepts, else ValueError."""
+    if not (writer.isalnum() and writer.isascii() and writer[-1] in "ghijklmnopqrstuvwxyz"):
+        raise ValueError(f"not a writer tag: {writer!r}")
+    return writer
+
+
+def writer_of(path: Path, writer: str) -> bool:
+    """Whether :func:`checked_name` named ``path`` for ``writer`` (tags that are not prefixes of each
+    other, as :class:`~.receiver.ReceiverHub` makes them)."""
+    return Path(path).name.rsplit(".", 2)[-2].startswith(check_writer(writer))
 
 
 def is_complete(path: Path) -> bool:

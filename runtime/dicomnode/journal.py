@@ -38,6 +38,7 @@ import numpy as np
 
 from .durable import (
     FolderSync,
+    check_writer,
     checked_name,
     fsync_dir,
     is_complete,
@@ -46,6 +47,7 @@ from .durable import (
     remove_stale_temporaries,
     safe_name,
     write_checked,
+    writer_of,
 )
 
 log = logging.getLogger(__name__)
@@ -94,20 +96,36 @@ def thumbnail(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> np.ndarray:
 
 
 class Journal:
-    def __init__(self, folder: str | Path, *, recover: bool = True):
+    def __init__(self, folder: str | Path, *, recover: bool = True, writer: str = ""):
         """``recover``: take what a previous run left (the node at its start); False for a receiver process
-        (:mod:`.receiver`), which only writes incoming images into the node's journal."""
+        (:mod:`.receiver`), which only writes incoming images into the node's journal, named for its
+        ``writer`` tag (:meth:`take_incoming` takes them when that process dies)."""
         self.folder = Path(folder)
+        self.writer = check_writer(writer) if writer else ""
         private_folder(self.folder)
         if recover:
             remove_stale_temporaries(self.folder)
-            for p in list_files(self.folder, INCOMING):  # received before a crash: kept if complete (module doc)
+            self.take_incoming()
+        self._folder_sync = FolderSync(self.folder)
+
+    def take_incoming(self, writer: str | None = None, skip=()) -> int:
+        """Incoming images left by a crash — of the whole node (``writer`` None, at start) or of one
+        receiver process that died (its ``writer`` tag) — taken as received if complete (module doc), deleted
+        if cut short; ``skip``: paths being handed over right now. Returns how many were taken."""
+        taken = 0
+        for p in list_files(self.folder, INCOMING):
+            if (writer is not None and not writer_of(p, writer)) or p in skip:
+                continue
+            try:
                 if is_complete(p):
                     os.replace(p, self.folder / (self.incoming_key(p) + SUFFIX))
+                    taken += 1
                 else:
                     log.warning("journal: %s was cut short by a crash before its C-STORE was answered; deleted", p.name)
                     p.unlink()
-        self._folder_sync = FolderSync(self.folder)
+            except FileNotFoundError:  # handed over or discarded meanwhile
+                continue
+        return taken
 
     def close(self) -> None:
         self._folder_sync.close()
@@ -116,7 +134,7 @@ class Journal:
         """The received dataset, durably, as ``<key>.<token>-<crc32>.incoming``; returns that path for
         :meth:`release_source` / :meth:`discard_source` (:func:`incoming_key` gives its key). The token keeps
         two associations sending the same instance at the same time from renaming each other's file."""
-        name = checked_name(entry_key(sop_instance_uid, data), data, INCOMING)
+        name = checked_name(entry_key(sop_instance_uid, data), data, INCOMING, self.writer)
         return write_checked(self.folder / name, data, self._folder_sync)
 
     @staticmethod

@@ -61,8 +61,18 @@ START_TIMEOUT_S = 60.0
 #: 0.72 against 0.92 / 0.56): a large image's pixels need not cross the pipe, and receivers decode side by
 #: side, while a small image decodes sooner in the node than in a receiver busy with pynetdicom.
 DECODE_IN_RECEIVER_MIN_BYTES = 256 << 10
-#: seconds between restarts of a receiver that keeps ending
+#: seconds before a receiver that ended is started again, doubled for each one that ends soon after its
+#: start (up to RESTART_MAX_INTERVAL_S): a receiver that cannot start (its TLS files gone, say) is not
+#: respawned every second
 RESTART_MIN_INTERVAL_S = 1.0
+RESTART_MAX_INTERVAL_S = 60.0
+#: a receiver that ran this long before it ended counts as having started fine
+RESTART_STABLE_S = 60.0
+#: seconds between a receiver's association reports when nothing happens (pynetdicom can close an
+#: association without an event this SCP sees: see StorageSCP._forget_ended)
+COUNTS_REFRESH_S = 0.5
+#: how long a cancellation that came before its image is remembered
+CANCELLED_MEMORY_S = 600.0
 
 
 def default_receivers() -> int:
@@ -128,6 +138,9 @@ class _Link:
                 self.conn.send(message)
             except (OSError, ValueError):  # the other side is gone
                 break
+            except Exception:  # noqa: BLE001 - a message that cannot be pickled: a bug, but never a wedged link
+                log.exception("receiver pipe: cannot send a %r message; closing the pipe", message[0])
+                break
         self._closed = True
         try:
             self.conn.close()
@@ -153,10 +166,12 @@ class _Image:
 
 
 class _Receiver:
-    def __init__(self, index: int, process, link: _Link):
+    def __init__(self, index: int, process, link: _Link, writer: str):
         self.index = index
         self.process = process
         self.link = link
+        self.writer = writer  # its incoming images' tag in the journal (Journal.take_incoming)
+        self.started = time.monotonic()
         self.ready = threading.Event()
         self.failure: str | None = None
         self.stopping = False
@@ -208,11 +223,14 @@ class ReceiverHub:
         self._counts: dict[int, tuple[int, int]] = {}  # receiver -> (negotiating or established, established)
         self._granted: dict[int, set[int]] = {}  # receiver -> slots granted, not reported as settled yet
         self._images: dict[str, _Image] = {}
-        self._cancelled: set[str] = set()  # cancellations that came before their image was registered
+        self._cancelled: dict[str, float] = {}  # cancellations that came before their image: when
+        self._handing: set[str] = set()  # incoming paths being handed over (a pool thread)
         self._finishing = 0
         self._draining = False
         self._closed = False
-        self._last_restart = 0.0
+        self._generation = itertools.count()
+        self._stopped = threading.Event()  # set by close(): a pending restart gives up
+        self._quick_ends: dict[int, int] = {}  # receiver -> how many times in a row it ended soon after its start
         self._context = multiprocessing.get_context("spawn")
         self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="gamguard-receive")
 
@@ -280,10 +298,11 @@ class ReceiverHub:
             raise
         return self.port
 
-    def _setup(self) -> dict:
+    def _setup(self, writer: str) -> dict:
         gamguard_logger = logging.getLogger("gamguard")
         plane = self.plane()
         return {
+            "writer": writer,
             "decoding": (plane.config, plane.guard.spec),  # the data plane's limits, the model's input
             "decode_here_min_bytes": DECODE_IN_RECEIVER_MIN_BYTES,
             "config": self.config,
@@ -293,21 +312,30 @@ class ReceiverHub:
             "verify_timeout_s": self.verify_timeout_s,
         }
 
-    def _spawn(self, index: int) -> _Receiver:
+    def _spawn(self, index: int) -> _Receiver | None:
+        """Start receiver ``index``; None when the hub closed meanwhile (the process is stopped again)."""
+        writer = f"r{index}g{next(self._generation)}x"  # Journal writer tag: unique per process started
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=run_receiver,
-            args=(child, self._socket, self._setup(), os.getpid()),
+            args=(child, self._socket, self._setup(writer), os.getpid()),
             name=f"gamguard-dicom-receiver-{index}",
             daemon=True,
         )
         process.start()
         child.close()
-        r = _Receiver(index, process, _Link(parent))
+        r = _Receiver(index, process, _Link(parent), writer)
         with self._lock:
-            self._receivers[index] = r
-            self._counts[index] = (0, 0)
-            self._granted[index] = set()
+            closed = self._closed
+            if not closed:
+                self._receivers[index] = r
+                self._counts[index] = (0, 0)
+                self._granted[index] = set()
+        if closed:  # close() did not see this one: stop it here
+            process.kill()
+            process.join(5)
+            r.link.close(timeout_s=1.0)
+            return None
         threading.Thread(target=self._serve, args=(r,), name=f"gamguard-receiver-{index}", daemon=True).start()
         return r
 
@@ -317,6 +345,7 @@ class ReceiverHub:
         with self._lock:
             self._closed = True
             receivers = list(self._receivers.values())
+        self._stopped.set()
         for r in receivers:
             r.stopping = True
             r.link.send(("stop",))
@@ -364,6 +393,8 @@ class ReceiverHub:
             if image is not None:
                 image.thumbnail = message[2]
         elif kind == "finish":
+            with self._lock:
+                self._handing.add(message[2])
             self._pool.submit(self._finish, *message[1:])
         elif kind == "cancel":
             self._cancel(message[1])
@@ -450,8 +481,7 @@ class ReceiverHub:
             return
         image = _Image(r, pixels=pixels)
         with self._lock:
-            if rid in self._cancelled:
-                self._cancelled.discard(rid)
+            if self._cancelled.pop(rid, None) is not None:
                 return
             self._images[rid] = image
         image.future = asyncio.run_coroutine_threadsafe(
@@ -517,8 +547,9 @@ class ReceiverHub:
                 label=f"request {rid}",
             )
         finally:
-            if image is not None and image.admitted:
-                with self._lock:
+            with self._lock:
+                self._handing.discard(incoming)
+                if image is not None and image.admitted:
                     self._finishing -= 1
             if self.on_stored is not None:
                 self.on_stored()
@@ -526,8 +557,11 @@ class ReceiverHub:
     def _cancel(self, rid: str) -> None:
         with self._lock:
             image = self._images.pop(rid, None)
-            if image is None:
-                self._cancelled.add(rid)
+            if image is None:  # not registered yet, or already finished: remembered for a while
+                now = time.monotonic()
+                if len(self._cancelled) > 256:
+                    self._cancelled = {k: t for k, t in self._cancelled.items() if now - t < CANCELLED_MEMORY_S}
+                self._cancelled[rid] = now
                 return
             if image.admitted:
                 self._finishing -= 1
@@ -535,8 +569,10 @@ class ReceiverHub:
             image.future.cancel()
 
     def _gone(self, r: _Receiver) -> None:
-        """A receiver's pipe closed: its images in flight are dropped (answered ones stay in the journal,
-        taken at the next start) and, unless the node is stopping, it is started again."""
+        """A receiver's pipe closed. Its images in flight are dropped here; unless the node is stopping (its
+        next start takes them), the images the receiver wrote to the journal and did not hand over are taken
+        as received (answered ones must get their results; unanswered ones are sent again by the console,
+        with the same results) and the receiver is started again."""
         with self._lock:
             mine = [rid for rid, image in self._images.items() if image.receiver is r]
             for rid in mine:
@@ -548,22 +584,41 @@ class ReceiverHub:
             self._counts[r.index] = (0, 0)
             self._granted[r.index] = set()
             restart = not (self._closed or r.stopping)
+        r.link.close(timeout_s=1.0)  # its writer thread and pipe
         if not restart:
             return
+        r.process.join(5)  # it writes nothing more to the journal
+        if r.process.is_alive():
+            r.process.kill()
+            r.process.join(5)
+        with self._lock:
+            handing = {Path(p) for p in self._handing}
+        try:
+            taken = self.journal.take_incoming(r.writer, skip=handing)
+        except OSError as exc:
+            taken = 0
+            log.error(
+                "DICOM receiver %d: cannot take its images from the journal (%s); the next start will", r.index, exc
+            )
         log.error(
-            "DICOM receiver %d ended unexpectedly (exit code %s); %d image(s) in flight stay in the journal; "
-            "starting it again",
+            "DICOM receiver %d ended unexpectedly (exit code %s%s); %d image(s) were in flight, %d taken from the "
+            "journal for their results; starting it again",
             r.index,
             r.process.exitcode,
+            f", {r.failure}" if r.failure else "",
             len(mine),
+            taken,
         )
-        wait = self._last_restart + RESTART_MIN_INTERVAL_S - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        self._last_restart = time.monotonic()
+        if taken and self.on_stored is not None:
+            self.on_stored()
+        quick = self._quick_ends.get(r.index, 0) + 1 if time.monotonic() - r.started < RESTART_STABLE_S else 0
+        self._quick_ends[r.index] = quick
+        wait = min(RESTART_MAX_INTERVAL_S, RESTART_MIN_INTERVAL_S * 2 ** max(quick - 1, 0))
         with self._lock:
             if self._closed:
                 return
+        if self._stopped.wait(wait):  # close() ends the wait
+            return
         try:
             self._spawn(r.index)
         except Exception as exc:  # noqa: BLE001 - logged: the other receivers carry on
@@ -672,6 +727,16 @@ class _RemotePlane:
             self._waiting.pop(request_id, None)
         self._link.send(("cancel", request_id))
 
+    def abandon(self, request_id: str, tell: bool = True) -> None:
+        """The SCP gives an image up after its verification may have finished (the answer failed): forgotten
+        here, and the node (``tell``) drops it whatever its state (a cancelled future tells it only while
+        the verification runs)."""
+        with self._lock:
+            self._waiting.pop(request_id, None)
+            self._must_wait.pop(request_id, None)
+        if tell:
+            self._link.send(("cancel", request_id))
+
     def must_wait(self, request_id: str) -> bool:
         with self._lock:
             return self._must_wait.pop(request_id, False)
@@ -680,9 +745,10 @@ class _RemotePlane:
     def admitted(self, request_id: str, wait: bool) -> None:
         with self._lock:
             entry = self._waiting.get(request_id)
+            if entry is None:  # given up meanwhile (a timeout): nothing waits for the answer
+                return
             self._must_wait[request_id] = bool(wait)
-        if entry is not None:
-            entry[1]()  # settles a concurrent future: any thread
+        entry[1]()  # settles a concurrent future: any thread
 
     def finished(self, request_id: str, error) -> None:
         with self._lock:
@@ -713,6 +779,7 @@ def _receiver_scp_class():
             self._tokens = itertools.count()
             self._slots: dict[int, concurrent.futures.Future] = {}
             self._settled: set[int] = set()  # slot tokens taken or given up since the last report
+            self._reported = (0, 0)  # the counts last reported
 
         def _take_slot(self, event) -> str | None:
             """Asked of the node without holding the lock (the pipe's reader thread takes it); the node
@@ -741,12 +808,24 @@ def _receiver_scp_class():
                 answer.set_result(reason)
 
         def _associations_changed(self) -> None:
+            self.report_associations(always=True)
+
+        def report_associations(self, always: bool = False) -> None:
+            """Tell the node this receiver's association counts and the slot tokens settled since the last
+            report (``always`` False: only when something changed, for the periodic report)."""
             with self._lock:
                 self._forget_ended()
                 counts = (len(self._active | self._negotiating), len(self._active))
+                if not always and counts == self._reported and not self._settled:
+                    return
                 settled, self._settled = self._settled, set()
+                self._reported = counts
                 # sent under the lock: reports leave in the order of the states they describe
                 self._link.send(("assocs", *counts, tuple(settled)))
+
+        def _abandon(self, plane, request_id: str, verifying) -> None:
+            """The node forgets the image (also when its verification has finished: it holds the verdict)."""
+            plane.abandon(request_id, tell=not verifying.cancel())  # (a cancel told the node already)
 
         def _submit_verify(self, plane, prepared, request_id: str, on_admitted) -> concurrent.futures.Future:
             return plane.submit(prepared, request_id, self.verify_timeout_s, on_admitted)
@@ -778,6 +857,11 @@ def _server_class(listening: socket.socket):
 
         def server_activate(self) -> None:  # the node listens already
             pass
+
+        def server_close(self) -> None:
+            """Close this process's handle only: pynetdicom's ``shutdown(SHUT_RDWR)`` of the socket would stop
+            it listening for the node and every other receiver too."""
+            self.socket.close()
 
     return InheritedSocketServer
 
@@ -812,6 +896,9 @@ def run_receiver(conn, listening: socket.socket, setup: dict, node_pid: int) -> 
     try:
         while True:
             try:
+                if not conn.poll(COUNTS_REFRESH_S):
+                    scp.report_associations()  # an association pynetdicom closed unseen frees its slot
+                    continue
                 message = conn.recv()
             except (EOFError, OSError):
                 break  # the node is gone
@@ -854,7 +941,7 @@ def _start(link: _Link, listening: socket.socket, setup: dict):
         sop_classes=setup["sop_classes"],
         plane=lambda: plane,
         loop=None,  # the node's data plane runs in the node's process
-        journal=Journal(setup["journal"], recover=False),
+        journal=Journal(setup["journal"], recover=False, writer=setup["writer"]),
         metrics=_RemoteMetrics(link),
         audit=_RemoteAudit(link),
         on_stored=lambda: link.send(("stored",)),

@@ -393,13 +393,13 @@ class StorageSCP:
             return OUT_OF_RESOURCES, "node is stopping or not ready; retry", "not_ready"
         except BaseException:
             if verifying is not None:
-                verifying.cancel()
+                self._abandon(plane, request_id, verifying)
             self._discard(written)
             raise
         try:
             incoming = written.result()
         except OSError as exc:
-            verifying.cancel()
+            self._abandon(plane, request_id, verifying)
             self._discard(written)
             log.error("cannot write the journal (%s): answering out of resources", exc.strerror or exc)
             return OUT_OF_RESOURCES, "cannot store the image on disk", "error"
@@ -426,6 +426,11 @@ class StorageSCP:
             ),
             self.loop,
         )
+
+    def _abandon(self, plane, request_id: str, verifying: concurrent.futures.Future) -> None:
+        """An image admitted for verification is refused after all (its answer is a failure): no verdict
+        of it is handed over. (In one process the cancelled future is all; a receiver tells the node.)"""
+        verifying.cancel()
 
     def _must_wait(self, plane, request_id: str) -> bool:
         """Whether this answer waits for its verdict: more than ``max_unjudged`` answered images wait for
