@@ -58,7 +58,14 @@ from .checks import (
     decide,
     softmax,
 )
-from .checks.graph import GUARD_COLUMNS, guarded_model_bytes, resolve_arithmetic, scores_from_graph
+from .checks.graph import (
+    GUARD_COLUMNS,
+    GuardGraphError,
+    guarded_model_bytes,
+    requested_arithmetic,
+    resolve_arithmetic,
+    scores_from_graph,
+)
 from .engines import EngineOutput
 from .engines.base import ComputedOnRead, ResizedMap
 from .similarity import MEASURES, all_finite
@@ -244,7 +251,15 @@ class Guard:
         policy, key = cls.settings(manifest, policy=policy, enforced_checks=enforced_checks)
         guarded = None
         if resolve_arithmetic(arithmetic) == "graph":
-            guarded = guarded_model_bytes(bundle_dir, calibration)
+            try:
+                guarded = guarded_model_bytes(bundle_dir, calibration)
+            except GuardGraphError as exc:
+                if requested_arithmetic(arithmetic) == "graph":  # asked for by name: no other way is taken
+                    raise bundle_mod.BundleError(
+                        f"{bundle_dir}: {exc}; serve it with the checks' arithmetic on the host "
+                        "(--arithmetic host or GAMGUARD_GUARD_ARITHMETIC=host)"
+                    ) from None
+                log.warning("guard: %s; the checks' arithmetic runs on the host (the numpy reference)", exc)
         engine = create_engine(
             bundle_dir, manifest, prefer=prefer, providers=providers, threads=threads, guarded=guarded
         )

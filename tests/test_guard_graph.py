@@ -233,3 +233,48 @@ def test_feature_score_graph_matches_reference_for_any_whitener(guards, triangul
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert sum(n.op_type == "MatMul" for n in b.nodes) == (4 if triangular else 1)
     assert any(n.op_type == "ReduceL2" for n in b.nodes) == polar
+
+
+def test_a_model_below_opset_18_gets_the_guard_subgraph_after_conversion(demo_bundle):
+    """``export --opset 17`` (TensorRT 8.x) and ONNX-only models at opset 13-17: the subgraph's opset-18
+    reductions need the model raised to opset 18 first; the guard output is the same."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import version_converter
+
+    from gamguard.runtime import bundle as bundle_mod
+    from gamguard.runtime.checks.graph import guarded_model
+    from gamguard.runtime.guard import CalibrationData
+
+    calibration = CalibrationData.load(demo_bundle, bundle_mod.load_manifest(demo_bundle, require_calibration=True))
+    fused = onnx.load(str(demo_bundle / "model.onnx"))
+    old = version_converter.convert_version(fused, 17)
+    x = np.random.default_rng(0).random((2, 1, 128, 128), dtype=np.float32)
+    outputs = [
+        ort.InferenceSession(guarded_model(m, calibration).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["logits", "guard"], {"image": x}
+        )
+        for m in (fused, old)
+    ]
+    for a, b in zip(*outputs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_the_guard_subgraph_does_not_fit_is_served_with_host_arithmetic_or_refused(
+    demo_bundle, monkeypatch, caplog
+):
+    """``auto``: a warning and the numpy reference on the host; ``graph`` asked for by name: a clear error."""
+    from gamguard.runtime import bundle as bundle_mod
+    from gamguard.runtime.checks import graph
+
+    def cannot(model, opset):
+        raise graph.GuardGraphError("the model's opset 11 cannot be raised to 18 for the guard subgraph (test)")
+
+    monkeypatch.setattr(graph, "_at_least_opset", cannot)
+    monkeypatch.delenv(graph.ARITHMETIC_ENV, raising=False)
+    with caplog.at_level("WARNING", logger="gamguard.runtime.guard"):
+        guard = Guard.from_bundle(demo_bundle, providers="cpu", threads=1, prefer="onnxruntime")
+    assert guard.engine.describe()["guard_arithmetic"] == "host"
+    assert "opset 11 cannot be raised" in caplog.text and "runs on the host" in caplog.text
+    with pytest.raises(bundle_mod.BundleError, match="arithmetic host"):
+        Guard.from_bundle(demo_bundle, providers="cpu", threads=1, prefer="onnxruntime", arithmetic="graph")

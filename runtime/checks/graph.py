@@ -120,22 +120,48 @@ class _Builder:
         return self.op("ReduceSum", x, self.i64(list(axes)), keepdims=1)
 
 
+class GuardGraphError(RuntimeError):
+    """The guard subgraph cannot be added to this model (its arithmetic can still run on the host)."""
+
+
 def guarded_model(fused, calibration):
-    """``fused`` (an ``onnx.ModelProto`` with outputs logits/cam/early) with the ``guard`` output added."""
+    """``fused`` (an ``onnx.ModelProto`` with outputs logits/cam/early) with the ``guard`` output added.
+    A model below opset 18 (``gamguard export --opset 17``, an ONNX-only model at opset 13-17) is
+    converted to opset 18 first (``onnx.version_converter``): the subgraph's reductions and splits are
+    written in opset 18's form. Raises :class:`GuardGraphError` when that fails."""
     import onnx
     from onnx import TensorProto, helper
 
     model = onnx.ModelProto()
-    model.CopyFrom(fused)
+    model.CopyFrom(_at_least_opset(fused, _OPSET))
     b = _Builder()
-    _build(b, "logits", "cam", "early", calibration, _cam_size_source(fused))
+    _build(b, "logits", "cam", "early", calibration, _cam_size_source(model))
     model.graph.node.extend(b.nodes)
     model.graph.initializer.extend(b.inits)
     model.graph.output.append(
         helper.make_tensor_value_info(GUARD_OUTPUT, TensorProto.FLOAT, [None, len(GUARD_COLUMNS)])
     )
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise GuardGraphError(f"the guard subgraph does not fit this model: {str(exc).splitlines()[0]}") from None
     return model
+
+
+def _at_least_opset(model, opset: int):
+    """``model`` with its default-domain opset raised to ``opset`` when it is below (else as it is)."""
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current is None or current >= opset:
+        return model
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # noqa: BLE001 - the converter raises several types
+        raise GuardGraphError(
+            f"the model's opset {current} cannot be raised to {opset} for the guard subgraph "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
 def guard_only_model(calibration, *, n_classes: int, early_shape):
@@ -161,6 +187,17 @@ def guard_only_model(calibration, *, n_classes: int, early_shape):
     return model
 
 
+def requested_arithmetic(requested: str | None = None) -> str:
+    """What was asked for, one of :data:`ARITHMETIC` (``requested``, else env ``GAMGUARD_GUARD_ARITHMETIC``,
+    else ``auto``); ValueError for anything else."""
+    import os
+
+    requested = (requested or os.environ.get(ARITHMETIC_ENV) or "auto").strip().lower()
+    if requested not in ARITHMETIC:
+        raise ValueError(f"guard arithmetic must be one of {', '.join(ARITHMETIC)}, got {requested!r}")
+    return requested
+
+
 def resolve_arithmetic(requested: str | None = None) -> str:
     """``graph`` or ``host``. ``auto`` (the default; env ``GAMGUARD_GUARD_ARITHMETIC`` overrides it) is
     ``graph`` on every provider: on GPU providers it keeps the arithmetic on the device, and on ONNX
@@ -168,11 +205,7 @@ def resolve_arithmetic(requested: str | None = None) -> str:
     ONNX Runtime's single-threaded kernels instead of numpy's threaded BLAS, and a batch needs no
     Python loop per class); ``gamguard bench`` times both sides on the chosen provider. ``host`` keeps
     the numpy reference on the hot path."""
-    import os
-
-    requested = (requested or os.environ.get(ARITHMETIC_ENV) or "auto").strip().lower()
-    if requested not in ARITHMETIC:
-        raise ValueError(f"guard arithmetic must be one of {', '.join(ARITHMETIC)}, got {requested!r}")
+    requested = requested_arithmetic(requested)
     return "graph" if requested == "auto" else requested
 
 

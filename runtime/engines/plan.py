@@ -466,8 +466,11 @@ def build_engine_for_bundle(
 def _guarded_model_bytes(bundle_dir: Path, manifest: dict) -> bytes:
     """The fused model with the guard subgraph of this (calibrated) bundle."""
     from ..checks import CalibrationData
-    from ..checks.graph import guarded_model_bytes
+    from ..checks.graph import GuardGraphError, guarded_model_bytes
 
     if not manifest.get("calibration"):
         raise BundleError(f"{bundle_dir}: --guard-graph needs a calibrated bundle (the graph's constants come from it)")
-    return guarded_model_bytes(bundle_dir, CalibrationData.load(bundle_dir, manifest))
+    try:
+        return guarded_model_bytes(bundle_dir, CalibrationData.load(bundle_dir, manifest))
+    except GuardGraphError as exc:
+        raise BundleError(f"{bundle_dir}: --guard-graph: {exc}; build the plan without it") from None
