@@ -315,3 +315,18 @@ def test_grpc_verdict_computes_the_heatmap_only_when_asked(demo_bundle):
     h, w = guard.spec.height, guard.spec.width
     assert (with_values.heatmap.height, with_values.heatmap.width) == (h, w)
     np.testing.assert_array_equal(np.asarray(with_values.heatmap.values, np.float32).reshape(h, w), v.cam)
+
+
+def test_a_half_static_input_is_served_only_at_its_static_size(demo_bundle):
+    """An input with a static height and a dynamic width is specialised to other widths, never to
+    another height (its static dim is not overwritten)."""
+    model = onnx.load(str(demo_bundle / MODEL_FILE))
+    inp = next(i for i in model.graph.input if i.name == "image")
+    height = inp.type.tensor_type.shape.dim[2]
+    height.Clear()
+    height.dim_value = 128
+    fixed = specialize_spatial(model, 128, 96)
+    dims = [d.dim_value for d in next(i for i in fixed.graph.input if i.name == "image").type.tensor_type.shape.dim[2:]]
+    assert dims == [128, 96]
+    with pytest.raises(EngineError, match="cannot serve 96x96"):
+        specialize_spatial(model, 96, 96)

@@ -225,6 +225,7 @@ def test_onnx_only_export_parity(name, tmp_path, one_torch_thread):
         model, target, early, lambda x: sess.run(["logits", "cam", "early"], {"image": x.numpy()}), 1
     )
     print(f"\nONNX-only {name}: {worst}")
+    _check_served_graph(tmp_path / "b" / "model.onnx", sess, 1)  # its resize to the input size is deferred too
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch names its TorchScript exporter legacy

@@ -106,6 +106,8 @@ def specialize_spatial(model, height: int, width: int):
         if tuple(dims) != (height, width):
             raise EngineError(f"the model's input is {dims[0]}x{dims[1]}, not {height}x{width}")
         return model
+    if any(isinstance(d, int) and d != v for d, v in zip(dims, (height, width))):
+        raise EngineError(f"the model's input is {dims[0]}x{dims[1]}: it cannot serve {height}x{width}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -187,6 +189,36 @@ def pool_early_with_average_pool(model, output: str = "early", *, folded: bool =
     )
     _set_nodes(folded.graph, [pool if n is outer else n for n in folded.graph.node if n is not inner])
     return folded, True
+
+
+def _producer_through_identity(model, output: str):
+    """The node that computes ``output``, looking through one ``Identity`` (``gamguard export --onnx``
+    names its outputs that way)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(output)
+    if node is not None and node.op_type == "Identity":
+        node = producer.get(node.input[0])
+    return node
+
+
+def _bypass_identity(graph, output: str) -> None:
+    """``output = Identity(x)`` → the node computing ``x`` writes ``output`` itself (its readers follow), so
+    that the rewrites below see the product that computes ``output``. Left as it is when ``x`` is a graph
+    input, an initializer or a graph output."""
+    producer = {o: n for n in graph.node for o in n.output}
+    identity = producer.get(output)
+    if identity is None or identity.op_type != "Identity":
+        return
+    source = identity.input[0]
+    node = producer.get(source)
+    if node is None or source in {o.name for o in graph.output}:
+        return
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name == source:
+                n.input[i] = output
+    node.output[list(node.output).index(source)] = output
+    graph.node.remove(identity)
 
 
 def _copy_model(model):
@@ -296,10 +328,10 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
     rounding)."""
     from onnx import helper, numpy_helper
 
-    producer = {o: n for n in model.graph.node for o in n.output}
-    if getattr(producer.get(output), "op_type", "") != "Div":  # cheap test before folding (a session start)
+    if getattr(_producer_through_identity(model, output), "op_type", "") != "Div":  # cheap test before folding
         return model, False
     folded_model = _copy_model(model) if folded else fold_constants(model)  # the caller's model is not changed
+    _bypass_identity(folded_model.graph, output)
     g = _GraphIndex(folded_model.graph)
     node, const, consumers = g.node, g.const, g.consumers
     div = node(output, "Div")
@@ -331,6 +363,9 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
         or {id(n) for n in consumers.get(full, [])} != {id(lo_node), id(hi_node), id(num)}
         or len(g.users(inner)) != 1
     ):
+        return model, False
+    declared = next((o for o in folded_model.graph.output if o.name == output), None)
+    if declared is None or len(declared.type.tensor_type.shape.dim) != 3:  # [N, H, W]: the axes below assume it
         return model, False
     for reduce in (lo_node, hi_node):
         axes = _reduce_axes(reduce, g)
@@ -412,10 +447,11 @@ def defer_cam_resize(model, output: str = "cam", *, folded: bool = False):
     from onnx import TensorProto, helper, numpy_helper
 
     producer = {o: n for n in model.graph.node for o in n.output}
-    outer = producer.get(output)
+    outer = _producer_through_identity(model, output)
     if outer is None or outer.op_type != "MatMul" or getattr(producer.get(outer.input[1]), "op_type", "") != "MatMul":
         return model, None
     rewritten = _copy_model(model) if folded else fold_constants(model)
+    _bypass_identity(rewritten.graph, output)
     g = _GraphIndex(rewritten.graph)
     mat = g.node(output, "MatMul")
     inner = mat and g.node(mat.input[1], "MatMul")
