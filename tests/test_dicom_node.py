@@ -617,7 +617,11 @@ def test_receivers_or_not_the_node_answers_alike(guard, demo_bundle, tmp_path, r
         ae.add_requested_context(Verification)
         first = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
         others = [ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD") for _ in range(3)]
-        assert first.is_established and all(a.is_rejected for a in others)  # one slot over all receivers
+        # one slot over all receivers. (The node rejects each; once in a full-suite run, on a loaded machine,
+        # pynetdicom's requestor saw two of the three rejections as a closed connection: none gets in.)
+        states = [(a.is_established, a.is_rejected, a.is_aborted) for a in others]
+        assert first.is_established and not any(a.is_established for a in others), states
+        assert any(a.is_rejected for a in others), states
         first.release()
         if receivers:
             pids = hub.pids()
