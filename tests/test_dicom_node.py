@@ -1709,14 +1709,19 @@ def _start_node_process(tmp_path: Path, demo_bundle: Path, port: int, forward: s
     log = open(tmp_path / log_name, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp_path / log_name).read_text()
-        echo = subprocess.run(["echoscu", "-aec", "GAMGUARD", "127.0.0.1", str(port)], capture_output=True, timeout=30)
-        if echo.returncode == 0:
-            return proc
-        time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("the node did not answer C-ECHO within 90 s")
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / log_name).read_text()
+            echo = subprocess.run(
+                ["echoscu", "-aec", "GAMGUARD", "127.0.0.1", str(port)], capture_output=True, timeout=30
+            )
+            if echo.returncode == 0:
+                return proc
+            time.sleep(0.3)
+        raise AssertionError("the node did not answer C-ECHO within 90 s")
+    except BaseException:
+        proc.kill()  # never left running by a failed test
+        raise
 
 
 def test_forwarding_loses_nothing_with_the_archive_down_and_a_node_crash(guard, demo_bundle, tmp_path):

@@ -789,9 +789,11 @@ def _receiver_scp_class():
             token = next(self._tokens)
             answer: concurrent.futures.Future = concurrent.futures.Future()
             self._slots[token] = answer
-            self._link.send(("slot?", token))
             try:
-                reason = answer.result(30)
+                if self.draining or not self._link.send(("slot?", token)):
+                    reason = "node shutting down"
+                else:
+                    reason = answer.result(30)
             except concurrent.futures.TimeoutError:
                 reason = "the node did not answer"
             finally:
@@ -805,7 +807,15 @@ def _receiver_scp_class():
         def slot(self, token: int, reason) -> None:
             answer = self._slots.get(token)
             if answer is not None and not answer.done():
-                answer.set_result(reason)
+                try:
+                    answer.set_result(reason)
+                except concurrent.futures.InvalidStateError:  # answered by node_gone meanwhile
+                    pass
+
+        def node_gone(self) -> None:
+            """The node is gone or stopping this receiver: associations waiting for a slot are refused."""
+            for token in list(self._slots):
+                self.slot(token, "node shutting down")
 
         def _associations_changed(self) -> None:
             self.report_associations(always=True)
@@ -893,6 +903,7 @@ def run_receiver(conn, listening: socket.socket, setup: dict, node_pid: int) -> 
         link.send(("failed_to_start", f"{type(exc).__name__}: {exc}"))
         return
     link.send(("ready",))
+    node_gone = False
     try:
         while True:
             try:
@@ -901,7 +912,8 @@ def run_receiver(conn, listening: socket.socket, setup: dict, node_pid: int) -> 
                     continue
                 message = conn.recv()
             except (EOFError, OSError):
-                break  # the node is gone
+                node_gone = True
+                break
             kind = message[0]
             if kind == "admitted":
                 plane.admitted(message[1], message[2])
@@ -918,6 +930,13 @@ def run_receiver(conn, listening: socket.socket, setup: dict, node_pid: int) -> 
                 break
     finally:
         stop.set()
+        scp.draining = True  # an association that still comes in is turned away at once
+        scp.node_gone()  # ... and one waiting for the node's slot answer is not kept waiting
+        if node_gone:  # no node behind the port: stop it listening for every process that shares it
+            try:
+                listening.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         server.shutdown()  # aborts what is still open: the node waited for its associations first
         scp.close()
         link.close()
