@@ -715,6 +715,25 @@ def test_a_receiver_that_stops_leaves_the_port_to_the_others(demo_bundle, tmp_pa
         assert all(echo(node.port) for _ in range(6))
 
 
+def test_receivers_stop_without_being_killed(demo_bundle, tmp_path, caplog):
+    """Every receiver's select wakes on a new connection and one accept wins: the others must not be left
+    blocked in accept (the listening socket is non-blocking), or stopping the node has to kill them."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    with caplog.at_level("WARNING", logger="gamguard.runtime.dicomnode.receiver"):
+        with _node(tmp_path, demo_bundle, [], receivers=2) as node:
+            pids = node.node.scp.pids()
+            for _ in range(12):
+                assoc = ae.associate("127.0.0.1", node.port, ae_title="GAMGUARD")
+                assert assoc.is_established
+                assoc.release()
+        assert "did not stop in time" not in caplog.text
+    assert _all_end(pids)
+
+
 def test_a_dead_receivers_journal_entries_are_told_apart_by_writer(tmp_path):
     """Journal.take_incoming takes one writer's incoming images (complete: ready; cut short: deleted),
     leaves other writers' and the ones being handed over."""

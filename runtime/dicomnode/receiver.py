@@ -862,6 +862,10 @@ def _server_class(listening: socket.socket):
 
         def server_bind(self) -> None:
             self.socket.close()
+            # Non-blocking: every receiver's select wakes on a new connection and one accept wins; a
+            # blocking accept would hold the others until the next connection (and through a stop).
+            # (The flag is the socket's, shared by every process; only receivers accept on it.)
+            listening.setblocking(False)
             self.socket = listening
             self.server_address = listening.getsockname()
 
