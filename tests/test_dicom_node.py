@@ -705,7 +705,9 @@ def test_a_receiver_that_stops_leaves_the_port_to_the_others(demo_bundle, tmp_pa
         hub = node.node.scp
         first = hub._receivers[0]
         first.link.send(("stop",))  # not through close(): the hub restarts it
-        first.process.join(30)
+        deadline = time.monotonic() + 30  # (the hub joins it: a second join here could race it)
+        while first.process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not first.process.is_alive()
         assert all(echo(node.port) for _ in range(6))  # the other receiver still accepts
         deadline = time.monotonic() + 30
