@@ -191,10 +191,9 @@ def pool_early_with_average_pool(model, output: str = "early", *, folded: bool =
     return folded, True
 
 
-def _producer_through_identity(model, output: str):
-    """The node that computes ``output``, looking through one ``Identity`` (``gamguard export --onnx``
-    names its outputs that way)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+def _producer_through_identity(producer: dict, output: str):
+    """The node that computes ``output`` (``producer``: tensor name → node), looking through one
+    ``Identity`` (``gamguard export --onnx`` names its outputs that way)."""
     node = producer.get(output)
     if node is not None and node.op_type == "Identity":
         node = producer.get(node.input[0])
@@ -328,7 +327,8 @@ def cam_min_max_on_small_map(model, output: str = "cam", *, folded: bool = False
     rounding)."""
     from onnx import helper, numpy_helper
 
-    if getattr(_producer_through_identity(model, output), "op_type", "") != "Div":  # cheap test before folding
+    producer = {o: n for n in model.graph.node for o in n.output}
+    if getattr(_producer_through_identity(producer, output), "op_type", "") != "Div":  # cheap test before folding
         return model, False
     folded_model = _copy_model(model) if folded else fold_constants(model)  # the caller's model is not changed
     _bypass_identity(folded_model.graph, output)
@@ -447,7 +447,7 @@ def defer_cam_resize(model, output: str = "cam", *, folded: bool = False):
     from onnx import TensorProto, helper, numpy_helper
 
     producer = {o: n for n in model.graph.node for o in n.output}
-    outer = _producer_through_identity(model, output)
+    outer = _producer_through_identity(producer, output)
     if outer is None or outer.op_type != "MatMul" or getattr(producer.get(outer.input[1]), "op_type", "") != "MatMul":
         return model, None
     rewritten = _copy_model(model) if folded else fold_constants(model)
