@@ -195,6 +195,7 @@ def decode_bytes(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     reserve: Callable[[int], None] | None = None,
+    on_decodable: Callable[[int, int], None] | None = None,
 ) -> DecodedImage:
     """Decode an encoded image (PNG, JPEG, DICOM), chosen by its magic bytes.
 
@@ -203,6 +204,12 @@ def decode_bytes(
     complete, supported image of at most ``max_pixels`` pixels per frame whose decode needs at most
     ``max_decode_bytes``. ``reserve(nbytes)``, when given, is called with the memory the decode is
     about to take (possibly in several parts) before it is allocated; it may raise to refuse.
+
+    ``on_decodable(height, width)``, when given, is called before the pixel data is decoded once the
+    decode is known to succeed, with the size of the image it gives: for a grey DICOM in an uncompressed
+    transfer syntax, after the checks of its header, of its pixel data's length and of its grey pipeline
+    (:func:`_decodes_from_header`); never for other images. For a caller that answers before the decode
+    ends (the DICOM node answers a C-STORE). It must not raise.
     """
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
@@ -222,7 +229,7 @@ def decode_bytes(
         return _decode_jpeg(data, max_pixels, memory)
     if _looks_like_dicom(data):
         try:
-            return _decode_dicom(data, frame, max_pixels, memory)
+            return _decode_dicom(data, frame, max_pixels, memory, on_decodable)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - hostile bytes can break pydicom in many ways
@@ -666,7 +673,7 @@ def _technical_meta(ds) -> dict:
                 meta[key] = [str(v) for v in value]
             else:
                 meta[key] = value if isinstance(value, int) else str(value)
-        except (ValueError, TypeError):
+        except Exception:  # noqa: BLE001 - e.g. an element of unknown VR: read after the decode is promised
             continue
     return meta
 
@@ -750,10 +757,20 @@ def _modality_output(values: np.ndarray, ds) -> np.ndarray:
     return out
 
 
-def _decode_dicom(data: bytes, frame: int | None, max_pixels: int, memory: _DecodeMemory) -> DecodedImage:
-    from pydicom.pixels import apply_color_lut, pixel_array
+@dataclass
+class _DicomHeader:
+    rows: int
+    cols: int
+    frames: int
+    photometric: str
+    label: str  # the transfer syntax, for messages
+    bits_stored: int
+    meta: dict  # (without the informative attributes, read after the decode is promised: _technical_meta)
 
-    ds = _read_dicom(data, memory)
+
+def _dicom_header(ds, frame: int | None, max_pixels: int, memory: _DecodeMemory) -> _DicomHeader:
+    """Everything the decode reads from a parsed DICOM's header and checks there, before it touches the
+    pixel data, with the decode's memory claimed (what it reads after that cannot fail)."""
     rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
     n_frames = _int_attr(ds, "NumberOfFrames", 1) if ds.get("NumberOfFrames") not in (None, "") else 1
     if n_frames < 1:
@@ -774,16 +791,6 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int, memory: _Deco
     samples = max(1, _int_attr(ds, "SamplesPerPixel", 1))
     sample_bytes = max(1, (_int_attr(ds, "BitsAllocated", 16) + 7) // 8)
     memory.claim(decode_cost_bytes(cols, rows, samples, sample_bytes, "dicom"), f"a {cols}x{rows} DICOM frame")
-
-    try:
-        arr = pixel_array(ds, index=int(frame) if n_frames > 1 else None)
-    except Exception as exc:  # noqa: BLE001 - a corrupt codestream can fail in many ways
-        # the exception's text can quote attribute values: only its type is reported
-        raise DecodeError(f"could not decode DICOM pixel data ({label}): {type(exc).__name__}") from None
-    if n_frames == 1 and arr.ndim >= 3 and arr.shape[0] == 1 and arr.shape[1:3] == (rows, cols):
-        arr = arr[0]
-
-    bits_stored = _int_attr(ds, "BitsStored", _int_attr(ds, "BitsAllocated", 8))
     meta: dict = {
         "photometric": photometric,
         "rows": rows,
@@ -793,13 +800,133 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int, memory: _Deco
         "transfer_syntax": str(tsuid),
         "transfer_syntax_name": tsuid.name,
     }
-    meta.update(_technical_meta(ds))
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):  # (both numbers: _finite_attrs)
+        meta["rescale_slope"] = float(ds.get("RescaleSlope", 1) or 1)
+        meta["rescale_intercept"] = float(ds.get("RescaleIntercept", 0) or 0)
+    return _DicomHeader(
+        rows=rows,
+        cols=cols,
+        frames=n_frames,
+        photometric=photometric,
+        label=label,
+        bits_stored=_int_attr(ds, "BitsStored", _int_attr(ds, "BitsAllocated", 8)),
+        meta=meta,
+    )
+
+
+def _sop_instance_uid(ds) -> str | None:
+    """The dataset's SOP Instance UID (informative here: None when it does not read)."""
+    try:
+        uid = ds.get("SOPInstanceUID")
+    except Exception:  # noqa: BLE001 - e.g. an unknown VR
+        return None
+    return str(uid) if uid else None
+
+
+#: transfer syntaxes whose pixel data is stored as it is, no codec: implicit and explicit VR little
+#: endian, explicit VR big endian (PS3.5 A.1–A.3; deflated is left out: its dataset must be inflated)
+NATIVE_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+
+
+def _decodes_from_header(ds, header: _DicomHeader, frame: int | None) -> bool:
+    """Whether the decode of ``ds`` (its header checked: ``header``) is known to succeed before its pixel
+    data is decoded: True for a grey image (MONOCHROME1/2, one sample) in an uncompressed transfer syntax
+    whose pixel data has the length the header implies (pydicom's own validation, which its decode runs
+    again) and whose grey pipeline maps the smallest and largest stored values to finite values
+    (:func:`_probe_grey_pipeline`): every later step maps each stored value monotonically between those
+    two, so nothing left depends on the pixel values. False: only decoding can tell (compressed, colour).
+    Raises the DecodeError the decode would raise."""
+    from pydicom.pixels.decoders.base import DecodeRunner
+
+    tsuid = ds.file_meta.TransferSyntaxUID
+    photometric = header.photometric
+    if tsuid not in NATIVE_TRANSFER_SYNTAXES or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return False
+    if _int_attr(ds, "SamplesPerPixel", 1) != 1:
+        return False
+    runner = DecodeRunner(tsuid)
+    try:
+        runner.set_source(ds)
+        runner.validate()
+    except Exception as exc:  # noqa: BLE001 - as the decode reports it
+        raise DecodeError(f"could not decode DICOM pixel data ({header.label}): {type(exc).__name__}") from None
+    if frame is None and runner.number_of_frames != header.frames:  # the decode would get every frame
+        raise DecodeError(
+            f"{photometric} DICOM frame has unexpected shape {(runner.number_of_frames, header.rows, header.cols)}"
+        )
+    _probe_grey_pipeline(ds, photometric, runner)
+    return True
+
+
+#: what the grey pipeline did to the probe of :func:`_probe_grey_pipeline` (None, or the DecodeError it
+#: raised), by the values it depends on; a console sends the same ones image after image
+_GREY_PROBES: dict = {}
+_GREY_PROBES_MAX = 256
+#: Modality LUT Sequence, VOI LUT Sequence (a raw element in implicit VR has no VR to tell)
+_LUT_SEQUENCES = (0x00283000, 0x00283010)
+
+
+def _probe_grey_pipeline(ds, photometric: str, runner) -> None:
+    """:func:`_monochrome` on the smallest and largest stored values: raises the DecodeError the decode's
+    grey pipeline would raise on this header. Every attribute that pipeline reads (rescale, modality LUT,
+    window, VOI LUT, bits, sign, photometric interpretation) is in group 0028, so the outcome is remembered
+    by that group's values as encoded, with the transfer syntax that says how they read (pydicom's windowing
+    costs ~0.2 ms even on two values); a header with a LUT sequence is probed every time."""
+    key = [photometric, str(ds.file_meta.TransferSyntaxUID)]  # (how the raw values below read)
+    for tag in ds.keys():
+        if tag.group != 0x0028 or tag.element == 0:
+            continue
+        element = ds.get_item(tag)
+        if element.VR == "SQ" or tag in _LUT_SEQUENCES:
+            key = None
+            break
+        value = element.value
+        key.append((int(tag), element.VR, value if isinstance(value, bytes) else str(value)))
+    key = tuple(key) if key is not None else None
+    if key is not None and key in _GREY_PROBES:
+        error = _GREY_PROBES[key]
+        if error is not None:
+            raise DecodeError(error)
+        return
+    bits = runner.bits_stored
+    signed = runner.pixel_representation == 1
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    dtype = np.dtype(f"{'i' if signed else 'u'}{max(1, (runner.bits_allocated + 7) // 8)}")
+    error = None
+    try:
+        _monochrome(np.array([[lo, hi]], dtype), ds, photometric, table=False)
+    except DecodeError as exc:
+        error = str(exc)
+    if key is not None:
+        if len(_GREY_PROBES) >= _GREY_PROBES_MAX:
+            _GREY_PROBES.clear()
+        _GREY_PROBES[key] = error
+    if error is not None:
+        raise DecodeError(error)
+
+
+def _decode_dicom(
+    data: bytes, frame: int | None, max_pixels: int, memory: _DecodeMemory, on_decodable=None
+) -> DecodedImage:
+    from pydicom.pixels import apply_color_lut, pixel_array
+
+    ds = _read_dicom(data, memory)
+    header = _dicom_header(ds, frame, max_pixels, memory)
+    if on_decodable is not None and _decodes_from_header(ds, header, frame):
+        on_decodable(header.rows, header.cols)
+    rows, cols, n_frames, photometric = header.rows, header.cols, header.frames, header.photometric
+    bits_stored, meta = header.bits_stored, {**header.meta, **_technical_meta(ds)}
+    try:
+        arr = pixel_array(ds, index=int(frame) if n_frames > 1 else None)
+    except Exception as exc:  # noqa: BLE001 - a corrupt codestream can fail in many ways
+        # the exception's text can quote attribute values: only its type is reported
+        raise DecodeError(f"could not decode DICOM pixel data ({header.label}): {type(exc).__name__}") from None
+    if n_frames == 1 and arr.ndim >= 3 and arr.shape[0] == 1 and arr.shape[1:3] == (rows, cols):
+        arr = arr[0]
 
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim != 2:
             raise DecodeError(f"{photometric} DICOM frame has unexpected shape {arr.shape}")
-        meta["rescale_slope"] = float(ds.get("RescaleSlope", 1) or 1)
-        meta["rescale_intercept"] = float(ds.get("RescaleIntercept", 0) or 0)
         pixels, voi = _monochrome(arr, ds, photometric)
         meta.update(voi)
     elif photometric == "PALETTE COLOR":
@@ -818,11 +945,10 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int, memory: _Deco
 
     if not np.isfinite(pixels).all():
         raise DecodeError("DICOM pixel pipeline produced NaN or Inf")
-    uid = ds.get("SOPInstanceUID")
     return DecodedImage(
         pixels=np.ascontiguousarray(pixels),
         format="dicom",
         bit_depth=bits_stored,
-        sop_instance_uid=str(uid) if uid else None,
+        sop_instance_uid=_sop_instance_uid(ds),
         meta=meta,
     )

@@ -42,12 +42,22 @@ def resize_image(image: np.ndarray, height: int, width: int, resize: str = "stre
     raise InvalidInput(f"unknown resize policy {resize!r} (expected 'stretch' or 'letterbox')")
 
 
+#: the smallest height and width an image may have
+MIN_SIDE = 8
+
+
+def accepts_size(height: int, width: int) -> bool:
+    """Whether :func:`preprocess` takes a decoded image of this size (its only check that a decoded grey
+    image of finite pixels in [0, 1] can fail)."""
+    return height >= MIN_SIDE and width >= MIN_SIDE
+
+
 def preprocess(image: np.ndarray, spec: InputSpec) -> np.ndarray:
     """One decoded image (H x W float in [0, 1]) → model input ``[C, H, W]`` float32."""
     image = np.asarray(image)
     if image.ndim != 2:
         raise InvalidInput(f"expected a 2-D grayscale image, got shape {image.shape}")
-    if image.shape[0] < 8 or image.shape[1] < 8:
+    if not accepts_size(*image.shape):
         raise InvalidInput(f"image too small: {image.shape[1]}x{image.shape[0]} pixels")
     if not np.issubdtype(image.dtype, np.floating):
         raise InvalidInput(f"expected float pixels in [0, 1], got dtype {image.dtype}")

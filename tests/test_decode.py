@@ -705,3 +705,113 @@ def test_patient_elements_are_never_parsed():
     assert out.pixels.shape == (64, 64)
     assert not [w for w in caught if "SECRET" in str(w.message) or "VR LO" in str(w.message)]
     assert "SECRET" not in json.dumps(out.meta)
+
+
+# ------------------------------------------------------------ known to decode before the pixels are
+
+
+def _promise(data: bytes, **kw):
+    """``(sizes on_decodable was called with, the decoded image or the DecodeError)`` of one decode."""
+    calls = []
+    try:
+        out = decode_bytes(data, on_decodable=lambda h, w: calls.append((h, w)), **kw)
+    except DecodeError as exc:
+        out = exc
+    return calls, out
+
+
+def test_a_grey_uncompressed_dicom_is_known_to_decode_before_its_pixels():
+    """on_decodable is called once, with the frame's size, for grey DICOMs in every uncompressed transfer
+    syntax; not for colour, compressed or non-DICOM images (only their decode can tell)."""
+    img = gradient(48, 64, np.uint16) >> 4
+    for syntax in (ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian):
+        for photometric in ("MONOCHROME1", "MONOCHROME2"):
+            data = dicom(
+                img,
+                bits_stored=12,
+                transfer_syntax=syntax,
+                photometric=photometric,
+                WindowCenter=2048,
+                WindowWidth=4096,
+            )
+            calls, out = _promise(data)
+            assert calls == [(48, 64)] and out.pixels.shape == (48, 64), (syntax, photometric, out)
+    rgb = np.stack([gradient(16, 16)] * 3, axis=-1)
+    for data in (dicom(rgb, photometric="RGB"), png(gradient()), Path(pydicom_file("MR_small_RLE.dcm")).read_bytes()):
+        calls, out = _promise(data)
+        assert calls == [] and not isinstance(out, DecodeError)
+
+
+@pytest.mark.parametrize(
+    "attrs, message",
+    [
+        ({"WindowCenter": 2048, "WindowWidth": 0}, "invalid VOI LUT / window"),  # pydicom: width must be >= 1
+        ({"RescaleSlope": 0}, "RescaleSlope is 0"),
+        ({"WindowCenter": 100, "WindowWidth": 200, "VOILUTFunction": "CUBIC"}, "invalid VOI LUT / window"),
+        ({"WindowCenter": 100, "WindowWidth": -5, "VOILUTFunction": "SIGMOID"}, "invalid VOI LUT / window"),
+    ],
+)
+def test_a_header_the_grey_pipeline_refuses_is_refused_before_the_pixels(attrs, message):
+    calls, out = _promise(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs))
+    assert calls == [] and isinstance(out, DecodeError) and message in str(out)
+    calls, again = _promise(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs))  # remembered
+    assert calls == [] and str(again) == str(out)
+
+
+@pytest.mark.filterwarnings("ignore:The number of bytes of pixel data is sufficient")
+def test_pixel_data_of_the_wrong_length_is_refused_before_the_pixels():
+    img = gradient(16, 16, np.uint16)
+    for pixel_bytes in (img.tobytes()[:-64], img.tobytes() * 2):  # cut short; two frames' worth for one
+        calls, out = _promise(dicom(img, pixel_bytes=pixel_bytes))
+        assert calls == [] and isinstance(out, DecodeError), out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_an_image_known_to_decode_always_decodes_whatever_its_header_says(seed):
+    """The DICOM node answers a C-STORE once on_decodable is called, before the decode: a promise that
+    must hold. Bytes of a windowed, rescaled 12-bit DX are overwritten at random (1-3 per case, mostly in
+    the header: values, VRs, lengths, tags; now and then cut short), 1500 cases per seed: whenever the
+    promise is made, the decode succeeds. (Decodes go through the remembered grey-pipeline outcomes too.)"""
+    rng = np.random.default_rng(seed)
+    base = dicom(
+        gradient(24, 24, np.uint16) >> 4,
+        bits_stored=12,
+        photometric="MONOCHROME1",
+        WindowCenter=2000,
+        WindowWidth=3000,
+        RescaleSlope=1.5,
+        RescaleIntercept=-100,
+        VOILUTFunction="LINEAR",
+    )
+    pixels_at = base.rindex(b"\xe0\x7f\x10\x00")
+    promised = refused = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in range(1500):
+            data = bytearray(base)
+            for _ in range(rng.integers(1, 4)):
+                end = pixels_at + 12 if rng.random() < 0.9 else len(data)
+                data[int(rng.integers(128, end))] = int(rng.integers(0, 256))
+            if rng.random() < 0.05:
+                data = data[: int(rng.integers(132, len(data)))]
+            calls, out = _promise(bytes(data))
+            assert not (calls and isinstance(out, DecodeError)), f"case {case}: promised, then {out}"
+            promised += bool(calls)
+            refused += isinstance(out, DecodeError)
+    assert promised > 300 and refused > 150, (promised, refused)  # both sides were exercised
+
+
+def test_the_decode_stage_promises_only_what_preprocessing_takes():
+    """Decoder.decode_here passes the promise on only for an image preprocess accepts (8 pixels a side)."""
+    from gamguard.runtime.bundle import InputSpec
+    from gamguard.runtime.server.dataplane import DataPlaneConfig, Decoder
+
+    decoder = Decoder(DataPlaneConfig(), InputSpec(channels=1, height=32, width=32, mean=(0.5,), std=(0.25,)))
+    for side, promised in ((16, True), (4, False)):
+        calls = []
+        data = dicom(gradient(side, side, np.uint16))
+        try:
+            decoder.decode_here(data, on_decodable=lambda: calls.append(1))
+        except Exception:  # noqa: BLE001 - the 4x4 image is refused after its decode
+            assert not promised
+        assert bool(calls) == promised

@@ -456,13 +456,28 @@ class ReceiverHub:
     def _verify(self, r: _Receiver, rid: str, data: bytes, timeout_s: float) -> None:
         """Decode a received image smaller than :data:`DECODE_IN_RECEIVER_MIN_BYTES` and queue it for the
         engine, as the SCP does in one process: in the pipe's reader thread (a hand-over to another thread
-        cost more than the decode of such an image holds up the receiver's next message)."""
+        cost more than the decode of such an image holds up the receiver's next message).
+
+        An image whose decode is known to succeed before its pixels are decoded (a grey uncompressed DICOM:
+        ``on_decodable``) is admitted then: its receiver answers the console while this thread decodes it.
+        Should its decode or queueing fail all the same (a bug), the answered image's verification failed:
+        the results builder derives its verdict again."""
         plane = self.plane()
+        early: list[_Image | None] = []  # the image, once admitted before its decode
+
+        def decodable() -> None:
+            try:
+                early.append(self._register(r, rid))
+                if early[0] is not None:
+                    self._admitted(rid, plane)
+            except Exception:  # noqa: BLE001 - never into the decode; the image is then admitted after it
+                log.exception("DICOM node: cannot admit request %s before its decode", rid)
+
         try:
             if plane is None:
                 raise NotReady("node not ready (loading the bundle); retry")
             try:
-                prepared = plane.decode_here(data)
+                prepared = plane.decode_here(data, on_decodable=decodable)
             except InvalidRequest as exc:
                 plane.record_invalid(rid, "dicom", str(exc))
                 raise
@@ -470,20 +485,40 @@ class ReceiverHub:
                 plane.record_refused(rid, "dicom", exc)
                 raise
         except Exception as exc:  # noqa: BLE001 - NotReady is recorded by the receiver, as in one process
-            r.link.send(("failed", rid, *_error_kind(exc)))
+            if early and early[0] is not None:  # answered: its verification failed
+                early[0].error = exc
+                r.link.send(("done", rid, _error_kind(exc)))
+            elif not early:
+                r.link.send(("failed", rid, *_error_kind(exc)))
             return
-        self._queue(r, rid, plane, prepared, timeout_s, pixels=prepared.decoded.pixels)
+        if not early:
+            self._queue(r, rid, plane, prepared, timeout_s, pixels=prepared.decoded.pixels)
+        elif early[0] is not None:  # (None: cancelled before it came)
+            early[0].pixels = prepared.decoded.pixels
+            self._queue(r, rid, plane, prepared, timeout_s, image=early[0])
 
-    def _queue(self, r: _Receiver, rid: str, plane, prepared, timeout_s: float, pixels=None) -> None:
-        """Queue a decoded image for the engine."""
-        if plane is None:  # NotReady is recorded by the receiver, as in one process
-            r.link.send(("failed", rid, *_error_kind(NotReady("node not ready (loading the bundle); retry"))))
-            return
+    def _register(self, r: _Receiver, rid: str, pixels=None) -> _Image | None:
+        """A new image in flight; None when its receiver cancelled it before it came."""
         image = _Image(r, pixels=pixels)
         with self._lock:
             if self._cancelled.pop(rid, None) is not None:
-                return
+                return None
             self._images[rid] = image
+        return image
+
+    def _queue(self, r: _Receiver, rid: str, plane, prepared, timeout_s: float, pixels=None, image=None) -> None:
+        """Queue a decoded image for the engine (``image``: registered already, admitted before its decode)."""
+        if plane is None:  # NotReady is recorded by the receiver, as in one process
+            r.link.send(("failed", rid, *_error_kind(NotReady("node not ready (loading the bundle); retry"))))
+            return
+        if image is None:
+            image = self._register(r, rid, pixels)
+            if image is None:
+                return
+        else:
+            with self._lock:
+                if self._images.get(rid) is not image:  # cancelled while it was decoded
+                    return
         image.future = asyncio.run_coroutine_threadsafe(
             plane.verify(
                 prepared=prepared,
@@ -501,7 +536,7 @@ class ReceiverHub:
         ``max_unjudged`` (at most half the engine queue) answered images, over all receivers, wait for theirs."""
         with self._lock:
             image = self._images.get(rid)
-            if image is None:
+            if image is None or image.admitted:  # (an image admitted before its decode is queued later)
                 return
             image.admitted = True
             self._finishing += 1

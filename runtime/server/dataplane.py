@@ -124,21 +124,33 @@ class Decoder:
             raise Overloaded(str(exc)) from None
 
     def decode(
-        self, data: bytes | None, array: np.ndarray | None, frame: int | None, claim: Claim, inline: bool = False
+        self,
+        data: bytes | None,
+        array: np.ndarray | None,
+        frame: int | None,
+        claim: Claim,
+        inline: bool = False,
+        on_decodable: Callable[[], None] | None = None,
     ):
         """Decode + preprocess, claiming the decode's memory from the budget first (``inline``: the caller
-        never waits for memory, e.g. the event loop). Returns (decoded, model_input, ms)."""
+        never waits for memory, e.g. the event loop). Returns (decoded, model_input, ms).
+        ``on_decodable()``: called once this is known to succeed, before the pixels are decoded, where that
+        can be known (:func:`gamguard.runtime.decode.decode_bytes`); it must not raise."""
         from gamguard.runtime.decode import decode_bytes, decode_tensor
-        from gamguard.runtime.preprocess import InvalidInput, preprocess
+        from gamguard.runtime.preprocess import InvalidInput, accepts_size, preprocess
 
         def reserve(nbytes: int) -> None:  # the event loop never waits for memory; a worker may, briefly
             claim.take(nbytes, wait=not inline)
+
+        def decodable(height: int, width: int) -> None:  # ... and preprocess takes that size
+            if accepts_size(height, width):
+                on_decodable()
 
         t0 = time.perf_counter()
         limits = dict(max_pixels=self.config.max_pixels, max_decode_bytes=self.config.max_decode_bytes, reserve=reserve)
         try:
             if data is not None:
-                decoded = decode_bytes(data, frame=frame, **limits)
+                decoded = decode_bytes(data, frame=frame, on_decodable=on_decodable and decodable, **limits)
             else:
                 decoded = decode_tensor(array, **limits)
             x = preprocess(decoded.pixels, self.spec)
@@ -154,12 +166,12 @@ class Decoder:
             raise InvalidRequest(f"cannot decode the input ({type(exc).__name__})") from None
         return decoded, x, (time.perf_counter() - t0) * 1000.0
 
-    def decode_here(self, data: bytes, *, frame: int | None = None) -> "Prepared":
+    def decode_here(self, data: bytes, *, frame: int | None = None, on_decodable=None) -> "Prepared":
         """:meth:`decode` in the calling thread, for ``DataPlane.verify(prepared=...)``."""
         claim = Claim(self.budget)
         try:
             self.admit(data, None, claim)
-            decoded, x, decode_ms = self.decode(data, None, frame, claim)
+            decoded, x, decode_ms = self.decode(data, None, frame, claim, on_decodable=on_decodable)
         finally:
             claim.release()  # the decoded image is now a small model input
         return Prepared(decoded, x, decode_ms)
@@ -353,17 +365,19 @@ class DataPlane:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def decode_here(self, data: bytes, *, frame: int | None = None) -> Prepared:
+    def decode_here(self, data: bytes, *, frame: int | None = None, on_decodable=None) -> Prepared:
         """Decode and preprocess ``data`` in the calling thread, under the same limits and memory budget as
         :meth:`verify`'s decode stage, for ``verify(prepared=...)``. For a caller that already has a thread
         of its own per request and would only wait in it (a DICOM association waits for its image to be
         admitted before it answers): no hop to the event loop and a decode worker and back. Raises
         :class:`InvalidRequest` or :class:`Overloaded`, which the caller records (``record_invalid``,
-        ``record_refused``): nothing has reached the data plane yet."""
+        ``record_refused``): nothing has reached the data plane yet. ``on_decodable()``: called once the
+        decode is known to succeed, before it decodes the pixels, where that can be known
+        (:meth:`Decoder.decode`): a DICOM node answers the C-STORE then."""
         if self._stopped:
             raise NotReady("the model is being unloaded or the server is draining")
         self._check_decode_room()
-        return self.decoder.decode_here(data, frame=frame)
+        return self.decoder.decode_here(data, frame=frame, on_decodable=on_decodable)
 
     async def verify(
         self,
