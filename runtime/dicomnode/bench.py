@@ -20,7 +20,8 @@ console has, one process per association sending its files over one association 
 side by its own cost on the same CPUs). ``--dicom-client`` picks one. With ``storescu`` the per-image
 latency is its association's time over its files (process start and association set-up included).
 
-A C-STORE is answered once the image is durable in the journal and queued for the engine, before its
+A C-STORE is answered once the image is durable in the journal and admitted for the engine (a grey
+uncompressed image: once its header shows it decodable, before its pixels are decoded), before its
 verdict; ``cstore_ips`` counts an image only when its verdict exists (a round ends when the last one
 does), ``cstore_answered_ips`` is the rate at which the console gets its answers. The SR and overlay
 are built after the association (``results_ms_per_image``, reported beside: it bounds the sustained rate of results,
@@ -345,7 +346,8 @@ def measure_dicom(
         "durable_write_ms": round(fsync_ms, 2),
         "goal_min_ratio": GOAL_MIN_RATIO,
         "results_ms_per_image": round(1e3 * results_s / results_n, 1) if results_n else None,
-        "note": "C-STORE is answered once the image is durable in the journal and queued for the engine; "
+        "note": "C-STORE is answered once the image is durable in the journal and admitted for the engine "
+        "(grey uncompressed images: before their pixels are decoded); "
         "cstore_ips counts an image when its verdict exists (cstore_answered_ips: when the console has its "
         "answer); the SR and overlay are built after the association (results_ms_per_image, wall time "
         "while idle). "
