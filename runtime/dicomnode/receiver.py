@@ -532,7 +532,8 @@ class ReceiverHub:
         image.future.add_done_callback(lambda done: self._verified(rid, done))
 
     def _admitted(self, rid: str, plane) -> None:
-        """In the event loop: the image is queued. Its answer waits for the verdict when more than
+        """The image is queued (in the event loop), or known to decode (in its pipe's reader thread, before
+        its decode: :meth:`_verify`); once only. Its answer waits for the verdict when more than
         ``max_unjudged`` (at most half the engine queue) answered images, over all receivers, wait for theirs."""
         with self._lock:
             image = self._images.get(rid)
