@@ -713,6 +713,8 @@ def _monochrome(arr: np.ndarray, ds, photometric: str, *, table: bool | None = N
     path (False); None chooses as above. Without a VOI the output range is that of the frame's own
     levels, so the table then marks which levels occur (and the per-pixel path is cheaper anyway)."""
     index = None
+    if not arr.dtype.isnative:  # big endian data: the table's index below is a view in the native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if table is not False and arr.dtype.kind in "iu" and arr.size:
         first, last = int(arr.min()), int(arr.max())
         if table is None:  # without a VOI the per-pixel path is a few cheap passes: no table pays
@@ -832,10 +834,9 @@ def _decodes_from_header(ds, header: _DicomHeader, frame: int | None) -> bool:
     """Whether the decode of ``ds`` (its header checked: ``header``) is known to succeed before its pixel
     data is decoded: True for a grey image (MONOCHROME1/2, one sample) in an uncompressed transfer syntax
     whose pixel data has the length the header implies (pydicom's own validation, which its decode runs
-    again) and whose grey pipeline maps the smallest and largest stored values to finite values
-    (:func:`_probe_grey_pipeline`): every later step maps each stored value monotonically between those
-    two, so nothing left depends on the pixel values. False: only decoding can tell (compressed, colour).
-    Raises the DecodeError the decode would raise."""
+    again) and whose grey pipeline turns every value the pixels can store into a finite pixel
+    (:func:`_probe_grey_pipeline`): nothing left depends on the pixel values. False: only decoding can
+    tell (compressed, colour, more than 16 bits stored). Raises the DecodeError the decode would raise."""
     from pydicom.pixels.decoders.base import DecodeRunner
 
     tsuid = ds.file_meta.TransferSyntaxUID
@@ -854,8 +855,7 @@ def _decodes_from_header(ds, header: _DicomHeader, frame: int | None) -> bool:
         raise DecodeError(
             f"{photometric} DICOM frame has unexpected shape {(runner.number_of_frames, header.rows, header.cols)}"
         )
-    _probe_grey_pipeline(ds, photometric, runner)
-    return True
+    return _probe_grey_pipeline(ds, photometric, runner)
 
 
 #: what the grey pipeline did to the probe of :func:`_probe_grey_pipeline` (None, or the DecodeError it
@@ -864,17 +864,26 @@ _GREY_PROBES: dict = {}
 _GREY_PROBES_MAX = 256
 #: Modality LUT Sequence, VOI LUT Sequence (a raw element in implicit VR has no VR to tell)
 _LUT_SEQUENCES = (0x00283000, 0x00283010)
+_SPECIFIC_CHARACTER_SET = 0x00080005
 
 
-def _probe_grey_pipeline(ds, photometric: str, runner) -> None:
-    """:func:`_monochrome` on the smallest and largest stored values: raises the DecodeError the decode's
-    grey pipeline would raise on this header. Every attribute that pipeline reads (rescale, modality LUT,
-    window, VOI LUT, bits, sign, photometric interpretation) is in group 0028, so the outcome is remembered
-    by that group's values as encoded, with the transfer syntax that says how they read (pydicom's windowing
-    costs ~0.2 ms even on two values); a header with a LUT sequence is probed every time."""
+def _probe_grey_pipeline(ds, photometric: str, runner) -> bool:
+    """Whether the decode's grey pipeline (:func:`_monochrome`: modality LUT or rescale, VOI LUT or window,
+    scaling) turns every value the pixels can store into a finite pixel: it is run on all of them (at most
+    16 bits stored: 65,536; False above) and raises the DecodeError the decode would raise on this header,
+    or "produced NaN or Inf". The decode's own pass covers a subset of those values (the frame's), scaled
+    by a range inside theirs.
+
+    Every attribute that pipeline reads (rescale, modality LUT, window, VOI LUT, bits, sign, photometric
+    interpretation) is in group 0028, so the outcome is remembered by that group's values as encoded, with
+    the transfer syntax and the character set that say how they read (a console sends the same header
+    image after image); a header with a LUT sequence is probed every time."""
+    bits = runner.bits_stored
+    if not 1 <= bits <= 16:
+        return False
     key = [photometric, str(ds.file_meta.TransferSyntaxUID)]  # (how the raw values below read)
     for tag in ds.keys():
-        if tag.group != 0x0028 or tag.element == 0:
+        if tag != _SPECIFIC_CHARACTER_SET and (tag.group != 0x0028 or tag.element == 0):
             continue
         element = ds.get_item(tag)
         if element.VR == "SQ" or tag in _LUT_SEQUENCES:
@@ -887,14 +896,16 @@ def _probe_grey_pipeline(ds, photometric: str, runner) -> None:
         error = _GREY_PROBES[key]
         if error is not None:
             raise DecodeError(error)
-        return
-    bits = runner.bits_stored
+        return True
     signed = runner.pixel_representation == 1
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     dtype = np.dtype(f"{'i' if signed else 'u'}{max(1, (runner.bits_allocated + 7) // 8)}")
     error = None
     try:
-        _monochrome(np.array([[lo, hi]], dtype), ds, photometric, table=False)
+        with np.errstate(all="ignore"):
+            pixels, _ = _monochrome(np.arange(lo, hi + 1, dtype=dtype)[None], ds, photometric, table=False)
+        if not np.isfinite(pixels).all():
+            raise DecodeError("DICOM pixel pipeline produced NaN or Inf")
     except DecodeError as exc:
         error = str(exc)
     if key is not None:
@@ -903,6 +914,7 @@ def _probe_grey_pipeline(ds, photometric: str, runner) -> None:
         _GREY_PROBES[key] = error
     if error is not None:
         raise DecodeError(error)
+    return True
 
 
 def _decode_dicom(

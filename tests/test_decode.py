@@ -433,6 +433,27 @@ def test_grey_pipeline_by_table_equals_it_pixel_by_pixel(case):
     assert by_table.min() >= 0.0 and by_table.max() <= 1.0 and by_table.std() > 0.05
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_big_endian_dicom_decodes_as_its_little_endian_twin(signed):
+    """Explicit VR big endian, windowed, enough pixels per level for the table: the same pixels as the
+    little endian file (a found defect: the table's index was read in the wrong byte order, and the
+    decode failed with an IndexError)."""
+    img = (np.arange(64 * 64) % 300).reshape(64, 64).astype(np.uint16)
+    arr = img.astype(np.int16) - 150 if signed else img
+    attrs = dict(bits_stored=12, signed=signed, WindowCenter=100, WindowWidth=200)
+    little = decode_bytes(dicom(arr, **attrs))
+    big = decode_bytes(
+        dicom(
+            arr,
+            transfer_syntax=pydicom.uid.ExplicitVRBigEndian,
+            pixel_bytes=arr.astype(arr.dtype.newbyteorder(">")).tobytes(),
+            **attrs,
+        )
+    )
+    assert little.pixels.std() > 0.1
+    np.testing.assert_array_equal(big.pixels, little.pixels)
+
+
 def test_rgb_dicom_converted_to_gray():
     rgb = np.zeros((8, 10, 3), np.uint8)
     rgb[:, :5] = (255, 0, 0)
@@ -710,6 +731,14 @@ def test_patient_elements_are_never_parsed():
 # ------------------------------------------------------------ known to decode before the pixels are
 
 
+@pytest.fixture(autouse=False)
+def fresh_probes(monkeypatch):
+    """The remembered grey-pipeline outcomes of this test only."""
+    import gamguard.runtime.decode as decode
+
+    monkeypatch.setattr(decode, "_GREY_PROBES", {})
+
+
 def _promise(data: bytes, **kw):
     """``(sizes on_decodable was called with, the decoded image or the DecodeError)`` of one decode."""
     calls = []
@@ -751,11 +780,61 @@ def test_a_grey_uncompressed_dicom_is_known_to_decode_before_its_pixels():
         ({"WindowCenter": 100, "WindowWidth": -5, "VOILUTFunction": "SIGMOID"}, "invalid VOI LUT / window"),
     ],
 )
-def test_a_header_the_grey_pipeline_refuses_is_refused_before_the_pixels(attrs, message):
+def test_a_header_the_decode_refuses_is_refused_before_the_pixels(attrs, message, fresh_probes, monkeypatch):
+    """Refused without a promise; the second time from the remembered outcome (the pipeline is not run)."""
+    import gamguard.runtime.decode as decode
+
     calls, out = _promise(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs))
     assert calls == [] and isinstance(out, DecodeError) and message in str(out)
-    calls, again = _promise(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs))  # remembered
-    assert calls == [] and str(again) == str(out)
+    runs = []
+    real = decode._monochrome
+    monkeypatch.setattr(decode, "_monochrome", lambda *a, **k: runs.append(1) or real(*a, **k))
+    calls, again = _promise(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs))
+    assert calls == [] and str(again) == str(out) and not runs
+
+
+def test_a_pipeline_that_overflows_for_some_stored_values_is_refused_before_the_pixels(fresh_probes):
+    """Finite rescale and window values whose products overflow for some of the values the pixels can
+    hold: refused before the pixels, whatever this image's own values (a found defect: the probe on the
+    stored range's two ends alone promised these, and their decode failed)."""
+    flat = np.zeros((16, 16), np.int16)
+    ends = flat.copy()
+    ends[0, :2] = (-2048, 2047)
+    for img, attrs in (
+        (flat, {"RescaleSlope": "8e304", "RescaleIntercept": "0", "WindowCenter": "0", "WindowWidth": "1e307"}),
+        (ends, {"RescaleSlope": "8e304", "RescaleIntercept": "0"}),
+        (flat, {"RescaleSlope": "8e304", "RescaleIntercept": "0"}),
+    ):
+        calls, out = _promise(dicom(img, bits_stored=12, signed=True, **attrs))
+        assert calls == [] and isinstance(out, DecodeError) and "NaN or Inf" in str(out), (attrs, calls, out)
+
+
+def test_the_remembered_outcome_depends_on_the_character_set(fresh_probes):
+    """A group-0028 text value reads differently under another character set (a found defect: a header
+    decodable in UTF-8 made the same bytes promised in the default character set, whose decode failed).
+    The VOI LUT Function is written with VR LO as UTF-8 'LıNEAR', which upper-cases to LINEAR."""
+    import gamguard.runtime.decode as decode
+
+    def with_charset(charset):
+        attrs = {"SpecificCharacterSet": charset} if charset else {}
+        ds = pydicom.dcmread(io.BytesIO(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs)))
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.add_new(0x00281056, "LO", "QQQQQQQQ")
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds)
+        return buf.getvalue().replace(b"QQQQQQQQ", b"L\xc4\xb1NEAR ")
+
+    utf8, default = with_charset("ISO_IR 192"), with_charset(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = {name: _promise(data) for name, data in (("utf8", utf8), ("default", default))}
+        assert alone["utf8"][0] == [(16, 16)] and not isinstance(alone["utf8"][1], DecodeError)
+        assert alone["default"][0] == [] and isinstance(alone["default"][1], DecodeError)
+        for first, second in ((utf8, default), (default, utf8)):
+            decode._GREY_PROBES.clear()
+            for data in (first, second):
+                calls, out = _promise(data)
+                assert bool(calls) == (data is utf8) and isinstance(out, DecodeError) == (data is default)
 
 
 @pytest.mark.filterwarnings("ignore:The number of bytes of pixel data is sufficient")
@@ -771,10 +850,11 @@ def test_an_image_known_to_decode_always_decodes_whatever_its_header_says(seed):
     """The DICOM node answers a C-STORE once on_decodable is called, before the decode: a promise that
     must hold. Bytes of a windowed, rescaled 12-bit DX are overwritten at random (1-3 per case, mostly in
     the header: values, VRs, lengths, tags; now and then cut short), 1500 cases per seed: whenever the
-    promise is made, the decode succeeds. (Decodes go through the remembered grey-pipeline outcomes too.)"""
+    promise is made, the decode succeeds. (Decodes go through the remembered grey-pipeline outcomes too.)
+    :func:`test_an_image_known_to_decode_always_decodes_whatever_its_header_values` draws the values."""
     rng = np.random.default_rng(seed)
-    base = dicom(
-        gradient(24, 24, np.uint16) >> 4,
+    base = dicom(  # 4096 pixels over 501 levels: the decode's VOI runs by table, as for a radiograph
+        (gradient(64, 64, np.uint16) % 501).astype(np.uint16),
         bits_stored=12,
         photometric="MONOCHROME1",
         WindowCenter=2000,
@@ -799,6 +879,53 @@ def test_an_image_known_to_decode_always_decodes_whatever_its_header_says(seed):
             promised += bool(calls)
             refused += isinstance(out, DecodeError)
     assert promised > 300 and refused > 150, (promised, refused)  # both sides were exercised
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_an_image_known_to_decode_always_decodes_whatever_its_header_values(seed, fresh_probes):
+    """The promise against header values drawn at random, absurd ones included (slopes and windows near
+    the float64 limits, zero and negative widths, unknown VOI functions, every stored bit depth, signed and
+    not, big endian): 600 images per seed, each decoded twice (the second time from the remembered
+    outcome); whenever the promise is made, the decode succeeds."""
+    rng = np.random.default_rng(100 + seed)
+
+    def number():
+        kind = rng.integers(0, 4)
+        if kind == 0:
+            return f"{rng.choice([-1, 1]) * 10.0 ** rng.integers(-300, 308):.3g}"
+        if kind == 1:
+            return str(int(rng.integers(-5, 5)))
+        return f"{rng.normal(0, 10.0 ** rng.integers(0, 6)):.6g}"
+
+    promised = refused = 0
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        for case in range(600):
+            bits = int(rng.integers(1, 17))
+            signed = bool(rng.integers(0, 2))
+            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            side = int(rng.choice([16, 64]))
+            img = rng.integers(lo, hi + 1, size=(side, side)).astype(np.int16 if signed else np.uint16)
+            attrs = {}
+            for key in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+                if rng.random() < 0.6:
+                    attrs[key] = number()
+            if rng.random() < 0.4:
+                attrs["VOILUTFunction"] = str(rng.choice(["LINEAR", "LINEAR_EXACT", "SIGMOID", "CUBIC", ""]))
+            data = dicom(
+                img,
+                bits_stored=bits,
+                signed=signed,
+                photometric=str(rng.choice(["MONOCHROME1", "MONOCHROME2"])),
+                transfer_syntax=rng.choice([ExplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian]),
+                **attrs,
+            )
+            for _ in range(2):
+                calls, out = _promise(data)
+                assert not (calls and isinstance(out, DecodeError)), f"case {case} {bits} {signed} {attrs}: {out}"
+            promised += bool(calls)
+            refused += isinstance(out, DecodeError)
+    assert promised > 150 and refused > 50, (promised, refused)
 
 
 def test_the_decode_stage_promises_only_what_preprocessing_takes():

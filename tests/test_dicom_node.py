@@ -684,6 +684,42 @@ def test_images_answered_by_a_receiver_that_dies_get_their_results(demo_bundle, 
     assert len(kept) == 4  # an SR and an overlay for each answered image
 
 
+def test_an_image_answered_before_its_decode_gets_its_results_if_the_decode_fails(demo_bundle, tmp_path, monkeypatch):
+    """With receivers, a grey uncompressed image is admitted, and answered, once its header shows it
+    decodable, before the node decodes its pixels. Should that decode fail all the same (made to here,
+    right after the promise), the answered image is not lost: the node forgets it (nothing left in
+    flight) and the results builder derives its verdict again from the journal."""
+    import gamguard.runtime.decode as decode
+    from gamguard.runtime.guard import Guard
+
+    guard = Guard.from_bundle(demo_bundle, threads=1)
+    paths = list(accepted_phantoms(guard, tmp_path, 2))
+    real = decode._decode_dicom
+    broken = []
+
+    def decode_dicom(data, frame, max_pixels, memory, on_decodable=None):
+        if on_decodable is None:  # the results builder's decode (and any other) works
+            return real(data, frame, max_pixels, memory)
+
+        def promised(height, width):
+            on_decodable(height, width)
+            broken.append((height, width))
+            raise RuntimeError("the decode fails after its promise")
+
+        return real(data, frame, max_pixels, memory, promised)
+
+    monkeypatch.setattr(decode, "_decode_dicom", decode_dicom)
+    with _node(tmp_path, demo_bundle, [], receivers=2) as node:
+        hub = node.node.scp
+        assert _scu_store(node.port, paths) == [0, 0]
+        assert len(broken) == 2  # both answered before their decode, which failed
+        assert node.node.wait_results_built(60)
+        assert hub.finishing == 0 and not hub._images
+    kept = list((tmp_path / "queue" / "outbox" / "kept").glob("*.dcm"))
+    assert len(kept) == 4  # an SR and an overlay for each answered image
+    assert not list((tmp_path / "queue" / "journal").glob("failed/*"))
+
+
 def test_a_receiver_that_stops_leaves_the_port_to_the_others(demo_bundle, tmp_path):
     """The receivers share the node's listening socket: one that ends (here told to stop on its own) must
     close only its handle, not shut the socket down under the others; it is started again."""

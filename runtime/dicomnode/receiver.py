@@ -459,19 +459,27 @@ class ReceiverHub:
         cost more than the decode of such an image holds up the receiver's next message).
 
         An image whose decode is known to succeed before its pixels are decoded (a grey uncompressed DICOM:
-        ``on_decodable``) is admitted then: its receiver answers the console while this thread decodes it.
-        Should its decode or queueing fail all the same (a bug), the answered image's verification failed:
-        the results builder derives its verdict again."""
+        ``on_decodable``) is admitted then, when the engine's queue has room (:meth:`DataPlane.has_room`):
+        its receiver answers the console while this thread decodes it. Should the queue refuse it all the
+        same (filled meanwhile by other clients, or the node stopping), the answered image's verification
+        failed: the results builder derives its verdict again (it waits in the journal until it can)."""
         plane = self.plane()
         early: list[_Image | None] = []  # the image, once admitted before its decode
 
         def decodable() -> None:
+            if not plane.has_room():  # admitted once queued, as any other image (refused if still full)
+                return
+            image = self._register(r, rid)
             try:
-                early.append(self._register(r, rid))
-                if early[0] is not None:
+                if image is not None:
                     self._admitted(rid, plane)
             except Exception:  # noqa: BLE001 - never into the decode; the image is then admitted after it
                 log.exception("DICOM node: cannot admit request %s before its decode", rid)
+                with self._lock:
+                    if self._images.get(rid) is image:
+                        del self._images[rid]
+                return
+            early.append(image)
 
         try:
             if plane is None:
@@ -495,7 +503,11 @@ class ReceiverHub:
             self._queue(r, rid, plane, prepared, timeout_s, pixels=prepared.decoded.pixels)
         elif early[0] is not None:  # (None: cancelled before it came)
             early[0].pixels = prepared.decoded.pixels
-            self._queue(r, rid, plane, prepared, timeout_s, image=early[0])
+            try:
+                self._queue(r, rid, plane, prepared, timeout_s, image=early[0])
+            except Exception as exc:  # noqa: BLE001 - e.g. the event loop closed: answered, so it must end
+                early[0].error = exc
+                r.link.send(("done", rid, _error_kind(exc)))
 
     def _register(self, r: _Receiver, rid: str, pixels=None) -> _Image | None:
         """A new image in flight; None when its receiver cancelled it before it came."""
@@ -515,10 +527,6 @@ class ReceiverHub:
             image = self._register(r, rid, pixels)
             if image is None:
                 return
-        else:
-            with self._lock:
-                if self._images.get(rid) is not image:  # cancelled while it was decoded
-                    return
         image.future = asyncio.run_coroutine_threadsafe(
             plane.verify(
                 prepared=prepared,

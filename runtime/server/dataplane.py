@@ -379,6 +379,12 @@ class DataPlane:
         self._check_decode_room()
         return self.decoder.decode_here(data, frame=frame, on_decodable=on_decodable)
 
+    def has_room(self) -> bool:
+        """Whether an input admitted now, before its decode, will find room in the engine's queue once
+        decoded: the plane is not stopping and at most half the queue is taken (the other half is the
+        margin for what comes in meanwhile). A DICOM node answers a C-STORE before the decode only then."""
+        return not self._stopped and self.batcher.depth <= self.config.max_queue_size // 2
+
     async def verify(
         self,
         *,
