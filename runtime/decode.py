@@ -835,31 +835,30 @@ def _decodes_from_header(ds, header: _DicomHeader, frame: int | None) -> bool:
     data is decoded: True for a grey image (MONOCHROME1/2, one sample) in an uncompressed transfer syntax
     whose pixel data has the length the header implies (pydicom's own validation, which its decode runs
     again) and whose grey pipeline turns every value the pixels can store into a finite pixel
-    (:func:`_probe_grey_pipeline`): nothing left depends on the pixel values. False: only decoding can
-    tell (compressed, colour, more than 16 bits stored). Raises the DecodeError the decode would raise."""
+    (:func:`_probe_grey_pipeline`): nothing left depends on the pixel values. False otherwise — only
+    decoding can tell (compressed, colour, more than 16 bits stored), or some image with this header
+    would fail. Never raises: what it finds never changes the decode's outcome, only whether it is
+    promised."""
     from pydicom.pixels.decoders.base import DecodeRunner
 
     tsuid = ds.file_meta.TransferSyntaxUID
-    photometric = header.photometric
-    if tsuid not in NATIVE_TRANSFER_SYNTAXES or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if tsuid not in NATIVE_TRANSFER_SYNTAXES or header.photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return False
-    if _int_attr(ds, "SamplesPerPixel", 1) != 1:
-        return False
-    runner = DecodeRunner(tsuid)
     try:
+        if _int_attr(ds, "SamplesPerPixel", 1) != 1:
+            return False
+        runner = DecodeRunner(tsuid)
         runner.set_source(ds)
         runner.validate()
-    except Exception as exc:  # noqa: BLE001 - as the decode reports it
-        raise DecodeError(f"could not decode DICOM pixel data ({header.label}): {type(exc).__name__}") from None
-    if frame is None and runner.number_of_frames != header.frames:  # the decode would get every frame
-        raise DecodeError(
-            f"{photometric} DICOM frame has unexpected shape {(runner.number_of_frames, header.rows, header.cols)}"
-        )
-    return _probe_grey_pipeline(ds, photometric, runner)
+        if frame is None and runner.number_of_frames != header.frames:  # the decode would get every frame
+            return False
+        return _probe_grey_pipeline(ds, header.photometric, runner)
+    except Exception:  # noqa: BLE001 - the decode finds out and says why
+        return False
 
 
-#: what the grey pipeline did to the probe of :func:`_probe_grey_pipeline` (None, or the DecodeError it
-#: raised), by the values it depends on; a console sends the same ones image after image
+#: whether the grey pipeline turned every storable value into a finite pixel (:func:`_probe_grey_pipeline`),
+#: by the values it depends on; a console sends the same ones image after image
 _GREY_PROBES: dict = {}
 _GREY_PROBES_MAX = 256
 #: Modality LUT Sequence, VOI LUT Sequence (a raw element in implicit VR has no VR to tell)
@@ -869,15 +868,15 @@ _SPECIFIC_CHARACTER_SET = 0x00080005
 
 def _probe_grey_pipeline(ds, photometric: str, runner) -> bool:
     """Whether the decode's grey pipeline (:func:`_monochrome`: modality LUT or rescale, VOI LUT or window,
-    scaling) turns every value the pixels can store into a finite pixel: it is run on all of them (at most
-    16 bits stored: 65,536; False above) and raises the DecodeError the decode would raise on this header,
-    or "produced NaN or Inf". The decode's own pass covers a subset of those values (the frame's), scaled
-    by a range inside theirs.
+    scaling) turns every value the pixels can store into a finite pixel, without an error: it is run on
+    all of them, in the type pydicom decodes them to (at most 16 bits stored: 65,536 values; False
+    above). The decode's own pass covers a subset of those values (the frame's), scaled by a range inside
+    theirs.
 
     Every attribute that pipeline reads (rescale, modality LUT, window, VOI LUT, bits, sign, photometric
     interpretation) is in group 0028, so the outcome is remembered by that group's values as encoded, with
-    the transfer syntax and the character set that say how they read (a console sends the same header
-    image after image); a header with a LUT sequence is probed every time."""
+    the transfer syntax and the character set that say how they read; a header with a LUT sequence is
+    probed every time."""
     bits = runner.bits_stored
     if not 1 <= bits <= 16:
         return False
@@ -892,29 +891,25 @@ def _probe_grey_pipeline(ds, photometric: str, runner) -> bool:
         value = element.value
         key.append((int(tag), element.VR, value if isinstance(value, bytes) else str(value)))
     key = tuple(key) if key is not None else None
-    if key is not None and key in _GREY_PROBES:
-        error = _GREY_PROBES[key]
-        if error is not None:
-            raise DecodeError(error)
-        return True
-    signed = runner.pixel_representation == 1
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-    dtype = np.dtype(f"{'i' if signed else 'u'}{max(1, (runner.bits_allocated + 7) // 8)}")
-    error = None
+    known = _GREY_PROBES.get(key) if key is not None else None  # (one read: another thread may clear it)
+    if known is not None:
+        return known
+    dtype = np.dtype(runner.pixel_dtype)  # what pydicom decodes the stored values to (1 bit: uint8 0, 1)
+    if dtype.kind == "i":
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        lo, hi = 0, (1 << bits) - 1
     try:
         with np.errstate(all="ignore"):
             pixels, _ = _monochrome(np.arange(lo, hi + 1, dtype=dtype)[None], ds, photometric, table=False)
-        if not np.isfinite(pixels).all():
-            raise DecodeError("DICOM pixel pipeline produced NaN or Inf")
-    except DecodeError as exc:
-        error = str(exc)
+        finite = bool(np.isfinite(pixels).all())
+    except Exception:  # noqa: BLE001 - the decode of some image with this header fails: no promise
+        finite = False
     if key is not None:
         if len(_GREY_PROBES) >= _GREY_PROBES_MAX:
             _GREY_PROBES.clear()
-        _GREY_PROBES[key] = error
-    if error is not None:
-        raise DecodeError(error)
-    return True
+        _GREY_PROBES[key] = finite
+    return finite
 
 
 def _decode_dicom(

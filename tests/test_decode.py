@@ -780,33 +780,58 @@ def test_a_grey_uncompressed_dicom_is_known_to_decode_before_its_pixels():
         ({"WindowCenter": 100, "WindowWidth": -5, "VOILUTFunction": "SIGMOID"}, "invalid VOI LUT / window"),
     ],
 )
-def test_a_header_the_decode_refuses_is_refused_before_the_pixels(attrs, message, fresh_probes, monkeypatch):
-    """Refused without a promise; the second time from the remembered outcome (the pipeline is not run)."""
+def test_a_header_the_decode_refuses_is_not_promised(attrs, message, fresh_probes, monkeypatch):
+    """No promise, and the decode's own refusal; the second time the probe is not run again (remembered)."""
     import gamguard.runtime.decode as decode
 
     calls, out = _promise(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs))
     assert calls == [] and isinstance(out, DecodeError) and message in str(out)
-    runs = []
+    probes = []
     real = decode._monochrome
-    monkeypatch.setattr(decode, "_monochrome", lambda *a, **k: runs.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        decode, "_monochrome", lambda *a, **k: probes.append(1) if k.get("table") is False else None or real(*a, **k)
+    )
     calls, again = _promise(dicom(gradient(16, 16, np.uint16) >> 4, bits_stored=12, **attrs))
-    assert calls == [] and str(again) == str(out) and not runs
+    assert calls == [] and str(again) == str(out) and not probes
 
 
-def test_a_pipeline_that_overflows_for_some_stored_values_is_refused_before_the_pixels(fresh_probes):
+def _without_promise(data: bytes):
+    try:
+        return decode_bytes(data)
+    except DecodeError as exc:
+        return exc
+
+
+def test_a_pipeline_that_overflows_for_some_stored_values_is_not_promised(fresh_probes):
     """Finite rescale and window values whose products overflow for some of the values the pixels can
-    hold: refused before the pixels, whatever this image's own values (a found defect: the probe on the
-    stored range's two ends alone promised these, and their decode failed)."""
+    hold: no promise, whatever this image's own values, and the same outcome as a decode that was asked
+    for none (found defects: the probe on the stored range's two ends alone promised the first two, and
+    their decode failed; 1-bit signed data was probed as -1, 0 where pydicom gives 0, 1)."""
     flat = np.zeros((16, 16), np.int16)
     ends = flat.copy()
     ends[0, :2] = (-2048, 2047)
-    for img, attrs in (
-        (flat, {"RescaleSlope": "8e304", "RescaleIntercept": "0", "WindowCenter": "0", "WindowWidth": "1e307"}),
-        (ends, {"RescaleSlope": "8e304", "RescaleIntercept": "0"}),
-        (flat, {"RescaleSlope": "8e304", "RescaleIntercept": "0"}),
-    ):
-        calls, out = _promise(dicom(img, bits_stored=12, signed=True, **attrs))
-        assert calls == [] and isinstance(out, DecodeError) and "NaN or Inf" in str(out), (attrs, calls, out)
+    rescale = {"RescaleSlope": "8e304", "RescaleIntercept": "0"}
+    cases = [
+        dicom(flat, bits_stored=12, signed=True, WindowCenter="0", WindowWidth="1e307", **rescale),
+        dicom(ends, bits_stored=12, signed=True, **rescale),
+        dicom(flat, bits_stored=12, signed=True, **rescale),
+    ]
+    one_bit = pydicom.dcmread(io.BytesIO(dicom(np.zeros((8, 8), np.uint8))))
+    one_bit.BitsAllocated, one_bit.BitsStored, one_bit.HighBit, one_bit.PixelRepresentation = 1, 1, 0, 1
+    one_bit.RescaleSlope = one_bit.RescaleIntercept = "1e308"
+    one_bit.PixelData = np.packbits(np.tile([0, 1], 32), bitorder="little").tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, one_bit, enforce_file_format=True)
+    cases.append(buf.getvalue())
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        failed = 0
+        for i, data in enumerate(cases):
+            calls, out = _promise(data)
+            plain = _without_promise(data)
+            assert calls == [] and type(out) is type(plain) and str(out)[:40] == str(plain)[:40], (i, out, plain)
+            failed += isinstance(out, DecodeError)
+    assert failed >= 3  # the image with both ends, the windowed one and the 1-bit one fail to decode
 
 
 def test_the_remembered_outcome_depends_on_the_character_set(fresh_probes):
@@ -885,8 +910,8 @@ def test_an_image_known_to_decode_always_decodes_whatever_its_header_says(seed):
 def test_an_image_known_to_decode_always_decodes_whatever_its_header_values(seed, fresh_probes):
     """The promise against header values drawn at random, absurd ones included (slopes and windows near
     the float64 limits, zero and negative widths, unknown VOI functions, every stored bit depth, signed and
-    not, big endian): 600 images per seed, each decoded twice (the second time from the remembered
-    outcome); whenever the promise is made, the decode succeeds."""
+    not, 8 or 16 bits allocated, big endian): 600 images per seed, each decoded twice (the second time
+    from the remembered outcome); whenever the promise is made, the decode succeeds."""
     rng = np.random.default_rng(100 + seed)
 
     def number():
@@ -905,7 +930,10 @@ def test_an_image_known_to_decode_always_decodes_whatever_its_header_values(seed
             signed = bool(rng.integers(0, 2))
             lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
             side = int(rng.choice([16, 64]))
-            img = rng.integers(lo, hi + 1, size=(side, side)).astype(np.int16 if signed else np.uint16)
+            wide = bits > 8 or rng.random() < 0.5  # 8 or 16 bits allocated
+            img = rng.integers(lo, hi + 1, size=(side, side)).astype(
+                (np.int16 if wide else np.int8) if signed else (np.uint16 if wide else np.uint8)
+            )
             attrs = {}
             for key in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
                 if rng.random() < 0.6:
