@@ -2004,10 +2004,14 @@ def test_grpc_beside_the_dicom_node_shares_the_data_plane(guard, demo_bundle, tm
         assert 'gamguard_verdicts_total{decision="accepted"} 2.0' in metrics  # one plane, both transports
 
 
-def test_demo_dicom_shows_verdicts_arriving_at_the_archive(demo_bundle, tmp_path):
+@pytest.mark.parametrize("runs", [1, 2])
+def test_demo_dicom_shows_verdicts_arriving_at_the_archive(demo_bundle, tmp_path, runs):
+    """Also run twice into the same folder, as `gamguard demo --dicom` is (a found defect: the second run
+    counted the first run's results in the archive and showed its table before its own had arrived)."""
     from gamguard.runtime.dicomnode.demo import format_rows, run_dicom_demo
 
-    result = run_dicom_demo(demo_bundle, tmp_path, seed=7, say=lambda *a: None)
+    for _ in range(runs):
+        result = run_dicom_demo(demo_bundle, tmp_path, seed=7, say=lambda *a: None)
     rows = result["rows"]
     by_group: dict[str, list[dict]] = {}
     for r in rows:

@@ -11,6 +11,7 @@ was told and what the SR that arrived at the archive says; the overlays are also
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def run_dicom_demo(bundle_dir: Path, out_dir: Path, seed: int, say) -> dict:
     from .results import read_verdict_sr
 
     root = out_dir / "dicom"
+    # the archive, the node's queue and the overlays of an earlier run in this folder: the archive would
+    # count its results as this run's, and the queue would forward them again
+    for folder in ("archive", "queue", "overlays"):
+        shutil.rmtree(root / folder, ignore_errors=True)
     items = _inputs(root / "inputs", seed)
     t0 = time.perf_counter()
     with ReceivingArchive(root / "archive", ae_title="DEMO_PACS") as archive:
