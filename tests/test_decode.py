@@ -731,7 +731,7 @@ def test_patient_elements_are_never_parsed():
 # ------------------------------------------------------------ known to decode before the pixels are
 
 
-@pytest.fixture(autouse=False)
+@pytest.fixture
 def fresh_probes(monkeypatch):
     """The remembered grey-pipeline outcomes of this test only."""
     import gamguard.runtime.decode as decode

@@ -464,22 +464,13 @@ class ReceiverHub:
         same (filled meanwhile by other clients, or the node stopping), the answered image's verification
         failed: the results builder derives its verdict again (it waits in the journal until it can)."""
         plane = self.plane()
-        early: list[_Image | None] = []  # the image, once admitted before its decode
+        early: list[_Image | None] = []  # the image once admitted before its decode (None: cancelled)
 
         def decodable() -> None:
-            if not plane.has_room():  # admitted once queued, as any other image (refused if still full)
-                return
-            image = self._register(r, rid)
-            try:
-                if image is not None:
+            if plane.has_room():  # else admitted once queued, as any other image (refused if still full)
+                early.append(self._register(r, rid))
+                if early[0] is not None:
                     self._admitted(rid, plane)
-            except Exception:  # noqa: BLE001 - never into the decode; the image is then admitted after it
-                log.exception("DICOM node: cannot admit request %s before its decode", rid)
-                with self._lock:
-                    if self._images.get(rid) is image:
-                        del self._images[rid]
-                return
-            early.append(image)
 
         try:
             if plane is None:
@@ -492,20 +483,15 @@ class ReceiverHub:
             except (Overloaded, DeadlineExpired) as exc:
                 plane.record_refused(rid, "dicom", exc)
                 raise
-        except Exception as exc:  # noqa: BLE001 - NotReady is recorded by the receiver, as in one process
-            if early and early[0] is not None:  # answered: its verification failed
-                early[0].error = exc
-                r.link.send(("done", rid, _error_kind(exc)))
-            elif not early:
-                r.link.send(("failed", rid, *_error_kind(exc)))
-            return
-        if not early:
-            self._queue(r, rid, plane, prepared, timeout_s, pixels=prepared.decoded.pixels)
-        elif early[0] is not None:  # (None: cancelled before it came)
-            early[0].pixels = prepared.decoded.pixels
-            try:
+            if not early:
+                self._queue(r, rid, plane, prepared, timeout_s, pixels=prepared.decoded.pixels)
+            elif early[0] is not None:
+                early[0].pixels = prepared.decoded.pixels
                 self._queue(r, rid, plane, prepared, timeout_s, image=early[0])
-            except Exception as exc:  # noqa: BLE001 - e.g. the event loop closed: answered, so it must end
+        except Exception as exc:  # noqa: BLE001 - NotReady is recorded by the receiver, as in one process
+            if not early:
+                r.link.send(("failed", rid, *_error_kind(exc)))
+            elif early[0] is not None:  # answered: its verification failed (e.g. the event loop closed)
                 early[0].error = exc
                 r.link.send(("done", rid, _error_kind(exc)))
 
